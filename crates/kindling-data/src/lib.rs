@@ -1,0 +1,25 @@
+//! Kindling's data path for text: read a corpus, tokenise it, pack it into fixed-length blocks,
+//! and make the self-labels (dynamic MLM masks) that a masked-LM objective trains on.
+//!
+//! ```text
+//! corpus files ─► Corpus ─► tokenize + pack ─► PackedBlocks ─► Masker ─► MlmBatch
+//!   (txt, .gz)    (UTF-8    (rayon over        (train / eval   (seed, epoch,   (flat ids,
+//!                 checked)   paragraphs)        split)          index)          positions, labels)
+//! ```
+//!
+//! This crate knows nothing about tensors: batches are plain vectors, turned into tensors by the
+//! recipe that consumes them, so the pipeline can be tested and benchmarked on its own.
+
+pub mod corpus;
+pub mod error;
+pub mod loader;
+pub mod masking;
+pub mod packing;
+pub mod tokenizer;
+
+pub use corpus::{Corpus, Document};
+pub use error::{DataError, Result};
+pub use loader::{eval_batches, Cursor, MlmBatch, MlmLoader, Prefetch};
+pub use masking::{MaskConfig, MaskedBlock, Masker};
+pub use packing::{unigram_cross_entropy, PackedBlocks};
+pub use tokenizer::{SpecialTokens, TokenizerConfig, WordPieceTraining};

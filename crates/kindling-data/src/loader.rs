@@ -1,0 +1,217 @@
+//! Batches of masked blocks, in a seeded order per epoch, built in parallel ahead of the trainer.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use kindling_core::rng::{self, domain};
+
+use crate::masking::Masker;
+use crate::packing::PackedBlocks;
+
+/// Where the data stream stands: the epoch, and how many blocks of its shuffled order were
+/// consumed. Saving it (a few bytes) is all a resume needs: no batches are replayed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub position: u64,
+}
+
+/// A batch of masked blocks, flat and tensor-free.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MlmBatch {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// (batch_size * seq_len) corrupted input ids.
+    pub input_ids: Vec<u32>,
+    /// Flat positions `b * seq_len + t` that carry a label, ascending.
+    pub positions: Vec<u32>,
+    /// The original ids at `positions`.
+    pub labels: Vec<u32>,
+    /// The cursor after this batch: resume from here to continue with the next one.
+    pub cursor_after: Cursor,
+}
+
+impl MlmBatch {
+    pub fn n_tokens(&self) -> usize {
+        self.batch_size * self.seq_len
+    }
+
+    /// Masks the given blocks (by index into `blocks`) in parallel and stacks them.
+    fn build(
+        blocks: &PackedBlocks,
+        masker: &Masker,
+        indices: &[u32],
+        epoch: u64,
+        cursor_after: Cursor,
+    ) -> Self {
+        let masked: Vec<_> = indices
+            .par_iter()
+            .map(|&i| {
+                let (ids, flags) = blocks.block(i as usize);
+                masker.mask(ids, flags, epoch, i as u64)
+            })
+            .collect();
+        let t = blocks.seq_len;
+        let mut batch = MlmBatch {
+            batch_size: indices.len(),
+            seq_len: t,
+            input_ids: Vec::with_capacity(indices.len() * t),
+            positions: Vec::new(),
+            labels: Vec::new(),
+            cursor_after,
+        };
+        for (b, m) in masked.into_iter().enumerate() {
+            batch.input_ids.extend_from_slice(&m.input_ids);
+            batch
+                .positions
+                .extend(m.positions.iter().map(|&p| (b * t) as u32 + p));
+            batch.labels.extend_from_slice(&m.labels);
+        }
+        batch
+    }
+}
+
+/// An endless stream of training batches: each epoch visits every block once in a seeded
+/// order (the incomplete last batch of an epoch is dropped, as `drop_last` does).
+pub struct MlmLoader {
+    blocks: Arc<PackedBlocks>,
+    masker: Arc<Masker>,
+    batch_size: usize,
+    seed: u64,
+    cursor: Cursor,
+    order: Vec<u32>,
+}
+
+impl MlmLoader {
+    /// Starts at `cursor` (the default cursor for a fresh run). Panics if there are fewer
+    /// blocks than one batch: the recipe checks that first.
+    pub fn new(
+        blocks: Arc<PackedBlocks>,
+        masker: Arc<Masker>,
+        batch_size: usize,
+        seed: u64,
+        cursor: Cursor,
+    ) -> Self {
+        assert!(
+            batch_size > 0 && blocks.len() >= batch_size,
+            "fewer blocks than one batch"
+        );
+        let mut loader = MlmLoader {
+            blocks,
+            masker,
+            batch_size,
+            seed,
+            cursor,
+            order: Vec::new(),
+        };
+        loader.order = loader.epoch_order(cursor.epoch);
+        loader
+    }
+
+    /// The permutation of block indices for `epoch`.
+    pub fn epoch_order(&self, epoch: u64) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..self.blocks.len() as u32).collect();
+        order.shuffle(&mut rng::rng(&[domain::DATA_ORDER, self.seed, epoch]));
+        order
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        self.blocks.len() / self.batch_size
+    }
+
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+}
+
+impl Iterator for MlmLoader {
+    type Item = MlmBatch;
+
+    fn next(&mut self) -> Option<MlmBatch> {
+        if self.cursor.position as usize + self.batch_size > self.order.len() {
+            self.cursor = Cursor {
+                epoch: self.cursor.epoch + 1,
+                position: 0,
+            };
+            self.order = self.epoch_order(self.cursor.epoch);
+        }
+        let start = self.cursor.position as usize;
+        let indices = &self.order[start..start + self.batch_size];
+        let after = Cursor {
+            epoch: self.cursor.epoch,
+            position: (start + self.batch_size) as u64,
+        };
+        let batch = MlmBatch::build(
+            &self.blocks,
+            &self.masker,
+            indices,
+            self.cursor.epoch,
+            after,
+        );
+        self.cursor = after;
+        Some(batch)
+    }
+}
+
+/// The fixed evaluation batches: blocks in order, masks drawn once from a reserved epoch, so
+/// every evaluation of a run scores the same positions.
+pub fn eval_batches(blocks: &PackedBlocks, masker: &Masker, batch_size: usize) -> Vec<MlmBatch> {
+    const EVAL_EPOCH: u64 = u64::MAX;
+    let indices: Vec<u32> = (0..blocks.len() as u32).collect();
+    indices
+        .chunks(batch_size.max(1))
+        .map(|c| MlmBatch::build(blocks, masker, c, EVAL_EPOCH, Cursor::default()))
+        .collect()
+}
+
+/// Runs an iterator on a background thread, keeping up to `depth` items ready, so batch
+/// building overlaps the training step. Dropping the `Prefetch` stops the thread.
+pub struct Prefetch<T> {
+    rx: Option<Receiver<T>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl<T: Send + 'static> Prefetch<T> {
+    pub fn new<I>(iter: I, depth: usize) -> Self
+    where
+        I: Iterator<Item = T> + Send + 'static,
+    {
+        let (tx, rx) = sync_channel(depth.max(1));
+        let handle = std::thread::Builder::new()
+            .name("kindling-prefetch".into())
+            .spawn(move || {
+                for item in iter {
+                    if tx.send(item).is_err() {
+                        break; // consumer gone
+                    }
+                }
+            })
+            .expect("spawning the prefetch thread");
+        Prefetch {
+            rx: Some(rx),
+            handle: Some(handle),
+        }
+    }
+}
+
+impl<T> Iterator for Prefetch<T> {
+    type Item = T;
+    fn next(&mut self) -> Option<T> {
+        self.rx.as_ref()?.recv().ok()
+    }
+}
+
+impl<T> Drop for Prefetch<T> {
+    fn drop(&mut self) {
+        // Close the channel first so a producer blocked on a full queue wakes up and exits.
+        drop(self.rx.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Tokenizers: train a WordPiece vocabulary on the corpus, or load an existing one
+//! (`tokenizer.json`, a BERT `vocab.txt`, or a folder holding either).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
+use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
+use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::processors::bert::BertProcessing;
+use tokenizers::{AddedToken, Model, Tokenizer, TokenizerBuilder};
+
+use crate::corpus::Corpus;
+use crate::error::{DataError, Result};
+
+/// `[data.tokenizer]`: exactly one of `train` or `path`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerConfig {
+    /// Train a WordPiece vocabulary on the corpus.
+    pub train: Option<WordPieceTraining>,
+    /// Load `tokenizer.json`, `vocab.txt`, or a folder holding one of them.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        TokenizerConfig {
+            train: Some(WordPieceTraining::default()),
+            path: None,
+        }
+    }
+}
+
+/// WordPiece training, as HF's `BertWordPieceTokenizer.train` offers it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WordPieceTraining {
+    pub vocab_size: usize,
+    pub min_frequency: u64,
+    pub lowercase: bool,
+    /// Keep at most this many distinct characters. Unlimited makes a mixed-script corpus spend
+    /// the whole vocabulary on single characters; 1000 is HF's default.
+    pub limit_alphabet: usize,
+}
+
+impl Default for WordPieceTraining {
+    fn default() -> Self {
+        WordPieceTraining {
+            vocab_size: 8192,
+            min_frequency: 2,
+            lowercase: true,
+            limit_alphabet: 1000,
+        }
+    }
+}
+
+/// The ids of the tokens a masked LM needs to know about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecialTokens {
+    pub pad: u32,
+    pub unk: u32,
+    pub cls: u32,
+    pub sep: u32,
+    pub mask: u32,
+    /// Every special token id (never masked, never drawn as a random replacement).
+    pub all: Vec<u32>,
+}
+
+impl TokenizerConfig {
+    /// Builds the tokenizer this config describes; `base` resolves relative paths.
+    pub fn build(&self, corpus: &Corpus, base: &Path) -> Result<Tokenizer> {
+        match (&self.train, &self.path) {
+            (Some(t), None) => train_wordpiece(corpus, t),
+            (None, Some(p)) => load(&base.join(p)),
+            _ => Err(DataError::Config {
+                key: "data.tokenizer",
+                msg: "give exactly one of `train = {...}` or `path = \"...\"`".into(),
+            }),
+        }
+    }
+}
+
+const SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
+/// Trains a BERT-style WordPiece tokenizer (BertNormalizer, BertPreTokenizer, [CLS] x [SEP]).
+pub fn train_wordpiece(corpus: &Corpus, cfg: &WordPieceTraining) -> Result<Tokenizer> {
+    if cfg.vocab_size < SPECIALS.len() + 1 {
+        return Err(DataError::Config {
+            key: "data.tokenizer.train.vocab_size",
+            msg: format!(
+                "must be more than {}, got {}",
+                SPECIALS.len(),
+                cfg.vocab_size
+            ),
+        });
+    }
+    let mut trainer = WordPieceTrainer::builder()
+        .vocab_size(cfg.vocab_size)
+        .min_frequency(cfg.min_frequency)
+        .limit_alphabet(cfg.limit_alphabet)
+        .special_tokens(
+            SPECIALS
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect(),
+        )
+        .show_progress(false)
+        .build();
+    let mut tk = TokenizerBuilder::<
+        WordPiece,
+        BertNormalizer,
+        BertPreTokenizer,
+        BertProcessing,
+        WordPieceDecoder,
+    >::new()
+    .with_model(WordPiece::default())
+    .with_normalizer(Some(BertNormalizer::new(true, true, None, cfg.lowercase)))
+    .with_pre_tokenizer(Some(BertPreTokenizer))
+    .with_decoder(Some(WordPieceDecoder::default()))
+    .build()
+    .map_err(|e| DataError::Tokenizer(e.to_string()))?;
+    let paragraphs = corpus.documents.iter().flat_map(|d| d.paragraphs());
+    tk.train(&mut trainer, paragraphs)
+        .map_err(|e| DataError::Tokenizer(format!("training WordPiece: {e}")))?;
+    let cls = tk.token_to_id("[CLS]").expect("special token was trained");
+    let sep = tk.token_to_id("[SEP]").expect("special token was trained");
+    tk.with_post_processor(Some(BertProcessing::new(
+        ("[SEP]".into(), sep),
+        ("[CLS]".into(), cls),
+    )));
+    Ok(Tokenizer::from(tk))
+}
+
+/// Loads `tokenizer.json`, a BERT `vocab.txt`, or a folder holding either (tokenizer.json first).
+pub fn load(path: &Path) -> Result<Tokenizer> {
+    let file = if path.is_dir() {
+        [path.join("tokenizer.json"), path.join("vocab.txt")]
+            .into_iter()
+            .find(|p| p.is_file())
+            .ok_or_else(|| DataError::TokenizerFile {
+                path: path.into(),
+                msg: "folder holds neither tokenizer.json nor vocab.txt".into(),
+            })?
+    } else {
+        path.to_path_buf()
+    };
+    let bad = |msg: String| DataError::TokenizerFile {
+        path: file.clone(),
+        msg,
+    };
+    if !file.is_file() {
+        return Err(bad("no such file".into()));
+    }
+    let mut tk = if file.extension().is_some_and(|e| e == "txt") {
+        let wp = WordPiece::from_file(&file.to_string_lossy())
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        let cls = wp
+            .token_to_id("[CLS]")
+            .ok_or_else(|| bad("vocab has no [CLS]".into()))?;
+        let sep = wp
+            .token_to_id("[SEP]")
+            .ok_or_else(|| bad("vocab has no [SEP]".into()))?;
+        let tk = TokenizerBuilder::<
+            WordPiece,
+            BertNormalizer,
+            BertPreTokenizer,
+            BertProcessing,
+            WordPieceDecoder,
+        >::new()
+        .with_model(wp)
+        .with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
+        .with_pre_tokenizer(Some(BertPreTokenizer))
+        .with_post_processor(Some(BertProcessing::new(
+            ("[SEP]".into(), sep),
+            ("[CLS]".into(), cls),
+        )))
+        .with_decoder(Some(WordPieceDecoder::default()))
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
+        Tokenizer::from(tk)
+    } else {
+        Tokenizer::from_file(&file).map_err(|e| bad(e.to_string()))?
+    };
+    // Packing decides lengths itself; a tokenizer.json that pads or truncates (MiniLM's pads
+    // to 128) would corrupt the stream.
+    tk.with_padding(None);
+    tk.with_truncation(None).map_err(|e| bad(e.to_string()))?;
+    Ok(tk)
+}
+
+/// Finds the special tokens by their conventional names (BERT's, then RoBERTa's).
+pub fn special_tokens(tk: &Tokenizer) -> Result<SpecialTokens> {
+    let find = |names: &[&str]| names.iter().find_map(|n| tk.token_to_id(n));
+    let need = |names: &[&str]| {
+        find(names)
+            .ok_or_else(|| DataError::Tokenizer(format!("the vocabulary has none of {names:?}")))
+    };
+    let pad = need(&["[PAD]", "<pad>"])?;
+    let unk = need(&["[UNK]", "<unk>"])?;
+    let cls = need(&["[CLS]", "<s>"])?;
+    let sep = need(&["[SEP]", "</s>"])?;
+    let mask = need(&["[MASK]", "<mask>"])?;
+    let mut all: Vec<u32> = tk
+        .get_added_tokens_decoder()
+        .iter()
+        .filter(|(_, t)| t.special)
+        .map(|(id, _)| *id)
+        .chain([pad, unk, cls, sep, mask])
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    Ok(SpecialTokens {
+        pad,
+        unk,
+        cls,
+        sep,
+        mask,
+        all,
+    })
+}
+
+/// The vocabulary as `vocab.txt` lines, in id order. Fails if ids have gaps.
+pub fn vocab_lines(tk: &Tokenizer) -> Result<Vec<String>> {
+    let vocab: HashMap<String, u32> = tk.get_vocab(true);
+    let mut by_id = vec![None; vocab.len()];
+    for (tok, id) in vocab {
+        match by_id.get_mut(id as usize) {
+            Some(slot) => *slot = Some(tok),
+            None => {
+                return Err(DataError::Tokenizer(format!(
+                    "vocabulary ids are not contiguous (id {id})"
+                )))
+            }
+        }
+    }
+    by_id
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.ok_or_else(|| DataError::Tokenizer(format!("vocabulary has no token with id {i}")))
+        })
+        .collect()
+}
+
+/// Writes the HF tokenizer files of a BERT folder: tokenizer.json, vocab.txt,
+/// tokenizer_config.json and special_tokens_map.json.
+pub fn save_hf_files(
+    tk: &Tokenizer,
+    dir: &Path,
+    lowercase: bool,
+    model_max_length: usize,
+) -> Result<()> {
+    let io = |p: &Path, e: std::io::Error| DataError::io(p, e);
+    let tj = dir.join("tokenizer.json");
+    tk.save(&tj, false).map_err(|e| DataError::TokenizerFile {
+        path: tj.clone(),
+        msg: e.to_string(),
+    })?;
+    let vocab = dir.join("vocab.txt");
+    std::fs::write(&vocab, vocab_lines(tk)?.join("\n") + "\n").map_err(|e| io(&vocab, e))?;
+    let sp = special_tokens(tk)?;
+    let name = |id: u32| tk.id_to_token(id).unwrap_or_default();
+    let map = serde_json::json!({
+        "cls_token": name(sp.cls), "mask_token": name(sp.mask), "pad_token": name(sp.pad),
+        "sep_token": name(sp.sep), "unk_token": name(sp.unk),
+    });
+    let p = dir.join("special_tokens_map.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&map).unwrap()).map_err(|e| io(&p, e))?;
+    let mut cfg = map.clone();
+    let obj = cfg.as_object_mut().unwrap();
+    obj.insert("tokenizer_class".into(), "BertTokenizer".into());
+    obj.insert("do_lower_case".into(), lowercase.into());
+    obj.insert("model_max_length".into(), model_max_length.into());
+    obj.insert("clean_up_tokenization_spaces".into(), true.into());
+    obj.insert("strip_accents".into(), serde_json::Value::Null);
+    obj.insert("tokenize_chinese_chars".into(), true.into());
+    let p = dir.join("tokenizer_config.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&cfg).unwrap()).map_err(|e| io(&p, e))?;
+    Ok(())
+}
+
+/// Whether the tokenizer lowercases (read from its BertNormalizer, if any).
+pub fn lowercases(tk: &Tokenizer) -> bool {
+    serde_json::to_value(tk.get_normalizer())
+        .ok()
+        .and_then(|v| v.get("lowercase").and_then(|l| l.as_bool()))
+        .unwrap_or(false)
+}

@@ -1,0 +1,426 @@
+//! BERT (Devlin et al., 2019, <https://arxiv.org/abs/1810.04805>), trainable, with the parameter
+//! names of HF `transformers`' `modeling_bert.py`, so `model.safetensors` files move both ways.
+//!
+//! Modules go bottom-up as in HF: embeddings, self-attention, attention output, intermediate,
+//! output, layer, encoder, model, and the masked-LM head. Inside the encoder, hidden states are
+//! kept flat, `(batch * seq, hidden)`, so every linear layer is one plain gemm.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{Embedding, Linear, Module, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::nn::{Dropout, LayerNorm};
+use crate::{ModelError, Result};
+use kindling_core::Mode;
+
+fn default_hidden_act() -> String {
+    "gelu".into()
+}
+fn default_model_type() -> String {
+    "bert".into()
+}
+fn default_position_embedding_type() -> String {
+    "absolute".into()
+}
+
+/// HF `BertConfig`: the fields of `config.json`. Unknown fields are ignored, as HF does, so
+/// any BERT-family `config.json` parses. Defaults are bert-base's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    #[serde(default = "d768")]
+    pub hidden_size: usize,
+    #[serde(default = "d12")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d12")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d3072")]
+    pub intermediate_size: usize,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    #[serde(default = "d01")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "d01")]
+    pub attention_probs_dropout_prob: f64,
+    #[serde(default = "d512")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d2")]
+    pub type_vocab_size: usize,
+    #[serde(default = "d002")]
+    pub initializer_range: f64,
+    #[serde(default = "d1e12")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: usize,
+    #[serde(default = "default_position_embedding_type")]
+    pub position_embedding_type: String,
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+}
+
+fn d768() -> usize {
+    768
+}
+fn d12() -> usize {
+    12
+}
+fn d3072() -> usize {
+    3072
+}
+fn d512() -> usize {
+    512
+}
+fn d2() -> usize {
+    2
+}
+fn d01() -> f64 {
+    0.1
+}
+fn d002() -> f64 {
+    0.02
+}
+fn d1e12() -> f64 {
+    1e-12
+}
+
+impl BertConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "hidden_size ({}) must be a multiple of num_attention_heads ({})",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if !matches!(
+            self.hidden_act.as_str(),
+            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu"
+        ) {
+            return bad(format!(
+                "hidden_act `{}` is not supported (gelu, gelu_new, relu)",
+                self.hidden_act
+            ));
+        }
+        if self.position_embedding_type != "absolute" {
+            return bad(format!(
+                "position_embedding_type `{}` is not supported (absolute)",
+                self.position_embedding_type
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parameters of the encoder's linear layers: the "non-embedding" count used for FLOPs.
+    pub fn encoder_linear_params(&self) -> usize {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        self.num_hidden_layers * (4 * h * h + 2 * h * i)
+    }
+
+    /// Matmul FLOPs of one training step (forward + backward = 3 x forward) for `tokens` tokens
+    /// of length `seq`, with the vocabulary projection at `predicted` positions only.
+    pub fn train_flops(&self, tokens: usize, seq: usize, predicted: usize) -> f64 {
+        let (h, v, l) = (
+            self.hidden_size as f64,
+            self.vocab_size as f64,
+            self.num_hidden_layers as f64,
+        );
+        let enc = 6.0 * self.encoder_linear_params() as f64 * tokens as f64;
+        let attn = 12.0 * l * seq as f64 * h * tokens as f64;
+        let head = 6.0 * (h * h + h * v) * predicted as f64;
+        enc + attn + head
+    }
+}
+
+fn activation(name: &str, xs: &Tensor) -> candle_core::Result<Tensor> {
+    match name {
+        // HF "gelu" is the exact, erf-based GELU.
+        "gelu" => xs.gelu_erf(),
+        "gelu_new" | "gelu_pytorch_tanh" => xs.gelu(),
+        _ => xs.relu(),
+    }
+}
+
+/// `bert.embeddings`: word + position + token-type embeddings, LayerNorm, dropout.
+#[derive(Debug, Clone)]
+pub struct BertEmbeddings {
+    pub word_embeddings: Embedding,
+    position_embeddings: Tensor,
+    token_type_embeddings: Embedding,
+    layer_norm: LayerNorm,
+    dropout: Dropout,
+    hidden_size: usize,
+}
+
+impl BertEmbeddings {
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(BertEmbeddings {
+            word_embeddings: candle_nn::embedding(cfg.vocab_size, h, vb.pp("word_embeddings"))?,
+            position_embeddings: vb.pp("position_embeddings").get_with_hints(
+                (cfg.max_position_embeddings, h),
+                "weight",
+                candle_nn::Init::Const(0.0),
+            )?,
+            token_type_embeddings: candle_nn::embedding(
+                cfg.type_vocab_size,
+                h,
+                vb.pp("token_type_embeddings"),
+            )?,
+            layer_norm: LayerNorm::load(h, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
+            dropout: Dropout::new(cfg.hidden_dropout_prob as f32, 0),
+            hidden_size: h,
+        })
+    }
+
+    /// (batch, seq) ids -> (batch * seq, hidden).
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let words = self.word_embeddings.forward(&input_ids.flatten_all()?)?; // (b*t, h)
+        let positions = self.position_embeddings.narrow(0, 0, t)?; // (t, h)
+        let types = match token_type_ids {
+            Some(tt) => self.token_type_embeddings.forward(&tt.flatten_all()?)?,
+            // All zeros: row 0, broadcast.
+            None => self.token_type_embeddings.embeddings().narrow(0, 0, 1)?,
+        };
+        let xs = words
+            .reshape((b, t, self.hidden_size))?
+            .broadcast_add(&positions)?
+            .reshape((b * t, self.hidden_size))?
+            .broadcast_add(&types)?;
+        let xs = self.layer_norm.forward(&xs)?;
+        self.dropout.forward_t(&xs, mode)
+    }
+}
+
+/// `attention.self` + `attention.output`: multi-head self-attention with its residual block.
+#[derive(Debug, Clone)]
+struct BertAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    output_dense: Linear,
+    output_layer_norm: LayerNorm,
+    probs_dropout: Dropout,
+    output_dropout: Dropout,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl BertAttention {
+    fn load(vb: VarBuilder, cfg: &BertConfig, site: u64) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        let s = vb.pp("self");
+        let o = vb.pp("output");
+        Ok(BertAttention {
+            query: candle_nn::linear(h, h, s.pp("query"))?,
+            key: candle_nn::linear(h, h, s.pp("key"))?,
+            value: candle_nn::linear(h, h, s.pp("value"))?,
+            output_dense: candle_nn::linear(h, h, o.pp("dense"))?,
+            output_layer_norm: LayerNorm::load(h, cfg.layer_norm_eps, o.pp("LayerNorm"))?,
+            probs_dropout: Dropout::new(cfg.attention_probs_dropout_prob as f32, site),
+            output_dropout: Dropout::new(cfg.hidden_dropout_prob as f32, site + 1),
+            heads: cfg.num_attention_heads,
+            head_dim: h / cfg.num_attention_heads,
+        })
+    }
+
+    /// (b*t, h) -> (b*t, h). `mask_bias`: additive (b, 1, 1, t), 0 to attend, very negative not to.
+    fn forward_t(
+        &self,
+        xs: &Tensor,
+        b: usize,
+        t: usize,
+        mask_bias: Option<&Tensor>,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        let split = |x: Tensor| -> candle_core::Result<Tensor> {
+            // (b*t, h) -> (b, heads, t, head_dim)
+            x.reshape((b, t, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.query.forward(xs)?)?;
+        let k = split(self.key.forward(xs)?)?;
+        let v = split(self.value.forward(xs)?)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?; // (b, heads, t, t)
+        if let Some(m) = mask_bias {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = self.probs_dropout.forward_t(&probs, mode)?;
+        let ctx = probs
+            .matmul(&v)? // (b, heads, t, head_dim)
+            .transpose(1, 2)?
+            .reshape((b * t, self.heads * self.head_dim))?;
+        let out = self
+            .output_dropout
+            .forward_t(&self.output_dense.forward(&ctx)?, mode)?;
+        self.output_layer_norm.forward(&(out + xs)?)
+    }
+}
+
+/// `encoder.layer.N`: attention, then the feed-forward block (`intermediate` + `output`).
+#[derive(Debug, Clone)]
+struct BertLayer {
+    attention: BertAttention,
+    intermediate: Linear,
+    output: Linear,
+    output_layer_norm: LayerNorm,
+    output_dropout: Dropout,
+    act: String,
+}
+
+impl BertLayer {
+    fn load(vb: VarBuilder, cfg: &BertConfig, index: usize) -> candle_core::Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let site = 1 + 3 * index as u64;
+        Ok(BertLayer {
+            attention: BertAttention::load(vb.pp("attention"), cfg, site)?,
+            intermediate: candle_nn::linear(h, i, vb.pp("intermediate").pp("dense"))?,
+            output: candle_nn::linear(i, h, vb.pp("output").pp("dense"))?,
+            output_layer_norm: LayerNorm::load(
+                h,
+                cfg.layer_norm_eps,
+                vb.pp("output").pp("LayerNorm"),
+            )?,
+            output_dropout: Dropout::new(cfg.hidden_dropout_prob as f32, site + 2),
+            act: cfg.hidden_act.clone(),
+        })
+    }
+
+    fn forward_t(
+        &self,
+        xs: &Tensor,
+        b: usize,
+        t: usize,
+        mask_bias: Option<&Tensor>,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        let attn = self.attention.forward_t(xs, b, t, mask_bias, mode)?;
+        let inner = activation(&self.act, &self.intermediate.forward(&attn)?)?;
+        let out = self
+            .output_dropout
+            .forward_t(&self.output.forward(&inner)?, mode)?;
+        self.output_layer_norm.forward(&(out + attn)?)
+    }
+}
+
+/// `bert`: embeddings and encoder (no pooler, as in HF `BertForMaskedLM`).
+#[derive(Debug, Clone)]
+pub struct BertModel {
+    pub embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+    pub config: BertConfig,
+}
+
+impl BertModel {
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        cfg.validate()?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| BertLayer::load(vb.pp("encoder").pp("layer").pp(i), cfg, i))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(BertModel {
+            embeddings: BertEmbeddings::load(vb.pp("embeddings"), cfg)?,
+            layers,
+            config: cfg.clone(),
+        })
+    }
+
+    /// `input_ids` (batch, seq) u32; `attention_mask` (batch, seq), 1 = attend, 0 = padding.
+    /// Returns the last hidden states, flat: (batch * seq, hidden).
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            return Err(ModelError::Config(format!(
+                "sequence length {t} exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let mask_bias = match attention_mask {
+            // (1 - mask) * -1e4 would overflow f16; HF uses the dtype's min. -1e9 is safe in f32.
+            Some(m) => Some(
+                ((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * -1e9)?)
+                    .reshape((b, 1, 1, t))?
+                    .to_dtype(self.embeddings.word_embeddings.embeddings().dtype())?,
+            ),
+            None => None,
+        };
+        let mut xs = self.embeddings.forward_t(input_ids, token_type_ids, mode)?;
+        for layer in &self.layers {
+            xs = layer.forward_t(&xs, b, t, mask_bias.as_ref(), mode)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// HF `BertForMaskedLM`: `bert` + `cls.predictions` (transform dense + GELU + LayerNorm, then the
+/// decoder tied to the word embeddings, plus `cls.predictions.bias`).
+#[derive(Debug, Clone)]
+pub struct BertForMaskedLM {
+    pub bert: BertModel,
+    transform_dense: Linear,
+    transform_layer_norm: LayerNorm,
+    decoder_bias: Tensor,
+}
+
+impl BertForMaskedLM {
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        let bert = BertModel::load(vb.pp("bert"), cfg)?;
+        let p = vb.pp("cls").pp("predictions");
+        let h = cfg.hidden_size;
+        Ok(BertForMaskedLM {
+            transform_dense: candle_nn::linear(h, h, p.pp("transform").pp("dense"))?,
+            transform_layer_norm: LayerNorm::load(
+                h,
+                cfg.layer_norm_eps,
+                p.pp("transform").pp("LayerNorm"),
+            )?,
+            decoder_bias: p.get_with_hints(cfg.vocab_size, "bias", candle_nn::Init::Const(0.0))?,
+            bert,
+        })
+    }
+
+    /// Vocabulary logits. With `positions` (flat `b * seq + t` indices, u32) only those rows are
+    /// projected: (n_positions, vocab). Without, every position: (batch * seq, vocab).
+    /// Projecting only the ~15% masked positions cuts the head's cost by ~85%; for a small model
+    /// with an 8k vocabulary that head is most of the step.
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        positions: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let hidden = self.bert.forward_t(input_ids, None, attention_mask, mode)?; // (b*t, h)
+        let hidden = match positions {
+            Some(p) => hidden.index_select(p, 0)?, // (m, h)
+            None => hidden,
+        };
+        let xs = activation(
+            &self.bert.config.hidden_act,
+            &self.transform_dense.forward(&hidden)?,
+        )?;
+        let xs = self.transform_layer_norm.forward(&xs)?;
+        let decoder = self.bert.embeddings.word_embeddings.embeddings(); // (vocab, h), tied
+        Ok(xs
+            .matmul(&decoder.t()?)?
+            .broadcast_add(&self.decoder_bias)?)
+    }
+}
+
+/// Builds a `(batch, seq)` u32 tensor from flat ids.
+pub fn ids_tensor(ids: &[u32], batch: usize, seq: usize, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(ids, (batch, seq), device)?)
+}

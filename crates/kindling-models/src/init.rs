@@ -1,0 +1,41 @@
+//! HF initialisation (`BertPreTrainedModel._init_weights`), seeded per parameter name:
+//! weights ~ N(0, initializer_range), biases 0, LayerNorm weight 1 and bias 0, the padding row
+//! of the word embeddings 0. Each tensor draws from its own stream `(seed, name)`, so the
+//! result does not depend on the order parameters were created in or on the thread count.
+
+use candle_core::Tensor;
+use candle_nn::VarMap;
+use rand_distr::{Distribution, Normal};
+
+use kindling_core::rng::{self, domain, hash_str};
+
+use crate::Result;
+
+/// Re-initialises every variable of `varmap` in place.
+pub fn hf_init(varmap: &VarMap, seed: u64, std: f64, pad_token_id: Option<usize>) -> Result<()> {
+    let data = varmap.data().lock().expect("varmap lock poisoned");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let (shape, device, dtype) = (var.shape().clone(), var.device().clone(), var.dtype());
+        let value = if name.ends_with("LayerNorm.weight") {
+            Tensor::ones(&shape, dtype, &device)?
+        } else if name.ends_with("bias") {
+            Tensor::zeros(&shape, dtype, &device)?
+        } else {
+            let mut r = rng::rng(&[domain::INIT, seed, hash_str(name)]);
+            let normal = Normal::new(0.0f32, std as f32).expect("std is finite and positive");
+            let mut v: Vec<f32> = (0..shape.elem_count())
+                .map(|_| normal.sample(&mut r))
+                .collect();
+            if let (Some(pad), true) = (pad_token_id, name.ends_with("word_embeddings.weight")) {
+                let h = shape.dims()[1];
+                v[pad * h..(pad + 1) * h].fill(0.0);
+            }
+            Tensor::from_vec(v, &shape, &device)?.to_dtype(dtype)?
+        };
+        var.set(&value)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! Train-aware models with Hugging Face parameter names, and the HF-layout export they share.
+//!
+//! candle-transformers' models are written for inference: their dropout is a no-op and their
+//! fused LayerNorm and softmax have no backward pass, so a model built from them silently trains
+//! only its head. The models here use differentiable ops, take an explicit [`Mode`], and keep
+//! HF's names so that a checkpoint loads into `transformers` and candle unchanged.
+
+pub mod bert;
+pub mod export;
+pub mod init;
+pub mod nn;
+
+pub use bert::{BertConfig, BertForMaskedLM, BertModel};
+pub use kindling_core::Mode;
+
+/// Errors of model building and export.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("{}: {msg}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        msg: String,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -1,0 +1,465 @@
+//! BERT masked-language-model pretraining (Devlin et al., 2019; dynamic masking as in RoBERTa,
+//! Liu et al., 2019). The HF counterpart is `examples/pytorch/language-modeling/run_mlm.py`.
+//!
+//! corpus -> WordPiece tokenizer -> packed blocks -> dynamic masks -> BertForMaskedLM
+//! (logits at masked positions only) -> cross-entropy -> trainer -> HF-layout export.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+use tokenizers::Tokenizer;
+
+use kindling_core::Mode;
+use kindling_data::loader::eval_batches;
+use kindling_data::{
+    tokenizer as tok, Corpus, Cursor, Masker, MlmBatch, MlmLoader, PackedBlocks, Prefetch,
+};
+use kindling_models::bert::{BertConfig, BertForMaskedLM};
+use kindling_models::export::{save_json, save_safetensors};
+use kindling_models::init::hf_init;
+use kindling_train::{
+    checkpoint, MetricsLog, Objective, PlotCallback, ProgressCallback, StepOutput, TrainConfig,
+    Trainer,
+};
+
+use crate::card::{self, CardInfo};
+use crate::recipe::Recipe;
+use crate::{RecipeError, RunOptions, RunReport};
+
+/// The masked-LM objective: a `BertForMaskedLM` scored by cross-entropy at masked positions.
+pub struct BertMlm {
+    pub model: BertForMaskedLM,
+    pub varmap: VarMap,
+    pub config: BertConfig,
+    device: Device,
+}
+
+impl BertMlm {
+    /// A freshly initialised model (HF initialisation, seeded).
+    pub fn new(config: BertConfig, seed: u64, device: &Device) -> Result<Self, RecipeError> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = BertForMaskedLM::load(vb, &config)?;
+        hf_init(
+            &varmap,
+            seed,
+            config.initializer_range,
+            Some(config.pad_token_id),
+        )?;
+        Ok(BertMlm {
+            model,
+            varmap,
+            config,
+            device: device.clone(),
+        })
+    }
+
+    /// Logits at the batch's labelled positions, (n_positions, vocab).
+    pub fn logits(&self, batch: &MlmBatch, mode: Mode) -> candle_core::Result<Tensor> {
+        let ids = Tensor::from_slice(
+            &batch.input_ids,
+            (batch.batch_size, batch.seq_len),
+            &self.device,
+        )?;
+        let positions = Tensor::from_slice(&batch.positions, batch.positions.len(), &self.device)?;
+        self.model
+            .forward_t(&ids, None, Some(&positions), mode)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
+    }
+}
+
+impl Objective for BertMlm {
+    type Batch = MlmBatch;
+
+    fn step(&self, batch: &MlmBatch, mode: Mode) -> candle_core::Result<StepOutput> {
+        let logits = self.logits(batch, mode)?; // (m, vocab)
+        let labels = Tensor::from_slice(&batch.labels, batch.labels.len(), &self.device)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let mut metrics = BTreeMap::new();
+        if !mode.is_train() {
+            // Accuracy costs an argmax over the vocabulary: evaluation only.
+            let hits = logits
+                .argmax(D::Minus1)?
+                .eq(&labels)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            metrics.insert("accuracy".into(), hits as f64 / batch.labels.len() as f64);
+        }
+        Ok(StepOutput {
+            loss,
+            weight: batch.labels.len() as f64,
+            units: batch.n_tokens(),
+            metrics,
+        })
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn train_flops(&self, batch: &MlmBatch) -> Option<f64> {
+        Some(
+            self.config
+                .train_flops(batch.n_tokens(), batch.seq_len, batch.labels.len()),
+        )
+    }
+
+    fn finish_eval(&self, m: &mut BTreeMap<String, f64>) {
+        if let Some(l) = m.get("loss").copied() {
+            m.insert("perplexity".into(), l.exp());
+        }
+    }
+}
+
+/// The device a recipe asks for.
+pub fn device(name: &str) -> Result<Device, RecipeError> {
+    match name {
+        "cpu" | "auto" => Ok(Device::Cpu),
+        other => Err(RecipeError::Invalid {
+            key: "device".into(),
+            msg: format!("`{other}` is not available in this build (cpu, auto)"),
+        }),
+    }
+}
+
+/// The HF config of the model a recipe describes, for a tokenizer of `vocab_size` tokens.
+pub fn bert_config(
+    recipe: &Recipe,
+    vocab_size: usize,
+    pad_token_id: u32,
+) -> Result<BertConfig, RecipeError> {
+    let m = &recipe.model;
+    if recipe.data.seq_len > m.max_position_embeddings {
+        return Err(RecipeError::Invalid {
+            key: "data.seq_len".into(),
+            msg: format!(
+                "{} is larger than model.max_position_embeddings ({})",
+                recipe.data.seq_len, m.max_position_embeddings
+            ),
+        });
+    }
+    let cfg = BertConfig {
+        vocab_size,
+        hidden_size: m.hidden_size,
+        num_hidden_layers: m.num_hidden_layers,
+        num_attention_heads: m.num_attention_heads,
+        intermediate_size: m.intermediate_size,
+        hidden_act: m.hidden_act.clone(),
+        hidden_dropout_prob: m.hidden_dropout_prob,
+        attention_probs_dropout_prob: m.attention_probs_dropout_prob,
+        max_position_embeddings: m.max_position_embeddings,
+        type_vocab_size: m.type_vocab_size,
+        initializer_range: m.initializer_range,
+        layer_norm_eps: m.layer_norm_eps,
+        pad_token_id: pad_token_id as usize,
+        position_embedding_type: "absolute".into(),
+        model_type: "bert".into(),
+    };
+    cfg.validate().map_err(|e| RecipeError::Invalid {
+        key: "model".into(),
+        msg: e.to_string(),
+    })?;
+    Ok(cfg)
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
+    move |source| RecipeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Prepares the run folder: refuses to replace a run unless asked, saves the resolved recipe.
+fn prepare_run_dir(recipe: &Recipe, opts: &RunOptions) -> Result<PathBuf, RecipeError> {
+    let dir = recipe.run_dir();
+    if !checkpoint::list(&dir).is_empty() {
+        if !opts.overwrite {
+            return Err(RecipeError::RunExists { path: dir });
+        }
+        for sub in ["checkpoints", "export", "plots"] {
+            let p = dir.join(sub);
+            if p.exists() {
+                std::fs::remove_dir_all(&p).map_err(io(&p))?;
+            }
+        }
+        let m = dir.join("metrics.jsonl");
+        if m.exists() {
+            std::fs::remove_file(&m).map_err(io(&m))?;
+        }
+    }
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    kindling_models::export::write_atomic(&dir.join("recipe.toml"), recipe.to_toml().as_bytes())?;
+    Ok(dir)
+}
+
+/// Runs a `bert-mlm` recipe end to end.
+pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
+    let device = device(&recipe.device)?;
+    let t = &recipe.train;
+    if t.batch_size == 0 {
+        return Err(RecipeError::Invalid {
+            key: "train.batch_size".into(),
+            msg: "must be at least 1".into(),
+        });
+    }
+    // Check the shape before any expensive work.
+    bert_config(recipe, 16, 0)?;
+    let run_dir = prepare_run_dir(recipe, opts)?;
+
+    let corpus = Corpus::from_patterns(&recipe.data.corpus, Path::new("."))?;
+    eprintln!(
+        "corpus: {} files, {:.1} MB",
+        corpus.documents.len(),
+        corpus.total_bytes() as f64 / 1e6
+    );
+    let tokenizer = recipe.data.tokenizer.build(&corpus, Path::new("."))?;
+    tokenizer
+        .save(run_dir.join("tokenizer.json"), false)
+        .map_err(|e| RecipeError::Run {
+            path: run_dir.join("tokenizer.json"),
+            msg: e.to_string(),
+        })?;
+    let specials = tok::special_tokens(&tokenizer)?;
+    let vocab_size = tokenizer.get_vocab_size(true);
+    let config = bert_config(recipe, vocab_size, specials.pad)?;
+
+    let blocks = PackedBlocks::pack(&corpus, &tokenizer, &specials, recipe.data.seq_len)?;
+    drop(corpus);
+    let n_blocks = blocks.len();
+    let (train_blocks, eval_blocks) = blocks.split_tail(recipe.data.eval_fraction)?;
+    if train_blocks.len() < t.batch_size {
+        return Err(RecipeError::Invalid {
+            key: "train.batch_size".into(),
+            msg: format!(
+                "{} is more than the {} training blocks",
+                t.batch_size,
+                train_blocks.len()
+            ),
+        });
+    }
+    let baseline = (!eval_blocks.is_empty()).then(|| {
+        (
+            "unigram baseline".to_string(),
+            kindling_data::unigram_cross_entropy(&train_blocks, &eval_blocks, vocab_size),
+        )
+    });
+    eprintln!(
+        "data: vocab {vocab_size}, {n_blocks} blocks of {} tokens ({} train, {} eval){}",
+        recipe.data.seq_len,
+        train_blocks.len(),
+        eval_blocks.len(),
+        baseline
+            .as_ref()
+            .map(|(_, b)| format!("; unigram baseline of the eval split {b:.4} nats"))
+            .unwrap_or_default()
+    );
+
+    let masker = Arc::new(Masker::new(
+        recipe.data.mask.clone(),
+        &specials,
+        vocab_size,
+        recipe.seed,
+    )?);
+    let mut eval = eval_batches(&eval_blocks, &masker, t.eval_batch_size.max(1));
+    if t.max_eval_batches > 0 {
+        eval.truncate(t.max_eval_batches);
+    }
+    let loader = MlmLoader::new(
+        Arc::new(train_blocks),
+        masker,
+        t.batch_size,
+        recipe.seed,
+        Cursor::default(),
+    );
+    let mut train = Prefetch::new(loader, recipe.data.prefetch);
+
+    let objective = BertMlm::new(config, recipe.seed, &device)?;
+    eprintln!(
+        "model: BertForMaskedLM h{} L{} A{} I{}, {:.2}M parameters",
+        recipe.model.hidden_size,
+        recipe.model.num_hidden_layers,
+        recipe.model.num_attention_heads,
+        recipe.model.intermediate_size,
+        objective.param_count() as f64 / 1e6
+    );
+    let mut trainer = trainer_for(recipe, &run_dir, baseline.clone())?;
+    let opt = trainer.optimizer(&objective)?;
+    let summary = trainer.fit(&objective, &mut train, &eval, opt, None, &|b: &MlmBatch| {
+        serde_json::to_value(b.cursor_after).expect("cursor serialises")
+    })?;
+    drop(train);
+
+    let export_dir = export_dir(recipe, &run_dir);
+    export(
+        &objective,
+        &tokenizer,
+        recipe,
+        &export_dir,
+        &summary.final_eval,
+        baseline.clone(),
+        summary.steps,
+    )?;
+    if let Some((label, b)) = &baseline {
+        if let Some(l) = summary.final_eval.get("loss") {
+            eprintln!(
+                "final eval loss {l:.4} nats vs {label} {b:.4} nats ({:+.4})",
+                l - b
+            );
+        }
+    }
+    eprintln!("export: {}", export_dir.display());
+    Ok(RunReport {
+        run_dir,
+        export_dir,
+        final_eval: summary.final_eval,
+        baseline,
+        steps: summary.steps,
+        elapsed_secs: summary.elapsed_secs,
+    })
+}
+
+fn trainer_for(
+    recipe: &Recipe,
+    run_dir: &Path,
+    baseline: Option<(String, f64)>,
+) -> Result<Trainer, RecipeError> {
+    let t = &recipe.train;
+    let cfg = TrainConfig {
+        steps: t.steps,
+        grad_accum: t.grad_accum,
+        optimizer: t.optimizer.clone(),
+        schedule: t.schedule.clone(),
+        max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
+        eval_every: t.eval_every,
+        save_every: t.save_every,
+        keep_last: t.keep_last,
+        seed: recipe.seed,
+    };
+    let plot = PlotCallback::new(
+        run_dir.join("plots").join("loss.png"),
+        baseline.into_iter().collect(),
+    );
+    let trainer = Trainer::new(cfg, run_dir)
+        .with_callback(ProgressCallback::new(t.log_every, "tok"))
+        .with_callback(MetricsLog::open(&run_dir.join("metrics.jsonl"))?)
+        .with_callback(plot);
+    Ok(trainer)
+}
+
+fn export_dir(recipe: &Recipe, run_dir: &Path) -> PathBuf {
+    recipe
+        .export
+        .dir
+        .clone()
+        .unwrap_or_else(|| run_dir.join("export"))
+}
+
+/// HF `config.json` for a `BertForMaskedLM`.
+pub fn hf_config_json(cfg: &BertConfig) -> serde_json::Value {
+    let mut v = serde_json::to_value(cfg).expect("config serialises");
+    v["architectures"] = serde_json::json!(["BertForMaskedLM"]);
+    v["torch_dtype"] = "float32".into();
+    v["tie_word_embeddings"] = true.into();
+    v["use_cache"] = true.into();
+    v["classifier_dropout"] = serde_json::Value::Null;
+    v
+}
+
+/// Writes the HF-layout folder: config.json, model.safetensors, tokenizer files, README.md.
+pub fn export(
+    obj: &BertMlm,
+    tokenizer: &Tokenizer,
+    recipe: &Recipe,
+    dir: &Path,
+    eval: &BTreeMap<String, f64>,
+    baseline: Option<(String, f64)>,
+    steps: u64,
+) -> Result<(), RecipeError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    save_json(&dir.join("config.json"), &hf_config_json(&obj.config))?;
+    let tensors: Vec<(String, Tensor)> = {
+        let data = obj.varmap.data().lock().expect("varmap lock poisoned");
+        let mut v: Vec<_> = data
+            .iter()
+            .map(|(n, var)| (n.clone(), var.as_tensor().clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    save_safetensors(&dir.join("model.safetensors"), &tensors, &[])?;
+    tok::save_hf_files(
+        tokenizer,
+        dir,
+        tok::lowercases(tokenizer),
+        obj.config.max_position_embeddings,
+    )?;
+    let recipe_toml = recipe.to_toml();
+    let datasets = recipe
+        .data
+        .corpus
+        .iter()
+        .filter_map(|p| {
+            p.split('/')
+                .find(|s| !s.is_empty() && *s != "datasets" && *s != ".")
+        })
+        .map(String::from)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let card = card::render(&CardInfo {
+        name: recipe.name(),
+        license: recipe.export.license.as_deref().unwrap_or("apache-2.0"),
+        pipeline_tag: "fill-mask",
+        datasets,
+        corpus: &recipe.data.corpus,
+        architecture: format!(
+            "BERT (h{}, {} layers, {} heads, vocab {})",
+            obj.config.hidden_size,
+            obj.config.num_hidden_layers,
+            obj.config.num_attention_heads,
+            obj.config.vocab_size
+        ),
+        params: obj.param_count(),
+        recipe_toml: &recipe_toml,
+        eval,
+        baseline,
+        steps,
+    });
+    kindling_models::export::write_atomic(&dir.join("README.md"), card.as_bytes())?;
+    Ok(())
+}
+
+/// `kindling export RUN_DIR`: rebuilds the model from the newest checkpoint and re-exports.
+pub fn export_from_checkpoint(recipe: &Recipe, run_dir: &Path) -> Result<PathBuf, RecipeError> {
+    let device = device(&recipe.device)?;
+    let ckpt = checkpoint::list(run_dir)
+        .pop()
+        .ok_or_else(|| RecipeError::Run {
+            path: run_dir.to_path_buf(),
+            msg: "no checkpoint to export from (checkpoints/step-*)".into(),
+        })?;
+    let tokenizer = tok::load(&run_dir.join("tokenizer.json"))?;
+    let specials = tok::special_tokens(&tokenizer)?;
+    let config = bert_config(recipe, tokenizer.get_vocab_size(true), specials.pad)?;
+    let obj = BertMlm::new(config, recipe.seed, &device)?;
+    let state = checkpoint::load(&ckpt, &obj.varmap, None, &device)?;
+    let dir = export_dir(recipe, run_dir);
+    export(
+        &obj,
+        &tokenizer,
+        recipe,
+        &dir,
+        &state.last_eval.unwrap_or_default(),
+        None,
+        state.step,
+    )?;
+    Ok(dir)
+}

@@ -1,0 +1,99 @@
+//! Recipes: the TOML format that declares an experiment, and one module per objective that
+//! turns a recipe into a run (data, model, trainer, export).
+
+pub mod bert_mlm;
+pub mod card;
+pub mod recipe;
+
+use std::path::PathBuf;
+
+pub use recipe::Recipe;
+
+/// Everything a recipe run can fail with, each naming the file, key or step involved.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("cannot read recipe {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {msg}", path.display())]
+    Syntax { path: PathBuf, msg: String },
+    #[error("{}: key `{key}`: {msg}", path.display())]
+    Key {
+        path: PathBuf,
+        key: String,
+        msg: String,
+    },
+    #[error("--set {arg}: {msg}")]
+    Override { arg: String, msg: String },
+    #[error("recipe key `{key}`: {msg}")]
+    Invalid { key: String, msg: String },
+    #[error("run folder {} already holds a run (checkpoints/); pass --overwrite to replace it", path.display())]
+    RunExists { path: PathBuf },
+    #[error("{}: {msg}", path.display())]
+    Run { path: PathBuf, msg: String },
+    #[error(transparent)]
+    Data(#[from] kindling_data::DataError),
+    #[error(transparent)]
+    Model(#[from] kindling_models::ModelError),
+    #[error(transparent)]
+    Train(#[from] kindling_train::TrainError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Options of `kindling pretrain` that are not part of the recipe.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Replace an existing run in the run folder.
+    pub overwrite: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub run_dir: PathBuf,
+    pub export_dir: PathBuf,
+    pub final_eval: std::collections::BTreeMap<String, f64>,
+    pub baseline: Option<(String, f64)>,
+    pub steps: u64,
+    pub elapsed_secs: f64,
+}
+
+/// The objectives a recipe can name.
+pub const OBJECTIVES: &[&str] = &["bert-mlm"];
+
+/// Runs a recipe.
+pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
+    match recipe.objective.as_str() {
+        "bert-mlm" => bert_mlm::pretrain(recipe, opts),
+        other => Err(RecipeError::Invalid {
+            key: "objective".into(),
+            msg: format!(
+                "unknown objective `{other}`; known: {}",
+                OBJECTIVES.join(", ")
+            ),
+        }),
+    }
+}
+
+/// Rewrites a run's export folder from its newest checkpoint.
+pub fn export_run(run_dir: &std::path::Path) -> Result<PathBuf, RecipeError> {
+    let recipe_path = run_dir.join("recipe.toml");
+    let recipe = Recipe::load(&recipe_path, &[])?;
+    match recipe.objective.as_str() {
+        "bert-mlm" => bert_mlm::export_from_checkpoint(&recipe, run_dir),
+        other => Err(RecipeError::Invalid {
+            key: "objective".into(),
+            msg: format!("unknown objective `{other}` in {}", recipe_path.display()),
+        }),
+    }
+}

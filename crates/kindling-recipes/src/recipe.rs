@@ -1,0 +1,253 @@
+//! The recipe file: plain TOML deserialised into serde structs with `deny_unknown_fields` and
+//! defaults, after `--set a.b=value` overrides are applied to the parsed document.
+//!
+//! Errors name the file and the key (`train.steps`) or, for syntax errors, the line and column.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use kindling_data::{MaskConfig, TokenizerConfig};
+use kindling_train::{AdamWConfig, Schedule};
+
+use crate::RecipeError;
+
+/// A whole recipe. `objective` picks the recipe module.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Which objective trains (`"bert-mlm"`).
+    pub objective: String,
+    /// Run name: the run folder is `<runs_dir>/<name>`. Defaults to the recipe file's stem.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Parent folder of run folders.
+    #[serde(default = "default_runs_dir")]
+    pub runs_dir: PathBuf,
+    /// Fixes initialisation, data order, masks and dropout.
+    #[serde(default)]
+    pub seed: u64,
+    /// `"cpu"` or `"auto"` (CUDA arrives with the GPU issue).
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default)]
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub export: ExportSection,
+}
+
+fn default_runs_dir() -> PathBuf {
+    "runs".into()
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// `[model]`: the shape of the encoder, with HF `BertConfig` names. The vocabulary size comes
+/// from the tokenizer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: String,
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub initializer_range: f64,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ModelSection {
+    /// bert-mini (Turc et al., 2019): h256, 4 layers, 4 heads.
+    fn default() -> Self {
+        ModelSection {
+            hidden_size: 256,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            intermediate_size: 1024,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            initializer_range: 0.02,
+            layer_norm_eps: 1e-12,
+        }
+    }
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Glob patterns of text files (`.gz` is decompressed), relative to the working directory.
+    pub corpus: Vec<String>,
+    #[serde(default)]
+    pub tokenizer: TokenizerConfig,
+    /// Tokens per block, [CLS] and [SEP] included.
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+    /// The last fraction of blocks held out for evaluation.
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    #[serde(default)]
+    pub mask: MaskConfig,
+    /// Batches prepared ahead of the trainer.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+}
+
+fn default_seq_len() -> usize {
+    128
+}
+fn default_eval_fraction() -> f64 {
+    0.05
+}
+fn default_prefetch() -> usize {
+    4
+}
+
+/// `[train]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    /// Evaluate on at most this many held-out batches (0: all).
+    pub max_eval_batches: usize,
+    pub steps: u64,
+    pub grad_accum: u32,
+    /// Clip the global gradient norm (0: no clipping).
+    pub max_grad_norm: f64,
+    pub eval_every: u64,
+    pub save_every: u64,
+    pub keep_last: usize,
+    pub log_every: u64,
+    pub optimizer: AdamWConfig,
+    pub schedule: Schedule,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            batch_size: 32,
+            eval_batch_size: 64,
+            max_eval_batches: 0,
+            steps: 1000,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            eval_every: 0,
+            save_every: 0,
+            keep_last: 2,
+            log_every: 10,
+            optimizer: AdamWConfig::default(),
+            schedule: Schedule::default(),
+        }
+    }
+}
+
+/// `[export]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportSection {
+    /// Export folder (default: `<run folder>/export`).
+    pub dir: Option<PathBuf>,
+    /// Licence named in the model card's front matter.
+    pub license: Option<String>,
+}
+
+impl Recipe {
+    /// Reads a recipe file and applies `key=value` overrides.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Read {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let mut recipe = Self::parse(&text, path, overrides)?;
+        if recipe.name.is_none() {
+            recipe.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        }
+        Ok(recipe)
+    }
+
+    /// Parses recipe text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        let mut doc: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| RecipeError::Syntax {
+                    path: path.to_path_buf(),
+                    msg: e.to_string(),
+                })?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        let de = toml::Value::Table(doc);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            RecipeError::Key {
+                path: path.to_path_buf(),
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                msg: e.into_inner().to_string(),
+            }
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("run")
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.runs_dir.join(self.name())
+    }
+
+    /// The resolved recipe as TOML, as saved in the run folder.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a recipe serialises")
+    }
+}
+
+/// Applies `a.b.c=value` to a TOML document. The value is read as a TOML value (`3`, `1e-3`,
+/// `true`, `"x"`, `[1, 2]`), and as a plain string if it is not one (`kind=cosine`).
+fn apply_override(doc: &mut toml::Table, arg: &str) -> Result<(), RecipeError> {
+    let bad = |msg: &str| RecipeError::Override {
+        arg: arg.to_string(),
+        msg: msg.to_string(),
+    };
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| bad("expected KEY=VALUE"))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(|p| p.trim().is_empty()) {
+        return Err(bad("the key has an empty part"));
+    }
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').map(str::trim).collect();
+    let mut table = doc;
+    for (i, part) in parts.iter().enumerate() {
+        if i + 1 == parts.len() {
+            table.insert(part.to_string(), value);
+            return Ok(());
+        }
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| bad(&format!("`{}` is not a table", parts[..=i].join("."))))?;
+    }
+    unreachable!("the loop returns at the last part")
+}

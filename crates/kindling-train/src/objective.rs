@@ -1,0 +1,46 @@
+//! The one trait research code implements.
+
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+use candle_nn::VarMap;
+use kindling_core::Mode;
+
+/// What one step of an objective produced.
+pub struct StepOutput {
+    /// Scalar loss, still attached to the graph in training.
+    pub loss: Tensor,
+    /// How much this batch counts when averaging over batches (predicted tokens, samples).
+    pub weight: f64,
+    /// Units of throughput processed (tokens or samples), for the tokens/s display.
+    pub units: usize,
+    /// Extra per-batch metrics (already averaged within the batch), e.g. accuracy.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A self-supervised objective: builds its parameters in a [`VarMap`] (names become checkpoint
+/// keys) and turns a batch into a loss. The trainer owns everything else.
+pub trait Objective {
+    type Batch: Send + 'static;
+
+    /// One forward pass. `mode` says train (dropout on, with its seed) or eval.
+    fn step(&self, batch: &Self::Batch, mode: Mode) -> candle_core::Result<StepOutput>;
+
+    /// The trainable parameters.
+    fn varmap(&self) -> &VarMap;
+
+    /// Parameters excluded from weight decay: biases and normalisation weights, as HF and
+    /// BERT's original optimiser do.
+    fn no_decay(&self, name: &str) -> bool {
+        name.ends_with("bias") || name.contains("LayerNorm") || name.contains("norm.")
+    }
+
+    /// Matmul FLOPs of one training step on `batch` (forward + backward), if known; used for
+    /// the achieved-GFLOP/s display.
+    fn train_flops(&self, _batch: &Self::Batch) -> Option<f64> {
+        None
+    }
+
+    /// Adds derived metrics (perplexity from loss, say) to averaged eval metrics.
+    fn finish_eval(&self, _metrics: &mut BTreeMap<String, f64>) {}
+}

@@ -1,0 +1,282 @@
+//! The training loop: micro-batches are accumulated into one update, the gradient is clipped
+//! by its global norm, AdamW applies the scheduled learning rate, callbacks observe, and the
+//! held-out split is evaluated every `eval_every` steps and at the end.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Var};
+
+use kindling_core::rng::derive_seed;
+use kindling_core::Mode;
+
+use crate::callbacks::{Callback, EvalRecord, StepRecord};
+use crate::checkpoint::{self, TrainerState};
+use crate::objective::Objective;
+use crate::optim::{grad_norm, scale_grads, AdamW, AdamWConfig};
+use crate::schedule::Schedule;
+use crate::{Result, TrainError};
+
+/// How to train; built from a recipe's `[train]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// Optimiser updates.
+    pub steps: u64,
+    /// Micro-batches per update.
+    pub grad_accum: u32,
+    pub optimizer: AdamWConfig,
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this value (None: no clipping).
+    pub max_grad_norm: Option<f64>,
+    /// Evaluate every N updates (0: only at the end).
+    pub eval_every: u64,
+    /// Save a checkpoint every N updates (0: only at the end).
+    pub save_every: u64,
+    /// Checkpoints kept.
+    pub keep_last: usize,
+    /// Seeds dropout (and anything else the objective draws per step).
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 100,
+            grad_accum: 1,
+            optimizer: AdamWConfig::default(),
+            schedule: Schedule::default(),
+            max_grad_norm: Some(1.0),
+            eval_every: 0,
+            save_every: 0,
+            keep_last: 2,
+            seed: 0,
+        }
+    }
+}
+
+/// What a run ended with.
+#[derive(Debug, Clone)]
+pub struct FitSummary {
+    pub steps: u64,
+    pub elapsed_secs: f64,
+    pub units: u64,
+    pub final_eval: BTreeMap<String, f64>,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+pub struct Trainer {
+    cfg: TrainConfig,
+    run_dir: PathBuf,
+    callbacks: Vec<Box<dyn Callback>>,
+}
+
+impl Trainer {
+    pub fn new(cfg: TrainConfig, run_dir: &Path) -> Self {
+        Trainer {
+            cfg,
+            run_dir: run_dir.to_path_buf(),
+            callbacks: Vec::new(),
+        }
+    }
+
+    pub fn with_callback(mut self, cb: impl Callback + 'static) -> Self {
+        self.callbacks.push(Box::new(cb));
+        self
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    fn params<O: Objective>(obj: &O) -> Vec<(String, Var)> {
+        let data = obj.varmap().data().lock().expect("varmap lock poisoned");
+        let mut v: Vec<(String, Var)> = data
+            .iter()
+            .map(|(n, var)| (n.clone(), var.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The optimiser this trainer would use for `obj` (exposed so a resume can load its state).
+    pub fn optimizer<O: Objective>(&self, obj: &O) -> Result<AdamW> {
+        let params = Self::params(obj)
+            .into_iter()
+            .map(|(n, v)| {
+                let decay = !obj.no_decay(&n);
+                (n, v, decay)
+            })
+            .collect();
+        AdamW::new(self.cfg.optimizer.clone(), params)
+    }
+
+    /// Averages the objective's loss and metrics over `batches` in eval mode, weighted by each
+    /// batch's `weight`.
+    pub fn evaluate<O: Objective>(obj: &O, batches: &[O::Batch]) -> Result<BTreeMap<String, f64>> {
+        let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+        let mut total = 0.0;
+        for b in batches {
+            let out = obj.step(b, Mode::Eval)?;
+            let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            *sums.entry("loss".into()).or_default() += loss * out.weight;
+            for (k, v) in out.metrics {
+                *sums.entry(k).or_default() += v * out.weight;
+            }
+            total += out.weight;
+        }
+        let mut avg: BTreeMap<String, f64> = sums
+            .into_iter()
+            .map(|(k, v)| (k, v / total.max(1e-12)))
+            .collect();
+        obj.finish_eval(&mut avg);
+        Ok(avg)
+    }
+
+    /// Trains `obj` on `train` for the configured steps, from `start` (a fresh run: `None`).
+    pub fn fit<O: Objective>(
+        &mut self,
+        obj: &O,
+        train: &mut dyn Iterator<Item = O::Batch>,
+        eval: &[O::Batch],
+        mut opt: AdamW,
+        start: Option<TrainerState>,
+        cursor_of: &dyn Fn(&O::Batch) -> serde_json::Value,
+    ) -> Result<FitSummary> {
+        let cfg = self.cfg.clone();
+        if cfg.grad_accum == 0 {
+            return Err(TrainError::Config {
+                key: "train.grad_accum",
+                msg: "must be at least 1".into(),
+            });
+        }
+        let vars: Vec<Var> = Self::params(obj).into_iter().map(|(_, v)| v).collect();
+        let mut step = start.as_ref().map_or(0, |s| s.step);
+        let mut cursor = start
+            .as_ref()
+            .map_or(serde_json::Value::Null, |s| s.data_cursor.clone());
+        let mut last_eval = start.and_then(|s| s.last_eval).unwrap_or_default();
+        let mut last_checkpoint = None;
+        let mut units_total = 0u64;
+        for cb in &mut self.callbacks {
+            cb.on_train_start(step, cfg.steps)?;
+        }
+        let t0 = Instant::now();
+        while step < cfg.steps {
+            let t_step = Instant::now();
+            let lr = cfg.schedule.lr(step, cfg.steps, cfg.optimizer.lr);
+            let mut acc: Option<GradStore> = None;
+            let (mut loss_sum, mut units, mut flops) = (0.0, 0usize, Some(0.0));
+            let mut metric_sums: BTreeMap<String, f64> = BTreeMap::new();
+            for micro in 0..cfg.grad_accum {
+                let batch = train.next().ok_or(TrainError::DataExhausted { step })?;
+                let mode = Mode::Train {
+                    seed: derive_seed(&[cfg.seed, step, micro as u64]),
+                };
+                let out = obj.step(&batch, mode)?;
+                let loss_val = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !loss_val.is_finite() {
+                    return Err(TrainError::NonFiniteLoss {
+                        step: step + 1,
+                        loss: loss_val,
+                    });
+                }
+                // Each micro-batch contributes 1/k of the update, as one big batch would.
+                let grads = (out.loss / cfg.grad_accum as f64)?.backward()?;
+                acc = Some(match acc {
+                    None => grads,
+                    Some(mut a) => {
+                        for v in &vars {
+                            if let Some(g) = grads.get(v.as_tensor()) {
+                                let sum = match a.get(v.as_tensor()) {
+                                    Some(prev) => (prev + g)?,
+                                    None => g.clone(),
+                                };
+                                a.insert(v.as_tensor(), sum);
+                            }
+                        }
+                        a
+                    }
+                });
+                loss_sum += loss_val;
+                units += out.units;
+                flops = match (flops, obj.train_flops(&batch)) {
+                    (Some(f), Some(g)) => Some(f + g),
+                    _ => None,
+                };
+                for (k, v) in out.metrics {
+                    *metric_sums.entry(k).or_default() += v / cfg.grad_accum as f64;
+                }
+                cursor = cursor_of(&batch);
+            }
+            let mut grads = acc.expect("grad_accum >= 1");
+            let norm = grad_norm(&grads, &vars)?;
+            if !norm.is_finite() {
+                return Err(TrainError::NonFiniteGrad { step: step + 1 });
+            }
+            if let Some(max) = cfg.max_grad_norm {
+                if norm > max {
+                    scale_grads(&mut grads, &vars, max / (norm + 1e-6))?;
+                }
+            }
+            opt.step(&grads, lr)?;
+            drop(grads);
+            step += 1;
+            units_total += units as u64;
+            let step_secs = t_step.elapsed().as_secs_f64();
+            let rec = StepRecord {
+                step,
+                total_steps: cfg.steps,
+                loss: loss_sum / cfg.grad_accum as f64,
+                lr,
+                grad_norm: norm,
+                units,
+                step_secs,
+                elapsed_secs: t0.elapsed().as_secs_f64(),
+                gflops_per_s: flops.map(|f| f / step_secs / 1e9),
+                metrics: &metric_sums,
+            };
+            for cb in &mut self.callbacks {
+                cb.on_step_end(&rec)?;
+            }
+            let last = step == cfg.steps;
+            if !eval.is_empty() && (last || (cfg.eval_every > 0 && step % cfg.eval_every == 0)) {
+                last_eval = Self::evaluate(obj, eval)?;
+                let rec = EvalRecord {
+                    step,
+                    elapsed_secs: t0.elapsed().as_secs_f64(),
+                    metrics: &last_eval,
+                };
+                for cb in &mut self.callbacks {
+                    cb.on_eval_end(&rec)?;
+                }
+            }
+            if last || (cfg.save_every > 0 && step % cfg.save_every == 0) {
+                let state = TrainerState {
+                    step,
+                    data_cursor: cursor.clone(),
+                    seed: cfg.seed,
+                    last_eval: (!last_eval.is_empty()).then(|| last_eval.clone()),
+                };
+                last_checkpoint = Some(checkpoint::save(
+                    &self.run_dir,
+                    obj.varmap(),
+                    &opt,
+                    &state,
+                    cfg.keep_last,
+                )?);
+            }
+        }
+        for cb in &mut self.callbacks {
+            cb.on_train_end()?;
+        }
+        Ok(FitSummary {
+            steps: step,
+            elapsed_secs: t0.elapsed().as_secs_f64(),
+            units: units_total,
+            final_eval: last_eval,
+            last_checkpoint,
+        })
+    }
+}
