@@ -1,1 +1,9 @@
+//! Kindling's integration tests: one binary, a module per topic. Each test is a specification
+//! of behaviour, with fixed seeds and tiny configs.
 
+mod common;
+mod end_to_end;
+mod export;
+mod masking;
+mod model;
+mod recipe_errors;

@@ -40,9 +40,31 @@ pub fn rng(parts: &[u64]) -> ChaCha8Rng {
 
 /// Hashes a string (a parameter name, say) into a path part; FNV-1a, stable across platforms.
 pub fn hash_str(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    let mut h = Fnv64::default();
+    h.feed(s.as_bytes());
+    h.finish()
+}
+
+/// Incremental 64-bit FNV-1a: a stable fingerprint (not a cryptographic one) of byte streams.
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv64(u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv64 {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// A uniform draw in [0, 1) for element `i` of the stream `seed`: random access, so a mask over

@@ -71,9 +71,42 @@ pub struct SpecialTokens {
 
 impl TokenizerConfig {
     /// Builds the tokenizer this config describes; `base` resolves relative paths.
-    pub fn build(&self, corpus: &Corpus, base: &Path) -> Result<Tokenizer> {
+    ///
+    /// A trained tokenizer is cached in `cache_dir` under a hash of the corpus text and the
+    /// training settings, and reused from there. Besides saving the training time, the cache is
+    /// what makes runs repeatable: the tokenizers crate's WordPiece trainer breaks ties through
+    /// hash maps with per-process random keys, so two trainings on the same text can differ in
+    /// a few tokens near the vocabulary cut-off.
+    pub fn build(
+        &self,
+        corpus: &Corpus,
+        base: &Path,
+        cache_dir: Option<&Path>,
+    ) -> Result<Tokenizer> {
         match (&self.train, &self.path) {
-            (Some(t), None) => train_wordpiece(corpus, t),
+            (Some(t), None) => {
+                let Some(cache_dir) = cache_dir else {
+                    return train_wordpiece(corpus, t);
+                };
+                let key = corpus_fingerprint(
+                    corpus,
+                    &serde_json::to_string(t).expect("config serialises"),
+                );
+                let cached = cache_dir.join(format!("wordpiece-{key:016x}.json"));
+                if cached.is_file() {
+                    return load(&cached);
+                }
+                let tk = train_wordpiece(corpus, t)?;
+                std::fs::create_dir_all(cache_dir).map_err(|e| DataError::io(cache_dir, e))?;
+                let tmp =
+                    cache_dir.join(format!(".wordpiece-{key:016x}.{}.tmp", std::process::id()));
+                tk.save(&tmp, false).map_err(|e| DataError::TokenizerFile {
+                    path: tmp.clone(),
+                    msg: e.to_string(),
+                })?;
+                std::fs::rename(&tmp, &cached).map_err(|e| DataError::io(&cached, e))?;
+                Ok(tk)
+            }
             (None, Some(p)) => load(&base.join(p)),
             _ => Err(DataError::Config {
                 key: "data.tokenizer",
@@ -81,6 +114,17 @@ impl TokenizerConfig {
             }),
         }
     }
+}
+
+/// A 64-bit FNV-1a fingerprint of the corpus text (in corpus order) and a settings string.
+fn corpus_fingerprint(corpus: &Corpus, settings: &str) -> u64 {
+    let mut h = kindling_core::rng::Fnv64::default();
+    for d in &corpus.documents {
+        h.feed(d.text.as_bytes());
+        h.feed(&[0xff]); // document separator: never valid inside UTF-8
+    }
+    h.feed(settings.as_bytes());
+    h.finish()
 }
 
 const SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];

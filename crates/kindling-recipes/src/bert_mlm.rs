@@ -220,7 +220,11 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         corpus.documents.len(),
         corpus.total_bytes() as f64 / 1e6
     );
-    let tokenizer = recipe.data.tokenizer.build(&corpus, Path::new("."))?;
+    let cache = recipe.runs_dir.join(".cache").join("tokenizers");
+    let tokenizer = recipe
+        .data
+        .tokenizer
+        .build(&corpus, Path::new("."), Some(&cache))?;
     tokenizer
         .save(run_dir.join("tokenizer.json"), false)
         .map_err(|e| RecipeError::Run {
@@ -262,6 +266,15 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
             .unwrap_or_default()
     );
 
+    // What the data looked like, for people and for `kindling export` (which redraws the card).
+    save_json(
+        &run_dir.join("data.json"),
+        &serde_json::json!({
+            "vocab_size": vocab_size, "seq_len": recipe.data.seq_len, "blocks": n_blocks,
+            "train_blocks": train_blocks.len(), "eval_blocks": eval_blocks.len(),
+            "unigram_baseline": baseline.as_ref().map(|b| b.1),
+        }),
+    )?;
     let masker = Arc::new(Masker::new(
         recipe.data.mask.clone(),
         &specials,
@@ -451,6 +464,11 @@ pub fn export_from_checkpoint(recipe: &Recipe, run_dir: &Path) -> Result<PathBuf
     let config = bert_config(recipe, tokenizer.get_vocab_size(true), specials.pad)?;
     let obj = BertMlm::new(config, recipe.seed, &device)?;
     let state = checkpoint::load(&ckpt, &obj.varmap, None, &device)?;
+    let baseline = std::fs::read_to_string(run_dir.join("data.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["unigram_baseline"].as_f64())
+        .map(|b| ("unigram baseline".to_string(), b));
     let dir = export_dir(recipe, run_dir);
     export(
         &obj,
@@ -458,7 +476,7 @@ pub fn export_from_checkpoint(recipe: &Recipe, run_dir: &Path) -> Result<PathBuf
         recipe,
         &dir,
         &state.last_eval.unwrap_or_default(),
-        None,
+        baseline,
         state.step,
     )?;
     Ok(dir)

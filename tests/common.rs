@@ -1,0 +1,102 @@
+//! Helpers shared by the tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kindling_data::packing::{SPECIAL, WORD_START};
+use kindling_data::{PackedBlocks, SpecialTokens};
+
+/// The ids the synthetic tests use: 0 [PAD], 1 [UNK], 2 [CLS], 3 [SEP], 4 [MASK].
+pub fn specials() -> SpecialTokens {
+    SpecialTokens {
+        pad: 0,
+        unk: 1,
+        cls: 2,
+        sep: 3,
+        mask: 4,
+        all: vec![0, 1, 2, 3, 4],
+    }
+}
+
+/// `n` synthetic blocks of `seq_len`: [CLS] words... [SEP] [PAD]..., words of 1-3 pieces with
+/// ids in 5..vocab. The last few positions of every block are padding.
+pub fn synthetic_blocks(n: usize, seq_len: usize, vocab: u32, pad_tail: usize) -> PackedBlocks {
+    let mut ids = Vec::with_capacity(n * seq_len);
+    let mut flags = Vec::with_capacity(n * seq_len);
+    let mut x: u64 = 0x1234_5678;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..n {
+        ids.push(2);
+        flags.push(SPECIAL);
+        let body = seq_len - 2 - pad_tail;
+        let mut left_in_word = 0;
+        for _ in 0..body {
+            let start = left_in_word == 0;
+            if start {
+                left_in_word = 1 + (next() % 3) as usize;
+            }
+            left_in_word -= 1;
+            ids.push(5 + (next() % (vocab as u64 - 5)) as u32);
+            flags.push(if start { WORD_START } else { 0 });
+        }
+        ids.push(3);
+        flags.push(SPECIAL);
+        for _ in 0..pad_tail {
+            ids.push(0);
+            flags.push(SPECIAL);
+        }
+    }
+    PackedBlocks {
+        seq_len,
+        ids,
+        flags,
+    }
+}
+
+/// The kindling binary built for these tests.
+pub fn kindling() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kindling"));
+    c.current_dir(repo_root());
+    c
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs the tiny recipe into `runs_dir` with extra overrides; panics with stderr on failure.
+pub fn run_tiny(runs_dir: &Path, extra: &[&str]) -> Output {
+    let mut cmd = kindling();
+    cmd.args(["pretrain", "recipes/tiny/bert-tiny-mlm.toml", "--set"])
+        .arg(format!("runs_dir=\"{}\"", runs_dir.display()));
+    for e in extra {
+        cmd.args(["--set", e]);
+    }
+    let out = cmd.output().expect("running kindling");
+    assert!(
+        out.status.success(),
+        "tiny recipe failed:\n{}",
+        stderr(&out)
+    );
+    out
+}
+
+/// One run of the tiny recipe shared by every test of this binary (it takes a few seconds).
+pub fn shared_tiny_run() -> &'static Path {
+    static RUN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| {
+        let runs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kindling-shared-tiny");
+        let _ = std::fs::remove_dir_all(&runs);
+        run_tiny(&runs, &[]);
+        runs.join("bert-tiny-mlm")
+    })
+}
