@@ -280,3 +280,138 @@ impl Trainer {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The engine on a boring objective: a linear layer fitting y = x . w* with a mean-squared
+    //! loss. Nothing here is a real model.
+
+    use super::*;
+    use crate::objective::StepOutput;
+    use candle_core::{Device, Tensor};
+    use candle_nn::{Init, VarBuilder, VarMap};
+
+    struct Boring {
+        varmap: VarMap,
+        w: Tensor,
+    }
+
+    /// A batch: rows of x (n, 4) and targets (n,).
+    #[derive(Clone)]
+    struct Batch {
+        x: Vec<f32>,
+        y: Vec<f32>,
+    }
+
+    impl Boring {
+        fn new() -> Self {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            let w = vb.get_with_hints((4, 1), "linear.weight", Init::Const(0.0)).unwrap();
+            Boring { varmap, w }
+        }
+    }
+
+    impl Objective for Boring {
+        type Batch = Batch;
+        fn step(&self, b: &Batch, _mode: Mode) -> candle_core::Result<StepOutput> {
+            let n = b.y.len();
+            let x = Tensor::from_slice(&b.x, (n, 4), &Device::Cpu)?;
+            let y = Tensor::from_slice(&b.y, (n, 1), &Device::Cpu)?;
+            let loss = (x.matmul(&self.w)? - y)?.sqr()?.mean_all()?;
+            Ok(StepOutput {
+                loss,
+                weight: n as f64,
+                units: n,
+                metrics: BTreeMap::new(),
+            })
+        }
+        fn varmap(&self) -> &VarMap {
+            &self.varmap
+        }
+    }
+
+    fn batch(seed: u64, n: usize) -> Batch {
+        let w_star = [1.0f32, -2.0, 0.5, 3.0];
+        let mut r = kindling_core::rng::rng(&[seed]);
+        use rand::Rng;
+        let x: Vec<f32> = (0..n * 4).map(|_| r.random_range(-1.0..1.0)).collect();
+        let y = x.chunks(4).map(|row| row.iter().zip(w_star).map(|(a, b)| a * b).sum()).collect();
+        Batch { x, y }
+    }
+
+    fn weights(obj: &Boring) -> Vec<f32> {
+        obj.w.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn fit(obj: &Boring, cfg: TrainConfig, data: Vec<Batch>, dir: &Path) -> FitSummary {
+        let mut t = Trainer::new(cfg, dir);
+        let opt = t.optimizer(obj).unwrap();
+        let eval = vec![batch(999, 64)];
+        t.fit(obj, &mut data.into_iter(), &eval, opt, None, &|_| serde_json::Value::Null)
+            .unwrap()
+    }
+
+    fn cfg(steps: u64, accum: u32) -> TrainConfig {
+        TrainConfig {
+            steps,
+            grad_accum: accum,
+            optimizer: AdamWConfig {
+                lr: 0.05,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+            max_grad_norm: Some(1.0),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_boring_model_learns_its_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let obj = Boring::new();
+        let data = (0..300).map(|i| batch(i, 32)).collect();
+        let summary = fit(&obj, cfg(300, 1), data, dir.path());
+        assert!(summary.final_eval["loss"] < 1e-3, "eval loss {:?}", summary.final_eval);
+        let w = weights(&obj);
+        for (got, want) in w.iter().zip([1.0, -2.0, 0.5, 3.0]) {
+            assert!((got - want).abs() < 0.05, "{w:?}");
+        }
+        assert!(summary.last_checkpoint.unwrap().join("optimizer.safetensors").is_file());
+    }
+
+    #[test]
+    fn two_accumulated_half_batches_equal_one_full_batch() {
+        let full: Vec<Batch> = (0..5).map(|i| batch(i, 16)).collect();
+        let halves: Vec<Batch> = full
+            .iter()
+            .flat_map(|b| {
+                [
+                    Batch { x: b.x[..32].to_vec(), y: b.y[..8].to_vec() },
+                    Batch { x: b.x[32..].to_vec(), y: b.y[8..].to_vec() },
+                ]
+            })
+            .collect();
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (Boring::new(), Boring::new());
+        fit(&a, cfg(5, 1), full, d1.path());
+        fit(&b, cfg(5, 2), halves, d2.path());
+        for (x, y) in weights(&a).iter().zip(weights(&b)) {
+            assert!((x - y).abs() < 1e-6, "{:?} vs {:?}", weights(&a), weights(&b));
+        }
+    }
+
+    #[test]
+    fn a_non_finite_loss_stops_the_run_naming_the_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let obj = Boring::new();
+        let mut data: Vec<Batch> = (0..5).map(|i| batch(i, 8)).collect();
+        data[3].y[0] = f32::NAN;
+        let mut t = Trainer::new(cfg(5, 1), dir.path());
+        let opt = t.optimizer(&obj).unwrap();
+        let err = t
+            .fit(&obj, &mut data.into_iter(), &[], opt, None, &|_| serde_json::Value::Null)
+            .unwrap_err();
+        assert!(err.to_string().contains("step 4"), "{err}");
+    }
+}
