@@ -46,11 +46,25 @@ fn blocks(n: usize) -> PackedBlocks {
             x ^= x >> 7;
             x ^= x << 17;
             let special = t == 0 || t == SEQ - 1;
-            ids.push(if special { 2 } else { 5 + (x % (VOCAB as u64 - 5)) as u32 });
-            flags.push(if special { SPECIAL } else if x % 3 != 0 { WORD_START } else { 0 });
+            ids.push(if special {
+                2
+            } else {
+                5 + (x % (VOCAB as u64 - 5)) as u32
+            });
+            flags.push(if special {
+                SPECIAL
+            } else if x % 3 != 0 {
+                WORD_START
+            } else {
+                0
+            });
         }
     }
-    PackedBlocks { seq_len: SEQ, ids, flags }
+    PackedBlocks {
+        seq_len: SEQ,
+        ids,
+        flags,
+    }
 }
 
 fn row(name: &str, value: f64, unit: &str, note: &str) {
@@ -59,7 +73,8 @@ fn row(name: &str, value: f64, unit: &str, note: &str) {
 
 fn bench_masking() {
     let b = Arc::new(blocks(20_000));
-    let masker = Arc::new(Masker::new(MaskConfig::default(), &specials(), VOCAB as usize, 1).unwrap());
+    let masker =
+        Arc::new(Masker::new(MaskConfig::default(), &specials(), VOCAB as usize, 1).unwrap());
     let t = Instant::now();
     let mut n = 0;
     for i in 0..b.len() {
@@ -67,7 +82,12 @@ fn bench_masking() {
         std::hint::black_box(masker.mask(ids, flags, 0, i as u64));
         n += 1;
     }
-    row("masking, 1 thread", n as f64 / t.elapsed().as_secs_f64(), "seq/s", "Masker::mask");
+    row(
+        "masking, 1 thread",
+        n as f64 / t.elapsed().as_secs_f64(),
+        "seq/s",
+        "Masker::mask",
+    );
     let loader = MlmLoader::new(b.clone(), masker.clone(), BATCH, 1, Cursor::default());
     let batches = b.len() / BATCH;
     let t = Instant::now();
@@ -90,8 +110,11 @@ fn config(h: usize, l: usize, a: usize) -> BertConfig {
 
 fn bench_step(name: &str, cfg: BertConfig, steps: usize) {
     let b = Arc::new(blocks(BATCH * (steps + 2)));
-    let masker = Arc::new(Masker::new(MaskConfig::default(), &specials(), VOCAB as usize, 1).unwrap());
-    let batches: Vec<MlmBatch> = MlmLoader::new(b, masker, BATCH, 1, Cursor::default()).take(steps + 2).collect();
+    let masker =
+        Arc::new(Masker::new(MaskConfig::default(), &specials(), VOCAB as usize, 1).unwrap());
+    let batches: Vec<MlmBatch> = MlmLoader::new(b, masker, BATCH, 1, Cursor::default())
+        .take(steps + 2)
+        .collect();
     let obj = BertMlm::new(cfg.clone(), 0, &Device::Cpu).unwrap();
     let trainer = Trainer::new(
         TrainConfig {
@@ -122,12 +145,19 @@ fn bench_step(name: &str, cfg: BertConfig, steps: usize) {
         &format!("step {name}, tokens/s"),
         (BATCH * SEQ) as f64 / median,
         "tok/s",
-        &format!("median {:.0} ms/step over {steps}; {:.1} GFLOP/s", median * 1e3, flops / median / 1e9),
+        &format!(
+            "median {:.0} ms/step over {steps}; {:.1} GFLOP/s",
+            median * 1e3,
+            flops / median / 1e9
+        ),
     );
 }
 
 fn main() {
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
     println!("| bench                              |        value | unit       | note");
     println!("|------------------------------------|--------------|------------|-----");

@@ -252,3 +252,80 @@ fn kindling_export_rewrites_the_same_weights_from_the_checkpoint() {
         "re-export from the final checkpoint is byte-identical"
     );
 }
+
+#[test]
+fn mlm_loss_and_gradients_match_transformers() {
+    // Loads the export into trainable variables, computes the masked-LM loss of a fixed batch
+    // in eval mode and every parameter's gradient norm, and (with KINDLING_PYTHON) has
+    // tests/reference/hf_bert_grads.py compute the same with PyTorch + transformers.
+    use kindling_train::Objective;
+    let dir = export_dir();
+    let cfg: BertConfig = serde_json::from_value(config(&dir)).unwrap();
+    let obj = kindling_recipes::bert_mlm::BertMlm::new(cfg.clone(), 0, &Device::Cpu).unwrap();
+    let weights =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (name, var) in obj.varmap.data().lock().unwrap().iter() {
+        var.set(&weights[name]).unwrap();
+    }
+    let (b, t) = (2usize, 16usize);
+    let input_ids: Vec<u32> = (0..(b * t) as u32)
+        .map(|i| 5 + (i * 37) % (cfg.vocab_size as u32 - 5))
+        .collect();
+    let positions: Vec<u32> = (0..(b * t) as u32).filter(|p| p % 4 == 1).collect();
+    let labels: Vec<u32> = positions
+        .iter()
+        .map(|&p| 5 + (p * 131) % (cfg.vocab_size as u32 - 5))
+        .collect();
+    let batch = kindling_data::MlmBatch {
+        batch_size: b,
+        seq_len: t,
+        input_ids: input_ids.clone(),
+        positions: positions.clone(),
+        labels: labels.clone(),
+        cursor_after: Default::default(),
+    };
+    let out = obj.step(&batch, Mode::Eval).unwrap();
+    let loss = out.loss.to_scalar::<f32>().unwrap();
+    let grads = out.loss.backward().unwrap();
+    let mut norms = serde_json::Map::new();
+    for (name, var) in obj.varmap.data().lock().unwrap().iter() {
+        let g = grads
+            .get(var.as_tensor())
+            .expect("every parameter has a gradient");
+        let n = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        norms.insert(name.clone(), (n as f64).into());
+    }
+    let reference = serde_json::json!({
+        "input_ids": input_ids.chunks(t).collect::<Vec<_>>(), "positions": positions, "labels": labels,
+        "loss": loss, "grad_norms": norms,
+    });
+    let out_path = shared_tiny_run().join("kindling_grads.json");
+    std::fs::write(&out_path, reference.to_string()).unwrap();
+    let Ok(python) = std::env::var("KINDLING_PYTHON") else {
+        eprintln!(
+            "KINDLING_PYTHON not set: wrote {} but skipped the transformers comparison",
+            out_path.display()
+        );
+        return;
+    };
+    let script = crate::common::repo_root().join("tests/reference/hf_bert_grads.py");
+    let res = std::process::Command::new(python)
+        .arg(&script)
+        .arg(&dir)
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "gradient comparison failed:\n{text}\n{}",
+        stderr(&res)
+    );
+}

@@ -307,7 +307,9 @@ mod tests {
         fn new() -> Self {
             let varmap = VarMap::new();
             let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-            let w = vb.get_with_hints((4, 1), "linear.weight", Init::Const(0.0)).unwrap();
+            let w = vb
+                .get_with_hints((4, 1), "linear.weight", Init::Const(0.0))
+                .unwrap();
             Boring { varmap, w }
         }
     }
@@ -336,7 +338,10 @@ mod tests {
         let mut r = kindling_core::rng::rng(&[seed]);
         use rand::Rng;
         let x: Vec<f32> = (0..n * 4).map(|_| r.random_range(-1.0..1.0)).collect();
-        let y = x.chunks(4).map(|row| row.iter().zip(w_star).map(|(a, b)| a * b).sum()).collect();
+        let y = x
+            .chunks(4)
+            .map(|row| row.iter().zip(w_star).map(|(a, b)| a * b).sum())
+            .collect();
         Batch { x, y }
     }
 
@@ -348,8 +353,10 @@ mod tests {
         let mut t = Trainer::new(cfg, dir);
         let opt = t.optimizer(obj).unwrap();
         let eval = vec![batch(999, 64)];
-        t.fit(obj, &mut data.into_iter(), &eval, opt, None, &|_| serde_json::Value::Null)
-            .unwrap()
+        t.fit(obj, &mut data.into_iter(), &eval, opt, None, &|_| {
+            serde_json::Value::Null
+        })
+        .unwrap()
     }
 
     fn cfg(steps: u64, accum: u32) -> TrainConfig {
@@ -372,12 +379,20 @@ mod tests {
         let obj = Boring::new();
         let data = (0..300).map(|i| batch(i, 32)).collect();
         let summary = fit(&obj, cfg(300, 1), data, dir.path());
-        assert!(summary.final_eval["loss"] < 1e-3, "eval loss {:?}", summary.final_eval);
+        assert!(
+            summary.final_eval["loss"] < 1e-3,
+            "eval loss {:?}",
+            summary.final_eval
+        );
         let w = weights(&obj);
         for (got, want) in w.iter().zip([1.0, -2.0, 0.5, 3.0]) {
             assert!((got - want).abs() < 0.05, "{w:?}");
         }
-        assert!(summary.last_checkpoint.unwrap().join("optimizer.safetensors").is_file());
+        assert!(summary
+            .last_checkpoint
+            .unwrap()
+            .join("optimizer.safetensors")
+            .is_file());
     }
 
     #[test]
@@ -387,8 +402,14 @@ mod tests {
             .iter()
             .flat_map(|b| {
                 [
-                    Batch { x: b.x[..32].to_vec(), y: b.y[..8].to_vec() },
-                    Batch { x: b.x[32..].to_vec(), y: b.y[8..].to_vec() },
+                    Batch {
+                        x: b.x[..32].to_vec(),
+                        y: b.y[..8].to_vec(),
+                    },
+                    Batch {
+                        x: b.x[32..].to_vec(),
+                        y: b.y[8..].to_vec(),
+                    },
                 ]
             })
             .collect();
@@ -397,7 +418,12 @@ mod tests {
         fit(&a, cfg(5, 1), full, d1.path());
         fit(&b, cfg(5, 2), halves, d2.path());
         for (x, y) in weights(&a).iter().zip(weights(&b)) {
-            assert!((x - y).abs() < 1e-6, "{:?} vs {:?}", weights(&a), weights(&b));
+            assert!(
+                (x - y).abs() < 1e-6,
+                "{:?} vs {:?}",
+                weights(&a),
+                weights(&b)
+            );
         }
     }
 
@@ -410,7 +436,9 @@ mod tests {
         let mut t = Trainer::new(cfg(5, 1), dir.path());
         let opt = t.optimizer(&obj).unwrap();
         let err = t
-            .fit(&obj, &mut data.into_iter(), &[], opt, None, &|_| serde_json::Value::Null)
+            .fit(&obj, &mut data.into_iter(), &[], opt, None, &|_| {
+                serde_json::Value::Null
+            })
             .unwrap_err();
         assert!(err.to_string().contains("step 4"), "{err}");
     }
