@@ -5,7 +5,7 @@
 //! output, layer, encoder, model, and the masked-LM head. Inside the encoder, hidden states are
 //! kept flat, `(batch * seq, hidden)`, so every linear layer is one plain gemm.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Linear, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -134,7 +134,7 @@ impl BertConfig {
 fn activation(name: &str, xs: &Tensor) -> candle_core::Result<Tensor> {
     match name {
         // HF "gelu" is the exact, erf-based GELU.
-        "gelu" => xs.gelu_erf(),
+        "gelu" => crate::ops::gelu_erf(xs),
         "gelu_new" | "gelu_pytorch_tanh" => xs.gelu(),
         _ => xs.relu(),
     }
@@ -252,7 +252,7 @@ impl BertAttention {
         if let Some(m) = mask_bias {
             scores = scores.broadcast_add(m)?;
         }
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = crate::ops::softmax_last_dim(&scores)?;
         let probs = self.probs_dropout.forward_t(&probs, mode)?;
         let ctx = probs
             .matmul(&v)? // (b, heads, t, head_dim)

@@ -9,6 +9,7 @@ pub mod bert;
 pub mod export;
 pub mod init;
 pub mod nn;
+pub mod ops;
 
 pub use bert::{BertConfig, BertForMaskedLM, BertModel};
 pub use kindling_core::Mode;
