@@ -85,13 +85,45 @@ impl AdamW {
                 continue;
             };
             let g = g.detach();
+            let lr_decay = if s.decay {
+                1.0 - lr * self.cfg.weight_decay
+            } else {
+                1.0
+            };
+            if fused::applies(s.var.as_tensor()) {
+                // Three in-place passes instead of about a dozen allocating tensor ops.
+                let g = g.contiguous()?;
+                s.m.inplace_op2(
+                    &g,
+                    &fused::Moment {
+                        beta: b1 as f32,
+                        square: false,
+                    },
+                )?;
+                s.v.inplace_op2(
+                    &g,
+                    &fused::Moment {
+                        beta: b2 as f32,
+                        square: true,
+                    },
+                )?;
+                let update = fused::Update {
+                    lr: lr as f32,
+                    decay: lr_decay as f32,
+                    bc1: bc1 as f32,
+                    bc2: bc2 as f32,
+                    eps: self.cfg.eps as f32,
+                };
+                s.var.as_tensor().inplace_op3(&s.m, &s.v, &update)?;
+                continue;
+            }
             s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
             s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let denom = ((&s.v / bc2)?.sqrt()? + self.cfg.eps)?;
             let update = ((&s.m / bc1)? / denom)?;
             let theta = s.var.as_tensor().detach();
-            let theta = if s.decay && self.cfg.weight_decay > 0.0 {
-                (theta * (1.0 - lr * self.cfg.weight_decay))?
+            let theta = if lr_decay != 1.0 {
+                (theta * lr_decay)?
             } else {
                 theta
             };
@@ -138,6 +170,104 @@ impl AdamW {
     }
 }
 
+/// The AdamW update as in-place CPU kernels over contiguous f32 storage.
+mod fused {
+    use candle_core::{CpuStorage, DType, Device, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+    use rayon::prelude::*;
+
+    const CHUNK: usize = 32_768;
+
+    pub fn applies(t: &Tensor) -> bool {
+        matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && t.is_contiguous()
+    }
+
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("adamw: not contiguous".into()))?;
+        Ok(&s.as_slice::<f32>()?[a..b])
+    }
+
+    fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("adamw: not contiguous".into()))?;
+        match s {
+            CpuStorage::F32(v) => Ok(&mut v[a..b]),
+            _ => Err(candle_core::Error::Msg("adamw: f32 only".into())),
+        }
+    }
+
+    /// m <- beta * m + (1 - beta) * g   (or g^2 for the second moment).
+    pub struct Moment {
+        pub beta: f32,
+        pub square: bool,
+    }
+
+    impl InplaceOp2 for Moment {
+        fn name(&self) -> &'static str {
+            "kindling-adamw-moment"
+        }
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<()> {
+            let g = slice(s2, l2)?;
+            let m = slice_mut(s1, l1)?;
+            let (b, c) = (self.beta, 1.0 - self.beta);
+            m.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(m, g)| {
+                    for (mv, &gv) in m.iter_mut().zip(g) {
+                        let x = if self.square { gv * gv } else { gv };
+                        *mv = b * *mv + c * x;
+                    }
+                });
+            Ok(())
+        }
+    }
+
+    /// theta <- decay * theta - lr * (m / bc1) / (sqrt(v / bc2) + eps)
+    pub struct Update {
+        pub lr: f32,
+        pub decay: f32,
+        pub bc1: f32,
+        pub bc2: f32,
+        pub eps: f32,
+    }
+
+    impl InplaceOp3 for Update {
+        fn name(&self) -> &'static str {
+            "kindling-adamw-update"
+        }
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<()> {
+            let (m, v) = (slice(s2, l2)?, slice(s3, l3)?);
+            let theta = slice_mut(s1, l1)?;
+            theta
+                .par_chunks_mut(CHUNK)
+                .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+                .for_each(|(t, (m, v))| {
+                    for ((tv, &mv), &vv) in t.iter_mut().zip(m).zip(v) {
+                        let update = (mv / self.bc1) / ((vv / self.bc2).sqrt() + self.eps);
+                        *tv = self.decay * *tv - self.lr * update;
+                    }
+                });
+            Ok(())
+        }
+    }
+}
+
 /// Global L2 norm of the gradients of `vars`.
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     let mut sq = 0f64;
@@ -161,4 +291,74 @@ pub fn scale_grads(grads: &mut GradStore, vars: &[Var], factor: f64) -> Result<(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn setup(device_f64: bool) -> (AdamW, Var, Tensor) {
+        use rand::Rng;
+        let mut r = kindling_core::rng::rng(&[5]);
+        let w: Vec<f32> = (0..600).map(|_| r.random_range(-1.0f32..1.0)).collect();
+        let dtype = if device_f64 {
+            candle_core::DType::F64
+        } else {
+            candle_core::DType::F32
+        };
+        let var = Var::from_tensor(
+            &Tensor::from_vec(w, (20, 30), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        let cfg = AdamWConfig {
+            lr: 1e-2,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let opt = AdamW::new(cfg, vec![("w".into(), var.clone(), true)]).unwrap();
+        let target = Tensor::ones((20, 30), dtype, &Device::Cpu).unwrap();
+        (opt, var, target)
+    }
+
+    #[test]
+    fn fused_adamw_matches_the_tensor_op_path() {
+        // The f64 parameter takes the tensor-op path, the f32 one the fused kernels.
+        let (mut fast, wf, tf) = setup(false);
+        let (mut slow, ws, ts) = setup(true);
+        for step in 0..5 {
+            for (opt, w, t) in [(&mut fast, &wf, &tf), (&mut slow, &ws, &ts)] {
+                let loss = (w.as_tensor() - t)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let grads = loss.backward().unwrap();
+                opt.step(&grads, 1e-2 * (step + 1) as f64).unwrap();
+            }
+        }
+        let a = wf.as_tensor().to_dtype(candle_core::DType::F64).unwrap();
+        let d = (a - ws.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-5, "max diff {d}");
+        let moved = (ws.as_tensor() - setup(true).1.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(moved > 1e-2, "the parameters moved");
+    }
 }
