@@ -80,3 +80,25 @@ fn same_seed_gives_the_same_final_weights() {
     let b = std::fs::read(dir.path().join("again2/export/model.safetensors")).unwrap();
     assert_eq!(a, b);
 }
+
+#[test]
+fn every_shipped_recipe_parses_and_names_an_objective() {
+    let root = crate::common::repo_root();
+    let mut seen = 0;
+    for pattern in ["recipes/*.toml", "recipes/*/*.toml"] {
+        for path in glob::glob(&root.join(pattern).to_string_lossy())
+            .unwrap()
+            .flatten()
+        {
+            let r = kindling_recipes::Recipe::load(&path, &[])
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(
+                kindling_recipes::OBJECTIVES.contains(&r.objective.as_str()),
+                "{}",
+                path.display()
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3, "found {seen} recipes");
+}

@@ -129,6 +129,26 @@ fn corpus_fingerprint(corpus: &Corpus, settings: &str) -> u64 {
 
 const SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 
+type BertPipeline = tokenizers::TokenizerImpl<
+    WordPiece,
+    BertNormalizer,
+    BertPreTokenizer,
+    BertProcessing,
+    WordPieceDecoder,
+>;
+
+/// BERT's pipeline around a WordPiece model: BertNormalizer (clean text, Chinese characters,
+/// accents stripped with lowercasing), BertPreTokenizer, the WordPiece decoder. The [CLS] x [SEP]
+/// post-processor is added once the special tokens' ids are known.
+fn bert_pipeline(model: WordPiece, lowercase: bool) -> tokenizers::Result<BertPipeline> {
+    TokenizerBuilder::new()
+        .with_model(model)
+        .with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)))
+        .with_pre_tokenizer(Some(BertPreTokenizer))
+        .with_decoder(Some(WordPieceDecoder::default()))
+        .build()
+}
+
 /// Trains a BERT-style WordPiece tokenizer (BertNormalizer, BertPreTokenizer, [CLS] x [SEP]).
 pub fn train_wordpiece(corpus: &Corpus, cfg: &WordPieceTraining) -> Result<Tokenizer> {
     if cfg.vocab_size < SPECIALS.len() + 1 {
@@ -153,19 +173,8 @@ pub fn train_wordpiece(corpus: &Corpus, cfg: &WordPieceTraining) -> Result<Token
         )
         .show_progress(false)
         .build();
-    let mut tk = TokenizerBuilder::<
-        WordPiece,
-        BertNormalizer,
-        BertPreTokenizer,
-        BertProcessing,
-        WordPieceDecoder,
-    >::new()
-    .with_model(WordPiece::default())
-    .with_normalizer(Some(BertNormalizer::new(true, true, None, cfg.lowercase)))
-    .with_pre_tokenizer(Some(BertPreTokenizer))
-    .with_decoder(Some(WordPieceDecoder::default()))
-    .build()
-    .map_err(|e| DataError::Tokenizer(e.to_string()))?;
+    let mut tk = bert_pipeline(WordPiece::default(), cfg.lowercase)
+        .map_err(|e| DataError::Tokenizer(e.to_string()))?;
     let paragraphs = corpus.documents.iter().flat_map(|d| d.paragraphs());
     tk.train(&mut trainer, paragraphs)
         .map_err(|e| DataError::Tokenizer(format!("training WordPiece: {e}")))?;
@@ -208,23 +217,11 @@ pub fn load(path: &Path) -> Result<Tokenizer> {
         let sep = wp
             .token_to_id("[SEP]")
             .ok_or_else(|| bad("vocab has no [SEP]".into()))?;
-        let tk = TokenizerBuilder::<
-            WordPiece,
-            BertNormalizer,
-            BertPreTokenizer,
-            BertProcessing,
-            WordPieceDecoder,
-        >::new()
-        .with_model(wp)
-        .with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
-        .with_pre_tokenizer(Some(BertPreTokenizer))
-        .with_post_processor(Some(BertProcessing::new(
+        let mut tk = bert_pipeline(wp, true).map_err(|e| bad(e.to_string()))?;
+        tk.with_post_processor(Some(BertProcessing::new(
             ("[SEP]".into(), sep),
             ("[CLS]".into(), cls),
-        )))
-        .with_decoder(Some(WordPieceDecoder::default()))
-        .build()
-        .map_err(|e| bad(e.to_string()))?;
+        )));
         Tokenizer::from(tk)
     } else {
         Tokenizer::from_file(&file).map_err(|e| bad(e.to_string()))?

@@ -17,6 +17,42 @@ fn rows_per_task(row: usize) -> usize {
     (16_384 / row.max(1)).max(1)
 }
 
+/// `out[row] = f(x[row])` over rows of length `n` (an element-wise map may pick any `n`).
+fn map_rows(x: &[f32], n: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec<f32> {
+    let chunk = n * rows_per_task(n);
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(o, xs)| {
+            for (orow, xrow) in o.chunks_mut(n).zip(xs.chunks(n)) {
+                f(orow, xrow);
+            }
+        });
+    out
+}
+
+/// `out[row] = f(a[row], b[row])` over rows of length `n`.
+fn map_rows2(
+    a: &[f32],
+    b: &[f32],
+    n: usize,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) -> Vec<f32> {
+    let chunk = n * rows_per_task(n);
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(chunk)
+        .zip(a.par_chunks(chunk).zip(b.par_chunks(chunk)))
+        .for_each(|(o, (xs, ys))| {
+            for ((orow, arow), brow) in o.chunks_mut(n).zip(xs.chunks(n)).zip(ys.chunks(n)) {
+                f(orow, arow, brow);
+            }
+        });
+    out
+}
+
+/// Row length used for element-wise maps.
+const ELEMENTWISE_ROW: usize = 1024;
+
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let (start, end) = l
         .contiguous_offsets()
@@ -48,17 +84,12 @@ impl CustomOp1 for Normalize {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let h = l.dims()[l.dims().len() - 1];
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(h * rows_per_task(h))
-            .zip(x.par_chunks(h * rows_per_task(h)))
-            .for_each(|(o, xs)| {
-                for (orow, xrow) in o.chunks_mut(h).zip(xs.chunks(h)) {
-                    let (mean, rstd) = row_stats(xrow, self.eps);
-                    for (ov, xv) in orow.iter_mut().zip(xrow) {
-                        *ov = (xv - mean) * rstd;
-                    }
-                }
-            });
+        let out = map_rows(x, h, |orow, xrow| {
+            let (mean, rstd) = row_stats(xrow, self.eps);
+            for (ov, xv) in orow.iter_mut().zip(xrow) {
+                *ov = (xv - mean) * rstd;
+            }
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -91,26 +122,20 @@ impl CustomOp2 for NormalizeGrad {
         let x = contiguous_f32(s1, l1, self.name())?;
         let g = contiguous_f32(s2, l2, self.name())?;
         let h = l1.dims()[l1.dims().len() - 1];
-        let chunk = h * rows_per_task(h);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
-            .for_each(|(o, (xs, gs))| {
-                for ((orow, xrow), grow) in o.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
-                    let (mean, rstd) = row_stats(xrow, self.eps);
-                    let n = h as f32;
-                    let (mut sg, mut sgy) = (0f32, 0f32);
-                    for (xv, gv) in xrow.iter().zip(grow) {
-                        sg += gv;
-                        sgy += gv * (xv - mean) * rstd;
-                    }
-                    let (mg, mgy) = (sg / n, sgy / n);
-                    for ((ov, xv), gv) in orow.iter_mut().zip(xrow).zip(grow) {
-                        let y = (xv - mean) * rstd;
-                        *ov = rstd * (gv - mg - y * mgy);
-                    }
-                }
-            });
+        let n = h as f32;
+        let out = map_rows2(x, g, h, |orow, xrow, grow| {
+            let (mean, rstd) = row_stats(xrow, self.eps);
+            let (mut sg, mut sgy) = (0f32, 0f32);
+            for (xv, gv) in xrow.iter().zip(grow) {
+                sg += gv;
+                sgy += gv * (xv - mean) * rstd;
+            }
+            let (mg, mgy) = (sg / n, sgy / n);
+            for ((ov, xv), gv) in orow.iter_mut().zip(xrow).zip(grow) {
+                let y = (xv - mean) * rstd;
+                *ov = rstd * (gv - mg - y * mgy);
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -137,22 +162,16 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let n = l.dims()[l.dims().len() - 1];
-        let chunk = n * rows_per_task(n);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk))
-            .for_each(|(o, xs)| {
-                for (orow, xrow) in o.chunks_mut(n).zip(xs.chunks(n)) {
-                    let max = xrow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for (ov, xv) in orow.iter_mut().zip(xrow) {
-                        *ov = (xv - max).exp();
-                        sum += *ov;
-                    }
-                    let inv = 1.0 / sum;
-                    orow.iter_mut().for_each(|v| *v *= inv);
-                }
-            });
+        let out = map_rows(x, n, |orow, xrow| {
+            let max = xrow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (ov, xv) in orow.iter_mut().zip(xrow) {
+                *ov = (xv - max).exp();
+                sum += *ov;
+            }
+            let inv = 1.0 / sum;
+            orow.iter_mut().for_each(|v| *v *= inv);
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -182,18 +201,12 @@ impl CustomOp2 for SoftmaxGrad {
         let y = contiguous_f32(s1, l1, self.name())?;
         let g = contiguous_f32(s2, l2, self.name())?;
         let n = l1.dims()[l1.dims().len() - 1];
-        let chunk = n * rows_per_task(n);
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(chunk)
-            .zip(y.par_chunks(chunk).zip(g.par_chunks(chunk)))
-            .for_each(|(o, (ys, gs))| {
-                for ((orow, yrow), grow) in o.chunks_mut(n).zip(ys.chunks(n)).zip(gs.chunks(n)) {
-                    let dot: f32 = yrow.iter().zip(grow).map(|(a, b)| a * b).sum();
-                    for ((ov, yv), gv) in orow.iter_mut().zip(yrow).zip(grow) {
-                        *ov = yv * (gv - dot);
-                    }
-                }
-            });
+        let out = map_rows2(y, g, n, |orow, yrow, grow| {
+            let dot: f32 = yrow.iter().zip(grow).map(|(a, b)| a * b).sum();
+            for ((ov, yv), gv) in orow.iter_mut().zip(yrow).zip(grow) {
+                *ov = yv * (gv - dot);
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -209,19 +222,6 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Exact (erf) GELU, HF's "gelu": x * Phi(x).
 struct Gelu;
 
-/// Applies `f` element-wise to a contiguous f32 input, in parallel chunks.
-fn map_f32(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(16_384)
-        .zip(x.par_chunks(16_384))
-        .for_each(|(o, xs)| {
-            for (ov, &xv) in o.iter_mut().zip(xs) {
-                *ov = f(xv);
-            }
-        });
-    out
-}
-
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1 / sqrt(2 pi)
 const INV_SQRT_2PI: f32 = 0.398_942_3;
@@ -233,8 +233,10 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
-        let out = map_f32(x, |v| {
-            0.5 * v * (1.0 + candle_core::cpu::erf::erf_f32(v * FRAC_1_SQRT_2))
+        let out = map_rows(x, ELEMENTWISE_ROW, |o, xs| {
+            for (ov, &v) in o.iter_mut().zip(xs) {
+                *ov = 0.5 * v * (1.0 + candle_core::cpu::erf::erf_f32(v * FRAC_1_SQRT_2));
+            }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -263,16 +265,13 @@ impl CustomOp2 for GeluGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, self.name())?;
         let g = contiguous_f32(s2, l2, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16_384)
-            .zip(x.par_chunks(16_384).zip(g.par_chunks(16_384)))
-            .for_each(|(o, (xs, gs))| {
-                for ((ov, &xv), &gv) in o.iter_mut().zip(xs).zip(gs) {
-                    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(xv * FRAC_1_SQRT_2));
-                    let pdf = INV_SQRT_2PI * (-0.5 * xv * xv).exp();
-                    *ov = gv * (cdf + xv * pdf);
-                }
-            });
+        let out = map_rows2(x, g, ELEMENTWISE_ROW, |o, xs, gs| {
+            for ((ov, &xv), &gv) in o.iter_mut().zip(xs).zip(gs) {
+                let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(xv * FRAC_1_SQRT_2));
+                let pdf = INV_SQRT_2PI * (-0.5 * xv * xv).exp();
+                *ov = gv * (cdf + xv * pdf);
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
