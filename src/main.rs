@@ -88,7 +88,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Library errors already carry their causes in their messages.
+            eprintln!("error: {e}");
             ExitCode::from(exit_code(&e))
         }
     }
