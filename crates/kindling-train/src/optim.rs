@@ -324,6 +324,17 @@ mod tests {
         (opt, var, target)
     }
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
     #[test]
     fn fused_adamw_matches_the_tensor_op_path() {
         // The f64 parameter takes the tensor-op path, the f32 one the fused kernels.
@@ -342,23 +353,9 @@ mod tests {
             }
         }
         let a = wf.as_tensor().to_dtype(candle_core::DType::F64).unwrap();
-        let d = (a - ws.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = max_abs_diff(&a, ws.as_tensor());
         assert!(d < 1e-5, "max diff {d}");
-        let moved = (ws.as_tensor() - setup(true).1.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let moved = max_abs_diff(ws.as_tensor(), setup(true).1.as_tensor());
         assert!(moved > 1e-2, "the parameters moved");
     }
 }
