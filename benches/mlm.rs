@@ -154,6 +154,7 @@ fn bench_step(name: &str, cfg: BertConfig, steps: usize) {
 }
 
 fn main() {
+    kindling_core::keep_freed_memory();
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))

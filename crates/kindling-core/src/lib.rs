@@ -8,6 +8,23 @@
 
 pub mod rng;
 
+/// Tells glibc's allocator to keep freed memory for reuse instead of returning it to the kernel.
+///
+/// A training step allocates and frees activation-sized buffers (megabytes each) by the hundred.
+/// By default glibc serves those with fresh `mmap`s, so every step pays page faults and kernel
+/// zeroing for all of them: measured at 7-10% of a bert-mini step on 2 cores. Raising the mmap
+/// and trim thresholds makes them come from the heap and be reused. Costs nothing but a heap that
+/// keeps its high-water mark. Call once, early in `main`; a no-op off glibc.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
 /// Whether a forward pass trains (dropout on, drawn from `seed`) or evaluates (dropout off).
 ///
 /// The seed travels with the mode so that a training step is a pure function of its inputs:

@@ -6,10 +6,10 @@
 //! kept flat, `(batch * seq, hidden)`, so every linear layer is one plain gemm.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Embedding, Linear, Module, VarBuilder};
+use candle_nn::{Embedding, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{Dropout, LayerNorm};
+use crate::nn::{Dropout, LayerNorm, Linear};
 use crate::{ModelError, Result};
 use kindling_core::Mode;
 
@@ -208,7 +208,6 @@ struct BertAttention {
     probs_dropout: Dropout,
     output_dropout: Dropout,
     heads: usize,
-    head_dim: usize,
 }
 
 impl BertAttention {
@@ -217,47 +216,34 @@ impl BertAttention {
         let s = vb.pp("self");
         let o = vb.pp("output");
         Ok(BertAttention {
-            query: candle_nn::linear(h, h, s.pp("query"))?,
-            key: candle_nn::linear(h, h, s.pp("key"))?,
-            value: candle_nn::linear(h, h, s.pp("value"))?,
-            output_dense: candle_nn::linear(h, h, o.pp("dense"))?,
+            query: Linear::load(h, h, s.pp("query"))?,
+            key: Linear::load(h, h, s.pp("key"))?,
+            value: Linear::load(h, h, s.pp("value"))?,
+            output_dense: Linear::load(h, h, o.pp("dense"))?,
             output_layer_norm: LayerNorm::load(h, cfg.layer_norm_eps, o.pp("LayerNorm"))?,
             probs_dropout: Dropout::new(cfg.attention_probs_dropout_prob as f32, site),
             output_dropout: Dropout::new(cfg.hidden_dropout_prob as f32, site + 1),
             heads: cfg.num_attention_heads,
-            head_dim: h / cfg.num_attention_heads,
         })
     }
 
-    /// (b*t, h) -> (b*t, h). `mask_bias`: additive (b, 1, 1, t), 0 to attend, very negative not to.
+    /// (b*t, h) -> (b*t, h). `mask_bias`: additive (b, t), 0 to attend, very negative not to.
     fn forward_t(
         &self,
         xs: &Tensor,
         b: usize,
         t: usize,
-        mask_bias: Option<&Tensor>,
+        mask_bias: &Tensor,
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
-        let split = |x: Tensor| -> candle_core::Result<Tensor> {
-            // (b*t, h) -> (b, heads, t, head_dim)
-            x.reshape((b, t, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.query.forward(xs)?)?;
-        let k = split(self.key.forward(xs)?)?;
-        let v = split(self.value.forward(xs)?)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?; // (b, heads, t, t)
-        if let Some(m) = mask_bias {
-            scores = scores.broadcast_add(m)?;
-        }
-        let probs = crate::ops::softmax_last_dim(&scores)?;
-        let probs = self.probs_dropout.forward_t(&probs, mode)?;
-        let ctx = probs
-            .matmul(&v)? // (b, heads, t, head_dim)
-            .transpose(1, 2)?
-            .reshape((b * t, self.heads * self.head_dim))?;
+        let ctx = crate::ops::self_attention(
+            &self.query.forward(xs)?,
+            &self.key.forward(xs)?,
+            &self.value.forward(xs)?,
+            (b, t, self.heads),
+            mask_bias,
+            self.probs_dropout.stream(mode),
+        )?;
         let out = self
             .output_dropout
             .forward_t(&self.output_dense.forward(&ctx)?, mode)?;
@@ -282,8 +268,8 @@ impl BertLayer {
         let site = 1 + 3 * index as u64;
         Ok(BertLayer {
             attention: BertAttention::load(vb.pp("attention"), cfg, site)?,
-            intermediate: candle_nn::linear(h, i, vb.pp("intermediate").pp("dense"))?,
-            output: candle_nn::linear(i, h, vb.pp("output").pp("dense"))?,
+            intermediate: Linear::load(h, i, vb.pp("intermediate").pp("dense"))?,
+            output: Linear::load(i, h, vb.pp("output").pp("dense"))?,
             output_layer_norm: LayerNorm::load(
                 h,
                 cfg.layer_norm_eps,
@@ -299,7 +285,7 @@ impl BertLayer {
         xs: &Tensor,
         b: usize,
         t: usize,
-        mask_bias: Option<&Tensor>,
+        mask_bias: &Tensor,
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
         let attn = self.attention.forward_t(xs, b, t, mask_bias, mode)?;
@@ -348,18 +334,17 @@ impl BertModel {
                 self.config.max_position_embeddings
             )));
         }
+        let dtype = self.embeddings.word_embeddings.embeddings().dtype();
         let mask_bias = match attention_mask {
             // (1 - mask) * -1e4 would overflow f16; HF uses the dtype's min. -1e9 is safe in f32.
-            Some(m) => Some(
-                ((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * -1e9)?)
-                    .reshape((b, 1, 1, t))?
-                    .to_dtype(self.embeddings.word_embeddings.embeddings().dtype())?,
-            ),
-            None => None,
+            Some(m) => ((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * -1e9)?)
+                .reshape((b, t))?
+                .to_dtype(dtype)?,
+            None => Tensor::zeros((b, t), dtype, input_ids.device())?,
         };
         let mut xs = self.embeddings.forward_t(input_ids, token_type_ids, mode)?;
         for layer in &self.layers {
-            xs = layer.forward_t(&xs, b, t, mask_bias.as_ref(), mode)?;
+            xs = layer.forward_t(&xs, b, t, &mask_bias, mode)?;
         }
         Ok(xs)
     }
@@ -381,7 +366,7 @@ impl BertForMaskedLM {
         let p = vb.pp("cls").pp("predictions");
         let h = cfg.hidden_size;
         Ok(BertForMaskedLM {
-            transform_dense: candle_nn::linear(h, h, p.pp("transform").pp("dense"))?,
+            transform_dense: Linear::load(h, h, p.pp("transform").pp("dense"))?,
             transform_layer_norm: LayerNorm::load(
                 h,
                 cfg.layer_norm_eps,

@@ -1,10 +1,44 @@
-//! Differentiable building blocks: LayerNorm and Dropout that actually train.
+//! Differentiable building blocks: Linear, LayerNorm and Dropout that actually train (and fast).
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use kindling_core::rng::{derive_seed, domain};
 use kindling_core::Mode;
+
+/// A linear layer with HF names (`weight` (out, in), `bias` (out)); on CPU one fused op, bias
+/// included (see [`crate::ops::linear`]).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    /// Created with candle_nn's default initialisation (the recipes re-initialise as HF does).
+    pub fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        Ok(Linear {
+            weight: vb.get_with_hints(
+                (out_dim, in_dim),
+                "weight",
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )?,
+            bias: vb.get_with_hints(
+                out_dim,
+                "bias",
+                candle_nn::Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        crate::ops::linear(xs, &self.weight, &self.bias)
+    }
+}
 
 /// LayerNorm that trains: candle_nn's `LayerNorm` calls a fused kernel with no backward, so
 /// gradients would stop there. This one uses [`crate::ops::layer_norm`] (fused with a backward
@@ -49,13 +83,19 @@ impl Dropout {
     }
 
     pub fn forward_t(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        match self.stream(mode) {
+            Some((p, seed)) => crate::ops::seeded_dropout(xs, p, seed),
+            None => Ok(xs.clone()),
+        }
+    }
+
+    /// `(p, mask seed)` when this site drops anything in `mode`: for kernels that fuse dropout.
+    pub fn stream(&self, mode: Mode) -> Option<(f32, u64)> {
         match mode {
-            Mode::Train { seed } if self.p > 0.0 => crate::ops::seeded_dropout(
-                xs,
-                self.p,
-                derive_seed(&[domain::DROPOUT, seed, self.site]),
-            ),
-            _ => Ok(xs.clone()),
+            Mode::Train { seed } if self.p > 0.0 => {
+                Some((self.p, derive_seed(&[domain::DROPOUT, seed, self.site])))
+            }
+            _ => None,
         }
     }
 }

@@ -1,14 +1,18 @@
-//! Fused CPU kernels with real backward passes, for the two element-wise hot spots of a BERT
-//! step: LayerNorm's normalisation and the attention softmax.
+//! Fused CPU kernels with real backward passes for the hot spots of a BERT step: linear layers
+//! with their bias, LayerNorm, the attention probabilities (scale, mask, softmax, dropout), GELU
+//! and dropout.
 //!
 //! candle_nn's fused `layer_norm` and `softmax_last_dim` have no backward (they silently cut the
 //! gradient); their differentiable compositions (`layer_norm_slow`, `ops::softmax`) cost five to
-//! ten passes over memory forward and more backward, mostly on one thread. Here each direction is
-//! one pass per row, rows shared out with rayon. Other devices and dtypes fall back to the
-//! compositions. Gradients are checked against the compositions in the tests below.
+//! ten passes over memory forward and more backward, mostly on one thread. Every op candle
+//! records also costs a zero-filled gradient buffer and an add in the backward pass, so fewer,
+//! larger ops are faster even when the arithmetic is the same. Here each direction is one pass
+//! per row, rows shared out with rayon in fixed-size chunks (so sums do not depend on the thread
+//! count). Other devices and dtypes fall back to the compositions. The tests below check every
+//! fused op against its composition, forward and backward.
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
 };
 use rayon::prelude::*;
 
@@ -64,9 +68,65 @@ fn fused_ok(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
 }
 
-/// x -> (x - mean) / sqrt(var + eps) over the last dimension.
-struct Normalize {
-    eps: f32,
+/// exp for f32 in straight-line code LLVM vectorises (libm's `expf` is a call per element):
+/// Cephes' range reduction x = n ln2 + r and a degree-6 polynomial for e^r; relative error
+/// about 2e-7. Inputs are clamped to [-87, 88] (the normal f32 range of e^x); NaN stays NaN.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest with an add instead of `round()` (a libm call without SSE4.1).
+    const SHIFTER: f32 = 12_582_912.0; // 1.5 * 2^23
+    let n = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 0.166_666_65;
+    let p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7), with `fast_exp`.
+/// Returns (erf(x), e^{-x^2}); the GELU gradient needs the second too.
+#[inline(always)]
+fn fast_erf_and_gauss(x: f32) -> (f32, f32) {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_72) * t
+        + 0.254_829_6)
+        * t;
+    let gauss = fast_exp(-a * a);
+    ((1.0 - poly * gauss).copysign(x), gauss)
+}
+
+/// Dropout's keep test for element `i` of the mask stream `seed`, shared by the fused kernels
+/// and the composed fallback so both drop the same elements.
+#[inline(always)]
+pub fn keep_at(seed: u64, i: u64, p: f32) -> bool {
+    kindling_core::rng::uniform_at(seed, i) >= p
+}
+
+/// Sums the columns of a row-major `(rows, n)` matrix. Rows are summed in fixed chunks and the
+/// partial sums added in order, so the result is the same on any thread count.
+fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
+    const ROWS: usize = 64;
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(n * ROWS)
+        .map(|c| {
+            let mut acc = vec![0f32; n];
+            for row in c.chunks(n) {
+                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0f32; n];
+    for p in partials {
+        out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+    }
+    out
 }
 
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
@@ -76,40 +136,313 @@ fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-impl CustomOp1 for Normalize {
+/// LayerNorm over the last dimension, scale and shift included: (x, weight, bias) -> y.
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
-        "kindling-normalize"
+        "kindling-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let b = contiguous_f32(s3, l3, self.name())?;
+        let h = l1.dims()[l1.dims().len() - 1];
+        let out = map_rows(x, h, |orow, xrow| {
+            let (mean, rstd) = row_stats(xrow, self.eps);
+            for (((ov, xv), wv), bv) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
+                *ov = (xv - mean) * rstd * wv + bv;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = w.elem_count();
+        let rows = x.elem_count() / h;
+        // One pass gives all three gradients, packed as rows + 2 rows: dx, then dw, then db.
+        let packed = x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &grad.contiguous()?,
+            LayerNormGrad { eps: self.eps },
+        )?;
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, rows, 1)?.reshape(h)?;
+        let db = packed.narrow(0, rows + 1, 1)?.reshape(h)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// (x, weight, dL/dy) -> [dL/dx rows; dL/dweight; dL/dbias] for y = LayerNorm(x) * w + b:
+/// with x^ = (x - mean) * rstd and gy = g * w, dx = rstd * (gy - mean(gy) - x^ * mean(gy * x^)),
+/// dw = sum over rows of g * x^, db = sum over rows of g.
+struct LayerNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "kindling-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let g = contiguous_f32(s3, l3, self.name())?;
+        let h = w.len();
+        let rows = x.len() / h;
+        let n = h as f32;
+        let chunk = h * rows_per_task(h);
+        let mut out = vec![0f32; x.len() + 2 * h];
+        let (dx, params) = out.split_at_mut(x.len());
+        // Each chunk of rows also returns its partial dw and db; they are added in chunk order.
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+            .map(|(dxs, (xs, gs))| {
+                let mut acc = vec![0f32; 2 * h];
+                let (dw, db) = acc.split_at_mut(h);
+                for ((orow, xrow), grow) in dxs.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
+                    let (mean, rstd) = row_stats(xrow, self.eps);
+                    let (mut sg, mut sgx) = (0f32, 0f32);
+                    for (((xv, gv), wv), (dwv, dbv)) in xrow
+                        .iter()
+                        .zip(grow)
+                        .zip(w)
+                        .zip(dw.iter_mut().zip(db.iter_mut()))
+                    {
+                        let xhat = (xv - mean) * rstd;
+                        let gy = gv * wv;
+                        sg += gy;
+                        sgx += gy * xhat;
+                        *dwv += gv * xhat;
+                        *dbv += gv;
+                    }
+                    let (mg, mgx) = (sg / n, sgx / n);
+                    for (((ov, xv), gv), wv) in orow.iter_mut().zip(xrow).zip(grow).zip(w) {
+                        let xhat = (xv - mean) * rstd;
+                        *ov = rstd * (gv * wv - mg - xhat * mgx);
+                    }
+                }
+                acc
+            })
+            .collect();
+        for p in partials {
+            params.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, h))))
+    }
+}
+
+/// LayerNorm over the last dimension with scale and shift; one fused op (with backward) on CPU
+/// f32, the differentiable composition elsewhere.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fused_ok(x) {
+        return candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32);
+    }
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNormOp { eps: eps as f32 },
+    )
+}
+
+/// `x @ weight^T + bias` for x (rows, in), weight (out, in), bias (out): one gemm whose
+/// destination starts as the bias rows, so the bias costs no extra pass.
+struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "kindling-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let b = contiguous_f32(s3, l3, self.name())?;
+        let (rows, k) = l1.shape().dims2()?;
+        let (m, k2) = l2.shape().dims2()?;
+        if k != k2 || b.len() != m {
+            candle_core::bail!(
+                "{}: x {:?}, weight {:?}, bias {:?} do not fit",
+                self.name(),
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        let mut out = Vec::with_capacity(rows * m);
+        for _ in 0..rows {
+            out.extend_from_slice(b);
+        }
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: the three buffers hold rows*m, rows*k and m*k floats, matching the sizes and
+        // strides given; weight^T is read through swapped strides (column step k, row step 1).
+        unsafe {
+            gemm::gemm(
+                rows,
+                m,
+                k,
+                out.as_mut_ptr(),
+                1,
+                m as isize,
+                true,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows, m))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let dx = g.matmul(w)?;
+        let dw = g.t()?.matmul(x)?;
+        let db = g.apply_op1(ColumnSums)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// (rows, n) -> (n): the bias gradient of a linear layer.
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "kindling-column-sums"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
-        let h = l.dims()[l.dims().len() - 1];
-        let out = map_rows(x, h, |orow, xrow| {
-            let (mean, rstd) = row_stats(xrow, self.eps);
-            for (ov, xv) in orow.iter_mut().zip(xrow) {
-                *ov = (xv - mean) * rstd;
-            }
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        Ok(Some(
-            x.contiguous()?
-                .apply_op2(&g, NormalizeGrad { eps: self.eps })?,
-        ))
+        let n = l.dims()[l.dims().len() - 1];
+        Ok((CpuStorage::F32(column_sums(x, n)), Shape::from(n)))
     }
 }
 
-/// (x, dL/dy) -> dL/dx for y = Normalize(x): rstd * (g - mean(g) - y * mean(g * y)).
-struct NormalizeGrad {
-    eps: f32,
+/// A linear layer, `xs @ weight^T + bias`, over the last dimension of `xs`; fused on CPU f32.
+pub fn linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !fused_ok(xs) {
+        return xs.broadcast_matmul(&weight.t()?)?.broadcast_add(bias);
+    }
+    let dims = xs.dims();
+    let k = dims[dims.len() - 1];
+    let rows = xs.elem_count() / k;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("xs has a last dimension") = weight.dim(0)?;
+    xs.contiguous()?
+        .reshape((rows, k))?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LinearOp)?
+        .reshape(out_dims)
 }
 
-impl CustomOp2 for NormalizeGrad {
+/// The attention probabilities in one op: dropout(softmax(scores * scale + mask)), where scores
+/// is (batch, heads, queries, keys) and mask (batch, keys) is added to every row of its batch.
+/// The backward pass recomputes the softmax from the scores and the dropout mask from its seed
+/// rather than storing either.
+struct AttentionProbs {
+    scale: f32,
+    /// heads * queries: the number of score rows per batch element.
+    rows_per_batch: usize,
+    dropout: Option<(f32, u64)>,
+}
+
+impl AttentionProbs {
+    /// Softmax of one row of scaled, masked scores into `out`.
+    #[inline]
+    fn softmax_row(&self, out: &mut [f32], scores: &[f32], mask: &[f32]) {
+        let mut max = f32::NEG_INFINITY;
+        for ((o, s), m) in out.iter_mut().zip(scores).zip(mask) {
+            *o = s * self.scale + m;
+            max = max.max(*o);
+        }
+        let mut sum = 0f32;
+        for o in out.iter_mut() {
+            *o = fast_exp(*o - max);
+            sum += *o;
+        }
+        let inv = 1.0 / sum;
+        out.iter_mut().for_each(|o| *o *= inv);
+    }
+
+    /// Visits the rows of a (rows, keys) buffer with the row's batch mask and its flat offset.
+    fn rows<'a>(
+        &self,
+        out: &'a mut [f32],
+        keys: usize,
+        mask: &'a [f32],
+        f: impl Fn(usize, &mut [f32], &[f32]) + Sync,
+    ) {
+        let rows_per_task = rows_per_task(keys);
+        out.par_chunks_mut(keys * rows_per_task)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (j, orow) in chunk.chunks_mut(keys).enumerate() {
+                    let r = c * rows_per_task + j;
+                    let batch = r / self.rows_per_batch;
+                    f(r, orow, &mask[batch * keys..(batch + 1) * keys]);
+                }
+            });
+    }
+}
+
+impl CustomOp2 for AttentionProbs {
     fn name(&self) -> &'static str {
-        "kindling-normalize-grad"
+        "kindling-attention-probs"
     }
 
     fn cpu_fwd(
@@ -119,36 +452,162 @@ impl CustomOp2 for NormalizeGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, self.name())?;
-        let g = contiguous_f32(s2, l2, self.name())?;
-        let h = l1.dims()[l1.dims().len() - 1];
-        let n = h as f32;
-        let out = map_rows2(x, g, h, |orow, xrow, grow| {
-            let (mean, rstd) = row_stats(xrow, self.eps);
-            let (mut sg, mut sgy) = (0f32, 0f32);
-            for (xv, gv) in xrow.iter().zip(grow) {
-                sg += gv;
-                sgy += gv * (xv - mean) * rstd;
+        let scores = contiguous_f32(s1, l1, self.name())?;
+        let mask = contiguous_f32(s2, l2, self.name())?;
+        let keys = l1.dims()[l1.dims().len() - 1];
+        let mut out = vec![0f32; scores.len()];
+        self.rows(&mut out, keys, mask, |r, orow, mrow| {
+            let srow = &scores[r * keys..(r + 1) * keys];
+            self.softmax_row(orow, srow, mrow);
+            if let Some((p, seed)) = self.dropout {
+                let inv_keep = 1.0 / (1.0 - p);
+                for (j, o) in orow.iter_mut().enumerate() {
+                    *o = if keep_at(seed, (r * keys + j) as u64, p) {
+                        *o * inv_keep
+                    } else {
+                        0.0
+                    };
+                }
             }
-            let (mg, mgy) = (sg / n, sgy / n);
-            for ((ov, xv), gv) in orow.iter_mut().zip(xrow).zip(grow) {
-                let y = (xv - mean) * rstd;
-                *ov = rstd * (gv - mg - y * mgy);
-            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        scores: &Tensor,
+        mask: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = scores.contiguous()?.apply_op3(
+            &mask.contiguous()?,
+            &grad.contiguous()?,
+            AttentionProbsGrad {
+                fwd: AttentionProbs {
+                    scale: self.scale,
+                    rows_per_batch: self.rows_per_batch,
+                    dropout: self.dropout,
+                },
+            },
+        )?;
+        Ok((Some(d), None))
+    }
+}
+
+/// (scores, mask, dL/dprobs) -> dL/dscores: with y the softmax and g' = dropout(g),
+/// dscores = scale * y * (g' - sum(y * g')).
+struct AttentionProbsGrad {
+    fwd: AttentionProbs,
+}
+
+impl CustomOp3 for AttentionProbsGrad {
+    fn name(&self) -> &'static str {
+        "kindling-attention-probs-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let scores = contiguous_f32(s1, l1, self.name())?;
+        let mask = contiguous_f32(s2, l2, self.name())?;
+        let grad = contiguous_f32(s3, l3, self.name())?;
+        let keys = l1.dims()[l1.dims().len() - 1];
+        let fwd = &self.fwd;
+        let mut out = vec![0f32; scores.len()];
+        fwd.rows(&mut out, keys, mask, |r, orow, mrow| {
+            let (srow, grow) = (
+                &scores[r * keys..(r + 1) * keys],
+                &grad[r * keys..(r + 1) * keys],
+            );
+            let mut y = [0f32; 1024];
+            let y = if keys <= y.len() {
+                &mut y[..keys]
+            } else {
+                // Longer rows than any BERT uses: a heap row.
+                return long_row_grad(fwd, orow, srow, mrow, grow, r * keys);
+            };
+            fwd.softmax_row(y, srow, mrow);
+            attention_row_grad(fwd, orow, y, grow, r * keys);
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
-/// LayerNorm over the last dimension: normalise (fused, with backward), then scale and shift.
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if !fused_ok(x) {
-        return candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32);
+fn long_row_grad(
+    fwd: &AttentionProbs,
+    orow: &mut [f32],
+    srow: &[f32],
+    mrow: &[f32],
+    grow: &[f32],
+    offset: usize,
+) {
+    let mut y = vec![0f32; srow.len()];
+    fwd.softmax_row(&mut y, srow, mrow);
+    attention_row_grad(fwd, orow, &y, grow, offset);
+}
+
+/// One row of the attention-probs gradient, `orow` from the recomputed softmax `y`.
+#[inline]
+fn attention_row_grad(
+    fwd: &AttentionProbs,
+    orow: &mut [f32],
+    y: &[f32],
+    grow: &[f32],
+    offset: usize,
+) {
+    // g' = dropout(g), written into orow first.
+    match fwd.dropout {
+        Some((p, seed)) => {
+            let inv_keep = 1.0 / (1.0 - p);
+            for (j, (o, g)) in orow.iter_mut().zip(grow).enumerate() {
+                *o = if keep_at(seed, (offset + j) as u64, p) {
+                    g * inv_keep
+                } else {
+                    0.0
+                };
+            }
+        }
+        None => orow.copy_from_slice(grow),
     }
-    x.contiguous()?
-        .apply_op1(Normalize { eps: eps as f32 })?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)
+    let dot: f32 = y.iter().zip(orow.iter()).map(|(a, b)| a * b).sum();
+    for (o, yv) in orow.iter_mut().zip(y) {
+        *o = fwd.scale * yv * (*o - dot);
+    }
+}
+
+/// `dropout(softmax(scores * scale + mask))` with scores (batch, heads, queries, keys) and an
+/// additive mask (batch, keys); `dropout` is (p, seed) in training. Fused on CPU f32; elsewhere
+/// the composed ops, which drop the same elements.
+pub fn attention_probs(
+    scores: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    dropout: Option<(f32, u64)>,
+) -> Result<Tensor> {
+    let (b, heads, queries, keys) = scores.dims4()?;
+    if !fused_ok(scores) {
+        let probs =
+            softmax_last_dim(&(scores * scale)?.broadcast_add(&mask.reshape((b, 1, 1, keys))?)?)?;
+        return match dropout {
+            Some((p, seed)) => seeded_dropout(&probs, p, seed),
+            None => Ok(probs),
+        };
+    }
+    scores.contiguous()?.apply_op2(
+        &mask.contiguous()?,
+        AttentionProbs {
+            scale: scale as f32,
+            rows_per_batch: heads * queries,
+            dropout,
+        },
+    )
 }
 
 /// Softmax over the last dimension.
@@ -166,7 +625,7 @@ impl CustomOp1 for Softmax {
             let max = xrow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for (ov, xv) in orow.iter_mut().zip(xrow) {
-                *ov = (xv - max).exp();
+                *ov = fast_exp(xv - max);
                 sum += *ov;
             }
             let inv = 1.0 / sum;
@@ -219,6 +678,296 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax)
 }
 
+/// Multi-head self-attention from the projected q, k, v, each flat (batch * seq, hidden) with
+/// head `n` in columns `n * head_dim..`: ctx = dropout(softmax(q k^T * scale + mask)) v, flat
+/// the same way. One op with a hand-written backward: the per-head products are small gemms
+/// run one per thread (over batch elements) and read heads in place through strides, so there
+/// are no transposed copies; the backward pass recomputes the probabilities (as
+/// FlashAttention does) instead of storing them. Dropout draws the same elements as
+/// [`attention_probs`] on a (batch, heads, seq, seq) tensor.
+struct SelfAttention {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    /// (batch, seq) additive mask.
+    mask: Vec<f32>,
+    probs: AttentionProbs,
+}
+
+/// `dst (m, n) = lhs (m, k) @ rhs (k, n)`, single-threaded, every operand given by its pointer,
+/// column stride and row stride.
+///
+/// SAFETY: the caller guarantees each pointer addresses a matrix of the given shape and strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_cs, dst_rs): (usize, usize),
+    lhs: *const f32,
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: *const f32,
+    (rhs_cs, rhs_rs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+impl SelfAttention {
+    /// Probabilities of head `hd` of batch element `bi` into `probs` (seq, seq): the softmax
+    /// before dropout into `y`, after dropout into `p` (same buffer when there is no dropout).
+    fn head_probs(&self, bi: usize, hd: usize, q: &[f32], k: &[f32], y: &mut [f32], p: &mut [f32]) {
+        let (t, h, d) = (self.seq, self.heads * self.head_dim, self.head_dim);
+        let base = bi * t * h + hd * d;
+        // SAFETY: q and k are (batch * seq, h); head hd of batch bi is the (t, d) block at base
+        // with row stride h; k^T is read with column stride h and row stride 1. y is (t, t).
+        unsafe {
+            small_gemm(
+                (t, t, d),
+                y.as_mut_ptr(),
+                (1, t),
+                q[base..].as_ptr(),
+                (1, h),
+                k[base..].as_ptr(),
+                (h, 1),
+            );
+        }
+        let mask = &self.mask[bi * t..(bi + 1) * t];
+        let mut row = vec![0f32; t];
+        for i in 0..t {
+            row.copy_from_slice(&y[i * t..(i + 1) * t]);
+            self.probs
+                .softmax_row(&mut y[i * t..(i + 1) * t], &row, mask);
+        }
+        p.copy_from_slice(y);
+        if let Some((drop, seed)) = self.probs.dropout {
+            let inv_keep = 1.0 / (1.0 - drop);
+            let offset = (bi * self.heads + hd) * t * t;
+            for (j, v) in p.iter_mut().enumerate() {
+                *v = if keep_at(seed, (offset + j) as u64, drop) {
+                    *v * inv_keep
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+fn cpu_f32<'a>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(s) => contiguous_f32(s, l, "kindling-self-attention"),
+        _ => candle_core::bail!("kindling-self-attention: expected CPU storage"),
+    }
+}
+
+impl CustomOp3 for SelfAttention {
+    fn name(&self) -> &'static str {
+        "kindling-self-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = contiguous_f32(s1, l1, self.name())?;
+        let k = contiguous_f32(s2, l2, self.name())?;
+        let v = contiguous_f32(s3, l3, self.name())?;
+        let (t, d) = (self.seq, self.head_dim);
+        let h = self.heads * d;
+        let mut out = vec![0f32; q.len()];
+        out.par_chunks_mut(t * h).enumerate().for_each(|(bi, ctx)| {
+            let (mut y, mut p) = (vec![0f32; t * t], vec![0f32; t * t]);
+            for hd in 0..self.heads {
+                self.head_probs(bi, hd, q, k, &mut y, &mut p);
+                let base = bi * t * h + hd * d;
+                // SAFETY: ctx is batch bi's (t, h) block; head hd is its (t, d) sub-block at
+                // column hd*d with row stride h; v's head block likewise; p is (t, t).
+                unsafe {
+                    small_gemm(
+                        (t, d, t),
+                        ctx[hd * d..].as_mut_ptr(),
+                        (1, h),
+                        p.as_ptr(),
+                        (1, t),
+                        v[base..].as_ptr(),
+                        (1, h),
+                    );
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let ((sq, lq), (sk, lk), (sv, lv), (sg, lg)) = (
+            q.storage_and_layout(),
+            k.storage_and_layout(),
+            v.storage_and_layout(),
+            grad.storage_and_layout(),
+        );
+        let (qs, ks, vs, dout) = (
+            cpu_f32(&sq, lq)?,
+            cpu_f32(&sk, lk)?,
+            cpu_f32(&sv, lv)?,
+            cpu_f32(&sg, lg)?,
+        );
+        let (t, d) = (self.seq, self.head_dim);
+        let h = self.heads * d;
+        let n = qs.len();
+        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        dq.par_chunks_mut(t * h)
+            .zip(dk.par_chunks_mut(t * h).zip(dv.par_chunks_mut(t * h)))
+            .enumerate()
+            .for_each(|(bi, (dq, (dk, dv)))| {
+                let (mut y, mut p, mut ds) =
+                    (vec![0f32; t * t], vec![0f32; t * t], vec![0f32; t * t]);
+                for hd in 0..self.heads {
+                    self.head_probs(bi, hd, qs, ks, &mut y, &mut p);
+                    let base = bi * t * h + hd * d;
+                    let col = hd * d;
+                    // SAFETY (all four): head blocks are (t, d) with row stride h at base in the
+                    // inputs and at column col of this batch's (t, h) output blocks; p, y, ds
+                    // are (t, t); transposes are read by swapping the two strides.
+                    unsafe {
+                        // dV = P^T dO
+                        small_gemm(
+                            (t, d, t),
+                            dv[col..].as_mut_ptr(),
+                            (1, h),
+                            p.as_ptr(),
+                            (t, 1),
+                            dout[base..].as_ptr(),
+                            (1, h),
+                        );
+                        // dP = dO V^T, into ds
+                        small_gemm(
+                            (t, t, d),
+                            ds.as_mut_ptr(),
+                            (1, t),
+                            dout[base..].as_ptr(),
+                            (1, h),
+                            vs[base..].as_ptr(),
+                            (h, 1),
+                        );
+                    }
+                    // dS = scale * y * (dropout(dP) - rowsum(y * dropout(dP)))
+                    for i in 0..t {
+                        let row = &mut ds[i * t..(i + 1) * t];
+                        let grow = row.to_vec();
+                        let offset = ((bi * self.heads + hd) * t + i) * t;
+                        attention_row_grad(&self.probs, row, &y[i * t..(i + 1) * t], &grow, offset);
+                    }
+                    unsafe {
+                        // dQ = dS K
+                        small_gemm(
+                            (t, d, t),
+                            dq[col..].as_mut_ptr(),
+                            (1, h),
+                            ds.as_ptr(),
+                            (1, t),
+                            ks[base..].as_ptr(),
+                            (1, h),
+                        );
+                        // dK = dS^T Q
+                        small_gemm(
+                            (t, d, t),
+                            dk[col..].as_mut_ptr(),
+                            (1, h),
+                            ds.as_ptr(),
+                            (t, 1),
+                            qs[base..].as_ptr(),
+                            (1, h),
+                        );
+                    }
+                }
+            });
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// Multi-head self-attention context from projected `q`, `k`, `v` (each (batch * seq, hidden),
+/// heads side by side): `dropout(softmax(q k^T / sqrt(head_dim) + mask)) v`, flat the same way.
+/// `mask` is additive, (batch, seq). Fused on CPU f32 (see `SelfAttention`), composed elsewhere.
+#[allow(clippy::too_many_arguments)]
+pub fn self_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (batch, seq, heads): (usize, usize, usize),
+    mask: &Tensor,
+    dropout: Option<(f32, u64)>,
+) -> Result<Tensor> {
+    let hidden = q.dim(1)?;
+    let head_dim = hidden / heads;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    if !fused_ok(q) {
+        let split = |x: &Tensor| -> Result<Tensor> {
+            x.reshape((batch, seq, heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
+        let probs = attention_probs(&qh.matmul(&kh.t()?)?, mask, scale, dropout)?;
+        return probs
+            .matmul(&vh)?
+            .transpose(1, 2)?
+            .reshape((batch * seq, hidden));
+    }
+    let op = SelfAttention {
+        batch,
+        seq,
+        heads,
+        head_dim,
+        mask: mask.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+        probs: AttentionProbs {
+            scale: scale as f32,
+            rows_per_batch: heads * seq,
+            dropout,
+        },
+    };
+    debug_assert_eq!(op.batch * op.seq, q.dim(0)?);
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
 /// Exact (erf) GELU, HF's "gelu": x * Phi(x).
 struct Gelu;
 
@@ -235,7 +984,7 @@ impl CustomOp1 for Gelu {
         let x = contiguous_f32(s, l, self.name())?;
         let out = map_rows(x, ELEMENTWISE_ROW, |o, xs| {
             for (ov, &v) in o.iter_mut().zip(xs) {
-                *ov = 0.5 * v * (1.0 + candle_core::cpu::erf::erf_f32(v * FRAC_1_SQRT_2));
+                *ov = 0.5 * v * (1.0 + fast_erf_and_gauss(v * FRAC_1_SQRT_2).0);
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -267,8 +1016,10 @@ impl CustomOp2 for GeluGrad {
         let g = contiguous_f32(s2, l2, self.name())?;
         let out = map_rows2(x, g, ELEMENTWISE_ROW, |o, xs, gs| {
             for ((ov, &xv), &gv) in o.iter_mut().zip(xs).zip(gs) {
-                let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(xv * FRAC_1_SQRT_2));
-                let pdf = INV_SQRT_2PI * (-0.5 * xv * xv).exp();
+                // e^{-(x/sqrt 2)^2} = e^{-x^2/2}: erf's Gaussian factor is the pdf's too.
+                let (erf, gauss) = fast_erf_and_gauss(xv * FRAC_1_SQRT_2);
+                let cdf = 0.5 * (1.0 + erf);
+                let pdf = INV_SQRT_2PI * gauss;
                 *ov = gv * (cdf + xv * pdf);
             }
         });
@@ -306,8 +1057,7 @@ impl CustomOp1 for SeededDropout {
             .enumerate()
             .for_each(|(c, (o, xs))| {
                 for (j, (ov, &xv)) in o.iter_mut().zip(xs).enumerate() {
-                    let keep =
-                        kindling_core::rng::uniform_at(self.seed, (c * CHUNK + j) as u64) >= self.p;
+                    let keep = keep_at(self.seed, (c * CHUNK + j) as u64, self.p);
                     *ov = if keep { xv * scale } else { 0.0 };
                 }
             });
@@ -330,13 +1080,7 @@ pub fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     let n = x.elem_count();
     let scale = 1.0 / (1.0 - p);
     let mask: Vec<f32> = (0..n as u64)
-        .map(|i| {
-            if kindling_core::rng::uniform_at(seed, i) >= p {
-                scale
-            } else {
-                0.0
-            }
-        })
+        .map(|i| if keep_at(seed, i, p) { scale } else { 0.0 })
         .collect();
     x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
 }
@@ -457,5 +1201,186 @@ mod tests {
         );
         assert!(max_rel_diff(&gw1, &gw2) < 1e-5);
         assert!(max_rel_diff(&gb1, &gb2) < 1e-5);
+    }
+
+    #[test]
+    fn fast_exp_and_erf_are_accurate_over_the_range_used() {
+        for i in -8000..=8000 {
+            let x = i as f32 * 0.01;
+            let (e, want) = (fast_exp(x), x.exp());
+            assert!(
+                (e - want).abs() <= 3e-7 * want,
+                "exp({x}) = {e}, want {want}"
+            );
+            let erf = fast_erf_and_gauss(x / 10.0).0;
+            let want = candle_core::cpu::erf::erf_f32(x / 10.0);
+            assert!(
+                (erf - want).abs() < 5e-7,
+                "erf({}) = {erf}, want {want}",
+                x / 10.0
+            );
+        }
+        assert!(fast_exp(f32::NAN).is_nan());
+        assert_eq!(fast_exp(-1e9), fast_exp(-87.0));
+    }
+
+    #[test]
+    fn fused_linear_matches_matmul_plus_bias_forward_and_backward() {
+        let x = randn((2, 6, 40), 11);
+        let r = randn((2, 6, 24), 12);
+        let w = Var::from_tensor(&randn((1, 24, 40), 13).squeeze(0).unwrap()).unwrap();
+        let b = Var::from_tensor(&randn((1, 1, 24), 14).flatten_all().unwrap()).unwrap();
+        let run = |fused: bool| {
+            let v = Var::from_tensor(&x).unwrap();
+            let y = if fused {
+                linear(v.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap()
+            } else {
+                v.as_tensor()
+                    .broadcast_matmul(&w.as_tensor().t().unwrap())
+                    .unwrap()
+                    .broadcast_add(b.as_tensor())
+                    .unwrap()
+            };
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let get = |t: &Tensor| g.get(t).unwrap().clone();
+            (
+                y,
+                get(v.as_tensor()),
+                get(w.as_tensor()),
+                get(b.as_tensor()),
+            )
+        };
+        let (y1, gx1, gw1, gb1) = run(true);
+        let (y2, gx2, gw2, gb2) = run(false);
+        assert_eq!(y1.dims(), &[2, 6, 24]);
+        for (a, b) in [(&y1, &y2), (&gx1, &gx2), (&gw1, &gw2), (&gb1, &gb2)] {
+            assert!(max_rel_diff(a, b) < 1e-5, "{}", max_rel_diff(a, b));
+        }
+    }
+
+    #[test]
+    fn fused_attention_probs_match_the_composed_ops_with_and_without_dropout() {
+        let (b, heads, t) = (3, 2, 17);
+        let scores = randn((b * heads, t, t), 15)
+            .reshape((b, heads, t, t))
+            .unwrap();
+        let r = randn((b * heads, t, t), 16)
+            .reshape((b, heads, t, t))
+            .unwrap();
+        // Batch 1 cannot see its last 5 keys.
+        let mut m = vec![0f32; b * t];
+        m[t + t - 5..2 * t].fill(-1e9);
+        let mask = Tensor::from_vec(m, (b, t), &Device::Cpu).unwrap();
+        for dropout in [None, Some((0.3f32, 99u64))] {
+            let (y1, g1) = grads(
+                |s| attention_probs(s, &mask, 0.25, dropout).unwrap(),
+                &scores,
+                &r,
+            );
+            let composed = |s: &Tensor| {
+                let z = (s * 0.25)
+                    .unwrap()
+                    .broadcast_add(&mask.reshape((b, 1, 1, t)).unwrap())
+                    .unwrap();
+                let p = candle_nn::ops::softmax(&z, D::Minus1).unwrap();
+                match dropout {
+                    Some((p_drop, seed)) => {
+                        let keep: Vec<f32> = (0..p.elem_count() as u64)
+                            .map(|i| keep_at(seed, i, p_drop) as u8 as f32 / (1.0 - p_drop))
+                            .collect();
+                        (p * Tensor::from_vec(keep, s.shape(), &Device::Cpu).unwrap()).unwrap()
+                    }
+                    None => p,
+                }
+            };
+            let (y2, g2) = grads(composed, &scores, &r);
+            assert!(max_rel_diff(&y1, &y2) < 1e-5, "{dropout:?}");
+            assert!(
+                max_rel_diff(&g1, &g2) < 1e-5,
+                "{dropout:?}: {}",
+                max_rel_diff(&g1, &g2)
+            );
+            // Masked keys get (numerically) zero probability.
+            let masked = y1.get(1).unwrap().narrow(2, t - 5, 5).unwrap();
+            assert!(
+                masked
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    < 1e-30
+            );
+        }
+    }
+
+    #[test]
+    fn fused_self_attention_matches_the_composed_ops_forward_and_backward() {
+        let (b, t, heads, h) = (3, 11, 2, 8);
+        let q = Var::from_tensor(&randn((1, b * t, h), 21).squeeze(0).unwrap()).unwrap();
+        let k = Var::from_tensor(&randn((1, b * t, h), 22).squeeze(0).unwrap()).unwrap();
+        let v = Var::from_tensor(&randn((1, b * t, h), 23).squeeze(0).unwrap()).unwrap();
+        let r = randn((1, b * t, h), 24).squeeze(0).unwrap();
+        let mut m = vec![0f32; b * t];
+        m[2 * t - 3..2 * t].fill(-1e9);
+        let mask = Tensor::from_vec(m, (b, t), &Device::Cpu).unwrap();
+        for dropout in [None, Some((0.2f32, 5u64))] {
+            let run = |fused: bool| {
+                let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+                let y = if fused {
+                    self_attention(qt, kt, vt, (b, t, heads), &mask, dropout).unwrap()
+                } else {
+                    // The composed path, as other devices run it.
+                    let split = |x: &Tensor| {
+                        x.reshape((b, t, heads, h / heads))
+                            .unwrap()
+                            .transpose(1, 2)
+                            .unwrap()
+                            .contiguous()
+                            .unwrap()
+                    };
+                    let scores = split(qt).matmul(&split(kt).t().unwrap()).unwrap();
+                    let scale = 1.0 / ((h / heads) as f64).sqrt();
+                    let mut probs = candle_nn::ops::softmax(
+                        &(scores * scale)
+                            .unwrap()
+                            .broadcast_add(&mask.reshape((b, 1, 1, t)).unwrap())
+                            .unwrap(),
+                        D::Minus1,
+                    )
+                    .unwrap();
+                    if let Some((p, seed)) = dropout {
+                        probs = seeded_dropout(&probs, p, seed).unwrap();
+                    }
+                    probs
+                        .matmul(&split(vt))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .reshape((b * t, h))
+                        .unwrap()
+                };
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let get = |x: &Tensor| g.get(x).unwrap().clone();
+                (
+                    y,
+                    get(q.as_tensor()),
+                    get(k.as_tensor()),
+                    get(v.as_tensor()),
+                )
+            };
+            let (y1, dq1, dk1, dv1) = run(true);
+            let (y2, dq2, dk2, dv2) = run(false);
+            for (name, a, c) in [
+                ("y", &y1, &y2),
+                ("dq", &dq1, &dq2),
+                ("dk", &dk1, &dk2),
+                ("dv", &dv1, &dv2),
+            ] {
+                let diff = max_rel_diff(a, c);
+                assert!(diff < 1e-5, "{name} with dropout {dropout:?}: {diff}");
+            }
+        }
     }
 }
