@@ -102,10 +102,43 @@ fn fast_erf_and_gauss(x: f32) -> (f32, f32) {
 }
 
 /// Dropout's keep test for element `i` of the mask stream `seed`, shared by the fused kernels
-/// and the composed fallback so both drop the same elements.
+/// and the composed fallback so both drop the same elements. One SplitMix64 output gives the
+/// 16-bit draws of four consecutive elements (p is resolved to 1/65536).
 #[inline(always)]
 pub fn keep_at(seed: u64, i: u64, p: f32) -> bool {
-    kindling_core::rng::uniform_at(seed, i) >= p
+    lane(dropout_word(seed, i >> 2), i) >= dropout_threshold(p)
+}
+
+#[inline(always)]
+fn dropout_word(seed: u64, word: u64) -> u64 {
+    kindling_core::rng::mix64(seed ^ word.wrapping_mul(0xD1B5_4A32_D192_ED03))
+}
+
+#[inline(always)]
+fn lane(word: u64, i: u64) -> u32 {
+    ((word >> ((i & 3) * 16)) & 0xffff) as u32
+}
+
+fn dropout_threshold(p: f32) -> u32 {
+    (p * 65536.0).round() as u32
+}
+
+/// Inverted dropout in place on `xs`, which holds elements `offset..` of the stream `seed`:
+/// kept elements are scaled by 1 / (1 - p), dropped ones zeroed. Same draws as [`keep_at`].
+pub fn dropout_in_place(seed: u64, offset: u64, p: f32, xs: &mut [f32]) {
+    let (threshold, scale) = (dropout_threshold(p), 1.0 / (1.0 - p));
+    let mut word = (offset >> 2, dropout_word(seed, offset >> 2));
+    for (j, x) in xs.iter_mut().enumerate() {
+        let i = offset + j as u64;
+        if i >> 2 != word.0 {
+            word = (i >> 2, dropout_word(seed, i >> 2));
+        }
+        *x = if lane(word.1, i) >= threshold {
+            *x * scale
+        } else {
+            0.0
+        };
+    }
 }
 
 /// Sums the columns of a row-major `(rows, n)` matrix. Rows are summed in fixed chunks and the
@@ -460,14 +493,7 @@ impl CustomOp2 for AttentionProbs {
             let srow = &scores[r * keys..(r + 1) * keys];
             self.softmax_row(orow, srow, mrow);
             if let Some((p, seed)) = self.dropout {
-                let inv_keep = 1.0 / (1.0 - p);
-                for (j, o) in orow.iter_mut().enumerate() {
-                    *o = if keep_at(seed, (r * keys + j) as u64, p) {
-                        *o * inv_keep
-                    } else {
-                        0.0
-                    };
-                }
+                dropout_in_place(seed, (r * keys) as u64, p, orow);
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -563,18 +589,9 @@ fn attention_row_grad(
     offset: usize,
 ) {
     // g' = dropout(g), written into orow first.
-    match fwd.dropout {
-        Some((p, seed)) => {
-            let inv_keep = 1.0 / (1.0 - p);
-            for (j, (o, g)) in orow.iter_mut().zip(grow).enumerate() {
-                *o = if keep_at(seed, (offset + j) as u64, p) {
-                    g * inv_keep
-                } else {
-                    0.0
-                };
-            }
-        }
-        None => orow.copy_from_slice(grow),
+    orow.copy_from_slice(grow);
+    if let Some((p, seed)) = fwd.dropout {
+        dropout_in_place(seed, offset as u64, p, orow);
     }
     let dot: f32 = y.iter().zip(orow.iter()).map(|(a, b)| a * b).sum();
     for (o, yv) in orow.iter_mut().zip(y) {
@@ -760,15 +777,8 @@ impl SelfAttention {
         }
         p.copy_from_slice(y);
         if let Some((drop, seed)) = self.probs.dropout {
-            let inv_keep = 1.0 / (1.0 - drop);
             let offset = (bi * self.heads + hd) * t * t;
-            for (j, v) in p.iter_mut().enumerate() {
-                *v = if keep_at(seed, (offset + j) as u64, drop) {
-                    *v * inv_keep
-                } else {
-                    0.0
-                };
-            }
+            dropout_in_place(seed, offset as u64, drop, p);
         }
     }
 }
@@ -1035,7 +1045,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
 
-/// Inverted dropout whose keep-mask is `uniform_at(seed, i) >= p`, recomputed rather than stored:
+/// Inverted dropout whose keep-mask is [`keep_at`]`(seed, i, p)`, recomputed rather than stored:
 /// the backward pass is the same masking applied to the gradient.
 struct SeededDropout {
     p: f32,
@@ -1049,18 +1059,11 @@ impl CustomOp1 for SeededDropout {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
-        let scale = 1.0 / (1.0 - self.p);
-        let mut out = vec![0f32; x.len()];
+        let mut out = x.to_vec();
         const CHUNK: usize = 16_384;
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(c, (o, xs))| {
-                for (j, (ov, &xv)) in o.iter_mut().zip(xs).enumerate() {
-                    let keep = keep_at(self.seed, (c * CHUNK + j) as u64, self.p);
-                    *ov = if keep { xv * scale } else { 0.0 };
-                }
-            });
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+            dropout_in_place(self.seed, (c * CHUNK) as u64, self.p, o);
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
