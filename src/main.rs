@@ -4,7 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kindling_recipes::{Recipe, RecipeError, RunOptions};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use kindling_recipes::{Recipe, RecipeError, Resume, RunOptions};
+use kindling_train::StopReason;
 
 #[derive(Parser)]
 #[command(
@@ -27,8 +31,12 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
         /// Replace a run already in the run folder.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
+        /// Continue a run: `auto` (the newest valid checkpoint of the recipe's run folder, or a
+        /// fresh start), a run folder, or one checkpoint folder.
+        #[arg(long, value_name = "auto|PATH")]
+        resume: Option<String>,
     },
     /// Rewrite a run's export folder from its newest checkpoint.
     Export {
@@ -47,21 +55,53 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             | RecipeError::Override { .. }
             | RecipeError::Invalid { .. }
             | RecipeError::RunExists { .. }
+            | RecipeError::Resume { .. }
             | RecipeError::Data(_),
         ) => 2,
         _ => 1,
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// SIGINT and SIGTERM raise a flag the trainer checks after each step (it then writes a
+/// checkpoint and returns); a second SIGINT exits at once with 130. Returns the flag and the
+/// number of the signal that raised it.
+fn install_signal_handlers() -> anyhow::Result<(Arc<AtomicBool>, Arc<AtomicUsize>)> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    let which = Arc::new(AtomicUsize::new(0));
+    // Registered first, so it sees the flag as it was before this signal raised it.
+    signal_hook::flag::register_conditional_shutdown(SIGINT, 130, flag.clone())?;
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_usize(sig, which.clone(), sig as usize)?;
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok((flag, which))
+}
+
+/// The exit status of a run: 0, or 128 + the signal that interrupted it (the shell's
+/// convention, so `kindling pretrain ... && next-step` does not go on after an interruption).
+fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Pretrain {
             recipe,
             overrides,
             overwrite,
+            resume,
         } => {
             let recipe = Recipe::load(&recipe, &overrides)?;
-            let report = kindling_recipes::pretrain(&recipe, &RunOptions { overwrite })?;
+            let (flag, which) = install_signal_handlers()?;
+            let opts = RunOptions {
+                overwrite,
+                resume: resume.map(|r| match r.as_str() {
+                    "auto" => Resume::Auto,
+                    p => Resume::Path(PathBuf::from(p)),
+                }),
+                stop_flag: Some(flag),
+            };
+            let report = kindling_recipes::pretrain(&recipe, &opts)?;
+            if report.stop == StopReason::Interrupted {
+                return Ok(128 + which.load(Ordering::SeqCst) as u8);
+            }
             println!(
                 "{}",
                 serde_json::json!({
@@ -76,7 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", dir.display());
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 fn main() -> ExitCode {
@@ -87,7 +127,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             // Library errors already carry their causes in their messages.
             eprintln!("error: {e}");

@@ -7,3 +7,4 @@ mod export;
 mod masking;
 mod model;
 mod recipe_errors;
+mod resume;

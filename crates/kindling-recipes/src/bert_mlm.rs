@@ -21,13 +21,13 @@ use kindling_models::bert::{BertConfig, BertForMaskedLM};
 use kindling_models::export::{save_json, save_safetensors};
 use kindling_models::init::hf_init;
 use kindling_train::{
-    checkpoint, MetricsLog, Objective, PlotCallback, ProgressCallback, StepOutput, TrainConfig,
-    Trainer,
+    checkpoint, MetricsLog, Objective, PlotCallback, ProgressCallback, StepOutput, StopReason,
+    TrainConfig, Trainer,
 };
 
 use crate::card::{self, CardInfo};
 use crate::recipe::Recipe;
-use crate::{RecipeError, RunOptions, RunReport};
+use crate::{RecipeError, Resume, RunOptions, RunReport};
 
 /// The masked-LM objective: a `BertForMaskedLM` scored by cross-entropy at masked positions.
 pub struct BertMlm {
@@ -177,10 +177,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
     }
 }
 
-/// Prepares the run folder: refuses to replace a run unless asked, saves the resolved recipe.
-fn prepare_run_dir(recipe: &Recipe, opts: &RunOptions) -> Result<PathBuf, RecipeError> {
+/// Prepares the run folder: refuses to replace a run unless asked (or resuming), saves the
+/// resolved recipe.
+fn prepare_run_dir(
+    recipe: &Recipe,
+    opts: &RunOptions,
+    resuming: bool,
+) -> Result<PathBuf, RecipeError> {
     let dir = recipe.run_dir();
-    if !checkpoint::list(&dir).is_empty() {
+    if !resuming && !checkpoint::list(&dir).is_empty() {
         if !opts.overwrite {
             return Err(RecipeError::RunExists { path: dir });
         }
@@ -190,14 +195,100 @@ fn prepare_run_dir(recipe: &Recipe, opts: &RunOptions) -> Result<PathBuf, Recipe
                 std::fs::remove_dir_all(&p).map_err(io(&p))?;
             }
         }
-        let m = dir.join("metrics.jsonl");
-        if m.exists() {
-            std::fs::remove_file(&m).map_err(io(&m))?;
+        for f in ["metrics.jsonl", "metrics.csv"] {
+            let m = dir.join(f);
+            if m.exists() {
+                std::fs::remove_file(&m).map_err(io(&m))?;
+            }
         }
     }
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     kindling_models::export::write_atomic(&dir.join("recipe.toml"), recipe.to_toml().as_bytes())?;
     Ok(dir)
+}
+
+/// The checkpoint `--resume` continues from (checked), or None for a fresh start. A run folder
+/// (or `auto`) falls back past damaged checkpoints to the newest valid one, with a warning for
+/// each it skips; a checkpoint folder named explicitly must itself be valid.
+pub fn resume_checkpoint(recipe: &Recipe, resume: &Resume) -> Result<Option<PathBuf>, RecipeError> {
+    let run_dir = recipe.run_dir();
+    let newest = |dir: &Path| {
+        let (found, refused) = checkpoint::newest_valid(dir);
+        for e in refused {
+            eprintln!("warning: skipping a damaged checkpoint: {e}");
+        }
+        found
+    };
+    let (dir, found) = match resume {
+        Resume::Auto => {
+            let found = newest(&run_dir);
+            if found.is_none() {
+                eprintln!(
+                    "resume: no valid checkpoint in {}; starting a fresh run",
+                    run_dir.display()
+                );
+            }
+            (run_dir.clone(), found)
+        }
+        Resume::Path(p) if p.join("state.json").is_file() => {
+            checkpoint::verify(p)?;
+            let dir = p
+                .parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
+            (dir, Some(p.clone()))
+        }
+        Resume::Path(p) => {
+            let found = newest(p).ok_or_else(|| RecipeError::Resume {
+                path: p.clone(),
+                msg: "no valid checkpoint there (checkpoints/step-*/)".into(),
+            })?;
+            (p.clone(), Some(found))
+        }
+    };
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    if !same(&dir, &run_dir) {
+        return Err(RecipeError::Resume {
+            path: dir,
+            msg: format!(
+                "that checkpoint belongs to another run folder than this recipe's ({}); use the \
+                 run's recipe.toml or --set name=...",
+                run_dir.display()
+            ),
+        });
+    }
+    if found.is_some() {
+        check_same_run(recipe, &run_dir)?;
+    }
+    Ok(found)
+}
+
+/// A resumed run must train the same model on the same data with the same seed; the `[train]`
+/// section may change (more steps, a time limit).
+fn check_same_run(recipe: &Recipe, run_dir: &Path) -> Result<(), RecipeError> {
+    let saved_path = run_dir.join("recipe.toml");
+    let saved = Recipe::load(&saved_path, &[])?;
+    let differs = [
+        ("objective", recipe.objective != saved.objective),
+        ("seed", recipe.seed != saved.seed),
+        ("model", recipe.model != saved.model),
+        ("data", recipe.data != saved.data),
+    ];
+    if let Some((key, _)) = differs.iter().find(|(_, d)| *d) {
+        return Err(RecipeError::Resume {
+            path: run_dir.to_path_buf(),
+            msg: format!(
+                "recipe key `{key}` differs from the run's {}; a resumed run must keep the \
+                 model, data and seed (only [train] may change)",
+                saved_path.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Runs a `bert-mlm` recipe end to end.
@@ -210,9 +301,14 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
             msg: "must be at least 1".into(),
         });
     }
-    // Check the shape before any expensive work.
+    // Check the shape and the time limit before any expensive work.
     bert_config(recipe, 16, 0)?;
-    let run_dir = prepare_run_dir(recipe, opts)?;
+    let max_time = t.max_time()?;
+    let resume_from = match &opts.resume {
+        Some(r) => resume_checkpoint(recipe, r)?,
+        None => None,
+    };
+    let run_dir = prepare_run_dir(recipe, opts, resume_from.is_some())?;
 
     let corpus = Corpus::from_patterns(&recipe.data.corpus, Path::new("."))?;
     eprintln!(
@@ -220,17 +316,24 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         corpus.documents.len(),
         corpus.total_bytes() as f64 / 1e6
     );
-    let cache = recipe.runs_dir.join(".cache").join("tokenizers");
-    let tokenizer = recipe
-        .data
-        .tokenizer
-        .build(&corpus, Path::new("."), Some(&cache))?;
-    tokenizer
-        .save(run_dir.join("tokenizer.json"), false)
-        .map_err(|e| RecipeError::Run {
-            path: run_dir.join("tokenizer.json"),
-            msg: e.to_string(),
-        })?;
+    let tokenizer = if resume_from.is_some() {
+        // The run's own tokenizer: a retrained one could differ (the trainer is not
+        // deterministic), and the checkpoint's embeddings are indexed by this one.
+        tok::load(&run_dir.join("tokenizer.json"))?
+    } else {
+        let cache = recipe.runs_dir.join(".cache").join("tokenizers");
+        let tokenizer = recipe
+            .data
+            .tokenizer
+            .build(&corpus, Path::new("."), Some(&cache))?;
+        tokenizer
+            .save(run_dir.join("tokenizer.json"), false)
+            .map_err(|e| RecipeError::Run {
+                path: run_dir.join("tokenizer.json"),
+                msg: e.to_string(),
+            })?;
+        tokenizer
+    };
     let specials = tok::special_tokens(&tokenizer)?;
     let vocab_size = tokenizer.get_vocab_size(true);
     let config = bert_config(recipe, vocab_size, specials.pad)?;
@@ -285,16 +388,47 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     if t.max_eval_batches > 0 {
         eval.truncate(t.max_eval_batches);
     }
+    let objective = BertMlm::new(config, recipe.seed, &device)?;
+    let steps_per_epoch =
+        (train_blocks.len() / (t.batch_size * t.grad_accum.max(1) as usize)) as u64;
+    let resumed_at = match &resume_from {
+        Some(dir) => Some(checkpoint::load_state(dir)?.step),
+        None => None,
+    };
+    let mut trainer = trainer_for(
+        recipe,
+        &run_dir,
+        baseline.clone(),
+        (max_time, steps_per_epoch, resumed_at),
+        opts,
+    )?;
+    let mut opt = trainer.optimizer(&objective)?;
+    let start = match &resume_from {
+        Some(dir) => {
+            let state = checkpoint::load(dir, &objective.varmap, Some(&mut opt), &device)?;
+            eprintln!("resume: {} (step {})", dir.display(), state.step);
+            Some(state)
+        }
+        None => None,
+    };
+    let cursor: Cursor = match &start {
+        Some(s) => {
+            serde_json::from_value(s.data_cursor.clone()).map_err(|e| RecipeError::Resume {
+                path: resume_from.clone().unwrap_or_default(),
+                msg: format!("state.json data_cursor: {e}"),
+            })?
+        }
+        None => Cursor::default(),
+    };
     let loader = MlmLoader::new(
         Arc::new(train_blocks),
         masker,
         t.batch_size,
         recipe.seed,
-        Cursor::default(),
+        cursor,
     );
     let mut train = Prefetch::new(loader, recipe.data.prefetch);
 
-    let objective = BertMlm::new(config, recipe.seed, &device)?;
     eprintln!(
         "model: BertForMaskedLM h{} L{} A{} I{}, {:.2}M parameters",
         recipe.model.hidden_size,
@@ -303,12 +437,47 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         recipe.model.intermediate_size,
         objective.param_count() as f64 / 1e6
     );
-    let mut trainer = trainer_for(recipe, &run_dir, baseline.clone())?;
-    let opt = trainer.optimizer(&objective)?;
-    let summary = trainer.fit(&objective, &mut train, &eval, opt, None, &|b: &MlmBatch| {
-        serde_json::to_value(b.cursor_after).expect("cursor serialises")
-    })?;
+    let summary = trainer.fit(
+        &objective,
+        &mut train,
+        &eval,
+        opt,
+        start,
+        &|b: &MlmBatch| serde_json::to_value(b.cursor_after).expect("cursor serialises"),
+    )?;
     drop(train);
+    let report = |export_dir: PathBuf, summary: kindling_train::FitSummary| RunReport {
+        run_dir: run_dir.clone(),
+        export_dir,
+        final_eval: summary.final_eval,
+        baseline: baseline.clone(),
+        steps: summary.steps,
+        elapsed_secs: summary.elapsed_secs,
+        stop: summary.stop,
+    };
+    match summary.stop {
+        StopReason::Interrupted => {
+            eprintln!(
+                "interrupted at step {}: checkpoint {}; continue with `kindling pretrain <recipe> --resume auto`",
+                summary.steps,
+                summary
+                    .last_checkpoint
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(none: no step finished)".into())
+            );
+            return Ok(report(PathBuf::new(), summary));
+        }
+        StopReason::MaxTime => eprintln!("train.max_time reached at step {}", summary.steps),
+        StopReason::EarlyStopped => eprintln!(
+            "early stop at step {}: `{}` did not improve for {} evaluations (best {:?})",
+            summary.steps,
+            t.monitor.metric,
+            t.monitor.patience,
+            summary.best.as_ref().map(|b| (b.step, b.value))
+        ),
+        StopReason::Completed => {}
+    }
 
     let export_dir = export_dir(recipe, &run_dir);
     export(
@@ -329,24 +498,23 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         }
     }
     eprintln!("export: {}", export_dir.display());
-    Ok(RunReport {
-        run_dir,
-        export_dir,
-        final_eval: summary.final_eval,
-        baseline,
-        steps: summary.steps,
-        elapsed_secs: summary.elapsed_secs,
-    })
+    Ok(report(export_dir, summary))
 }
 
 fn trainer_for(
     recipe: &Recipe,
     run_dir: &Path,
     baseline: Option<(String, f64)>,
+    (max_time, steps_per_epoch, resumed_at): (Option<std::time::Duration>, u64, Option<u64>),
+    opts: &RunOptions,
 ) -> Result<Trainer, RecipeError> {
     let t = &recipe.train;
+    let mut steps = t.steps;
+    if t.max_epochs > 0 {
+        steps = steps.min(t.max_epochs * steps_per_epoch.max(1));
+    }
     let cfg = TrainConfig {
-        steps: t.steps,
+        steps,
         grad_accum: t.grad_accum,
         optimizer: t.optimizer.clone(),
         schedule: t.schedule.clone(),
@@ -355,15 +523,27 @@ fn trainer_for(
         save_every: t.save_every,
         keep_last: t.keep_last,
         seed: recipe.seed,
+        max_time,
+        monitor: t.monitor.clone(),
+    };
+    let metrics = run_dir.join("metrics.jsonl");
+    // A resumed run continues the log from its checkpoint: records after it are dropped.
+    let log = match resumed_at {
+        Some(step) => MetricsLog::resume(&metrics, step)?,
+        None => MetricsLog::open(&metrics)?,
     };
     let plot = PlotCallback::new(
         run_dir.join("plots").join("loss.png"),
         baseline.into_iter().collect(),
-    );
-    let trainer = Trainer::new(cfg, run_dir)
+    )
+    .with_history(&metrics);
+    let mut trainer = Trainer::new(cfg, run_dir)
         .with_callback(ProgressCallback::new(t.log_every, "tok"))
-        .with_callback(MetricsLog::open(&run_dir.join("metrics.jsonl"))?)
+        .with_callback(log)
         .with_callback(plot);
+    if let Some(flag) = &opts.stop_flag {
+        trainer = trainer.with_stop_flag(flag.clone());
+    }
     Ok(trainer)
 }
 

@@ -6,6 +6,8 @@ pub mod card;
 pub mod recipe;
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 pub use recipe::Recipe;
 
@@ -30,8 +32,10 @@ pub enum RecipeError {
     Override { arg: String, msg: String },
     #[error("recipe key `{key}`: {msg}")]
     Invalid { key: String, msg: String },
-    #[error("run folder {} already holds a run (checkpoints/); pass --overwrite to replace it", path.display())]
+    #[error("run folder {} already holds a run (checkpoints/); pass --resume auto to continue it or --overwrite to replace it", path.display())]
     RunExists { path: PathBuf },
+    #[error("cannot resume {}: {msg}", path.display())]
+    Resume { path: PathBuf, msg: String },
     #[error("{}: {msg}", path.display())]
     Run { path: PathBuf, msg: String },
     #[error(transparent)]
@@ -55,6 +59,19 @@ pub enum RecipeError {
 pub struct RunOptions {
     /// Replace an existing run in the run folder.
     pub overwrite: bool,
+    /// Continue a run from a checkpoint.
+    pub resume: Option<Resume>,
+    /// Raised by SIGINT/SIGTERM: checkpoint after the current step and return.
+    pub stop_flag: Option<Arc<AtomicBool>>,
+}
+
+/// Where `--resume` continues from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    /// The newest valid checkpoint of the recipe's run folder; a fresh start if there is none.
+    Auto,
+    /// A run folder (its newest valid checkpoint) or one checkpoint folder (exactly that one).
+    Path(PathBuf),
 }
 
 /// What a finished run reports.
@@ -66,6 +83,8 @@ pub struct RunReport {
     pub baseline: Option<(String, f64)>,
     pub steps: u64,
     pub elapsed_secs: f64,
+    /// Why training ended; an interrupted run has a checkpoint but no export.
+    pub stop: kindling_train::StopReason,
 }
 
 /// The objectives a recipe can name.

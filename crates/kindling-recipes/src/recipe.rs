@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use kindling_data::{MaskConfig, TokenizerConfig};
-use kindling_train::{AdamWConfig, Schedule};
+use kindling_train::{AdamWConfig, Monitor, Schedule};
 
 use crate::RecipeError;
 
@@ -130,8 +130,30 @@ pub struct TrainSection {
     pub save_every: u64,
     pub keep_last: usize,
     pub log_every: u64,
+    /// Stop after this many passes over the training split (0: no limit besides `steps`).
+    pub max_epochs: u64,
+    /// Stop after this much training time, over all sessions of a resumed run: "90s", "45m",
+    /// "2h 30m" (humantime syntax). The run then evaluates, checkpoints and exports as usual.
+    pub max_time: Option<String>,
+    /// The eval metric whose best checkpoint is kept; `patience > 0` stops early on it.
+    pub monitor: Monitor,
     pub optimizer: AdamWConfig,
     pub schedule: Schedule,
+}
+
+impl TrainSection {
+    /// `max_time` parsed, or an error naming the key.
+    pub fn max_time(&self) -> Result<Option<std::time::Duration>, RecipeError> {
+        self.max_time
+            .as_deref()
+            .map(|t| {
+                humantime::parse_duration(t).map_err(|e| RecipeError::Invalid {
+                    key: "train.max_time".into(),
+                    msg: format!("`{t}` is not a duration like \"90s\", \"45m\" or \"2h\": {e}"),
+                })
+            })
+            .transpose()
+    }
 }
 
 impl Default for TrainSection {
@@ -147,6 +169,9 @@ impl Default for TrainSection {
             save_every: 0,
             keep_last: 2,
             log_every: 10,
+            max_epochs: 0,
+            max_time: None,
+            monitor: Monitor::default(),
             optimizer: AdamWConfig::default(),
             schedule: Schedule::default(),
         }

@@ -153,31 +153,88 @@ impl Callback for ProgressCallback {
     }
 }
 
-/// Appends one JSON object per line to `metrics.jsonl`: `{"split": "train"|"eval", "step", ...}`.
+/// Appends one JSON object per line to `metrics.jsonl` (`{"split": "train"|"eval", "step", ...}`)
+/// and the same numbers in long form to `metrics.csv` beside it (`split,step,elapsed_s,metric,
+/// value`: one row per number, so any objective's metrics fit one header; a spreadsheet or
+/// `pandas.pivot` reads it).
 pub struct MetricsLog {
     path: PathBuf,
     file: std::fs::File,
+    csv_path: PathBuf,
+    csv: std::fs::File,
+}
+
+fn append(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+/// Keeps the lines of a log whose step is at most `step` (a resumed run rewinds its log to its
+/// checkpoint); written to a temporary file and renamed.
+fn rewind(path: &Path, step: u64, step_of: impl Fn(&str) -> Option<u64>) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| step_of(l).is_none_or(|s| s <= step))
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, kept).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 impl MetricsLog {
-    /// Opens `path` for appending (a resumed run continues the same log).
+    /// Opens `path` (`metrics.jsonl`) and `metrics.csv` beside it for appending.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io_err(path))?;
+        let csv_path = path.with_extension("csv");
+        let new_csv = !csv_path.exists();
+        let mut csv = append(&csv_path)?;
+        if new_csv {
+            writeln!(csv, "split,step,elapsed_s,metric,value").map_err(io_err(&csv_path))?;
+        }
         Ok(MetricsLog {
             path: path.to_path_buf(),
-            file,
+            file: append(path)?,
+            csv_path,
+            csv,
         })
     }
 
+    /// Opens the logs of a run resumed at `step`, dropping records written after it.
+    pub fn resume(path: &Path, step: u64) -> Result<Self> {
+        rewind(path, step, |l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+        })?;
+        rewind(&path.with_extension("csv"), step, |l| {
+            l.split(',').nth(1).and_then(|s| s.parse().ok())
+        })?;
+        Self::open(path)
+    }
+
     fn write(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}").map_err(io_err(&self.path))
+        writeln!(self.file, "{v}").map_err(io_err(&self.path))?;
+        let (split, step, elapsed) = (&v["split"], &v["step"], &v["elapsed_s"]);
+        let split = split.as_str().unwrap_or("");
+        for (k, x) in v.as_object().into_iter().flatten() {
+            if let (false, Some(x)) = (
+                matches!(k.as_str(), "split" | "step" | "elapsed_s"),
+                x.as_f64(),
+            ) {
+                writeln!(self.csv, "{split},{step},{elapsed},{k},{x}")
+                    .map_err(io_err(&self.csv_path))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -227,6 +284,29 @@ impl PlotCallback {
             lr: Vec::new(),
             references,
         }
+    }
+
+    /// Starts from the curves already in a `metrics.jsonl` (a resumed run plots its whole
+    /// history). A missing log is an empty history.
+    pub fn with_history(mut self, metrics_jsonl: &Path) -> Self {
+        let text = std::fs::read_to_string(metrics_jsonl).unwrap_or_default();
+        for v in text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        {
+            let (Some(step), Some(loss)) = (v["step"].as_f64(), v["loss"].as_f64()) else {
+                continue;
+            };
+            if v["split"] == "eval" {
+                self.eval.push((step, loss));
+            } else {
+                self.train.push((step, loss));
+                if let Some(lr) = v["lr"].as_f64() {
+                    self.lr.push((step, lr));
+                }
+            }
+        }
+        self
     }
 
     fn draw(&self) -> Result<()> {

@@ -1,6 +1,9 @@
 //! Checkpoint I/O: `checkpoints/step-NNNNNNNN/{model.safetensors, optimizer.safetensors,
 //! state.json}`. A checkpoint is written into a hidden temporary folder and renamed into place
-//! in one step, so a crash leaves either the whole checkpoint or none of it.
+//! in one step, so a crash leaves either the whole checkpoint or none of it. `state.json` lists
+//! the size and SHA-256 of the two tensor files; [`verify`] checks them before anything is
+//! loaded, so a checkpoint damaged later (disk, copy, editing) is refused with a message and a
+//! resume falls back to the previous valid one ([`newest_valid`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -8,6 +11,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
+
+use sha2::{Digest, Sha256};
 
 use crate::optim::AdamW;
 use crate::{io_err, Result, TrainError};
@@ -22,6 +27,33 @@ pub struct TrainerState {
     pub seed: u64,
     /// The most recent eval metrics.
     pub last_eval: Option<std::collections::BTreeMap<String, f64>>,
+    /// Training wall-clock so far, over all sessions of the run (for `max_time`).
+    #[serde(default)]
+    pub elapsed_secs: f64,
+    /// The best eval so far and the early-stopping count (see `EarlyStopping`).
+    #[serde(default)]
+    pub best: Option<Best>,
+}
+
+/// The best value of the monitored eval metric, where it was reached, and how many evals since
+/// then did not improve on it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Best {
+    pub metric: String,
+    pub value: f64,
+    pub step: u64,
+    pub evals_without_improvement: u32,
+}
+
+/// The files of a checkpoint whose size and digest `state.json` records.
+const TENSOR_FILES: [&str; 2] = ["model.safetensors", "optimizer.safetensors"];
+
+/// Size in bytes and hex SHA-256 of a file.
+fn digest(path: &Path) -> Result<(u64, String)> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let hash = Sha256::digest(&bytes);
+    let hex = hash.iter().map(|b| format!("{b:02x}")).collect();
+    Ok((bytes.len() as u64, hex))
 }
 
 pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
@@ -61,15 +93,31 @@ pub fn save(
     let final_dir = checkpoint_dir(run_dir, state.step);
     let parent = final_dir.parent().expect("checkpoint dir has a parent");
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let tmp = parent.join(format!(".step-{:08}.tmp", state.step));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    // Temporary folders left by a write that was killed: never valid, never listed.
+    for entry in std::fs::read_dir(parent).map_err(io_err(parent))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".step-") && name.ends_with(".tmp") {
+            std::fs::remove_dir_all(entry.path()).map_err(io_err(&entry.path()))?;
+        }
     }
+    let tmp = parent.join(format!(".step-{:08}.tmp", state.step));
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     save_tensors(&tmp.join("model.safetensors"), &named_vars(varmap))?;
+    // Fault injection for the crash tests: hold the half-written checkpoint open this long, so
+    // a test can kill the process in the middle of a write. Unset in normal use.
+    if let Some(ms) = std::env::var("KINDLING_FAULT_CHECKPOINT_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     save_tensors(&tmp.join("optimizer.safetensors"), &opt.state_tensors())?;
     let mut st = serde_json::to_value(state).expect("state serialises");
     st["optimizer_t"] = opt.t.into();
+    for f in TENSOR_FILES {
+        let (bytes, sha256) = digest(&tmp.join(f))?;
+        st["files"][f] = serde_json::json!({ "bytes": bytes, "sha256": sha256 });
+    }
     std::fs::write(
         tmp.join("state.json"),
         serde_json::to_string_pretty(&st).unwrap(),
@@ -86,7 +134,7 @@ pub fn save(
         std::fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
-    prune(parent, keep_last)?;
+    prune(parent, keep_last, state.best.as_ref().map(|b| b.step))?;
     Ok(final_dir)
 }
 
@@ -106,13 +154,77 @@ pub fn list(run_dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn prune(parent: &Path, keep_last: usize) -> Result<()> {
+/// Keeps the newest `keep_last` checkpoints and the one at the best eval (when known).
+fn prune(parent: &Path, keep_last: usize, best_step: Option<u64>) -> Result<()> {
     let run_dir = parent.parent().expect("checkpoints/ has a parent");
     let all = list(run_dir);
+    let best = best_step.map(|s| checkpoint_dir(run_dir, s));
     for old in all.iter().take(all.len().saturating_sub(keep_last.max(1))) {
-        std::fs::remove_dir_all(old).map_err(io_err(old))?;
+        if Some(old) != best.as_ref() {
+            std::fs::remove_dir_all(old).map_err(io_err(old))?;
+        }
     }
     Ok(())
+}
+
+/// Checks a checkpoint folder: `state.json` parses, and each tensor file has the size and
+/// SHA-256 recorded there. Returns the raw `state.json`.
+pub fn verify(dir: &Path) -> Result<serde_json::Value> {
+    let bad = |msg: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        msg,
+    };
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(|e| bad(format!("cannot read state.json: {e}")))?;
+    let raw: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| bad(format!("state.json is not valid JSON: {e}")))?;
+    for f in TENSOR_FILES {
+        let want = &raw["files"][f];
+        let (Some(bytes), Some(sha)) = (want["bytes"].as_u64(), want["sha256"].as_str()) else {
+            return Err(bad(format!(
+                "state.json records no size and checksum for {f}"
+            )));
+        };
+        let path = dir.join(f);
+        if !path.is_file() {
+            return Err(bad(format!("{f} is missing")));
+        }
+        let (got_bytes, got_sha) = digest(&path)?;
+        if got_bytes != bytes {
+            return Err(bad(format!(
+                "{f} has {got_bytes} bytes, state.json recorded {bytes} (truncated or replaced)"
+            )));
+        }
+        if got_sha != sha {
+            return Err(bad(format!(
+                "{f} does not match its SHA-256 in state.json (corrupt or modified)"
+            )));
+        }
+    }
+    Ok(raw)
+}
+
+/// The newest checkpoint of `run_dir` that passes [`verify`], and the newer ones that failed,
+/// with the reason each was refused.
+pub fn newest_valid(run_dir: &Path) -> (Option<PathBuf>, Vec<TrainError>) {
+    let mut refused = Vec::new();
+    for dir in list(run_dir).into_iter().rev() {
+        match verify(&dir) {
+            Ok(_) => return (Some(dir), refused),
+            Err(e) => refused.push(e),
+        }
+    }
+    (None, refused)
+}
+
+/// A checkpoint's `state.json`, verified (no tensors are loaded).
+pub fn load_state(dir: &Path) -> Result<TrainerState> {
+    let raw = verify(dir)?;
+    serde_json::from_value(raw).map_err(|e| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        msg: format!("state.json: {e}"),
+    })
 }
 
 /// Loads a checkpoint's weights into `varmap` (every variable must be present) and returns
@@ -127,6 +239,7 @@ pub fn load(
         path: dir.to_path_buf(),
         msg,
     };
+    let raw = verify(dir)?;
     let model = candle_core::safetensors::load(dir.join("model.safetensors"), device)
         .map_err(|e| bad(e.to_string()))?;
     {
@@ -145,10 +258,6 @@ pub fn load(
             var.set(t)?;
         }
     }
-    let text =
-        std::fs::read_to_string(dir.join("state.json")).map_err(io_err(&dir.join("state.json")))?;
-    let raw: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
     let state: TrainerState =
         serde_json::from_value(raw.clone()).map_err(|e| bad(format!("state.json: {e}")))?;
     if let Some(opt) = opt {

@@ -11,10 +11,11 @@ pub mod schedule;
 pub mod trainer;
 
 pub use callbacks::{Callback, EvalRecord, MetricsLog, PlotCallback, ProgressCallback, StepRecord};
+pub use checkpoint::{Best, TrainerState};
 pub use objective::{Objective, StepOutput};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::{Schedule, ScheduleKind};
-pub use trainer::{FitSummary, TrainConfig, Trainer};
+pub use trainer::{FitSummary, Goal, Monitor, StopReason, TrainConfig, Trainer};
 
 /// Trainer errors; each names the step or file involved.
 #[derive(Debug, thiserror::Error)]

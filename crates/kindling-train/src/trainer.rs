@@ -4,7 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Var};
@@ -13,7 +17,7 @@ use kindling_core::rng::derive_seed;
 use kindling_core::Mode;
 
 use crate::callbacks::{Callback, EvalRecord, StepRecord};
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint::{self, Best, TrainerState};
 use crate::objective::Objective;
 use crate::optim::{grad_norm, scale_grads, AdamW, AdamWConfig};
 use crate::schedule::Schedule;
@@ -38,6 +42,81 @@ pub struct TrainConfig {
     pub keep_last: usize,
     /// Seeds dropout (and anything else the objective draws per step).
     pub seed: u64,
+    /// Stop (checkpoint, evaluate, export) once training has run this long, over all sessions.
+    pub max_time: Option<Duration>,
+    /// The eval metric whose best checkpoint is kept, and when to stop early on it.
+    pub monitor: Monitor,
+}
+
+/// Whether smaller or larger values of a metric are better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Goal {
+    Min,
+    Max,
+}
+
+/// The eval metric to watch (`train.monitor` in a recipe): the checkpoint with its best value
+/// is kept besides the newest `keep_last`, and with `patience > 0` the run stops after that
+/// many evaluations in a row that did not improve it by more than `min_delta`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Monitor {
+    pub metric: String,
+    pub goal: Goal,
+    pub patience: u32,
+    pub min_delta: f64,
+}
+
+impl Default for Monitor {
+    fn default() -> Self {
+        Monitor {
+            metric: "loss".into(),
+            goal: Goal::Min,
+            patience: 0,
+            min_delta: 0.0,
+        }
+    }
+}
+
+impl Monitor {
+    /// Updates `best` with a new eval; returns whether it improved.
+    fn update(&self, best: &mut Option<Best>, step: u64, metrics: &BTreeMap<String, f64>) -> bool {
+        let Some(&value) = metrics.get(&self.metric) else {
+            return false;
+        };
+        let better = match best {
+            None => true,
+            Some(b) => match self.goal {
+                Goal::Min => value < b.value - self.min_delta,
+                Goal::Max => value > b.value + self.min_delta,
+            },
+        };
+        if better {
+            *best = Some(Best {
+                metric: self.metric.clone(),
+                value,
+                step,
+                evals_without_improvement: 0,
+            });
+        } else if let Some(b) = best {
+            b.evals_without_improvement += 1;
+        }
+        better
+    }
+}
+
+/// Why `fit` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// All `steps` done.
+    Completed,
+    /// `max_time` reached.
+    MaxTime,
+    /// The monitored metric stopped improving (`monitor.patience`).
+    EarlyStopped,
+    /// The stop flag was raised (SIGINT/SIGTERM): a checkpoint was written, nothing evaluated.
+    Interrupted,
 }
 
 impl Default for TrainConfig {
@@ -52,6 +131,8 @@ impl Default for TrainConfig {
             save_every: 0,
             keep_last: 2,
             seed: 0,
+            max_time: None,
+            monitor: Monitor::default(),
         }
     }
 }
@@ -64,12 +145,15 @@ pub struct FitSummary {
     pub units: u64,
     pub final_eval: BTreeMap<String, f64>,
     pub last_checkpoint: Option<PathBuf>,
+    pub stop: StopReason,
+    pub best: Option<Best>,
 }
 
 pub struct Trainer {
     cfg: TrainConfig,
     run_dir: PathBuf,
     callbacks: Vec<Box<dyn Callback>>,
+    stop_flag: Option<Arc<AtomicBool>>,
 }
 
 impl Trainer {
@@ -78,7 +162,15 @@ impl Trainer {
             cfg,
             run_dir: run_dir.to_path_buf(),
             callbacks: Vec::new(),
+            stop_flag: None,
         }
+    }
+
+    /// A flag that, once raised (by a signal handler, say), makes `fit` write a checkpoint after
+    /// the current step and return [`StopReason::Interrupted`].
+    pub fn with_stop_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.stop_flag = Some(flag);
+        self
     }
 
     pub fn with_callback(mut self, cb: impl Callback + 'static) -> Self {
@@ -156,14 +248,28 @@ impl Trainer {
         let mut cursor = start
             .as_ref()
             .map_or(serde_json::Value::Null, |s| s.data_cursor.clone());
+        let elapsed_before = start.as_ref().map_or(0.0, |s| s.elapsed_secs);
+        let mut best = start.as_ref().and_then(|s| s.best.clone());
         let mut last_eval = start.and_then(|s| s.last_eval).unwrap_or_default();
         let mut last_checkpoint = None;
+        let mut stop = StopReason::Completed;
         let mut units_total = 0u64;
         for cb in &mut self.callbacks {
             cb.on_train_start(step, cfg.steps)?;
         }
         let t0 = Instant::now();
+        let first_step = step;
         while step < cfg.steps {
+            if step == first_step
+                && self
+                    .stop_flag
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::SeqCst))
+            {
+                // Stopped before any step of this session: nothing new to save.
+                stop = StopReason::Interrupted;
+                break;
+            }
             let t_step = Instant::now();
             let lr = cfg.schedule.lr(step, cfg.steps, cfg.optimizer.lr);
             let mut acc: Option<GradStore> = None;
@@ -233,31 +339,58 @@ impl Trainer {
                 grad_norm: norm,
                 units,
                 step_secs,
-                elapsed_secs: t0.elapsed().as_secs_f64(),
+                elapsed_secs: elapsed_before + t0.elapsed().as_secs_f64(),
                 gflops_per_s: flops.map(|f| f / step_secs / 1e9),
                 metrics: &metric_sums,
             };
             for cb in &mut self.callbacks {
                 cb.on_step_end(&rec)?;
             }
-            let last = step == cfg.steps;
-            if !eval.is_empty() && (last || (cfg.eval_every > 0 && step % cfg.eval_every == 0)) {
+            let interrupted = self
+                .stop_flag
+                .as_ref()
+                .is_some_and(|f| f.load(Ordering::SeqCst));
+            let time_up = cfg
+                .max_time
+                .is_some_and(|m| elapsed_before + t0.elapsed().as_secs_f64() >= m.as_secs_f64());
+            if interrupted {
+                stop = StopReason::Interrupted;
+            } else if time_up && step < cfg.steps {
+                stop = StopReason::MaxTime;
+            }
+            let mut last = step == cfg.steps || interrupted || time_up;
+            let mut improved = false;
+            let eval_due = last || (cfg.eval_every > 0 && step % cfg.eval_every == 0);
+            if !eval.is_empty() && eval_due && !interrupted {
                 last_eval = Self::evaluate(obj, eval)?;
                 let rec = EvalRecord {
                     step,
-                    elapsed_secs: t0.elapsed().as_secs_f64(),
+                    elapsed_secs: elapsed_before + t0.elapsed().as_secs_f64(),
                     metrics: &last_eval,
                 };
                 for cb in &mut self.callbacks {
                     cb.on_eval_end(&rec)?;
                 }
+                improved = cfg.monitor.update(&mut best, step, &last_eval);
+                let patience = cfg.monitor.patience;
+                if !last
+                    && patience > 0
+                    && best
+                        .as_ref()
+                        .is_some_and(|b| b.evals_without_improvement >= patience)
+                {
+                    stop = StopReason::EarlyStopped;
+                    last = true;
+                }
             }
-            if last || (cfg.save_every > 0 && step % cfg.save_every == 0) {
+            if last || improved || (cfg.save_every > 0 && step % cfg.save_every == 0) {
                 let state = TrainerState {
                     step,
                     data_cursor: cursor.clone(),
                     seed: cfg.seed,
                     last_eval: (!last_eval.is_empty()).then(|| last_eval.clone()),
+                    elapsed_secs: elapsed_before + t0.elapsed().as_secs_f64(),
+                    best: best.clone(),
                 };
                 last_checkpoint = Some(checkpoint::save(
                     &self.run_dir,
@@ -266,6 +399,9 @@ impl Trainer {
                     &state,
                     cfg.keep_last,
                 )?);
+            }
+            if last {
+                break;
             }
         }
         for cb in &mut self.callbacks {
@@ -277,6 +413,8 @@ impl Trainer {
             units: units_total,
             final_eval: last_eval,
             last_checkpoint,
+            stop,
+            best,
         })
     }
 }
