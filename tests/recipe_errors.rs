@@ -160,3 +160,92 @@ fn an_existing_run_is_not_overwritten_without_the_flag() {
         stderr(&again)
     );
 }
+
+#[test]
+fn a_corpus_that_is_not_utf8_names_the_file_and_byte_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("latin1.txt");
+    std::fs::write(&bad, b"caf\xe9 au lait\n").unwrap();
+    let corpus = format!("data.corpus=[\"{}\"]", bad.display());
+    let runs = format!("runs_dir=\"{}\"", dir.path().join("runs").display());
+    fails_with(
+        &["pretrain", TINY, "--set", &corpus, "--set", &runs],
+        &["latin1.txt", "not valid UTF-8", "offset 3"],
+    );
+}
+
+#[test]
+fn an_empty_corpus_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, b"").unwrap();
+    let corpus = format!("data.corpus=[\"{}\"]", empty.display());
+    let runs = format!("runs_dir=\"{}\"", dir.path().join("runs").display());
+    fails_with(
+        &["pretrain", TINY, "--set", &corpus, "--set", &runs],
+        &["corpus is empty", "empty.txt"],
+    );
+}
+
+#[test]
+fn a_batch_that_cannot_fit_in_memory_is_refused_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = format!("runs_dir=\"{}\"", dir.path().display());
+    fails_with(
+        &[
+            "pretrain",
+            TINY,
+            "--set",
+            &runs,
+            "--set",
+            "model.hidden_size=4096",
+            "--set",
+            "model.num_attention_heads=32",
+            "--set",
+            "model.intermediate_size=16384",
+            "--set",
+            "train.batch_size=1024",
+        ],
+        &["train.batch_size", "GB is available", "train.grad_accum"],
+    );
+}
+
+#[test]
+fn a_bad_time_limit_is_named() {
+    fails_with(
+        &["pretrain", TINY, "--set", "train.max_time=soon"],
+        &["train.max_time", "`soon`", "\"45m\""],
+    );
+}
+
+#[test]
+fn resuming_with_another_model_or_a_mismatched_tokenizer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::common::run_tiny(dir.path(), &["train.steps=2", "train.eval_every=0"]);
+    let runs = format!("runs_dir=\"{}\"", dir.path().display());
+    fails_with(
+        &[
+            "pretrain",
+            TINY,
+            "--resume",
+            "auto",
+            "--set",
+            &runs,
+            "--set",
+            "model.hidden_size=128",
+        ],
+        &["cannot resume", "`model` differs", "recipe.toml"],
+    );
+    // The run's tokenizer replaced by one with another vocabulary size: the checkpoint's
+    // embeddings no longer fit, and the message says which tensor and which shapes.
+    let run = dir.path().join("bert-tiny-mlm");
+    let other = crate::common::repo_root().join("datasets/minilm-tokenizer/tokenizer.json");
+    std::fs::copy(other, run.join("tokenizer.json")).unwrap();
+    fails_with(
+        &["pretrain", TINY, "--resume", "auto", "--set", &runs],
+        &[
+            "tokenizer.json has 30522 tokens",
+            "word_embeddings.weight has 2000 rows",
+        ],
+    );
+}

@@ -25,6 +25,15 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Memory the kernel says can be allocated without swapping (`MemAvailable` in
+/// /proc/meminfo), in bytes; None where that is not known.
+pub fn available_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Whether a forward pass trains (dropout on, drawn from `seed`) or evaluates (dropout off).
 ///
 /// The seed travels with the mode so that a training step is a pure function of its inputs:

@@ -116,6 +116,27 @@ impl BertConfig {
         self.num_hidden_layers * (4 * h * h + 2 * h * i)
     }
 
+    /// Parameters of a `BertForMaskedLM` of this shape (the decoder is tied).
+    pub fn mlm_params(&self) -> usize {
+        let (h, v) = (self.hidden_size, self.vocab_size);
+        let emb = (v + self.max_position_embeddings + self.type_vocab_size + 2) * h;
+        let per_layer = 4 * h * h + 2 * h * self.intermediate_size + 9 * h + self.intermediate_size;
+        emb + self.num_hidden_layers * per_layer + h * h + 3 * h + v
+    }
+
+    /// A rough upper estimate of the memory one MLM training step needs, in bytes: weights,
+    /// gradients and AdamW moments (16 bytes per parameter), the activations kept for the
+    /// backward pass (about 13 hidden-sized and 2 intermediate-sized vectors per token and
+    /// layer) doubled for the backward's temporaries, and the logits at `predicted` positions.
+    /// Used to refuse a batch that cannot fit before allocating it.
+    pub fn mlm_train_bytes(&self, tokens: usize, predicted: usize) -> f64 {
+        let (h, i) = (self.hidden_size as f64, self.intermediate_size as f64);
+        let state = 16.0 * self.mlm_params() as f64;
+        let acts = 2.0 * 4.0 * self.num_hidden_layers as f64 * tokens as f64 * (13.0 * h + 2.0 * i);
+        let logits = 3.0 * 4.0 * predicted as f64 * self.vocab_size as f64;
+        state + acts + logits
+    }
+
     /// Matmul FLOPs of one training step (forward + backward = 3 x forward) for `tokens` tokens
     /// of length `seq`, with the vocabulary projection at `predicted` positions only.
     pub fn train_flops(&self, tokens: usize, seq: usize, predicted: usize) -> f64 {

@@ -170,6 +170,30 @@ pub fn bert_config(
     Ok(cfg)
 }
 
+/// Refuses a batch whose training step would not fit in the memory available, before anything
+/// is allocated: a process that runs out of memory is killed without a message.
+fn check_memory(recipe: &Recipe, config: &BertConfig) -> Result<(), RecipeError> {
+    let t = &recipe.train;
+    let tokens = t.batch_size * recipe.data.seq_len;
+    let predicted = (tokens as f64 * recipe.data.mask.rate).ceil() as usize;
+    let need = config.mlm_train_bytes(tokens, predicted);
+    match kindling_core::available_memory_bytes() {
+        Some(avail) if need > avail as f64 => Err(RecipeError::Invalid {
+            key: "train.batch_size".into(),
+            msg: format!(
+                "a training step of {} x {} tokens with this model needs about {:.1} GB \
+                 (weights, optimizer state, activations), but {:.1} GB is available; lower \
+                 train.batch_size and raise train.grad_accum to keep the effective batch",
+                t.batch_size,
+                recipe.data.seq_len,
+                need / 1e9,
+                avail as f64 / 1e9
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
     move |source| RecipeError::Io {
         path: path.to_path_buf(),
@@ -267,6 +291,26 @@ pub fn resume_checkpoint(recipe: &Recipe, resume: &Resume) -> Result<Option<Path
     Ok(found)
 }
 
+/// The checkpoint's word embeddings must have one row per token of the run's tokenizer.
+fn check_checkpoint_vocab(dir: &Path, vocab_size: usize) -> Result<(), RecipeError> {
+    const NAME: &str = "bert.embeddings.word_embeddings.weight";
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    let rows = safetensors::SafeTensors::deserialize(&bytes)
+        .ok()
+        .and_then(|st| st.tensor(NAME).ok().map(|t| t.shape()[0]));
+    match rows {
+        Some(rows) if rows != vocab_size => Err(RecipeError::Resume {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "the run's tokenizer.json has {vocab_size} tokens but the checkpoint's {NAME} \
+                 has {rows} rows: the tokenizer does not belong to this run"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// A resumed run must train the same model on the same data with the same seed; the `[train]`
 /// section may change (more steps, a time limit).
 fn check_same_run(recipe: &Recipe, run_dir: &Path) -> Result<(), RecipeError> {
@@ -336,8 +380,12 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     };
     let specials = tok::special_tokens(&tokenizer)?;
     let vocab_size = tokenizer.get_vocab_size(true);
+    if let Some(dir) = &resume_from {
+        check_checkpoint_vocab(dir, vocab_size)?;
+    }
     let config = bert_config(recipe, vocab_size, specials.pad)?;
 
+    check_memory(recipe, &config)?;
     let blocks = PackedBlocks::pack(&corpus, &tokenizer, &specials, recipe.data.seq_len)?;
     drop(corpus);
     let n_blocks = blocks.len();
