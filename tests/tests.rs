@@ -4,6 +4,7 @@
 mod common;
 mod end_to_end;
 mod export;
+mod fuzz;
 mod masking;
 mod model;
 mod recipe_errors;

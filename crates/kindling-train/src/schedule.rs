@@ -1,5 +1,8 @@
 //! Learning-rate schedules: linear warmup, then constant, linear or cosine decay
-//! (HF `get_linear_schedule_with_warmup` / `get_cosine_schedule_with_warmup`).
+//! (HF `get_linear_schedule_with_warmup` / `get_cosine_schedule_with_warmup`), or
+//! warmup-stable-decay (`wsd`: the peak rate held, then a linear decay over the last
+//! `decay_fraction` of the steps; Hu et al., 2024, MiniCPM). A short run that must escape the
+//! unigram plateau of masked LM needs its peak rate for long; `wsd` keeps it.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,6 +13,7 @@ pub enum ScheduleKind {
     #[default]
     Linear,
     Cosine,
+    Wsd,
 }
 
 /// `[train.schedule]`.
@@ -21,6 +25,8 @@ pub struct Schedule {
     pub warmup_steps: u64,
     /// The rate decays to `min_lr_ratio * lr` (0: to zero, as HF does).
     pub min_lr_ratio: f64,
+    /// `wsd` only: the fraction of all steps spent decaying at the end.
+    pub decay_fraction: f64,
 }
 
 impl Default for Schedule {
@@ -29,6 +35,7 @@ impl Default for Schedule {
             kind: ScheduleKind::Linear,
             warmup_steps: 0,
             min_lr_ratio: 0.0,
+            decay_fraction: 0.2,
         }
     }
 }
@@ -48,6 +55,11 @@ impl Schedule {
             ScheduleKind::Cosine => {
                 floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
             }
+            ScheduleKind::Wsd => {
+                let decay = (self.decay_fraction.clamp(0.0, 1.0) * total as f64).max(1.0);
+                let left = (total.saturating_sub(step)) as f64;
+                floor + (peak - floor) * (left / decay).min(1.0)
+            }
         }
     }
 }
@@ -62,12 +74,28 @@ mod tests {
             kind: ScheduleKind::Cosine,
             warmup_steps: 10,
             min_lr_ratio: 0.1,
+            ..Default::default()
         };
         assert!((s.lr(0, 110, 1.0) - 0.1).abs() < 1e-12);
         assert!((s.lr(9, 110, 1.0) - 1.0).abs() < 1e-12);
         assert!((s.lr(10, 110, 1.0) - 1.0).abs() < 1e-12);
         assert!((s.lr(60, 110, 1.0) - 0.55).abs() < 1e-12);
         assert!((s.lr(110, 110, 1.0) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn wsd_holds_the_peak_then_decays_linearly_over_the_last_fraction() {
+        let s = Schedule {
+            kind: ScheduleKind::Wsd,
+            warmup_steps: 10,
+            decay_fraction: 0.25,
+            ..Default::default()
+        };
+        assert!((s.lr(4, 100, 1.0) - 0.5).abs() < 1e-12);
+        assert_eq!(s.lr(10, 100, 1.0), 1.0);
+        assert_eq!(s.lr(75, 100, 1.0), 1.0);
+        assert!((s.lr(90, 100, 1.0) - 0.4).abs() < 1e-12);
+        assert_eq!(s.lr(100, 100, 1.0), 0.0);
     }
 
     #[test]
