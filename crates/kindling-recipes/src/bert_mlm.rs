@@ -219,10 +219,10 @@ fn prepare_run_dir(
                 std::fs::remove_dir_all(&p).map_err(io(&p))?;
             }
         }
-        for f in ["metrics.jsonl", "metrics.csv"] {
-            let m = dir.join(f);
-            if m.exists() {
-                std::fs::remove_file(&m).map_err(io(&m))?;
+        for entry in std::fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("metrics.") || name.starts_with("events.out.tfevents.") {
+                std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
             }
         }
     }
@@ -588,6 +588,7 @@ fn trainer_for(
     let mut trainer = Trainer::new(cfg, run_dir)
         .with_callback(ProgressCallback::new(t.log_every, "tok"))
         .with_callback(log)
+        .with_callback(kindling_train::TensorBoard::create(run_dir)?)
         .with_callback(plot);
     if let Some(flag) = &opts.stop_flag {
         trainer = trainer.with_stop_flag(flag.clone());

@@ -8,6 +8,7 @@ pub mod objective;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use callbacks::{Callback, EvalRecord, MetricsLog, PlotCallback, ProgressCallback, StepRecord};
@@ -15,6 +16,7 @@ pub use checkpoint::{Best, TrainerState};
 pub use objective::{Objective, StepOutput};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::{Schedule, ScheduleKind};
+pub use tensorboard::TensorBoard;
 pub use trainer::{FitSummary, Goal, Monitor, StopReason, TrainConfig, Trainer};
 
 /// Trainer errors; each names the step or file involved.
