@@ -249,3 +249,19 @@ fn resuming_with_another_model_or_a_mismatched_tokenizer_is_refused() {
         ],
     );
 }
+
+#[test]
+fn a_device_or_precision_this_build_cannot_use_is_named() {
+    fails_with(
+        &["pretrain", TINY, "--set", "device=cuda:0"],
+        &["`device`", "`cuda:0`", "no GPU support"],
+    );
+    fails_with(
+        &["pretrain", TINY, "--set", "device=tpu"],
+        &["`device`", "not a device", "\"cuda:N\""],
+    );
+    fails_with(
+        &["pretrain", TINY, "--set", "precision=bf16"],
+        &["`precision`", "slower than f32"],
+    );
+}

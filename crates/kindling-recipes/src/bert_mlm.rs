@@ -121,12 +121,39 @@ impl Objective for BertMlm {
 
 /// The device a recipe asks for.
 pub fn device(name: &str) -> Result<Device, RecipeError> {
+    let bad = |msg: String| RecipeError::Invalid {
+        key: "device".into(),
+        msg,
+    };
     match name {
         "cpu" | "auto" => Ok(Device::Cpu),
-        other => Err(RecipeError::Invalid {
-            key: "device".into(),
-            msg: format!("`{other}` is not available in this build (cpu, auto)"),
-        }),
+        n if n == "cuda" || n.starts_with("cuda:") || n == "metal" => Err(bad(format!(
+            "`{n}`: this build of kindling has no GPU support (CPU only); use \"cpu\" or \"auto\""
+        ))),
+        other => Err(bad(format!(
+            "`{other}` is not a device; expected \"auto\", \"cpu\", \"cuda:N\" or \"metal\""
+        ))),
+    }
+}
+
+/// Checks `precision` against the device; only f32 trains on CPU.
+pub fn check_precision(recipe: &Recipe, device: &Device) -> Result<(), RecipeError> {
+    let bad = |msg: String| RecipeError::Invalid {
+        key: "precision".into(),
+        msg,
+    };
+    match (recipe.precision.as_str(), device) {
+        ("f32", _) => Ok(()),
+        (p @ ("bf16" | "f16"), Device::Cpu) => Err(bad(format!(
+            "`{p}` mixed precision is for GPUs; on CPU candle has no {p} matrix multiply, so \
+             it would be slower than f32 (use precision = \"f32\")"
+        ))),
+        (p @ ("bf16" | "f16"), _) => Err(bad(format!(
+            "`{p}` mixed precision is not implemented yet on this device"
+        ))),
+        (other, _) => Err(bad(format!(
+            "`{other}` is not a precision; expected \"f32\", \"bf16\" or \"f16\""
+        ))),
     }
 }
 
@@ -338,6 +365,7 @@ fn check_same_run(recipe: &Recipe, run_dir: &Path) -> Result<(), RecipeError> {
 /// Runs a `bert-mlm` recipe end to end.
 pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
     let device = device(&recipe.device)?;
+    check_precision(recipe, &device)?;
     let t = &recipe.train;
     if t.batch_size == 0 {
         return Err(RecipeError::Invalid {

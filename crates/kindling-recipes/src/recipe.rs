@@ -27,9 +27,14 @@ pub struct Recipe {
     /// Fixes initialisation, data order, masks and dropout.
     #[serde(default)]
     pub seed: u64,
-    /// `"cpu"` or `"auto"` (CUDA arrives with the GPU issue).
+    /// `"auto"` (the best device this build supports), `"cpu"`, `"cuda:N"` or `"metal"`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// `"f32"`, or mixed precision `"bf16"` / `"f16"` (f32 master weights and optimizer state,
+    /// low-precision compute) where the device supports it. f32 on CPU: candle has no bf16
+    /// gemm there, so bf16 would only be slower.
+    #[serde(default = "default_precision")]
+    pub precision: String,
     #[serde(default)]
     pub model: ModelSection,
     pub data: DataSection,
@@ -43,7 +48,10 @@ fn default_runs_dir() -> PathBuf {
     "runs".into()
 }
 fn default_device() -> String {
-    "cpu".into()
+    "auto".into()
+}
+fn default_precision() -> String {
+    "f32".into()
 }
 
 /// `[model]`: the shape of the encoder, with HF `BertConfig` names. The vocabulary size comes
