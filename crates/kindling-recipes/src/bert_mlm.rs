@@ -376,6 +376,7 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     // Check the shape and the time limit before any expensive work.
     bert_config(recipe, 16, 0)?;
     let max_time = t.max_time()?;
+    let save_interval = t.save_interval()?;
     let resume_from = match &opts.resume {
         Some(r) => resume_checkpoint(recipe, r)?,
         None => None,
@@ -475,7 +476,7 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         recipe,
         &run_dir,
         baseline.clone(),
-        (max_time, steps_per_epoch, resumed_at),
+        (max_time, save_interval, steps_per_epoch, resumed_at),
         opts,
     )?;
     let mut opt = trainer.optimizer(&objective)?;
@@ -581,7 +582,12 @@ fn trainer_for(
     recipe: &Recipe,
     run_dir: &Path,
     baseline: Option<(String, f64)>,
-    (max_time, steps_per_epoch, resumed_at): (Option<std::time::Duration>, u64, Option<u64>),
+    (max_time, save_interval, steps_per_epoch, resumed_at): (
+        Option<std::time::Duration>,
+        Option<std::time::Duration>,
+        u64,
+        Option<u64>,
+    ),
     opts: &RunOptions,
 ) -> Result<Trainer, RecipeError> {
     let t = &recipe.train;
@@ -600,6 +606,19 @@ fn trainer_for(
         keep_last: t.keep_last,
         seed: recipe.seed,
         max_time,
+        save_interval,
+        skip_nonfinite: t.on_nonfinite == crate::recipe::OnNonFinite::Skip,
+        // A checkpoint folder describes its run on its own: recipe, tokenizer, data summary,
+        // metrics up to its step.
+        checkpoint_extras: [
+            "recipe.toml",
+            "tokenizer.json",
+            "data.json",
+            "metrics.jsonl",
+        ]
+        .iter()
+        .map(|f| run_dir.join(f))
+        .collect(),
         monitor: t.monitor.clone(),
     };
     let metrics = run_dir.join("metrics.jsonl");

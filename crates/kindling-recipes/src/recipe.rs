@@ -143,24 +143,45 @@ pub struct TrainSection {
     /// Stop after this much training time, over all sessions of a resumed run: "90s", "45m",
     /// "2h 30m" (humantime syntax). The run then evaluates, checkpoints and exports as usual.
     pub max_time: Option<String>,
+    /// Also checkpoint when this much time has passed since the last checkpoint ("30m").
+    pub save_interval: Option<String>,
+    /// A non-finite loss or gradient: "stop" (an error naming the step) or "skip" the update.
+    pub on_nonfinite: OnNonFinite,
     /// The eval metric whose best checkpoint is kept; `patience > 0` stops early on it.
     pub monitor: Monitor,
     pub optimizer: AdamWConfig,
     pub schedule: Schedule,
 }
 
+/// What the trainer does with a non-finite loss or gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    #[default]
+    Stop,
+    Skip,
+}
+
+fn duration(key: &str, value: Option<&str>) -> Result<Option<std::time::Duration>, RecipeError> {
+    value
+        .map(|t| {
+            humantime::parse_duration(t).map_err(|e| RecipeError::Invalid {
+                key: key.into(),
+                msg: format!("`{t}` is not a duration like \"90s\", \"45m\" or \"2h\": {e}"),
+            })
+        })
+        .transpose()
+}
+
 impl TrainSection {
     /// `max_time` parsed, or an error naming the key.
     pub fn max_time(&self) -> Result<Option<std::time::Duration>, RecipeError> {
-        self.max_time
-            .as_deref()
-            .map(|t| {
-                humantime::parse_duration(t).map_err(|e| RecipeError::Invalid {
-                    key: "train.max_time".into(),
-                    msg: format!("`{t}` is not a duration like \"90s\", \"45m\" or \"2h\": {e}"),
-                })
-            })
-            .transpose()
+        duration("train.max_time", self.max_time.as_deref())
+    }
+
+    /// `save_interval` parsed, or an error naming the key.
+    pub fn save_interval(&self) -> Result<Option<std::time::Duration>, RecipeError> {
+        duration("train.save_interval", self.save_interval.as_deref())
     }
 }
 
@@ -179,6 +200,8 @@ impl Default for TrainSection {
             log_every: 10,
             max_epochs: 0,
             max_time: None,
+            save_interval: None,
+            on_nonfinite: OnNonFinite::Stop,
             monitor: Monitor::default(),
             optimizer: AdamWConfig::default(),
             schedule: Schedule::default(),

@@ -90,6 +90,19 @@ pub fn save(
     state: &TrainerState,
     keep_last: usize,
 ) -> Result<PathBuf> {
+    save_with(run_dir, varmap, opt, state, keep_last, &[])
+}
+
+/// [`save`], also copying `extras` (files such as the run's recipe, tokenizer and metrics so
+/// far) into the checkpoint, so that one checkpoint folder describes its run on its own.
+pub fn save_with(
+    run_dir: &Path,
+    varmap: &VarMap,
+    opt: &AdamW,
+    state: &TrainerState,
+    keep_last: usize,
+    extras: &[PathBuf],
+) -> Result<PathBuf> {
     let final_dir = checkpoint_dir(run_dir, state.step);
     let parent = final_dir.parent().expect("checkpoint dir has a parent");
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
@@ -112,6 +125,10 @@ pub fn save(
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
     save_tensors(&tmp.join("optimizer.safetensors"), &opt.state_tensors())?;
+    for extra in extras.iter().filter(|p| p.is_file()) {
+        let name = extra.file_name().expect("an extra file has a name");
+        std::fs::copy(extra, tmp.join(name)).map_err(io_err(extra))?;
+    }
     let mut st = serde_json::to_value(state).expect("state serialises");
     st["optimizer_t"] = opt.t.into();
     for f in TENSOR_FILES {
@@ -154,15 +171,31 @@ pub fn list(run_dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Keeps the newest `keep_last` checkpoints and the one at the best eval (when known).
+/// The retention policy, apart from any I/O: of the checkpoint steps `all` (oldest first), the
+/// ones to delete so that the newest `keep_last` (at least 1) and the best one remain.
+pub fn to_remove(all: &[u64], keep_last: usize, best: Option<u64>) -> Vec<u64> {
+    let n_old = all.len().saturating_sub(keep_last.max(1));
+    all[..n_old]
+        .iter()
+        .copied()
+        .filter(|s| Some(*s) != best)
+        .collect()
+}
+
+fn step_of(dir: &Path) -> Option<u64> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("step-")?
+        .parse()
+        .ok()
+}
+
 fn prune(parent: &Path, keep_last: usize, best_step: Option<u64>) -> Result<()> {
     let run_dir = parent.parent().expect("checkpoints/ has a parent");
-    let all = list(run_dir);
-    let best = best_step.map(|s| checkpoint_dir(run_dir, s));
-    for old in all.iter().take(all.len().saturating_sub(keep_last.max(1))) {
-        if Some(old) != best.as_ref() {
-            std::fs::remove_dir_all(old).map_err(io_err(old))?;
-        }
+    let steps: Vec<u64> = list(run_dir).iter().filter_map(|d| step_of(d)).collect();
+    for step in to_remove(&steps, keep_last, best_step) {
+        let old = checkpoint_dir(run_dir, step);
+        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
     }
     Ok(())
 }
@@ -270,4 +303,22 @@ pub fn load(
             .map_err(bad)?;
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::to_remove;
+
+    #[test]
+    fn keeps_the_newest_k_and_the_best() {
+        assert_eq!(to_remove(&[10, 20, 30, 40], 2, None), vec![10, 20]);
+        assert_eq!(to_remove(&[10, 20, 30, 40], 2, Some(10)), vec![20]);
+        assert_eq!(to_remove(&[10, 20, 30, 40], 2, Some(40)), vec![10, 20]);
+        assert_eq!(
+            to_remove(&[10], 0, None),
+            Vec::<u64>::new(),
+            "never deletes the last one"
+        );
+        assert_eq!(to_remove(&[10, 20], 5, None), Vec::<u64>::new());
+    }
 }

@@ -44,6 +44,13 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Stop (checkpoint, evaluate, export) once training has run this long, over all sessions.
     pub max_time: Option<Duration>,
+    /// Also save a checkpoint when this much time has passed since the last one.
+    pub save_interval: Option<Duration>,
+    /// On a non-finite loss or gradient: stop with an error (false), or skip the update and go on
+    /// (true; the step is counted in `skipped_steps`).
+    pub skip_nonfinite: bool,
+    /// Files copied into every checkpoint (the run's recipe, tokenizer, metrics so far).
+    pub checkpoint_extras: Vec<PathBuf>,
     /// The eval metric whose best checkpoint is kept, and when to stop early on it.
     pub monitor: Monitor,
 }
@@ -132,6 +139,9 @@ impl Default for TrainConfig {
             keep_last: 2,
             seed: 0,
             max_time: None,
+            save_interval: None,
+            skip_nonfinite: false,
+            checkpoint_extras: Vec::new(),
             monitor: Monitor::default(),
         }
     }
@@ -259,6 +269,8 @@ impl Trainer {
         }
         let t0 = Instant::now();
         let first_step = step;
+        let mut skipped = 0u64;
+        let mut last_save = Instant::now();
         while step < cfg.steps {
             if step == first_step
                 && self
@@ -275,14 +287,29 @@ impl Trainer {
             let mut acc: Option<GradStore> = None;
             let (mut loss_sum, mut units, mut flops) = (0.0, 0usize, Some(0.0));
             let mut metric_sums: BTreeMap<String, f64> = BTreeMap::new();
+            let mut nonfinite = false;
             for micro in 0..cfg.grad_accum {
                 let batch = train.next().ok_or(TrainError::DataExhausted { step })?;
+                cursor = cursor_of(&batch);
+                if nonfinite {
+                    // This update is skipped: consume its micro-batches, compute nothing.
+                    continue;
+                }
                 let mode = Mode::Train {
                     seed: derive_seed(&[cfg.seed, step, micro as u64]),
                 };
                 let out = obj.step(&batch, mode)?;
                 let loss_val = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !loss_val.is_finite() {
+                    if cfg.skip_nonfinite {
+                        tracing::warn!(
+                            step = step + 1,
+                            loss = loss_val,
+                            "non-finite loss: update skipped"
+                        );
+                        nonfinite = true;
+                        continue;
+                    }
                     return Err(TrainError::NonFiniteLoss {
                         step: step + 1,
                         loss: loss_val,
@@ -314,20 +341,32 @@ impl Trainer {
                 for (k, v) in out.metrics {
                     *metric_sums.entry(k).or_default() += v / cfg.grad_accum as f64;
                 }
-                cursor = cursor_of(&batch);
             }
-            let mut grads = acc.expect("grad_accum >= 1");
-            let norm = grad_norm(&grads, &vars)?;
-            if !norm.is_finite() {
-                return Err(TrainError::NonFiniteGrad { step: step + 1 });
-            }
-            if let Some(max) = cfg.max_grad_norm {
-                if norm > max {
-                    scale_grads(&mut grads, &vars, max / (norm + 1e-6))?;
+            let mut norm = f64::NAN;
+            if !nonfinite {
+                let mut grads = acc.expect("grad_accum >= 1");
+                norm = grad_norm(&grads, &vars)?;
+                if norm.is_finite() {
+                    if let Some(max) = cfg.max_grad_norm {
+                        if norm > max {
+                            scale_grads(&mut grads, &vars, max / (norm + 1e-6))?;
+                        }
+                    }
+                    opt.step(&grads, lr)?;
+                } else if cfg.skip_nonfinite {
+                    tracing::warn!(step = step + 1, "non-finite gradient: update skipped");
+                    nonfinite = true;
+                } else {
+                    return Err(TrainError::NonFiniteGrad { step: step + 1 });
                 }
             }
-            opt.step(&grads, lr)?;
-            drop(grads);
+            if nonfinite {
+                skipped += 1;
+                loss_sum = f64::NAN;
+            }
+            if skipped > 0 {
+                metric_sums.insert("skipped_steps".into(), skipped as f64);
+            }
             step += 1;
             units_total += units as u64;
             let step_secs = t_step.elapsed().as_secs_f64();
@@ -383,7 +422,13 @@ impl Trainer {
                     last = true;
                 }
             }
-            if last || improved || (cfg.save_every > 0 && step % cfg.save_every == 0) {
+            let interval_due = cfg.save_interval.is_some_and(|i| last_save.elapsed() >= i);
+            if last
+                || improved
+                || interval_due
+                || (cfg.save_every > 0 && step % cfg.save_every == 0)
+            {
+                last_save = Instant::now();
                 let state = TrainerState {
                     step,
                     data_cursor: cursor.clone(),
@@ -392,12 +437,13 @@ impl Trainer {
                     elapsed_secs: elapsed_before + t0.elapsed().as_secs_f64(),
                     best: best.clone(),
                 };
-                last_checkpoint = Some(checkpoint::save(
+                last_checkpoint = Some(checkpoint::save_with(
                     &self.run_dir,
                     obj.varmap(),
                     &opt,
                     &state,
                     cfg.keep_last,
+                    &cfg.checkpoint_extras,
                 )?);
             }
             if last {
@@ -563,6 +609,24 @@ mod tests {
                 weights(&b)
             );
         }
+    }
+
+    #[test]
+    fn with_skip_nonfinite_a_bad_batch_skips_one_update_and_the_run_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let obj = Boring::new();
+        let mut data: Vec<Batch> = (0..200).map(|i| batch(i, 32)).collect();
+        data[3].y[0] = f32::NAN;
+        let mut c = cfg(200, 1);
+        c.skip_nonfinite = true;
+        let summary = fit(&obj, c, data, dir.path());
+        assert_eq!(summary.steps, 200);
+        assert!(
+            summary.final_eval["loss"] < 1e-2,
+            "{:?}",
+            summary.final_eval
+        );
+        assert!(weights(&obj).iter().all(|w| w.is_finite()));
     }
 
     #[test]
