@@ -394,7 +394,7 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         // deterministic), and the checkpoint's embeddings are indexed by this one.
         tok::load(&run_dir.join("tokenizer.json"))?
     } else {
-        let cache = recipe.runs_dir.join(".cache").join("tokenizers");
+        let cache = crate::cache_dir(recipe).join("tokenizers");
         let tokenizer = recipe
             .data
             .tokenizer

@@ -87,6 +87,19 @@ pub struct RunReport {
     pub stop: kindling_train::StopReason,
 }
 
+/// Where Kindling caches what it derives from inputs (trained tokenizers, keyed by a hash of the
+/// corpus and the settings): `$KINDLING_CACHE`, else `$XDG_CACHE_HOME/kindling`, else
+/// `~/.cache/kindling`, else `<runs_dir>/.cache`. One cache per machine, not per run folder, so
+/// every run on the same corpus and settings gets the same tokenizer (the tokenizers crate's
+/// WordPiece trainer breaks ties differently in each process).
+pub fn cache_dir(recipe: &Recipe) -> PathBuf {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("KINDLING_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("kindling")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache").join("kindling")))
+        .unwrap_or_else(|| recipe.runs_dir.join(".cache"))
+}
+
 /// The objectives a recipe can name.
 pub const OBJECTIVES: &[&str] = &["bert-mlm"];
 
