@@ -10,11 +10,11 @@ use rand_chacha::ChaCha8Rng;
 
 /// Domain tags keep streams for different purposes apart even when the other parts coincide.
 pub mod domain {
-    pub const DATA_ORDER: u64 = 0x6f72_6465_72; // "order"
+    pub const DATA_ORDER: u64 = 0x006f_7264_6572; // "order"
     pub const MASK: u64 = 0x6d61_736b; // "mask"
     pub const INIT: u64 = 0x696e_6974; // "init"
     pub const DROPOUT: u64 = 0x6472_6f70; // "drop"
-    pub const SPLIT: u64 = 0x7370_6c69_74; // "split"
+    pub const SPLIT: u64 = 0x0073_706c_6974; // "split"
 }
 
 /// The SplitMix64 output function: a bijective 64-bit mixer with full avalanche.

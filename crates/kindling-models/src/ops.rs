@@ -1174,36 +1174,51 @@ mod tests {
         assert!((rate - 0.25).abs() < 0.03, "drop rate {rate}");
     }
 
+    /// Runs `f(fused, a, b, c)` both ways and checks y and the gradients of sum(y * r) with
+    /// respect to a, b and c agree to 1e-5 relative.
+    fn assert_fused_matches_composed(
+        what: &str,
+        f: impl Fn(bool, &Tensor, &Tensor, &Tensor) -> Tensor,
+        inputs: [&Tensor; 3],
+        r: &Tensor,
+    ) {
+        let run = |fused: bool| {
+            let vars = inputs.map(|t| Var::from_tensor(t).unwrap());
+            let y = f(
+                fused,
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+            );
+            let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut out = vec![y];
+            out.extend(vars.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()));
+            out
+        };
+        let (fused, composed) = (run(true), run(false));
+        for (i, (a, b)) in fused.iter().zip(&composed).enumerate() {
+            assert_eq!(a.dims(), b.dims(), "{what}: output {i}");
+            let diff = max_rel_diff(a, b);
+            assert!(
+                diff < 1e-5,
+                "{what}: output {i} (0 = y, then grads) differs by {diff}"
+            );
+        }
+    }
+
     #[test]
     fn fused_layer_norm_matches_the_composed_ops_forward_and_backward() {
         let x = randn((3, 5, 64), 3);
-        let r = randn((3, 5, 64), 4);
-        let w = Var::from_tensor(&randn((1, 1, 64), 5).flatten_all().unwrap()).unwrap();
-        let b = Var::from_tensor(&randn((1, 1, 64), 6).flatten_all().unwrap()).unwrap();
-        let run = |fused: bool| {
-            let v = Var::from_tensor(&x).unwrap();
-            let y = if fused {
-                layer_norm(v.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12).unwrap()
+        let w = randn((1, 1, 64), 5).flatten_all().unwrap();
+        let b = randn((1, 1, 64), 6).flatten_all().unwrap();
+        let f = |fused: bool, x: &Tensor, w: &Tensor, b: &Tensor| {
+            if fused {
+                layer_norm(x, w, b, 1e-12).unwrap()
             } else {
-                candle_nn::ops::layer_norm_slow(v.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12)
-                    .unwrap()
-            };
-            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let gx = g.get(v.as_tensor()).unwrap().clone();
-            let gw = g.get(w.as_tensor()).unwrap().clone();
-            let gb = g.get(b.as_tensor()).unwrap().clone();
-            (y, gx, gw, gb)
+                candle_nn::ops::layer_norm_slow(x, w, b, 1e-12).unwrap()
+            }
         };
-        let (y1, gx1, gw1, gb1) = run(true);
-        let (y2, gx2, gw2, gb2) = run(false);
-        assert!(max_rel_diff(&y1, &y2) < 1e-5);
-        assert!(
-            max_rel_diff(&gx1, &gx2) < 1e-5,
-            "dx {}",
-            max_rel_diff(&gx1, &gx2)
-        );
-        assert!(max_rel_diff(&gw1, &gw2) < 1e-5);
-        assert!(max_rel_diff(&gb1, &gb2) < 1e-5);
+        assert_fused_matches_composed("layer norm", f, [&x, &w, &b], &randn((3, 5, 64), 4));
     }
 
     #[test]
@@ -1230,35 +1245,17 @@ mod tests {
     #[test]
     fn fused_linear_matches_matmul_plus_bias_forward_and_backward() {
         let x = randn((2, 6, 40), 11);
-        let r = randn((2, 6, 24), 12);
-        let w = Var::from_tensor(&randn((1, 24, 40), 13).squeeze(0).unwrap()).unwrap();
-        let b = Var::from_tensor(&randn((1, 1, 24), 14).flatten_all().unwrap()).unwrap();
-        let run = |fused: bool| {
-            let v = Var::from_tensor(&x).unwrap();
-            let y = if fused {
-                linear(v.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap()
+        let w = randn((1, 24, 40), 13).squeeze(0).unwrap();
+        let b = randn((1, 1, 24), 14).flatten_all().unwrap();
+        let f = |fused: bool, x: &Tensor, w: &Tensor, b: &Tensor| {
+            if fused {
+                linear(x, w, b).unwrap()
             } else {
-                v.as_tensor()
-                    .broadcast_matmul(&w.as_tensor().t().unwrap())
-                    .unwrap()
-                    .broadcast_add(b.as_tensor())
-                    .unwrap()
-            };
-            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let get = |t: &Tensor| g.get(t).unwrap().clone();
-            (
-                y,
-                get(v.as_tensor()),
-                get(w.as_tensor()),
-                get(b.as_tensor()),
-            )
+                let y = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+                y.broadcast_add(b).unwrap()
+            }
         };
-        let (y1, gx1, gw1, gb1) = run(true);
-        let (y2, gx2, gw2, gb2) = run(false);
-        assert_eq!(y1.dims(), &[2, 6, 24]);
-        for (a, b) in [(&y1, &y2), (&gx1, &gx2), (&gw1, &gw2), (&gb1, &gb2)] {
-            assert!(max_rel_diff(a, b) < 1e-5, "{}", max_rel_diff(a, b));
-        }
+        assert_fused_matches_composed("linear", f, [&x, &w, &b], &randn((2, 6, 24), 12));
     }
 
     #[test]
@@ -1321,69 +1318,35 @@ mod tests {
     #[test]
     fn fused_self_attention_matches_the_composed_ops_forward_and_backward() {
         let (b, t, heads, h) = (3, 11, 2, 8);
-        let q = Var::from_tensor(&randn((1, b * t, h), 21).squeeze(0).unwrap()).unwrap();
-        let k = Var::from_tensor(&randn((1, b * t, h), 22).squeeze(0).unwrap()).unwrap();
-        let v = Var::from_tensor(&randn((1, b * t, h), 23).squeeze(0).unwrap()).unwrap();
+        let qkv = [21, 22, 23].map(|seed| randn((1, b * t, h), seed).squeeze(0).unwrap());
         let r = randn((1, b * t, h), 24).squeeze(0).unwrap();
         let mut m = vec![0f32; b * t];
         m[2 * t - 3..2 * t].fill(-1e9);
         let mask = Tensor::from_vec(m, (b, t), &Device::Cpu).unwrap();
         for dropout in [None, Some((0.2f32, 5u64))] {
-            let run = |fused: bool| {
-                let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-                let y = if fused {
-                    self_attention(qt, kt, vt, (b, t, heads), &mask, dropout).unwrap()
-                } else {
-                    // The composed path, as other devices run it.
-                    let split = |x: &Tensor| {
-                        x.reshape((b, t, heads, h / heads))
-                            .unwrap()
-                            .transpose(1, 2)
-                            .unwrap()
-                            .contiguous()
-                            .unwrap()
-                    };
-                    let scores = split(qt).matmul(&split(kt).t().unwrap()).unwrap();
-                    let scale = 1.0 / ((h / heads) as f64).sqrt();
-                    let mut probs = candle_nn::ops::softmax(
-                        &(scores * scale)
-                            .unwrap()
-                            .broadcast_add(&mask.reshape((b, 1, 1, t)).unwrap())
-                            .unwrap(),
-                        D::Minus1,
-                    )
-                    .unwrap();
-                    if let Some((p, seed)) = dropout {
-                        probs = seeded_dropout(&probs, p, seed).unwrap();
-                    }
-                    probs
-                        .matmul(&split(vt))
-                        .unwrap()
-                        .transpose(1, 2)
-                        .unwrap()
-                        .reshape((b * t, h))
-                        .unwrap()
+            let f = |fused: bool, q: &Tensor, k: &Tensor, v: &Tensor| {
+                if fused {
+                    return self_attention(q, k, v, (b, t, heads), &mask, dropout).unwrap();
+                }
+                // The composed path, as other devices run it.
+                let split = |x: &Tensor| {
+                    let x = x.reshape((b, t, heads, h / heads)).unwrap();
+                    x.transpose(1, 2).unwrap().contiguous().unwrap()
                 };
-                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let get = |x: &Tensor| g.get(x).unwrap().clone();
-                (
-                    y,
-                    get(q.as_tensor()),
-                    get(k.as_tensor()),
-                    get(v.as_tensor()),
-                )
+                let scores = split(q).matmul(&split(k).t().unwrap()).unwrap();
+                let scaled = (scores * (1.0 / ((h / heads) as f64).sqrt())).unwrap();
+                let masked = scaled
+                    .broadcast_add(&mask.reshape((b, 1, 1, t)).unwrap())
+                    .unwrap();
+                let mut probs = candle_nn::ops::softmax(&masked, D::Minus1).unwrap();
+                if let Some((p, seed)) = dropout {
+                    probs = seeded_dropout(&probs, p, seed).unwrap();
+                }
+                let ctx = probs.matmul(&split(v)).unwrap().transpose(1, 2).unwrap();
+                ctx.reshape((b * t, h)).unwrap()
             };
-            let (y1, dq1, dk1, dv1) = run(true);
-            let (y2, dq2, dk2, dv2) = run(false);
-            for (name, a, c) in [
-                ("y", &y1, &y2),
-                ("dq", &dq1, &dq2),
-                ("dk", &dk1, &dk2),
-                ("dv", &dv1, &dv2),
-            ] {
-                let diff = max_rel_diff(a, c);
-                assert!(diff < 1e-5, "{name} with dropout {dropout:?}: {diff}");
-            }
+            let what = format!("self-attention, dropout {dropout:?}");
+            assert_fused_matches_composed(&what, f, [&qkv[0], &qkv[1], &qkv[2]], &r);
         }
     }
 }

@@ -726,15 +726,17 @@ pub fn export(
     Ok(())
 }
 
-/// `kindling export RUN_DIR`: rebuilds the model from the newest checkpoint and re-exports.
+/// `kindling export RUN_DIR`: rebuilds the model from the newest valid checkpoint and re-exports.
 pub fn export_from_checkpoint(recipe: &Recipe, run_dir: &Path) -> Result<PathBuf, RecipeError> {
     let device = device(&recipe.device)?;
-    let ckpt = checkpoint::list(run_dir)
-        .pop()
-        .ok_or_else(|| RecipeError::Run {
-            path: run_dir.to_path_buf(),
-            msg: "no checkpoint to export from (checkpoints/step-*)".into(),
-        })?;
+    let (found, refused) = checkpoint::newest_valid(run_dir);
+    for e in refused {
+        eprintln!("warning: skipping a damaged checkpoint: {e}");
+    }
+    let ckpt = found.ok_or_else(|| RecipeError::Run {
+        path: run_dir.to_path_buf(),
+        msg: "no valid checkpoint to export from (checkpoints/step-*)".into(),
+    })?;
     let tokenizer = tok::load(&run_dir.join("tokenizer.json"))?;
     let specials = tok::special_tokens(&tokenizer)?;
     let config = bert_config(recipe, tokenizer.get_vocab_size(true), specials.pad)?;

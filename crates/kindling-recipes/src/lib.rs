@@ -93,7 +93,11 @@ pub struct RunReport {
 /// every run on the same corpus and settings gets the same tokenizer (the tokenizers crate's
 /// WordPiece trainer breaks ties differently in each process).
 pub fn cache_dir(recipe: &Recipe) -> PathBuf {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     env("KINDLING_CACHE")
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("kindling")))
         .or_else(|| env("HOME").map(|d| d.join(".cache").join("kindling")))

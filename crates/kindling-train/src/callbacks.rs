@@ -125,7 +125,7 @@ impl Callback for ProgressCallback {
         if let Some(b) = &self.bar {
             b.set_position(r.step);
             b.set_message(msg.clone());
-            if b.is_hidden() && (r.step % self.log_every == 0 || r.step == r.total_steps) {
+            if b.is_hidden() && (r.step.is_multiple_of(self.log_every) || r.step == r.total_steps) {
                 eprintln!(
                     "step {}/{} {msg} elapsed {:.0}s",
                     r.step, r.total_steps, r.elapsed_secs

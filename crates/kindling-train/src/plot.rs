@@ -75,6 +75,7 @@ pub fn draw_loss_plot(
         chart
             .configure_mesh()
             .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("nats")
             .draw()
             .map_err(plot_err)?;
@@ -120,6 +121,7 @@ pub fn draw_loss_plot(
             chart
                 .configure_mesh()
                 .x_desc("step")
+                .x_label_formatter(&|x| format!("{x:.0}"))
                 .y_label_formatter(&|y| format!("{y:.1e}"))
                 .draw()
                 .map_err(plot_err)?;

@@ -399,7 +399,7 @@ impl Trainer {
             }
             let mut last = step == cfg.steps || interrupted || time_up;
             let mut improved = false;
-            let eval_due = last || (cfg.eval_every > 0 && step % cfg.eval_every == 0);
+            let eval_due = last || (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every));
             if !eval.is_empty() && eval_due && !interrupted {
                 last_eval = Self::evaluate(obj, eval)?;
                 let rec = EvalRecord {
@@ -426,7 +426,7 @@ impl Trainer {
             if last
                 || improved
                 || interval_due
-                || (cfg.save_every > 0 && step % cfg.save_every == 0)
+                || (cfg.save_every > 0 && step.is_multiple_of(cfg.save_every))
             {
                 last_save = Instant::now();
                 let state = TrainerState {
