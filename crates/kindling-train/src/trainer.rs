@@ -644,4 +644,103 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("step 4"), "{err}");
     }
+
+    fn fit_with(
+        obj: &Boring,
+        cfg: TrainConfig,
+        data: Vec<Batch>,
+        dir: &Path,
+        start: Option<TrainerState>,
+    ) -> FitSummary {
+        let mut t = Trainer::new(cfg, dir);
+        let mut opt = t.optimizer(obj).unwrap();
+        if let Some(s) = &start {
+            let ckpt = checkpoint::checkpoint_dir(dir, s.step);
+            checkpoint::load(&ckpt, &obj.varmap, Some(&mut opt), &Device::Cpu).unwrap();
+        }
+        let eval = vec![batch(999, 64)];
+        let skip = start.as_ref().map_or(0, |s| s.step as usize);
+        t.fit(
+            obj,
+            &mut data.into_iter().skip(skip),
+            &eval,
+            opt,
+            start,
+            &|_| serde_json::Value::Null,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn max_time_stops_the_run_with_a_checkpoint_and_an_eval() {
+        let dir = tempfile::tempdir().unwrap();
+        let obj = Boring::new();
+        let mut c = cfg(1_000_000, 1);
+        c.max_time = Some(Duration::from_millis(200));
+        let data = (0..1_000_000).map(|i| batch(i, 8));
+        let mut t = Trainer::new(c, dir.path());
+        let opt = t.optimizer(&obj).unwrap();
+        let eval = vec![batch(999, 64)];
+        let s = t
+            .fit(&obj, &mut data.into_iter(), &eval, opt, None, &|_| {
+                serde_json::Value::Null
+            })
+            .unwrap();
+        assert_eq!(s.stop, StopReason::MaxTime);
+        assert!(s.steps > 0 && s.steps < 1_000_000);
+        assert!(s.final_eval.contains_key("loss"));
+        let state = checkpoint::load_state(&s.last_checkpoint.unwrap()).unwrap();
+        assert_eq!(state.step, s.steps);
+        assert!(state.elapsed_secs >= 0.2);
+    }
+
+    #[test]
+    fn early_stopping_ends_the_run_after_patience_evals_without_improvement() {
+        let dir = tempfile::tempdir().unwrap();
+        let obj = Boring::new();
+        let mut c = cfg(100, 1);
+        c.eval_every = 5;
+        // The loss falls, so "bigger is better" never improves after the first eval.
+        c.monitor = Monitor {
+            metric: "loss".into(),
+            goal: Goal::Max,
+            patience: 3,
+            min_delta: 0.0,
+        };
+        c.keep_last = 1;
+        let data = (0..100).map(|i| batch(i, 16)).collect();
+        let s = fit_with(&obj, c, data, dir.path(), None);
+        assert_eq!(s.stop, StopReason::EarlyStopped);
+        assert_eq!(
+            s.steps, 20,
+            "evals at 5 (best), 10, 15, 20 (third without improvement)"
+        );
+        let best = s.best.unwrap();
+        assert_eq!((best.step, best.evals_without_improvement), (5, 3));
+        // The best checkpoint is kept beside the newest one.
+        let kept: Vec<_> = checkpoint::list(dir.path())
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(kept, ["step-00000005", "step-00000020"]);
+    }
+
+    #[test]
+    fn resuming_from_a_checkpoint_gives_the_same_weights_as_running_straight_through() {
+        let data: Vec<Batch> = (0..12).map(|i| batch(i, 16)).collect();
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let straight = Boring::new();
+        fit_with(&straight, cfg(12, 1), data.clone(), d1.path(), None);
+
+        // A run of the same length that keeps its step-5 checkpoint.
+        let mut c = cfg(12, 1);
+        c.save_every = 5;
+        c.keep_last = 10;
+        let first = Boring::new();
+        fit_with(&first, c, data.clone(), d2.path(), None);
+        let state = checkpoint::load_state(&checkpoint::checkpoint_dir(d2.path(), 5)).unwrap();
+        let resumed = Boring::new(); // fresh weights: the checkpoint must restore everything
+        fit_with(&resumed, cfg(12, 1), data, d2.path(), Some(state));
+        assert_eq!(weights(&resumed), weights(&straight));
+    }
 }
