@@ -38,6 +38,24 @@ enum Command {
         #[arg(long, value_name = "auto|PATH")]
         resume: Option<String>,
     },
+    /// Sentence embeddings from a BERT folder (an export, or an HF folder such as
+    /// all-MiniLM-L6-v2): one JSON line {"text", "embedding"} per input line.
+    Embed {
+        /// The model folder (config.json, model.safetensors, tokenizer.json or vocab.txt).
+        model: PathBuf,
+        /// A text file, one input per line.
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write the JSONL (default: standard output).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// `mean` over tokens or the `cls` vector.
+        #[arg(long, default_value = "mean", value_parser = ["mean", "cls"])]
+        pooling: String,
+        /// Skip the L2 normalisation.
+        #[arg(long)]
+        no_normalize: bool,
+    },
     /// Rewrite a run's export folder from its newest checkpoint.
     Export {
         /// The run folder, e.g. runs/bert-mini-mlm.
@@ -110,6 +128,40 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     "baseline": report.baseline.map(|(k, v)| serde_json::json!({k: v})),
                 })
             );
+        }
+        Command::Embed {
+            model,
+            input,
+            output,
+            pooling,
+            no_normalize,
+        } => {
+            let text = std::fs::read_to_string(&input)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+            let lines: Vec<String> = text.lines().map(String::from).collect();
+            let opts = kindling_recipes::embed::EmbedOptions {
+                mean: pooling == "mean",
+                normalize: !no_normalize,
+            };
+            let (vectors, report) = kindling_recipes::embed::embed_texts(&model, &lines, opts)?;
+            if !report.unused.is_empty() {
+                eprintln!(
+                    "note: {} tensors of the file are not used by the encoder: {:?}",
+                    report.unused.len(),
+                    report.unused
+                );
+            }
+            let mut out = String::new();
+            for (text, v) in lines.iter().zip(vectors) {
+                out.push_str(&serde_json::json!({ "text": text, "embedding": v }).to_string());
+                out.push('\n');
+            }
+            match output {
+                Some(p) => {
+                    std::fs::write(&p, out).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+                }
+                None => print!("{out}"),
+            }
         }
         Command::Export { run_dir } => {
             let dir = kindling_recipes::export_run(&run_dir)?;

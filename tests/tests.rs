@@ -5,6 +5,7 @@ mod common;
 mod end_to_end;
 mod export;
 mod fuzz;
+mod import;
 mod masking;
 mod model;
 mod recipe_errors;

@@ -7,6 +7,7 @@
 
 pub mod bert;
 pub mod export;
+pub mod import;
 pub mod init;
 pub mod nn;
 pub mod ops;

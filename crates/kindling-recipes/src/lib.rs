@@ -3,6 +3,7 @@
 
 pub mod bert_mlm;
 pub mod card;
+pub mod embed;
 pub mod recipe;
 
 use std::path::PathBuf;

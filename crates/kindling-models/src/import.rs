@@ -1,0 +1,151 @@
+//! Loading any Hugging Face BERT-family folder (config.json + model.safetensors): Kindling's own
+//! exports, `BertModel` checkpoints without the `bert.` prefix (all-MiniLM-L6-v2), and
+//! `BertForMaskedLM` / `BertForSequenceClassification` checkpoints with it.
+//!
+//! The weights go into a `VarMap`, so an imported model trains like a fresh one. Like HF's
+//! `from_pretrained`, loading reports the model's tensors the file lacks (`missing`) and the
+//! file's tensors the model does not use (`unused`: a pooler, an MLM head, a classifier).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::bert::{BertConfig, BertModel};
+use crate::{ModelError, Result};
+
+/// Which of the model's tensors were not in the file, and which of the file's were not used.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyReport {
+    pub missing: Vec<String>,
+    pub unused: Vec<String>,
+}
+
+/// A BERT encoder loaded from a folder, trainable.
+pub struct ImportedBert {
+    pub model: BertModel,
+    pub config: BertConfig,
+    pub varmap: VarMap,
+    /// `"bert."` when the file's names carry the prefix of HF's task models, else `""`.
+    pub prefix: String,
+    pub report: KeyReport,
+}
+
+/// Buffers HF writes beside the weights (not parameters).
+fn is_buffer(name: &str) -> bool {
+    name.ends_with("position_ids")
+}
+
+/// Reads `config.json` as an HF `BertConfig`.
+pub fn read_config(dir: &Path) -> Result<BertConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let cfg: BertConfig = serde_json::from_str(&text).map_err(|e| ModelError::File {
+        path: path.clone(),
+        msg: format!("not a BERT config: {e}"),
+    })?;
+    cfg.validate().map_err(|e| ModelError::File {
+        path,
+        msg: e.to_string(),
+    })?;
+    Ok(cfg)
+}
+
+/// Loads the encoder of the BERT folder `dir`. Missing encoder tensors are an error (an encoder
+/// with random layers would only look loaded); unused ones are reported.
+pub fn load_bert(dir: &Path, device: &Device) -> Result<ImportedBert> {
+    let config = read_config(dir)?;
+    let path = dir.join("model.safetensors");
+    if !path.is_file() {
+        return Err(ModelError::File {
+            path,
+            msg: "no such file (a BERT folder needs config.json and model.safetensors)".into(),
+        });
+    }
+    let tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(&path, device).map_err(|e| ModelError::File {
+            path: path.clone(),
+            msg: format!("not a readable safetensors file: {e}"),
+        })?;
+    let prefix = if tensors.keys().any(|k| k.starts_with("bert.")) {
+        "bert."
+    } else {
+        ""
+    };
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let vb = if prefix.is_empty() { vb } else { vb.pp("bert") };
+    let model = BertModel::load(vb, &config)?;
+    let mut report = KeyReport::default();
+    let mut used = BTreeSet::new();
+    {
+        let data = varmap.data().lock().expect("varmap lock poisoned");
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for name in names {
+            match tensors.get(name) {
+                Some(t) if t.dims() == data[name].dims() => {
+                    data[name].set(&t.to_dtype(DType::F32)?)?;
+                    used.insert(name.clone());
+                }
+                Some(t) => {
+                    return Err(ModelError::File {
+                        path,
+                        msg: format!(
+                            "`{name}` has shape {:?}, config.json implies {:?}",
+                            t.dims(),
+                            data[name].dims()
+                        ),
+                    })
+                }
+                None => report.missing.push(name.clone()),
+            }
+        }
+    }
+    report.unused = tensors
+        .keys()
+        .filter(|k| !used.contains(*k) && !is_buffer(k))
+        .cloned()
+        .collect();
+    report.unused.sort();
+    if !report.missing.is_empty() {
+        return Err(ModelError::File {
+            path,
+            msg: format!(
+                "the encoder's tensors {:?} are missing{}",
+                &report.missing[..report.missing.len().min(5)],
+                if report.missing.len() > 5 {
+                    " (and more)"
+                } else {
+                    ""
+                }
+            ),
+        });
+    }
+    Ok(ImportedBert {
+        model,
+        config,
+        varmap,
+        prefix: prefix.into(),
+        report,
+    })
+}
+
+/// Sentence embeddings from the last hidden states `(tokens, hidden)` of one sequence: the mean
+/// over tokens (`mean`) or the [CLS] vector, L2-normalised when `normalize`.
+pub fn pool(hidden: &Tensor, mean: bool, normalize: bool) -> Result<Tensor> {
+    let v = if mean {
+        hidden.mean(0)?
+    } else {
+        hidden.get(0)?
+    };
+    if !normalize {
+        return Ok(v);
+    }
+    let norm = v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?.max(1e-12);
+    Ok((v / norm as f64)?)
+}
