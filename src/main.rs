@@ -56,6 +56,14 @@ enum Command {
         #[arg(long)]
         no_normalize: bool,
     },
+    /// The most likely tokens at each [MASK] of a text, from a BertForMaskedLM folder (an export).
+    FillMask {
+        model: PathBuf,
+        text: String,
+        /// Candidates per [MASK].
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+    },
     /// Rewrite a run's export folder from its newest checkpoint.
     Export {
         /// The run folder, e.g. runs/bert-mini-mlm.
@@ -162,6 +170,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 None => print!("{out}"),
             }
+        }
+        Command::FillMask { model, text, top_k } => {
+            let found = kindling_recipes::embed::fill_mask(&model, &text, top_k)?;
+            println!("{}", serde_json::to_string_pretty(&found)?);
         }
         Command::Export { run_dir } => {
             let dir = kindling_recipes::export_run(&run_dir)?;

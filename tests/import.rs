@@ -104,3 +104,18 @@ fn a_folder_without_weights_or_with_a_bad_config_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn fill_mask_ranks_candidates_by_probability_and_needs_a_mask() {
+    let export = shared_tiny_run().join("export");
+    let found =
+        kindling_recipes::embed::fill_mask(&export, "she was [MASK] to see him .", 4).unwrap();
+    assert_eq!(found.len(), 1, "one [MASK]");
+    let scores: Vec<f32> = found[0].iter().map(|c| c.score).collect();
+    assert_eq!(scores.len(), 4);
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    assert!(scores.iter().all(|s| *s > 0.0 && *s <= 1.0));
+    assert!(scores.iter().sum::<f32>() <= 1.0 + 1e-5);
+    let err = kindling_recipes::embed::fill_mask(&export, "no mask here", 4).unwrap_err();
+    assert!(err.to_string().contains("no [MASK]"), "{err}");
+}

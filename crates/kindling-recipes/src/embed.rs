@@ -54,3 +54,70 @@ pub fn embed_texts(
     }
     Ok((out, bert.report))
 }
+
+/// One candidate for a `[MASK]`: the token and its probability.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FillMask {
+    pub token: String,
+    pub score: f32,
+}
+
+/// `kindling fill-mask`: the `k` most likely tokens at each `[MASK]` of `text`, from a
+/// `BertForMaskedLM` folder (as HF's fill-mask pipeline).
+pub fn fill_mask(
+    model_dir: &Path,
+    text: &str,
+    k: usize,
+) -> Result<Vec<Vec<FillMask>>, RecipeError> {
+    let device = Device::Cpu;
+    let config = import::read_config(model_dir)?;
+    let weights = model_dir.join("model.safetensors");
+    let tensors =
+        candle_core::safetensors::load(&weights, &device).map_err(|e| RecipeError::Run {
+            path: weights.clone(),
+            msg: e.to_string(),
+        })?;
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &device);
+    let model =
+        kindling_models::BertForMaskedLM::load(vb, &config).map_err(|e| RecipeError::Run {
+            path: weights.clone(),
+            msg: format!(
+                "not a BertForMaskedLM checkpoint (needs bert.* and cls.predictions.*): {e}"
+            ),
+        })?;
+    let tokenizer = tok::load(model_dir)?;
+    let mask = tok::special_tokens(&tokenizer)?.mask;
+    let enc = tokenizer.encode(text, true).map_err(|e| RecipeError::Run {
+        path: model_dir.to_path_buf(),
+        msg: format!("tokenizing {text:?}: {e}"),
+    })?;
+    let ids = enc.get_ids();
+    let at: Vec<u32> = (0..ids.len() as u32)
+        .filter(|&i| ids[i as usize] == mask)
+        .collect();
+    if at.is_empty() {
+        return Err(RecipeError::Invalid {
+            key: "text".into(),
+            msg: format!("{text:?} has no [MASK] token"),
+        });
+    }
+    let input = Tensor::from_slice(ids, (1, ids.len()), &device)?;
+    let positions = Tensor::from_slice(&at, at.len(), &device)?;
+    let logits = model.forward_t(&input, None, Some(&positions), Mode::Eval)?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+    Ok(probs
+        .into_iter()
+        .map(|row| {
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            order
+                .into_iter()
+                .take(k)
+                .map(|i| FillMask {
+                    token: tokenizer.id_to_token(i as u32).unwrap_or_default(),
+                    score: row[i],
+                })
+                .collect()
+        })
+        .collect())
+}
