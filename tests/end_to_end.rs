@@ -102,3 +102,28 @@ fn every_shipped_recipe_parses_and_names_an_objective() {
     }
     assert!(seen >= 3, "found {seen} recipes");
 }
+
+#[test]
+fn max_epochs_caps_the_steps_at_that_many_passes_over_the_training_split() {
+    let runs = tempfile::tempdir().unwrap();
+    crate::common::run_tiny(
+        runs.path(),
+        &[
+            "train.max_epochs=1",
+            "train.steps=100000",
+            "train.eval_every=0",
+        ],
+    );
+    let data: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(runs.path().join("bert-tiny-mlm/data.json")).unwrap(),
+    )
+    .unwrap();
+    let per_epoch = data["train_blocks"].as_u64().unwrap() / 16;
+    let last = runs
+        .path()
+        .join(format!("bert-tiny-mlm/checkpoints/step-{per_epoch:08}"));
+    assert!(
+        last.is_dir(),
+        "the run ends after one epoch, at step {per_epoch}"
+    );
+}

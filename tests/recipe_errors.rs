@@ -265,3 +265,20 @@ fn a_device_or_precision_this_build_cannot_use_is_named() {
         &["`precision`", "slower than f32"],
     );
 }
+
+#[test]
+fn an_out_of_range_setting_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = format!("runs_dir=\"{}\"", dir.path().display());
+    fails_with(
+        &[
+            "pretrain",
+            TINY,
+            "--set",
+            &runs,
+            "--set",
+            "data.mask.rate=1.5",
+        ],
+        &["data.mask.rate", "must be in (0, 1), got 1.5"],
+    );
+}
