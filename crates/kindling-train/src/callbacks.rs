@@ -310,14 +310,35 @@ impl PlotCallback {
     }
 
     fn draw(&self) -> Result<()> {
+        // Per-step losses are noisy at small batches: draw them faint, with an exponential
+        // moving average (weight 0.95 on the past, bias-corrected as Adam's moments are, so it
+        // does not lag at the start) on top.
+        let (mut num, mut den) = (0.0, 0.0);
+        let smoothed = self
+            .train
+            .iter()
+            .filter(|p| p.1.is_finite()) // a skipped update logs NaN
+            .map(|&(x, y)| {
+                num = 0.95 * num + 0.05 * y;
+                den = 0.95 * den + 0.05;
+                (x, num / den)
+            })
+            .collect();
         let curves = [
             Curve {
                 label: "train loss".into(),
                 points: self.train.clone(),
+                faint: true,
             },
             Curve {
                 label: "eval loss".into(),
                 points: self.eval.clone(),
+                faint: false,
+            },
+            Curve {
+                label: "train loss (EMA)".into(),
+                points: smoothed,
+                faint: false,
             },
         ];
         draw_loss_plot(&self.path, &curves, &self.references, &self.lr)

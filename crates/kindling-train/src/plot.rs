@@ -23,6 +23,8 @@ fn register_font() {
 pub struct Curve {
     pub label: String,
     pub points: Vec<(f64, f64)>,
+    /// Drawn thin and pale (raw per-step values under their smoothed line).
+    pub faint: bool,
 }
 
 fn plot_err<E: std::fmt::Display>(e: E) -> TrainError {
@@ -82,7 +84,11 @@ pub fn draw_loss_plot(
         let colours = [BLUE, RED, GREEN, MAGENTA];
         for (i, c) in curves.iter().enumerate() {
             let colour = colours[i % colours.len()];
-            let style = ShapeStyle::from(colour).stroke_width(2);
+            let style = if c.faint {
+                ShapeStyle::from(colour.mix(0.25)).stroke_width(1)
+            } else {
+                ShapeStyle::from(colour).stroke_width(2)
+            };
             chart
                 .draw_series(LineSeries::new(c.points.iter().copied(), style))
                 .map_err(plot_err)?
