@@ -864,6 +864,8 @@ impl CustomOp3 for SelfAttention {
             .for_each(|(bi, (dq, (dk, dv)))| {
                 let (mut y, mut p, mut ds) =
                     (vec![0f32; t * t], vec![0f32; t * t], vec![0f32; t * t]);
+                // dP of one row, read while the row is overwritten with dS.
+                let mut grow = vec![0f32; t];
                 for hd in 0..self.heads {
                     self.head_probs(bi, hd, qs, ks, &mut y, &mut p);
                     let base = bi * t * h + hd * d;
@@ -896,7 +898,7 @@ impl CustomOp3 for SelfAttention {
                     // dS = scale * y * (dropout(dP) - rowsum(y * dropout(dP)))
                     for i in 0..t {
                         let row = &mut ds[i * t..(i + 1) * t];
-                        let grow = row.to_vec();
+                        grow.copy_from_slice(row);
                         let offset = ((bi * self.heads + hd) * t + i) * t;
                         attention_row_grad(&self.probs, row, &y[i * t..(i + 1) * t], &grow, offset);
                     }

@@ -469,7 +469,8 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     let steps_per_epoch =
         (train_blocks.len() / (t.batch_size * t.grad_accum.max(1) as usize)) as u64;
     let resumed_at = match &resume_from {
-        Some(dir) => Some(checkpoint::load_state(dir)?.step),
+        // resume_checkpoint verified it; only `load` below hashes the files again.
+        Some(dir) => Some(checkpoint::read_verified_state(dir)?.step),
         None => None,
     };
     let mut trainer = trainer_for(

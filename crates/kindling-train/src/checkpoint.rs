@@ -253,7 +253,22 @@ pub fn newest_valid(run_dir: &Path) -> (Option<PathBuf>, Vec<TrainError>) {
 
 /// A checkpoint's `state.json`, verified (no tensors are loaded).
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
-    let raw = verify(dir)?;
+    parse_state(dir, verify(dir)?)
+}
+
+/// The `state.json` of a checkpoint [`verify`] has already passed, read without hashing the
+/// tensor files again.
+pub fn read_verified_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join("state.json");
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let raw = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        msg: format!("state.json: {e}"),
+    })?;
+    parse_state(dir, raw)
+}
+
+fn parse_state(dir: &Path, raw: serde_json::Value) -> Result<TrainerState> {
     serde_json::from_value(raw).map_err(|e| TrainError::Checkpoint {
         path: dir.to_path_buf(),
         msg: format!("state.json: {e}"),
