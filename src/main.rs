@@ -38,6 +38,27 @@ enum Command {
         #[arg(long, value_name = "auto|PATH")]
         resume: Option<String>,
     },
+    /// Fine-tune a classifier from a BERT folder (a recipe: recipes/finetune-*.toml); prints test
+    /// accuracy, macro-F1 and the confusion matrix, and exports an HF folder.
+    Finetune {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Replace a run already in the run folder.
+        #[arg(long)]
+        overwrite: bool,
+        /// Also run the same recipe from a randomly initialised model of the same shape
+        /// (run `<name>-random`) and print both results side by side.
+        #[arg(long)]
+        compare_random: bool,
+    },
+    /// Linear probe: frozen embeddings of a BERT folder, a logistic regression on them (the
+    /// recipe's [model], [data] and [probe] sections); prints test accuracy.
+    Probe {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Sentence embeddings from a BERT folder (an export, or an HF folder such as
     /// all-MiniLM-L6-v2): one JSON line {"text", "embedding"} per input line.
     Embed {
@@ -46,7 +67,8 @@ enum Command {
         /// A text file, one input per line.
         #[arg(long)]
         input: PathBuf,
-        /// Where to write the JSONL (default: standard output).
+        /// Where to write: `.npy` (a float32 matrix, one row per line) or JSONL (default:
+        /// standard output).
         #[arg(long)]
         output: Option<PathBuf>,
         /// `mean` over tokens or the `cls` vector.
@@ -137,6 +159,56 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 })
             );
         }
+        Command::Finetune {
+            recipe,
+            overrides,
+            overwrite,
+            compare_random,
+        } => {
+            use kindling_recipes::finetune::{self, FinetuneRecipe};
+            let recipe = FinetuneRecipe::load(&recipe, &overrides)?;
+            let (flag, which) = install_signal_handlers()?;
+            let opts = RunOptions {
+                overwrite,
+                resume: None,
+                stop_flag: Some(flag.clone()),
+            };
+            let interrupted = |flag: &AtomicBool| flag.load(Ordering::SeqCst);
+            if compare_random {
+                let (a, b) = finetune::compare_with_random(&recipe, &opts)?;
+                if interrupted(&flag) {
+                    return Ok(128 + which.load(Ordering::SeqCst) as u8);
+                }
+                print!("{}", finetune::comparison_table(&a, &b));
+            } else {
+                let r = finetune::finetune(&recipe, &opts)?;
+                if interrupted(&flag) {
+                    return Ok(128 + which.load(Ordering::SeqCst) as u8);
+                }
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "run": r.name, "steps": r.steps, "elapsed_s": r.elapsed_secs,
+                        "test": r.test, "export_dir": r.export_dir,
+                        "best_validation": r.best_validation,
+                    })
+                );
+            }
+        }
+        Command::Probe { recipe, overrides } => {
+            let recipe = kindling_recipes::finetune::FinetuneRecipe::load(&recipe, &overrides)?;
+            let r = kindling_recipes::probe::probe(&recipe)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": recipe.model.path, "init": format!("{:?}", recipe.model.init).to_lowercase(),
+                    "test_accuracy": r.accuracy, "test_macro_f1": r.macro_f1,
+                    "validation_accuracy": r.validation_accuracy, "l2": r.l2, "dims": r.dims,
+                    "train_rows": r.train_rows, "test_majority": r.test_majority,
+                    "embed_s": r.embed_secs, "fit_s": r.fit_secs,
+                })
+            );
+        }
         Command::Embed {
             model,
             input,
@@ -158,6 +230,21 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     report.unused.len(),
                     report.unused
                 );
+            }
+            if let Some(p) = output
+                .as_ref()
+                .filter(|p| p.extension().is_some_and(|e| e == "npy"))
+            {
+                let dims = vectors.first().map_or(0, Vec::len);
+                let flat: Vec<f32> = vectors.into_iter().flatten().collect();
+                candle_core::Tensor::from_vec(
+                    flat,
+                    (lines.len(), dims),
+                    &candle_core::Device::Cpu,
+                )?
+                .write_npy(p)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                return Ok(0);
             }
             let mut out = String::new();
             for (text, v) in lines.iter().zip(vectors) {

@@ -4,6 +4,7 @@
 mod common;
 mod end_to_end;
 mod export;
+mod finetune;
 mod fuzz;
 mod import;
 mod masking;

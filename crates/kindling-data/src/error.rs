@@ -22,6 +22,15 @@ pub enum DataError {
     Tokenizer(String),
     #[error("tokenizer {}: {msg}", path.display())]
     TokenizerFile { path: PathBuf, msg: String },
+    #[error("{}:{line}: {msg}", path.display())]
+    Row {
+        path: PathBuf,
+        /// 1-based line of the file (the header is line 1 in TSV/CSV).
+        line: u64,
+        msg: String,
+    },
+    #[error("{}: {msg}", path.display())]
+    Table { path: PathBuf, msg: String },
     #[error("invalid data setting `{key}`: {msg}")]
     Config { key: &'static str, msg: String },
 }

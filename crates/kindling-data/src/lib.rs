@@ -12,6 +12,7 @@
 
 pub mod corpus;
 pub mod error;
+pub mod labelled;
 pub mod loader;
 pub mod masking;
 pub mod packing;
@@ -19,6 +20,7 @@ pub mod tokenizer;
 
 pub use corpus::{Corpus, Document};
 pub use error::{DataError, Result};
+pub use labelled::{Example, LabelSet, TableSpec};
 pub use loader::{eval_batches, Cursor, MlmBatch, MlmLoader, Prefetch};
 pub use masking::{MaskConfig, MaskedBlock, Masker};
 pub use packing::{unigram_cross_entropy, PackedBlocks};

@@ -426,6 +426,97 @@ impl BertForMaskedLM {
     }
 }
 
+/// How a sequence becomes one vector for a classifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// HF's `BertPooler`: `tanh(dense([CLS]))`. What `BertForSequenceClassification` does, so an
+    /// export loads in transformers with the same logits.
+    Cls,
+    /// The mean of the hidden states over non-padding tokens (sentence-transformers' pooling).
+    /// transformers' `BertForSequenceClassification` has no such option: exports made with it
+    /// load there but compute different logits.
+    Mean,
+}
+
+/// HF `BertForSequenceClassification`: `bert` (+ `bert.pooler.dense` with [CLS] pooling),
+/// dropout, and `classifier` (hidden -> classes).
+#[derive(Debug, Clone)]
+pub struct BertForSequenceClassification {
+    pub bert: BertModel,
+    pooler: Option<Linear>,
+    dropout: Dropout,
+    classifier: Linear,
+    pub pooling: Pooling,
+}
+
+/// Dropout site of the classifier, apart from the encoder's `0 ..= 3 * layers`.
+const CLASSIFIER_DROPOUT_SITE: u64 = 1 << 32;
+
+impl BertForSequenceClassification {
+    /// `classifier_dropout`: HF's `config.classifier_dropout`, which defaults to
+    /// `hidden_dropout_prob`.
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &BertConfig,
+        num_labels: usize,
+        pooling: Pooling,
+        classifier_dropout: f64,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let bert = BertModel::load(vb.pp("bert"), cfg)?;
+        let pooler = match pooling {
+            Pooling::Cls => Some(Linear::load(h, h, vb.pp("bert").pp("pooler").pp("dense"))?),
+            Pooling::Mean => None,
+        };
+        Ok(BertForSequenceClassification {
+            bert,
+            pooler,
+            dropout: Dropout::new(classifier_dropout as f32, CLASSIFIER_DROPOUT_SITE),
+            classifier: Linear::load(h, num_labels, vb.pp("classifier"))?,
+            pooling,
+        })
+    }
+
+    /// The pooled vectors, (batch, hidden), before dropout and the classifier.
+    pub fn pooled(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let hidden = self
+            .bert
+            .forward_t(input_ids, None, Some(attention_mask), mode)?;
+        let h = hidden.dim(1)?;
+        let hidden = hidden.reshape((b, t, h))?;
+        Ok(match &self.pooler {
+            Some(dense) => dense
+                .forward(&hidden.narrow(1, 0, 1)?.squeeze(1)?)?
+                .tanh()?,
+            None => {
+                let m = attention_mask.to_dtype(hidden.dtype())?.unsqueeze(2)?; // (b, t, 1)
+                let count = m.sum(1)?.clamp(1.0, f64::MAX)?; // (b, 1)
+                hidden.broadcast_mul(&m)?.sum(1)?.broadcast_div(&count)?
+            }
+        })
+    }
+
+    /// Class logits, (batch, num_labels).
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let pooled = self.pooled(input_ids, attention_mask, mode)?;
+        Ok(self
+            .classifier
+            .forward(&self.dropout.forward_t(&pooled, mode)?)?)
+    }
+}
+
 /// Builds a `(batch, seq)` u32 tensor from flat ids.
 pub fn ids_tensor(ids: &[u32], batch: usize, seq: usize, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_slice(ids, (batch, seq), device)?)

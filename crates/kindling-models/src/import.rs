@@ -7,7 +7,7 @@
 //! file's tensors the model does not use (`unused`: a pooler, an MLM head, a classifier).
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -59,18 +59,7 @@ pub fn read_config(dir: &Path) -> Result<BertConfig> {
 /// with random layers would only look loaded); unused ones are reported.
 pub fn load_bert(dir: &Path, device: &Device) -> Result<ImportedBert> {
     let config = read_config(dir)?;
-    let path = dir.join("model.safetensors");
-    if !path.is_file() {
-        return Err(ModelError::File {
-            path,
-            msg: "no such file (a BERT folder needs config.json and model.safetensors)".into(),
-        });
-    }
-    let tensors: HashMap<String, Tensor> =
-        candle_core::safetensors::load(&path, device).map_err(|e| ModelError::File {
-            path: path.clone(),
-            msg: format!("not a readable safetensors file: {e}"),
-        })?;
+    let (path, tensors) = read_weights(dir, device)?;
     let prefix = if tensors.keys().any(|k| k.starts_with("bert.")) {
         "bert."
     } else {
@@ -80,38 +69,7 @@ pub fn load_bert(dir: &Path, device: &Device) -> Result<ImportedBert> {
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let vb = if prefix.is_empty() { vb } else { vb.pp("bert") };
     let model = BertModel::load(vb, &config)?;
-    let mut report = KeyReport::default();
-    let mut used = BTreeSet::new();
-    {
-        let data = varmap.data().lock().expect("varmap lock poisoned");
-        let mut names: Vec<&String> = data.keys().collect();
-        names.sort();
-        for name in names {
-            match tensors.get(name) {
-                Some(t) if t.dims() == data[name].dims() => {
-                    data[name].set(&t.to_dtype(DType::F32)?)?;
-                    used.insert(name.clone());
-                }
-                Some(t) => {
-                    return Err(ModelError::File {
-                        path,
-                        msg: format!(
-                            "`{name}` has shape {:?}, config.json implies {:?}",
-                            t.dims(),
-                            data[name].dims()
-                        ),
-                    })
-                }
-                None => report.missing.push(name.clone()),
-            }
-        }
-    }
-    report.unused = tensors
-        .keys()
-        .filter(|k| !used.contains(*k) && !is_buffer(k))
-        .cloned()
-        .collect();
-    report.unused.sort();
+    let report = copy_tensors(&varmap, &tensors, &path)?;
     if !report.missing.is_empty() {
         return Err(ModelError::File {
             path,
@@ -133,6 +91,68 @@ pub fn load_bert(dir: &Path, device: &Device) -> Result<ImportedBert> {
         prefix: prefix.into(),
         report,
     })
+}
+
+/// Copies the tensors of `tensors` (read from `path`) into the variables of `varmap` with the
+/// same name, or, for a `bert.`-prefixed variable, the unprefixed name (HF's base `BertModel`
+/// checkpoints, such as all-MiniLM-L6-v2, carry no prefix). A shape that differs from the
+/// model's is an error; names on either side without a partner are reported.
+pub fn copy_tensors(
+    varmap: &VarMap,
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<KeyReport> {
+    let mut report = KeyReport::default();
+    let mut used = BTreeSet::new();
+    let data = varmap.data().lock().expect("varmap lock poisoned");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let found = [Some(name.as_str()), name.strip_prefix("bert.")]
+            .into_iter()
+            .flatten()
+            .find_map(|n| tensors.get(n).map(|t| (n, t)));
+        match found {
+            Some((key, t)) if t.dims() == data[name].dims() => {
+                data[name].set(&t.to_dtype(DType::F32)?)?;
+                used.insert(key.to_string());
+            }
+            Some((key, t)) => {
+                return Err(ModelError::File {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "`{key}` has shape {:?}, the model (config.json) needs {:?}",
+                        t.dims(),
+                        data[name].dims()
+                    ),
+                })
+            }
+            None => report.missing.push(name.clone()),
+        }
+    }
+    report.unused = tensors
+        .keys()
+        .filter(|k| !used.contains(*k) && !is_buffer(k))
+        .cloned()
+        .collect();
+    report.unused.sort();
+    Ok(report)
+}
+
+/// Reads `dir/model.safetensors`.
+pub fn read_weights(dir: &Path, device: &Device) -> Result<(PathBuf, HashMap<String, Tensor>)> {
+    let path = dir.join("model.safetensors");
+    if !path.is_file() {
+        return Err(ModelError::File {
+            path,
+            msg: "no such file (a BERT folder needs config.json and model.safetensors)".into(),
+        });
+    }
+    let tensors = candle_core::safetensors::load(&path, device).map_err(|e| ModelError::File {
+        path: path.clone(),
+        msg: format!("not a readable safetensors file: {e}"),
+    })?;
+    Ok((path, tensors))
 }
 
 /// Sentence embeddings from the last hidden states `(tokens, hidden)` of one sequence: the mean

@@ -12,7 +12,7 @@ pub mod init;
 pub mod nn;
 pub mod ops;
 
-pub use bert::{BertConfig, BertForMaskedLM, BertModel};
+pub use bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, Pooling};
 pub use kindling_core::Mode;
 
 /// Errors of model building and export.

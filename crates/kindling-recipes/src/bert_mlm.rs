@@ -221,7 +221,7 @@ fn check_memory(recipe: &Recipe, config: &BertConfig) -> Result<(), RecipeError>
     }
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
     move |source| RecipeError::Io {
         path: path.to_path_buf(),
         source,
@@ -235,7 +235,16 @@ fn prepare_run_dir(
     opts: &RunOptions,
     resuming: bool,
 ) -> Result<PathBuf, RecipeError> {
-    let dir = recipe.run_dir();
+    prepare_run_folder(recipe.run_dir(), &recipe.to_toml(), opts, resuming)
+}
+
+/// [`prepare_run_dir`] for any recipe type: `toml` is the resolved recipe.
+pub(crate) fn prepare_run_folder(
+    dir: PathBuf,
+    toml: &str,
+    opts: &RunOptions,
+    resuming: bool,
+) -> Result<PathBuf, RecipeError> {
     if !resuming && !checkpoint::list(&dir).is_empty() {
         if !opts.overwrite {
             return Err(RecipeError::RunExists { path: dir });
@@ -254,7 +263,7 @@ fn prepare_run_dir(
         }
     }
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    kindling_models::export::write_atomic(&dir.join("recipe.toml"), recipe.to_toml().as_bytes())?;
+    kindling_models::export::write_atomic(&dir.join("recipe.toml"), toml.as_bytes())?;
     Ok(dir)
 }
 
@@ -461,7 +470,11 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         vocab_size,
         recipe.seed,
     )?);
-    let mut eval = eval_batches(&eval_blocks, &masker, t.eval_batch_size.max(1));
+    let eval_masker = match &recipe.data.eval_mask {
+        Some(m) => Arc::new(Masker::new(m.clone(), &specials, vocab_size, recipe.seed)?),
+        None => masker.clone(),
+    };
+    let mut eval = eval_batches(&eval_blocks, &eval_masker, t.eval_batch_size.max(1));
     if t.max_eval_batches > 0 {
         eval.truncate(t.max_eval_batches);
     }

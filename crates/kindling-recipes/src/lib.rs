@@ -4,6 +4,8 @@
 pub mod bert_mlm;
 pub mod card;
 pub mod embed;
+pub mod finetune;
+pub mod probe;
 pub mod recipe;
 
 use std::path::PathBuf;

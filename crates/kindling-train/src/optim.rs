@@ -39,6 +39,8 @@ struct Slot {
     decay: bool,
     m: Tensor,
     v: Tensor,
+    /// Multiplies the schedule's rate for this parameter (layer-wise lr decay); 1 by default.
+    lr_scale: f64,
 }
 
 /// AdamW over a fixed, named set of parameters.
@@ -63,6 +65,7 @@ impl AdamW {
                     decay,
                     m,
                     v,
+                    lr_scale: 1.0,
                 })
             })
             .collect::<candle_core::Result<_>>()?;
@@ -71,6 +74,14 @@ impl AdamW {
 
     pub fn config(&self) -> &AdamWConfig {
         &self.cfg
+    }
+
+    /// Sets each parameter's learning-rate multiplier from its name (layer-wise lr decay: lower
+    /// layers move less). Not part of the saved state: the recipe sets it again on resume.
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        for s in &mut self.slots {
+            s.lr_scale = scale(&s.name);
+        }
     }
 
     /// Applies one update with learning rate `lr`. Parameters without a gradient are skipped
@@ -85,6 +96,7 @@ impl AdamW {
                 continue;
             };
             let g = g.detach();
+            let lr = lr * s.lr_scale;
             let lr_decay = if s.decay {
                 1.0 - lr * self.cfg.weight_decay
             } else {

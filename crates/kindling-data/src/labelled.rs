@@ -1,0 +1,381 @@
+//! Labelled text for fine-tuning and probing: a table (TSV, CSV or JSONL, optionally gzip'd)
+//! with one or more text columns and a label column, read into examples that remember their
+//! line, so a bad row is reported as `file:line`.
+//!
+//! Labels are strings (`"4"`, `"positive"`); the classes come from the recipe or, when it names
+//! none, from the training rows (numbers in numeric order, other labels sorted), and a class seen
+//! only in the test rows is an error rather than a silent extra output.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{DataError, Result};
+
+/// Where a table is and which columns to read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSpec {
+    /// The file: `.tsv`, `.csv` or `.jsonl` (`.gz` after any of them is decompressed).
+    pub path: PathBuf,
+    /// `tsv`, `csv` or `jsonl`; unset: from the file name.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Text columns, joined with a space in this order (empty cells are left out), e.g.
+    /// `["title", "text"]`.
+    pub text_columns: Vec<String>,
+    pub label_column: String,
+    /// A column naming each row's split (`train`, `test`); unset: every row is training data.
+    #[serde(default)]
+    pub split_column: Option<String>,
+}
+
+/// One row: its text, its label as written, its split, and its line in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub text: String,
+    pub label: String,
+    pub split: Option<String>,
+    pub line: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Format {
+    Tsv,
+    Csv,
+    Jsonl,
+}
+
+fn format_of(spec: &TableSpec) -> Result<Format> {
+    let name = match &spec.format {
+        Some(f) => f.to_ascii_lowercase(),
+        None => {
+            let file = spec.path.to_string_lossy().to_ascii_lowercase();
+            let file = file.strip_suffix(".gz").unwrap_or(&file).to_string();
+            file.rsplit('.').next().unwrap_or_default().to_string()
+        }
+    };
+    match name.as_str() {
+        "tsv" | "tab" => Ok(Format::Tsv),
+        "csv" => Ok(Format::Csv),
+        "jsonl" | "ndjson" | "json" => Ok(Format::Jsonl),
+        other => Err(DataError::Table {
+            path: spec.path.clone(),
+            msg: format!(
+                "unknown table format `{other}`: expected tsv, csv or jsonl (set data.format)"
+            ),
+        }),
+    }
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut out = Vec::with_capacity(raw.len() * 3);
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| DataError::io(path, e))?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// Reads every row of the table. A row without a label, or without any text, is an error
+/// naming its line; so is a missing column (naming the columns the file has).
+pub fn read_examples(spec: &TableSpec) -> Result<Vec<Example>> {
+    if spec.text_columns.is_empty() {
+        return Err(DataError::Table {
+            path: spec.path.clone(),
+            msg: "data.text_columns is empty: name at least one text column".into(),
+        });
+    }
+    let bytes = read_bytes(&spec.path)?;
+    let rows = match format_of(spec)? {
+        Format::Jsonl => read_jsonl(spec, &bytes)?,
+        f => read_delimited(spec, &bytes, if f == Format::Tsv { b'\t' } else { b',' })?,
+    };
+    if rows.is_empty() {
+        return Err(DataError::Table {
+            path: spec.path.clone(),
+            msg: "no rows".into(),
+        });
+    }
+    Ok(rows)
+}
+
+/// Builds an example from the cells of one row (`get` looks a column up by name).
+fn example(spec: &TableSpec, line: u64, get: impl Fn(&str) -> Option<String>) -> Result<Example> {
+    let row_err = |msg: String| DataError::Row {
+        path: spec.path.clone(),
+        line,
+        msg,
+    };
+    let label = get(&spec.label_column).unwrap_or_default();
+    let label = label.trim();
+    if label.is_empty() {
+        return Err(row_err(format!(
+            "missing label (column `{}` is empty)",
+            spec.label_column
+        )));
+    }
+    let parts: Vec<String> = spec
+        .text_columns
+        .iter()
+        .filter_map(|c| get(c))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if parts.is_empty() {
+        return Err(row_err(format!(
+            "no text (columns {:?} are all empty)",
+            spec.text_columns
+        )));
+    }
+    Ok(Example {
+        text: parts.join(" "),
+        label: label.to_string(),
+        split: spec
+            .split_column
+            .as_ref()
+            .and_then(|c| get(c))
+            .map(|s| s.trim().to_string()),
+        line,
+    })
+}
+
+fn read_delimited(spec: &TableSpec, bytes: &[u8], delimiter: u8) -> Result<Vec<Example>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .has_headers(true)
+        .from_reader(bytes);
+    let table_err = |msg: String| DataError::Table {
+        path: spec.path.clone(),
+        msg,
+    };
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| table_err(format!("cannot read the header line: {e}")))?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let column = |name: &str| -> Result<usize> {
+        header.iter().position(|h| h == name).ok_or_else(|| {
+            table_err(format!(
+                "no column `{name}` in the header (columns: {})",
+                header.join(", ")
+            ))
+        })
+    };
+    let text_idx: Vec<(String, usize)> = spec
+        .text_columns
+        .iter()
+        .map(|c| Ok((c.clone(), column(c)?)))
+        .collect::<Result<_>>()?;
+    let label_idx = column(&spec.label_column)?;
+    let split_idx = spec.split_column.as_deref().map(column).transpose()?;
+    let mut out = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| {
+            let line = e.position().map(|p| p.line()).unwrap_or(0);
+            DataError::Row {
+                path: spec.path.clone(),
+                line,
+                msg: format!("malformed row: {e}"),
+            }
+        })?;
+        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        out.push(example(spec, line, |name| {
+            let idx = if name == spec.label_column {
+                Some(label_idx)
+            } else if Some(name) == spec.split_column.as_deref() {
+                split_idx
+            } else {
+                text_idx.iter().find(|(c, _)| c == name).map(|(_, i)| *i)
+            };
+            idx.and_then(|i| record.get(i)).map(str::to_string)
+        })?);
+    }
+    Ok(out)
+}
+
+fn read_jsonl(spec: &TableSpec, bytes: &[u8]) -> Result<Vec<Example>> {
+    let text = std::str::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
+        path: spec.path.clone(),
+        offset: e.valid_up_to(),
+    })?;
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i as u64 + 1;
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| DataError::Row {
+            path: spec.path.clone(),
+            line,
+            msg: format!("not a JSON object: {e}"),
+        })?;
+        let obj = value.as_object().ok_or_else(|| DataError::Row {
+            path: spec.path.clone(),
+            line,
+            msg: "not a JSON object".into(),
+        })?;
+        out.push(example(spec, line, |name| match obj.get(name)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Null => None,
+            v => Some(v.to_string()),
+        })?);
+    }
+    Ok(out)
+}
+
+/// The classes of a task, in output order (index = the classifier's output unit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelSet {
+    pub names: Vec<String>,
+}
+
+impl LabelSet {
+    /// The classes of `examples`: numbers in numeric order (`"1" .. "5"`), otherwise sorted.
+    pub fn infer<'a>(examples: impl IntoIterator<Item = &'a Example>) -> Self {
+        let mut names: Vec<String> = examples.into_iter().map(|e| e.label.clone()).collect();
+        names.sort();
+        names.dedup();
+        if names.iter().all(|n| n.parse::<f64>().is_ok()) {
+            names.sort_by(|a, b| {
+                a.parse::<f64>()
+                    .unwrap()
+                    .total_cmp(&b.parse::<f64>().unwrap())
+            });
+        }
+        LabelSet { names }
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// The class index of each example; a label outside the set is an error naming its line.
+    pub fn encode(&self, examples: &[Example], path: &Path) -> Result<Vec<u32>> {
+        examples
+            .iter()
+            .map(|e| {
+                self.names
+                    .iter()
+                    .position(|n| *n == e.label)
+                    .map(|i| i as u32)
+                    .ok_or_else(|| DataError::Row {
+                        path: path.to_path_buf(),
+                        line: e.line,
+                        msg: format!(
+                            "unknown class `{}` (the classes are {:?})",
+                            e.label, self.names
+                        ),
+                    })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(path: &Path) -> TableSpec {
+        TableSpec {
+            path: path.to_path_buf(),
+            format: None,
+            text_columns: vec!["title".into(), "text".into()],
+            label_column: "label".into(),
+            split_column: Some("split".into()),
+        }
+    }
+
+    #[test]
+    fn tsv_rows_join_text_columns_and_keep_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.tsv");
+        std::fs::write(
+            &p,
+            "split\ttitle\ttext\tlabel\ntrain\tGreat\tlovely dress\t5\ntest\t\tshort \"quoted\" text\t2\n",
+        )
+        .unwrap();
+        let rows = read_examples(&spec(&p)).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].text, "Great lovely dress");
+        assert_eq!(rows[0].split.as_deref(), Some("train"));
+        assert_eq!(rows[1].text, "short \"quoted\" text");
+        assert_eq!((rows[0].line, rows[1].line), (2, 3));
+    }
+
+    #[test]
+    fn missing_label_names_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.csv");
+        std::fs::write(&p, "split,title,text,label\ntrain,a,b,1\ntrain,c,d,\n").unwrap();
+        let err = read_examples(&spec(&p)).unwrap_err().to_string();
+        assert!(
+            err.contains("t.csv:3") && err.contains("missing label"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_column_lists_the_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.csv");
+        std::fs::write(&p, "split,title,body,label\ntrain,a,b,1\n").unwrap();
+        let err = read_examples(&spec(&p)).unwrap_err().to_string();
+        assert!(
+            err.contains("no column `text`") && err.contains("body"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn jsonl_numbers_as_labels_and_bad_json_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.jsonl");
+        std::fs::write(
+            &p,
+            "{\"title\": \"x\", \"text\": \"y\", \"label\": 3}\n\n{\"text\": \"z\", \"label\": 1}\n",
+        )
+        .unwrap();
+        let mut s = spec(&p);
+        s.split_column = None;
+        let rows = read_examples(&s).unwrap();
+        assert_eq!(rows[0].label, "3");
+        assert_eq!(rows[1].text, "z");
+        assert_eq!(rows[1].line, 3);
+        std::fs::write(&p, "{\"text\": \"y\", \"label\": 3}\n{oops\n").unwrap();
+        let err = read_examples(&s).unwrap_err().to_string();
+        assert!(err.contains("t.jsonl:2"), "{err}");
+    }
+
+    #[test]
+    fn labels_sort_numerically_and_unknown_class_names_the_line() {
+        let ex = |label: &str, line| Example {
+            text: "t".into(),
+            label: label.into(),
+            split: None,
+            line,
+        };
+        let train = [ex("10", 2), ex("9", 3), ex("10", 4)];
+        let set = LabelSet::infer(&train);
+        assert_eq!(set.names, ["9", "10"]);
+        assert_eq!(set.encode(&train, Path::new("f")).unwrap(), [1, 0, 1]);
+        let err = set
+            .encode(&[ex("7", 12)], Path::new("f.tsv"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("f.tsv:12") && err.contains("unknown class `7`"),
+            "{err}"
+        );
+    }
+}
