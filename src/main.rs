@@ -86,6 +86,33 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         top_k: usize,
     },
+    /// Upload an export folder to a Hugging Face Hub model repo (created if needed). Token:
+    /// HF_TOKEN, HF_TOKEN_PATH or $HF_HOME/token; endpoint: HF_ENDPOINT.
+    Push {
+        /// The export folder, e.g. runs/bert-mini-mlm/export.
+        export_dir: PathBuf,
+        /// NAMESPACE/NAME.
+        #[arg(long)]
+        repo: String,
+        /// Create the repo as private.
+        #[arg(long)]
+        private: bool,
+        /// Branch to commit to (created from main if needed).
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// Commit message.
+        #[arg(long, default_value = "Upload model trained with Kindling")]
+        message: String,
+    },
+    /// Download a Hub model repo into the hf-hub cache ($HF_HUB_CACHE, $HF_HOME/hub or
+    /// ~/.cache/huggingface/hub) and print its snapshot folder. Recipes and commands also
+    /// accept hf://NAMESPACE/NAME[@REVISION] wherever a model folder goes.
+    Pull {
+        /// NAMESPACE/NAME.
+        repo: String,
+        #[arg(long, default_value = "main")]
+        revision: String,
+    },
     /// Rewrite a run's export folder from its newest checkpoint.
     Export {
         /// The run folder, e.g. runs/bert-mini-mlm.
@@ -95,6 +122,14 @@ enum Command {
 
 /// Exit code 2 for input the user must fix (recipe, keys, files), 1 for failures while running.
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(
+        kindling_hub::HubError::Export { .. }
+        | kindling_hub::HubError::RepoId(_)
+        | kindling_hub::HubError::NoToken,
+    ) = e.downcast_ref::<kindling_hub::HubError>()
+    {
+        return 2;
+    }
     match e.downcast_ref::<RecipeError>() {
         Some(
             RecipeError::Read { .. }
@@ -166,7 +201,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             compare_random,
         } => {
             use kindling_recipes::finetune::{self, FinetuneRecipe};
-            let recipe = FinetuneRecipe::load(&recipe, &overrides)?;
+            let mut recipe = FinetuneRecipe::load(&recipe, &overrides)?;
+            recipe.model.path = kindling_hub::resolve_model_path(&recipe.model.path)?;
             let (flag, which) = install_signal_handlers()?;
             let opts = RunOptions {
                 overwrite,
@@ -196,7 +232,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Command::Probe { recipe, overrides } => {
-            let recipe = kindling_recipes::finetune::FinetuneRecipe::load(&recipe, &overrides)?;
+            let mut recipe = kindling_recipes::finetune::FinetuneRecipe::load(&recipe, &overrides)?;
+            recipe.model.path = kindling_hub::resolve_model_path(&recipe.model.path)?;
             let r = kindling_recipes::probe::probe(&recipe)?;
             println!(
                 "{}",
@@ -223,6 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 mean: pooling == "mean",
                 normalize: !no_normalize,
             };
+            let model = kindling_hub::resolve_model_path(&model)?;
             let (vectors, report) = kindling_recipes::embed::embed_texts(&model, &lines, opts)?;
             if !report.unused.is_empty() {
                 eprintln!(
@@ -259,8 +297,60 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Command::FillMask { model, text, top_k } => {
+            let model = kindling_hub::resolve_model_path(&model)?;
             let found = kindling_recipes::embed::fill_mask(&model, &text, top_k)?;
             println!("{}", serde_json::to_string_pretty(&found)?);
+        }
+        Command::Push {
+            export_dir,
+            repo,
+            private,
+            revision,
+            message,
+        } => {
+            let token = kindling_hub::auth::token()?.ok_or(kindling_hub::HubError::NoToken)?;
+            let opts = kindling_hub::PushOptions {
+                repo: repo.clone(),
+                private,
+                revision,
+                message,
+                endpoint: kindling_hub::auth::endpoint(),
+                token,
+                retries: 5,
+                backoff: std::time::Duration::from_millis(500),
+            };
+            let r = kindling_hub::push(&export_dir, &opts)?;
+            match &r.commit {
+                None => eprintln!(
+                    "{repo}: already up to date ({} files unchanged); nothing pushed",
+                    r.unchanged.len()
+                ),
+                Some(c) => eprintln!(
+                    "{repo}: commit {c}: {} files committed ({} LFS objects, {:.1} MB sent), {} unchanged",
+                    r.committed.len(),
+                    r.uploaded.len(),
+                    r.bytes_sent as f64 / 1e6,
+                    r.unchanged.len()
+                ),
+            }
+            println!(
+                "{}",
+                serde_json::json!({"repo": repo, "commit": r.commit, "commit_url": r.commit_url,
+                    "committed": r.committed, "unchanged": r.unchanged, "lfs_uploaded": r.uploaded})
+            );
+        }
+        Command::Pull { repo, revision } => {
+            let opts = kindling_hub::PullOptions::from_env(&revision)?;
+            let dir = if kindling_hub::auth::offline() {
+                kindling_hub::pull::cached_snapshot(&repo, &opts).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{repo}@{revision} is not in the cache and HF_HUB_OFFLINE is set"
+                    )
+                })?
+            } else {
+                kindling_hub::pull(&repo, &opts)?
+            };
+            println!("{}", dir.display());
         }
         Command::Export { run_dir } => {
             let dir = kindling_recipes::export_run(&run_dir)?;

@@ -100,3 +100,27 @@ pub fn shared_tiny_run() -> &'static Path {
         runs.join("bert-tiny-mlm")
     })
 }
+
+/// Runs `tests/reference/SCRIPT ARGS...` with the Python named by KINDLING_PYTHON (.ci/run sets
+/// up one with torch, transformers and huggingface_hub) and returns its standard output; panics
+/// with both streams if it fails. None, after saying so, when KINDLING_PYTHON is not set.
+pub fn python_reference(script: &str, args: &[&std::ffi::OsStr]) -> Option<String> {
+    let Ok(python) = std::env::var("KINDLING_PYTHON") else {
+        eprintln!("KINDLING_PYTHON not set: skipped tests/reference/{script}");
+        return None;
+    };
+    let out = Command::new(python)
+        .arg(repo_root().join("tests/reference").join(script))
+        .args(args)
+        .env("HF_HUB_DISABLE_XET", "1")
+        .env("HF_HUB_DISABLE_TELEMETRY", "1")
+        .output()
+        .expect("running the reference script");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "tests/reference/{script} failed:\n{text}\n{}",
+        stderr(&out)
+    );
+    Some(text)
+}

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use kindling_core::Mode;
 use kindling_models::{BertConfig, BertForMaskedLM, BertModel};
 
-use crate::common::{kindling, shared_tiny_run, stderr};
+use crate::common::{kindling, python_reference, shared_tiny_run, stderr};
 
 fn export_dir() -> std::path::PathBuf {
     shared_tiny_run().join("export")
@@ -215,26 +215,10 @@ fn export_reproduces_the_logits_transformers_computes() {
     });
     let out = shared_tiny_run().join("kindling_logits.json");
     std::fs::write(&out, reference.to_string()).unwrap();
-    let Ok(python) = std::env::var("KINDLING_PYTHON") else {
-        eprintln!(
-            "KINDLING_PYTHON not set: wrote {} but skipped the transformers comparison",
-            out.display()
-        );
+    let Some(text) = python_reference("hf_bert_logits.py", &[dir.as_os_str(), out.as_os_str()])
+    else {
         return;
     };
-    let script = crate::common::repo_root().join("tests/reference/hf_bert_logits.py");
-    let res = std::process::Command::new(python)
-        .arg(&script)
-        .arg(&dir)
-        .arg(&out)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&res.stdout);
-    assert!(
-        res.status.success(),
-        "transformers comparison failed:\n{text}\n{}",
-        stderr(&res)
-    );
     assert!(text.contains("max_abs_diff"), "{text}");
 }
 
@@ -308,24 +292,5 @@ fn mlm_loss_and_gradients_match_transformers() {
     });
     let out_path = shared_tiny_run().join("kindling_grads.json");
     std::fs::write(&out_path, reference.to_string()).unwrap();
-    let Ok(python) = std::env::var("KINDLING_PYTHON") else {
-        eprintln!(
-            "KINDLING_PYTHON not set: wrote {} but skipped the transformers comparison",
-            out_path.display()
-        );
-        return;
-    };
-    let script = crate::common::repo_root().join("tests/reference/hf_bert_grads.py");
-    let res = std::process::Command::new(python)
-        .arg(&script)
-        .arg(&dir)
-        .arg(&out_path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&res.stdout);
-    assert!(
-        res.status.success(),
-        "gradient comparison failed:\n{text}\n{}",
-        stderr(&res)
-    );
+    python_reference("hf_bert_grads.py", &[dir.as_os_str(), out_path.as_os_str()]);
 }

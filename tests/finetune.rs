@@ -11,7 +11,7 @@ use kindling_models::bert::{BertConfig, BertForSequenceClassification, Pooling};
 use kindling_models::Mode;
 use kindling_recipes::finetune::{Classifier, FinetuneRecipe, Init};
 
-use crate::common::{kindling, repo_root, shared_tiny_run, stderr};
+use crate::common::{kindling, python_reference, repo_root, shared_tiny_run, stderr};
 
 /// A two-class table the labels define without doubt: class `pos` rows use words of one set,
 /// class `neg` rows the other, among shared filler words. Rows 2.. are split train/test.
@@ -181,22 +181,10 @@ fn finetuned_export_reproduces_the_logits_transformers_computes() {
         .to_string(),
     )
     .unwrap();
-    let Ok(python) = std::env::var("KINDLING_PYTHON") else {
-        eprintln!("KINDLING_PYTHON not set: skipped the transformers comparison");
+    let Some(text) = python_reference("hf_cls_logits.py", &[export.as_os_str(), out.as_os_str()])
+    else {
         return;
     };
-    let res = std::process::Command::new(python)
-        .arg(repo_root().join("tests/reference/hf_cls_logits.py"))
-        .arg(&export)
-        .arg(&out)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&res.stdout);
-    assert!(
-        res.status.success(),
-        "transformers comparison failed:\n{text}\n{}",
-        stderr(&res)
-    );
     assert!(text.contains("max_abs_diff"), "{text}");
 }
 

@@ -6,6 +6,7 @@ mod end_to_end;
 mod export;
 mod finetune;
 mod fuzz;
+mod hub;
 mod import;
 mod masking;
 mod model;

@@ -38,6 +38,10 @@ p.add_argument("--layers", type=int, default=4)
 p.add_argument("--heads", type=int, default=4)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--seed", type=int, default=17)
+p.add_argument("--train-mask-rate", type=float, default=0.15, help="masking rate of training batches (eval stays 0.15)")
+p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout")
+p.add_argument("--schedule", choices=["linear", "wsd"], default="linear")
+p.add_argument("--decay-fraction", type=float, default=0.25, help="wsd: the last fraction of steps decays")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(args.seed)
@@ -90,8 +94,10 @@ baseline = -sum(math.log((counts[t] + 1) / total) for t in ev) / len(ev)
 hf_tok = PreTrainedTokenizerFast(tokenizer_object=tk, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
                                  mask_token="[MASK]", unk_token="[UNK]")
 collator = DataCollatorForLanguageModeling(hf_tok, mlm_probability=0.15)
+train_collator = DataCollatorForLanguageModeling(hf_tok, mlm_probability=args.train_mask_rate)
 cfg = BertConfig(vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                 num_attention_heads=args.heads, intermediate_size=4 * args.hidden, pad_token_id=pad)
+                 num_attention_heads=args.heads, intermediate_size=4 * args.hidden, pad_token_id=pad,
+                 hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
 model = BertForMaskedLM(cfg)
 no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
 decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
@@ -101,6 +107,11 @@ opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_
 def lr_at(step):
     if step < args.warmup:
         return (step + 1) / args.warmup
+    if args.schedule == "wsd":
+        decay_start = args.steps - int(args.decay_fraction * args.steps)
+        if step < decay_start:
+            return 1.0
+        return max(0.0, 1 - (step - decay_start) / max(1, args.steps - decay_start))
     return max(0.0, 1 - (step - args.warmup) / max(1, args.steps - args.warmup))
 
 
@@ -112,7 +123,7 @@ model.train()
 while step < args.steps and time.time() - t0 < args.budget_s:
     if pos + args.batch > len(order):
         order, pos = torch.randperm(len(train), generator=g).tolist(), 0
-    batch = collator([{"input_ids": train[i]} for i in order[pos:pos + args.batch]])
+    batch = train_collator([{"input_ids": train[i]} for i in order[pos:pos + args.batch]])
     pos += args.batch
     loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
     loss.backward()

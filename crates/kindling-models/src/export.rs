@@ -52,6 +52,17 @@ pub fn save_safetensors(
     write_atomic(path, &bytes)
 }
 
+/// Every variable of `varmap`, sorted by name: what a `model.safetensors` export holds.
+pub fn varmap_tensors(varmap: &candle_nn::VarMap) -> Vec<(String, Tensor)> {
+    let data = varmap.data().lock().expect("varmap lock poisoned");
+    let mut v: Vec<(String, Tensor)> = data
+        .iter()
+        .map(|(n, var)| (n.clone(), var.as_tensor().clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 /// Writes a JSON value, pretty-printed, atomically.
 pub fn save_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     write_atomic(

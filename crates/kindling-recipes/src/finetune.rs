@@ -1039,15 +1039,7 @@ pub fn export(
         &dir.join("config.json"),
         &classifier_config_json(&obj.config, &obj.labels, recipe.model.pooling, dropout),
     )?;
-    let tensors: Vec<(String, Tensor)> = {
-        let data = obj.varmap.data().lock().expect("varmap lock poisoned");
-        let mut v: Vec<_> = data
-            .iter()
-            .map(|(n, var)| (n.clone(), var.as_tensor().clone()))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    };
+    let tensors = kindling_models::export::varmap_tensors(&obj.varmap);
     save_safetensors(&dir.join("model.safetensors"), &tensors, &[])?;
     tok::save_hf_files(
         tokenizer,

@@ -1,0 +1,75 @@
+"""PyTorch + HF transformers side of the step comparison (benches/compare/run_step_compare.sh).
+
+Times one BertForMaskedLM training step (forward with HF's full-vocabulary logits, backward,
+AdamW) at batch 32 x 128, vocab 8192, dropout 0.1, 15% masks from DataCollatorForLanguageModeling,
+for the tiny (h128 L2), mini (h256 L4) and small (h512 L4) shapes, and the collator's masking
+throughput. One JSON object per line: {"bench", "tokens_per_s" | "seq_per_s", "median_s",
+"gflop_per_step"}. FLOPs are counted as Kindling counts them (matmuls, training = 3x forward),
+with the head at every position, since that is what HF computes.
+"""
+import argparse
+import json
+import time
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+p = argparse.ArgumentParser()
+p.add_argument("--threads", type=int, default=2)
+p.add_argument("--only", default="", help="comma-separated subset: masking,tiny,mini,small")
+args = p.parse_args()
+torch.set_num_threads(args.threads)
+torch.manual_seed(0)
+V, SEQ, BATCH = 8192, 128, 32
+vocab = {f"t{i}": i for i in range(V)}
+for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]):
+    vocab[t] = i
+tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+tk.pre_tokenizer = pre_tokenizers.Whitespace()
+hf_tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]",
+                                 cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+collator = DataCollatorForLanguageModeling(hf_tok, mlm_probability=0.15)
+gen = torch.Generator().manual_seed(0)
+
+
+def blocks(n):
+    x = torch.randint(5, V, (n, SEQ), generator=gen)
+    x[:, 0], x[:, -1] = 2, 3
+    return [{"input_ids": r} for r in x.tolist()]
+
+
+wanted = set(filter(None, args.only.split(",")))
+if not wanted or "masking" in wanted:
+    data = blocks(4096)
+    t = time.time()
+    for i in range(0, len(data), BATCH):
+        collator(data[i:i + BATCH])
+    print(json.dumps({"bench": "masking", "seq_per_s": len(data) / (time.time() - t)}), flush=True)
+
+for name, h, l, a, steps in [("tiny", 128, 2, 2, 10), ("mini", 256, 4, 4, 8), ("small", 512, 4, 8, 4)]:
+    if wanted and name not in wanted:
+        continue
+    cfg = BertConfig(vocab_size=V, hidden_size=h, num_hidden_layers=l, num_attention_heads=a,
+                     intermediate_size=4 * h, max_position_embeddings=512)
+    model = BertForMaskedLM(cfg)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for i in range(steps + 2):
+        batch = collator(blocks(BATCH))
+        t = time.time()
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if i >= 2:
+            times.append(time.time() - t)
+    times.sort()
+    median = times[len(times) // 2]
+    tokens = BATCH * SEQ
+    enc = 6 * l * (4 * h * h + 2 * h * 4 * h) * tokens
+    attn = 12 * l * SEQ * h * tokens
+    head = 6 * (h * h + h * V) * tokens
+    print(json.dumps({"bench": name, "tokens_per_s": tokens / median, "median_s": median,
+                      "gflop_per_step": (enc + attn + head) / 1e9}), flush=True)

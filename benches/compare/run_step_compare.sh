@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Kindling vs PyTorch + HF transformers, one training step at a time, back to back on this
+# machine (the CPU-speed issue's table): MLM step tokens/s at batch 32 x 128, vocab 8192,
+# dropout 0.1, 15% masks, for the tiny, mini and small shapes, and masking sequences/s.
+# Kindling: `cargo bench --bench mlm`; PyTorch: hf_step_bench.py. Same thread count (2).
+#
+#   bash benches/compare/run_step_compare.sh
+#
+# Kindling projects only the masked positions onto the vocabulary, HF every position; each
+# side's GFLOP/s counts the matmuls that side actually does. Peak: 156 GFLOP/s (2 Zen 3 cores,
+# AVX2 + FMA). Not run in CI (PyTorch is ~3 GB of wheels).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+venv=benches/compare/.venv
+if ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet torch transformers numpy
+fi
+out=runs/compare
+mkdir -p "$out"
+cargo bench --bench mlm -- masking tiny mini small | tee "$out/kindling-steps.txt"
+"$venv/bin/python" benches/compare/hf_step_bench.py --threads 2 | tee "$out/pytorch-steps.jsonl"
+python3 - "$out" <<'PY'
+import json, re, sys
+out = sys.argv[1]
+k = {}
+for line in open(f"{out}/kindling-steps.txt"):
+    m = re.match(r"\|\s*(.+?)\s*\|\s*([\d.]+)\s*\|\s*(\S+)\s*\|\s*(.*)", line)
+    if m:
+        k[m.group(1)] = (float(m.group(2)), m.group(4))
+p = {r["bench"]: r for r in map(json.loads, open(f"{out}/pytorch-steps.jsonl"))}
+peak = 156.0
+print("| shape (32 x 128) | Kindling tok/s | PyTorch tok/s | ratio | Kindling GFLOP/s (% peak) | PyTorch GFLOP/s (% peak) |")
+print("|---|---|---|---|---|---|")
+for name, key in [("tiny", "step tiny h128 L2"), ("mini", "step mini h256 L4"), ("small", "step small h512 L4")]:
+    if key not in k or name not in p:
+        continue
+    ktok, note = k[key]
+    kg = float(re.search(r"([\d.]+) GFLOP/s", note).group(1))
+    ptok = p[name]["tokens_per_s"]
+    pg = p[name]["gflop_per_step"] / p[name]["median_s"]
+    print(f"| {name} | {ktok:.0f} | {ptok:.0f} | {ktok / ptok:.2f}x | {kg:.1f} ({100 * kg / peak:.0f}%) | {pg:.1f} ({100 * pg / peak:.0f}%) |")
+if "masking" in p:
+    for key in ["masking, 1 thread", "masking, loader (rayon)"]:
+        if key in k:
+            print(f"| {key} | {k[key][0]:.0f} seq/s | HF collator {p['masking']['seq_per_s']:.0f} seq/s | {k[key][0] / p['masking']['seq_per_s']:.1f}x | | |")
+PY
