@@ -29,7 +29,7 @@ use kindling_core::Mode;
 use kindling_data::labelled::{read_examples, Example, LabelSet, TableSpec};
 use kindling_data::tokenizer as tok;
 use kindling_models::bert::{BertConfig, BertForSequenceClassification, Pooling};
-use kindling_models::export::{save_json, save_safetensors, write_atomic};
+use kindling_models::export::{save_json, write_atomic};
 use kindling_models::import;
 use kindling_models::init::hf_init;
 use kindling_train::{
@@ -37,7 +37,7 @@ use kindling_train::{
     TrainConfig, Trainer,
 };
 
-use crate::bert_mlm::{device, io, prepare_run_folder};
+use crate::bert_mlm::{device, prepare_run_folder, write_hf_folder};
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
 use crate::{RecipeError, RunOptions};
 
@@ -1030,22 +1030,16 @@ pub fn export(
     test: &BTreeMap<String, f64>,
     steps: u64,
 ) -> Result<(), RecipeError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
     let dropout = recipe
         .model
         .classifier_dropout
         .unwrap_or(obj.config.hidden_dropout_prob);
-    save_json(
-        &dir.join("config.json"),
-        &classifier_config_json(&obj.config, &obj.labels, recipe.model.pooling, dropout),
-    )?;
-    let tensors = kindling_models::export::varmap_tensors(&obj.varmap);
-    save_safetensors(&dir.join("model.safetensors"), &tensors, &[])?;
-    tok::save_hf_files(
-        tokenizer,
+    write_hf_folder(
         dir,
-        tok::lowercases(tokenizer),
-        obj.config.max_position_embeddings,
+        &classifier_config_json(&obj.config, &obj.labels, recipe.model.pooling, dropout),
+        &obj.varmap,
+        tokenizer,
+        &obj.config,
     )?;
     let mut card = String::from("---\n");
     card += &format!(
