@@ -22,7 +22,7 @@ use kindling_models::export::{save_json, save_safetensors};
 use kindling_models::init::hf_init;
 use kindling_train::{
     checkpoint, MetricsLog, Objective, PlotCallback, ProgressCallback, StepOutput, StopReason,
-    TrainConfig, Trainer,
+    Trainer,
 };
 
 use crate::card::{self, CardInfo};
@@ -605,36 +605,21 @@ fn trainer_for(
     opts: &RunOptions,
 ) -> Result<Trainer, RecipeError> {
     let t = &recipe.train;
-    let mut steps = t.steps;
-    if t.max_epochs > 0 {
-        steps = steps.min(t.max_epochs * steps_per_epoch.max(1));
-    }
-    let cfg = TrainConfig {
-        steps,
-        grad_accum: t.grad_accum,
-        optimizer: t.optimizer.clone(),
-        schedule: t.schedule.clone(),
-        max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
-        eval_every: t.eval_every,
-        save_every: t.save_every,
-        keep_last: t.keep_last,
-        seed: recipe.seed,
-        max_time,
-        save_interval,
-        skip_nonfinite: t.on_nonfinite == crate::recipe::OnNonFinite::Skip,
-        // A checkpoint folder describes its run on its own: recipe, tokenizer, data summary,
-        // metrics up to its step.
-        checkpoint_extras: [
-            "recipe.toml",
-            "tokenizer.json",
-            "data.json",
-            "metrics.jsonl",
-        ]
-        .iter()
-        .map(|f| run_dir.join(f))
-        .collect(),
-        monitor: t.monitor.clone(),
-    };
+    let mut cfg = t.train_config(recipe.seed, steps_per_epoch)?;
+    // The recipe-level limits were parsed once by the caller (they name the key on error).
+    cfg.max_time = max_time;
+    cfg.save_interval = save_interval;
+    // A checkpoint folder describes its run on its own: recipe, tokenizer, data summary,
+    // metrics up to its step.
+    cfg.checkpoint_extras = [
+        "recipe.toml",
+        "tokenizer.json",
+        "data.json",
+        "metrics.jsonl",
+    ]
+    .iter()
+    .map(|f| run_dir.join(f))
+    .collect();
     let metrics = run_dir.join("metrics.jsonl");
     // A resumed run continues the log from its checkpoint: records after it are dropped.
     let log = match resumed_at {

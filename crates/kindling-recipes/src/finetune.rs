@@ -34,7 +34,7 @@ use kindling_models::import;
 use kindling_models::init::hf_init;
 use kindling_train::{
     checkpoint, Goal, MetricsLog, Monitor, Objective, PlotCallback, ProgressCallback, StepOutput,
-    TrainConfig, Trainer,
+    Trainer,
 };
 
 use crate::bert_mlm::{device, prepare_run_folder, write_hf_folder};
@@ -854,47 +854,26 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
         recipe.data.group_by_length,
     );
     let per_epoch = loader.batches_per_epoch() as u64;
-    let mut steps = t.steps;
-    if t.max_epochs > 0 {
-        steps = steps.min(t.max_epochs * per_epoch);
-    }
+    let mut cfg = t.train_config(recipe.seed, per_epoch)?;
     // Unset eval/save cadence means once per epoch (and at the end), as HF's
-    // `eval_strategy = "epoch"`.
-    let eval_every = if t.eval_every > 0 {
-        t.eval_every
-    } else {
-        per_epoch
-    };
-    let save_every = if t.save_every > 0 {
-        t.save_every
-    } else {
-        eval_every
-    };
-    let monitor = if t.monitor == Monitor::default() {
-        Monitor {
+    // `eval_strategy = "epoch"`; the default monitor is validation accuracy.
+    if cfg.eval_every == 0 {
+        cfg.eval_every = per_epoch;
+    }
+    if cfg.save_every == 0 {
+        cfg.save_every = cfg.eval_every;
+    }
+    cfg.keep_last = cfg.keep_last.max(1);
+    if cfg.monitor == Monitor::default() {
+        cfg.monitor = Monitor {
             metric: "accuracy".into(),
             goal: Goal::Max,
             ..Monitor::default()
-        }
-    } else {
-        t.monitor.clone()
-    };
-    let cfg = TrainConfig {
-        steps,
-        grad_accum: t.grad_accum,
-        optimizer: t.optimizer.clone(),
-        schedule: t.schedule.clone(),
-        max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
-        eval_every,
-        save_every,
-        keep_last: t.keep_last.max(1),
-        seed: recipe.seed,
-        max_time: crate::recipe::duration("train.max_time", t.max_time.as_deref())?,
-        save_interval: None,
-        skip_nonfinite: t.on_nonfinite == crate::recipe::OnNonFinite::Skip,
-        checkpoint_extras: vec![run_dir.join("recipe.toml")],
-        monitor,
-    };
+        };
+    }
+    cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
+    let (steps, eval_every, monitor_metric) =
+        (cfg.steps, cfg.eval_every, cfg.monitor.metric.clone());
     let mut trainer = Trainer::new(cfg, &run_dir)
         .with_callback(ProgressCallback::new(t.log_every, "ex"))
         .with_callback(MetricsLog::open(&run_dir.join("metrics.jsonl"))?)
@@ -932,10 +911,7 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
         let dir = checkpoint::checkpoint_dir(&run_dir, step);
         if dir.is_dir() && step != summary.steps {
             checkpoint::load(&dir, &obj.varmap, None, &device)?;
-            eprintln!(
-                "best checkpoint: step {step} (validation {})",
-                recipe_monitor(recipe)
-            );
+            eprintln!("best checkpoint: step {step} (validation {monitor_metric})");
         }
     }
     let test_batches = eval_batches(&task.test, t.eval_batch_size, task.pad_id);
@@ -973,14 +949,6 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
         test_majority: task.test.majority_fraction(obj.labels.len()),
         export_dir,
     })
-}
-
-fn recipe_monitor(recipe: &FinetuneRecipe) -> String {
-    if recipe.train.monitor == Monitor::default() {
-        "accuracy".into()
-    } else {
-        recipe.train.monitor.metric.clone()
-    }
 }
 
 fn pooling_name(p: Pooling) -> &'static str {

@@ -188,6 +188,36 @@ impl TrainSection {
     }
 
     /// `save_interval` parsed, or an error naming the key.
+    /// The trainer's configuration from this section: `steps` capped by `max_epochs` (of
+    /// `steps_per_epoch` steps), everything else as written. Callers set what only they know
+    /// (checkpoint extras; finetune's per-epoch defaults).
+    pub fn train_config(
+        &self,
+        seed: u64,
+        steps_per_epoch: u64,
+    ) -> Result<kindling_train::TrainConfig, RecipeError> {
+        let mut steps = self.steps;
+        if self.max_epochs > 0 {
+            steps = steps.min(self.max_epochs * steps_per_epoch.max(1));
+        }
+        Ok(kindling_train::TrainConfig {
+            steps,
+            grad_accum: self.grad_accum,
+            optimizer: self.optimizer.clone(),
+            schedule: self.schedule.clone(),
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+            keep_last: self.keep_last,
+            seed,
+            max_time: self.max_time()?,
+            save_interval: self.save_interval()?,
+            skip_nonfinite: self.on_nonfinite == OnNonFinite::Skip,
+            checkpoint_extras: Vec::new(),
+            monitor: self.monitor.clone(),
+        })
+    }
+
     pub fn save_interval(&self) -> Result<Option<std::time::Duration>, RecipeError> {
         duration("train.save_interval", self.save_interval.as_deref())
     }
