@@ -15,7 +15,7 @@ pub use callbacks::{Callback, EvalRecord, MetricsLog, PlotCallback, ProgressCall
 pub use checkpoint::{Best, TrainerState};
 pub use objective::{Objective, StepOutput};
 pub use optim::{AdamW, AdamWConfig};
-pub use schedule::{Schedule, ScheduleKind};
+pub use schedule::{DecayShape, Schedule, ScheduleKind};
 pub use tensorboard::TensorBoard;
 pub use trainer::{FitSummary, Goal, Monitor, StopReason, TrainConfig, Trainer};
 

@@ -2,7 +2,9 @@
 //! (HF `get_linear_schedule_with_warmup` / `get_cosine_schedule_with_warmup`), or
 //! warmup-stable-decay (`wsd`: the peak rate held, then a linear decay over the last
 //! `decay_fraction` of the steps; Hu et al., 2024, MiniCPM). A short run that must escape the
-//! unigram plateau of masked LM needs its peak rate for long; `wsd` keeps it.
+//! unigram plateau of masked LM needs its peak rate for long; `wsd` keeps it. The `wsd` decay is
+//! linear or `1-sqrt` (Hägele et al., 2024: the rate falls fast, then spends long near zero;
+//! it beat the linear cooldown of the same length in their runs).
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +18,18 @@ pub enum ScheduleKind {
     Wsd,
 }
 
+/// The shape of the `wsd` decay: the rate factor as the decay goes from start (x = 0) to end (1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum DecayShape {
+    /// `1 - x`.
+    #[default]
+    #[serde(rename = "linear")]
+    Linear,
+    /// `1 - sqrt(x)`.
+    #[serde(rename = "1-sqrt")]
+    OneMinusSqrt,
+}
+
 /// `[train.schedule]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -27,6 +41,8 @@ pub struct Schedule {
     pub min_lr_ratio: f64,
     /// `wsd` only: the fraction of all steps spent decaying at the end.
     pub decay_fraction: f64,
+    /// `wsd` only: `"linear"` or `"1-sqrt"`.
+    pub decay_shape: DecayShape,
 }
 
 impl Default for Schedule {
@@ -36,6 +52,7 @@ impl Default for Schedule {
             warmup_steps: 0,
             min_lr_ratio: 0.0,
             decay_fraction: 0.2,
+            decay_shape: DecayShape::Linear,
         }
     }
 }
@@ -58,7 +75,12 @@ impl Schedule {
             ScheduleKind::Wsd => {
                 let decay = (self.decay_fraction.clamp(0.0, 1.0) * total as f64).max(1.0);
                 let left = (total.saturating_sub(step)) as f64;
-                floor + (peak - floor) * (left / decay).min(1.0)
+                let x = 1.0 - (left / decay).min(1.0);
+                let factor = match self.decay_shape {
+                    DecayShape::Linear => 1.0 - x,
+                    DecayShape::OneMinusSqrt => 1.0 - x.sqrt(),
+                };
+                floor + (peak - floor) * factor
             }
         }
     }
@@ -96,6 +118,31 @@ mod tests {
         assert_eq!(s.lr(75, 100, 1.0), 1.0);
         assert!((s.lr(90, 100, 1.0) - 0.4).abs() < 1e-12);
         assert_eq!(s.lr(100, 100, 1.0), 0.0);
+    }
+
+    #[test]
+    fn wsd_one_minus_sqrt_falls_fast_then_lingers_near_the_floor() {
+        let s = Schedule {
+            kind: ScheduleKind::Wsd,
+            decay_fraction: 0.5,
+            decay_shape: DecayShape::OneMinusSqrt,
+            ..Default::default()
+        };
+        assert_eq!(s.lr(50, 100, 1.0), 1.0);
+        // A quarter of the way into the decay the rate is already halved (linear: 0.75).
+        assert!((s.lr(125, 200, 1.0) - 0.5).abs() < 1e-12);
+        assert!((s.lr(75, 100, 1.0) - (1.0 - 0.5f64.sqrt())).abs() < 1e-12);
+        assert!((s.lr(96, 100, 1.0) - (1.0 - 0.92f64.sqrt())).abs() < 1e-12);
+        assert_eq!(s.lr(100, 100, 1.0), 0.0);
+    }
+
+    #[test]
+    fn schedule_parses_from_recipe_toml() {
+        let s: Schedule =
+            toml::from_str("kind = \"wsd\"\ndecay_fraction = 0.5\ndecay_shape = \"1-sqrt\"")
+                .unwrap();
+        assert_eq!(s.decay_shape, DecayShape::OneMinusSqrt);
+        assert!(toml::from_str::<Schedule>("decay_shape = \"cosine\"").is_err());
     }
 
     #[test]
