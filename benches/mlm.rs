@@ -19,7 +19,7 @@ use kindling_data::packing::{SPECIAL, WORD_START};
 use kindling_data::{Cursor, MaskConfig, Masker, MlmBatch, MlmLoader, PackedBlocks, SpecialTokens};
 use kindling_models::BertConfig;
 use kindling_recipes::bert_mlm::BertMlm;
-use kindling_train::{AdamWConfig, Objective, TrainConfig, Trainer};
+use kindling_train::{Objective, OptimizerConfig, TrainConfig, Trainer};
 
 const VOCAB: u32 = 8192;
 const SEQ: usize = 128;
@@ -120,7 +120,7 @@ fn bench_step(name: &str, cfg: BertConfig, steps: usize) {
     let obj = BertMlm::new(cfg.clone(), 0, &Device::Cpu).unwrap();
     let trainer = Trainer::new(
         TrainConfig {
-            optimizer: AdamWConfig {
+            optimizer: OptimizerConfig {
                 lr: 1e-4,
                 ..Default::default()
             },

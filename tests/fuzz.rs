@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 use candle_nn::{Init, VarBuilder, VarMap};
 use kindling_recipes::Recipe;
 use kindling_train::checkpoint::{self, TrainerState};
-use kindling_train::{AdamW, AdamWConfig};
+use kindling_train::{AdamW, Optimizer, OptimizerConfig};
 use proptest::prelude::*;
 
 fn config(cases: u32) -> ProptestConfig {
@@ -82,7 +82,7 @@ fn checkpoint_in(dir: &Path) -> (VarMap, AdamW, std::path::PathBuf) {
         .iter()
         .map(|(n, v)| (n.clone(), v.clone(), true))
         .collect();
-    let opt = AdamW::new(AdamWConfig::default(), params).unwrap();
+    let opt = AdamW::new(OptimizerConfig::default(), params).unwrap();
     let state = TrainerState {
         step: 3,
         data_cursor: serde_json::json!({"epoch": 0, "position": 96}),
@@ -117,7 +117,7 @@ proptest! {
             _ => { bytes.insert(i, byte); true }
         };
         std::fs::write(&path, &bytes).unwrap();
-        let result = checkpoint::load(&ckpt, &varmap, Some(&mut opt), &Device::Cpu);
+        let result = checkpoint::load(&ckpt, &varmap, Some(&mut opt as &mut dyn Optimizer), &Device::Cpu);
         // state.json may survive a change that keeps it equivalent JSON (a space for a space);
         // the tensor files never do.
         if changed && name != "state.json" {

@@ -496,7 +496,7 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     let mut opt = trainer.optimizer(&objective)?;
     let start = match &resume_from {
         Some(dir) => {
-            let state = checkpoint::load(dir, &objective.varmap, Some(&mut opt), &device)?;
+            let state = checkpoint::load(dir, &objective.varmap, Some(opt.as_mut()), &device)?;
             eprintln!("resume: {} (step {})", dir.display(), state.step);
             Some(state)
         }

@@ -887,7 +887,7 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
     let mut opt = trainer.optimizer(&obj)?;
     let decay = recipe.model.layerwise_lr_decay;
     if decay != 1.0 {
-        opt.set_lr_scales(|name| obj.lr_scale(name, decay));
+        opt.set_lr_scales(&|name| obj.lr_scale(name, decay));
     }
     let validation = eval_batches(&task.validation, t.eval_batch_size, task.pad_id);
     eprintln!(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use kindling_data::{MaskConfig, TokenizerConfig};
-use kindling_train::{AdamWConfig, Monitor, Schedule};
+use kindling_train::{Monitor, OptimizerConfig, Schedule};
 
 use crate::RecipeError;
 
@@ -154,7 +154,7 @@ pub struct TrainSection {
     pub on_nonfinite: OnNonFinite,
     /// The eval metric whose best checkpoint is kept; `patience > 0` stops early on it.
     pub monitor: Monitor,
-    pub optimizer: AdamWConfig,
+    pub optimizer: OptimizerConfig,
     pub schedule: Schedule,
 }
 
@@ -241,7 +241,7 @@ impl Default for TrainSection {
             save_interval: None,
             on_nonfinite: OnNonFinite::Stop,
             monitor: Monitor::default(),
-            optimizer: AdamWConfig::default(),
+            optimizer: OptimizerConfig::default(),
             schedule: Schedule::default(),
         }
     }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use sha2::{Digest, Sha256};
 
-use crate::optim::AdamW;
+use crate::optim::Optimizer;
 use crate::{io_err, Result, TrainError};
 
 /// Everything besides tensors that a resume needs.
@@ -86,7 +86,7 @@ fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 pub fn save(
     run_dir: &Path,
     varmap: &VarMap,
-    opt: &AdamW,
+    opt: &dyn Optimizer,
     state: &TrainerState,
     keep_last: usize,
 ) -> Result<PathBuf> {
@@ -98,7 +98,7 @@ pub fn save(
 pub fn save_with(
     run_dir: &Path,
     varmap: &VarMap,
-    opt: &AdamW,
+    opt: &dyn Optimizer,
     state: &TrainerState,
     keep_last: usize,
     extras: &[PathBuf],
@@ -130,7 +130,7 @@ pub fn save_with(
         std::fs::copy(extra, tmp.join(name)).map_err(io_err(extra))?;
     }
     let mut st = serde_json::to_value(state).expect("state serialises");
-    st["optimizer_t"] = opt.t.into();
+    st["optimizer_t"] = opt.steps_done().into();
     for f in TENSOR_FILES {
         let (bytes, sha256) = digest(&tmp.join(f))?;
         st["files"][f] = serde_json::json!({ "bytes": bytes, "sha256": sha256 });
@@ -280,7 +280,7 @@ fn parse_state(dir: &Path, raw: serde_json::Value) -> Result<TrainerState> {
 pub fn load(
     dir: &Path,
     varmap: &VarMap,
-    opt: Option<&mut AdamW>,
+    opt: Option<&mut dyn Optimizer>,
     device: &Device,
 ) -> Result<TrainerState> {
     let bad = |msg: String| TrainError::Checkpoint {
@@ -314,7 +314,7 @@ pub fn load(
         let t = raw["optimizer_t"]
             .as_u64()
             .ok_or_else(|| bad("state.json has no optimizer_t".into()))?;
-        opt.load_state(t, |n| moments.get(n).cloned())
+        opt.load_state(t, &mut |n| moments.get(n).cloned())
             .map_err(bad)?;
     }
     Ok(state)

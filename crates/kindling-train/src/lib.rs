@@ -14,7 +14,7 @@ pub mod trainer;
 pub use callbacks::{Callback, EvalRecord, MetricsLog, PlotCallback, ProgressCallback, StepRecord};
 pub use checkpoint::{Best, TrainerState};
 pub use objective::{Objective, StepOutput};
-pub use optim::{AdamW, AdamWConfig};
+pub use optim::{AdamW, Optimizer, OptimizerConfig, OptimizerKind, Sgd};
 pub use schedule::{DecayShape, Schedule, ScheduleKind};
 pub use tensorboard::TensorBoard;
 pub use trainer::{FitSummary, Goal, Monitor, StopReason, TrainConfig, Trainer};

@@ -41,6 +41,19 @@ pub trait Objective {
         None
     }
 
+    /// Whether the optimiser updates this VarMap entry. Entries that are state rather than
+    /// parameters (BatchNorm running statistics, a momentum encoder, a queue of negatives) live
+    /// in the VarMap so that checkpoints carry them, and answer false here.
+    fn trainable(&self, _name: &str) -> bool {
+        true
+    }
+
+    /// Called after every optimiser update (`step` updates done of `total`): momentum-encoder
+    /// and EMA-target updates go here, with their schedule.
+    fn after_update(&self, _step: u64, _total: u64) -> candle_core::Result<()> {
+        Ok(())
+    }
+
     /// Adds derived metrics (perplexity from loss, say) to averaged eval metrics.
     fn finish_eval(&self, _metrics: &mut BTreeMap<String, f64>) {}
 }

@@ -1,35 +1,102 @@
-//! AdamW (Loshchilov & Hutter, 2019) with decoupled weight decay, per-parameter decay groups,
-//! and state that can be saved: candle_nn's AdamW keeps its moments private, so a run using it
-//! cannot resume exactly.
+//! Optimisers whose state can be saved (candle_nn's AdamW keeps its moments private and its SGD
+//! has no momentum, so a run using them cannot resume exactly): AdamW (Loshchilov & Hutter,
+//! 2019) with decoupled weight decay, SGD with (Nesterov) momentum as PyTorch defines it, and
+//! LARS (You et al., 2017) as the vision SSL papers use it (SimCLR, BYOL, Barlow Twins).
 
 use candle_core::{backprop::GradStore, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
+use crate::{Result, TrainError};
 
-/// `[train.optimizer]`.
+/// Which update rule `[train.optimizer]` builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    #[default]
+    AdamW,
+    Sgd,
+    Lars,
+}
+
+/// `[train.optimizer]`: one flat table for every kind, as a recipe writes it
+/// (`optimizer = { kind = "lars", lr = 0.3, momentum = 0.9, weight_decay = 1e-6 }`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AdamWConfig {
+pub struct OptimizerConfig {
+    pub kind: OptimizerKind,
     /// Peak learning rate (the schedule scales it).
     pub lr: f64,
+    /// AdamW's moment decay rates and epsilon.
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
-    /// Decoupled weight decay, applied to parameters the objective does not exempt.
+    /// AdamW: decoupled weight decay. SGD, LARS: L2 added to the gradient (PyTorch's
+    /// `weight_decay`). Applied to the parameters the objective does not exempt.
     pub weight_decay: f64,
+    /// SGD, LARS: momentum of the update buffer, and whether to use Nesterov's form.
+    pub momentum: f64,
+    pub nesterov: bool,
+    /// LARS: the trust coefficient eta; a parameter's rate is scaled by
+    /// `eta * |w| / (|g| + weight_decay * |w|)`. Exempt parameters (biases, norms) are not scaled.
+    pub trust_coefficient: f64,
 }
 
-impl Default for AdamWConfig {
+impl Default for OptimizerConfig {
     fn default() -> Self {
-        // HF TrainingArguments' defaults, with BERT's customary weight decay.
-        AdamWConfig {
+        // HF TrainingArguments' defaults, with BERT's customary weight decay; the SGD/LARS
+        // momentum and eta are the SimCLR/solo-learn values.
+        OptimizerConfig {
+            kind: OptimizerKind::AdamW,
             lr: 5e-5,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.01,
+            momentum: 0.9,
+            nesterov: false,
+            trust_coefficient: 0.02,
         }
+    }
+}
+
+/// An update rule with state that goes into checkpoints.
+pub trait Optimizer {
+    /// Applies one update with learning rate `lr` to every parameter that has a gradient.
+    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()>;
+    /// Updates applied so far.
+    fn steps_done(&self) -> u64;
+    /// The state as named tensors, for checkpoints.
+    fn state_tensors(&self) -> Vec<(String, Tensor)>;
+    /// Restores state saved by `state_tensors` after `t` updates; every parameter must be present.
+    fn load_state(
+        &mut self,
+        t: u64,
+        get: &mut dyn FnMut(&str) -> Option<Tensor>,
+    ) -> std::result::Result<(), String>;
+    /// Sets each parameter's learning-rate multiplier from its name (layer-wise lr decay). Not
+    /// saved: the recipe sets it again on resume.
+    fn set_lr_scales(&mut self, scale: &dyn Fn(&str) -> f64);
+}
+
+impl OptimizerConfig {
+    /// Builds the optimiser over `params`: (name, var, apply weight decay / LARS adaptation).
+    pub fn build(&self, params: Vec<(String, Var, bool)>) -> Result<Box<dyn Optimizer>> {
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(TrainError::Config {
+                key: "train.optimizer.lr",
+                msg: format!("must be a finite rate >= 0, got {}", self.lr),
+            });
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(TrainError::Config {
+                key: "train.optimizer.momentum",
+                msg: format!("must be in [0, 1), got {}", self.momentum),
+            });
+        }
+        Ok(match self.kind {
+            OptimizerKind::AdamW => Box::new(AdamW::new(self.clone(), params)?),
+            OptimizerKind::Sgd | OptimizerKind::Lars => Box::new(Sgd::new(self.clone(), params)?),
+        })
     }
 }
 
@@ -45,7 +112,7 @@ struct Slot {
 
 /// AdamW over a fixed, named set of parameters.
 pub struct AdamW {
-    cfg: AdamWConfig,
+    cfg: OptimizerConfig,
     slots: Vec<Slot>,
     /// Updates applied so far (the bias-correction exponent).
     pub t: u64,
@@ -53,7 +120,7 @@ pub struct AdamW {
 
 impl AdamW {
     /// `params`: (name, var, apply weight decay).
-    pub fn new(cfg: AdamWConfig, params: Vec<(String, Var, bool)>) -> Result<Self> {
+    pub fn new(cfg: OptimizerConfig, params: Vec<(String, Var, bool)>) -> Result<Self> {
         let slots = params
             .into_iter()
             .map(|(name, var, decay)| {
@@ -72,21 +139,25 @@ impl AdamW {
         Ok(AdamW { cfg, slots, t: 0 })
     }
 
-    pub fn config(&self) -> &AdamWConfig {
+    pub fn config(&self) -> &OptimizerConfig {
         &self.cfg
     }
+}
 
-    /// Sets each parameter's learning-rate multiplier from its name (layer-wise lr decay: lower
-    /// layers move less). Not part of the saved state: the recipe sets it again on resume.
-    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+impl Optimizer for AdamW {
+    fn steps_done(&self) -> u64 {
+        self.t
+    }
+
+    fn set_lr_scales(&mut self, scale: &dyn Fn(&str) -> f64) {
         for s in &mut self.slots {
             s.lr_scale = scale(&s.name);
         }
     }
 
-    /// Applies one update with learning rate `lr`. Parameters without a gradient are skipped
-    /// (their moments are not advanced), as PyTorch does.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// Parameters without a gradient are skipped (their moments are not advanced), as PyTorch
+    /// does.
+    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.t += 1;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let bc1 = 1.0 - b1.powi(self.t as i32);
@@ -144,8 +215,8 @@ impl AdamW {
         Ok(())
     }
 
-    /// The moments as named tensors (`exp_avg.NAME`, `exp_avg_sq.NAME`), for checkpoints.
-    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+    /// The moments as named tensors (`exp_avg.NAME`, `exp_avg_sq.NAME`), PyTorch's names.
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.slots
             .iter()
             .flat_map(|s| {
@@ -157,11 +228,10 @@ impl AdamW {
             .collect()
     }
 
-    /// Restores moments saved by [`AdamW::state_tensors`]; every parameter must be present.
-    pub fn load_state(
+    fn load_state(
         &mut self,
         t: u64,
-        mut get: impl FnMut(&str) -> Option<Tensor>,
+        get: &mut dyn FnMut(&str) -> Option<Tensor>,
     ) -> std::result::Result<(), String> {
         for s in &mut self.slots {
             let m = get(&format!("exp_avg.{}", s.name))
@@ -176,6 +246,136 @@ impl AdamW {
             }
             s.m = m;
             s.v = v;
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+/// SGD with momentum (PyTorch's rule: `b = momentum * b + g`, step `b`, or `g + momentum * b`
+/// with Nesterov), with L2 weight decay added to the gradient; with `kind = "lars"` each
+/// non-exempt parameter's step is first scaled by its trust ratio (You et al., 2017, in the form
+/// solo-learn and the BYOL/Barlow Twins code use; biases and norms are neither decayed nor scaled).
+pub struct Sgd {
+    cfg: OptimizerConfig,
+    slots: Vec<SgdSlot>,
+    t: u64,
+}
+
+struct SgdSlot {
+    name: String,
+    var: Var,
+    /// Weight decay and (LARS) adaptation apply.
+    decay: bool,
+    buf: Option<Tensor>,
+    lr_scale: f64,
+}
+
+impl Sgd {
+    pub fn new(cfg: OptimizerConfig, params: Vec<(String, Var, bool)>) -> Result<Self> {
+        let slots = params
+            .into_iter()
+            .map(|(name, var, decay)| SgdSlot {
+                name,
+                var,
+                decay,
+                buf: None,
+                lr_scale: 1.0,
+            })
+            .collect();
+        Ok(Sgd { cfg, slots, t: 0 })
+    }
+
+    fn norm(t: &Tensor) -> Result<f64> {
+        Ok(t.sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?
+            .sqrt())
+    }
+}
+
+impl Optimizer for Sgd {
+    fn steps_done(&self) -> u64 {
+        self.t
+    }
+
+    fn set_lr_scales(&mut self, scale: &dyn Fn(&str) -> f64) {
+        for s in &mut self.slots {
+            s.lr_scale = scale(&s.name);
+        }
+    }
+
+    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.t += 1;
+        let c = &self.cfg;
+        for s in &mut self.slots {
+            let Some(g) = grads.get(s.var.as_tensor()) else {
+                continue;
+            };
+            let theta = s.var.as_tensor().detach();
+            let mut g = g.detach();
+            if s.decay && c.weight_decay != 0.0 {
+                g = (g + (&theta * c.weight_decay)?)?;
+            }
+            if c.kind == OptimizerKind::Lars && s.decay {
+                // |g| here already includes the decay term, which is the denominator LARS uses.
+                let (w_norm, g_norm) = (Self::norm(&theta)?, Self::norm(&g)?);
+                if w_norm > 0.0 && g_norm > 0.0 {
+                    g = (g * (c.trust_coefficient * w_norm / g_norm))?;
+                }
+            }
+            let d = if c.momentum > 0.0 {
+                let buf = match &s.buf {
+                    Some(b) => ((b * c.momentum)? + &g)?,
+                    None => g.clone(),
+                };
+                let d = if c.nesterov {
+                    (&g + (&buf * c.momentum)?)?
+                } else {
+                    buf.clone()
+                };
+                s.buf = Some(buf);
+                d
+            } else {
+                g
+            };
+            s.var.set(&(theta - (d * (lr * s.lr_scale))?)?)?;
+        }
+        Ok(())
+    }
+
+    /// The momentum buffers (`momentum_buffer.NAME`, PyTorch's name); a parameter that never
+    /// had a gradient has none yet and is saved as zeros (the same update follows).
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                let b = match &s.buf {
+                    Some(b) => b.clone(),
+                    None => s.var.as_tensor().zeros_like().ok()?,
+                };
+                Some((format!("momentum_buffer.{}", s.name), b))
+            })
+            .collect()
+    }
+
+    fn load_state(
+        &mut self,
+        t: u64,
+        get: &mut dyn FnMut(&str) -> Option<Tensor>,
+    ) -> std::result::Result<(), String> {
+        for s in &mut self.slots {
+            let b = get(&format!("momentum_buffer.{}", s.name))
+                .ok_or_else(|| format!("missing momentum_buffer.{}", s.name))?;
+            if b.shape() != s.var.shape() {
+                return Err(format!(
+                    "momentum buffer shape of {} does not match the parameter",
+                    s.name
+                ));
+            }
+            // A zero buffer and no buffer give the same next update (b = 0 * m + g).
+            s.buf = Some(b);
         }
         self.t = t;
         Ok(())
@@ -326,7 +526,7 @@ mod tests {
                 .unwrap(),
         )
         .unwrap();
-        let cfg = AdamWConfig {
+        let cfg = OptimizerConfig {
             lr: 1e-2,
             weight_decay: 0.1,
             ..Default::default()
@@ -369,5 +569,94 @@ mod tests {
         assert!(d < 1e-5, "max diff {d}");
         let moved = max_abs_diff(ws.as_tensor(), setup(true).1.as_tensor());
         assert!(moved > 1e-2, "the parameters moved");
+    }
+
+    /// One scalar parameter w = 2 minimising (w - 0)^2 / 2 (gradient w), by hand.
+    fn sgd_on_scalar(cfg: OptimizerConfig, steps: usize) -> Vec<f64> {
+        let var = Var::from_tensor(&Tensor::new(&[2f64], &Device::Cpu).unwrap()).unwrap();
+        let mut opt = cfg.build(vec![("w".into(), var.clone(), true)]).unwrap();
+        (0..steps)
+            .map(|_| {
+                let loss = (var.as_tensor().sqr().unwrap() * 0.5)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                opt.step(&loss.backward().unwrap(), 0.1).unwrap();
+                var.as_tensor().to_vec1::<f64>().unwrap()[0]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sgd_momentum_follows_pytorch_rule() {
+        let cfg = OptimizerConfig {
+            kind: OptimizerKind::Sgd,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        let w = sgd_on_scalar(cfg, 2);
+        // b1 = g0 = 2, w1 = 2 - 0.1*2 = 1.8; b2 = 0.9*2 + 1.8 = 3.6, w2 = 1.8 - 0.36 = 1.44.
+        assert!(
+            (w[0] - 1.8).abs() < 1e-12 && (w[1] - 1.44).abs() < 1e-12,
+            "{w:?}"
+        );
+        let nesterov = OptimizerConfig {
+            kind: OptimizerKind::Sgd,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        // step 1: d = g + 0.9 * b = 2 + 1.8 = 3.8, w1 = 2 - 0.38 = 1.62.
+        assert!((sgd_on_scalar(nesterov, 1)[0] - 1.62).abs() < 1e-12);
+    }
+
+    #[test]
+    fn lars_scales_each_step_by_the_trust_ratio() {
+        // g = w + wd*w; trust = eta*|w|/|g| so the step is eta*|w|*lr whatever the gradient size.
+        let cfg = OptimizerConfig {
+            kind: OptimizerKind::Lars,
+            momentum: 0.0,
+            weight_decay: 0.5,
+            trust_coefficient: 0.01,
+            ..Default::default()
+        };
+        let w = sgd_on_scalar(cfg, 1);
+        assert!((w[0] - (2.0 - 0.1 * 0.01 * 2.0)).abs() < 1e-12, "{w:?}");
+    }
+
+    #[test]
+    fn sgd_state_round_trips() {
+        let make = || {
+            let var = Var::from_tensor(&Tensor::new(&[2f64, -1.0], &Device::Cpu).unwrap()).unwrap();
+            let cfg = OptimizerConfig {
+                kind: OptimizerKind::Sgd,
+                ..Default::default()
+            };
+            (
+                cfg.build(vec![("w".into(), var.clone(), true)]).unwrap(),
+                var,
+            )
+        };
+        let step = |opt: &mut Box<dyn Optimizer>, var: &Var| {
+            let loss = var.as_tensor().sqr().unwrap().sum_all().unwrap();
+            opt.step(&loss.backward().unwrap(), 0.1).unwrap();
+        };
+        let (mut a, va) = make();
+        step(&mut a, &va);
+        let saved: std::collections::HashMap<String, Tensor> =
+            a.state_tensors().into_iter().collect();
+        let (mut b, vb) = make();
+        vb.set(va.as_tensor()).unwrap();
+        b.load_state(a.steps_done(), &mut |n| saved.get(n).cloned())
+            .unwrap();
+        step(&mut a, &va);
+        step(&mut b, &vb);
+        assert_eq!(
+            va.as_tensor().to_vec1::<f64>().unwrap(),
+            vb.as_tensor().to_vec1::<f64>().unwrap()
+        );
+        assert!(b.load_state(1, &mut |_| None).is_err());
     }
 }

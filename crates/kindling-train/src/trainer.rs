@@ -19,7 +19,7 @@ use kindling_core::Mode;
 use crate::callbacks::{Callback, EvalRecord, StepRecord};
 use crate::checkpoint::{self, Best, TrainerState};
 use crate::objective::Objective;
-use crate::optim::{grad_norm, scale_grads, AdamW, AdamWConfig};
+use crate::optim::{grad_norm, scale_grads, Optimizer, OptimizerConfig};
 use crate::schedule::Schedule;
 use crate::{Result, TrainError};
 
@@ -30,7 +30,7 @@ pub struct TrainConfig {
     pub steps: u64,
     /// Micro-batches per update.
     pub grad_accum: u32,
-    pub optimizer: AdamWConfig,
+    pub optimizer: OptimizerConfig,
     pub schedule: Schedule,
     /// Clip the global gradient norm to this value (None: no clipping).
     pub max_grad_norm: Option<f64>,
@@ -131,7 +131,7 @@ impl Default for TrainConfig {
         TrainConfig {
             steps: 100,
             grad_accum: 1,
-            optimizer: AdamWConfig::default(),
+            optimizer: OptimizerConfig::default(),
             schedule: Schedule::default(),
             max_grad_norm: Some(1.0),
             eval_every: 0,
@@ -192,10 +192,13 @@ impl Trainer {
         &self.cfg
     }
 
+    /// The parameters the optimiser updates, by name (state such as BatchNorm statistics or a
+    /// momentum encoder lives in the same VarMap, so it is checkpointed, but is not trained).
     fn params<O: Objective>(obj: &O) -> Vec<(String, Var)> {
         let data = obj.varmap().data().lock().expect("varmap lock poisoned");
         let mut v: Vec<(String, Var)> = data
             .iter()
+            .filter(|(n, _)| obj.trainable(n))
             .map(|(n, var)| (n.clone(), var.clone()))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -203,7 +206,7 @@ impl Trainer {
     }
 
     /// The optimiser this trainer would use for `obj` (exposed so a resume can load its state).
-    pub fn optimizer<O: Objective>(&self, obj: &O) -> Result<AdamW> {
+    pub fn optimizer<O: Objective>(&self, obj: &O) -> Result<Box<dyn Optimizer>> {
         let params = Self::params(obj)
             .into_iter()
             .map(|(n, v)| {
@@ -211,7 +214,7 @@ impl Trainer {
                 (n, v, decay)
             })
             .collect();
-        AdamW::new(self.cfg.optimizer.clone(), params)
+        self.cfg.optimizer.build(params)
     }
 
     /// Averages the objective's loss and metrics over `batches` in eval mode, weighted by each
@@ -242,7 +245,7 @@ impl Trainer {
         obj: &O,
         train: &mut dyn Iterator<Item = O::Batch>,
         eval: &[O::Batch],
-        mut opt: AdamW,
+        mut opt: Box<dyn Optimizer>,
         start: Option<TrainerState>,
         cursor_of: &dyn Fn(&O::Batch) -> serde_json::Value,
     ) -> Result<FitSummary> {
@@ -353,6 +356,7 @@ impl Trainer {
                         }
                     }
                     opt.step(&grads, lr)?;
+                    obj.after_update(step + 1, cfg.steps)?;
                 } else if cfg.skip_nonfinite {
                     tracing::warn!(step = step + 1, "non-finite gradient: update skipped");
                     nonfinite = true;
@@ -440,7 +444,7 @@ impl Trainer {
                 last_checkpoint = Some(checkpoint::save_with(
                     &self.run_dir,
                     obj.varmap(),
-                    &opt,
+                    opt.as_ref(),
                     &state,
                     cfg.keep_last,
                     &cfg.checkpoint_extras,
@@ -547,7 +551,7 @@ mod tests {
         TrainConfig {
             steps,
             grad_accum: accum,
-            optimizer: AdamWConfig {
+            optimizer: OptimizerConfig {
                 lr: 0.05,
                 weight_decay: 0.0,
                 ..Default::default()
@@ -656,7 +660,7 @@ mod tests {
         let mut opt = t.optimizer(obj).unwrap();
         if let Some(s) = &start {
             let ckpt = checkpoint::checkpoint_dir(dir, s.step);
-            checkpoint::load(&ckpt, &obj.varmap, Some(&mut opt), &Device::Cpu).unwrap();
+            checkpoint::load(&ckpt, &obj.varmap, Some(opt.as_mut()), &Device::Cpu).unwrap();
         }
         let eval = vec![batch(999, 64)];
         let skip = start.as_ref().map_or(0, |s| s.step as usize);
