@@ -15,6 +15,7 @@ pub mod domain {
     pub const INIT: u64 = 0x696e_6974; // "init"
     pub const DROPOUT: u64 = 0x6472_6f70; // "drop"
     pub const SPLIT: u64 = 0x0073_706c_6974; // "split"
+    pub const AUGMENT: u64 = 0x0061_7567_6d6e; // "augmn"
 }
 
 /// The SplitMix64 output function: a bijective 64-bit mixer with full avalanche.

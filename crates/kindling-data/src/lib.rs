@@ -7,19 +7,27 @@
 //!                 checked)   paragraphs)        split)          index)          positions, labels)
 //! ```
 //!
+//! For images: an [`ImageSource`] (IDX, a folder of PNG/JPEG, CSV of pixels) gives an
+//! [`ImageSet`]; a [`ViewLoader`] turns each image into two or more augmented views (the
+//! self-labels of SimCLR, BYOL and the rest), seeded the same way as the masks.
+//!
 //! This crate knows nothing about tensors: batches are plain vectors, turned into tensors by the
 //! recipe that consumes them, so the pipeline can be tested and benchmarked on its own.
 
+pub mod augment;
 pub mod corpus;
 pub mod error;
+pub mod images;
 pub mod labelled;
 pub mod loader;
 pub mod masking;
 pub mod packing;
 pub mod tokenizer;
 
+pub use augment::{build_views, Image, Stage, ViewBatch, ViewLoader, ViewPipeline};
 pub use corpus::{Corpus, Document};
 pub use error::{DataError, Result};
+pub use images::{ImageSet, ImageSource, OnCorrupt};
 pub use labelled::{Example, LabelSet, TableSpec};
 pub use loader::{eval_batches, Cursor, MlmBatch, MlmLoader, Prefetch};
 pub use masking::{MaskConfig, MaskedBlock, Masker};

@@ -1,0 +1,553 @@
+//! Image sources: IDX files (MNIST, Fashion-MNIST), folders of PNG/JPEG images (the class is
+//! the subfolder; images directly in the folder are unlabelled), and CSV files of pixels (one
+//! image per row, as Kaggle ships MNIST). Every source becomes an [`ImageSet`]: u8 pixels in
+//! height x width x channels order, all images the same size, optional class labels.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+
+/// Images of one size in memory, u8 HWC, with optional labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSet {
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+    /// `len() * height * width * channels` bytes.
+    pub pixels: Vec<u8>,
+    /// One class index per image, when the source has labels.
+    pub labels: Option<Vec<u32>>,
+    /// Class names by index (folder names; "0".."9" for IDX and CSV).
+    pub classes: Vec<String>,
+}
+
+impl ImageSet {
+    pub fn len(&self) -> usize {
+        self.pixels.len() / self.image_len().max(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes per image.
+    pub fn image_len(&self) -> usize {
+        self.height * self.width * self.channels
+    }
+
+    /// The pixels of image `i`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.image_len();
+        &self.pixels[i * n..(i + 1) * n]
+    }
+
+    /// The first `n` images (all of them if there are fewer).
+    pub fn truncate(mut self, n: usize) -> Self {
+        let n = n.min(self.len());
+        self.pixels.truncate(n * self.image_len());
+        if let Some(l) = &mut self.labels {
+            l.truncate(n);
+        }
+        self
+    }
+}
+
+/// What to do with an image file that cannot be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnCorrupt {
+    /// Stop with an error naming the file.
+    #[default]
+    Fail,
+    /// Warn with the file's path and go on without it.
+    Skip,
+}
+
+/// Where a recipe's images come from (`train = { idx = { images = "...", labels = "..." } }`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum ImageSource {
+    /// IDX files, gzipped or not.
+    Idx {
+        images: PathBuf,
+        #[serde(default)]
+        labels: Option<PathBuf>,
+    },
+    /// A folder of PNG/JPEG files, one subfolder per class (or none: unlabelled).
+    Folder {
+        path: PathBuf,
+        /// Resize every image to (height, width); without it all images must share a size.
+        #[serde(default)]
+        size: Option<(usize, usize)>,
+        /// "gray" (1 channel) or "rgb" (3).
+        #[serde(default = "default_color")]
+        color: String,
+        #[serde(default)]
+        on_corrupt: OnCorrupt,
+    },
+    /// A CSV file, one image per row: pixel columns in HWC order and an optional label column.
+    Csv {
+        path: PathBuf,
+        height: usize,
+        width: usize,
+        #[serde(default = "one")]
+        channels: usize,
+        #[serde(default)]
+        label_column: Option<String>,
+    },
+}
+
+fn default_color() -> String {
+    "rgb".into()
+}
+
+fn one() -> usize {
+    1
+}
+
+impl ImageSource {
+    pub fn load(&self) -> Result<ImageSet> {
+        match self {
+            ImageSource::Idx { images, labels } => read_idx(images, labels.as_deref()),
+            ImageSource::Folder {
+                path,
+                size,
+                color,
+                on_corrupt,
+            } => {
+                let channels = match color.as_str() {
+                    "gray" => 1,
+                    "rgb" => 3,
+                    other => {
+                        return Err(DataError::Config {
+                            key: "data.*.folder.color",
+                            msg: format!("expected \"gray\" or \"rgb\", got {other:?}"),
+                        })
+                    }
+                };
+                read_image_folder(path, *size, channels, *on_corrupt)
+            }
+            ImageSource::Csv {
+                path,
+                height,
+                width,
+                channels,
+                label_column,
+            } => read_pixel_csv(path, *height, *width, *channels, label_column.as_deref()),
+        }
+    }
+}
+
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| DataError::io(path, e))?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// Parses an IDX file's header: (element type code, dimensions), and the offset of the data.
+fn idx_header(path: &Path, bytes: &[u8]) -> Result<(u8, Vec<usize>, usize)> {
+    let bad = |msg: String| DataError::Table {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
+        return Err(bad(
+            "not an IDX file (expected the magic bytes 00 00 <type> <ndims>)".into(),
+        ));
+    }
+    let (ty, ndims) = (bytes[2], bytes[3] as usize);
+    let off = 4 + 4 * ndims;
+    if bytes.len() < off {
+        return Err(bad(format!(
+            "IDX header of {ndims} dimensions is cut short"
+        )));
+    }
+    let dims: Vec<usize> = (0..ndims)
+        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
+        .collect();
+    if ty != 0x08 {
+        return Err(bad(format!(
+            "IDX element type 0x{ty:02x}; only unsigned bytes (0x08) are supported"
+        )));
+    }
+    let n: usize = dims.iter().product();
+    if bytes.len() - off != n {
+        return Err(bad(format!(
+            "IDX dimensions {dims:?} need {n} bytes of data, the file has {}",
+            bytes.len() - off
+        )));
+    }
+    Ok((ty, dims, off))
+}
+
+/// Reads IDX images (n x h x w, or n x h x w x c) and optional IDX labels (n).
+pub fn read_idx(images: &Path, labels: Option<&Path>) -> Result<ImageSet> {
+    let bytes = read_maybe_gz(images)?;
+    let (_, dims, off) = idx_header(images, &bytes)?;
+    let (n, h, w, c) = match dims[..] {
+        [n, h, w] => (n, h, w, 1),
+        [n, h, w, c] => (n, h, w, c),
+        _ => {
+            return Err(DataError::Table {
+                path: images.to_path_buf(),
+                msg: format!("expected images of 3 or 4 dimensions, got {dims:?}"),
+            })
+        }
+    };
+    let labels = match labels {
+        None => None,
+        Some(p) => {
+            let lb = read_maybe_gz(p)?;
+            let (_, ldims, loff) = idx_header(p, &lb)?;
+            if ldims != [n] {
+                return Err(DataError::Table {
+                    path: p.to_path_buf(),
+                    msg: format!(
+                        "expected {n} labels (one per image of {}), got dimensions {ldims:?}",
+                        images.display()
+                    ),
+                });
+            }
+            Some(lb[loff..].iter().map(|&b| b as u32).collect::<Vec<u32>>())
+        }
+    };
+    let classes = labels
+        .as_ref()
+        .map(|l| {
+            let k = l.iter().max().map_or(0, |&m| m + 1);
+            (0..k).map(|i| i.to_string()).collect()
+        })
+        .unwrap_or_default();
+    Ok(ImageSet {
+        height: h,
+        width: w,
+        channels: c,
+        pixels: bytes[off..].to_vec(),
+        labels,
+        classes,
+    })
+}
+
+fn is_image_file(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| DataError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Reads a folder of images: one subfolder per class (sorted names give the class indices), or
+/// image files directly inside (no labels). Decoding runs in parallel (rayon).
+pub fn read_image_folder(
+    dir: &Path,
+    size: Option<(usize, usize)>,
+    channels: usize,
+    on_corrupt: OnCorrupt,
+) -> Result<ImageSet> {
+    use rayon::prelude::*;
+    let entries = sorted_entries(dir)?;
+    let subdirs: Vec<&PathBuf> = entries.iter().filter(|p| p.is_dir()).collect();
+    let mut files: Vec<(PathBuf, Option<u32>)> = Vec::new();
+    let mut classes = Vec::new();
+    if subdirs.is_empty() {
+        files.extend(
+            entries
+                .iter()
+                .filter(|p| is_image_file(p))
+                .map(|p| (p.clone(), None)),
+        );
+    } else {
+        for (k, sub) in subdirs.iter().enumerate() {
+            classes.push(sub.file_name().unwrap().to_string_lossy().into_owned());
+            for f in sorted_entries(sub)?
+                .into_iter()
+                .filter(|p| is_image_file(p))
+            {
+                files.push((f, Some(k as u32)));
+            }
+        }
+    }
+    if files.is_empty() {
+        return Err(DataError::Table {
+            path: dir.to_path_buf(),
+            msg: "no .png/.jpg/.jpeg images in the folder or its subfolders".into(),
+        });
+    }
+    let decoded: Vec<(usize, std::result::Result<(usize, usize, Vec<u8>), String>)> = files
+        .par_iter()
+        .enumerate()
+        .map(|(i, (path, _))| {
+            let r = image::open(path).map_err(|e| e.to_string()).map(|img| {
+                let img = match size {
+                    Some((h, w)) => {
+                        img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle)
+                    }
+                    None => img,
+                };
+                let (w, h) = (img.width() as usize, img.height() as usize);
+                let px = if channels == 1 {
+                    img.into_luma8().into_raw()
+                } else {
+                    img.into_rgb8().into_raw()
+                };
+                (h, w, px)
+            });
+            (i, r)
+        })
+        .collect();
+    let mut set = ImageSet {
+        height: 0,
+        width: 0,
+        channels,
+        pixels: Vec::new(),
+        labels: (!subdirs.is_empty()).then(Vec::new),
+        classes,
+    };
+    let mut skipped = 0usize;
+    for (i, r) in decoded {
+        let path = &files[i].0;
+        let (h, w, px) = match r {
+            Ok(v) => v,
+            Err(msg) => match on_corrupt {
+                OnCorrupt::Fail => {
+                    return Err(DataError::Table {
+                        path: path.clone(),
+                        msg: format!("cannot decode the image ({msg}); set on_corrupt = \"skip\" to leave it out"),
+                    })
+                }
+                OnCorrupt::Skip => {
+                    tracing::warn!(path = %path.display(), "skipping an image that cannot be decoded: {msg}");
+                    eprintln!("warning: skipped {} (cannot decode: {msg})", path.display());
+                    skipped += 1;
+                    continue;
+                }
+            },
+        };
+        if set.height == 0 {
+            (set.height, set.width) = (h, w);
+        } else if (h, w) != (set.height, set.width) {
+            return Err(DataError::Table {
+                path: path.clone(),
+                msg: format!(
+                    "image is {h}x{w}, earlier ones are {}x{}; set `size` to resize them all",
+                    set.height, set.width
+                ),
+            });
+        }
+        set.pixels.extend_from_slice(&px);
+        if let (Some(l), Some(k)) = (&mut set.labels, files[i].1) {
+            l.push(k);
+        }
+    }
+    if set.is_empty() {
+        return Err(DataError::Table {
+            path: dir.to_path_buf(),
+            msg: format!("all {skipped} images were skipped as corrupt"),
+        });
+    }
+    Ok(set)
+}
+
+/// Reads a CSV of pixels with a header row: `height * width * channels` pixel columns (0..255,
+/// in column order) and, if named, a label column (class indices 0..k).
+pub fn read_pixel_csv(
+    path: &Path,
+    height: usize,
+    width: usize,
+    channels: usize,
+    label_column: Option<&str>,
+) -> Result<ImageSet> {
+    let row_err = |line: u64, msg: String| DataError::Row {
+        path: path.to_path_buf(),
+        line,
+        msg,
+    };
+    let mut rdr = csv::ReaderBuilder::new()
+        .from_path(path)
+        .map_err(|e| DataError::Table {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+    let header = rdr
+        .headers()
+        .map_err(|e| row_err(1, e.to_string()))?
+        .clone();
+    let label_idx = match label_column {
+        None => None,
+        Some(name) => Some(header.iter().position(|h| h == name).ok_or_else(|| {
+            row_err(
+                1,
+                format!(
+                    "no column named {name:?}; the header has {:?}",
+                    header.iter().collect::<Vec<_>>()
+                ),
+            )
+        })?),
+    };
+    let n_pixels = height * width * channels;
+    let mut set = ImageSet {
+        height,
+        width,
+        channels,
+        pixels: Vec::new(),
+        labels: label_idx.map(|_| Vec::new()),
+        classes: Vec::new(),
+    };
+    for (r, rec) in rdr.records().enumerate() {
+        let line = r as u64 + 2;
+        let rec = rec.map_err(|e| row_err(line, e.to_string()))?;
+        let mut count = 0;
+        for (j, field) in rec.iter().enumerate() {
+            let v: u32 = field.trim().parse().map_err(|_| {
+                row_err(
+                    line,
+                    format!(
+                        "column {:?}: expected an integer, got {field:?}",
+                        &header[j]
+                    ),
+                )
+            })?;
+            if Some(j) == label_idx {
+                set.labels.as_mut().unwrap().push(v);
+                continue;
+            }
+            if v > 255 {
+                return Err(row_err(
+                    line,
+                    format!("column {:?}: pixel {v} is above 255", &header[j]),
+                ));
+            }
+            set.pixels.push(v as u8);
+            count += 1;
+        }
+        if count != n_pixels {
+            return Err(row_err(
+                line,
+                format!("{count} pixel values; {height}x{width}x{channels} needs {n_pixels}"),
+            ));
+        }
+    }
+    if let Some(l) = &set.labels {
+        let k = l.iter().max().map_or(0, |&m| m + 1);
+        set.classes = (0..k).map(|i| i.to_string()).collect();
+    }
+    Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
+        let mut v = vec![0, 0, 8, dims.len() as u8];
+        for d in dims {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn idx_images_and_labels_round_trip_gzipped_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let px: Vec<u8> = (0..2 * 3 * 4).map(|i| i as u8).collect();
+        let img = dir.path().join("img.idx");
+        std::fs::write(&img, idx_bytes(&[2, 3, 4], &px)).unwrap();
+        let lab = dir.path().join("lab.idx.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &idx_bytes(&[2], &[7, 1])).unwrap();
+        std::fs::write(&lab, gz.finish().unwrap()).unwrap();
+        let set = read_idx(&img, Some(&lab)).unwrap();
+        assert_eq!(
+            (set.len(), set.height, set.width, set.channels),
+            (2, 3, 4, 1)
+        );
+        assert_eq!(set.image(1), &px[12..]);
+        assert_eq!(set.labels, Some(vec![7, 1]));
+        assert_eq!(set.classes.len(), 8);
+    }
+
+    #[test]
+    fn idx_errors_name_the_file_and_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("short.idx");
+        std::fs::write(&img, idx_bytes(&[2, 3, 4], &[0; 5])).unwrap();
+        let e = read_idx(&img, None).unwrap_err().to_string();
+        assert!(e.contains("short.idx") && e.contains("24 bytes"), "{e}");
+        std::fs::write(&img, b"hello").unwrap();
+        let e = read_idx(&img, None).unwrap_err().to_string();
+        assert!(e.contains("not an IDX file"), "{e}");
+    }
+
+    #[test]
+    fn csv_pixels_with_a_label_column_and_bad_rows_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("px.csv");
+        std::fs::write(&p, "label,p0,p1,p2,p3\n3,0,10,20,255\n1,1,2,3,4\n").unwrap();
+        let set = read_pixel_csv(&p, 2, 2, 1, Some("label")).unwrap();
+        assert_eq!(set.len(), 2);
+        assert_eq!(set.image(0), &[0, 10, 20, 255]);
+        assert_eq!(set.labels, Some(vec![3, 1]));
+        std::fs::write(&p, "label,p0,p1,p2,p3\n3,0,10,20,255\n1,1,2,300,4\n").unwrap();
+        let e = read_pixel_csv(&p, 2, 2, 1, Some("label"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("px.csv:3") && e.contains("above 255"), "{e}");
+        let e = read_pixel_csv(&p, 2, 2, 1, Some("class"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no column named \"class\""), "{e}");
+    }
+
+    #[test]
+    fn image_folder_classes_are_subfolders_and_corrupt_files_are_named_or_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        for (class, shade) in [("cat", 10u8), ("dog", 200u8)] {
+            let sub = dir.path().join(class);
+            std::fs::create_dir(&sub).unwrap();
+            for i in 0..2 {
+                image::GrayImage::from_pixel(5, 4, image::Luma([shade + i]))
+                    .save(sub.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+        let set = read_image_folder(dir.path(), None, 1, OnCorrupt::Fail).unwrap();
+        assert_eq!((set.len(), set.height, set.width), (4, 4, 5));
+        assert_eq!(set.classes, vec!["cat", "dog"]);
+        assert_eq!(set.labels, Some(vec![0, 0, 1, 1]));
+        assert_eq!(set.image(3)[0], 201);
+        let rgb = read_image_folder(dir.path(), Some((2, 3)), 3, OnCorrupt::Fail).unwrap();
+        assert_eq!(
+            (rgb.height, rgb.width, rgb.channels, rgb.image_len()),
+            (2, 3, 3, 18)
+        );
+
+        std::fs::write(dir.path().join("dog").join("broken.png"), b"not a png").unwrap();
+        let e = read_image_folder(dir.path(), None, 1, OnCorrupt::Fail)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("broken.png") && e.contains("cannot decode"),
+            "{e}"
+        );
+        let set = read_image_folder(dir.path(), None, 1, OnCorrupt::Skip).unwrap();
+        assert_eq!(set.len(), 4);
+    }
+}
