@@ -6,14 +6,19 @@
 //! HF's names so that a checkpoint loads into `transformers` and candle unchanged.
 
 pub mod bert;
+pub mod conv;
 pub mod export;
+pub mod heads;
 pub mod import;
 pub mod init;
 pub mod nn;
 pub mod ops;
+pub mod resnet;
 
 pub use bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, Pooling};
+pub use heads::{Mlp, MlpConfig};
 pub use kindling_core::Mode;
+pub use resnet::{ResNet, ResNetConfig};
 
 /// Errors of model building and export.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,360 @@
+//! ResNet (He et al., 2016) for small images, with the parameter names of HF `transformers`'
+//! `modeling_resnet.py` (`embedder.embedder.convolution.weight`,
+//! `encoder.stages.0.layers.0.layer.1.normalization.running_mean`, ...), and a plain CNN of the
+//! same layout without the shortcuts.
+//!
+//! The stem is where it departs from HF (and from torchvision's ImageNet ResNet): for 28x28 or
+//! 32x32 images a 7x7 stride-2 convolution followed by max pooling throws away most of the
+//! image, so the SSL papers' CIFAR variants use a 3x3 stride-1 stem and no pooling (SimCLR,
+//! solo-learn, lightly). `embedder_kernel_size` and `embedder_stride` say which; there is no
+//! max-pool (its backward is one of the ops candle 0.11 gets wrong when kernel != stride).
+//! Activations are channels-last (see [`crate::conv`]).
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::conv::{BatchNorm, Conv2d};
+use crate::{ModelError, Result};
+use kindling_core::Mode;
+
+/// The encoder's shape; written to the export's `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResNetConfig {
+    /// "resnet" (residual blocks) or "cnn" (the same stages without shortcuts).
+    pub architecture: String,
+    pub num_channels: usize,
+    pub embedding_size: usize,
+    pub embedder_kernel_size: usize,
+    pub embedder_stride: usize,
+    /// Output channels of each stage.
+    pub hidden_sizes: Vec<usize>,
+    /// Blocks (of two 3x3 convolutions) per stage.
+    pub depths: Vec<usize>,
+    /// Halve the resolution in the first stage too (HF's `downsample_in_first_stage`).
+    pub downsample_in_first_stage: bool,
+}
+
+impl Default for ResNetConfig {
+    /// A ResNet-10-ish encoder for 28x28 grey images: three stages of one basic block,
+    /// 32-64-128 channels, 128-dim features.
+    fn default() -> Self {
+        ResNetConfig {
+            architecture: "resnet".into(),
+            num_channels: 1,
+            embedding_size: 32,
+            embedder_kernel_size: 3,
+            embedder_stride: 1,
+            hidden_sizes: vec![32, 64, 128],
+            depths: vec![1, 1, 1],
+            downsample_in_first_stage: false,
+        }
+    }
+}
+
+impl ResNetConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if !matches!(self.architecture.as_str(), "resnet" | "cnn") {
+            return bad(format!(
+                "model.architecture: expected \"resnet\" or \"cnn\", got {:?}",
+                self.architecture
+            ));
+        }
+        if self.hidden_sizes.is_empty() || self.hidden_sizes.len() != self.depths.len() {
+            return bad(format!(
+                "model.hidden_sizes ({:?}) and model.depths ({:?}) need one entry per stage",
+                self.hidden_sizes, self.depths
+            ));
+        }
+        if self.depths.contains(&0) || self.hidden_sizes.contains(&0) || self.embedding_size == 0 {
+            return bad("model: stage depths and channel counts must be at least 1".into());
+        }
+        if self.embedder_kernel_size % 2 == 0 || self.embedder_stride == 0 {
+            return bad("model.embedder_kernel_size must be odd and embedder_stride >= 1".into());
+        }
+        Ok(())
+    }
+
+    /// Width of the pooled features.
+    pub fn feature_dim(&self) -> usize {
+        *self
+            .hidden_sizes
+            .last()
+            .expect("validated: at least one stage")
+    }
+
+    fn stride(&self, stage: usize) -> usize {
+        if stage == 0 && !self.downsample_in_first_stage {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// Multiply-adds x 2 of one forward pass over an `h` x `w` image.
+    pub fn forward_flops(&self, h: usize, w: usize) -> f64 {
+        let conv = |h: usize, w: usize, cin: usize, cout: usize, k: usize| {
+            2.0 * (h * w * cin * cout * k * k) as f64
+        };
+        let s = self.embedder_stride;
+        let (mut h, mut w) = (h.div_ceil(s), w.div_ceil(s));
+        let mut flops = conv(
+            h,
+            w,
+            self.num_channels,
+            self.embedding_size,
+            self.embedder_kernel_size,
+        );
+        let mut cin = self.embedding_size;
+        for (i, (&c, &d)) in self.hidden_sizes.iter().zip(&self.depths).enumerate() {
+            for l in 0..d {
+                let stride = if l == 0 { self.stride(i) } else { 1 };
+                (h, w) = (h.div_ceil(stride), w.div_ceil(stride));
+                flops += conv(h, w, cin, c, 3) + conv(h, w, c, c, 3);
+                if self.architecture == "resnet" && (cin != c || stride != 1) {
+                    flops += conv(h, w, cin, c, 1);
+                }
+                cin = c;
+            }
+        }
+        flops
+    }
+}
+
+/// Convolution, BatchNorm, optional ReLU: HF's `ResNetConvLayer`.
+#[derive(Debug, Clone)]
+struct ConvLayer {
+    convolution: Conv2d,
+    normalization: BatchNorm,
+    relu: bool,
+}
+
+impl ConvLayer {
+    fn load(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        relu: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(ConvLayer {
+            convolution: Conv2d::load(cin, cout, k, stride, k / 2, vb.pp("convolution"))?,
+            normalization: BatchNorm::load(cout, vb.pp("normalization"))?,
+            relu,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let y = self
+            .normalization
+            .forward_t(&self.convolution.forward(x)?, mode)?;
+        Ok(if self.relu { y.relu()? } else { y })
+    }
+}
+
+/// Two 3x3 convolutions and the shortcut: HF's `ResNetBasicLayer`.
+#[derive(Debug, Clone)]
+struct BasicLayer {
+    shortcut: Option<ConvLayer>,
+    layer: [ConvLayer; 2],
+    residual: bool,
+}
+
+impl BasicLayer {
+    fn load(
+        cin: usize,
+        cout: usize,
+        stride: usize,
+        residual: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let shortcut = if residual && (cin != cout || stride != 1) {
+            Some(ConvLayer::load(
+                cin,
+                cout,
+                1,
+                stride,
+                false,
+                vb.pp("shortcut"),
+            )?)
+        } else {
+            None
+        };
+        let l = vb.pp("layer");
+        Ok(BasicLayer {
+            shortcut,
+            layer: [
+                ConvLayer::load(cin, cout, 3, stride, true, l.pp("0"))?,
+                // The plain CNN keeps its ReLU here; the residual block applies it after the add.
+                ConvLayer::load(cout, cout, 3, 1, !residual, l.pp("1"))?,
+            ],
+            residual,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let y = self.layer[1].forward_t(&self.layer[0].forward_t(x, mode)?, mode)?;
+        if !self.residual {
+            return Ok(y);
+        }
+        let skip = match &self.shortcut {
+            Some(s) => s.forward_t(x, mode)?,
+            None => x.clone(),
+        };
+        Ok((y + skip)?.relu()?)
+    }
+}
+
+/// The encoder: stem, stages, global average pooling. `forward_t` maps (n, h, w, c) images to
+/// (n, feature_dim) features.
+#[derive(Debug, Clone)]
+pub struct ResNet {
+    pub config: ResNetConfig,
+    embedder: ConvLayer,
+    stages: Vec<Vec<BasicLayer>>,
+}
+
+impl ResNet {
+    pub fn new(config: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
+        let embedder = ConvLayer::load(
+            config.num_channels,
+            config.embedding_size,
+            config.embedder_kernel_size,
+            config.embedder_stride,
+            true,
+            vb.pp("embedder").pp("embedder"),
+        )?;
+        let residual = config.architecture == "resnet";
+        let mut stages = Vec::new();
+        let mut cin = config.embedding_size;
+        for (i, (&c, &d)) in config.hidden_sizes.iter().zip(&config.depths).enumerate() {
+            let vs = vb.pp("encoder").pp("stages").pp(i.to_string()).pp("layers");
+            let mut layers = Vec::new();
+            for l in 0..d {
+                let stride = if l == 0 { config.stride(i) } else { 1 };
+                layers.push(BasicLayer::load(
+                    cin,
+                    c,
+                    stride,
+                    residual,
+                    vs.pp(l.to_string()),
+                )?);
+                cin = c;
+            }
+            stages.push(layers);
+        }
+        Ok(ResNet {
+            config: config.clone(),
+            embedder,
+            stages,
+        })
+    }
+
+    /// The last feature map, (n, h', w', feature_dim).
+    pub fn feature_map(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let mut h = self.embedder.forward_t(x, mode)?;
+        for stage in &self.stages {
+            for layer in stage {
+                h = layer.forward_t(&h, mode)?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// Globally average-pooled features, (n, feature_dim).
+    pub fn forward_t(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let h = self.feature_map(x, mode)?;
+        let (n, fh, fw, c) = h.dims4()?;
+        Ok(h.reshape((n, fh * fw, c))?.mean(1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn names_follow_hf_resnet_and_every_parameter_gets_a_gradient() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let cfg = ResNetConfig {
+            hidden_sizes: vec![4, 8],
+            depths: vec![1, 2],
+            embedding_size: 4,
+            ..Default::default()
+        };
+        let net = ResNet::new(&cfg, vb).unwrap();
+        let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+        for n in [
+            "embedder.embedder.convolution.weight",
+            "embedder.embedder.normalization.running_var",
+            "encoder.stages.1.layers.0.shortcut.convolution.weight",
+            "encoder.stages.1.layers.1.layer.1.normalization.weight",
+        ] {
+            assert!(names.iter().any(|k| k == n), "{n} missing from {names:?}");
+        }
+        assert!(
+            !names
+                .iter()
+                .any(|k| k.starts_with("encoder.stages.0.layers.0.shortcut")),
+            "no shortcut where shapes match"
+        );
+        let x = Tensor::randn(0f32, 1.0, (3, 8, 8, 1), &Device::Cpu).unwrap();
+        let y = net.forward_t(&x, Mode::Train { seed: 1 }).unwrap();
+        assert_eq!(y.dims(), &[3, 8]);
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if crate::conv::is_norm_buffer(name) {
+                continue;
+            }
+            let g = grads.get(var.as_tensor());
+            assert!(g.is_some(), "{name} gets no gradient");
+            let norm = g
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{name} gets a zero gradient");
+        }
+        // FLOPs: stem 8*8*1*4*9, stage 0: 2 convs 4->4 at 8x8, stage 1 at 4x4: 4->8, 8->8,
+        // shortcut 4->8 1x1, then 8->8 twice.
+        let expect = 2.0
+            * (64.0 * 36.0
+                + 2.0 * 64.0 * 144.0
+                + 16.0 * (288.0 + 576.0 + 32.0)
+                + 2.0 * 16.0 * 576.0);
+        assert_eq!(cfg.forward_flops(8, 8), expect);
+    }
+
+    #[test]
+    fn the_plain_cnn_has_no_shortcuts_and_bad_shapes_are_named() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let cfg = ResNetConfig {
+            architecture: "cnn".into(),
+            ..Default::default()
+        };
+        ResNet::new(&cfg, vb).unwrap();
+        assert!(!varmap
+            .data()
+            .lock()
+            .unwrap()
+            .keys()
+            .any(|k| k.contains("shortcut")));
+        let bad = ResNetConfig {
+            depths: vec![1],
+            ..Default::default()
+        };
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("model.hidden_sizes"), "{e}");
+    }
+}
