@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use kindling_recipes::{Recipe, RecipeError, Resume, RunOptions};
+use kindling_recipes::{RecipeError, Resume, RunOptions};
 use kindling_train::StopReason;
 
 #[derive(Parser)]
@@ -171,7 +171,6 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             overwrite,
             resume,
         } => {
-            let recipe = Recipe::load(&recipe, &overrides)?;
             let (flag, which) = install_signal_handlers()?;
             let opts = RunOptions {
                 overwrite,
@@ -181,7 +180,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 }),
                 stop_flag: Some(flag),
             };
-            let report = kindling_recipes::pretrain(&recipe, &opts)?;
+            let report = kindling_recipes::pretrain_file(&recipe, &overrides, &opts)?;
             if report.stop == StopReason::Interrupted {
                 return Ok(128 + which.load(Ordering::SeqCst) as u8);
             }

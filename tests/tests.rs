@@ -12,3 +12,4 @@ mod masking;
 mod model;
 mod recipe_errors;
 mod resume;
+mod vision;

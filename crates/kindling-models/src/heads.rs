@@ -70,7 +70,7 @@ impl Mlp {
         Ok(Mlp { layers })
     }
 
-    pub fn forward_t(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub fn forward_t(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
         for l in &self.layers {
             h = l.linear.forward(&h)?;

@@ -147,7 +147,7 @@ impl ConvLayer {
         })
     }
 
-    fn forward_t(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let y = self
             .normalization
             .forward_t(&self.convolution.forward(x)?, mode)?;
@@ -195,7 +195,7 @@ impl BasicLayer {
         })
     }
 
-    fn forward_t(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let y = self.layer[1].forward_t(&self.layer[0].forward_t(x, mode)?, mode)?;
         if !self.residual {
             return Ok(y);
@@ -255,7 +255,7 @@ impl ResNet {
     }
 
     /// The last feature map, (n, h', w', feature_dim).
-    pub fn feature_map(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub fn feature_map(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let mut h = self.embedder.forward_t(x, mode)?;
         for stage in &self.stages {
             for layer in stage {
@@ -266,7 +266,7 @@ impl ResNet {
     }
 
     /// Globally average-pooled features, (n, feature_dim).
-    pub fn forward_t(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub fn forward_t(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let h = self.feature_map(x, mode)?;
         let (n, fh, fw, c) = h.dims4()?;
         Ok(h.reshape((n, fh * fw, c))?.mean(1)?)

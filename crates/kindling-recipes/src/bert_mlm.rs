@@ -272,6 +272,20 @@ pub(crate) fn prepare_run_folder(
 /// each it skips; a checkpoint folder named explicitly must itself be valid.
 pub fn resume_checkpoint(recipe: &Recipe, resume: &Resume) -> Result<Option<PathBuf>, RecipeError> {
     let run_dir = recipe.run_dir();
+    let found = resume_checkpoint_in(&run_dir, resume)?;
+    if found.is_some() {
+        check_same_run(recipe, &run_dir)?;
+    }
+    Ok(found)
+}
+
+/// [`resume_checkpoint`] for any recipe type whose run folder is `run_dir` (without the
+/// MLM-specific same-run checks).
+pub fn resume_checkpoint_in(
+    run_dir: &Path,
+    resume: &Resume,
+) -> Result<Option<PathBuf>, RecipeError> {
+    let run_dir = run_dir.to_path_buf();
     let newest = |dir: &Path| {
         let (found, refused) = checkpoint::newest_valid(dir);
         for e in refused {
@@ -320,9 +334,6 @@ pub fn resume_checkpoint(recipe: &Recipe, resume: &Resume) -> Result<Option<Path
                 run_dir.display()
             ),
         });
-    }
-    if found.is_some() {
-        check_same_run(recipe, &run_dir)?;
     }
     Ok(found)
 }

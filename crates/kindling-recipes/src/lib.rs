@@ -7,6 +7,7 @@ pub mod embed;
 pub mod finetune;
 pub mod probe;
 pub mod recipe;
+pub mod vision;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -108,7 +109,32 @@ pub fn cache_dir(recipe: &Recipe) -> PathBuf {
 }
 
 /// The objectives a recipe can name.
-pub const OBJECTIVES: &[&str] = &["bert-mlm"];
+pub const OBJECTIVES: &[&str] = &[
+    "bert-mlm", "simclr", "moco", "byol", "simsiam", "barlow", "vicreg",
+];
+
+/// Reads the recipe at `path` (with `--set` overrides) and runs it with the module its
+/// `objective` names: the masked LM, or one of the vision SSL methods.
+pub fn pretrain_file(
+    path: &std::path::Path,
+    overrides: &[String],
+    opts: &RunOptions,
+) -> Result<RunReport, RecipeError> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        objective: String,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Read {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let peek: Peek = recipe::parse_toml(&text, path, overrides)?;
+    if vision::OBJECTIVES.contains(&peek.objective.as_str()) {
+        vision::pretrain(&vision::VisionRecipe::load(path, overrides)?, opts)
+    } else {
+        pretrain(&Recipe::load(path, overrides)?, opts)
+    }
+}
 
 /// Runs a recipe.
 pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {

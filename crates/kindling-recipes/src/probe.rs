@@ -69,7 +69,7 @@ pub fn embeddings(
 }
 
 /// Standardises columns with the mean and standard deviation of `train`.
-fn standardise(train: &[Vec<f32>], sets: &mut [&mut Vec<Vec<f32>>]) {
+pub(crate) fn standardise(train: &[Vec<f32>], sets: &mut [&mut Vec<Vec<f32>>]) {
     let d = train.first().map_or(0, Vec::len);
     let n = train.len().max(1) as f64;
     let mut mean = vec![0f64; d];

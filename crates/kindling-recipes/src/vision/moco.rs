@@ -1,0 +1,148 @@
+//! MoCo v2 (Chen et al., 2020): queries from the online encoder and projector, keys from a
+//! momentum copy of them, and a queue of past keys as the negatives: many negatives without a
+//! large batch. Symmetric form (each view is the query once), as solo-learn trains it.
+//!
+//! The queue is a VarMap entry (so checkpoints carry it, and resume is exact) that the optimiser
+//! does not touch. Keys of a step are enqueued after its update (`after_update`): writing them
+//! during the step would change a tensor the backward pass still reads.
+//!
+//! Single device, so no shuffled BatchNorm: the paper shuffles samples across GPUs so the
+//! key encoder's BatchNorm cannot leak which key is the positive; with one device and both views
+//! passed separately the leak is small, and the kNN/probe numbers show whether it matters.
+
+use std::sync::Mutex;
+
+use candle_core::{Result, Tensor, Var, D};
+use candle_nn::VarBuilder;
+
+use super::{l2_normalize, Outputs, SslLoss};
+
+pub struct MoCo {
+    pub temperature: f64,
+    /// (queue_size, dim) normalised keys.
+    queue: Var,
+    /// The next row to overwrite (a one-element tensor, so it is checkpointed with the queue).
+    ptr: Var,
+    pending: Mutex<Option<Tensor>>,
+}
+
+impl MoCo {
+    pub fn new(temperature: f64, queue_size: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
+        // Random unit vectors, as MoCo starts: the seeded init in `super::init` overwrites them.
+        let queue = vb.get_with_hints(
+            (queue_size, dim),
+            "queue",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        )?;
+        let ptr = vb.get_with_hints(1, "queue_ptr", candle_nn::Init::Const(0.0))?;
+        Ok(MoCo {
+            temperature,
+            queue: Var::from_tensor(&queue)?,
+            ptr: Var::from_tensor(&ptr)?,
+            pending: Mutex::new(None),
+        })
+    }
+
+    /// -log softmax([q.k+, q.queue] / T)[0], averaged.
+    fn contrast(&self, q: &Tensor, k: &Tensor, queue: &Tensor) -> Result<Tensor> {
+        let pos = (q * k)?.sum_keepdim(1)?;
+        let neg = q.matmul(&queue.t()?)?;
+        let logits = (Tensor::cat(&[pos, neg], 1)? / self.temperature)?;
+        candle_nn::ops::log_softmax(&logits, D::Minus1)?
+            .narrow(1, 0, 1)?
+            .mean_all()?
+            .neg()
+    }
+}
+
+impl SslLoss for MoCo {
+    fn target(&self) -> bool {
+        true
+    }
+
+    fn loss(&self, o: &Outputs) -> Result<Tensor> {
+        let t = o.t.as_ref().expect("MoCo builds a momentum encoder");
+        let q = [l2_normalize(&o.z[0])?, l2_normalize(&o.z[1])?];
+        let k = [l2_normalize(&t[0])?.detach(), l2_normalize(&t[1])?.detach()];
+        // A copy: the queue is rewritten after the update, while this graph may still be alive.
+        let queue = self.queue.as_tensor().copy()?.detach();
+        let loss =
+            ((self.contrast(&q[0], &k[1], &queue)? + self.contrast(&q[1], &k[0], &queue)?)? * 0.5)?;
+        if o.train {
+            *self.pending.lock().expect("queue lock") = Some(Tensor::cat(&k, 0)?);
+        }
+        Ok(loss)
+    }
+
+    fn after_update(&self) -> Result<()> {
+        let Some(keys) = self.pending.lock().expect("queue lock").take() else {
+            return Ok(());
+        };
+        let (size, _) = self.queue.dims2()?;
+        let n = keys.dim(0)?.min(size);
+        let ptr = self.ptr.as_tensor().to_vec1::<f32>()?[0] as usize % size;
+        // Rows ptr.. then wrap to the start: rebuild the queue from three slices.
+        let mut q = self.queue.as_tensor().copy()?;
+        let first = n.min(size - ptr);
+        q = q.slice_assign(
+            &[ptr..ptr + first, 0..q.dim(1)?],
+            &keys.narrow(0, 0, first)?,
+        )?;
+        if first < n {
+            q = q.slice_assign(
+                &[0..n - first, 0..q.dim(1)?],
+                &keys.narrow(0, first, n - first)?,
+            )?;
+        }
+        self.queue.set(&q)?;
+        self.ptr
+            .set(&Tensor::new(&[((ptr + n) % size) as f32], q.device())?)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn keys_are_enqueued_after_the_update_and_the_pointer_wraps() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let moco = MoCo::new(0.2, 5, 2, vb).unwrap();
+        let z = Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap();
+        let t = Tensor::new(&[[2f32, 0.0], [0.0, 3.0]], &Device::Cpu).unwrap();
+        let o = Outputs {
+            z: [z.clone(), z.clone()],
+            p: None,
+            t: Some([t.clone(), t.clone()]),
+            train: true,
+        };
+        let before = moco.queue.as_tensor().to_vec2::<f32>().unwrap();
+        moco.loss(&o).unwrap();
+        assert_eq!(
+            moco.queue.as_tensor().to_vec2::<f32>().unwrap(),
+            before,
+            "not during the step"
+        );
+        moco.after_update().unwrap();
+        let q = moco.queue.as_tensor().to_vec2::<f32>().unwrap();
+        assert_eq!(q[0], vec![1.0, 0.0]);
+        assert_eq!(q[3], vec![0.0, 1.0]);
+        assert_eq!(q[4], before[4]);
+        moco.loss(&o).unwrap();
+        moco.after_update().unwrap();
+        let q = moco.queue.as_tensor().to_vec2::<f32>().unwrap();
+        assert_eq!(q[4], vec![1.0, 0.0], "fills the last row");
+        assert_eq!(q[0], vec![0.0, 1.0], "then wraps to the first");
+        assert_eq!(moco.ptr.as_tensor().to_vec1::<f32>().unwrap(), vec![3.0]);
+        // The ptr and queue live in the VarMap: checkpoints carry them.
+        let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+        assert!(names.contains(&"queue".to_string()) && names.contains(&"queue_ptr".to_string()));
+    }
+}

@@ -1,0 +1,73 @@
+//! VICReg (Bardes et al., 2022): invariance (MSE between the views' projections), variance (a
+//! hinge keeping each dimension's standard deviation over the batch above 1) and covariance
+//! (off-diagonal covariances pushed to 0), weighted 25 / 25 / 1 as in the paper. No negatives,
+//! no asymmetry, no normalisation layer needed at the end of the projector.
+
+use candle_core::{Result, Tensor};
+
+use super::{Outputs, SslLoss};
+
+pub struct VicReg {
+    pub sim_weight: f64,
+    pub var_weight: f64,
+    pub cov_weight: f64,
+}
+
+fn variance(z: &Tensor) -> Result<Tensor> {
+    let n = z.dim(0)? as f64;
+    let zc = z.broadcast_sub(&z.mean_keepdim(0)?)?;
+    let std = ((zc.sqr()?.sum(0)? / (n - 1.0))? + 1e-4)?.sqrt()?;
+    (1.0 - std)?.relu()?.mean_all()
+}
+
+fn covariance(z: &Tensor) -> Result<Tensor> {
+    let (n, d) = z.dims2()?;
+    let zc = z.broadcast_sub(&z.mean_keepdim(0)?)?;
+    let cov = (zc.t()?.matmul(&zc)? / (n as f64 - 1.0))?;
+    let off = (cov * (1.0 - Tensor::eye(d, z.dtype(), z.device())?)?)?;
+    off.sqr()?.sum_all()? / d as f64
+}
+
+pub fn vicreg_loss(z1: &Tensor, z2: &Tensor, w: (f64, f64, f64)) -> Result<Tensor> {
+    let sim = (z1 - z2)?.sqr()?.mean_all()?;
+    let var = (variance(z1)? + variance(z2)?)?;
+    let cov = (covariance(z1)? + covariance(z2)?)?;
+    ((sim * w.0)? + (var * w.1)?)? + (cov * w.2)?
+}
+
+impl SslLoss for VicReg {
+    fn loss(&self, o: &Outputs) -> Result<Tensor> {
+        vicreg_loss(
+            &o.z[0],
+            &o.z[1],
+            (self.sim_weight, self.var_weight, self.cov_weight),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn a_collapsed_batch_pays_the_variance_hinge() {
+        let z = Tensor::new(&[[0.5f32, 0.5], [0.5, 0.5], [0.5, 0.5]], &Device::Cpu).unwrap();
+        let l = vicreg_loss(&z, &z, (25.0, 25.0, 1.0))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // std 0.01 (the epsilon) per dimension: hinge 0.99 per view, 25 * 2 * 0.99.
+        assert!((l - 49.5).abs() < 1e-2, "{l}");
+        let spread = Tensor::new(
+            &[[2f32, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let l = vicreg_loss(&spread, &spread, (25.0, 25.0, 1.0))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(l.abs() < 1e-4, "wide, decorrelated and invariant: {l}");
+    }
+}
