@@ -231,6 +231,16 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Command::Probe { recipe, overrides } => {
+            if kindling_recipes::recipe_task(&recipe)?.as_deref() == Some("image-classification") {
+                use kindling_recipes::vision::probe::{probe, VisionProbeRecipe};
+                let scores = probe(&VisionProbeRecipe::load(&recipe, &overrides)?)?;
+                eprintln!("  {:<48} {:>9} {:>9}", "features", "accuracy", "macro-F1");
+                for s in &scores {
+                    eprintln!("  {:<48} {:>9.4} {:>9.4}", s.what, s.accuracy, s.macro_f1);
+                }
+                println!("{}", serde_json::to_value(&scores)?);
+                return Ok(0);
+            }
             let mut recipe = kindling_recipes::finetune::FinetuneRecipe::load(&recipe, &overrides)?;
             recipe.model.path = kindling_hub::resolve_model_path(&recipe.model.path)?;
             let r = kindling_recipes::probe::probe(&recipe)?;

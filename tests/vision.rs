@@ -100,6 +100,71 @@ fn simclr_trains_monitors_probes_and_exports_an_encoder() {
     assert!(config["preprocessing"]["stages"][0]["kind"] == "normalize");
     assert!(run.join("plots").join("loss.png").is_file());
     assert!(export.join("README.md").is_file());
+
+    // `kindling probe` on the export alone gives the in-run probe's number (same images, same
+    // logistic regression): the export holds everything the encoder needs.
+    let out = kindling()
+        .args(["probe", "recipes/probe-fashion-mnist.toml"])
+        .args(["--set", &format!("model.path=\"{}\"", export.display())])
+        .args([
+            "--set",
+            "data.max_train_images=512",
+            "--set",
+            "data.max_test_images=256",
+        ])
+        .args([
+            "--set",
+            "seed=3",
+            "--set",
+            "probe.steps=50",
+            "--set",
+            "probe.l2=[1e-3]",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let scores: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(scores.as_array().unwrap().len(), 3);
+    for i in 0..3 {
+        assert_eq!(
+            scores[i]["accuracy"], probes[i]["accuracy"],
+            "probe {i} of the export vs the run: {scores} vs {probes:?}"
+        );
+    }
+    // `kindling export` rebuilds the same encoder from the run's last checkpoint.
+    let before = st.clone();
+    std::fs::remove_dir_all(&export).unwrap();
+    let out = kindling().args(["export"]).arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let again =
+        candle_core::safetensors::load(export.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert_eq!(before.len(), again.len());
+    for (k, t) in &before {
+        let u = &again[k];
+        let diff = (t - u)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{k}");
+    }
+
+    // A folder that is not a vision export is refused by name.
+    let out = kindling()
+        .args(["probe", "recipes/probe-fashion-mnist.toml"])
+        .args(["--set", "model.path=\"datasets/minilm-tokenizer\""])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("kindling-resnet"),
+        "{err}"
+    );
 }
 
 fn final_weights(run: &Path, step: u64) -> (Vec<u8>, Vec<u8>) {

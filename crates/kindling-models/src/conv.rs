@@ -147,6 +147,70 @@ impl CustomOp1 for Col2Im {
     }
 }
 
+/// ReLU as one op each way: candle's `relu` backward builds a zero tensor, a comparison, a
+/// conversion and a product (four passes and three buffers); here it is one pass over the
+/// output.
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "kindling-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &v)| *o = v.max(0.0)));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            res.contiguous()?.apply_op2(&grad.contiguous()?, ReluGrad)?,
+        ))
+    }
+}
+
+/// (relu output, dL/dy) -> dL/dx: the gradient where the output is positive.
+struct ReluGrad;
+
+impl candle_core::CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "kindling-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = contiguous(s1, l1, self.name())?;
+        let g = contiguous(s2, l2, self.name())?;
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(y.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
+            .for_each(|(o, (y, g))| {
+                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                    *o = if y > 0.0 { g } else { 0.0 };
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// max(x, 0): one fused op with backward on CPU f32, candle's `relu` elsewhere.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op1(Relu)
+    } else {
+        x.relu()
+    }
+}
+
 /// A 2-D convolution without bias (a BatchNorm follows), PyTorch's weight layout
 /// (out, in, kh, kw) under the name `weight`.
 #[derive(Debug, Clone)]
@@ -578,6 +642,23 @@ mod tests {
             assert!(rel(gx1, gx2) < 1e-5, "dx k{k} s{stride}: {}", rel(gx1, gx2));
             assert!(rel(gw1, gw2) < 1e-5, "dw k{k} s{stride}: {}", rel(gw1, gw2));
         }
+    }
+
+    #[test]
+    fn fused_relu_matches_candles_forward_and_backward() {
+        let x = Var::from_tensor(&randn(&[3, 50, 7], 11)).unwrap();
+        let r = randn(&[3, 50, 7], 12);
+        let y1 = relu(x.as_tensor()).unwrap();
+        let g1 = (&y1 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let y2 = x.as_tensor().relu().unwrap();
+        let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(rel(&y1, &y2) < 1e-7);
+        assert!(
+            rel(
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap()
+            ) < 1e-7
+        );
     }
 
     /// col2im is im2col's adjoint: <im2col(x), y> = <x, col2im(y)>, on any size and stride.

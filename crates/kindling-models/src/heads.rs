@@ -78,7 +78,7 @@ impl Mlp {
                 h = n.forward_t(&h, mode)?;
             }
             if l.relu {
-                h = h.relu()?;
+                h = crate::conv::relu(&h)?;
             }
         }
         Ok(h)

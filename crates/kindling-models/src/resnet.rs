@@ -151,7 +151,7 @@ impl ConvLayer {
         let y = self
             .normalization
             .forward_t(&self.convolution.forward(x)?, mode)?;
-        Ok(if self.relu { y.relu()? } else { y })
+        Ok(if self.relu { crate::conv::relu(&y)? } else { y })
     }
 }
 
@@ -204,7 +204,7 @@ impl BasicLayer {
             Some(s) => s.forward_t(x, mode)?,
             None => x.clone(),
         };
-        Ok((y + skip)?.relu()?)
+        Ok(crate::conv::relu(&(y + skip)?)?)
     }
 }
 

@@ -15,6 +15,7 @@
 pub mod barlow;
 pub mod byol;
 pub mod moco;
+pub mod probe;
 pub mod simclr;
 pub mod simsiam;
 pub mod vicreg;
@@ -363,6 +364,20 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
         var.set(&Tensor::from_vec(v, dims, var.device())?.to_dtype(var.dtype())?)?;
     }
     Ok(())
+}
+
+/// The encoder a run with `seed` starts from (its weights are seeded by name, so they do not
+/// depend on the heads built beside it): the random baseline of the probes.
+pub fn initial_encoder(
+    cfg: &ResNetConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<ResNet, RecipeError> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let net = ResNet::new(cfg, vb.pp("backbone"))?;
+    seeded_init(&varmap, seed)?;
+    Ok(net)
 }
 
 /// The kNN monitor's bank: training images seen through the eval view.
@@ -816,6 +831,17 @@ fn eval_batches(
         .collect()
 }
 
+/// Classes seen in the training and test labels (the online probe's width).
+fn class_count(train: &ImageSet, test: Option<&ImageSet>) -> usize {
+    train
+        .labels
+        .iter()
+        .flatten()
+        .chain(test.iter().flat_map(|t| t.labels.iter().flatten()))
+        .max()
+        .map_or(0, |&m| m as usize + 1)
+}
+
 fn load_images(src: &ImageSource, max: usize) -> Result<ImageSet, RecipeError> {
     let set = src.load()?;
     Ok(if max > 0 { set.truncate(max) } else { set })
@@ -895,6 +921,22 @@ fn rows(flat: Vec<f32>, d: usize) -> Vec<Vec<f32>> {
     flat.chunks(d).map(<[f32]>::to_vec).collect()
 }
 
+/// Every image through `pipe` (normally just the normalisation), flattened: the raw-pixel
+/// baseline of the probe.
+fn pixel_rows(set: &ImageSet, pipe: &ViewPipeline) -> Result<Vec<Vec<f32>>, RecipeError> {
+    let idx: Vec<u32> = (0..set.len() as u32).collect();
+    let b = build_views(
+        set,
+        std::slice::from_ref(pipe),
+        &idx,
+        0,
+        0,
+        Cursor::default(),
+    )?;
+    let (h, w, c) = b.shapes[0];
+    Ok(rows(b.views[0].clone(), h * w * c))
+}
+
 /// The linear evaluation of a finished run: the trained encoder, a random one of the same shape
 /// and seed, and raw pixels through the eval view.
 fn final_probes(
@@ -931,17 +973,12 @@ fn final_probes(
         t0.elapsed().as_secs_f64()
     );
     if cfg.compare_random {
-        let random = SslModel::build(
-            recipe,
-            (train.height, train.width, train.channels),
-            0,
-            device,
-        )?;
+        let random = initial_encoder(&model.backbone.config, recipe.seed, device)?;
         out.push(linear_probe(
-            "random encoder (same shape, seed)",
-            rows(feats(&random.backbone, train)?, d),
+            "random encoder (the run's initial weights)",
+            rows(feats(&random, train)?, d),
             &tl,
-            rows(feats(&random.backbone, test)?, d),
+            rows(feats(&random, test)?, d),
             &sl,
             classes,
             cfg,
@@ -949,24 +986,11 @@ fn final_probes(
         )?);
     }
     if cfg.compare_pixels {
-        let px = |set: &ImageSet| -> Result<Vec<Vec<f32>>, RecipeError> {
-            let idx: Vec<u32> = (0..set.len() as u32).collect();
-            let b = build_views(
-                set,
-                std::slice::from_ref(pipe),
-                &idx,
-                0,
-                0,
-                Cursor::default(),
-            )?;
-            let (h, w, c) = b.shapes[0];
-            Ok(rows(b.views[0].clone(), h * w * c))
-        };
         out.push(linear_probe(
             "raw pixels",
-            px(train)?,
+            pixel_rows(train, pipe)?,
             &tl,
-            px(test)?,
+            pixel_rows(test, pipe)?,
             &sl,
             classes,
             cfg,
@@ -1037,6 +1061,41 @@ fn export(
     Ok(())
 }
 
+/// Rewrites a run's export from its newest valid checkpoint (`kindling export RUN_DIR`), without
+/// the probe table.
+pub fn export_from_checkpoint(
+    recipe: &VisionRecipe,
+    run_dir: &Path,
+) -> Result<PathBuf, RecipeError> {
+    let device = device(&recipe.device)?;
+    let (ckpt, _) = checkpoint::newest_valid(run_dir);
+    let ckpt = ckpt.ok_or_else(|| RecipeError::Resume {
+        path: run_dir.to_path_buf(),
+        msg: "no valid checkpoint (checkpoints/step-*/) to export".into(),
+    })?;
+    let train = load_images(&recipe.data.train, recipe.data.max_train_images)?;
+    let test = match &recipe.data.test {
+        Some(s) => Some(load_images(s, recipe.data.max_test_images)?),
+        None => None,
+    };
+    // The online probe's width must match the checkpoint's: count classes as the run did.
+    let classes = class_count(&train, test.as_ref());
+    let model = SslModel::build(
+        recipe,
+        (train.height, train.width, train.channels),
+        classes,
+        &device,
+    )?;
+    let state = checkpoint::load(&ckpt, &model.varmap, None, &device)?;
+    let dir = recipe
+        .export
+        .dir
+        .clone()
+        .unwrap_or_else(|| run_dir.join("export"));
+    export(recipe, &model, &dir, state.step, &[])?;
+    Ok(dir)
+}
+
 /// Runs a vision SSL recipe.
 pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
     let device = device(&recipe.device)?;
@@ -1048,13 +1107,7 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
         Some(s) => Some(load_images(s, recipe.data.max_test_images)?),
         None => None,
     };
-    let classes = train_set
-        .labels
-        .iter()
-        .flatten()
-        .chain(test_set.iter().flat_map(|t| t.labels.iter().flatten()))
-        .max()
-        .map_or(0, |&m| m as usize + 1);
+    let classes = class_count(&train_set, test_set.as_ref());
     eprintln!(
         "data: {} training images {}x{}x{}{}, {} test images, {classes} classes",
         train_set.len(),

@@ -1,0 +1,202 @@
+//! `kindling probe` on an exported vision encoder: the linear evaluation of SSL papers, run on
+//! the export folder alone (its `config.json` says the shape and the preprocessing), beside the
+//! same probe on a random encoder of that shape and on raw pixels.
+//!
+//! ```toml
+//! task = "image-classification"
+//! [model]
+//! path = "runs/simclr-fashion-mnist/export"
+//! [data]
+//! train = { idx = { images = "...", labels = "..." } }
+//! test = { idx = { images = "...", labels = "..." } }
+//! [probe]
+//! l2 = [1e-4, 1e-3, 1e-2]
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use kindling_data::{ImageSet, ImageSource, ViewPipeline};
+use kindling_models::{ResNet, ResNetConfig};
+
+use super::{initial_encoder, linear_probe, pixel_rows, rows, ProbeScore, SslModel, VisionProbe};
+use crate::bert_mlm::device;
+use crate::recipe::parse_toml;
+use crate::RecipeError;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VisionProbeRecipe {
+    /// `image-classification`.
+    pub task: String,
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Seeds the random encoder of the comparison: the same seed as the pretraining run gives
+    /// exactly the weights that run started from.
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ProbeModel,
+    pub data: ProbeData,
+    #[serde(default)]
+    pub probe: VisionProbe,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeModel {
+    /// An export folder of a vision SSL run.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeData {
+    pub train: ImageSource,
+    pub test: ImageSource,
+    /// Use only the first N images (0: all).
+    #[serde(default)]
+    pub max_train_images: usize,
+    #[serde(default)]
+    pub max_test_images: usize,
+}
+
+impl VisionProbeRecipe {
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Read {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        parse_toml(&text, path, overrides)
+    }
+}
+
+/// The encoder config and eval preprocessing of an export folder.
+pub fn read_export(dir: &Path) -> Result<(ResNetConfig, ViewPipeline), RecipeError> {
+    let path = dir.join("config.json");
+    // Pointing at the wrong folder is the user's to fix: errors name the key and the file.
+    let bad = |msg: String| RecipeError::Invalid {
+        key: "model.path".into(),
+        msg: format!("{}: {msg}", path.display()),
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    if v["model_type"] != "kindling-resnet" {
+        return Err(bad(format!(
+            "model_type {} is not a Kindling vision encoder (\"kindling-resnet\")",
+            v["model_type"]
+        )));
+    }
+    let pre: ViewPipeline = serde_json::from_value(v["preprocessing"].take())
+        .map_err(|e| bad(format!("preprocessing: {e}")))?;
+    let obj = v.as_object_mut().expect("checked above: an object");
+    for k in ["model_type", "layout", "preprocessing", "pretraining"] {
+        obj.remove(k);
+    }
+    let cfg: ResNetConfig = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+    cfg.validate()?;
+    Ok((cfg, pre))
+}
+
+/// Loads the export's encoder (every tensor must be there with its shape).
+pub fn load_encoder(dir: &Path, device: &Device) -> Result<(ResNet, ViewPipeline), RecipeError> {
+    let (cfg, pre) = read_export(dir)?;
+    let varmap = VarMap::new();
+    let net = ResNet::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let path = dir.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&path, device)?;
+    let data = varmap.data().lock().expect("varmap lock poisoned");
+    for (name, var) in data.iter() {
+        let t = tensors.get(name).ok_or_else(|| RecipeError::Run {
+            path: path.clone(),
+            msg: format!("no tensor `{name}`"),
+        })?;
+        if t.dims() != var.dims() {
+            return Err(RecipeError::Run {
+                path: path.clone(),
+                msg: format!(
+                    "`{name}` has shape {:?}, the config wants {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+            });
+        }
+        var.set(t)?;
+    }
+    Ok((net, pre))
+}
+
+/// Runs the probe: the export's encoder, a random one of its shape, raw pixels.
+pub fn probe(recipe: &VisionProbeRecipe) -> Result<Vec<ProbeScore>, RecipeError> {
+    if recipe.task != "image-classification" {
+        return Err(RecipeError::Invalid {
+            key: "task".into(),
+            msg: format!("expected \"image-classification\", got {:?}", recipe.task),
+        });
+    }
+    let device = device(&recipe.device)?;
+    let (net, pre) = load_encoder(&recipe.model.path, &device)?;
+    let mut train = recipe.data.train.load()?;
+    if recipe.data.max_train_images > 0 {
+        train = train.truncate(recipe.data.max_train_images);
+    }
+    let mut test = recipe.data.test.load()?;
+    if recipe.data.max_test_images > 0 {
+        test = test.truncate(recipe.data.max_test_images);
+    }
+    let (tl, sl) = match (&train.labels, &test.labels) {
+        (Some(a), Some(b)) => (a.clone(), b.clone()),
+        _ => {
+            return Err(RecipeError::Invalid {
+                key: "data".into(),
+                msg: "the probe needs labels for both the train and the test images".into(),
+            })
+        }
+    };
+    let classes = tl.iter().chain(&sl).max().map_or(0, |&m| m as usize + 1);
+    let d = net.config.feature_dim();
+    let feats = |n: &ResNet, set: &ImageSet| SslModel::features(n, set, &pre, 256, &device);
+    let mut out = vec![linear_probe(
+        &format!("encoder {}", recipe.model.path.display()),
+        rows(feats(&net, &train)?, d),
+        &tl,
+        rows(feats(&net, &test)?, d),
+        &sl,
+        classes,
+        &recipe.probe,
+        &device,
+    )?];
+    if recipe.probe.compare_random {
+        let random = initial_encoder(&net.config, recipe.seed, &device)?;
+        out.push(linear_probe(
+            "random encoder (the initial weights of a run with this seed)",
+            rows(feats(&random, &train)?, d),
+            &tl,
+            rows(feats(&random, &test)?, d),
+            &sl,
+            classes,
+            &recipe.probe,
+            &device,
+        )?);
+    }
+    if recipe.probe.compare_pixels {
+        out.push(linear_probe(
+            "raw pixels",
+            pixel_rows(&train, &pre)?,
+            &tl,
+            pixel_rows(&test, &pre)?,
+            &sl,
+            classes,
+            &recipe.probe,
+            &device,
+        )?);
+    }
+    Ok(out)
+}
