@@ -231,7 +231,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Command::Probe { recipe, overrides } => {
-            if kindling_recipes::recipe_task(&recipe)?.as_deref() == Some("image-classification") {
+            if kindling_recipes::recipe_key(&recipe, "task")?.as_deref()
+                == Some("image-classification")
+            {
                 use kindling_recipes::vision::probe::{probe, VisionProbeRecipe};
                 let scores = probe(&VisionProbeRecipe::load(&recipe, &overrides)?)?;
                 eprintln!("  {:<48} {:>9} {:>9}", "features", "accuracy", "macro-F1");

@@ -99,6 +99,7 @@ fn simclr_trains_monitors_probes_and_exports_an_encoder() {
     assert_eq!(config["hidden_sizes"], serde_json::json!([4, 8]));
     assert!(config["preprocessing"]["stages"][0]["kind"] == "normalize");
     assert!(run.join("plots").join("loss.png").is_file());
+    assert!(run.join("plots").join("eval_metrics.png").is_file());
     assert!(export.join("README.md").is_file());
 
     // `kindling probe` on the export alone gives the in-run probe's number (same images, same

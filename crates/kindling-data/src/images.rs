@@ -3,7 +3,6 @@
 //! image per row, as Kaggle ships MNIST). Every source becomes an [`ImageSet`]: u8 pixels in
 //! height x width x channels order, all images the same size, optional class labels.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -141,19 +140,6 @@ impl ImageSource {
     }
 }
 
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| DataError::io(path, e))?;
-        Ok(out)
-    } else {
-        Ok(raw)
-    }
-}
-
 /// Parses an IDX file's header: (element type code, dimensions), and the offset of the data.
 fn idx_header(path: &Path, bytes: &[u8]) -> Result<(u8, Vec<usize>, usize)> {
     let bad = |msg: String| DataError::Table {
@@ -192,7 +178,7 @@ fn idx_header(path: &Path, bytes: &[u8]) -> Result<(u8, Vec<usize>, usize)> {
 
 /// Reads IDX images (n x h x w, or n x h x w x c) and optional IDX labels (n).
 pub fn read_idx(images: &Path, labels: Option<&Path>) -> Result<ImageSet> {
-    let bytes = read_maybe_gz(images)?;
+    let bytes = crate::read_maybe_gz(images)?;
     let (_, dims, off) = idx_header(images, &bytes)?;
     let (n, h, w, c) = match dims[..] {
         [n, h, w] => (n, h, w, 1),
@@ -207,7 +193,7 @@ pub fn read_idx(images: &Path, labels: Option<&Path>) -> Result<ImageSet> {
     let labels = match labels {
         None => None,
         Some(p) => {
-            let lb = read_maybe_gz(p)?;
+            let lb = crate::read_maybe_gz(p)?;
             let (_, ldims, loff) = idx_header(p, &lb)?;
             if ldims != [n] {
                 return Err(DataError::Table {

@@ -6,7 +6,6 @@
 //! none, from the training rows (numbers in numeric order, other labels sorted), and a class seen
 //! only in the test rows is an error rather than a silent extra output.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -69,19 +68,6 @@ fn format_of(spec: &TableSpec) -> Result<Format> {
     }
 }
 
-fn read_bytes(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    if path.extension().is_some_and(|e| e == "gz") {
-        let mut out = Vec::with_capacity(raw.len() * 3);
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| DataError::io(path, e))?;
-        Ok(out)
-    } else {
-        Ok(raw)
-    }
-}
-
 /// Reads every row of the table. A row without a label, or without any text, is an error
 /// naming its line; so is a missing column (naming the columns the file has).
 pub fn read_examples(spec: &TableSpec) -> Result<Vec<Example>> {
@@ -91,7 +77,7 @@ pub fn read_examples(spec: &TableSpec) -> Result<Vec<Example>> {
             msg: "data.text_columns is empty: name at least one text column".into(),
         });
     }
-    let bytes = read_bytes(&spec.path)?;
+    let bytes = crate::read_maybe_gz(&spec.path)?;
     let rows = match format_of(spec)? {
         Format::Jsonl => read_jsonl(spec, &bytes)?,
         f => read_delimited(spec, &bytes, if f == Format::Tsv { b'\t' } else { b',' })?,

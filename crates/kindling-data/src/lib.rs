@@ -33,3 +33,18 @@ pub use loader::{eval_batches, Cursor, MlmBatch, MlmLoader, Prefetch};
 pub use masking::{MaskConfig, MaskedBlock, Masker};
 pub use packing::{unigram_cross_entropy, PackedBlocks};
 pub use tokenizer::{SpecialTokens, TokenizerConfig, WordPieceTraining};
+
+/// A file's bytes, gunzipped when it is gzip (by its magic bytes, whatever its name says).
+pub(crate) fn read_maybe_gz(path: &std::path::Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::with_capacity(raw.len() * 3);
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| DataError::io(path, e))?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}

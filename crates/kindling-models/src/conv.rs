@@ -18,6 +18,8 @@ use rayon::prelude::*;
 
 use kindling_core::Mode;
 
+use crate::ops::contiguous_f32 as contiguous;
+
 /// The geometry of a 2-D convolution over a (n, h, w, c) input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvGeometry {
@@ -65,13 +67,6 @@ impl ConvGeometry {
             }
         }
     }
-}
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))?;
-    Ok(&s.as_slice::<f32>()?[a..b])
 }
 
 /// (n, h, w, c) -> (n * oh * ow, kh * kw * c).

@@ -57,7 +57,8 @@ fn map_rows2(
 /// Row length used for element-wise maps.
 const ELEMENTWISE_ROW: usize = 1024;
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+/// The f32 slice of a contiguous CPU tensor's storage; an error naming `op` otherwise.
+pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let (start, end) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))?;

@@ -641,6 +641,10 @@ fn trainer_for(
         run_dir.join("plots").join("loss.png"),
         baseline.into_iter().collect(),
     )
+    .with_metric_plot(
+        run_dir.join("plots").join("eval_metrics.png"),
+        &["accuracy"],
+    )
     .with_history(&metrics);
     let mut trainer = Trainer::new(cfg, run_dir)
         .with_callback(ProgressCallback::new(t.log_every, "tok"))

@@ -877,10 +877,12 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
     let mut trainer = Trainer::new(cfg, &run_dir)
         .with_callback(ProgressCallback::new(t.log_every, "ex"))
         .with_callback(MetricsLog::open(&run_dir.join("metrics.jsonl"))?)
-        .with_callback(PlotCallback::new(
-            run_dir.join("plots").join("loss.png"),
-            Vec::new(),
-        ));
+        .with_callback(
+            PlotCallback::new(run_dir.join("plots").join("loss.png"), Vec::new()).with_metric_plot(
+                run_dir.join("plots").join("eval_metrics.png"),
+                &["accuracy", "macro_f1"],
+            ),
+        );
     if let Some(flag) = &opts.stop_flag {
         trainer = trainer.with_stop_flag(flag.clone());
     }

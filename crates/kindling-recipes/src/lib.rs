@@ -113,8 +113,9 @@ pub const OBJECTIVES: &[&str] = &[
     "bert-mlm", "simclr", "moco", "byol", "simsiam", "barlow", "vicreg",
 ];
 
-/// The `task` key of a recipe file, if it has one (`kindling probe` serves text and images).
-pub fn recipe_task(path: &std::path::Path) -> Result<Option<String>, RecipeError> {
+/// A top-level string key of a recipe file (`task`, `objective`), if present: which recipe
+/// type to parse it as.
+pub fn recipe_key(path: &std::path::Path, key: &str) -> Result<Option<String>, RecipeError> {
     let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Read {
         path: path.to_path_buf(),
         source: e,
@@ -125,7 +126,7 @@ pub fn recipe_task(path: &std::path::Path) -> Result<Option<String>, RecipeError
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;
-    Ok(doc.get("task").and_then(|v| v.as_str()).map(String::from))
+    Ok(doc.get(key).and_then(|v| v.as_str()).map(String::from))
 }
 
 /// Reads the recipe at `path` (with `--set` overrides) and runs it with the module its
@@ -168,18 +169,8 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
 /// Rewrites a run's export folder from its newest checkpoint.
 pub fn export_run(run_dir: &std::path::Path) -> Result<PathBuf, RecipeError> {
     let recipe_path = run_dir.join("recipe.toml");
-    let text = std::fs::read_to_string(&recipe_path).map_err(|e| RecipeError::Read {
-        path: recipe_path.clone(),
-        source: e,
-    })?;
-    let doc: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| RecipeError::Syntax {
-            path: recipe_path.clone(),
-            msg: e.to_string(),
-        })?;
-    if let Some(obj) = doc.get("objective").and_then(|v| v.as_str()) {
-        if vision::OBJECTIVES.contains(&obj) {
+    if let Some(obj) = recipe_key(&recipe_path, "objective")? {
+        if vision::OBJECTIVES.contains(&obj.as_str()) {
             let recipe = vision::VisionRecipe::load(&recipe_path, &[])?;
             return vision::export_from_checkpoint(&recipe, run_dir);
         }

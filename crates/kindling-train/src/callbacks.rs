@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::plot::{draw_loss_plot, Curve};
+use crate::plot::{draw_loss_plot, draw_metrics_plot, Curve};
 use crate::{io_err, Result};
 
 /// What the trainer reports after each optimiser update.
@@ -272,6 +272,8 @@ pub struct PlotCallback {
     eval: Vec<(f64, f64)>,
     lr: Vec<(f64, f64)>,
     references: Vec<(String, f64)>,
+    /// A second plot of named eval metrics (accuracies, monitors): its path, and the series.
+    metrics: Option<(PathBuf, Vec<(String, Vec<(f64, f64)>)>)>,
 }
 
 impl PlotCallback {
@@ -283,7 +285,16 @@ impl PlotCallback {
             eval: Vec::new(),
             lr: Vec::new(),
             references,
+            metrics: None,
         }
+    }
+
+    /// Also draws the eval metrics `names` (those an evaluation reports) against step in `path`,
+    /// e.g. `plots/eval_metrics.png` with accuracy and macro-F1.
+    pub fn with_metric_plot(mut self, path: PathBuf, names: &[&str]) -> Self {
+        let series = names.iter().map(|n| (n.to_string(), Vec::new())).collect();
+        self.metrics = Some((path, series));
+        self
     }
 
     /// Starts from the curves already in a `metrics.jsonl` (a resumed run plots its whole
@@ -299,6 +310,13 @@ impl PlotCallback {
             };
             if v["split"] == "eval" {
                 self.eval.push((step, loss));
+                if let Some((_, series)) = &mut self.metrics {
+                    for (name, points) in series.iter_mut() {
+                        if let Some(x) = v[name.as_str()].as_f64() {
+                            points.push((step, x));
+                        }
+                    }
+                }
             } else {
                 self.train.push((step, loss));
                 if let Some(lr) = v["lr"].as_f64() {
@@ -341,7 +359,20 @@ impl PlotCallback {
                 faint: false,
             },
         ];
-        draw_loss_plot(&self.path, &curves, &self.references, &self.lr)
+        draw_loss_plot(&self.path, &curves, &self.references, &self.lr)?;
+        if let Some((path, series)) = &self.metrics {
+            let curves: Vec<Curve> = series
+                .iter()
+                .filter(|(_, p)| !p.is_empty())
+                .map(|(name, p)| Curve {
+                    label: name.clone(),
+                    points: p.clone(),
+                    faint: false,
+                })
+                .collect();
+            draw_metrics_plot(path, "evaluation", &curves)?;
+        }
+        Ok(())
     }
 }
 
@@ -355,6 +386,13 @@ impl Callback for PlotCallback {
     fn on_eval_end(&mut self, r: &EvalRecord) -> Result<()> {
         if let Some(l) = r.metrics.get("loss") {
             self.eval.push((r.step as f64, *l));
+        }
+        if let Some((_, series)) = &mut self.metrics {
+            for (name, points) in series.iter_mut() {
+                if let Some(x) = r.metrics.get(name.as_str()) {
+                    points.push((r.step as f64, *x));
+                }
+            }
         }
         self.draw()
     }

@@ -38,6 +38,22 @@ pub fn draw_loss_plot(
     references: &[(String, f64)],
     lr: &[(f64, f64)],
 ) -> Result<()> {
+    draw_chart(path, "loss", "nats", curves, references, lr)
+}
+
+/// Evaluation metrics (accuracies, monitors) against step, one line each.
+pub fn draw_metrics_plot(path: &Path, title: &str, curves: &[Curve]) -> Result<()> {
+    draw_chart(path, title, "value", curves, &[], &[])
+}
+
+fn draw_chart(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    curves: &[Curve],
+    references: &[(String, f64)],
+    lr: &[(f64, f64)],
+) -> Result<()> {
     register_font();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -66,9 +82,13 @@ pub fn draw_loss_plot(
     {
         let root = BitMapBackend::new(&tmp, (1000, 800)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
-        let (top, bottom) = root.split_vertically(560);
+        let (top, bottom) = if lr.is_empty() {
+            root.split_vertically(800)
+        } else {
+            root.split_vertically(560)
+        };
         let mut chart = ChartBuilder::on(&top)
-            .caption("loss", ("sans-serif", 24))
+            .caption(title, ("sans-serif", 24))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(60)
@@ -78,10 +98,10 @@ pub fn draw_loss_plot(
             .configure_mesh()
             .x_desc("step")
             .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_desc("nats")
+            .y_desc(y_desc)
             .draw()
             .map_err(plot_err)?;
-        let colours = [BLUE, RED, GREEN, MAGENTA];
+        let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
         for (i, c) in curves.iter().enumerate() {
             let colour = colours[i % colours.len()];
             let style = if c.faint {

@@ -241,7 +241,8 @@ impl VisionRecipe {
         self.runs_dir.join(self.name())
     }
 
-    fn pipelines(&self) -> Vec<ViewPipeline> {
+    /// The two view pipelines (one given: both views use it).
+    pub fn pipelines(&self) -> Vec<ViewPipeline> {
         let v = &self.data.views;
         vec![v[0].clone(), v.get(1).unwrap_or(&v[0]).clone()]
     }
@@ -1177,6 +1178,7 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
     };
     let mut trainer = Trainer::new(cfg.clone(), &run_dir)
         .with_callback(ProgressCallback::new(t.log_every, "img"))
+        .with_callback(kindling_train::TensorBoard::create(&run_dir)?)
         .with_callback(match resumed_at {
             // A resumed run continues the log from its checkpoint: records after it are dropped.
             Some(step) => MetricsLog::resume(&metrics_path, step)?,
@@ -1184,6 +1186,10 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
         })
         .with_callback(
             PlotCallback::new(run_dir.join("plots").join("loss.png"), Vec::new())
+                .with_metric_plot(
+                    run_dir.join("plots").join("eval_metrics.png"),
+                    &["knn_accuracy", "probe_accuracy", "feature_std"],
+                )
                 .with_history(&metrics_path),
         );
     if let Some(flag) = &opts.stop_flag {
@@ -1245,9 +1251,9 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
     };
     if !probes.is_empty() {
         eprintln!("\nlinear probe on frozen features (test split):");
-        eprintln!("  {:<36} {:>9} {:>9}", "features", "accuracy", "macro-F1");
+        eprintln!("  {:<44} {:>9} {:>9}", "features", "accuracy", "macro-F1");
         for p in &probes {
-            eprintln!("  {:<36} {:>9.4} {:>9.4}", p.what, p.accuracy, p.macro_f1);
+            eprintln!("  {:<44} {:>9.4} {:>9.4}", p.what, p.accuracy, p.macro_f1);
         }
         save_json(
             &run_dir.join("probe_results.json"),

@@ -200,3 +200,40 @@ pub fn probe(recipe: &VisionProbeRecipe) -> Result<Vec<ProbeScore>, RecipeError>
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kindling_core::Mode;
+
+    /// The export is the encoder: reloaded from the folder alone, it gives bit-identical features
+    /// (BatchNorm statistics included, moved by a training step first).
+    #[test]
+    fn an_exported_encoder_reloads_with_identical_features() {
+        let text = include_str!("../../../../recipes/tiny/simclr-tiny.toml");
+        let recipe: super::super::VisionRecipe =
+            parse_toml(text, Path::new("simclr-tiny.toml"), &[]).unwrap();
+        let device = Device::Cpu;
+        let model = SslModel::build(&recipe, (20, 20, 1), 3, &device).unwrap();
+        let images = |seed: u64| {
+            use rand::Rng;
+            let mut r = kindling_core::rng::rng(&[seed]);
+            let v: Vec<f32> = (0..6 * 20 * 20)
+                .map(|_| r.random_range(-1.0f32..1.0))
+                .collect();
+            candle_core::Tensor::from_vec(v, (6, 20, 20, 1), &device).unwrap()
+        };
+        model
+            .backbone
+            .forward_t(&images(1), Mode::Train { seed: 0 })
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        super::super::export(&recipe, &model, dir.path(), 1, &[]).unwrap();
+        let (net, pre) = load_encoder(dir.path(), &device).unwrap();
+        assert_eq!(pre, recipe.data.eval_view);
+        let x = images(2);
+        let a = model.backbone.forward_t(&x, Mode::Eval).unwrap();
+        let b = net.forward_t(&x, Mode::Eval).unwrap();
+        assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    }
+}

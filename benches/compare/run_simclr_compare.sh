@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# SimCLR on Fashion-MNIST, Kindling vs the same config in PyTorch, back to back on this machine
+# (not run in CI). Needs benches/compare/.venv with torch + numpy (see README.md here).
+#
+#   bash benches/compare/run_simclr_compare.sh          # step throughput only (~2 min)
+#   FULL=1 bash benches/compare/run_simclr_compare.sh   # also both whole runs + probes (~20 min)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-benches/compare/.venv/bin/python}
+cargo build --release --bench vision >/dev/null 2>&1 || cargo bench --bench vision --no-run
+echo "== step throughput (views made beforehand; 2 threads)"
+cargo bench --bench vision -- simclr 2>/dev/null | grep -E "^\|"
+$PY benches/compare/simclr_reference.py --out /tmp/simclr-torch-bench --bench 8 --threads 2
+if [ "${FULL:-0}" = 1 ]; then
+  echo "== whole runs: recipes/simclr-fashion-mnist.toml vs simclr_reference.py"
+  cargo run --release -- pretrain recipes/simclr-fashion-mnist.toml --set name=simclr-compare --overwrite 2>&1 | tail -6
+  $PY benches/compare/simclr_reference.py --out runs/simclr-compare/torch | tail -1
+fi
