@@ -90,25 +90,47 @@ fn every_shipped_recipe_parses_and_names_an_objective() {
             .unwrap()
             .flatten()
         {
-            // Fine-tuning recipes name a `task` instead of an `objective`.
+            // Fine-tuning and probe recipes name a `task` instead of an `objective`; vision
+            // recipes have their own format.
             let doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
-            if doc.contains_key("task") {
-                kindling_recipes::finetune::FinetuneRecipe::load(&path, &[])
-                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                seen += 1;
-                continue;
+            fn ok<T>(r: Result<T, kindling_recipes::RecipeError>, path: &std::path::Path) -> T {
+                r.unwrap_or_else(|e| panic!("{}: {e}", path.display()))
             }
-            let r = kindling_recipes::Recipe::load(&path, &[])
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            assert!(
-                kindling_recipes::OBJECTIVES.contains(&r.objective.as_str()),
-                "{}",
-                path.display()
-            );
+            match (
+                doc.get("task").and_then(|t| t.as_str()),
+                doc.get("objective").and_then(|t| t.as_str()),
+            ) {
+                (Some("image-classification"), _) => {
+                    ok(
+                        kindling_recipes::vision::probe::VisionProbeRecipe::load(&path, &[]),
+                        &path,
+                    );
+                }
+                (Some(_), _) => {
+                    ok(
+                        kindling_recipes::finetune::FinetuneRecipe::load(&path, &[]),
+                        &path,
+                    );
+                }
+                (None, Some(o)) if kindling_recipes::vision::OBJECTIVES.contains(&o) => {
+                    ok(
+                        kindling_recipes::vision::VisionRecipe::load(&path, &[]),
+                        &path,
+                    );
+                }
+                _ => {
+                    let r = ok(kindling_recipes::Recipe::load(&path, &[]), &path);
+                    assert!(
+                        kindling_recipes::OBJECTIVES.contains(&r.objective.as_str()),
+                        "{}",
+                        path.display()
+                    );
+                }
+            }
             seen += 1;
         }
     }
-    assert!(seen >= 3, "found {seen} recipes");
+    assert!(seen >= 12, "found {seen} recipes");
 }
 
 #[test]
