@@ -474,22 +474,8 @@ pub fn is_norm_buffer(name: &str) -> bool {
 
 impl BatchNorm {
     pub fn load(c: usize, vb: VarBuilder) -> Result<Self> {
-        Self::load_with(c, true, vb)
-    }
-
-    /// `affine = false`: no trainable scale and shift (fixed at 1 and 0, not in the VarMap).
-    pub fn load_with(c: usize, affine: bool, vb: VarBuilder) -> Result<Self> {
-        let (weight, bias) = if affine {
-            (
-                vb.get_with_hints(c, "weight", candle_nn::Init::Const(1.0))?,
-                vb.get_with_hints(c, "bias", candle_nn::Init::Const(0.0))?,
-            )
-        } else {
-            (
-                Tensor::ones(c, vb.dtype(), vb.device())?,
-                Tensor::zeros(c, vb.dtype(), vb.device())?,
-            )
-        };
+        let weight = vb.get_with_hints(c, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(c, "bias", candle_nn::Init::Const(0.0))?;
         // A VarMap-backed builder hands back the Var's own tensor, and `Var::from_tensor` of a
         // variable shares its storage: updates land in the VarMap (and so in checkpoints).
         // Loaded from a file for inference, the buffers are private copies.
