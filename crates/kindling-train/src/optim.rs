@@ -285,14 +285,6 @@ impl Sgd {
             .collect();
         Ok(Sgd { cfg, slots, t: 0 })
     }
-
-    fn norm(t: &Tensor) -> Result<f64> {
-        Ok(t.sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?
-            .sqrt())
-    }
 }
 
 impl Optimizer for Sgd {
@@ -320,7 +312,7 @@ impl Optimizer for Sgd {
             }
             if c.kind == OptimizerKind::Lars && s.decay {
                 // |g| here already includes the decay term, which is the denominator LARS uses.
-                let (w_norm, g_norm) = (Self::norm(&theta)?, Self::norm(&g)?);
+                let (w_norm, g_norm) = (sq_norm(&theta)?.sqrt(), sq_norm(&g)?.sqrt());
                 if w_norm > 0.0 && g_norm > 0.0 {
                     g = (g * (c.trust_coefficient * w_norm / g_norm))?;
                 }
@@ -480,16 +472,20 @@ mod fused {
     }
 }
 
+/// Sum of squares of a tensor's elements, in f64.
+fn sq_norm(t: &Tensor) -> Result<f64> {
+    Ok(t.sqr()?
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?)
+}
+
 /// Global L2 norm of the gradients of `vars`.
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     let mut sq = 0f64;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
+            sq += sq_norm(g)?;
         }
     }
     Ok(sq.sqrt())
