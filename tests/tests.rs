@@ -12,4 +12,5 @@ mod masking;
 mod model;
 mod recipe_errors;
 mod resume;
+mod simcse;
 mod vision;

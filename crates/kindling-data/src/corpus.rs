@@ -37,6 +37,22 @@ impl Document {
         }
         out
     }
+
+    /// The sentences of every paragraph (Unicode sentence boundaries, UAX #29), trimmed, those
+    /// of fewer than `min_words` words left out (chapter headings, "CHAPTER I.").
+    pub fn sentences(&self, min_words: usize) -> Vec<String> {
+        use unicode_segmentation::UnicodeSegmentation;
+        self.paragraphs()
+            .iter()
+            .flat_map(|p| {
+                p.unicode_sentences()
+                    .map(str::trim)
+                    .filter(|s| s.unicode_words().count() >= min_words)
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
 }
 
 /// The documents of a corpus, in a fixed order: patterns in the order given, files sorted by
@@ -146,5 +162,21 @@ mod tests {
             text: "a b\nc\n\n\nd\n".into(),
         };
         assert_eq!(d.paragraphs(), vec!["a b c".to_string(), "d".to_string()]);
+    }
+
+    #[test]
+    fn sentences_split_paragraphs_and_drop_short_ones() {
+        let d = Document {
+            path: "x".into(),
+            text: "CHAPTER I.\n\nIt is a truth universally\nacknowledged. Mr. Bennet said nothing!\nOk.\n"
+                .into(),
+        };
+        assert_eq!(
+            d.sentences(3),
+            vec![
+                "It is a truth universally acknowledged.".to_string(),
+                "Mr. Bennet said nothing!".to_string()
+            ]
+        );
     }
 }

@@ -46,11 +46,11 @@ enum Format {
     Jsonl,
 }
 
-fn format_of(spec: &TableSpec) -> Result<Format> {
-    let name = match &spec.format {
+fn format_of(path: &Path, format: Option<&str>) -> Result<Format> {
+    let name = match format {
         Some(f) => f.to_ascii_lowercase(),
         None => {
-            let file = spec.path.to_string_lossy().to_ascii_lowercase();
+            let file = path.to_string_lossy().to_ascii_lowercase();
             let file = file.strip_suffix(".gz").unwrap_or(&file).to_string();
             file.rsplit('.').next().unwrap_or_default().to_string()
         }
@@ -60,12 +60,43 @@ fn format_of(spec: &TableSpec) -> Result<Format> {
         "csv" => Ok(Format::Csv),
         "jsonl" | "ndjson" | "json" => Ok(Format::Jsonl),
         other => Err(DataError::Table {
-            path: spec.path.clone(),
+            path: path.to_path_buf(),
             msg: format!(
                 "unknown table format `{other}`: expected tsv, csv or jsonl (set data.format)"
             ),
         }),
     }
+}
+
+/// One row of a table: the cells of the requested columns, in the order asked (an empty cell,
+/// or a JSON null, is ""), and the row's line in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub line: u64,
+    pub cells: Vec<String>,
+}
+
+/// Reads the `columns` of every row of a TSV, CSV or JSONL table (`format`: unset = from the
+/// file name; `.gz` is decompressed). A column the header lacks is an error naming the columns
+/// the file has; a malformed row is an error naming its line.
+pub fn read_table(path: &Path, format: Option<&str>, columns: &[String]) -> Result<Vec<Row>> {
+    let bytes = crate::read_maybe_gz(path)?;
+    let rows = match format_of(path, format)? {
+        Format::Jsonl => read_jsonl(path, &bytes, columns)?,
+        f => read_delimited(
+            path,
+            &bytes,
+            if f == Format::Tsv { b'\t' } else { b',' },
+            columns,
+        )?,
+    };
+    if rows.is_empty() {
+        return Err(DataError::Table {
+            path: path.to_path_buf(),
+            msg: "no rows".into(),
+        });
+    }
+    Ok(rows)
 }
 
 /// Reads every row of the table. A row without a label, or without any text, is an error
@@ -77,40 +108,31 @@ pub fn read_examples(spec: &TableSpec) -> Result<Vec<Example>> {
             msg: "data.text_columns is empty: name at least one text column".into(),
         });
     }
-    let bytes = crate::read_maybe_gz(&spec.path)?;
-    let rows = match format_of(spec)? {
-        Format::Jsonl => read_jsonl(spec, &bytes)?,
-        f => read_delimited(spec, &bytes, if f == Format::Tsv { b'\t' } else { b',' })?,
-    };
-    if rows.is_empty() {
-        return Err(DataError::Table {
-            path: spec.path.clone(),
-            msg: "no rows".into(),
-        });
-    }
-    Ok(rows)
+    let mut columns = spec.text_columns.clone();
+    columns.push(spec.label_column.clone());
+    columns.extend(spec.split_column.iter().cloned());
+    let rows = read_table(&spec.path, spec.format.as_deref(), &columns)?;
+    rows.into_iter().map(|r| example(spec, &r)).collect()
 }
 
-/// Builds an example from the cells of one row (`get` looks a column up by name).
-fn example(spec: &TableSpec, line: u64, get: impl Fn(&str) -> Option<String>) -> Result<Example> {
+/// Builds an example from a row read with the columns text..., label[, split].
+fn example(spec: &TableSpec, row: &Row) -> Result<Example> {
     let row_err = |msg: String| DataError::Row {
         path: spec.path.clone(),
-        line,
+        line: row.line,
         msg,
     };
-    let label = get(&spec.label_column).unwrap_or_default();
-    let label = label.trim();
+    let n = spec.text_columns.len();
+    let label = row.cells[n].trim();
     if label.is_empty() {
         return Err(row_err(format!(
             "missing label (column `{}` is empty)",
             spec.label_column
         )));
     }
-    let parts: Vec<String> = spec
-        .text_columns
+    let parts: Vec<&str> = row.cells[..n]
         .iter()
-        .filter_map(|c| get(c))
-        .map(|s| s.trim().to_string())
+        .map(|s| s.trim())
         .filter(|s| !s.is_empty())
         .collect();
     if parts.is_empty() {
@@ -122,22 +144,23 @@ fn example(spec: &TableSpec, line: u64, get: impl Fn(&str) -> Option<String>) ->
     Ok(Example {
         text: parts.join(" "),
         label: label.to_string(),
-        split: spec
-            .split_column
-            .as_ref()
-            .and_then(|c| get(c))
-            .map(|s| s.trim().to_string()),
-        line,
+        split: row.cells.get(n + 1).map(|s| s.trim().to_string()),
+        line: row.line,
     })
 }
 
-fn read_delimited(spec: &TableSpec, bytes: &[u8], delimiter: u8) -> Result<Vec<Example>> {
+fn read_delimited(
+    path: &Path,
+    bytes: &[u8],
+    delimiter: u8,
+    columns: &[String],
+) -> Result<Vec<Row>> {
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .has_headers(true)
         .from_reader(bytes);
     let table_err = |msg: String| DataError::Table {
-        path: spec.path.clone(),
+        path: path.to_path_buf(),
         msg,
     };
     let header: Vec<String> = reader
@@ -146,49 +169,41 @@ fn read_delimited(spec: &TableSpec, bytes: &[u8], delimiter: u8) -> Result<Vec<E
         .iter()
         .map(str::to_string)
         .collect();
-    let column = |name: &str| -> Result<usize> {
-        header.iter().position(|h| h == name).ok_or_else(|| {
-            table_err(format!(
-                "no column `{name}` in the header (columns: {})",
-                header.join(", ")
-            ))
-        })
-    };
-    let text_idx: Vec<(String, usize)> = spec
-        .text_columns
+    let idx: Vec<usize> = columns
         .iter()
-        .map(|c| Ok((c.clone(), column(c)?)))
+        .map(|name| {
+            header.iter().position(|h| h == name).ok_or_else(|| {
+                table_err(format!(
+                    "no column `{name}` in the header (columns: {})",
+                    header.join(", ")
+                ))
+            })
+        })
         .collect::<Result<_>>()?;
-    let label_idx = column(&spec.label_column)?;
-    let split_idx = spec.split_column.as_deref().map(column).transpose()?;
     let mut out = Vec::new();
     for record in reader.records() {
         let record = record.map_err(|e| {
             let line = e.position().map(|p| p.line()).unwrap_or(0);
             DataError::Row {
-                path: spec.path.clone(),
+                path: path.to_path_buf(),
                 line,
                 msg: format!("malformed row: {e}"),
             }
         })?;
-        let line = record.position().map(|p| p.line()).unwrap_or(0);
-        out.push(example(spec, line, |name| {
-            let idx = if name == spec.label_column {
-                Some(label_idx)
-            } else if Some(name) == spec.split_column.as_deref() {
-                split_idx
-            } else {
-                text_idx.iter().find(|(c, _)| c == name).map(|(_, i)| *i)
-            };
-            idx.and_then(|i| record.get(i)).map(str::to_string)
-        })?);
+        out.push(Row {
+            line: record.position().map(|p| p.line()).unwrap_or(0),
+            cells: idx
+                .iter()
+                .map(|&i| record.get(i).unwrap_or_default().to_string())
+                .collect(),
+        });
     }
     Ok(out)
 }
 
-fn read_jsonl(spec: &TableSpec, bytes: &[u8]) -> Result<Vec<Example>> {
+fn read_jsonl(path: &Path, bytes: &[u8], columns: &[String]) -> Result<Vec<Row>> {
     let text = std::str::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
-        path: spec.path.clone(),
+        path: path.to_path_buf(),
         offset: e.valid_up_to(),
     })?;
     let mut out = Vec::new();
@@ -197,21 +212,27 @@ fn read_jsonl(spec: &TableSpec, bytes: &[u8]) -> Result<Vec<Example>> {
         if raw.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| DataError::Row {
-            path: spec.path.clone(),
+        let not_object = |msg: String| DataError::Row {
+            path: path.to_path_buf(),
             line,
-            msg: format!("not a JSON object: {e}"),
-        })?;
-        let obj = value.as_object().ok_or_else(|| DataError::Row {
-            path: spec.path.clone(),
+            msg,
+        };
+        let value: serde_json::Value = serde_json::from_str(raw)
+            .map_err(|e| not_object(format!("not a JSON object: {e}")))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| not_object("not a JSON object".into()))?;
+        out.push(Row {
             line,
-            msg: "not a JSON object".into(),
-        })?;
-        out.push(example(spec, line, |name| match obj.get(name)? {
-            serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Null => None,
-            v => Some(v.to_string()),
-        })?);
+            cells: columns
+                .iter()
+                .map(|name| match obj.get(name) {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(serde_json::Value::Null) | None => String::new(),
+                    Some(v) => v.to_string(),
+                })
+                .collect(),
+        });
     }
     Ok(out)
 }
@@ -297,6 +318,24 @@ mod tests {
         assert_eq!(rows[0].split.as_deref(), Some("train"));
         assert_eq!(rows[1].text, "short \"quoted\" text");
         assert_eq!((rows[0].line, rows[1].line), (2, 3));
+    }
+
+    #[test]
+    fn read_table_returns_the_asked_columns_of_tsv_and_jsonl() {
+        let dir = tempfile::tempdir().unwrap();
+        let tsv = dir.path().join("t.tsv");
+        std::fs::write(&tsv, "a\tb\tc\n1\t\t3\n4\t5\t6\n").unwrap();
+        let cols = vec!["c".to_string(), "b".to_string()];
+        let rows = read_table(&tsv, None, &cols).unwrap();
+        assert_eq!(rows[0].cells, vec!["3", ""]);
+        assert_eq!((rows[1].line, rows[1].cells.clone()), (3, vec!["6".into(), "5".into()]));
+        let jsonl = dir.path().join("t.jsonl");
+        std::fs::write(&jsonl, "{\"b\": null, \"c\": 3}\n\n{\"b\": \"x\", \"c\": \"y\"}\n").unwrap();
+        let rows = read_table(&jsonl, None, &cols).unwrap();
+        assert_eq!(rows[0].cells, vec!["3", ""]);
+        assert_eq!((rows[1].line, rows[1].cells.clone()), (3, vec!["y".into(), "x".into()]));
+        let err = read_table(&tsv, None, &["d".to_string()]).unwrap_err().to_string();
+        assert!(err.contains("no column `d`") && err.contains("a, b, c"), "{err}");
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub use augment::{build_views, Image, Stage, ViewBatch, ViewLoader, ViewPipeline
 pub use corpus::{Corpus, Document};
 pub use error::{DataError, Result};
 pub use images::{ImageSet, ImageSource, OnCorrupt};
-pub use labelled::{Example, LabelSet, TableSpec};
+pub use labelled::{read_table, Example, LabelSet, Row, TableSpec};
 pub use loader::{eval_batches, Cursor, MlmBatch, MlmLoader, Prefetch};
 pub use masking::{MaskConfig, MaskedBlock, Masker};
 pub use packing::{unigram_cross_entropy, PackedBlocks};

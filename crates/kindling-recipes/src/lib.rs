@@ -7,6 +7,7 @@ pub mod embed;
 pub mod finetune;
 pub mod probe;
 pub mod recipe;
+pub mod simcse;
 pub mod vision;
 
 use std::path::PathBuf;
@@ -110,7 +111,7 @@ pub fn cache_dir(recipe: &Recipe) -> PathBuf {
 
 /// The objectives a recipe can name.
 pub const OBJECTIVES: &[&str] = &[
-    "bert-mlm", "simclr", "moco", "byol", "simsiam", "barlow", "vicreg",
+    "bert-mlm", "simcse", "simclr", "moco", "byol", "simsiam", "barlow", "vicreg",
 ];
 
 /// A top-level string key of a recipe file (`task`, `objective`), if present: which recipe
@@ -147,6 +148,8 @@ pub fn pretrain_file(
     let peek: Peek = recipe::parse_toml(&text, path, overrides)?;
     if vision::OBJECTIVES.contains(&peek.objective.as_str()) {
         vision::pretrain(&vision::VisionRecipe::load(path, overrides)?, opts)
+    } else if peek.objective == "simcse" {
+        simcse::pretrain(&simcse::SimcseRecipe::load(path, overrides)?, opts)
     } else {
         pretrain(&Recipe::load(path, overrides)?, opts)
     }
@@ -173,6 +176,10 @@ pub fn export_run(run_dir: &std::path::Path) -> Result<PathBuf, RecipeError> {
         if vision::OBJECTIVES.contains(&obj.as_str()) {
             let recipe = vision::VisionRecipe::load(&recipe_path, &[])?;
             return vision::export_from_checkpoint(&recipe, run_dir);
+        }
+        if obj == "simcse" {
+            let recipe = simcse::SimcseRecipe::load(&recipe_path, &[])?;
+            return simcse::export_from_checkpoint(&recipe, run_dir);
         }
     }
     let recipe = Recipe::load(&recipe_path, &[])?;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::Tensor;
+use candle_core::{backprop::GradStore, Tensor};
 use candle_nn::VarMap;
 use kindling_core::Mode;
 
@@ -25,6 +25,18 @@ pub trait Objective {
 
     /// One forward pass. `mode` says train (dropout on, with its seed) or eval.
     fn step(&self, batch: &Self::Batch, mode: Mode) -> candle_core::Result<StepOutput>;
+
+    /// A training step that computes its gradients itself, for objectives whose loss does not
+    /// fit one graph in memory (GradCache: a loss over a batch of 512 back-propagated chunk by
+    /// chunk). The returned loss is detached; the gradients are those of that loss. `None` (the
+    /// default): the trainer calls [`Objective::step`] and back-propagates its loss.
+    fn step_with_grads(
+        &self,
+        _batch: &Self::Batch,
+        _mode: Mode,
+    ) -> candle_core::Result<Option<(StepOutput, GradStore)>> {
+        Ok(None)
+    }
 
     /// The trainable parameters.
     fn varmap(&self) -> &VarMap;

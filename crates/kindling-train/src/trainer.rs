@@ -301,7 +301,10 @@ impl Trainer {
                 let mode = Mode::Train {
                     seed: derive_seed(&[cfg.seed, step, micro as u64]),
                 };
-                let out = obj.step(&batch, mode)?;
+                let (out, own_grads) = match obj.step_with_grads(&batch, mode)? {
+                    Some((out, grads)) => (out, Some(grads)),
+                    None => (obj.step(&batch, mode)?, None),
+                };
                 let loss_val = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !loss_val.is_finite() {
                     if cfg.skip_nonfinite {
@@ -319,7 +322,15 @@ impl Trainer {
                     });
                 }
                 // Each micro-batch contributes 1/k of the update, as one big batch would.
-                let grads = (out.loss / cfg.grad_accum as f64)?.backward()?;
+                let grads = match own_grads {
+                    Some(mut g) => {
+                        if cfg.grad_accum > 1 {
+                            scale_grads(&mut g, &vars, 1.0 / cfg.grad_accum as f64)?;
+                        }
+                        g
+                    }
+                    None => (out.loss / cfg.grad_accum as f64)?.backward()?,
+                };
                 acc = Some(match acc {
                     None => grads,
                     Some(mut a) => {
