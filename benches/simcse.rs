@@ -39,8 +39,11 @@ fn child(batch: usize, cache: bool) {
     }))
     .unwrap();
     let varmap = VarMap::new();
-    let model =
-        BertModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &config).unwrap();
+    let model = BertModel::load(
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        &config,
+    )
+    .unwrap();
     hf_init(&varmap, 1, 0.02, Some(0)).unwrap();
     let mut obj = Simcse::new(model, varmap, Pooling::Mean, 0.05, 0);
     obj.grad_cache.enabled = cache;

@@ -45,8 +45,12 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
         /// Replace a run already in the run folder.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
+        /// Continue a run: `auto` (the newest valid checkpoint of the recipe's run folder, or a
+        /// fresh start), a run folder, or one checkpoint folder.
+        #[arg(long, value_name = "auto|PATH")]
+        resume: Option<String>,
         /// Also run the same recipe from a randomly initialised model of the same shape
         /// (run `<name>-random`) and print both results side by side.
         #[arg(long)]
@@ -197,6 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             recipe,
             overrides,
             overwrite,
+            resume,
             compare_random,
         } => {
             use kindling_recipes::finetune::{self, FinetuneRecipe};
@@ -205,7 +210,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let (flag, which) = install_signal_handlers()?;
             let opts = RunOptions {
                 overwrite,
-                resume: None,
+                resume: resume.map(|r| match r.as_str() {
+                    "auto" => Resume::Auto,
+                    p => Resume::Path(PathBuf::from(p)),
+                }),
                 stop_flag: Some(flag.clone()),
             };
             let interrupted = |flag: &AtomicBool| flag.load(Ordering::SeqCst);

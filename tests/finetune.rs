@@ -402,3 +402,68 @@ fn the_linear_probe_separates_a_task_the_embeddings_encode() {
     assert!(acc >= 0.9, "probe accuracy {acc}: {r}");
     assert_eq!(r["dims"], 64, "the tiny model's hidden size");
 }
+
+/// Killed after its first checkpoint and resumed with `--resume auto`, a fine-tuning run ends
+/// with the same weights as one never stopped (data order, dropout and the best-checkpoint
+/// bookkeeping all continue from the checkpoint).
+#[test]
+fn finetuning_resumes_bit_for_bit_after_a_kill() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let runs = tempfile::tempdir().unwrap();
+    let table = separable_table(runs.path(), 200);
+    let common = |name: &str| {
+        let mut cmd = kindling();
+        cmd.args(["finetune", "recipes/tiny/finetune-tiny.toml", "--set"])
+            .arg(format!("runs_dir=\"{}\"", runs.path().display()))
+            .args(["--set", &format!("name=\"{name}\"")])
+            .args([
+                "--set",
+                &format!("model.path=\"{}\"", tiny_export().display()),
+            ])
+            .args(["--set", &format!("data.path=\"{}\"", table.display())])
+            .args(["--set", "data.text_columns=[\"text\"]"])
+            .args(["--set", "data.label_column=\"label\""])
+            .args(["--set", "train.steps=12"])
+            .args(["--set", "train.max_epochs=0"])
+            .args(["--set", "train.eval_every=4"])
+            .args(["--set", "train.save_every=2"]);
+        cmd
+    };
+    let straight = common("straight").output().unwrap();
+    assert!(straight.status.success(), "{}", stderr(&straight));
+    let run = runs.path().join("killed");
+    let mut child = common("killed")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let first = run.join("checkpoints/step-00000002/state.json");
+    while !first.is_file() {
+        assert!(Instant::now() < deadline, "no checkpoint");
+        assert!(child.try_wait().unwrap().is_none(), "ended before the kill");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = common("killed")
+        .args(["--resume", "auto"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resume:"), "{err}");
+    let weights = |r: &Path| std::fs::read(r.join("export/model.safetensors")).unwrap();
+    assert!(
+        weights(&run) == weights(&runs.path().join("straight")),
+        "resumed run differs from the uninterrupted one"
+    );
+    let results = |r: &Path| std::fs::read_to_string(r.join("test_results.json")).unwrap();
+    let (a, b): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&results(&run)).unwrap(),
+        serde_json::from_str(&results(&runs.path().join("straight"))).unwrap(),
+    );
+    assert_eq!(a["test"], b["test"]);
+    assert_eq!(a["best_validation"], b["best_validation"]);
+}

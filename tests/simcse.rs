@@ -50,7 +50,10 @@ const SENTENCES: [&str; 4] = [
 fn check_sentence_transformers_agrees(export: &Path) {
     let sentences: Vec<String> = SENTENCES.iter().map(|s| s.to_string()).collect();
     let (ours, report) = embed_texts(export, &sentences, EmbedOptions::default()).unwrap();
-    assert!(report.missing.is_empty() && report.unused.is_empty(), "{report:?}");
+    assert!(
+        report.missing.is_empty() && report.unused.is_empty(),
+        "{report:?}"
+    );
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("sentences.json");
     std::fs::write(&input, serde_json::to_string(&sentences).unwrap()).unwrap();
@@ -63,7 +66,10 @@ fn check_sentence_transformers_agrees(export: &Path) {
         eprintln!("sentence-transformers check skipped: {why}");
         return;
     }
-    for (s, (a, b)) in sentences.iter().zip(ours.iter().zip(theirs.as_array().unwrap())) {
+    for (s, (a, b)) in sentences
+        .iter()
+        .zip(ours.iter().zip(theirs.as_array().unwrap()))
+    {
         let b: Vec<f64> = b
             .as_array()
             .unwrap()
@@ -84,7 +90,10 @@ fn simcse_trains_reports_retrieval_and_exports_a_sentence_transformer() {
     let out = tiny(runs.path(), "simcse", &model, &[]).output().unwrap();
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("before training:") && err.contains("after training:"), "{err}");
+    assert!(
+        err.contains("before training:") && err.contains("after training:"),
+        "{err}"
+    );
     let run = runs.path().join("simcse");
     let log = jsonl(&run.join("metrics.jsonl"));
     let train: Vec<f64> = log
@@ -122,10 +131,7 @@ fn simcse_trains_reports_retrieval_and_exports_a_sentence_transformer() {
     assert_eq!(config["architectures"][0], "BertModel");
     let modules = json(&export.join("modules.json"));
     assert_eq!(modules[1]["path"], "1_Pooling");
-    assert_eq!(
-        modules[2]["type"],
-        "sentence_transformers.models.Normalize"
-    );
+    assert_eq!(modules[2]["type"], "sentence_transformers.models.Normalize");
     let pooling = json(&export.join("1_Pooling/config.json"));
     assert_eq!(pooling["pooling_mode_mean_tokens"], true);
     assert_eq!(pooling["word_embedding_dimension"], config["hidden_size"]);
@@ -136,8 +142,12 @@ fn simcse_trains_reports_retrieval_and_exports_a_sentence_transformer() {
         .into_iter()
         .map(String::from)
         .collect();
-    assert!(names.iter().any(|n| n == "embeddings.word_embeddings.weight"));
-    assert!(names.iter().all(|n| !n.starts_with("bert.") && !n.starts_with("cls.")));
+    assert!(names
+        .iter()
+        .any(|n| n == "embeddings.word_embeddings.weight"));
+    assert!(names
+        .iter()
+        .all(|n| !n.starts_with("bert.") && !n.starts_with("cls.")));
     check_sentence_transformers_agrees(&export);
 }
 
@@ -209,7 +219,10 @@ fn a_missing_column_and_a_bad_data_section_are_named() {
     .unwrap();
     let err = stderr(&out);
     assert!(!out.status.success());
-    assert!(err.contains("no column `body`") && err.contains("reviews.tsv.gz"), "{err}");
+    assert!(
+        err.contains("no column `body`") && err.contains("reviews.tsv.gz"),
+        "{err}"
+    );
     let out = tiny(
         runs.path(),
         "bad",
@@ -257,7 +270,11 @@ fn simcse_from_minilm_starts_at_the_golden_embeddings_and_exports_a_loadable_mod
             continue;
         };
         let ids = encode(&tokenizer, s, 128, specials.sep).unwrap();
-        let e = obj.embed(&[ids], Mode::Eval).unwrap().to_vec2::<f32>().unwrap();
+        let e = obj
+            .embed(&[ids], Mode::Eval)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let norm = e[0].iter().map(|x| x * x).sum::<f32>().sqrt();
         for (i, w) in want.iter().enumerate() {
             let got = e[0][i] / norm;

@@ -217,8 +217,8 @@ fn read_jsonl(path: &Path, bytes: &[u8], columns: &[String]) -> Result<Vec<Row>>
             line,
             msg,
         };
-        let value: serde_json::Value = serde_json::from_str(raw)
-            .map_err(|e| not_object(format!("not a JSON object: {e}")))?;
+        let value: serde_json::Value =
+            serde_json::from_str(raw).map_err(|e| not_object(format!("not a JSON object: {e}")))?;
         let obj = value
             .as_object()
             .ok_or_else(|| not_object("not a JSON object".into()))?;
@@ -328,14 +328,29 @@ mod tests {
         let cols = vec!["c".to_string(), "b".to_string()];
         let rows = read_table(&tsv, None, &cols).unwrap();
         assert_eq!(rows[0].cells, vec!["3", ""]);
-        assert_eq!((rows[1].line, rows[1].cells.clone()), (3, vec!["6".into(), "5".into()]));
+        assert_eq!(
+            (rows[1].line, rows[1].cells.clone()),
+            (3, vec!["6".into(), "5".into()])
+        );
         let jsonl = dir.path().join("t.jsonl");
-        std::fs::write(&jsonl, "{\"b\": null, \"c\": 3}\n\n{\"b\": \"x\", \"c\": \"y\"}\n").unwrap();
+        std::fs::write(
+            &jsonl,
+            "{\"b\": null, \"c\": 3}\n\n{\"b\": \"x\", \"c\": \"y\"}\n",
+        )
+        .unwrap();
         let rows = read_table(&jsonl, None, &cols).unwrap();
         assert_eq!(rows[0].cells, vec!["3", ""]);
-        assert_eq!((rows[1].line, rows[1].cells.clone()), (3, vec!["y".into(), "x".into()]));
-        let err = read_table(&tsv, None, &["d".to_string()]).unwrap_err().to_string();
-        assert!(err.contains("no column `d`") && err.contains("a, b, c"), "{err}");
+        assert_eq!(
+            (rows[1].line, rows[1].cells.clone()),
+            (3, vec!["y".into(), "x".into()])
+        );
+        let err = read_table(&tsv, None, &["d".to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no column `d`") && err.contains("a, b, c"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -82,7 +82,7 @@ fn fast_exp(x: f32) -> f32 {
         return 0.0;
     }
     let x = if x > 88.0 { 88.0 } else { x }; // not `min`: NaN must stay NaN
-    // Round to nearest with an add instead of `round()` (a libm call without SSE4.1).
+                                             // Round to nearest with an add instead of `round()` (a libm call without SSE4.1).
     const SHIFTER: f32 = 12_582_912.0; // 1.5 * 2^23
     let n = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;

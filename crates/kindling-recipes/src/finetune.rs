@@ -37,7 +37,7 @@ use kindling_train::{
     Trainer,
 };
 
-use crate::bert_mlm::{device, prepare_run_folder, write_hf_folder};
+use crate::bert_mlm::{device, prepare_run_folder, resume_checkpoint_in, write_hf_folder};
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
 use crate::{RecipeError, RunOptions};
 
@@ -540,6 +540,13 @@ impl ClsLoader {
     pub fn batches_per_epoch(&self) -> usize {
         self.plan.len()
     }
+
+    /// Continues after batch `index` of `epoch` (the cursor a checkpoint saved).
+    pub fn seek_after(&mut self, epoch: u64, index: usize) {
+        self.epoch = epoch;
+        self.plan = self.plan_for(epoch);
+        self.index = index + 1;
+    }
 }
 
 impl Iterator for ClsLoader {
@@ -814,7 +821,16 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
     let t = &recipe.train;
     let tokenizer = tok::load(&recipe.model.path)?;
     let task = load_task(recipe, &tokenizer)?;
-    let run_dir = prepare_run_folder(recipe.run_dir(), &recipe.to_toml(), opts, false)?;
+    let resume_from = match &opts.resume {
+        Some(r) => resume_checkpoint_in(&recipe.run_dir(), r)?,
+        None => None,
+    };
+    let run_dir = prepare_run_folder(
+        recipe.run_dir(),
+        &recipe.to_toml(),
+        opts,
+        resume_from.is_some(),
+    )?;
     eprintln!(
         "data: {} classes {:?}; {} train, {} validation, {} test rows (test majority class {:.1}%)",
         task.labels.len(),
@@ -874,14 +890,25 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
     let (steps, eval_every, monitor_metric) =
         (cfg.steps, cfg.eval_every, cfg.monitor.metric.clone());
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let resumed_at = match &resume_from {
+        Some(dir) => Some(checkpoint::load_state(dir)?.step),
+        None => None,
+    };
     let mut trainer = Trainer::new(cfg, &run_dir)
         .with_callback(ProgressCallback::new(t.log_every, "ex"))
-        .with_callback(MetricsLog::open(&run_dir.join("metrics.jsonl"))?)
+        .with_callback(match resumed_at {
+            // A resumed run continues the log from its checkpoint: records after it are dropped.
+            Some(step) => MetricsLog::resume(&metrics_path, step)?,
+            None => MetricsLog::open(&metrics_path)?,
+        })
         .with_callback(
-            PlotCallback::new(run_dir.join("plots").join("loss.png"), Vec::new()).with_metric_plot(
-                run_dir.join("plots").join("eval_metrics.png"),
-                &["accuracy", "macro_f1"],
-            ),
+            PlotCallback::new(run_dir.join("plots").join("loss.png"), Vec::new())
+                .with_metric_plot(
+                    run_dir.join("plots").join("eval_metrics.png"),
+                    &["accuracy", "macro_f1"],
+                )
+                .with_history(&metrics_path),
         );
     if let Some(flag) = &opts.stop_flag {
         trainer = trainer.with_stop_flag(flag.clone());
@@ -899,16 +926,50 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
         task.validation.len()
     );
     let mut loader = loader;
+    let start = match &resume_from {
+        Some(dir) => {
+            let state = checkpoint::load(dir, &obj.varmap, Some(opt.as_mut()), &device)?;
+            let cursor = |k: &str| state.data_cursor.get(k).and_then(|v| v.as_u64());
+            let (Some(epoch), Some(index)) = (cursor("epoch"), cursor("index")) else {
+                return Err(RecipeError::Resume {
+                    path: dir.clone(),
+                    msg: format!("data cursor {} is not {{epoch, index}}", state.data_cursor),
+                });
+            };
+            loader.seek_after(epoch, index as usize);
+            eprintln!("resume: {} (step {})", dir.display(), state.step);
+            Some(state)
+        }
+        None => None,
+    };
     let summary = trainer.fit(
         &obj,
         &mut loader,
         &validation,
         opt,
-        None,
+        start,
         &|b: &ClsBatch| serde_json::json!({"epoch": b.epoch, "index": b.index}),
     )?;
+    let export_dir = recipe
+        .export
+        .dir
+        .clone()
+        .unwrap_or_else(|| run_dir.join("export"));
     // The best checkpoint by the validation metric, if it is still on disk.
     let best = summary.best.as_ref().map(|b| (b.step, b.value));
+    if summary.stop == kindling_train::StopReason::Interrupted {
+        // Checkpointed; `--resume auto` finishes it. No test scores, no export.
+        return Ok(FinetuneReport {
+            name: recipe.name().to_string(),
+            init: recipe.model.init,
+            steps: summary.steps,
+            elapsed_secs: summary.elapsed_secs,
+            best_validation: best,
+            test: BTreeMap::new(),
+            test_majority: task.test.majority_fraction(obj.labels.len()),
+            export_dir,
+        });
+    }
     if let Some((step, _)) = best {
         let dir = checkpoint::checkpoint_dir(&run_dir, step);
         if dir.is_dir() && step != summary.steps {
@@ -934,11 +995,6 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
             "steps": summary.steps, "elapsed_s": summary.elapsed_secs,
             "confusion_matrix": obj.confusion_counts(task.test.len()), "labels": obj.labels.names}),
     )?;
-    let export_dir = recipe
-        .export
-        .dir
-        .clone()
-        .unwrap_or_else(|| run_dir.join("export"));
     export(&obj, &tokenizer, recipe, &export_dir, &test, summary.steps)?;
     eprintln!("export: {}", export_dir.display());
     Ok(FinetuneReport {
@@ -1056,7 +1112,19 @@ pub fn compare_with_random(
     random.name = Some(format!("{}-random", recipe.name()));
     random.export.dir = None;
     let a = finetune(&pre, opts)?;
-    let b = finetune(&random, opts)?;
+    if opts
+        .stop_flag
+        .as_ref()
+        .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+    {
+        return Ok((a.clone(), a));
+    }
+    // A resume continues each run in its own folder.
+    let mut random_opts = opts.clone();
+    if random_opts.resume.is_some() {
+        random_opts.resume = Some(crate::Resume::Auto);
+    }
+    let b = finetune(&random, &random_opts)?;
     Ok((a, b))
 }
 

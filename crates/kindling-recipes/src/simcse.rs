@@ -32,8 +32,8 @@ use tokenizers::Tokenizer;
 
 use kindling_core::rng::{self, derive_seed, domain, hash_str};
 use kindling_core::Mode;
-use kindling_data::{read_table, Corpus, Cursor};
 use kindling_data::tokenizer as tok;
+use kindling_data::{read_table, Corpus, Cursor};
 use kindling_models::bert::{BertConfig, BertModel, Pooling};
 use kindling_models::export::{save_json, write_atomic};
 use kindling_models::import;
@@ -250,7 +250,10 @@ impl SimcseRecipe {
             (true, None) => return bad("data", "give data.corpus (text files) or data.table"),
             (false, Some(_)) => return bad("data", "give data.corpus or data.table, not both"),
             (true, Some(_)) if d.anchor_column.is_none() => {
-                return bad("data.anchor_column", "a table needs its sentence column named")
+                return bad(
+                    "data.anchor_column",
+                    "a table needs its sentence column named",
+                )
             }
             _ => {}
         }
@@ -319,11 +322,12 @@ pub fn read_texts(recipe: &SimcseRecipe) -> Result<Vec<[Option<String>; 3]>, Rec
             .map(|s| [Some(s.clone()), Some(s), None])
             .collect(),
         Some(path) => {
-            let mut columns: Vec<String> = [&d.anchor_column, &d.positive_column, &d.negative_column]
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect();
+            let mut columns: Vec<String> =
+                [&d.anchor_column, &d.positive_column, &d.negative_column]
+                    .into_iter()
+                    .flatten()
+                    .cloned()
+                    .collect();
             let n = columns.len();
             columns.extend(d.split_column.iter().cloned());
             let rows = read_table(path, d.format.as_deref(), &columns)?;
@@ -331,7 +335,8 @@ pub fn read_texts(recipe: &SimcseRecipe) -> Result<Vec<[Option<String>; 3]>, Rec
                 .filter(|r| d.split_column.is_none() || r.cells[n].trim() == d.split)
                 .filter(|r| r.cells[..n].iter().all(|c| !c.trim().is_empty()))
                 .map(|r| {
-                    let c: Vec<String> = r.cells[..n].iter().map(|s| s.trim().to_string()).collect();
+                    let c: Vec<String> =
+                        r.cells[..n].iter().map(|s| s.trim().to_string()).collect();
                     let positive = c.get(1).cloned().unwrap_or_else(|| c[0].clone());
                     [Some(c[0].clone()), Some(positive), c.get(2).cloned()]
                 })
@@ -609,7 +614,12 @@ impl Simcse {
         temperature: f64,
         pad: u32,
     ) -> Self {
-        let device = model.embeddings.word_embeddings.embeddings().device().clone();
+        let device = model
+            .embeddings
+            .word_embeddings
+            .embeddings()
+            .device()
+            .clone();
         Simcse {
             config: model.config.clone(),
             model,
@@ -959,7 +969,8 @@ pub fn export(
         recipe.loss.temperature
     );
     if !eval.is_empty() {
-        card += "## Retrieval (before and after training)\n\n| metric | start | end |\n|---|---|---|\n";
+        card +=
+            "## Retrieval (before and after training)\n\n| metric | start | end |\n|---|---|---|\n";
         for (k, v) in eval {
             let before = initial.get(k).map_or("".into(), |b| format!("{b:.4}"));
             card += &format!("| {k} | {before} | {v:.4} |\n");
@@ -1064,7 +1075,10 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
             .unwrap_or_default(),
         _ => {
             let m = Trainer::evaluate(&obj, &eval)?;
-            save_json(&initial_path, &serde_json::to_value(&m).expect("serialises"))?;
+            save_json(
+                &initial_path,
+                &serde_json::to_value(&m).expect("serialises"),
+            )?;
             m
         }
     };
@@ -1163,7 +1177,10 @@ fn format_metrics(m: &BTreeMap<String, f64>) -> String {
 }
 
 /// Rewrites a run's export folder from its newest checkpoint (`kindling export RUN`).
-pub fn export_from_checkpoint(recipe: &SimcseRecipe, run_dir: &Path) -> Result<PathBuf, RecipeError> {
+pub fn export_from_checkpoint(
+    recipe: &SimcseRecipe,
+    run_dir: &Path,
+) -> Result<PathBuf, RecipeError> {
     let device = device(&recipe.device)?;
     let tokenizer = tok::load(&recipe.model.path)?;
     let obj = Simcse::build(recipe, tok::special_tokens(&tokenizer)?.pad, &device)?;
@@ -1248,7 +1265,9 @@ mod tests {
         let mut named: Vec<(String, Vec<f32>)> = data
             .iter()
             .map(|(n, v)| {
-                let g = grads.get(v.as_tensor()).expect("every parameter gets a gradient");
+                let g = grads
+                    .get(v.as_tensor())
+                    .expect("every parameter gets a gradient");
                 (n.clone(), g.flatten_all().unwrap().to_vec1().unwrap())
             })
             .collect();
@@ -1268,14 +1287,20 @@ mod tests {
         let (plain_loss, plain) = grads_of(&obj, mode);
         obj.grad_cache.enabled = true;
         let (cached_loss, cached) = grads_of(&obj, mode);
-        assert!((plain_loss - cached_loss).abs() < 1e-5, "{plain_loss} vs {cached_loss}");
+        assert!(
+            (plain_loss - cached_loss).abs() < 1e-5,
+            "{plain_loss} vs {cached_loss}"
+        );
         assert_eq!(plain.len(), cached.len());
         for ((name, a), (_, b)) in plain.iter().zip(&cached) {
             let scale = a.iter().map(|x| x.abs()).fold(1e-6f32, f32::max);
             for (x, y) in a.iter().zip(b) {
                 assert!((x - y).abs() <= 1e-5 * scale.max(1.0), "{name}: {x} vs {y}");
             }
-            assert!(a.iter().any(|x| *x != 0.0), "{name} gets a non-zero gradient");
+            assert!(
+                a.iter().any(|x| *x != 0.0),
+                "{name} gets a non-zero gradient"
+            );
         }
     }
 
@@ -1285,9 +1310,17 @@ mod tests {
         let (model, varmap) = tiny_model(0.1);
         let obj = Simcse::new(model, varmap, Pooling::Cls, 0.05, 0);
         let rows = vec![batch().rows[0].clone(); 2];
-        let train = obj.embed(&rows, Mode::Train { seed: 1 }).unwrap().to_vec2::<f32>().unwrap();
+        let train = obj
+            .embed(&rows, Mode::Train { seed: 1 })
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_ne!(train[0], train[1]);
-        let eval = obj.embed(&rows, Mode::Eval).unwrap().to_vec2::<f32>().unwrap();
+        let eval = obj
+            .embed(&rows, Mode::Eval)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(eval[0], eval[1]);
     }
 
@@ -1296,7 +1329,14 @@ mod tests {
     #[test]
     fn info_nce_matches_the_formula_and_masks_duplicates() {
         let reps = Tensor::new(
-            &[[1f32, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6], [0.6, 0.8], [-1.0, 0.0]],
+            &[
+                [1f32, 0.0],
+                [0.6, 0.8],
+                [0.0, 1.0],
+                [0.8, 0.6],
+                [0.6, 0.8],
+                [-1.0, 0.0],
+            ],
             &Device::Cpu,
         )
         .unwrap();
@@ -1324,7 +1364,10 @@ mod tests {
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         // Without the duplicate, candidate 5 counts against anchor 0: a larger loss.
         let distinct = [7, 8, 9, 7, 8, 9];
-        let plain: f32 = info_nce(&reps, 3, &distinct, t).unwrap().to_scalar().unwrap();
+        let plain: f32 = info_nce(&reps, 3, &distinct, t)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(plain > got);
     }
 
@@ -1345,7 +1388,13 @@ mod tests {
     fn loader_resumes_from_its_cursor() {
         let data = Arc::new(examples());
         let straight: Vec<SimcseBatch> = SimcseLoader::new(data.clone(), 2, 5).take(7).collect();
-        assert_eq!(straight[3].cursor_after, Cursor { epoch: 1, position: 1 });
+        assert_eq!(
+            straight[3].cursor_after,
+            Cursor {
+                epoch: 1,
+                position: 1
+            }
+        );
         let mut resumed = SimcseLoader::new(data, 2, 5);
         resumed.seek(straight[2].cursor_after);
         for (a, b) in resumed.take(4).zip(&straight[3..]) {
