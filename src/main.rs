@@ -38,6 +38,13 @@ enum Command {
         #[arg(long, value_name = "auto|PATH")]
         resume: Option<String>,
     },
+    /// Tokenise a recipe's corpus once into token shards (its [data.prepare] section); reused
+    /// while the sources and tokenizer are unchanged. Prints a JSON summary.
+    Prepare {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Fine-tune a classifier from a BERT folder (a recipe: recipes/finetune-*.toml); prints test
     /// accuracy, macro-F1 and the confusion matrix, and exports an HF folder.
     Finetune {
@@ -194,6 +201,21 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     "run_dir": report.run_dir, "export_dir": report.export_dir, "steps": report.steps,
                     "elapsed_s": report.elapsed_secs, "eval": report.final_eval,
                     "baseline": report.baseline.map(|(k, v)| serde_json::json!({k: v})),
+                })
+            );
+        }
+        Command::Prepare { recipe, overrides } => {
+            let recipe = kindling_recipes::Recipe::load(&recipe, &overrides)?;
+            let r = kindling_recipes::bert_mlm::prepare_recipe(&recipe)?;
+            let m = &r.manifest;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "dir": recipe.data.prepare.as_ref().map(|p| p.dir.clone()),
+                    "reused": r.reused, "seconds": r.seconds, "mb_per_s": r.mb_per_s(),
+                    "source_bytes": m.source_bytes, "text_bytes": m.text_bytes, "files": m.sources.len(),
+                    "train": {"documents": m.train.documents, "tokens": m.train.tokens, "shards": m.train.shards.len()},
+                    "eval": {"documents": m.eval.documents, "tokens": m.eval.tokens},
                 })
             );
         }

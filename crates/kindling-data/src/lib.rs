@@ -22,6 +22,8 @@ pub mod labelled;
 pub mod loader;
 pub mod masking;
 pub mod packing;
+mod parquet_source;
+pub mod shards;
 pub mod tokenizer;
 
 pub use augment::{build_views, Image, Stage, ViewBatch, ViewLoader, ViewPipeline};
@@ -31,7 +33,8 @@ pub use images::{ImageSet, ImageSource, OnCorrupt};
 pub use labelled::{read_table, Example, LabelSet, Row, TableSpec};
 pub use loader::{eval_batches, Cursor, MlmBatch, MlmLoader, Prefetch};
 pub use masking::{MaskConfig, MaskedBlock, Masker};
-pub use packing::{unigram_cross_entropy, PackedBlocks};
+pub use packing::{unigram_cross_entropy, unigram_from_counts, Blocks, PackedBlocks};
+pub use shards::{PrepareConfig, PrepareReport, ShardBlocks, ShardStream};
 pub use tokenizer::{SpecialTokens, TokenizerConfig, WordPieceTraining};
 
 /// A file's bytes, gunzipped when it is gzip (by its magic bytes, whatever its name says).

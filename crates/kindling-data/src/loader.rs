@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use kindling_core::rng::{self, domain};
 
 use crate::masking::Masker;
-use crate::packing::PackedBlocks;
+use crate::packing::Blocks;
 
 /// Where the data stream stands: the epoch, and how many blocks of its shuffled order were
 /// consumed. Saving it (a few bytes) is all a resume needs: no batches are replayed.
@@ -43,20 +43,21 @@ impl MlmBatch {
 
     /// Masks the given blocks (by index into `blocks`) in parallel and stacks them.
     fn build(
-        blocks: &PackedBlocks,
+        blocks: &dyn Blocks,
         masker: &Masker,
         indices: &[u32],
         epoch: u64,
         cursor_after: Cursor,
     ) -> Self {
+        let t = blocks.seq_len();
         let masked: Vec<_> = indices
             .par_iter()
             .map(|&i| {
-                let (ids, flags) = blocks.block(i as usize);
-                masker.mask(ids, flags, epoch, i as u64)
+                let (mut ids, mut flags) = (vec![0u32; t], vec![0u8; t]);
+                blocks.read_block(i as usize, &mut ids, &mut flags);
+                masker.mask(&ids, &flags, epoch, i as u64)
             })
             .collect();
-        let t = blocks.seq_len;
         let mut batch = MlmBatch {
             batch_size: indices.len(),
             seq_len: t,
@@ -79,7 +80,7 @@ impl MlmBatch {
 /// An endless stream of training batches: each epoch visits every block once in a seeded
 /// order (the incomplete last batch of an epoch is dropped, as `drop_last` does).
 pub struct MlmLoader {
-    blocks: Arc<PackedBlocks>,
+    blocks: Arc<dyn Blocks>,
     masker: Arc<Masker>,
     batch_size: usize,
     seed: u64,
@@ -91,7 +92,7 @@ impl MlmLoader {
     /// Starts at `cursor` (the default cursor for a fresh run). Panics if there are fewer
     /// blocks than one batch: the recipe checks that first.
     pub fn new(
-        blocks: Arc<PackedBlocks>,
+        blocks: Arc<dyn Blocks>,
         masker: Arc<Masker>,
         batch_size: usize,
         seed: u64,
@@ -147,7 +148,7 @@ impl Iterator for MlmLoader {
             position: (start + self.batch_size) as u64,
         };
         let batch = MlmBatch::build(
-            &self.blocks,
+            self.blocks.as_ref(),
             &self.masker,
             indices,
             self.cursor.epoch,
@@ -160,7 +161,7 @@ impl Iterator for MlmLoader {
 
 /// The fixed evaluation batches: blocks in order, masks drawn once from a reserved epoch, so
 /// every evaluation of a run scores the same positions.
-pub fn eval_batches(blocks: &PackedBlocks, masker: &Masker, batch_size: usize) -> Vec<MlmBatch> {
+pub fn eval_batches(blocks: &dyn Blocks, masker: &Masker, batch_size: usize) -> Vec<MlmBatch> {
     const EVAL_EPOCH: u64 = u64::MAX;
     let indices: Vec<u32> = (0..blocks.len() as u32).collect();
     indices

@@ -26,6 +26,33 @@ pub struct PackedBlocks {
     pub flags: Vec<u8>,
 }
 
+/// Fixed-length blocks by index: packed in memory ([`PackedBlocks`]) or cut from token shards on
+/// disk ([`crate::shards::ShardBlocks`]). What the loader and the eval batches read.
+pub trait Blocks: Send + Sync {
+    /// Tokens per block, [CLS] and [SEP] included.
+    fn seq_len(&self) -> usize;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies block `i` into `ids` and `flags` (each `seq_len` long).
+    fn read_block(&self, i: usize, ids: &mut [u32], flags: &mut [u8]);
+}
+
+impl Blocks for PackedBlocks {
+    fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+    fn len(&self) -> usize {
+        PackedBlocks::len(self)
+    }
+    fn read_block(&self, i: usize, ids: &mut [u32], flags: &mut [u8]) {
+        let (a, b) = self.block(i);
+        ids.copy_from_slice(a);
+        flags.copy_from_slice(b);
+    }
+}
+
 impl PackedBlocks {
     pub fn len(&self) -> usize {
         self.ids.len().checked_div(self.seq_len).unwrap_or(0)
@@ -156,13 +183,17 @@ impl PackedBlocks {
 /// token frequencies, add-one smoothed over the vocabulary. It is the best loss a model that
 /// ignores context can reach; an MLM must go below it to show it learned from context.
 pub fn unigram_cross_entropy(train: &PackedBlocks, eval: &PackedBlocks, vocab_size: usize) -> f64 {
-    let counts = train.token_counts(vocab_size);
-    let total: f64 = counts.iter().sum::<u64>() as f64 + vocab_size as f64;
+    unigram_from_counts(&train.token_counts(vocab_size), &eval.token_counts(vocab_size))
+}
+
+/// The unigram baseline from token counts of the training and the eval split.
+pub fn unigram_from_counts(train: &[u64], eval: &[u64]) -> f64 {
+    let total: f64 = train.iter().sum::<u64>() as f64 + train.len() as f64;
     let (mut nll, mut n) = (0.0, 0u64);
-    for (&id, &f) in eval.ids.iter().zip(&eval.flags) {
-        if f & SPECIAL == 0 {
-            nll -= ((counts[id as usize] as f64 + 1.0) / total).ln();
-            n += 1;
+    for (&c, &e) in train.iter().zip(eval) {
+        if e > 0 {
+            nll -= e as f64 * ((c as f64 + 1.0) / total).ln();
+            n += e;
         }
     }
     nll / n.max(1) as f64

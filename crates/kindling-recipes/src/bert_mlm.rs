@@ -15,7 +15,8 @@ use tokenizers::Tokenizer;
 use kindling_core::Mode;
 use kindling_data::loader::eval_batches;
 use kindling_data::{
-    tokenizer as tok, Corpus, Cursor, Masker, MlmBatch, MlmLoader, PackedBlocks, Prefetch,
+    tokenizer as tok, Blocks, Corpus, Cursor, Masker, MlmBatch, MlmLoader, PackedBlocks, Prefetch,
+    ShardBlocks, ShardStream,
 };
 use kindling_models::bert::{BertConfig, BertForMaskedLM};
 use kindling_models::export::{save_json, save_safetensors};
@@ -221,6 +222,115 @@ fn check_memory(recipe: &Recipe, config: &BertConfig) -> Result<(), RecipeError>
     }
 }
 
+/// Prepares (or reuses) the recipe's token shards and opens their train and eval splits.
+fn shard_blocks(
+    recipe: &Recipe,
+    cfg: &kindling_data::PrepareConfig,
+    tokenizer: &Tokenizer,
+    specials: &kindling_data::SpecialTokens,
+) -> Result<(ShardBlocks, ShardBlocks), RecipeError> {
+    let report = prepare_shards(recipe, cfg, tokenizer, specials)?;
+    let open = |split: &str| -> Result<ShardBlocks, RecipeError> {
+        Ok(ShardBlocks::new(
+            ShardStream::open(&cfg.dir, split)?,
+            recipe.data.seq_len,
+            specials,
+        )?)
+    };
+    let (train, eval) = (open("train")?, open("eval")?);
+    if eval.is_empty() && recipe.data.eval_fraction > 0.0 {
+        return Err(RecipeError::Invalid {
+            key: "data.eval_fraction".into(),
+            msg: format!(
+                "the eval split of {} holds {} tokens, less than one block of {}",
+                cfg.dir.display(),
+                report.manifest.eval.tokens,
+                recipe.data.seq_len
+            ),
+        });
+    }
+    Ok((train, eval))
+}
+
+/// `kindling prepare RECIPE`: builds the recipe's tokenizer (trained ones come from the same
+/// cache `pretrain` uses, so both see the same vocabulary) and prepares its token shards.
+pub fn prepare_recipe(recipe: &Recipe) -> Result<kindling_data::PrepareReport, RecipeError> {
+    let Some(cfg) = &recipe.data.prepare else {
+        return Err(RecipeError::Invalid {
+            key: "data.prepare".into(),
+            msg: "the recipe packs its corpus in memory; give [data.prepare] dir = \"...\" to \
+                  stream it from token shards"
+                .into(),
+        });
+    };
+    let corpus = if recipe.data.tokenizer.train.is_some() {
+        Corpus::from_patterns(&recipe.data.corpus, Path::new("."))?
+    } else {
+        Corpus::default()
+    };
+    let cache = crate::cache_dir(recipe).join("tokenizers");
+    let tokenizer = recipe
+        .data
+        .tokenizer
+        .build(&corpus, Path::new("."), Some(&cache))?;
+    drop(corpus);
+    let specials = tok::special_tokens(&tokenizer)?;
+    prepare_shards(recipe, cfg, &tokenizer, &specials)
+}
+
+/// `kindling prepare`, and the first step of a recipe with `[data.prepare]`: tokenises the
+/// corpus into shards (with a progress bar and a summary), or reuses them when nothing changed.
+pub fn prepare_shards(
+    recipe: &Recipe,
+    cfg: &kindling_data::PrepareConfig,
+    tokenizer: &Tokenizer,
+    specials: &kindling_data::SpecialTokens,
+) -> Result<kindling_data::PrepareReport, RecipeError> {
+    let sources = kindling_data::shards::resolve_sources(&recipe.data.corpus, Path::new("."))?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "prepare {bar:30} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("template parses"),
+    );
+    let report = kindling_data::shards::prepare(
+        &sources,
+        tokenizer,
+        specials,
+        cfg,
+        recipe.data.eval_fraction,
+        &|done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+    )?;
+    bar.finish_and_clear();
+    let m = &report.manifest;
+    eprintln!(
+        "prepare: {} ({}): {} files, {:.1} MB of text -> train {} documents, {} tokens in {} shards; \
+         eval {} documents, {} tokens{}",
+        cfg.dir.display(),
+        if report.reused {
+            "up to date, reused"
+        } else {
+            "prepared"
+        },
+        m.sources.len(),
+        m.text_bytes as f64 / 1e6,
+        m.train.documents,
+        m.train.tokens,
+        m.train.shards.len(),
+        m.eval.documents,
+        m.eval.tokens,
+        if report.reused {
+            String::new()
+        } else {
+            format!("; {:.1} s, {:.2} MB/s", report.seconds, report.mb_per_s())
+        }
+    );
+    Ok(report)
+}
+
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
     move |source| RecipeError::Io {
         path: path.to_path_buf(),
@@ -403,12 +513,19 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     };
     let run_dir = prepare_run_dir(recipe, opts, resume_from.is_some())?;
 
-    let corpus = Corpus::from_patterns(&recipe.data.corpus, Path::new("."))?;
-    eprintln!(
-        "corpus: {} files, {:.1} MB",
-        corpus.documents.len(),
-        corpus.total_bytes() as f64 / 1e6
-    );
+    // Streaming from shards reads the corpus text into memory only to train a tokenizer.
+    let corpus = match (&recipe.data.prepare, &recipe.data.tokenizer.train) {
+        (Some(_), _) if resume_from.is_some() => Corpus::default(),
+        (Some(_), None) => Corpus::default(),
+        _ => Corpus::from_patterns(&recipe.data.corpus, Path::new("."))?,
+    };
+    if !corpus.documents.is_empty() {
+        eprintln!(
+            "corpus: {} files, {:.1} MB",
+            corpus.documents.len(),
+            corpus.total_bytes() as f64 / 1e6
+        );
+    }
     let tokenizer = if resume_from.is_some() {
         // The run's own tokenizer: a retrained one could differ (the trainer is not
         // deterministic), and the checkpoint's embeddings are indexed by this one.
@@ -435,10 +552,27 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     let config = bert_config(recipe, vocab_size, specials.pad)?;
 
     check_memory(recipe, &config)?;
-    let blocks = PackedBlocks::pack(&corpus, &tokenizer, &specials, recipe.data.seq_len)?;
-    drop(corpus);
-    let n_blocks = blocks.len();
-    let (train_blocks, eval_blocks) = blocks.split_tail(recipe.data.eval_fraction)?;
+    let (train_blocks, eval_blocks, counts): (Arc<dyn Blocks>, Arc<dyn Blocks>, _) =
+        match &recipe.data.prepare {
+            Some(cfg) => {
+                drop(corpus);
+                let (train, eval) = shard_blocks(recipe, cfg, &tokenizer, &specials)?;
+                let counts = (
+                    train.stream.token_counts(vocab_size),
+                    eval.stream.token_counts(vocab_size),
+                );
+                (Arc::new(train), Arc::new(eval), counts)
+            }
+            None => {
+                let blocks =
+                    PackedBlocks::pack(&corpus, &tokenizer, &specials, recipe.data.seq_len)?;
+                drop(corpus);
+                let (train, eval) = blocks.split_tail(recipe.data.eval_fraction)?;
+                let counts = (train.token_counts(vocab_size), eval.token_counts(vocab_size));
+                (Arc::new(train), Arc::new(eval), counts)
+            }
+        };
+    let n_blocks = train_blocks.len() + eval_blocks.len();
     if train_blocks.len() < t.batch_size {
         return Err(RecipeError::Invalid {
             key: "train.batch_size".into(),
@@ -452,7 +586,7 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     let baseline = (!eval_blocks.is_empty()).then(|| {
         (
             "unigram baseline".to_string(),
-            kindling_data::unigram_cross_entropy(&train_blocks, &eval_blocks, vocab_size),
+            kindling_data::unigram_from_counts(&counts.0, &counts.1),
         )
     });
     eprintln!(
@@ -485,7 +619,7 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         Some(m) => Arc::new(Masker::new(m.clone(), &specials, vocab_size, recipe.seed)?),
         None => masker.clone(),
     };
-    let mut eval = eval_batches(&eval_blocks, &eval_masker, t.eval_batch_size.max(1));
+    let mut eval = eval_batches(eval_blocks.as_ref(), &eval_masker, t.eval_batch_size.max(1));
     if t.max_eval_batches > 0 {
         eval.truncate(t.max_eval_batches);
     }
@@ -523,7 +657,7 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         None => Cursor::default(),
     };
     let loader = MlmLoader::new(
-        Arc::new(train_blocks),
+        train_blocks,
         masker,
         t.batch_size,
         recipe.seed,

@@ -115,6 +115,12 @@ pub struct DataSection {
     /// Batches prepared ahead of the trainer.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// Stream from token shards instead of packing the corpus in memory: the corpus (text,
+    /// `.gz`, JSONL and parquet files) is tokenised once into `prepare.dir` (reused while the
+    /// sources and tokenizer are unchanged), and `eval_fraction` of its documents, picked by a
+    /// hash of their text, are held out. See `kindling_data::shards`.
+    #[serde(default)]
+    pub prepare: Option<kindling_data::PrepareConfig>,
 }
 
 fn default_seq_len() -> usize {
