@@ -12,6 +12,10 @@ use crate::common::{kindling, stderr};
 
 /// The tiny recipe with dropout on, a checkpoint every 3 steps and evals on the way.
 fn tiny(runs: &Path, name: &str, resume: bool) -> Command {
+    tiny_with(runs, name, resume, &[])
+}
+
+fn tiny_with(runs: &Path, name: &str, resume: bool, extra: &[String]) -> Command {
     let mut cmd = kindling();
     cmd.args(["pretrain", "recipes/tiny/bert-tiny-mlm.toml"]);
     for s in [
@@ -23,6 +27,9 @@ fn tiny(runs: &Path, name: &str, resume: bool) -> Command {
         "train.keep_last=2".into(),
     ] {
         cmd.args(["--set", &s]);
+    }
+    for s in extra {
+        cmd.args(["--set", s]);
     }
     if resume {
         cmd.args(["--resume", "auto"]);
@@ -198,4 +205,48 @@ fn a_corrupt_checkpoint_is_refused_and_resume_falls_back_to_the_previous_one() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("optimizer.safetensors has 9 bytes"), "{err}");
+}
+
+/// Streaming from token shards (`[data.prepare]`): prepare, train, SIGKILL after the first
+/// checkpoint, resume: the same weights and optimiser state as an uninterrupted run. The resume
+/// reuses the prepared folder and restarts from the (epoch, position) cursor, replaying nothing.
+#[test]
+fn a_run_streaming_from_token_shards_resumes_bit_for_bit() {
+    let runs = tempfile::tempdir().unwrap();
+    let shards = [format!(
+        "data.prepare.dir=\"{}\"",
+        runs.path().join("prepared").display()
+    )];
+    let out = tiny_with(runs.path(), "straight", false, &shards)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("(prepared)"), "{err}");
+    let want = final_tensors(&runs.path().join("straight"));
+
+    let run = runs.path().join("killed");
+    let mut child = tiny_with(runs.path(), "killed", false, &shards)
+        .spawn()
+        .unwrap();
+    let first = run.join("checkpoints/step-00000003/state.json");
+    assert!(
+        wait_for(&mut child, || first.is_file()),
+        "ended before the kill"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = tiny_with(runs.path(), "killed", true, &shards)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("resume:") && err.contains("up to date, reused"),
+        "{err}"
+    );
+    assert!(
+        final_tensors(&run) == want,
+        "resumed run differs from the uninterrupted one"
+    );
 }

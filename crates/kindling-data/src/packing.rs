@@ -183,7 +183,10 @@ impl PackedBlocks {
 /// token frequencies, add-one smoothed over the vocabulary. It is the best loss a model that
 /// ignores context can reach; an MLM must go below it to show it learned from context.
 pub fn unigram_cross_entropy(train: &PackedBlocks, eval: &PackedBlocks, vocab_size: usize) -> f64 {
-    unigram_from_counts(&train.token_counts(vocab_size), &eval.token_counts(vocab_size))
+    unigram_from_counts(
+        &train.token_counts(vocab_size),
+        &eval.token_counts(vocab_size),
+    )
 }
 
 /// The unigram baseline from token counts of the training and the eval split.

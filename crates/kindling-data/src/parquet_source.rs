@@ -26,7 +26,11 @@ pub fn for_each_text(
     let reader =
         SerializedFileReader::new(file).map_err(|e| bad(format!("not a parquet file: {e}")))?;
     let schema = reader.metadata().file_metadata().schema_descr_ptr();
-    let names: Vec<String> = schema.columns().iter().map(|c| c.name().to_string()).collect();
+    let names: Vec<String> = schema
+        .columns()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect();
     if !names.iter().any(|n| n == column) {
         return Err(bad(format!(
             "no column `{column}` (columns: {}; set data.prepare.text_field)",

@@ -333,11 +333,7 @@ impl SplitWriter {
     fn push_tokens(&mut self, ids: &[u32], flags: &[u8]) -> Result<()> {
         let mut at = 0;
         while at < ids.len() {
-            if self
-                .shard
-                .as_ref()
-                .is_none_or(|s| s.2 >= self.shard_tokens)
-            {
+            if self.shard.as_ref().is_none_or(|s| s.2 >= self.shard_tokens) {
                 self.open_shard()?;
             }
             let (wi, wf, n) = self.shard.as_mut().expect("a shard is open");
@@ -458,7 +454,9 @@ pub fn prepare(
     let vocab_size = tokenizer.get_vocab_size(true);
     let wide = vocab_size > 1 << 16;
     let total_bytes: u64 = described.iter().map(|s| s.bytes).sum();
-    let tmp = cfg.dir.with_extension(format!("tmp-{}", std::process::id()));
+    let tmp = cfg
+        .dir
+        .with_extension(format!("tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     let mut train = SplitWriter::new(&tmp, "train", wide, cfg.shard_tokens)?;
@@ -468,28 +466,26 @@ pub fn prepare(
     let mut batch: Vec<String> = Vec::new();
     let mut batch_bytes = 0usize;
     // Tokenises a batch of documents in parallel and appends them in order.
-    let flush = |batch: &mut Vec<String>,
-                     train: &mut SplitWriter,
-                     eval: &mut SplitWriter|
-     -> Result<()> {
-        let encoded: Vec<(Vec<u32>, Vec<u8>)> = batch
-            .par_iter()
-            .map(|t| encode_document(tokenizer, sp, t))
-            .collect::<Result<_>>()?;
-        for (text, (ids, flags)) in batch.iter().zip(encoded) {
-            if ids.is_empty() {
-                continue;
+    let flush =
+        |batch: &mut Vec<String>, train: &mut SplitWriter, eval: &mut SplitWriter| -> Result<()> {
+            let encoded: Vec<(Vec<u32>, Vec<u8>)> = batch
+                .par_iter()
+                .map(|t| encode_document(tokenizer, sp, t))
+                .collect::<Result<_>>()?;
+            for (text, (ids, flags)) in batch.iter().zip(encoded) {
+                if ids.is_empty() {
+                    continue;
+                }
+                let w = if is_eval_document(text, eval_fraction) {
+                    &mut *eval
+                } else {
+                    &mut *train
+                };
+                w.push_document(&ids, &flags, sp.sep)?;
             }
-            let w = if is_eval_document(text, eval_fraction) {
-                &mut *eval
-            } else {
-                &mut *train
-            };
-            w.push_document(&ids, &flags, sp.sep)?;
-        }
-        batch.clear();
-        Ok(())
-    };
+            batch.clear();
+            Ok(())
+        };
     for (path, source) in sources.iter().zip(&described) {
         for_each_document(path, &cfg.text_field, &mut |doc| {
             batch_bytes += doc.len();
@@ -694,11 +690,8 @@ impl Blocks for ShardBlocks {
         let body = self.seq_len - 2;
         ids[0] = self.cls;
         flags[0] = SPECIAL;
-        self.stream.read(
-            (i * body) as u64,
-            &mut ids[1..=body],
-            &mut flags[1..=body],
-        );
+        self.stream
+            .read((i * body) as u64, &mut ids[1..=body], &mut flags[1..=body]);
         // A block that starts mid-word starts a new word group for masking purposes.
         if flags[1] & SPECIAL == 0 {
             flags[1] |= WORD_START;
@@ -884,7 +877,10 @@ mod tests {
         let err = for_each_document(&path, "text", &mut |_| Ok(()))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("no column `text`") && err.contains("id, body"), "{err}");
+        assert!(
+            err.contains("no column `text`") && err.contains("id, body"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -895,11 +891,15 @@ mod tests {
             File::create(&path).unwrap(),
             flate2::Compression::fast(),
         );
-        gz.write_all(b"{\"body\": \"one\"}\n{\"text\": \"two\"}\n").unwrap();
+        gz.write_all(b"{\"body\": \"one\"}\n{\"text\": \"two\"}\n")
+            .unwrap();
         gz.finish().unwrap();
         let err = for_each_document(&path, "body", &mut |_| Ok(()))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("rows.jsonl.gz:2") && err.contains("no field `body`"), "{err}");
+        assert!(
+            err.contains("rows.jsonl.gz:2") && err.contains("no field `body`"),
+            "{err}"
+        );
     }
 }

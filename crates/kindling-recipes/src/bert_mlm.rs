@@ -568,7 +568,10 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
                     PackedBlocks::pack(&corpus, &tokenizer, &specials, recipe.data.seq_len)?;
                 drop(corpus);
                 let (train, eval) = blocks.split_tail(recipe.data.eval_fraction)?;
-                let counts = (train.token_counts(vocab_size), eval.token_counts(vocab_size));
+                let counts = (
+                    train.token_counts(vocab_size),
+                    eval.token_counts(vocab_size),
+                );
                 (Arc::new(train), Arc::new(eval), counts)
             }
         };
@@ -656,13 +659,7 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         }
         None => Cursor::default(),
     };
-    let loader = MlmLoader::new(
-        train_blocks,
-        masker,
-        t.batch_size,
-        recipe.seed,
-        cursor,
-    );
+    let loader = MlmLoader::new(train_blocks, masker, t.batch_size, recipe.seed, cursor);
     let mut train = Prefetch::new(loader, recipe.data.prefetch);
 
     eprintln!(
