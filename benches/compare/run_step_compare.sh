@@ -11,15 +11,18 @@
 # AVX2 + FMA). Not run in CI (PyTorch is ~3 GB of wheels).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# A Python with torch + transformers: $KINDLING_PYTHON (e.g. the CI venv), else a venv here.
 venv=benches/compare/.venv
-if ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
+py="${KINDLING_PYTHON:-$venv/bin/python}"
+if ! "$py" -c "import torch, transformers" 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet torch transformers numpy
+  py="$venv/bin/python"
 fi
 out=runs/compare
 mkdir -p "$out"
 cargo bench --bench mlm -- masking tiny mini small | tee "$out/kindling-steps.txt"
-"$venv/bin/python" benches/compare/hf_step_bench.py --threads 2 | tee "$out/pytorch-steps.jsonl"
+"$py" benches/compare/hf_step_bench.py --threads 2 | tee "$out/pytorch-steps.jsonl"
 python3 - "$out" <<'PY'
 import json, re, sys
 out = sys.argv[1]

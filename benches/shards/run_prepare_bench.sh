@@ -31,7 +31,7 @@ common=(--set "data.tokenizer={ path = \"$TOK\" }" --set "runs_dir=\"$WORK/runs\
 big=(--set "data.corpus=[\"$WORK/corpus/*.txt\"]" --set "data.prepare={ dir = \"$WORK/prepared-big\" }")
 
 echo "== kindling prepare, $SIZE_MB MB"
-rm -rf "$WORK/prepared-big"
+[ "${FRESH:-1}" = 1 ] && rm -rf "$WORK/prepared-big"   # FRESH=0 reuses it (and measures no throughput)
 /usr/bin/time -v $K prepare recipes/bert-mini-mlm.toml "${common[@]}" "${big[@]}" 2> "$WORK/prepare.time" | tee "$WORK/prepare.json"
 grep -E "^prepare:" "$WORK/prepare.time" || true
 echo "peak RSS of prepare: $(rss "$WORK/prepare.time")"
@@ -39,7 +39,7 @@ echo "peak RSS of prepare: $(rss "$WORK/prepare.time")"
 echo "== HF tokenizers (Python), first $SAMPLE_MB MB"
 "$PY" benches/shards/hf_tokenize.py "$TOK" "$WORK/corpus" "$SAMPLE_MB"
 
-steps=(--set train.steps=$STEPS --set train.eval_every=0 --set train.save_every=0 --set train.log_every=50 --overwrite)
+steps=(--set train.steps=$STEPS --set train.max_eval_batches=8 --set train.eval_every=0 --set train.save_every=0 --set train.log_every=50 --overwrite)
 echo "== 200 steps streaming from the $SIZE_MB MB shards"
 /usr/bin/time -v $K pretrain recipes/bert-mini-mlm.toml "${common[@]}" "${big[@]}" "${steps[@]}" --set name=big-shards 2> "$WORK/train-big.time" > "$WORK/train-big.json"
 grep -E "^prepare:|^data:" "$WORK/train-big.time" || true

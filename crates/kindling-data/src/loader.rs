@@ -162,8 +162,23 @@ impl Iterator for MlmLoader {
 /// The fixed evaluation batches: blocks in order, masks drawn once from a reserved epoch, so
 /// every evaluation of a run scores the same positions.
 pub fn eval_batches(blocks: &dyn Blocks, masker: &Masker, batch_size: usize) -> Vec<MlmBatch> {
+    eval_batches_up_to(blocks, masker, batch_size, 0)
+}
+
+/// The first `max_batches` of [`eval_batches`] (0: all), without building the rest: a held-out
+/// split streamed from shards can hold millions of blocks.
+pub fn eval_batches_up_to(
+    blocks: &dyn Blocks,
+    masker: &Masker,
+    batch_size: usize,
+    max_batches: usize,
+) -> Vec<MlmBatch> {
     const EVAL_EPOCH: u64 = u64::MAX;
-    let indices: Vec<u32> = (0..blocks.len() as u32).collect();
+    let n = match max_batches {
+        0 => blocks.len(),
+        m => blocks.len().min(m * batch_size.max(1)),
+    };
+    let indices: Vec<u32> = (0..n as u32).collect();
     indices
         .chunks(batch_size.max(1))
         .map(|c| MlmBatch::build(blocks, masker, c, EVAL_EPOCH, Cursor::default()))

@@ -13,7 +13,7 @@ use candle_nn::{VarBuilder, VarMap};
 use tokenizers::Tokenizer;
 
 use kindling_core::Mode;
-use kindling_data::loader::eval_batches;
+use kindling_data::loader::eval_batches_up_to;
 use kindling_data::{
     tokenizer as tok, Blocks, Corpus, Cursor, Masker, MlmBatch, MlmLoader, PackedBlocks, Prefetch,
     ShardBlocks, ShardStream,
@@ -622,10 +622,12 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         Some(m) => Arc::new(Masker::new(m.clone(), &specials, vocab_size, recipe.seed)?),
         None => masker.clone(),
     };
-    let mut eval = eval_batches(eval_blocks.as_ref(), &eval_masker, t.eval_batch_size.max(1));
-    if t.max_eval_batches > 0 {
-        eval.truncate(t.max_eval_batches);
-    }
+    let eval = eval_batches_up_to(
+        eval_blocks.as_ref(),
+        &eval_masker,
+        t.eval_batch_size.max(1),
+        t.max_eval_batches,
+    );
     let objective = BertMlm::new(config, recipe.seed, &device)?;
     let steps_per_epoch =
         (train_blocks.len() / (t.batch_size * t.grad_accum.max(1) as usize)) as u64;
