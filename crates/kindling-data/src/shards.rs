@@ -12,6 +12,7 @@
 //! train-00000.ids      token ids, little-endian u16 (vocabulary <= 65536) or u32
 //! train-00000.flags    one byte per token: SPECIAL | WORD_START (as `packing`)
 //! train.idx            little-endian u64: the stream offset where each document starts
+//! train.counts         little-endian u64 per vocabulary id: its non-special occurrences
 //! eval-00000.ids ...   the same for the held-out split
 //! ```
 //!
@@ -38,7 +39,7 @@ use crate::tokenizer::SpecialTokens;
 use kindling_core::rng::{hash_str, mix64};
 
 /// Bumped when the folder layout changes: an older folder is rebuilt.
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 
 /// What to prepare and how.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -301,10 +302,19 @@ struct SplitWriter {
     info: SplitInfo,
     shard: Option<(BufWriter<File>, BufWriter<File>, u64)>,
     index: BufWriter<File>,
+    /// Occurrences of each non-special token id: the unigram baseline without a pass over the
+    /// shards at training time.
+    counts: Vec<u64>,
 }
 
 impl SplitWriter {
-    fn new(dir: &Path, name: &'static str, wide: bool, shard_tokens: u64) -> Result<Self> {
+    fn new(
+        dir: &Path,
+        name: &'static str,
+        wide: bool,
+        shard_tokens: u64,
+        vocab_size: usize,
+    ) -> Result<Self> {
         let idx = dir.join(format!("{name}.idx"));
         Ok(SplitWriter {
             dir: dir.to_path_buf(),
@@ -314,6 +324,7 @@ impl SplitWriter {
             info: SplitInfo::default(),
             shard: None,
             index: BufWriter::new(File::create(&idx).map_err(io_err(&idx))?),
+            counts: vec![0; vocab_size],
         })
     }
 
@@ -364,6 +375,11 @@ impl SplitWriter {
         self.index
             .write_all(&self.info.tokens.to_le_bytes())
             .map_err(io_err(&self.dir))?;
+        for (&id, &f) in ids.iter().zip(flags) {
+            if f & SPECIAL == 0 {
+                self.counts[id as usize] += 1;
+            }
+        }
         self.push_tokens(ids, flags)?;
         self.info.documents += 1;
         Ok(())
@@ -375,6 +391,9 @@ impl SplitWriter {
             wf.flush().map_err(io_err(&self.dir))?;
         }
         self.index.flush().map_err(io_err(&self.dir))?;
+        let path = self.dir.join(format!("{}.counts", self.name));
+        let bytes: Vec<u8> = self.counts.iter().flat_map(|c| c.to_le_bytes()).collect();
+        std::fs::write(&path, bytes).map_err(io_err(&path))?;
         Ok(self.info)
     }
 }
@@ -459,8 +478,8 @@ pub fn prepare(
         .with_extension(format!("tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    let mut train = SplitWriter::new(&tmp, "train", wide, cfg.shard_tokens)?;
-    let mut eval = SplitWriter::new(&tmp, "eval", wide, cfg.shard_tokens)?;
+    let mut train = SplitWriter::new(&tmp, "train", wide, cfg.shard_tokens, vocab_size)?;
+    let mut eval = SplitWriter::new(&tmp, "eval", wide, cfg.shard_tokens, vocab_size)?;
     let mut done = 0u64;
     let mut text_bytes = 0u64;
     let mut batch: Vec<String> = Vec::new();
@@ -554,6 +573,8 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 
 /// One split of a prepared folder, memory-mapped: random access to its token stream.
 pub struct ShardStream {
+    /// `<dir>/<split>.counts`, written by `prepare`.
+    counts_path: PathBuf,
     shards: Vec<(memmap2::Mmap, memmap2::Mmap)>,
     /// Stream offset where each shard starts, plus the total at the end.
     starts: Vec<u64>,
@@ -594,6 +615,7 @@ impl ShardStream {
             starts.push(starts.last().expect("non-empty") + tokens);
         }
         Ok(ShardStream {
+            counts_path: dir.join(format!("{split}.counts")),
             shards,
             starts,
             wide: m.wide_ids,
@@ -631,23 +653,25 @@ impl ShardStream {
         }
     }
 
-    /// Counts of each non-special token id, one pass over the stream.
-    pub fn token_counts(&self, vocab_size: usize) -> Vec<u64> {
-        let mut counts = vec![0u64; vocab_size];
-        let chunk = 1 << 20;
-        let (mut ids, mut flags) = (vec![0u32; chunk], vec![0u8; chunk]);
-        let mut pos = 0;
-        while pos < self.tokens() {
-            let n = ((self.tokens() - pos) as usize).min(chunk);
-            self.read(pos, &mut ids[..n], &mut flags[..n]);
-            for (&id, &f) in ids[..n].iter().zip(&flags[..n]) {
-                if f & SPECIAL == 0 {
-                    counts[id as usize] += 1;
-                }
-            }
-            pos += n as u64;
+    /// Counts of each non-special token id (`vocab_size` of them), as `prepare` counted them.
+    /// Read from a small file rather than by a pass over the shards, which would also leave
+    /// every page of them resident.
+    pub fn token_counts(&self, vocab_size: usize) -> Result<Vec<u64>> {
+        let bytes = std::fs::read(&self.counts_path).map_err(io_err(&self.counts_path))?;
+        if bytes.len() != 8 * vocab_size {
+            return Err(DataError::Config {
+                key: "data.prepare.dir",
+                msg: format!(
+                    "{}: {} counts, the tokenizer has {vocab_size} tokens",
+                    self.counts_path.display(),
+                    bytes.len() / 8
+                ),
+            });
         }
-        counts
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect())
     }
 }
 
@@ -784,6 +808,18 @@ mod tests {
             for (&id, &f) in ids.iter().zip(&flags) {
                 assert_eq!(id == sp.sep, f & SPECIAL != 0);
             }
+        }
+        // The counts file holds the non-special token counts of the stream.
+        for split in ["train", "eval"] {
+            let s = ShardStream::open(&dir, split).unwrap();
+            let (ids, flags) = read_all(&s);
+            let mut want = vec![0u64; t.get_vocab_size(true)];
+            for (&id, &f) in ids.iter().zip(&flags) {
+                if f & SPECIAL == 0 {
+                    want[id as usize] += 1;
+                }
+            }
+            assert_eq!(s.token_counts(want.len()).unwrap(), want);
         }
         // The index holds each document's start.
         let idx = std::fs::read(dir.join("train.idx")).unwrap();

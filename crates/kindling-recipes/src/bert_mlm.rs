@@ -558,8 +558,8 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
                 drop(corpus);
                 let (train, eval) = shard_blocks(recipe, cfg, &tokenizer, &specials)?;
                 let counts = (
-                    train.stream.token_counts(vocab_size),
-                    eval.stream.token_counts(vocab_size),
+                    train.stream.token_counts(vocab_size)?,
+                    eval.stream.token_counts(vocab_size)?,
                 );
                 (Arc::new(train), Arc::new(eval), counts)
             }
