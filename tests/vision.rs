@@ -3,10 +3,9 @@
 //! and exports; every method resumes bit for bit after a kill.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use crate::common::{kindling, stderr};
+use crate::common::{kill_when_exists, kindling, stderr};
 
 fn tiny(runs: &Path, name: &str, extra: &[&str]) -> Command {
     let mut cmd = kindling();
@@ -200,26 +199,10 @@ fn every_method_resumes_bit_for_bit_after_a_kill() {
         );
 
         let run = runs.path().join("killed");
-        let mut child = tiny(runs.path(), "killed", &common)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let first = run
-            .join("checkpoints")
-            .join("step-00000002")
-            .join("state.json");
-        while !first.is_file() {
-            assert!(Instant::now() < deadline, "{objective}: no checkpoint");
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "{objective}: ended before the kill"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        kill_when_exists(
+            tiny(runs.path(), "killed", &common),
+            &run.join("checkpoints/step-00000002/state.json"),
+        );
         let mut resume = tiny(runs.path(), "killed", &common);
         let out = resume.args(["--resume", "auto"]).output().unwrap();
         let err = stderr(&out);

@@ -331,6 +331,56 @@ pub fn prepare_shards(
     Ok(report)
 }
 
+/// The trainer the SimCSE, vision and fine-tuning recipes run: a progress bar counting `unit`,
+/// TensorBoard events, the metrics log (continued from the checkpoint's step when resuming from
+/// `resume_from`), the loss plot and a plot of the eval `metrics`, and the stop flag.
+pub(crate) fn standard_trainer(
+    cfg: kindling_train::TrainConfig,
+    run_dir: &Path,
+    log_every: u64,
+    unit: &'static str,
+    metrics: &[&str],
+    resume_from: Option<&Path>,
+    opts: &RunOptions,
+) -> Result<kindling_train::Trainer, RecipeError> {
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let log = match resume_from {
+        // A resumed run continues the log from its checkpoint: records after it are dropped.
+        Some(dir) => MetricsLog::resume(&metrics_path, checkpoint::load_state(dir)?.step)?,
+        None => MetricsLog::open(&metrics_path)?,
+    };
+    let mut trainer = kindling_train::Trainer::new(cfg, run_dir)
+        .with_callback(ProgressCallback::new(log_every, unit))
+        .with_callback(kindling_train::TensorBoard::create(run_dir)?)
+        .with_callback(log)
+        .with_callback(
+            PlotCallback::new(run_dir.join("plots").join("loss.png"), Vec::new())
+                .with_metric_plot(run_dir.join("plots").join("eval_metrics.png"), metrics)
+                .with_history(&metrics_path),
+        );
+    if let Some(flag) = &opts.stop_flag {
+        trainer = trainer.with_stop_flag(flag.clone());
+    }
+    Ok(trainer)
+}
+
+/// Loads a checkpoint into `varmap` and `opt` for a resume, with its data cursor.
+pub(crate) fn load_for_resume<C: serde::de::DeserializeOwned>(
+    dir: &Path,
+    varmap: &VarMap,
+    opt: &mut dyn kindling_train::Optimizer,
+    device: &Device,
+) -> Result<(kindling_train::TrainerState, C), RecipeError> {
+    let state = checkpoint::load(dir, varmap, Some(opt), device)?;
+    let cursor =
+        serde_json::from_value(state.data_cursor.clone()).map_err(|e| RecipeError::Resume {
+            path: dir.to_path_buf(),
+            msg: format!("data cursor {}: {e}", state.data_cursor),
+        })?;
+    eprintln!("resume: {} (step {})", dir.display(), state.step);
+    Ok((state, cursor))
+}
+
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
     move |source| RecipeError::Io {
         path: path.to_path_buf(),

@@ -32,12 +32,12 @@ use kindling_models::bert::{BertConfig, BertForSequenceClassification, Pooling};
 use kindling_models::export::{save_json, write_atomic};
 use kindling_models::import;
 use kindling_models::init::hf_init;
-use kindling_train::{
-    checkpoint, Goal, MetricsLog, Monitor, Objective, PlotCallback, ProgressCallback, StepOutput,
-    Trainer,
-};
+use kindling_train::{checkpoint, Goal, Monitor, Objective, StepOutput, Trainer};
 
-use crate::bert_mlm::{device, prepare_run_folder, resume_checkpoint_in, write_hf_folder};
+use crate::bert_mlm::{
+    device, load_for_resume, prepare_run_folder, resume_checkpoint_in, standard_trainer,
+    write_hf_folder,
+};
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
 use crate::{RecipeError, RunOptions};
 
@@ -890,29 +890,15 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
     let (steps, eval_every, monitor_metric) =
         (cfg.steps, cfg.eval_every, cfg.monitor.metric.clone());
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let resumed_at = match &resume_from {
-        Some(dir) => Some(checkpoint::load_state(dir)?.step),
-        None => None,
-    };
-    let mut trainer = Trainer::new(cfg, &run_dir)
-        .with_callback(ProgressCallback::new(t.log_every, "ex"))
-        .with_callback(match resumed_at {
-            // A resumed run continues the log from its checkpoint: records after it are dropped.
-            Some(step) => MetricsLog::resume(&metrics_path, step)?,
-            None => MetricsLog::open(&metrics_path)?,
-        })
-        .with_callback(
-            PlotCallback::new(run_dir.join("plots").join("loss.png"), Vec::new())
-                .with_metric_plot(
-                    run_dir.join("plots").join("eval_metrics.png"),
-                    &["accuracy", "macro_f1"],
-                )
-                .with_history(&metrics_path),
-        );
-    if let Some(flag) = &opts.stop_flag {
-        trainer = trainer.with_stop_flag(flag.clone());
-    }
+    let mut trainer = standard_trainer(
+        cfg,
+        &run_dir,
+        t.log_every,
+        "ex",
+        &["accuracy", "macro_f1"],
+        resume_from.as_deref(),
+        opts,
+    )?;
     let mut opt = trainer.optimizer(&obj)?;
     let decay = recipe.model.layerwise_lr_decay;
     if decay != 1.0 {
@@ -928,16 +914,13 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
     let mut loader = loader;
     let start = match &resume_from {
         Some(dir) => {
-            let state = checkpoint::load(dir, &obj.varmap, Some(opt.as_mut()), &device)?;
-            let cursor = |k: &str| state.data_cursor.get(k).and_then(|v| v.as_u64());
-            let (Some(epoch), Some(index)) = (cursor("epoch"), cursor("index")) else {
-                return Err(RecipeError::Resume {
-                    path: dir.clone(),
-                    msg: format!("data cursor {} is not {{epoch, index}}", state.data_cursor),
-                });
-            };
-            loader.seek_after(epoch, index as usize);
-            eprintln!("resume: {} (step {})", dir.display(), state.step);
+            #[derive(serde::Deserialize)]
+            struct At {
+                epoch: u64,
+                index: usize,
+            }
+            let (state, at): (_, At) = load_for_resume(dir, &obj.varmap, opt.as_mut(), &device)?;
+            loader.seek_after(at.epoch, at.index);
             Some(state)
         }
         None => None,

@@ -37,11 +37,12 @@ use kindling_data::{read_table, Corpus, Cursor};
 use kindling_models::bert::{BertConfig, BertModel, Pooling};
 use kindling_models::export::{save_json, write_atomic};
 use kindling_models::import;
-use kindling_train::{
-    checkpoint, MetricsLog, Objective, PlotCallback, ProgressCallback, StepOutput, Trainer,
-};
+use kindling_train::{checkpoint, Objective, StepOutput, Trainer};
 
-use crate::bert_mlm::{device, prepare_run_folder, resume_checkpoint_in, write_hf_folder};
+use crate::bert_mlm::{
+    device, load_for_resume, prepare_run_folder, resume_checkpoint_in, standard_trainer,
+    write_hf_folder,
+};
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
 use crate::vision::l2_normalize;
 use crate::{RecipeError, RunOptions, RunReport};
@@ -1060,12 +1061,7 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
     let per_epoch = loader.batches_per_epoch() as u64;
     let mut cfg = t.train_config(recipe.seed, per_epoch)?;
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
-    let metrics_path = run_dir.join("metrics.jsonl");
     let initial_path = run_dir.join("initial_eval.json");
-    let resumed_at = match &resume_from {
-        Some(dir) => Some(checkpoint::load_state(dir)?.step),
-        None => None,
-    };
     // The starting encoder's scores, once per run (a resumed run reads them back).
     let initial: BTreeMap<String, f64> = match (&resume_from, eval.is_empty()) {
         (_, true) => BTreeMap::new(),
@@ -1085,37 +1081,20 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
     if !initial.is_empty() {
         eprintln!("before training: {}", format_metrics(&initial));
     }
-    let mut trainer = Trainer::new(cfg.clone(), &run_dir)
-        .with_callback(ProgressCallback::new(t.log_every, "tok"))
-        .with_callback(kindling_train::TensorBoard::create(&run_dir)?)
-        .with_callback(match resumed_at {
-            Some(step) => MetricsLog::resume(&metrics_path, step)?,
-            None => MetricsLog::open(&metrics_path)?,
-        })
-        .with_callback(
-            PlotCallback::new(run_dir.join("plots").join("loss.png"), Vec::new())
-                .with_metric_plot(
-                    run_dir.join("plots").join("eval_metrics.png"),
-                    &["recall_at_1", "recall_at_10", "mrr"],
-                )
-                .with_history(&metrics_path),
-        );
-    if let Some(flag) = &opts.stop_flag {
-        trainer = trainer.with_stop_flag(flag.clone());
-    }
+    let mut trainer = standard_trainer(
+        cfg.clone(),
+        &run_dir,
+        t.log_every,
+        "tok",
+        &["recall_at_1", "recall_at_10", "mrr"],
+        resume_from.as_deref(),
+        opts,
+    )?;
     let mut opt = trainer.optimizer(&obj)?;
     let start = match &resume_from {
         Some(dir) => {
-            let state = checkpoint::load(dir, &obj.varmap, Some(opt.as_mut()), &device)?;
-            let cursor: Cursor =
-                serde_json::from_value(state.data_cursor.clone()).map_err(|e| {
-                    RecipeError::Resume {
-                        path: dir.clone(),
-                        msg: format!("data cursor: {e}"),
-                    }
-                })?;
+            let (state, cursor) = load_for_resume(dir, &obj.varmap, opt.as_mut(), &device)?;
             loader.seek(cursor);
-            eprintln!("resume: {} (step {})", dir.display(), state.step);
             Some(state)
         }
         None => None,

@@ -40,11 +40,9 @@ use kindling_models::conv::is_norm_buffer;
 use kindling_models::export::{save_json, write_atomic};
 use kindling_models::nn::Linear;
 use kindling_models::{Mlp, MlpConfig, ResNet, ResNetConfig};
-use kindling_train::{
-    checkpoint, MetricsLog, Objective, PlotCallback, ProgressCallback, StepOutput, Trainer,
-};
+use kindling_train::{checkpoint, Objective, StepOutput};
 
-use crate::bert_mlm::{device, prepare_run_folder};
+use crate::bert_mlm::{device, load_for_resume, prepare_run_folder, standard_trainer};
 use crate::probe::{standardise, Logistic};
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
 use crate::{RecipeError, RunOptions, RunReport};
@@ -1031,43 +1029,20 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
     let per_epoch = loader.batches_per_epoch() as u64;
     let mut cfg = t.train_config(recipe.seed, per_epoch)?;
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let resumed_at = match &resume_from {
-        Some(dir) => Some(checkpoint::load_state(dir)?.step),
-        None => None,
-    };
-    let mut trainer = Trainer::new(cfg.clone(), &run_dir)
-        .with_callback(ProgressCallback::new(t.log_every, "img"))
-        .with_callback(kindling_train::TensorBoard::create(&run_dir)?)
-        .with_callback(match resumed_at {
-            // A resumed run continues the log from its checkpoint: records after it are dropped.
-            Some(step) => MetricsLog::resume(&metrics_path, step)?,
-            None => MetricsLog::open(&metrics_path)?,
-        })
-        .with_callback(
-            PlotCallback::new(run_dir.join("plots").join("loss.png"), Vec::new())
-                .with_metric_plot(
-                    run_dir.join("plots").join("eval_metrics.png"),
-                    &["knn_accuracy", "probe_accuracy", "feature_std"],
-                )
-                .with_history(&metrics_path),
-        );
-    if let Some(flag) = &opts.stop_flag {
-        trainer = trainer.with_stop_flag(flag.clone());
-    }
+    let mut trainer = standard_trainer(
+        cfg.clone(),
+        &run_dir,
+        t.log_every,
+        "img",
+        &["knn_accuracy", "probe_accuracy", "feature_std"],
+        resume_from.as_deref(),
+        opts,
+    )?;
     let mut opt = trainer.optimizer(&model)?;
     let start = match &resume_from {
         Some(dir) => {
-            let state = checkpoint::load(dir, &model.varmap, Some(opt.as_mut()), &device)?;
-            let cursor: Cursor =
-                serde_json::from_value(state.data_cursor.clone()).map_err(|e| {
-                    RecipeError::Resume {
-                        path: dir.clone(),
-                        msg: format!("data cursor: {e}"),
-                    }
-                })?;
+            let (state, cursor) = load_for_resume(dir, &model.varmap, opt.as_mut(), &device)?;
             loader.seek(cursor);
-            eprintln!("resume: {} (step {})", dir.display(), state.step);
             Some(state)
         }
         None => None,
