@@ -782,30 +782,32 @@ impl Objective for Simcse {
             .get(reps.as_tensor())
             .cloned()
             .ok_or_else(|| candle_core::Error::Msg("no gradient for the embeddings".into()))?;
-        let mut total: Option<GradStore> = None;
+        // Only the parameters' gradients are kept, detached: a gradient candle returns still
+        // references the graph it came from (so the chunk's activations), and keeping whole
+        // GradStores would keep every chunk's activations alive, which is what GradCache avoids.
+        let vars = self.varmap.all_vars();
+        let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut offset = 0;
         for (rows, m) in chunks {
             let e = self.embed(rows, m)?;
             let g = d_reps.narrow(0, offset, rows.len())?;
             offset += rows.len();
             let grads = (e * g)?.sum_all()?.backward()?;
-            total = Some(match total {
-                None => grads,
-                Some(mut acc) => {
-                    for v in self.varmap.all_vars() {
-                        if let Some(gv) = grads.get(v.as_tensor()) {
-                            let sum = match acc.get(v.as_tensor()) {
-                                Some(prev) => (prev + gv)?,
-                                None => gv.clone(),
-                            };
-                            acc.insert(v.as_tensor(), sum);
-                        }
-                    }
-                    acc
+            for (v, sum) in vars.iter().zip(sums.iter_mut()) {
+                if let Some(gv) = grads.get(v.as_tensor()) {
+                    *sum = Some(match sum.take() {
+                        Some(prev) => (prev + gv)?.detach(),
+                        None => gv.detach(),
+                    });
                 }
-            });
+            }
         }
-        let grads = total.ok_or_else(|| candle_core::Error::Msg("empty batch".into()))?;
+        let mut grads = GradStore::default();
+        for (v, sum) in vars.iter().zip(sums) {
+            if let Some(g) = sum {
+                grads.insert(v.as_tensor(), g);
+            }
+        }
         Ok(Some((self.output(loss.detach(), b), grads)))
     }
 

@@ -331,21 +331,21 @@ impl Trainer {
                     }
                     None => (out.loss / cfg.grad_accum as f64)?.backward()?,
                 };
-                acc = Some(match acc {
-                    None => grads,
-                    Some(mut a) => {
-                        for v in &vars {
-                            if let Some(g) = grads.get(v.as_tensor()) {
-                                let sum = match a.get(v.as_tensor()) {
-                                    Some(prev) => (prev + g)?,
-                                    None => g.clone(),
-                                };
-                                a.insert(v.as_tensor(), sum);
-                            }
-                        }
-                        a
+                // Only the parameters' gradients are kept, detached: a GradStore also holds the
+                // gradient of every intermediate, and a gradient still references the graph it
+                // came from, so keeping either would keep this micro-batch's activations alive
+                // through the next ones (accumulation would then save no memory).
+                let mut a = acc.take().unwrap_or_default();
+                for v in &vars {
+                    if let Some(g) = grads.get(v.as_tensor()) {
+                        let sum = match a.get(v.as_tensor()) {
+                            Some(prev) => (prev + g)?.detach(),
+                            None => g.detach(),
+                        };
+                        a.insert(v.as_tensor(), sum);
                     }
-                });
+                }
+                acc = Some(a);
                 loss_sum += loss_val;
                 units += out.units;
                 flops = match (flops, obj.train_flops(&batch)) {
