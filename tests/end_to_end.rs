@@ -91,7 +91,7 @@ fn every_shipped_recipe_parses_and_names_an_objective() {
             .flatten()
         {
             // Fine-tuning and probe recipes name a `task` instead of an `objective`; vision
-            // recipes have their own format.
+            // and SimCSE recipes have their own formats.
             let doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
             fn ok<T>(r: Result<T, kindling_recipes::RecipeError>, path: &std::path::Path) -> T {
                 r.unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -109,6 +109,12 @@ fn every_shipped_recipe_parses_and_names_an_objective() {
                 (Some(_), _) => {
                     ok(
                         kindling_recipes::finetune::FinetuneRecipe::load(&path, &[]),
+                        &path,
+                    );
+                }
+                (None, Some("simcse")) => {
+                    ok(
+                        kindling_recipes::simcse::SimcseRecipe::load(&path, &[]),
                         &path,
                     );
                 }
@@ -130,7 +136,7 @@ fn every_shipped_recipe_parses_and_names_an_objective() {
             seen += 1;
         }
     }
-    assert!(seen >= 12, "found {seen} recipes");
+    assert!(seen >= 15, "found {seen} recipes");
 }
 
 #[test]

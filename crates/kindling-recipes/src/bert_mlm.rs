@@ -712,6 +712,12 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         None => Cursor::default(),
     };
     let loader = MlmLoader::new(train_blocks, masker, t.batch_size, recipe.seed, cursor);
+    // A streamed corpus can hold billions of blocks: its order is computed, not tabulated.
+    let loader = if recipe.data.prepare.is_some() {
+        loader.with_keyed_order()
+    } else {
+        loader
+    };
     let mut train = Prefetch::new(loader, recipe.data.prefetch);
 
     eprintln!(
