@@ -331,6 +331,21 @@ pub fn prepare_shards(
     Ok(report)
 }
 
+/// The run folder of a recipe run (prepared as [`prepare_run_folder`] does) and, when
+/// `opts.resume` asks for one, the checkpoint the run continues from.
+pub(crate) fn open_run_folder(
+    run_dir: PathBuf,
+    recipe_toml: &str,
+    opts: &RunOptions,
+) -> Result<(PathBuf, Option<PathBuf>), RecipeError> {
+    let resume_from = match &opts.resume {
+        Some(r) => resume_checkpoint_in(&run_dir, r)?,
+        None => None,
+    };
+    let dir = prepare_run_folder(run_dir, recipe_toml, opts, resume_from.is_some())?;
+    Ok((dir, resume_from))
+}
+
 /// The trainer the SimCSE, vision and fine-tuning recipes run: a progress bar counting `unit`,
 /// TensorBoard events, the metrics log (continued from the checkpoint's step when resuming from
 /// `resume_from`), the loss plot and a plot of the eval `metrics`, and the stop flag.

@@ -35,8 +35,7 @@ use kindling_models::init::hf_init;
 use kindling_train::{checkpoint, Goal, Monitor, Objective, StepOutput, Trainer};
 
 use crate::bert_mlm::{
-    device, load_for_resume, prepare_run_folder, resume_checkpoint_in, standard_trainer,
-    write_hf_folder,
+    device, load_for_resume, open_run_folder, standard_trainer, write_hf_folder,
 };
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
 use crate::{RecipeError, RunOptions};
@@ -821,16 +820,7 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
     let t = &recipe.train;
     let tokenizer = tok::load(&recipe.model.path)?;
     let task = load_task(recipe, &tokenizer)?;
-    let resume_from = match &opts.resume {
-        Some(r) => resume_checkpoint_in(&recipe.run_dir(), r)?,
-        None => None,
-    };
-    let run_dir = prepare_run_folder(
-        recipe.run_dir(),
-        &recipe.to_toml(),
-        opts,
-        resume_from.is_some(),
-    )?;
+    let (run_dir, resume_from) = open_run_folder(recipe.run_dir(), &recipe.to_toml(), opts)?;
     eprintln!(
         "data: {} classes {:?}; {} train, {} validation, {} test rows (test majority class {:.1}%)",
         task.labels.len(),

@@ -40,8 +40,7 @@ use kindling_models::import;
 use kindling_train::{checkpoint, Objective, StepOutput, Trainer};
 
 use crate::bert_mlm::{
-    device, load_for_resume, prepare_run_folder, resume_checkpoint_in, standard_trainer,
-    write_hf_folder,
+    device, load_for_resume, open_run_folder, standard_trainer, write_hf_folder,
 };
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
 use crate::vision::l2_normalize;
@@ -1015,16 +1014,7 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
         distinct,
         examples.iter().map(|e| e.anchor.len()).sum::<usize>() as f64 / examples.len() as f64
     );
-    let resume_from = match &opts.resume {
-        Some(r) => resume_checkpoint_in(&recipe.run_dir(), r)?,
-        None => None,
-    };
-    let run_dir = prepare_run_folder(
-        recipe.run_dir(),
-        &recipe.to_toml(),
-        opts,
-        resume_from.is_some(),
-    )?;
+    let (run_dir, resume_from) = open_run_folder(recipe.run_dir(), &recipe.to_toml(), opts)?;
     let obj = Simcse::build(recipe, specials.pad, &device)?;
     eprintln!(
         "model: {} (h{} L{}), {} pooling, dropout {}/{}; temperature {}; {}",

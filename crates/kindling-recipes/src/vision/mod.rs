@@ -42,7 +42,7 @@ use kindling_models::nn::Linear;
 use kindling_models::{Mlp, MlpConfig, ResNet, ResNetConfig};
 use kindling_train::{checkpoint, Objective, StepOutput};
 
-use crate::bert_mlm::{device, load_for_resume, prepare_run_folder, standard_trainer};
+use crate::bert_mlm::{device, load_for_resume, open_run_folder, standard_trainer};
 use crate::probe::{standardise, Logistic};
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
 use crate::{RecipeError, RunOptions, RunReport};
@@ -980,15 +980,10 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
         },
         test_set.as_ref().map_or(0, ImageSet::len),
     );
-    let resume_from = match &opts.resume {
-        Some(r) => crate::bert_mlm::resume_checkpoint_in(&recipe.run_dir(), r)?,
-        None => None,
-    };
-    let run_dir = prepare_run_folder(
+    let (run_dir, resume_from) = open_run_folder(
         recipe.run_dir(),
         &toml::to_string_pretty(recipe).expect("recipe serialises"),
         opts,
-        resume_from.is_some(),
     )?;
     let in_shape = (train_set.height, train_set.width, train_set.channels);
     let mut model = SslModel::build(recipe, in_shape, classes, &device)?;
