@@ -57,6 +57,38 @@ impl Document {
     }
 }
 
+/// The files the glob `patterns` match (relative ones against `base`): patterns in the order
+/// given, files sorted within a pattern. A pattern matching no file is an error naming it.
+pub fn resolve_patterns(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>> {
+    if patterns.is_empty() {
+        return Err(DataError::EmptyCorpus {
+            what: "no corpus patterns were given (data.corpus)".into(),
+        });
+    }
+    let mut out = Vec::new();
+    for pattern in patterns {
+        let full = if Path::new(pattern).is_absolute() {
+            pattern.clone()
+        } else {
+            base.join(pattern).to_string_lossy().into_owned()
+        };
+        let paths = glob::glob(&full).map_err(|e| DataError::BadPattern {
+            pattern: pattern.clone(),
+            msg: e.to_string(),
+        })?;
+        let mut paths: Vec<PathBuf> = paths
+            .filter_map(|p| p.ok())
+            .filter(|p| p.is_file())
+            .collect();
+        if paths.is_empty() {
+            return Err(DataError::NoFiles { pattern: full });
+        }
+        paths.sort();
+        out.extend(paths);
+    }
+    Ok(out)
+}
+
 /// The documents of a corpus, in a fixed order: patterns in the order given, files sorted by
 /// path within a pattern. The order matters: it fixes packing and the held-out tail.
 #[derive(Debug, Clone, Default)]
@@ -67,36 +99,10 @@ pub struct Corpus {
 impl Corpus {
     /// Reads every file matched by the glob `patterns`, resolved against `base` when relative.
     pub fn from_patterns(patterns: &[String], base: &Path) -> Result<Self> {
-        if patterns.is_empty() {
-            return Err(DataError::EmptyCorpus {
-                what: "no corpus patterns were given (data.corpus)".into(),
-            });
-        }
-        let mut documents = Vec::new();
-        for pattern in patterns {
-            let full = if Path::new(pattern).is_absolute() {
-                pattern.clone()
-            } else {
-                base.join(pattern).to_string_lossy().into_owned()
-            };
-            let paths = glob::glob(&full).map_err(|e| DataError::BadPattern {
-                pattern: pattern.clone(),
-                msg: e.to_string(),
-            })?;
-            let mut paths: Vec<PathBuf> = paths
-                .filter_map(|p| p.ok())
-                .filter(|p| p.is_file())
-                .collect();
-            if paths.is_empty() {
-                return Err(DataError::NoFiles {
-                    pattern: full.clone(),
-                });
-            }
-            paths.sort();
-            for path in paths {
-                documents.push(read_document(&path)?);
-            }
-        }
+        let documents = resolve_patterns(patterns, base)?
+            .iter()
+            .map(|p| read_document(p))
+            .collect::<Result<Vec<_>>>()?;
         let corpus = Corpus { documents };
         if corpus.documents.iter().all(|d| d.text.trim().is_empty()) {
             return Err(DataError::EmptyCorpus {

@@ -171,34 +171,6 @@ fn describe(path: &Path) -> Result<SourceFile> {
     })
 }
 
-/// The files the glob `patterns` match (relative ones against `base`), each pattern's sorted.
-pub fn resolve_sources(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for pattern in patterns {
-        let full = if Path::new(pattern).is_absolute() {
-            pattern.clone()
-        } else {
-            base.join(pattern).to_string_lossy().into_owned()
-        };
-        let mut found: Vec<PathBuf> = glob::glob(&full)
-            .map_err(|e| DataError::Config {
-                key: "data.corpus",
-                msg: format!("bad glob pattern {pattern:?}: {e}"),
-            })?
-            .filter_map(|p| p.ok())
-            .filter(|p| p.is_file())
-            .collect();
-        if found.is_empty() {
-            return Err(DataError::EmptyCorpus {
-                what: format!("pattern {pattern:?} matched no files"),
-            });
-        }
-        found.sort();
-        out.extend(found);
-    }
-    Ok(out)
-}
-
 #[derive(Clone, Copy, PartialEq)]
 enum SourceKind {
     Text,

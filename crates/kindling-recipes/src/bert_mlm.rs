@@ -286,7 +286,7 @@ pub fn prepare_shards(
     tokenizer: &Tokenizer,
     specials: &kindling_data::SpecialTokens,
 ) -> Result<kindling_data::PrepareReport, RecipeError> {
-    let sources = kindling_data::shards::resolve_sources(&recipe.data.corpus, Path::new("."))?;
+    let sources = kindling_data::corpus::resolve_patterns(&recipe.data.corpus, Path::new("."))?;
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
             "prepare {bar:30} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
