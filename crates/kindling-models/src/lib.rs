@@ -8,6 +8,7 @@
 pub mod bert;
 pub mod conv;
 pub mod export;
+mod fused_layer;
 pub mod heads;
 pub mod import;
 pub mod init;

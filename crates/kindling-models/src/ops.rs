@@ -65,7 +65,7 @@ pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Res
     Ok(&s.as_slice::<f32>()?[start..end])
 }
 
-fn fused_ok(x: &Tensor) -> bool {
+pub(crate) fn fused_ok(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
 }
 
@@ -149,9 +149,17 @@ pub fn dropout_in_place(seed: u64, offset: u64, p: f32, xs: &mut [f32]) {
     }
 }
 
+/// [`dropout_in_place`] over a whole buffer (stream offset 0), in parallel chunks.
+pub(crate) fn dropout_par(seed: u64, p: f32, xs: &mut [f32]) {
+    const CHUNK: usize = 16_384;
+    xs.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        dropout_in_place(seed, (c * CHUNK) as u64, p, o);
+    });
+}
+
 /// Sums the columns of a row-major `(rows, n)` matrix. Rows are summed in fixed chunks and the
 /// partial sums added in order, so the result is the same on any thread count.
-fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
+pub(crate) fn column_sums(x: &[f32], n: usize) -> Vec<f32> {
     const ROWS: usize = 64;
     let partials: Vec<Vec<f32>> = x
         .par_chunks(n * ROWS)
@@ -177,6 +185,16 @@ fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// LayerNorm of each row of `x` (rows of `w.len()`), scaled by `w` and shifted by `b`.
+pub(crate) fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    map_rows(x, w.len(), |orow, xrow| {
+        let (mean, rstd) = row_stats(xrow, eps);
+        for (((ov, xv), wv), bv) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
+            *ov = (xv - mean) * rstd * wv + bv;
+        }
+    })
+}
+
 /// LayerNorm over the last dimension, scale and shift included: (x, weight, bias) -> y.
 struct LayerNormOp {
     eps: f32,
@@ -199,14 +217,10 @@ impl CustomOp3 for LayerNormOp {
         let x = contiguous_f32(s1, l1, self.name())?;
         let w = contiguous_f32(s2, l2, self.name())?;
         let b = contiguous_f32(s3, l3, self.name())?;
-        let h = l1.dims()[l1.dims().len() - 1];
-        let out = map_rows(x, h, |orow, xrow| {
-            let (mean, rstd) = row_stats(xrow, self.eps);
-            for (((ov, xv), wv), bv) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
-                *ov = (xv - mean) * rstd * wv + bv;
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(layer_norm_rows(x, w, b, self.eps)),
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -258,10 +272,27 @@ impl CustomOp3 for LayerNormGrad {
         let g = contiguous_f32(s3, l3, self.name())?;
         let h = w.len();
         let rows = x.len() / h;
-        let n = h as f32;
-        let chunk = h * rows_per_task(h);
         let mut out = vec![0f32; x.len() + 2 * h];
         let (dx, params) = out.split_at_mut(x.len());
+        layer_norm_grad_rows(x, w, g, self.eps, dx, params);
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, h))))
+    }
+}
+
+/// The LayerNorm backward of [`LayerNormGrad`] on slices: dL/dx into `dx`, and dL/dweight then
+/// dL/dbias added into `params` (2 * h).
+pub(crate) fn layer_norm_grad_rows(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    params: &mut [f32],
+) {
+    {
+        let h = w.len();
+        let n = h as f32;
+        let chunk = h * rows_per_task(h);
         // Each chunk of rows also returns its partial dw and db; they are added in chunk order.
         let partials: Vec<Vec<f32>> = dx
             .par_chunks_mut(chunk)
@@ -270,7 +301,7 @@ impl CustomOp3 for LayerNormGrad {
                 let mut acc = vec![0f32; 2 * h];
                 let (dw, db) = acc.split_at_mut(h);
                 for ((orow, xrow), grow) in dxs.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
-                    let (mean, rstd) = row_stats(xrow, self.eps);
+                    let (mean, rstd) = row_stats(xrow, eps);
                     let (mut sg, mut sgx) = (0f32, 0f32);
                     for (((xv, gv), wv), (dwv, dbv)) in xrow
                         .iter()
@@ -297,7 +328,6 @@ impl CustomOp3 for LayerNormGrad {
         for p in partials {
             params.iter_mut().zip(p).for_each(|(o, v)| *o += v);
         }
-        Ok((CpuStorage::F32(out), Shape::from((rows + 2, h))))
     }
 }
 
@@ -710,7 +740,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// are no transposed copies; the backward pass recomputes the probabilities (as
 /// FlashAttention does) instead of storing them. Dropout draws the same elements as
 /// [`attention_probs`] on a (batch, heads, seq, seq) tensor.
-struct SelfAttention {
+pub(crate) struct SelfAttention {
     batch: usize,
     seq: usize,
     heads: usize,
@@ -758,63 +788,30 @@ unsafe fn small_gemm(
 }
 
 impl SelfAttention {
-    /// Probabilities of head `hd` of batch element `bi` into `probs` (seq, seq): the softmax
-    /// before dropout into `y`, after dropout into `p` (same buffer when there is no dropout).
-    fn head_probs(&self, bi: usize, hd: usize, q: &[f32], k: &[f32], y: &mut [f32], p: &mut [f32]) {
-        let (t, h, d) = (self.seq, self.heads * self.head_dim, self.head_dim);
-        let base = bi * t * h + hd * d;
-        // SAFETY: q and k are (batch * seq, h); head hd of batch bi is the (t, d) block at base
-        // with row stride h; k^T is read with column stride h and row stride 1. y is (t, t).
-        unsafe {
-            small_gemm(
-                (t, t, d),
-                y.as_mut_ptr(),
-                (1, t),
-                q[base..].as_ptr(),
-                (1, h),
-                k[base..].as_ptr(),
-                (h, 1),
-            );
-        }
-        let mask = &self.mask[bi * t..(bi + 1) * t];
-        let mut row = vec![0f32; t];
-        for i in 0..t {
-            row.copy_from_slice(&y[i * t..(i + 1) * t]);
-            self.probs
-                .softmax_row(&mut y[i * t..(i + 1) * t], &row, mask);
-        }
-        p.copy_from_slice(y);
-        if let Some((drop, seed)) = self.probs.dropout {
-            let offset = (bi * self.heads + hd) * t * t;
-            dropout_in_place(seed, offset as u64, drop, p);
+    /// `mask`: additive, (batch, seq) flat; `dropout`: (p, seed) of the probabilities.
+    pub(crate) fn new(
+        (batch, seq, heads): (usize, usize, usize),
+        hidden: usize,
+        mask: Vec<f32>,
+        dropout: Option<(f32, u64)>,
+    ) -> Self {
+        let head_dim = hidden / heads;
+        SelfAttention {
+            batch,
+            seq,
+            heads,
+            head_dim,
+            mask,
+            probs: AttentionProbs {
+                scale: (1.0 / (head_dim as f64).sqrt()) as f32,
+                rows_per_batch: heads * seq,
+                dropout,
+            },
         }
     }
-}
 
-fn cpu_f32<'a>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [f32]> {
-    match s {
-        candle_core::Storage::Cpu(s) => contiguous_f32(s, l, "kindling-self-attention"),
-        _ => candle_core::bail!("kindling-self-attention: expected CPU storage"),
-    }
-}
-
-impl CustomOp3 for SelfAttention {
-    fn name(&self) -> &'static str {
-        "kindling-self-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let q = contiguous_f32(s1, l1, self.name())?;
-        let k = contiguous_f32(s2, l2, self.name())?;
-        let v = contiguous_f32(s3, l3, self.name())?;
+    /// The context (batch * seq, hidden) from q, k, v of the same shape.
+    pub(crate) fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         let (t, d) = (self.seq, self.head_dim);
         let h = self.heads * d;
         let mut out = vec![0f32; q.len()];
@@ -838,30 +835,17 @@ impl CustomOp3 for SelfAttention {
                 }
             }
         });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        out
     }
 
-    fn bwd(
+    /// (dq, dk, dv) from q, k, v and dL/dcontext.
+    pub(crate) fn backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let ((sq, lq), (sk, lk), (sv, lv), (sg, lg)) = (
-            q.storage_and_layout(),
-            k.storage_and_layout(),
-            v.storage_and_layout(),
-            grad.storage_and_layout(),
-        );
-        let (qs, ks, vs, dout) = (
-            cpu_f32(&sq, lq)?,
-            cpu_f32(&sk, lk)?,
-            cpu_f32(&sv, lv)?,
-            cpu_f32(&sg, lg)?,
-        );
+        qs: &[f32],
+        ks: &[f32],
+        vs: &[f32],
+        dout: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (t, d) = (self.seq, self.head_dim);
         let h = self.heads * d;
         let n = qs.len();
@@ -934,6 +918,90 @@ impl CustomOp3 for SelfAttention {
                     }
                 }
             });
+        (dq, dk, dv)
+    }
+
+    /// Probabilities of head `hd` of batch element `bi` into `probs` (seq, seq): the softmax
+    /// before dropout into `y`, after dropout into `p` (same buffer when there is no dropout).
+    fn head_probs(&self, bi: usize, hd: usize, q: &[f32], k: &[f32], y: &mut [f32], p: &mut [f32]) {
+        let (t, h, d) = (self.seq, self.heads * self.head_dim, self.head_dim);
+        let base = bi * t * h + hd * d;
+        // SAFETY: q and k are (batch * seq, h); head hd of batch bi is the (t, d) block at base
+        // with row stride h; k^T is read with column stride h and row stride 1. y is (t, t).
+        unsafe {
+            small_gemm(
+                (t, t, d),
+                y.as_mut_ptr(),
+                (1, t),
+                q[base..].as_ptr(),
+                (1, h),
+                k[base..].as_ptr(),
+                (h, 1),
+            );
+        }
+        let mask = &self.mask[bi * t..(bi + 1) * t];
+        let mut row = vec![0f32; t];
+        for i in 0..t {
+            row.copy_from_slice(&y[i * t..(i + 1) * t]);
+            self.probs
+                .softmax_row(&mut y[i * t..(i + 1) * t], &row, mask);
+        }
+        p.copy_from_slice(y);
+        if let Some((drop, seed)) = self.probs.dropout {
+            let offset = (bi * self.heads + hd) * t * t;
+            dropout_in_place(seed, offset as u64, drop, p);
+        }
+    }
+}
+
+pub(crate) fn cpu_f32<'a>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(s) => contiguous_f32(s, l, "kindling-self-attention"),
+        _ => candle_core::bail!("kindling-self-attention: expected CPU storage"),
+    }
+}
+
+impl CustomOp3 for SelfAttention {
+    fn name(&self) -> &'static str {
+        "kindling-self-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = contiguous_f32(s1, l1, self.name())?;
+        let k = contiguous_f32(s2, l2, self.name())?;
+        let v = contiguous_f32(s3, l3, self.name())?;
+        Ok((CpuStorage::F32(self.forward(q, k, v)), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let ((sq, lq), (sk, lk), (sv, lv), (sg, lg)) = (
+            q.storage_and_layout(),
+            k.storage_and_layout(),
+            v.storage_and_layout(),
+            grad.storage_and_layout(),
+        );
+        let (dq, dk, dv) = self.backward(
+            cpu_f32(&sq, lq)?,
+            cpu_f32(&sk, lk)?,
+            cpu_f32(&sv, lv)?,
+            cpu_f32(&sg, lg)?,
+        );
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),
@@ -971,18 +1039,12 @@ pub fn self_attention(
             .transpose(1, 2)?
             .reshape((batch * seq, hidden));
     }
-    let op = SelfAttention {
-        batch,
-        seq,
-        heads,
-        head_dim,
-        mask: mask.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
-        probs: AttentionProbs {
-            scale: scale as f32,
-            rows_per_batch: heads * seq,
-            dropout,
-        },
-    };
+    let op = SelfAttention::new(
+        (batch, seq, heads),
+        hidden,
+        mask.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+        dropout,
+    );
     debug_assert_eq!(op.batch * op.seq, q.dim(0)?);
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -1002,12 +1064,7 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
-        let out = map_rows(x, ELEMENTWISE_ROW, |o, xs| {
-            for (ov, &v) in o.iter_mut().zip(xs) {
-                *ov = 0.5 * v * (1.0 + fast_erf_and_gauss(v * FRAC_1_SQRT_2).0);
-            }
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        Ok((CpuStorage::F32(gelu_rows(x)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -1034,17 +1091,30 @@ impl CustomOp2 for GeluGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, self.name())?;
         let g = contiguous_f32(s2, l2, self.name())?;
-        let out = map_rows2(x, g, ELEMENTWISE_ROW, |o, xs, gs| {
-            for ((ov, &xv), &gv) in o.iter_mut().zip(xs).zip(gs) {
-                // e^{-(x/sqrt 2)^2} = e^{-x^2/2}: erf's Gaussian factor is the pdf's too.
-                let (erf, gauss) = fast_erf_and_gauss(xv * FRAC_1_SQRT_2);
-                let cdf = 0.5 * (1.0 + erf);
-                let pdf = INV_SQRT_2PI * gauss;
-                *ov = gv * (cdf + xv * pdf);
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(gelu_grad_rows(x, g)), l1.shape().clone()))
     }
+}
+
+/// Exact GELU of every element.
+pub(crate) fn gelu_rows(x: &[f32]) -> Vec<f32> {
+    map_rows(x, ELEMENTWISE_ROW, |o, xs| {
+        for (ov, &v) in o.iter_mut().zip(xs) {
+            *ov = 0.5 * v * (1.0 + fast_erf_and_gauss(v * FRAC_1_SQRT_2).0);
+        }
+    })
+}
+
+/// dL/dx of GELU at `x` given dL/dy `g`: g * (Phi(x) + x * phi(x)).
+pub(crate) fn gelu_grad_rows(x: &[f32], g: &[f32]) -> Vec<f32> {
+    map_rows2(x, g, ELEMENTWISE_ROW, |o, xs, gs| {
+        for ((ov, &xv), &gv) in o.iter_mut().zip(xs).zip(gs) {
+            // e^{-(x/sqrt 2)^2} = e^{-x^2/2}: erf's Gaussian factor is the pdf's too.
+            let (erf, gauss) = fast_erf_and_gauss(xv * FRAC_1_SQRT_2);
+            let cdf = 0.5 * (1.0 + erf);
+            let pdf = INV_SQRT_2PI * gauss;
+            *ov = gv * (cdf + xv * pdf);
+        }
+    })
 }
 
 /// Exact GELU, differentiable; fused on CPU f32.
@@ -1070,10 +1140,7 @@ impl CustomOp1 for SeededDropout {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let mut out = x.to_vec();
-        const CHUNK: usize = 16_384;
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-            dropout_in_place(self.seed, (c * CHUNK) as u64, self.p, o);
-        });
+        dropout_par(self.seed, self.p, &mut out);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 

@@ -1,0 +1,397 @@
+//! One BERT encoder layer as one autograd node (CPU, f32): attention block and feed-forward
+//! block, forward and backward written out by hand, as llm.c does.
+//!
+//! Why: candle's backward pass allocates a zero tensor and adds into it for every input of every
+//! node, and a layer built from the separate fused ops (`crate::ops`) has about twenty nodes with
+//! (tokens, hidden)-sized inputs. On the bert-mini step that bookkeeping (`zeros_like` + `add`)
+//! was about a quarter of the time. As one node the layer pays it once, for its input and for the
+//! one flat tensor its parameters are concatenated into (a copy of 0.8M floats per layer of
+//! bert-mini per step, against the 4096 x 256 activations the bookkeeping touched twenty times).
+//!
+//! The arithmetic is the same kernels as the separate ops (gemm, `SelfAttention`, LayerNorm,
+//! GELU, seeded dropout with the same streams), so the layer computes what the composed layer
+//! computes, up to summation order; the tests check forward and every gradient against it.
+//! Activations the backward pass needs are kept inside the op (as candle keeps them in the
+//! graph) and freed with the graph.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use crate::ops::{
+    column_sums, contiguous_f32, cpu_f32, dropout_par, gelu_grad_rows, gelu_rows,
+    layer_norm_grad_rows, layer_norm_rows, SelfAttention,
+};
+
+/// A row-major matrix operand: data with its row and column strides (a transpose swaps them).
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+fn mat(data: &[f32], cols: usize) -> Mat<'_> {
+    Mat {
+        data,
+        rs: cols,
+        cs: 1,
+    }
+}
+
+fn mat_t(data: &[f32], cols: usize) -> Mat<'_> {
+    Mat {
+        data,
+        rs: 1,
+        cs: cols,
+    }
+}
+
+/// `dst (m, n) = [dst +] lhs (m, k) @ rhs (k, n)`, dst row-major and dense; gemm's own threads.
+fn gemm_into((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, lhs: Mat, rhs: Mat) {
+    assert!(dst.len() >= m * n);
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!(lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs);
+    assert!(rhs.data.len() > (k - 1) * rhs.rs + (n - 1) * rhs.cs);
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every element the strides address.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// `x (rows, k) @ w^T + b` for w (n, k) as HF stores it: the output starts as the bias rows.
+fn linear_fwd(x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+    let (n, k) = (b.len(), w.len() / b.len());
+    let rows = x.len() / k;
+    let mut out = Vec::with_capacity(rows * n);
+    for _ in 0..rows {
+        out.extend_from_slice(b);
+    }
+    gemm_into((rows, n, k), &mut out, true, mat(x, k), mat_t(w, k));
+    out
+}
+
+/// Backward of [`linear_fwd`] given dL/dout `g` (rows, n): writes dL/dw and dL/db into `dw`,
+/// `db`, and sets (or adds to) `dx` (rows, k).
+fn linear_bwd(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    (dx, dx_accumulate): (&mut [f32], bool),
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let (n, k) = (db.len(), dw.len() / db.len());
+    let rows = x.len() / k;
+    gemm_into((n, k, rows), dw, false, mat_t(g, n), mat(x, k));
+    db.copy_from_slice(&column_sums(g, n));
+    gemm_into((rows, k, n), dx, dx_accumulate, mat(g, n), mat(w, k));
+}
+
+/// The parameters of one layer, in the order they are concatenated (HF names, under
+/// `encoder.layer.N.`).
+const PARAMS: [&str; 16] = [
+    "attention.self.query.weight",
+    "attention.self.query.bias",
+    "attention.self.key.weight",
+    "attention.self.key.bias",
+    "attention.self.value.weight",
+    "attention.self.value.bias",
+    "attention.output.dense.weight",
+    "attention.output.dense.bias",
+    "attention.output.LayerNorm.weight",
+    "attention.output.LayerNorm.bias",
+    "intermediate.dense.weight",
+    "intermediate.dense.bias",
+    "output.dense.weight",
+    "output.dense.bias",
+    "output.LayerNorm.weight",
+    "output.LayerNorm.bias",
+];
+
+/// Element counts of [`PARAMS`] for hidden size `h` and intermediate size `i`.
+fn param_sizes(h: usize, i: usize) -> [usize; 16] {
+    [
+        h * h,
+        h,
+        h * h,
+        h,
+        h * h,
+        h,
+        h * h,
+        h,
+        h,
+        h,
+        i * h,
+        i,
+        h * i,
+        h,
+        h,
+        h,
+    ]
+}
+
+/// Splits a flat buffer into the 16 parameter slices.
+fn split<T>(mut flat: &[T], sizes: [usize; 16]) -> [&[T]; 16] {
+    sizes.map(|n| {
+        let (head, rest) = flat.split_at(n);
+        flat = rest;
+        head
+    })
+}
+
+fn split_mut<T>(mut flat: &mut [T], sizes: [usize; 16]) -> [&mut [T]; 16] {
+    sizes.map(|n| {
+        let (head, rest) = std::mem::take(&mut flat).split_at_mut(n);
+        flat = rest;
+        head
+    })
+}
+
+/// Activations of the forward pass the backward pass reads.
+struct Saved {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    ctx: Vec<f32>,
+    /// attention output + residual, before its LayerNorm
+    r1: Vec<f32>,
+    /// attention block output (after LayerNorm)
+    a: Vec<f32>,
+    /// intermediate dense output, before GELU
+    pre: Vec<f32>,
+    gelu: Vec<f32>,
+    /// feed-forward output + residual, before its LayerNorm
+    r2: Vec<f32>,
+}
+
+/// `encoder.layer.N` as one op on (x (batch * seq, hidden), flat parameters).
+pub(crate) struct EncoderLayerOp {
+    attention: SelfAttention,
+    hidden: usize,
+    intermediate: usize,
+    eps: f32,
+    /// (p, seed) of the attention output's and the feed-forward output's dropout.
+    attention_dropout: Option<(f32, u64)>,
+    output_dropout: Option<(f32, u64)>,
+    /// Whether a backward pass can follow (keep the activations).
+    save: bool,
+    saved: Mutex<Option<Saved>>,
+}
+
+/// Dropout streams of one layer in one mode.
+pub(crate) struct LayerDropout {
+    pub probs: Option<(f32, u64)>,
+    pub attention_output: Option<(f32, u64)>,
+    pub output: Option<(f32, u64)>,
+}
+
+impl CustomOp2 for EncoderLayerOp {
+    fn name(&self) -> &'static str {
+        "kindling-encoder-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let flat = contiguous_f32(s2, l2, self.name())?;
+        let [qw, qb, kw, kb, vw, vb, ow, ob, ln1w, ln1b, iw, ib, fw, fb, ln2w, ln2b] =
+            split(flat, param_sizes(self.hidden, self.intermediate));
+        let (q, k, v) = (
+            linear_fwd(x, qw, qb),
+            linear_fwd(x, kw, kb),
+            linear_fwd(x, vw, vb),
+        );
+        let ctx = self.attention.forward(&q, &k, &v);
+        let mut r1 = linear_fwd(&ctx, ow, ob);
+        if let Some((p, seed)) = self.attention_dropout {
+            dropout_par(seed, p, &mut r1);
+        }
+        r1.iter_mut().zip(x).for_each(|(r, xv)| *r += xv);
+        let a = layer_norm_rows(&r1, ln1w, ln1b, self.eps);
+        let pre = linear_fwd(&a, iw, ib);
+        let gelu = gelu_rows(&pre);
+        let mut r2 = linear_fwd(&gelu, fw, fb);
+        if let Some((p, seed)) = self.output_dropout {
+            dropout_par(seed, p, &mut r2);
+        }
+        r2.iter_mut().zip(&a).for_each(|(r, av)| *r += av);
+        let y = layer_norm_rows(&r2, ln2w, ln2b, self.eps);
+        if self.save {
+            *self.saved.lock().expect("saved activations") = Some(Saved {
+                q,
+                k,
+                v,
+                ctx,
+                r1,
+                a,
+                pre,
+                gelu,
+                r2,
+            });
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        flat: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let guard = self.saved.lock().expect("saved activations");
+        let s = guard.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{}: backward without saved activations",
+                self.name()
+            ))
+        })?;
+        let grad = grad.contiguous()?;
+        let ((sx, lx), (sp, lp), (sg, lg)) = (
+            x.storage_and_layout(),
+            flat.storage_and_layout(),
+            grad.storage_and_layout(),
+        );
+        let (xs, params, dy) = (cpu_f32(&sx, lx)?, cpu_f32(&sp, lp)?, cpu_f32(&sg, lg)?);
+        let sizes = param_sizes(self.hidden, self.intermediate);
+        let [qw, _, kw, _, vw, _, ow, _, ln1w, _, iw, _, fw, _, ln2w, _] = split(params, sizes);
+        let mut dflat = vec![0f32; params.len()];
+        let [dqw, dqb, dkw, dkb, dvw, dvb, dow, dob, dln1w, dln1b, diw, dib, dfw, dfb, dln2w, dln2b] =
+            split_mut(&mut dflat, sizes);
+        let (n, h, i) = (xs.len(), self.hidden, self.intermediate);
+        let rows = n / h;
+
+        // Feed-forward block: y = LN2(dropout(gelu(a W_i + b_i) W_f + b_f) + a).
+        let mut dr2 = vec![0f32; n];
+        let mut dln2 = vec![0f32; 2 * h];
+        layer_norm_grad_rows(&s.r2, ln2w, dy, self.eps, &mut dr2, &mut dln2);
+        dln2w.copy_from_slice(&dln2[..h]);
+        dln2b.copy_from_slice(&dln2[h..]);
+        let mut dout = dr2.clone();
+        if let Some((p, seed)) = self.output_dropout {
+            dropout_par(seed, p, &mut dout);
+        }
+        let mut dgelu = vec![0f32; rows * i];
+        linear_bwd(&s.gelu, fw, &dout, (&mut dgelu, false), dfw, dfb);
+        let dpre = gelu_grad_rows(&s.pre, &dgelu);
+        drop(dgelu);
+        // da = dr2 (the residual) + dpre W_i.
+        let mut da = dr2;
+        linear_bwd(&s.a, iw, &dpre, (&mut da, true), diw, dib);
+        drop(dpre);
+
+        // Attention block: a = LN1(dropout(attention(x) W_o + b_o) + x).
+        let mut dr1 = vec![0f32; n];
+        let mut dln1 = vec![0f32; 2 * h];
+        layer_norm_grad_rows(&s.r1, ln1w, &da, self.eps, &mut dr1, &mut dln1);
+        dln1w.copy_from_slice(&dln1[..h]);
+        dln1b.copy_from_slice(&dln1[h..]);
+        drop(da);
+        let mut dattn = dr1.clone();
+        if let Some((p, seed)) = self.attention_dropout {
+            dropout_par(seed, p, &mut dattn);
+        }
+        let mut dctx = vec![0f32; n];
+        linear_bwd(&s.ctx, ow, &dattn, (&mut dctx, false), dow, dob);
+        drop(dattn);
+        let (dq, dk, dv) = self.attention.backward(&s.q, &s.k, &s.v, &dctx);
+        drop(dctx);
+        // dx = dr1 (the residual) + dq W_q + dk W_k + dv W_v.
+        let mut dx = dr1;
+        linear_bwd(xs, qw, &dq, (&mut dx, true), dqw, dqb);
+        linear_bwd(xs, kw, &dk, (&mut dx, true), dkw, dkb);
+        linear_bwd(xs, vw, &dv, (&mut dx, true), dvw, dvb);
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dflat, flat.shape(), dev)?),
+        ))
+    }
+}
+
+/// The parameter tensors of one layer, in [`PARAMS`] order.
+pub(crate) struct LayerParams<'a>(pub [&'a Tensor; 16]);
+
+/// One encoder layer on `xs` (batch * seq, hidden), CPU f32; `mask` additive (batch, seq).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encoder_layer(
+    xs: &Tensor,
+    params: LayerParams,
+    (batch, seq, heads): (usize, usize, usize),
+    intermediate: usize,
+    eps: f64,
+    mask: &Tensor,
+    dropout: LayerDropout,
+) -> Result<Tensor> {
+    let hidden = xs.dim(1)?;
+    let flat = Tensor::cat(
+        &params
+            .0
+            .iter()
+            .map(|t| t.flatten_all())
+            .collect::<Result<Vec<_>>>()?,
+        0,
+    )?;
+    let expected: usize = param_sizes(hidden, intermediate).iter().sum();
+    if flat.elem_count() != expected {
+        candle_core::bail!(
+            "kindling-encoder-layer: parameters hold {} values, hidden {hidden} and intermediate \
+             {intermediate} need {expected} ({})",
+            flat.elem_count(),
+            PARAMS.join(", ")
+        )
+    }
+    let op = EncoderLayerOp {
+        attention: SelfAttention::new(
+            (batch, seq, heads),
+            hidden,
+            mask.flatten_all()?.to_vec1()?,
+            dropout.probs,
+        ),
+        hidden,
+        intermediate,
+        eps: eps as f32,
+        attention_dropout: dropout.attention_output,
+        output_dropout: dropout.output,
+        save: xs.track_op() || flat.track_op(),
+        saved: Mutex::new(None),
+    };
+    xs.contiguous()?.apply_op2(&flat, op)
+}
