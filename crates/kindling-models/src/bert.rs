@@ -479,9 +479,7 @@ impl BertForMaskedLM {
         )?;
         let xs = self.transform_layer_norm.forward(&xs)?;
         let decoder = self.bert.embeddings.word_embeddings.embeddings(); // (vocab, h), tied
-        Ok(xs
-            .matmul(&decoder.t()?)?
-            .broadcast_add(&self.decoder_bias)?)
+        Ok(crate::ops::linear(&xs, decoder, &self.decoder_bias)?)
     }
 }
 
@@ -597,7 +595,13 @@ mod tests {
     }
 
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
         diff.to_scalar::<f32>().unwrap() / scale.max(1e-12)
     }
@@ -619,7 +623,9 @@ mod tests {
         // Non-trivial LayerNorm parameters and biases, so their gradients are tested.
         for (name, var) in varmap.data().lock().unwrap().iter() {
             let n = var.elem_count();
-            let noise = random((1, n), name.len() as u64, 0.3).reshape(var.shape()).unwrap();
+            let noise = random((1, n), name.len() as u64, 0.3)
+                .reshape(var.shape())
+                .unwrap();
             var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
         }
         let (b, t) = (3, 11);
@@ -651,7 +657,15 @@ mod tests {
                 let (a, c) = (a.expect(name), c.expect(name));
                 let d = max_rel_diff(a, c);
                 assert!(d < 1e-5, "{mode:?} {name}: relative difference {d}");
-                assert!(a.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+                assert!(
+                    a.abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                        > 0.0
+                );
             }
         }
     }

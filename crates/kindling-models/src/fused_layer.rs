@@ -48,7 +48,13 @@ fn mat_t(data: &[f32], cols: usize) -> Mat<'_> {
 }
 
 /// `dst (m, n) = [dst +] lhs (m, k) @ rhs (k, n)`, dst row-major and dense; gemm's own threads.
-fn gemm_into((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, lhs: Mat, rhs: Mat) {
+fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+) {
     assert!(dst.len() >= m * n);
     if m == 0 || n == 0 || k == 0 {
         if !accumulate {

@@ -82,7 +82,7 @@ impl Objective for BertMlm {
     fn step(&self, batch: &MlmBatch, mode: Mode) -> candle_core::Result<StepOutput> {
         let logits = self.logits(batch, mode)?; // (m, vocab)
         let labels = Tensor::from_slice(&batch.labels, batch.labels.len(), &self.device)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let loss = kindling_models::ops::cross_entropy(&logits, &labels)?;
         let mut metrics = BTreeMap::new();
         if !mode.is_train() {
             // Accuracy costs an argmax over the vocabulary: evaluation only.

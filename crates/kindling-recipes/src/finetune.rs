@@ -724,7 +724,7 @@ impl Objective for Classifier {
     fn step(&self, b: &ClsBatch, mode: Mode) -> candle_core::Result<StepOutput> {
         let logits = self.logits(b, mode)?;
         let labels = Tensor::from_slice(&b.labels, b.labels.len(), &self.device)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let loss = kindling_models::ops::cross_entropy(&logits, &labels)?;
         let mut metrics = BTreeMap::new();
         if !mode.is_train() {
             let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
