@@ -4,6 +4,7 @@
 
 pub mod callbacks;
 pub mod checkpoint;
+pub mod distributed;
 pub mod objective;
 pub mod optim;
 pub mod plot;
