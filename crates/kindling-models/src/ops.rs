@@ -352,49 +352,42 @@ pub(crate) fn layer_norm_grad_rows(
     dx: &mut [f32],
     params: &mut [f32],
 ) {
-    {
-        let h = w.len();
-        let n = h as f32;
-        let chunk = h * rows_per_task(h);
-        // Each chunk of rows also returns its partial dw and db; they are added in chunk order.
-        let partials: Vec<Vec<f32>> = dx
-            .par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
-            .map(|(dxs, (xs, gs))| {
-                vectorised(|| {
-                    let mut acc = vec![0f32; 2 * h];
-                    let (dw, db) = acc.split_at_mut(h);
-                    for ((orow, xrow), grow) in
-                        dxs.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h))
+    let h = w.len();
+    let n = h as f32;
+    let chunk = h * rows_per_task(h);
+    // Each chunk of rows also returns its partial dw and db; they are added in chunk order.
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+        .map(|(dxs, (xs, gs))| {
+            vectorised(|| {
+                let mut acc = vec![0f32; 2 * h];
+                let (dw, db) = acc.split_at_mut(h);
+                for ((orow, xrow), grow) in dxs.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
+                    let (mean, rstd) = row_stats(xrow, eps);
+                    // x^ goes through orow, which is overwritten with dx below.
+                    for (((o, xv), gv), (dwv, dbv)) in orow
+                        .iter_mut()
+                        .zip(xrow)
+                        .zip(grow)
+                        .zip(dw.iter_mut().zip(db.iter_mut()))
                     {
-                        let (mean, rstd) = row_stats(xrow, eps);
-                        let (mut sg, mut sgx) = (0f32, 0f32);
-                        for (((xv, gv), wv), (dwv, dbv)) in xrow
-                            .iter()
-                            .zip(grow)
-                            .zip(w)
-                            .zip(dw.iter_mut().zip(db.iter_mut()))
-                        {
-                            let xhat = (xv - mean) * rstd;
-                            let gy = gv * wv;
-                            sg += gy;
-                            sgx += gy * xhat;
-                            *dwv += gv * xhat;
-                            *dbv += gv;
-                        }
-                        let (mg, mgx) = (sg / n, sgx / n);
-                        for (((ov, xv), gv), wv) in orow.iter_mut().zip(xrow).zip(grow).zip(w) {
-                            let xhat = (xv - mean) * rstd;
-                            *ov = rstd * (gv * wv - mg - xhat * mgx);
-                        }
+                        *o = (xv - mean) * rstd;
+                        *dwv += gv * *o;
+                        *dbv += gv;
                     }
-                    acc
-                })
+                    let mg = sum_by(h, |k| grow[k] * w[k]) / n;
+                    let mgx = sum_by(h, |k| grow[k] * w[k] * orow[k]) / n;
+                    for ((o, gv), wv) in orow.iter_mut().zip(grow).zip(w) {
+                        *o = rstd * (gv * wv - mg - *o * mgx);
+                    }
+                }
+                acc
             })
-            .collect();
-        for p in partials {
-            params.iter_mut().zip(p).for_each(|(o, v)| *o += v);
-        }
+        })
+        .collect();
+    for p in partials {
+        params.iter_mut().zip(p).for_each(|(o, v)| *o += v);
     }
 }
 
@@ -411,8 +404,111 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     )
 }
 
+/// A row-major matrix operand: data with its row and column strides (a transpose swaps them).
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+fn mat(data: &[f32], cols: usize) -> Mat<'_> {
+    Mat {
+        data,
+        rs: cols,
+        cs: 1,
+    }
+}
+
+fn mat_t(data: &[f32], cols: usize) -> Mat<'_> {
+    Mat {
+        data,
+        rs: 1,
+        cs: cols,
+    }
+}
+
+/// `dst (m, n) = [dst +] lhs (m, k) @ rhs (k, n)`, dst row-major and dense; gemm's own threads.
+fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+) {
+    assert!(dst.len() >= m * n);
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!(lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs);
+    assert!(rhs.data.len() > (k - 1) * rhs.rs + (n - 1) * rhs.cs);
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every element the strides address.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// `x (rows, k) @ w^T + b` for w (n, k) as HF stores it: the output starts as the bias rows.
+pub(crate) fn linear_fwd(x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+    let (n, k) = (b.len(), w.len() / b.len());
+    let rows = x.len() / k;
+    let mut out = Vec::with_capacity(rows * n);
+    for _ in 0..rows {
+        out.extend_from_slice(b);
+    }
+    gemm_into((rows, n, k), &mut out, true, mat(x, k), mat_t(w, k));
+    out
+}
+
+/// Backward of [`linear_fwd`] given dL/dout `g` (rows, n): writes dL/dw and dL/db into `dw`,
+/// `db`, and sets (or adds to) `dx` (rows, k).
+pub(crate) fn linear_bwd(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    (dx, dx_accumulate): (&mut [f32], bool),
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let (n, k) = (db.len(), dw.len() / db.len());
+    let rows = x.len() / k;
+    gemm_into((n, k, rows), dw, false, mat_t(g, n), mat(x, k));
+    db.copy_from_slice(&column_sums(g, n));
+    gemm_into((rows, k, n), dx, dx_accumulate, mat(g, n), mat(w, k));
+}
+
 /// `x @ weight^T + bias` for x (rows, in), weight (out, in), bias (out): one gemm whose
-/// destination starts as the bias rows, so the bias costs no extra pass.
+/// destination starts as the bias rows, so the bias costs no extra pass. The backward pass is
+/// two gemms and a column sum, returned together.
 struct LinearOp;
 
 impl CustomOp3 for LinearOp {
@@ -443,72 +539,36 @@ impl CustomOp3 for LinearOp {
                 l3.dims()
             )
         }
-        let mut out = Vec::with_capacity(rows * m);
-        for _ in 0..rows {
-            out.extend_from_slice(b);
-        }
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: the three buffers hold rows*m, rows*k and m*k floats, matching the sizes and
-        // strides given; weight^T is read through swapped strides (column step k, row step 1).
-        unsafe {
-            gemm::gemm(
-                rows,
-                m,
-                k,
-                out.as_mut_ptr(),
-                1,
-                m as isize,
-                true,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            )
-        }
-        Ok((CpuStorage::F32(out), Shape::from((rows, m))))
+        Ok((CpuStorage::F32(linear_fwd(x, w, b)), Shape::from((rows, m))))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = grad.contiguous()?;
-        let dx = g.matmul(w)?;
-        let dw = g.t()?.matmul(x)?;
-        let db = g.apply_op1(ColumnSums)?;
-        Ok((Some(dx), Some(dw), Some(db)))
-    }
-}
-
-/// (rows, n) -> (n): the bias gradient of a linear layer.
-struct ColumnSums;
-
-impl CustomOp1 for ColumnSums {
-    fn name(&self) -> &'static str {
-        "kindling-column-sums"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, self.name())?;
-        let n = l.dims()[l.dims().len() - 1];
-        Ok((CpuStorage::F32(column_sums(x, n)), Shape::from(n)))
+        let (x, w, g) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
+        let ((sx, lx), (sw, lw), (sg, lg)) = (
+            x.storage_and_layout(),
+            w.storage_and_layout(),
+            g.storage_and_layout(),
+        );
+        let (xs, ws, gs) = (cpu_f32(&sx, lx)?, cpu_f32(&sw, lw)?, cpu_f32(&sg, lg)?);
+        let (mut dx, mut dw, mut db) = (
+            vec![0f32; xs.len()],
+            vec![0f32; ws.len()],
+            vec![0f32; b.elem_count()],
+        );
+        linear_bwd(xs, ws, gs, (&mut dx, false), &mut dw, &mut db);
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(db, b.shape(), dev)?),
+        ))
     }
 }
 
@@ -1030,10 +1090,12 @@ impl SelfAttention {
     }
 }
 
+/// The f32 slice of a contiguous tensor's storage in a backward pass (which gets tensors, not
+/// storages); an error for other devices.
 pub(crate) fn cpu_f32<'a>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [f32]> {
     match s {
-        candle_core::Storage::Cpu(s) => contiguous_f32(s, l, "kindling-self-attention"),
-        _ => candle_core::bail!("kindling-self-attention: expected CPU storage"),
+        candle_core::Storage::Cpu(s) => contiguous_f32(s, l, "kindling backward"),
+        _ => candle_core::bail!("kindling backward: expected CPU storage"),
     }
 }
 
