@@ -22,9 +22,10 @@ args = p.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
 V, SEQ, BATCH = 8192, 128, 32
-vocab = {f"t{i}": i for i in range(V)}
-for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]):
-    vocab[t] = i
+# Exactly V entries: the collator draws its random replacements from range(len(tokenizer)), so
+# a duplicate id (a word and a special sharing it) would let it draw ids past the embeddings.
+vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}
+vocab.update({f"t{i}": i for i in range(5, V)})
 tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
 tk.pre_tokenizer = pre_tokenizers.Whitespace()
 hf_tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]",
