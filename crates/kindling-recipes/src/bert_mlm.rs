@@ -120,21 +120,60 @@ impl Objective for BertMlm {
     }
 }
 
-/// The device a recipe asks for.
+/// The device a recipe asks for. `"auto"` takes the first CUDA GPU in a `--features cuda` build
+/// (Metal in a `--features metal` one) and falls back to the CPU, with a warning, when the build
+/// has GPU support but the machine has no usable GPU.
 pub fn device(name: &str) -> Result<Device, RecipeError> {
     let bad = |msg: String| RecipeError::Invalid {
         key: "device".into(),
         msg,
     };
+    let unsupported = |n: &str, feature: &str| {
+        bad(format!(
+            "`{n}`: this build of kindling has no GPU support (CPU only; rebuild with \
+             `--features {feature}`, see README); use \"cpu\" or \"auto\""
+        ))
+    };
+    let opened = |n: &str, d: candle_core::Result<Device>| {
+        d.map_err(|e| bad(format!("`{n}`: cannot open the device: {e}")))
+    };
     match name {
-        "cpu" | "auto" => Ok(Device::Cpu),
-        n if n == "cuda" || n.starts_with("cuda:") || n == "metal" => Err(bad(format!(
-            "`{n}`: this build of kindling has no GPU support (CPU only); use \"cpu\" or \"auto\""
-        ))),
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(auto_device()),
+        "metal" if candle_core::utils::metal_is_available() => opened(name, Device::new_metal(0)),
+        "metal" => Err(unsupported(name, "metal")),
+        n if n == "cuda" || n.starts_with("cuda:") => {
+            let ordinal = match n.strip_prefix("cuda:") {
+                None => 0,
+                Some(i) => i
+                    .parse::<usize>()
+                    .map_err(|_| bad(format!("`{n}`: expected \"cuda:N\" with N a GPU index")))?,
+            };
+            if !candle_core::utils::cuda_is_available() {
+                return Err(unsupported(n, "cuda"));
+            }
+            opened(n, Device::new_cuda(ordinal))
+        }
         other => Err(bad(format!(
             "`{other}` is not a device; expected \"auto\", \"cpu\", \"cuda:N\" or \"metal\""
         ))),
     }
+}
+
+fn auto_device() -> Device {
+    if candle_core::utils::cuda_is_available() {
+        match Device::new_cuda(0) {
+            Ok(d) => return d,
+            Err(e) => tracing::warn!("device \"auto\": no usable CUDA GPU ({e}); using the CPU"),
+        }
+    }
+    if candle_core::utils::metal_is_available() {
+        match Device::new_metal(0) {
+            Ok(d) => return d,
+            Err(e) => tracing::warn!("device \"auto\": no usable Metal GPU ({e}); using the CPU"),
+        }
+    }
+    Device::Cpu
 }
 
 /// Checks `precision` against the device; only f32 trains on CPU.

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# A CUDA toolkit for building `kindling --features cuda` on a machine without a GPU or a system
+# CUDA install, from NVIDIA's PyPI wheels. Prints the environment to build with:
+#
+#   eval "$(bash scripts/cuda-from-pypi.sh)"
+#   cargo build --release --features cuda
+#
+# What it sets up, under ${KINDLING_CUDA_HOME:-~/.cache/kindling/cuda13}:
+# - a venv with nvidia-cuda-nvcc, -cuda-runtime, -cublas, -curand and -cuda-nvrtc 13.0. Only the
+#   CUDA 13 nvcc wheel carries `nvcc` itself (the -cu12 wheels carry ptxas alone); candle 0.11's
+#   cudarc supports CUDA 13.0.
+# - CUDA_HOME with bin/ and include/ from the wheels and lib/ holding the unversioned names the
+#   linker asks for (libcublas.so -> libcublas.so.13, ...).
+# - lib/stubs/libcuda.so: the driver API is libcuda.so.1, installed by the NVIDIA driver, which a
+#   GPU-less machine does not have. The toolkit ships a link-time stub for this case; the wheels
+#   do not, so this builds one from the driver functions cudarc declares (empty bodies, soname
+#   libcuda.so.1). The binary then loads the real driver on a GPU machine; it cannot run CUDA
+#   here, which is the point of the stub.
+# CUDA_COMPUTE_CAP defaults to 90 (H100); set it before for another GPU.
+set -euo pipefail
+root="${KINDLING_CUDA_HOME:-$HOME/.cache/kindling/cuda13}"
+venv="$root/venv"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv" >&2
+  "$venv/bin/pip" install --quiet "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-runtime==13.0.*" \
+    "nvidia-cublas==13.0.*" "nvidia-curand" "nvidia-cuda-nvrtc==13.0.*" >&2
+fi
+wheel="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')"
+home="$root/home"
+mkdir -p "$home/lib/stubs"
+ln -sfn "$wheel/bin" "$home/bin"
+ln -sfn "$wheel/include" "$home/include"
+ln -sfn "$wheel/nvvm" "$home/nvvm"
+for lib in "$wheel"/lib/lib*.so.*; do
+  name="$(basename "$lib")"
+  ln -sfn "$lib" "$home/lib/${name%%.so.*}.so"
+  ln -sfn "$lib" "$home/lib/$name"
+done
+if [ ! -f "$home/lib/stubs/libcuda.so" ]; then
+  # The driver functions cudarc links against, from its bindings in cargo's registry.
+  cargo fetch --quiet >&2 || true
+  sys="$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-0.19*/src/driver/sys/mod.rs' | sort | tail -1)"
+  [ -n "$sys" ] || { echo "cudarc's sources are not in cargo's registry" >&2; exit 1; }
+  grep -o 'pub unsafe fn cu[A-Za-z0-9_]*' "$sys" | sed 's/pub unsafe fn //' | sort -u |
+    sed 's/.*/void &(void) {}/' > "$home/lib/stubs/libcuda_stub.c"
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$home/lib/stubs/libcuda.so" "$home/lib/stubs/libcuda_stub.c"
+fi
+echo "export CUDA_HOME='$home' CUDA_PATH='$home'"
+echo "export PATH='$home/bin':\"\$PATH\""
+echo "export CUDA_COMPUTE_CAP='${CUDA_COMPUTE_CAP:-90}'"
