@@ -1,5 +1,6 @@
 //! Batches of masked blocks, in a seeded order per epoch, built in parallel ahead of the trainer.
 
+use std::collections::VecDeque;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -10,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use kindling_core::rng::{self, domain};
 
-use crate::masking::Masker;
+use crate::masking::{MaskedBlock, Masker};
 use crate::packing::Blocks;
 
 /// Where the data stream stands: the epoch, and how many blocks of its shuffled order were
@@ -49,19 +50,20 @@ impl MlmBatch {
         epoch: u64,
         cursor_after: Cursor,
     ) -> Self {
-        let t = blocks.seq_len();
-        let masked: Vec<_> = indices
-            .par_iter()
-            .map(|&i| {
-                let (mut ids, mut flags) = (vec![0u32; t], vec![0u8; t]);
-                blocks.read_block(i as usize, &mut ids, &mut flags);
-                masker.mask(&ids, &flags, epoch, i as u64)
-            })
-            .collect();
+        let jobs: Vec<(u32, u64)> = indices.iter().map(|&i| (i, epoch)).collect();
+        Self::stack(
+            blocks.seq_len(),
+            mask_blocks(blocks, masker, &jobs),
+            cursor_after,
+        )
+    }
+
+    /// One batch from masked blocks, in order.
+    fn stack(t: usize, masked: Vec<MaskedBlock>, cursor_after: Cursor) -> Self {
         let mut batch = MlmBatch {
-            batch_size: indices.len(),
+            batch_size: masked.len(),
             seq_len: t,
-            input_ids: Vec::with_capacity(indices.len() * t),
+            input_ids: Vec::with_capacity(masked.len() * t),
             positions: Vec::new(),
             labels: Vec::new(),
             cursor_after,
@@ -76,6 +78,26 @@ impl MlmBatch {
         batch
     }
 }
+
+/// Masks blocks given as (block index, epoch) in parallel, in order.
+fn mask_blocks(blocks: &dyn Blocks, masker: &Masker, jobs: &[(u32, u64)]) -> Vec<MaskedBlock> {
+    let t = blocks.seq_len();
+    // At least 8 blocks per rayon task: one block masks in ~2 us, about a task's overhead.
+    jobs.par_iter()
+        .with_min_len(8)
+        .map(|&(i, epoch)| {
+            let (mut ids, mut flags) = (vec![0u32; t], vec![0u8; t]);
+            blocks.read_block(i as usize, &mut ids, &mut flags);
+            masker.mask(&ids, &flags, epoch, i as u64)
+        })
+        .collect()
+}
+
+/// Training batches masked per parallel round. One round per batch of 32 would wake the
+/// thread pool for ~60 us of masking, and the wake-up costs about as much: the two-thread
+/// loader was slower than one thread. Masks depend only on (seed, epoch, block), so building
+/// ahead changes nothing in what the batches hold.
+const BATCHES_PER_ROUND: usize = 8;
 
 /// A seeded permutation of `0..n` computed one index at a time, in O(1) memory: a 4-round Feistel
 /// network over the smallest even-bit domain holding `n`, with cycle-walking back into `0..n`
@@ -153,6 +175,10 @@ pub struct MlmLoader {
     keyed: bool,
     /// (rank, world size) of data-parallel training: see [`MlmLoader::sharded`].
     shard: (usize, usize),
+    /// Batches built ahead of `cursor`, and the cursor after the last of them; `order` is the
+    /// permutation of `made.epoch`.
+    ahead: VecDeque<MlmBatch>,
+    made: Cursor,
 }
 
 impl MlmLoader {
@@ -178,6 +204,8 @@ impl MlmLoader {
             order: Order::Table(Vec::new()),
             keyed: false,
             shard: (0, 1),
+            ahead: VecDeque::new(),
+            made: cursor,
         };
         loader.order = loader.order_of(cursor.epoch);
         loader
@@ -187,7 +215,7 @@ impl MlmLoader {
     /// independent of the number of blocks (for corpora streamed from token shards).
     pub fn with_keyed_order(mut self) -> Self {
         self.keyed = true;
-        self.order = self.order_of(self.cursor.epoch);
+        self.order = self.order_of(self.made.epoch);
         self
     }
 
@@ -198,7 +226,10 @@ impl MlmLoader {
     /// depend on the block, not on who masks it), and a resume continues every rank in step.
     /// Panics if the blocks do not fill one global batch.
     pub fn sharded(mut self, rank: usize, world: usize) -> Self {
-        assert!(world > 0 && rank < world, "rank {rank} of a world of {world}");
+        assert!(
+            world > 0 && rank < world,
+            "rank {rank} of a world of {world}"
+        );
         assert!(
             self.blocks.len() >= self.batch_size * world,
             "fewer blocks than one global batch"
@@ -239,35 +270,50 @@ impl MlmLoader {
     }
 }
 
+impl MlmLoader {
+    /// Builds the next [`BATCHES_PER_ROUND`] batches, masking all their blocks in one parallel
+    /// pass.
+    fn build_round(&mut self) {
+        let global = self.global_batch();
+        let mut plans = Vec::with_capacity(BATCHES_PER_ROUND);
+        let mut jobs = Vec::with_capacity(BATCHES_PER_ROUND * self.batch_size);
+        for _ in 0..BATCHES_PER_ROUND {
+            if self.made.position as usize + global > self.order.len() {
+                self.made = Cursor {
+                    epoch: self.made.epoch + 1,
+                    position: 0,
+                };
+                self.order = self.order_of(self.made.epoch);
+            }
+            let start = self.made.position as usize;
+            let mine = start + self.shard.0 * self.batch_size;
+            jobs.extend(
+                (mine..mine + self.batch_size).map(|k| (self.order.at(k), self.made.epoch)),
+            );
+            self.made = Cursor {
+                epoch: self.made.epoch,
+                position: (start + global) as u64,
+            };
+            plans.push(self.made);
+        }
+        let mut masked = mask_blocks(self.blocks.as_ref(), &self.masker, &jobs).into_iter();
+        let t = self.blocks.seq_len();
+        for after in plans {
+            let blocks: Vec<MaskedBlock> = masked.by_ref().take(self.batch_size).collect();
+            self.ahead.push_back(MlmBatch::stack(t, blocks, after));
+        }
+    }
+}
+
 impl Iterator for MlmLoader {
     type Item = MlmBatch;
 
     fn next(&mut self) -> Option<MlmBatch> {
-        let global = self.global_batch();
-        if self.cursor.position as usize + global > self.order.len() {
-            self.cursor = Cursor {
-                epoch: self.cursor.epoch + 1,
-                position: 0,
-            };
-            self.order = self.order_of(self.cursor.epoch);
+        if self.ahead.is_empty() {
+            self.build_round();
         }
-        let start = self.cursor.position as usize;
-        let mine = start + self.shard.0 * self.batch_size;
-        let indices: Vec<u32> = (mine..mine + self.batch_size)
-            .map(|k| self.order.at(k))
-            .collect();
-        let after = Cursor {
-            epoch: self.cursor.epoch,
-            position: (start + global) as u64,
-        };
-        let batch = MlmBatch::build(
-            self.blocks.as_ref(),
-            &self.masker,
-            &indices,
-            self.cursor.epoch,
-            after,
-        );
-        self.cursor = after;
+        let batch = self.ahead.pop_front()?;
+        self.cursor = batch.cursor_after;
         Some(batch)
     }
 }
@@ -390,7 +436,13 @@ mod tests {
             all: vec![0, 1, 2, 3, 4],
         };
         let masker = Masker::new(MaskConfig::default(), &specials, 1005, 9).unwrap();
-        MlmLoader::new(Arc::new(blocks), Arc::new(masker), batch, 9, Cursor::default())
+        MlmLoader::new(
+            Arc::new(blocks),
+            Arc::new(masker),
+            batch,
+            9,
+            Cursor::default(),
+        )
     }
 
     /// Data parallel over 3 ranks of 4 blocks: at every step (across an epoch boundary) the
