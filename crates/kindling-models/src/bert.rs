@@ -582,6 +582,7 @@ pub fn ids_tensor(ids: &[u32], batch: usize, seq: usize, device: &Device) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_rel_diff;
     use candle_core::Var;
     use candle_nn::VarMap;
 
@@ -592,18 +593,6 @@ mod tests {
             .map(|_| r.random_range(-scale..scale))
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        diff.to_scalar::<f32>().unwrap() / scale.max(1e-12)
     }
 
     /// The fused layer (one autograd node, hand-written backward) computes what the layer

@@ -543,6 +543,7 @@ impl BatchNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_rel_diff as rel;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
@@ -552,18 +553,6 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        d.to_scalar::<f32>().unwrap() / scale.max(1e-12)
     }
 
     /// Output and gradients (input, weight) of sum(conv(x) * r), im2col vs candle's conv2d.

@@ -15,6 +15,8 @@ pub mod init;
 pub mod nn;
 pub mod ops;
 pub mod resnet;
+#[cfg(test)]
+mod test_util;
 
 pub use bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, Pooling};
 pub use heads::{Mlp, MlpConfig};

@@ -1415,6 +1415,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_rel_diff;
     use candle_core::Var;
 
     fn randn(shape: (usize, usize, usize), seed: u64) -> Tensor {
@@ -1423,26 +1424,6 @@ mod tests {
         let n = shape.0 * shape.1 * shape.2;
         let v: Vec<f32> = (0..n).map(|_| r.random_range(-3.0f32..3.0)).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-12);
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            / scale
     }
 
     /// Gradients of sum(f(x) * r) for the fused op and the composed one.

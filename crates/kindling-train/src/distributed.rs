@@ -126,10 +126,7 @@ pub fn all_reduce_mean(
         for v in &vars[start..end] {
             let n = v.elem_count();
             let g: Vec<f32> = flat[offset..offset + n].iter().map(|x| x * scale).collect();
-            grads.insert(
-                v.as_tensor(),
-                Tensor::from_vec(g, v.shape(), v.device())?,
-            );
+            grads.insert(v.as_tensor(), Tensor::from_vec(g, v.shape(), v.device())?);
             offset += n;
         }
         start = end;
@@ -207,7 +204,13 @@ mod tests {
 
     /// Gradient of the encoder weight for a batch of (x_a, x_b) pairs split over `world` ranks,
     /// averaged over ranks as DDP does; `world == 1` is the single process.
-    fn encoder_grad(w: &Tensor, xa: &Tensor, xb: &Tensor, world: usize, how: Gathering) -> Vec<f32> {
+    fn encoder_grad(
+        w: &Tensor,
+        xa: &Tensor,
+        xb: &Tensor,
+        world: usize,
+        how: Gathering,
+    ) -> Vec<f32> {
         let n = xa.dim(0).unwrap() / world;
         let grads: Vec<Vec<f32>> = std::thread::scope(|scope| {
             let handles: Vec<_> = LocalGroup::new(world)
@@ -217,8 +220,16 @@ mod tests {
                         let comm: Arc<dyn Collective> = Arc::new(comm);
                         let r = comm.rank();
                         let w = Var::from_tensor(w).unwrap();
-                        let za = xa.narrow(0, r * n, n).unwrap().matmul(w.as_tensor()).unwrap();
-                        let zb = xb.narrow(0, r * n, n).unwrap().matmul(w.as_tensor()).unwrap();
+                        let za = xa
+                            .narrow(0, r * n, n)
+                            .unwrap()
+                            .matmul(w.as_tensor())
+                            .unwrap();
+                        let zb = xb
+                            .narrow(0, r * n, n)
+                            .unwrap()
+                            .matmul(w.as_tensor())
+                            .unwrap();
                         let all_b = match how {
                             Gathering::NoGradient => {
                                 gather_with_grad(&zb.detach(), comm.clone()).unwrap()
@@ -233,8 +244,7 @@ mod tests {
                         let labels: Vec<u32> = (0..n).map(|i| (offset + i) as u32).collect();
                         let loss = info_nce(&za, &all_b, &labels);
                         let mut grads = loss.backward().unwrap();
-                        all_reduce_mean(&mut grads, &[w.clone()], comm.as_ref(), 1 << 20)
-                            .unwrap();
+                        all_reduce_mean(&mut grads, &[w.clone()], comm.as_ref(), 1 << 20).unwrap();
                         let g = grads.get(w.as_tensor()).unwrap();
                         g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
                     })
