@@ -6,9 +6,12 @@
 #   cargo build --release --features cuda
 #
 # What it sets up, under ${KINDLING_CUDA_HOME:-~/.cache/kindling/cuda13}:
-# - a venv with nvidia-cuda-nvcc, -cuda-runtime, -cublas, -curand and -cuda-nvrtc 13.0. Only the
-#   CUDA 13 nvcc wheel carries `nvcc` itself (the -cu12 wheels carry ptxas alone); candle 0.11's
-#   cudarc supports CUDA 13.0.
+# - a venv with nvidia-cuda-nvcc, -cuda-runtime, -cublas, -curand, -cuda-nvrtc and -cuda-cccl
+#   13.0 (CCCL holds headers cuda_fp16.h includes, nv/target), with nvcc's own dependencies
+#   nvidia-nvvm and -cuda-crt pinned to 13.0 too (unpinned, pip takes the newest, whose PTX
+#   the 13.0 ptxas rejects: "Unsupported .version"). Only the CUDA 13 nvcc wheel
+#   carries `nvcc` itself (the -cu12 wheels carry ptxas alone); candle 0.11's cudarc supports
+#   CUDA 13.0.
 # - CUDA_HOME with bin/ and include/ from the wheels and lib/ holding the unversioned names the
 #   linker asks for (libcublas.so -> libcublas.so.13, ...).
 # - lib/stubs/libcuda.so: the driver API is libcuda.so.1, installed by the NVIDIA driver, which a
@@ -23,7 +26,8 @@ venv="$root/venv"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv" >&2
   "$venv/bin/pip" install --quiet "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-runtime==13.0.*" \
-    "nvidia-cublas==13.0.*" "nvidia-curand" "nvidia-cuda-nvrtc==13.0.*" >&2
+    "nvidia-cublas==13.0.*" "nvidia-curand" "nvidia-cuda-nvrtc==13.0.*" \
+    "nvidia-cuda-cccl==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*" >&2
 fi
 wheel="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')"
 home="$root/home"
