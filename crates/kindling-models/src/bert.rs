@@ -586,13 +586,8 @@ mod tests {
     use candle_core::Var;
     use candle_nn::VarMap;
 
-    fn random(shape: (usize, usize), seed: u64, scale: f32) -> Tensor {
-        use rand::Rng;
-        let mut r = kindling_core::rng::rng(&[seed]);
-        let v: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| r.random_range(-scale..scale))
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    fn random((rows, cols): (usize, usize), seed: u64, scale: f32) -> Tensor {
+        crate::test_util::uniform(&[rows, cols], seed, scale)
     }
 
     /// The fused layer (one autograd node, hand-written backward) computes what the layer

@@ -548,11 +548,7 @@ mod tests {
     use candle_nn::VarMap;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
-        use rand::Rng;
-        let mut r = kindling_core::rng::rng(&[seed]);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        crate::test_util::uniform(shape, seed, 2.0)
     }
 
     /// Output and gradients (input, weight) of sum(conv(x) * r), im2col vs candle's conv2d.

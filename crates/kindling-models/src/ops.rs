@@ -1418,12 +1418,8 @@ mod tests {
     use crate::test_util::max_rel_diff;
     use candle_core::Var;
 
-    fn randn(shape: (usize, usize, usize), seed: u64) -> Tensor {
-        use rand::Rng;
-        let mut r = kindling_core::rng::rng(&[seed]);
-        let n = shape.0 * shape.1 * shape.2;
-        let v: Vec<f32> = (0..n).map(|_| r.random_range(-3.0f32..3.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    fn randn((a, b, c): (usize, usize, usize), seed: u64) -> Tensor {
+        crate::test_util::uniform(&[a, b, c], seed, 3.0)
     }
 
     /// Gradients of sum(f(x) * r) for the fused op and the composed one.
