@@ -69,6 +69,98 @@ impl ConvGeometry {
     }
 }
 
+/// (n, h, w, c) -> (n * oh * ow, kh * kw * c): row (image, oy, ox) holds the taps of that
+/// output pixel, zeros in the padding.
+///
+/// Every element is written once (padding included), so the buffer is not zero-filled first:
+/// the im2col matrices of a 28x28 encoder are hundreds of MB per step, and a fill pass over
+/// them cost as much as the copy. With stride 1 the in-image taps of one kernel row are
+/// adjacent pixels, copied as one run of kw * c floats.
+pub(crate) fn im2col(x: &[f32], g: ConvGeometry) -> Vec<f32> {
+    let (oh, ow) = g.out_hw();
+    let k = g.k();
+    let mut out: Vec<f32> = Vec::with_capacity(g.n * oh * ow * k);
+    // One image per task: its rows of the output are its own.
+    out.spare_capacity_mut()[..g.n * oh * ow * k]
+        .par_chunks_mut(oh * ow * k)
+        .zip(x.par_chunks(g.h * g.w * g.c))
+        .for_each(|(o, img)| {
+            let put = |dst: &mut [std::mem::MaybeUninit<f32>], src: &[f32]| {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    d.write(v);
+                }
+            };
+            let zero = |dst: &mut [std::mem::MaybeUninit<f32>]| {
+                for d in dst {
+                    d.write(0.0);
+                }
+            };
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let row = &mut o[(oy * ow + ox) * k..(oy * ow + ox + 1) * k];
+                    for ky in 0..g.kh {
+                        let dst = &mut row[ky * g.kw * g.c..(ky + 1) * g.kw * g.c];
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            zero(dst);
+                            continue;
+                        }
+                        let line = &img[iy as usize * g.w * g.c..(iy as usize + 1) * g.w * g.c];
+                        let x0 = (ox * g.stride) as isize - g.pad as isize;
+                        // kx whose input column lies inside the image: [lo, hi).
+                        let lo = (-x0).clamp(0, g.kw as isize) as usize;
+                        let hi = (g.w as isize - x0).clamp(lo as isize, g.kw as isize) as usize;
+                        zero(&mut dst[..lo * g.c]);
+                        zero(&mut dst[hi * g.c..]);
+                        if g.stride == 1 || hi - lo <= 1 {
+                            let start = (x0 + lo as isize) as usize * g.c;
+                            put(
+                                &mut dst[lo * g.c..hi * g.c],
+                                &line[start..start + (hi - lo) * g.c],
+                            );
+                        } else {
+                            for kx in lo..hi {
+                                let ix = (x0 + kx as isize) as usize;
+                                put(
+                                    &mut dst[kx * g.c..(kx + 1) * g.c],
+                                    &line[ix * g.c..(ix + 1) * g.c],
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    // SAFETY: the loop above wrote all n * oh * ow * k elements (each kernel row's taps are
+    // either zeroed or copied, [0, lo) and [hi, kw) zeroed, [lo, hi) copied).
+    unsafe { out.set_len(g.n * oh * ow * k) };
+    out
+}
+
+/// The adjoint of [`im2col`]: (n * oh * ow, kh * kw * c) -> (n, h, w, c), overlapping taps summed.
+pub(crate) fn col2im(cols: &[f32], g: ConvGeometry) -> Vec<f32> {
+    let (oh, ow) = g.out_hw();
+    let k = g.k();
+    let mut out = vec![0f32; g.n * g.h * g.w * g.c];
+    // One image per task; inside it taps are added in a fixed order, so the sums do not
+    // depend on the thread count.
+    out.par_chunks_mut(g.h * g.w * g.c)
+        .zip(cols.par_chunks(oh * ow * k))
+        .for_each(|(img, c)| {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let row = &c[(oy * ow + ox) * k..(oy * ow + ox + 1) * k];
+                    g.taps(oy, ox, |col, dst| {
+                        for (d, v) in img[dst..dst + g.c].iter_mut().zip(&row[col..col + g.c]) {
+                            *d += v;
+                        }
+                    });
+                }
+            }
+        });
+    out
+}
+
 /// (n, h, w, c) -> (n * oh * ow, kh * kw * c).
 struct Im2Col(ConvGeometry);
 
@@ -82,20 +174,7 @@ impl CustomOp1 for Im2Col {
         let x = contiguous(s, l, self.name())?;
         let (oh, ow) = g.out_hw();
         let k = g.k();
-        let mut out = vec![0f32; g.n * oh * ow * k];
-        // One image per task: its rows of the output are its own.
-        out.par_chunks_mut(oh * ow * k)
-            .zip(x.par_chunks(g.h * g.w * g.c))
-            .for_each(|(o, img)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let row = &mut o[(oy * ow + ox) * k..(oy * ow + ox + 1) * k];
-                        g.taps(oy, ox, |col, src| {
-                            row[col..col + g.c].copy_from_slice(&img[src..src + g.c]);
-                        });
-                    }
-                }
-            });
+        let out = im2col(x, g);
         Ok((CpuStorage::F32(out), Shape::from((g.n * oh * ow, k))))
     }
 
@@ -115,25 +194,7 @@ impl CustomOp1 for Col2Im {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let cols = contiguous(s, l, self.name())?;
-        let (oh, ow) = g.out_hw();
-        let k = g.k();
-        let mut out = vec![0f32; g.n * g.h * g.w * g.c];
-        // One image per task; inside it taps are added in a fixed order, so the sums do not
-        // depend on the thread count.
-        out.par_chunks_mut(g.h * g.w * g.c)
-            .zip(cols.par_chunks(oh * ow * k))
-            .for_each(|(img, c)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let row = &c[(oy * ow + ox) * k..(oy * ow + ox + 1) * k];
-                        g.taps(oy, ox, |col, dst| {
-                            for (d, v) in img[dst..dst + g.c].iter_mut().zip(&row[col..col + g.c]) {
-                                *d += v;
-                            }
-                        });
-                    }
-                }
-            });
+        let out = col2im(cols, g);
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.h, g.w, g.c))))
     }
 
@@ -293,30 +354,153 @@ impl CustomOp1 for ColumnMeanVar {
     }
 }
 
-fn column_mean_var(x: &[f32], rows: usize, c: usize) -> (Vec<f32>, Vec<f32>) {
-    const ROWS: usize = 256;
-    let sums = |f: &(dyn Fn(usize, f32) -> f32 + Sync)| -> Vec<f32> {
-        let parts: Vec<Vec<f64>> = x
-            .par_chunks(c * ROWS)
-            .map(|chunk| {
-                let mut acc = vec![0f64; c];
-                for row in chunk.chunks(c) {
-                    for (j, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
-                        *a += f(j, v) as f64;
-                    }
+/// Rows per task of the column reductions: each task sums its rows in f32 (vectorised along
+/// the channels), the tasks' sums are added in f64 in order, so the result does not depend on
+/// the thread count.
+const ROWS: usize = 256;
+
+/// Column sums of `f(column, row)` over a (rows, c) matrix, in fixed row chunks (see [`ROWS`]).
+/// `f` writes the row's terms into its first argument.
+fn column_sums<F>(x: &[f32], c: usize, width: usize, f: F) -> Vec<f64>
+where
+    F: Fn(&mut [f32], usize) + Sync,
+{
+    let rows = x.len() / c;
+    let parts: Vec<Vec<f32>> = (0..rows.div_ceil(ROWS))
+        .into_par_iter()
+        .map(|t| {
+            crate::ops::vectorised(|| {
+                let mut acc = vec![0f32; width];
+                let mut terms = vec![0f32; width];
+                for r in t * ROWS..((t + 1) * ROWS).min(rows) {
+                    f(&mut terms, r);
+                    acc.iter_mut().zip(&terms).for_each(|(a, v)| *a += v);
                 }
                 acc
             })
-            .collect();
-        let mut out = vec![0f64; c];
-        for p in parts {
-            out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+        })
+        .collect();
+    let mut out = vec![0f64; width];
+    for p in parts {
+        out.iter_mut().zip(p).for_each(|(o, v)| *o += v as f64);
+    }
+    out
+}
+
+/// Per-column mean and biased variance of a (rows, c) matrix. Each task takes [`ROWS`] rows
+/// and sums them twice while they are in cache (mean, then squares around it); the tasks'
+/// results are merged in f64 in order (Chan et al.'s pairwise update), so memory is read once
+/// and the variance is not a difference of large sums.
+pub(crate) fn column_mean_var(x: &[f32], rows: usize, c: usize) -> (Vec<f32>, Vec<f32>) {
+    let parts: Vec<(usize, Vec<f32>, Vec<f32>)> = x
+        .par_chunks(c * ROWS)
+        .map(|chunk| {
+            crate::ops::vectorised(|| {
+                let n = chunk.len() / c;
+                let mut mean = vec![0f32; c];
+                for row in chunk.chunks(c) {
+                    mean.iter_mut().zip(row).for_each(|(m, v)| *m += v);
+                }
+                mean.iter_mut().for_each(|m| *m /= n as f32);
+                let mut m2 = vec![0f32; c];
+                for row in chunk.chunks(c) {
+                    for ((s, &v), &m) in m2.iter_mut().zip(row).zip(&mean) {
+                        *s += (v - m) * (v - m);
+                    }
+                }
+                (n, mean, m2)
+            })
+        })
+        .collect();
+    let (mut mean, mut m2) = (vec![0f64; c], vec![0f64; c]);
+    let mut seen = 0f64;
+    for (n, pm, pm2) in parts {
+        let n = n as f64;
+        let total = seen + n;
+        for j in 0..c {
+            let delta = pm[j] as f64 - mean[j];
+            mean[j] += delta * n / total;
+            m2[j] += pm2[j] as f64 + delta * delta * seen * n / total;
         }
-        out.into_iter().map(|v| (v / rows as f64) as f32).collect()
-    };
-    let mean = sums(&|_, v| v);
-    let var = sums(&|j, v| (v - mean[j]) * (v - mean[j]));
-    (mean, var)
+        seen = total;
+    }
+    (
+        mean.iter().map(|&v| v as f32).collect(),
+        m2.iter().map(|&v| (v / rows as f64) as f32).collect(),
+    )
+}
+
+/// `x * scale + shift` per column of a (rows, c) matrix with scale = w / sqrt(var + eps) and
+/// shift = b - mean * scale (BatchNorm with the given statistics), then max(., 0) if `relu`.
+pub(crate) fn batch_norm_apply(
+    x: &[f32],
+    (mean, var): (&[f32], &[f32]),
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    relu: bool,
+) -> Vec<f32> {
+    let c = w.len();
+    let scale: Vec<f32> = (0..c).map(|j| w[j] / (var[j] + eps).sqrt()).collect();
+    let shift: Vec<f32> = (0..c).map(|j| b[j] - mean[j] * scale[j]).collect();
+    let mut out: Vec<f32> = Vec::with_capacity(x.len());
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(c * ROWS)
+        .zip(x.par_chunks(c * ROWS))
+        .for_each(|(o, xs)| {
+            crate::ops::vectorised(|| {
+                for (orow, xrow) in o.chunks_mut(c).zip(xs.chunks(c)) {
+                    for j in 0..c {
+                        let v = xrow[j] * scale[j] + shift[j];
+                        orow[j].write(if relu { v.max(0.0) } else { v });
+                    }
+                }
+            })
+        });
+    // SAFETY: the loop above wrote every element (the chunks of o cover x.len()).
+    unsafe { out.set_len(x.len()) };
+    out
+}
+
+/// Training-mode BatchNorm backward over a (rows, c) matrix `x` with batch statistics (mean,
+/// rstd) and dL/dy `g`: with x^ the normalised input over m rows, db = sum g, dw = sum g x^,
+/// and dx = w rstd / m * (m g - db - x^ dw), written into `dx`. Returns (dw, db). Column sums
+/// in fixed row chunks added in order: the same on any thread count.
+pub(crate) fn batch_norm_grad(
+    x: &[f32],
+    (mean, rstd): (&[f32], &[f32]),
+    w: &[f32],
+    g: &[f32],
+    dx: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let c = w.len();
+    let rows = x.len() / c;
+    // Column sums of g and g * x^ side by side.
+    let sums = column_sums(x, c, 2 * c, |t, r| {
+        let (xrow, grow) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
+        for j in 0..c {
+            t[j] = grow[j];
+            t[c + j] = grow[j] * (xrow[j] - mean[j]) * rstd[j];
+        }
+    });
+    let (db, dw): (Vec<f32>, Vec<f32>) = (
+        sums[..c].iter().map(|&v| v as f32).collect(),
+        sums[c..].iter().map(|&v| v as f32).collect(),
+    );
+    let m = rows as f32;
+    dx.par_chunks_mut(c * ROWS)
+        .zip(x.par_chunks(c * ROWS).zip(g.par_chunks(c * ROWS)))
+        .for_each(|(o, (xs, gs))| {
+            crate::ops::vectorised(|| {
+                for ((orow, xrow), grow) in o.chunks_mut(c).zip(xs.chunks(c)).zip(gs.chunks(c)) {
+                    for j in 0..c {
+                        let xhat = (xrow[j] - mean[j]) * rstd[j];
+                        orow[j] = w[j] * rstd[j] / m * (m * grow[j] - db[j] - xhat * dw[j]);
+                    }
+                }
+            })
+        });
+    (dw, db)
 }
 
 /// Training-mode BatchNorm of a (rows, c) matrix with scale and shift, one op each way:
@@ -344,18 +528,7 @@ impl CustomOp3 for BatchNormTrain {
         let b = contiguous(s3, l3, self.name())?;
         let (rows, c) = l1.shape().dims2()?;
         let (mean, var) = column_mean_var(x, rows, c);
-        let scale: Vec<f32> = (0..c).map(|j| w[j] / (var[j] + self.eps).sqrt()).collect();
-        let shift: Vec<f32> = (0..c).map(|j| b[j] - mean[j] * scale[j]).collect();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(c * 256)
-            .zip(x.par_chunks(c * 256))
-            .for_each(|(o, xs)| {
-                for (orow, xrow) in o.chunks_mut(c).zip(xs.chunks(c)) {
-                    for j in 0..c {
-                        orow[j] = xrow[j] * scale[j] + shift[j];
-                    }
-                }
-            });
+        let out = batch_norm_apply(x, (&mean, &var), w, b, self.eps, false);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -407,43 +580,9 @@ impl CustomOp3 for BatchNormGrad {
         let (rows, c) = l1.shape().dims2()?;
         let (mean, var) = column_mean_var(x, rows, c);
         let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        // Column sums of g and g * x^, in fixed chunks added in order.
-        let parts: Vec<Vec<f64>> = x
-            .par_chunks(c * 256)
-            .zip(g.par_chunks(c * 256))
-            .map(|(xs, gs)| {
-                let mut acc = vec![0f64; 2 * c];
-                for (xrow, grow) in xs.chunks(c).zip(gs.chunks(c)) {
-                    for j in 0..c {
-                        let xhat = (xrow[j] - mean[j]) * rstd[j];
-                        acc[j] += grow[j] as f64;
-                        acc[c + j] += (grow[j] * xhat) as f64;
-                    }
-                }
-                acc
-            })
-            .collect();
-        let mut sums = vec![0f64; 2 * c];
-        for p in parts {
-            sums.iter_mut().zip(p).for_each(|(o, v)| *o += v);
-        }
-        let (db, dw): (Vec<f32>, Vec<f32>) = (
-            sums[..c].iter().map(|&v| v as f32).collect(),
-            sums[c..].iter().map(|&v| v as f32).collect(),
-        );
-        let m = rows as f32;
         let mut out = vec![0f32; x.len() + 2 * c];
         let (dx, params) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(c * 256)
-            .zip(x.par_chunks(c * 256).zip(g.par_chunks(c * 256)))
-            .for_each(|(o, (xs, gs))| {
-                for ((orow, xrow), grow) in o.chunks_mut(c).zip(xs.chunks(c)).zip(gs.chunks(c)) {
-                    for j in 0..c {
-                        let xhat = (xrow[j] - mean[j]) * rstd[j];
-                        orow[j] = w[j] * rstd[j] / m * (m * grow[j] - db[j] - xhat * dw[j]);
-                    }
-                }
-            });
+        let (dw, db) = batch_norm_grad(x, (&mean, &rstd), w, g, dx);
         params[..c].copy_from_slice(&dw);
         params[c..].copy_from_slice(&db);
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, c))))
@@ -497,6 +636,19 @@ impl BatchNorm {
         (self.running_mean.as_tensor(), self.running_var.as_tensor())
     }
 
+    /// Moves the running statistics towards a training batch's mean and biased variance over
+    /// `rows` rows (PyTorch keeps the unbiased variance).
+    pub(crate) fn track(&self, mean: &Tensor, var: &Tensor, rows: usize) -> Result<()> {
+        let unbiased = (var * (rows as f64 / (rows.max(2) - 1) as f64))?;
+        let m = self.momentum;
+        self.running_mean
+            .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
+        self.running_var
+            .set(&((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
+        self.num_batches_tracked
+            .set(&(self.num_batches_tracked.as_tensor() + 1.0)?)
+    }
+
     /// x: (..., c). Training: batch statistics, and the running ones move; eval: running ones.
     pub fn forward_t(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -505,15 +657,7 @@ impl BatchNorm {
         let y = if mode.is_train() {
             let rows = x2.dim(0)?;
             let stats = x2.detach().contiguous()?.apply_op1(ColumnMeanVar)?;
-            let (mean, var) = (stats.get(0)?, stats.get(1)?);
-            let unbiased = (var * (rows as f64 / (rows.max(2) - 1) as f64))?;
-            let m = self.momentum;
-            self.running_mean
-                .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
-            self.running_var
-                .set(&((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
-            self.num_batches_tracked
-                .set(&(self.num_batches_tracked.as_tensor() + 1.0)?)?;
+            self.track(&stats.get(0)?, &stats.get(1)?, rows)?;
             if x2.device().is_cpu() && x2.dtype() == candle_core::DType::F32 {
                 x2.contiguous()?.apply_op3(
                     &self.weight.contiguous()?,

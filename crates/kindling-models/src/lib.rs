@@ -9,6 +9,7 @@ pub mod bert;
 pub mod conv;
 pub mod export;
 mod fused_layer;
+mod fused_resnet;
 pub mod heads;
 pub mod import;
 pub mod init;

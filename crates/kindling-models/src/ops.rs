@@ -406,13 +406,13 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// A row-major matrix operand: data with its row and column strides (a transpose swaps them).
 #[derive(Clone, Copy)]
-struct Mat<'a> {
+pub(crate) struct Mat<'a> {
     data: &'a [f32],
     rs: usize,
     cs: usize,
 }
 
-fn mat(data: &[f32], cols: usize) -> Mat<'_> {
+pub(crate) fn mat(data: &[f32], cols: usize) -> Mat<'_> {
     Mat {
         data,
         rs: cols,
@@ -420,7 +420,7 @@ fn mat(data: &[f32], cols: usize) -> Mat<'_> {
     }
 }
 
-fn mat_t(data: &[f32], cols: usize) -> Mat<'_> {
+pub(crate) fn mat_t(data: &[f32], cols: usize) -> Mat<'_> {
     Mat {
         data,
         rs: 1,
@@ -429,7 +429,7 @@ fn mat_t(data: &[f32], cols: usize) -> Mat<'_> {
 }
 
 /// `dst (m, n) = [dst +] lhs (m, k) @ rhs (k, n)`, dst row-major and dense; gemm's own threads.
-fn gemm_into(
+pub(crate) fn gemm_into(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,
@@ -443,6 +443,38 @@ fn gemm_into(
         }
         return;
     }
+    // SAFETY: dst holds m * n initialised elements (asserted above).
+    unsafe { gemm_raw((m, n, k), dst.as_mut_ptr(), accumulate, lhs, rhs) }
+}
+
+/// `lhs (m, k) @ rhs (k, n)` into a new row-major buffer that is never zero-filled: gemm
+/// writes every element without reading it. For the large products of the convolutions a fill
+/// pass first costs about as much as the product's own output traffic.
+pub(crate) fn gemm_new((m, n, k): (usize, usize, usize), lhs: Mat, rhs: Mat) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
+    }
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: the buffer has room for m * n elements; with `accumulate` false gemm stores every
+    // element of dst and reads none, so all m * n are initialised when it returns.
+    unsafe {
+        gemm_raw((m, n, k), out.as_mut_ptr(), false, lhs, rhs);
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// gemm on a dense row-major (m, n) destination at `dst`, read only when `accumulate`.
+///
+/// # Safety
+/// `dst` must be valid for writes of m * n f32 (and initialised if `accumulate`); m, n, k > 0.
+unsafe fn gemm_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+) {
     assert!(lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs);
     assert!(rhs.data.len() > (k - 1) * rhs.rs + (n - 1) * rhs.cs);
     let threads = candle_core::utils::get_num_threads();
@@ -451,13 +483,14 @@ fn gemm_into(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above bound every element the strides address.
+    // SAFETY: the asserts above bound every element the operand strides address; the caller
+    // vouches for dst.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,

@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::conv::{BatchNorm, Conv2d};
+use crate::fused_resnet::{resnet_forward, ConvUnit, Plan, Step};
 use crate::{ModelError, Result};
 use kindling_core::Mode;
 
@@ -265,11 +266,90 @@ impl ResNet {
         Ok(h)
     }
 
-    /// Globally average-pooled features, (n, feature_dim).
+    /// Globally average-pooled features, (n, feature_dim). Training on CPU in f32 runs the
+    /// whole encoder as one autograd node (`crate::fused_resnet`), the same arithmetic as the
+    /// composed layers with a fraction of candle's backward bookkeeping.
     pub fn forward_t(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        if mode.is_train() && crate::ops::fused_ok(x) && !x.track_op() {
+            return self.forward_fused(x);
+        }
+        self.forward_composed(x, mode)
+    }
+
+    /// [`ResNet::forward_t`] layer by layer, one candle op at a time.
+    pub(crate) fn forward_composed(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let h = self.feature_map(x, mode)?;
         let (n, fh, fw, c) = h.dims4()?;
         Ok(h.reshape((n, fh * fw, c))?.mean(1)?)
+    }
+
+    /// Training-mode [`ResNet::forward_t`] as one op; the running statistics move as the
+    /// composed layers move them.
+    pub(crate) fn forward_fused(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut layers: Vec<&ConvLayer> = vec![&self.embedder];
+        let mut steps = vec![Step::Conv { unit: 0, input: 0 }];
+        let mut current = 1; // the activation a block reads
+        let mut conv = |layer, input: usize, steps: &mut Vec<Step>| {
+            layers.push(layer);
+            steps.push(Step::Conv {
+                unit: layers.len() - 1,
+                input,
+            });
+            steps.len()
+        };
+        for block in self.stages.iter().flatten() {
+            let a = conv(&block.layer[0], current, &mut steps);
+            let b = conv(&block.layer[1], a, &mut steps);
+            current = if block.residual {
+                let skip = match &block.shortcut {
+                    Some(s) => conv(s, current, &mut steps),
+                    None => current,
+                };
+                steps.push(Step::AddRelu { a: b, b: skip });
+                steps.len()
+            } else {
+                b
+            };
+        }
+        let units = layers
+            .iter()
+            .map(|l| {
+                let (cout, cin, k, _) = l.convolution.weight.dims4()?;
+                Ok(ConvUnit {
+                    cin,
+                    cout,
+                    k,
+                    stride: l.convolution.stride,
+                    relu: l.relu,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let params: Vec<&Tensor> = layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.convolution.weight,
+                    &l.normalization.weight,
+                    &l.normalization.bias,
+                ]
+            })
+            .collect();
+        let plan = Plan {
+            units,
+            steps,
+            eps: self.embedder.normalization.eps as f32,
+        };
+        let (feats, stats) = resnet_forward(x, plan, &params)?;
+        for (layer, st) in layers.iter().zip(stats) {
+            let c = st.mean.len();
+            let dev = x.device();
+            layer.normalization.track(
+                &Tensor::from_vec(st.mean, c, dev)?,
+                &Tensor::from_vec(st.var, c, dev)?,
+                st.rows,
+            )?;
+        }
+        Ok(feats)
     }
 }
 
@@ -333,6 +413,78 @@ mod tests {
                 + 16.0 * (288.0 + 576.0 + 32.0)
                 + 2.0 * 16.0 * 576.0);
         assert_eq!(cfg.forward_flops(8, 8), expect);
+    }
+
+    #[test]
+    fn fused_encoder_matches_the_composed_layers_forward_backward_and_running_stats() {
+        use crate::test_util::{max_rel_diff, uniform};
+        for architecture in ["resnet", "cnn"] {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            // A strided first stage, a projected and an identity shortcut, odd image sides
+            // (stride-2 edges) and two input channels.
+            let cfg = ResNetConfig {
+                architecture: architecture.into(),
+                num_channels: 2,
+                embedding_size: 4,
+                hidden_sizes: vec![4, 6],
+                depths: vec![1, 2],
+                downsample_in_first_stage: true,
+                ..Default::default()
+            };
+            let net = ResNet::new(&cfg, vb).unwrap();
+            // BatchNorm weights and biases away from 1 and 0, so their gradients matter.
+            for (i, (name, var)) in varmap.data().lock().unwrap().iter().enumerate() {
+                if name.ends_with("normalization.weight") || name.ends_with("normalization.bias") {
+                    let t = (uniform(var.dims(), 100 + i as u64, 0.5) + 0.5).unwrap();
+                    var.set(&t).unwrap();
+                }
+            }
+            let initial: Vec<(String, Tensor)> = varmap
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+                .collect();
+            let x = uniform(&[3, 9, 7, 2], 1, 1.0);
+            let run = |fused: bool| {
+                for (name, t) in &initial {
+                    varmap.data().lock().unwrap()[name].set(t).unwrap();
+                }
+                let y = if fused {
+                    net.forward_fused(&x).unwrap()
+                } else {
+                    net.forward_composed(&x, Mode::Train { seed: 0 }).unwrap()
+                };
+                let r = uniform(y.dims(), 2, 1.0);
+                let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let data = varmap.data().lock().unwrap();
+                let mut names: Vec<&String> = data.keys().collect();
+                names.sort();
+                let per_var: Vec<(String, Tensor)> = names
+                    .into_iter()
+                    .map(|k| {
+                        let v = &data[k];
+                        let t = if crate::conv::is_norm_buffer(k) {
+                            v.as_tensor().copy().unwrap()
+                        } else {
+                            grads.get(v.as_tensor()).expect("a gradient").clone()
+                        };
+                        (k.clone(), t)
+                    })
+                    .collect();
+                (y, per_var)
+            };
+            let (y_ref, ref_vars) = run(false);
+            let (y, vars) = run(true);
+            assert!(max_rel_diff(&y, &y_ref) < 1e-5, "{architecture}: features");
+            assert_eq!(ref_vars.len(), vars.len());
+            for ((name, want), (_, got)) in ref_vars.iter().zip(&vars) {
+                let d = max_rel_diff(got, want);
+                assert!(d < 1e-4, "{architecture}: {name} differs by {d}");
+            }
+        }
     }
 
     #[test]

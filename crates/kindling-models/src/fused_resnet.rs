@@ -1,0 +1,445 @@
+//! The small ResNet's training-mode forward as one autograd node (CPU, f32): every
+//! convolution, BatchNorm, ReLU and residual add of the encoder, and the global average pool,
+//! forward and backward written out by hand over the kernels of `crate::conv`.
+//!
+//! Why: candle's backward pass allocates a zero tensor and adds into it for every input of every
+//! node. The composed encoder has about five nodes per convolution (im2col, matmul, BatchNorm,
+//! ReLU, reshapes), each with an activation-sized input; on a SimCLR step (2 x 256 images of
+//! 28x28, a 32-channel stem at full resolution) that bookkeeping (`zeros_like` + `add`) was
+//! about 30% of the step. As one node the encoder pays it once, for the flat tensor its
+//! parameters are concatenated into (about 0.3M floats); the images need no gradient.
+//!
+//! Same arithmetic as the composed layers (im2col + gemm, BatchNorm over the batch statistics
+//! from `column_mean_var`, ReLU), up to the gemm's summation order; the test in `resnet.rs`
+//! checks the features, every gradient and the running statistics against them. The im2col
+//! matrices are kept for the backward pass, as the composed layers keep them: about 9x each
+//! 3x3 layer's input (200 MB for 256 images of 28x28 through the recipes' ResNet-10); building
+//! them twice cost 10% of a step.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::conv::{
+    batch_norm_apply, batch_norm_grad, col2im, column_mean_var, im2col, ConvGeometry,
+};
+use crate::ops::{contiguous_f32, cpu_f32, gemm_new, mat, mat_t, vectorised};
+
+/// One convolution (no bias, padding k / 2), its BatchNorm and an optional ReLU: HF's
+/// `ResNetConvLayer`. Its parameters, flattened in this order: convolution weight (cout, cin,
+/// k, k), BatchNorm weight (cout), BatchNorm bias (cout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConvUnit {
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub relu: bool,
+}
+
+impl ConvUnit {
+    fn weights(&self) -> usize {
+        self.cout * self.cin * self.k * self.k
+    }
+
+    fn params(&self) -> usize {
+        self.weights() + 2 * self.cout
+    }
+
+    fn geometry(&self, n: usize, (h, w, c): (usize, usize, usize)) -> ConvGeometry {
+        ConvGeometry {
+            n,
+            h,
+            w,
+            c,
+            kh: self.k,
+            kw: self.k,
+            stride: self.stride,
+            pad: self.k / 2,
+        }
+    }
+
+    /// A 1x1, stride-1 convolution reads its input as the im2col matrix itself.
+    fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1
+    }
+
+    /// (cout, cin, k, k) -> (cout, k * k * cin), the im2col column order.
+    fn weight_rows(&self, w: &[f32]) -> Vec<f32> {
+        let (ci, kk) = (self.cin, self.k * self.k);
+        let mut out = vec![0f32; w.len()];
+        for o in 0..self.cout {
+            for c in 0..ci {
+                for t in 0..kk {
+                    out[o * kk * ci + t * ci + c] = w[(o * ci + c) * kk + t];
+                }
+            }
+        }
+        out
+    }
+
+    /// The inverse of [`ConvUnit::weight_rows`], written into `dst`.
+    fn weight_from_rows(&self, rows: &[f32], dst: &mut [f32]) {
+        let (ci, kk) = (self.cin, self.k * self.k);
+        for o in 0..self.cout {
+            for c in 0..ci {
+                for t in 0..kk {
+                    dst[(o * ci + c) * kk + t] = rows[o * kk * ci + t * ci + c];
+                }
+            }
+        }
+    }
+}
+
+/// One step of the network. Step i writes activation i + 1; activation 0 is the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// `units[unit]` applied to activation `input`.
+    Conv { unit: usize, input: usize },
+    /// max(a + b, 0): the end of a residual block.
+    AddRelu { a: usize, b: usize },
+}
+
+/// The network as units and steps over an (h, w, c) input; the last activation is pooled.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub units: Vec<ConvUnit>,
+    pub steps: Vec<Step>,
+    pub eps: f32,
+}
+
+impl Plan {
+    /// (h, w, c) of every activation, the input first.
+    fn dims(&self, input: (usize, usize, usize)) -> Result<Vec<(usize, usize, usize)>> {
+        let mut dims = vec![input];
+        for step in &self.steps {
+            let d = match *step {
+                Step::Conv { unit, input } => {
+                    let u = self.units[unit];
+                    let (h, w, c) = dims[input];
+                    if c != u.cin {
+                        candle_core::bail!(
+                            "kindling-resnet: unit {unit} expects {} channels, gets {c}",
+                            u.cin
+                        )
+                    }
+                    let (oh, ow) = u.geometry(1, (h, w, c)).out_hw();
+                    (oh, ow, u.cout)
+                }
+                Step::AddRelu { a, b } => {
+                    if dims[a] != dims[b] {
+                        candle_core::bail!(
+                            "kindling-resnet: residual add of {:?} and {:?}",
+                            dims[a],
+                            dims[b]
+                        )
+                    }
+                    dims[a]
+                }
+            };
+            dims.push(d);
+        }
+        Ok(dims)
+    }
+
+    fn param_offsets(&self) -> Vec<usize> {
+        let mut at = 0;
+        self.units
+            .iter()
+            .map(|u| {
+                let o = at;
+                at += u.params();
+                o
+            })
+            .collect()
+    }
+}
+
+/// A unit's batch statistics in one forward pass: mean and biased variance over `rows`.
+pub(crate) struct BatchStats {
+    pub mean: Vec<f32>,
+    pub var: Vec<f32>,
+    pub rows: usize,
+}
+
+/// Activations of the forward pass the backward pass reads.
+struct Saved {
+    /// Activation i at index i; index 0 (the input) is left empty.
+    acts: Vec<Vec<f32>>,
+    /// Each unit's im2col matrix (None for a pointwise unit, which reads its input as is).
+    cols: Vec<Option<Vec<f32>>>,
+    /// Each unit's convolution output (before its BatchNorm), its batch mean and
+    /// 1 / sqrt(var + eps).
+    z: Vec<Vec<f32>>,
+    mean: Vec<Vec<f32>>,
+    rstd: Vec<Vec<f32>>,
+}
+
+/// The encoder as one op on (images (n, h, w, c), flat parameters) -> pooled features (n, c').
+pub(crate) struct ResNetOp {
+    plan: Plan,
+    /// Whether a backward pass can follow (keep the activations).
+    save: bool,
+    saved: Mutex<Option<Saved>>,
+    /// Filled by the forward pass, one entry per unit, for the running statistics.
+    stats: Arc<Mutex<Vec<BatchStats>>>,
+}
+
+fn add_grad(slot: &mut Option<Vec<f32>>, g: Vec<f32>) {
+    match slot {
+        None => *slot = Some(g),
+        Some(acc) => acc
+            .par_chunks_mut(1 << 14)
+            .zip(g.par_chunks(1 << 14))
+            .for_each(|(a, g)| vectorised(|| a.iter_mut().zip(g).for_each(|(a, g)| *a += g))),
+    }
+}
+
+/// Zeroes `g` where the ReLU output `y` is not positive.
+fn relu_mask(y: &[f32], g: &mut [f32]) {
+    g.par_chunks_mut(1 << 14)
+        .zip(y.par_chunks(1 << 14))
+        .for_each(|(g, y)| {
+            vectorised(|| {
+                g.iter_mut()
+                    .zip(y)
+                    .for_each(|(g, &y)| *g = if y > 0.0 { *g } else { 0.0 })
+            })
+        });
+}
+
+impl CustomOp2 for ResNetOp {
+    fn name(&self) -> &'static str {
+        "kindling-resnet"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let flat = contiguous_f32(s2, l2, self.name())?;
+        let (n, h, w, c) = l1.shape().dims4()?;
+        let dims = self.plan.dims((h, w, c))?;
+        let offsets = self.plan.param_offsets();
+        let mut acts: Vec<Vec<f32>> = vec![Vec::new()];
+        let (mut zs, mut means, mut rstds, mut stats) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut kept_cols = Vec::new();
+        for step in &self.plan.steps {
+            let y = match *step {
+                Step::Conv { unit, input } => {
+                    let u = self.plan.units[unit];
+                    let src: &[f32] = if input == 0 { x } else { &acts[input] };
+                    let p = &flat[offsets[unit]..offsets[unit] + u.params()];
+                    let (wt, rest) = p.split_at(u.weights());
+                    let (gamma, beta) = rest.split_at(u.cout);
+                    let g = u.geometry(n, dims[input]);
+                    let (oh, ow) = g.out_hw();
+                    let rows = n * oh * ow;
+                    let kk = u.k * u.k * u.cin;
+                    let cols = (!u.is_pointwise()).then(|| im2col(src, g));
+                    let w2 = u.weight_rows(wt);
+                    let z = gemm_new(
+                        (rows, u.cout, kk),
+                        mat(cols.as_deref().unwrap_or(src), kk),
+                        mat_t(&w2, kk),
+                    );
+                    if self.save {
+                        kept_cols.push(cols);
+                    }
+                    let (mean, var) = column_mean_var(&z, rows, u.cout);
+                    let y = batch_norm_apply(&z, (&mean, &var), gamma, beta, self.plan.eps, u.relu);
+                    rstds.push(
+                        var.iter()
+                            .map(|v| 1.0 / (v + self.plan.eps).sqrt())
+                            .collect::<Vec<f32>>(),
+                    );
+                    means.push(mean.clone());
+                    stats.push(BatchStats { mean, var, rows });
+                    zs.push(z);
+                    y
+                }
+                Step::AddRelu { a, b } => {
+                    let (a, b) = (&acts[a], &acts[b]);
+                    let mut y = vec![0f32; a.len()];
+                    y.par_chunks_mut(1 << 14)
+                        .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
+                        .for_each(|(y, (a, b))| {
+                            vectorised(|| {
+                                for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+                                    *y = (a + b).max(0.0);
+                                }
+                            })
+                        });
+                    y
+                }
+            };
+            acts.push(y);
+        }
+        // Global average pool: (n, p, c') -> (n, c').
+        let (fh, fw, fc) = *dims.last().expect("dims has the input");
+        let pixels = fh * fw;
+        let last = acts.last().expect("a step");
+        let mut feats = vec![0f32; n * fc];
+        for (f, img) in feats.chunks_mut(fc).zip(last.chunks(pixels * fc)) {
+            for px in img.chunks(fc) {
+                f.iter_mut().zip(px).for_each(|(f, v)| *f += v);
+            }
+            f.iter_mut().for_each(|f| *f /= pixels as f32);
+        }
+        *self.stats.lock().expect("batch statistics") = stats;
+        if self.save {
+            *self.saved.lock().expect("saved activations") = Some(Saved {
+                acts,
+                cols: kept_cols,
+                z: zs,
+                mean: means,
+                rstd: rstds,
+            });
+        }
+        Ok((CpuStorage::F32(feats), Shape::from((n, fc))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        flat: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let guard = self.saved.lock().expect("saved activations");
+        let s = guard.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{}: backward without saved activations",
+                self.name()
+            ))
+        })?;
+        let grad = grad.contiguous()?;
+        let ((sx, lx), (sp, lp), (sg, lg)) = (
+            x.storage_and_layout(),
+            flat.storage_and_layout(),
+            grad.storage_and_layout(),
+        );
+        let (xs, params, dfeat) = (cpu_f32(&sx, lx)?, cpu_f32(&sp, lp)?, cpu_f32(&sg, lg)?);
+        let (n, h, w, c) = x.dims4()?;
+        let dims = self.plan.dims((h, w, c))?;
+        let offsets = self.plan.param_offsets();
+        let mut dflat = vec![0f32; params.len()];
+
+        // The pool spreads each feature's gradient evenly over the last map's pixels.
+        let mut grads: Vec<Option<Vec<f32>>> = vec![None; s.acts.len()];
+        let (fh, fw, fc) = *dims.last().expect("dims has the input");
+        let pixels = fh * fw;
+        let mut dlast = vec![0f32; n * pixels * fc];
+        for (img, f) in dlast.chunks_mut(pixels * fc).zip(dfeat.chunks(fc)) {
+            for px in img.chunks_mut(fc) {
+                px.iter_mut()
+                    .zip(f)
+                    .for_each(|(d, f)| *d = f / pixels as f32);
+            }
+        }
+        grads[s.acts.len() - 1] = Some(dlast);
+
+        for (i, step) in self.plan.steps.iter().enumerate().rev() {
+            let out = i + 1;
+            let Some(mut g) = grads[out].take() else {
+                continue; // an activation nothing downstream reads
+            };
+            match *step {
+                Step::AddRelu { a, b } => {
+                    relu_mask(&s.acts[out], &mut g);
+                    add_grad(&mut grads[a], g.clone());
+                    add_grad(&mut grads[b], g);
+                }
+                Step::Conv { unit, input } => {
+                    let u = self.plan.units[unit];
+                    if u.relu {
+                        relu_mask(&s.acts[out], &mut g);
+                    }
+                    let src: &[f32] = if input == 0 { xs } else { &s.acts[input] };
+                    let off = offsets[unit];
+                    let wt = &params[off..off + u.weights()];
+                    let gamma = &params[off + u.weights()..off + u.weights() + u.cout];
+                    let cg = u.geometry(n, dims[input]);
+                    let (oh, ow) = cg.out_hw();
+                    let rows = n * oh * ow;
+                    let kk = u.k * u.k * u.cin;
+                    let mut dz = vec![0f32; g.len()];
+                    let (dgamma, dbeta) = batch_norm_grad(
+                        &s.z[unit],
+                        (&s.mean[unit], &s.rstd[unit]),
+                        gamma,
+                        &g,
+                        &mut dz,
+                    );
+                    drop(g);
+                    let dp = &mut dflat[off..off + u.params()];
+                    let (dw, drest) = dp.split_at_mut(u.weights());
+                    drest[..u.cout].copy_from_slice(&dgamma);
+                    drest[u.cout..].copy_from_slice(&dbeta);
+                    // dW = dz^T cols.
+                    let cols = s.cols[unit].as_deref().unwrap_or(src);
+                    let dw2 = gemm_new((u.cout, kk, rows), mat_t(&dz, u.cout), mat(cols, kk));
+                    u.weight_from_rows(&dw2, dw);
+                    // The images need no gradient: the stem stops here.
+                    if input != 0 {
+                        let w2 = u.weight_rows(wt);
+                        let dcols = gemm_new((rows, kk, u.cout), mat(&dz, u.cout), mat(&w2, kk));
+                        let dx = if u.is_pointwise() {
+                            dcols
+                        } else {
+                            col2im(&dcols, cg)
+                        };
+                        add_grad(&mut grads[input], dx);
+                    }
+                }
+            }
+        }
+        Ok((
+            None,
+            Some(Tensor::from_vec(dflat, flat.shape(), flat.device())?),
+        ))
+    }
+}
+
+/// Runs `plan` on `xs` (n, h, w, c) with the units' parameters `params` (three tensors per
+/// unit, see [`ConvUnit`]); returns the pooled features (n, c') and each unit's batch
+/// statistics. `xs` must not need a gradient.
+pub(crate) fn resnet_forward(
+    xs: &Tensor,
+    plan: Plan,
+    params: &[&Tensor],
+) -> Result<(Tensor, Vec<BatchStats>)> {
+    if xs.track_op() {
+        candle_core::bail!("kindling-resnet: the fused encoder gives no gradient for its input")
+    }
+    let flat = Tensor::cat(
+        &params
+            .iter()
+            .map(|t| t.flatten_all())
+            .collect::<Result<Vec<_>>>()?,
+        0,
+    )?;
+    let expected: usize = plan.units.iter().map(ConvUnit::params).sum();
+    if flat.elem_count() != expected {
+        candle_core::bail!(
+            "kindling-resnet: parameters hold {} values, the units need {expected}",
+            flat.elem_count()
+        )
+    }
+    let stats = Arc::new(Mutex::new(Vec::new()));
+    let op = ResNetOp {
+        plan,
+        save: flat.track_op(),
+        saved: Mutex::new(None),
+        stats: stats.clone(),
+    };
+    let feats = xs.contiguous()?.apply_op2(&flat, op)?;
+    let stats = std::mem::take(&mut *stats.lock().expect("batch statistics"));
+    Ok((feats, stats))
+}
