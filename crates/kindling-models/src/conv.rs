@@ -42,7 +42,7 @@ impl ConvGeometry {
     }
 
     /// Columns of the im2col matrix: (ky, kx, channel) in that order.
-    fn k(&self) -> usize {
+    pub(crate) fn k(&self) -> usize {
         self.kh * self.kw * self.c
     }
 
@@ -84,57 +84,61 @@ pub(crate) fn im2col(x: &[f32], g: ConvGeometry) -> Vec<f32> {
     out.spare_capacity_mut()[..g.n * oh * ow * k]
         .par_chunks_mut(oh * ow * k)
         .zip(x.par_chunks(g.h * g.w * g.c))
-        .for_each(|(o, img)| {
-            let put = |dst: &mut [std::mem::MaybeUninit<f32>], src: &[f32]| {
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    d.write(v);
+        .for_each(|(o, img)| im2col_image(img, g, o));
+    // SAFETY: `im2col_image` wrote every element of every image's rows.
+    unsafe { out.set_len(g.n * oh * ow * k) };
+    out
+}
+
+/// [`im2col`] of one image (h, w, c) into its oh * ow rows `o`, every element written.
+pub(crate) fn im2col_image(img: &[f32], g: ConvGeometry, o: &mut [std::mem::MaybeUninit<f32>]) {
+    let (oh, ow) = g.out_hw();
+    let k = g.k();
+    let put = |dst: &mut [std::mem::MaybeUninit<f32>], src: &[f32]| {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            d.write(v);
+        }
+    };
+    let zero = |dst: &mut [std::mem::MaybeUninit<f32>]| {
+        for d in dst {
+            d.write(0.0);
+        }
+    };
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let row = &mut o[(oy * ow + ox) * k..(oy * ow + ox + 1) * k];
+            for ky in 0..g.kh {
+                let dst = &mut row[ky * g.kw * g.c..(ky + 1) * g.kw * g.c];
+                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                if iy < 0 || iy >= g.h as isize {
+                    zero(dst);
+                    continue;
                 }
-            };
-            let zero = |dst: &mut [std::mem::MaybeUninit<f32>]| {
-                for d in dst {
-                    d.write(0.0);
-                }
-            };
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let row = &mut o[(oy * ow + ox) * k..(oy * ow + ox + 1) * k];
-                    for ky in 0..g.kh {
-                        let dst = &mut row[ky * g.kw * g.c..(ky + 1) * g.kw * g.c];
-                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            zero(dst);
-                            continue;
-                        }
-                        let line = &img[iy as usize * g.w * g.c..(iy as usize + 1) * g.w * g.c];
-                        let x0 = (ox * g.stride) as isize - g.pad as isize;
-                        // kx whose input column lies inside the image: [lo, hi).
-                        let lo = (-x0).clamp(0, g.kw as isize) as usize;
-                        let hi = (g.w as isize - x0).clamp(lo as isize, g.kw as isize) as usize;
-                        zero(&mut dst[..lo * g.c]);
-                        zero(&mut dst[hi * g.c..]);
-                        if g.stride == 1 || hi - lo <= 1 {
-                            let start = (x0 + lo as isize) as usize * g.c;
-                            put(
-                                &mut dst[lo * g.c..hi * g.c],
-                                &line[start..start + (hi - lo) * g.c],
-                            );
-                        } else {
-                            for kx in lo..hi {
-                                let ix = (x0 + kx as isize) as usize;
-                                put(
-                                    &mut dst[kx * g.c..(kx + 1) * g.c],
-                                    &line[ix * g.c..(ix + 1) * g.c],
-                                );
-                            }
-                        }
+                let line = &img[iy as usize * g.w * g.c..(iy as usize + 1) * g.w * g.c];
+                let x0 = (ox * g.stride) as isize - g.pad as isize;
+                // kx whose input column lies inside the image: [lo, hi).
+                let lo = (-x0).clamp(0, g.kw as isize) as usize;
+                let hi = (g.w as isize - x0).clamp(lo as isize, g.kw as isize) as usize;
+                zero(&mut dst[..lo * g.c]);
+                zero(&mut dst[hi * g.c..]);
+                if g.stride == 1 || hi - lo <= 1 {
+                    let start = (x0 + lo as isize) as usize * g.c;
+                    put(
+                        &mut dst[lo * g.c..hi * g.c],
+                        &line[start..start + (hi - lo) * g.c],
+                    );
+                } else {
+                    for kx in lo..hi {
+                        let ix = (x0 + kx as isize) as usize;
+                        put(
+                            &mut dst[kx * g.c..(kx + 1) * g.c],
+                            &line[ix * g.c..(ix + 1) * g.c],
+                        );
                     }
                 }
             }
-        });
-    // SAFETY: the loop above wrote all n * oh * ow * k elements (each kernel row's taps are
-    // either zeroed or copied, [0, lo) and [hi, kw) zeroed, [lo, hi) copied).
-    unsafe { out.set_len(g.n * oh * ow * k) };
-    out
+        }
+    }
 }
 
 /// The adjoint of [`im2col`]: (n * oh * ow, kh * kw * c) -> (n, h, w, c), overlapping taps summed.
@@ -146,18 +150,7 @@ pub(crate) fn col2im(cols: &[f32], g: ConvGeometry) -> Vec<f32> {
     // depend on the thread count.
     out.par_chunks_mut(g.h * g.w * g.c)
         .zip(cols.par_chunks(oh * ow * k))
-        .for_each(|(img, c)| {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let row = &c[(oy * ow + ox) * k..(oy * ow + ox + 1) * k];
-                    g.taps(oy, ox, |col, dst| {
-                        for (d, v) in img[dst..dst + g.c].iter_mut().zip(&row[col..col + g.c]) {
-                            *d += v;
-                        }
-                    });
-                }
-            }
-        });
+        .for_each(|(img, c)| col2im_image(c, g, img));
     out
 }
 
@@ -200,6 +193,22 @@ impl CustomOp1 for Col2Im {
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
+    }
+}
+
+/// [`col2im`] of one image's oh * ow rows `c`, added into the image `img` (h, w, c).
+pub(crate) fn col2im_image(c: &[f32], g: ConvGeometry, img: &mut [f32]) {
+    let (oh, ow) = g.out_hw();
+    let k = g.k();
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let row = &c[(oy * ow + ox) * k..(oy * ow + ox + 1) * k];
+            g.taps(oy, ox, |col, dst| {
+                for (d, v) in img[dst..dst + g.c].iter_mut().zip(&row[col..col + g.c]) {
+                    *d += v;
+                }
+            });
+        }
     }
 }
 

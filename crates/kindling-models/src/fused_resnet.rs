@@ -11,10 +11,8 @@
 //!
 //! Same arithmetic as the composed layers (im2col + gemm, BatchNorm over the batch statistics
 //! from `column_mean_var`, ReLU), up to the gemm's summation order; the test in `resnet.rs`
-//! checks the features, every gradient and the running statistics against them. The im2col
-//! matrices are kept for the backward pass, as the composed layers keep them: about 9x each
-//! 3x3 layer's input (200 MB for 256 images of 28x28 through the recipes' ResNet-10); building
-//! them twice cost 10% of a step.
+//! checks the features, every gradient and the running statistics against them. Convolutions
+//! run a few images at a time (see [`TILE_FLOATS`]), so the im2col matrix is never held whole.
 
 use std::sync::{Arc, Mutex};
 
@@ -22,9 +20,9 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::conv::{
-    batch_norm_apply, batch_norm_grad, col2im, column_mean_var, im2col, ConvGeometry,
+    batch_norm_apply, batch_norm_grad, col2im_image, column_mean_var, im2col_image, ConvGeometry,
 };
-use crate::ops::{contiguous_f32, cpu_f32, gemm_new, mat, mat_t, vectorised};
+use crate::ops::{contiguous_f32, cpu_f32, gemm_serial_into, mat, mat_t, vectorised};
 
 /// One convolution (no bias, padding k / 2), its BatchNorm and an optional ReLU: HF's
 /// `ResNetConvLayer`. Its parameters, flattened in this order: convolution weight (cout, cin,
@@ -92,6 +90,146 @@ impl ConvUnit {
     }
 }
 
+/// Floats of im2col rows per task of the tiled convolution (1 MB): a task builds its tile,
+/// multiplies it and, in the backward pass, folds its gradient back while the tile is in cache.
+/// Materialising the whole im2col matrix instead (58 MB for a 32-channel 3x3 layer at 14x14
+/// over 256 images) made the convolutions memory-bound: the matrix was written, packed by gemm
+/// and read again.
+pub(crate) const TILE_FLOATS: usize = 1 << 18;
+
+fn images_per_task(g: ConvGeometry, tile_floats: usize) -> usize {
+    let (oh, ow) = g.out_hw();
+    (tile_floats / (oh * ow * g.k()).max(1)).clamp(1, g.n.max(1))
+}
+
+/// The im2col rows of `imgs` images `xt`.
+fn im2col_tile(xt: &[f32], g: ConvGeometry, imgs: usize) -> Vec<f32> {
+    let (oh, ow) = g.out_hw();
+    let per_image = oh * ow * g.k();
+    let mut out: Vec<f32> = Vec::with_capacity(imgs * per_image);
+    for (o, img) in out.spare_capacity_mut()[..imgs * per_image]
+        .chunks_mut(per_image)
+        .zip(xt.chunks(g.h * g.w * g.c))
+    {
+        im2col_image(img, g, o);
+    }
+    // SAFETY: `im2col_image` wrote every element of each image's rows.
+    unsafe { out.set_len(imgs * per_image) };
+    out
+}
+
+/// z (n * oh * ow, cout) = im2col(x) @ w2^T for w2 (cout, kh * kw * c), a few images per task.
+/// A pointwise unit multiplies its input as is.
+fn conv_forward(
+    x: &[f32],
+    g: ConvGeometry,
+    w2: &[f32],
+    cout: usize,
+    pointwise: bool,
+    tile_floats: usize,
+) -> Vec<f32> {
+    let (oh, ow) = g.out_hw();
+    let (kk, px, per) = (g.k(), oh * ow, images_per_task(g, tile_floats));
+    let mut z = vec![0f32; g.n * px * cout];
+    z.par_chunks_mut(per * px * cout)
+        .zip(x.par_chunks(per * g.h * g.w * g.c))
+        .for_each(|(zt, xt)| {
+            let imgs = xt.len() / (g.h * g.w * g.c);
+            let tile;
+            let cols: &[f32] = if pointwise {
+                xt
+            } else {
+                tile = im2col_tile(xt, g, imgs);
+                &tile
+            };
+            gemm_serial_into(
+                (imgs * px, cout, kk),
+                zt,
+                false,
+                mat(cols, kk),
+                mat_t(w2, kk),
+            );
+        });
+    z
+}
+
+/// The backward pass of [`conv_forward`] given dz: dW2 (cout, kh * kw * c) and, if `need_dx`,
+/// dx (n, h, w, c). Each task's dW2 is its own partial sum; they are added in task order, so
+/// the result does not depend on the thread count.
+fn conv_backward(
+    x: &[f32],
+    g: ConvGeometry,
+    dz: &[f32],
+    w2: &[f32],
+    cout: usize,
+    pointwise: bool,
+    need_dx: bool,
+    tile_floats: usize,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let (oh, ow) = g.out_hw();
+    let (kk, px, per) = (g.k(), oh * ow, images_per_task(g, tile_floats));
+    let in_image = g.h * g.w * g.c;
+    let task = |xt: &[f32], dzt: &[f32], dxt: Option<&mut [f32]>| -> Vec<f32> {
+        let imgs = xt.len() / in_image;
+        let rows = imgs * px;
+        let tile;
+        let cols: &[f32] = if pointwise {
+            xt
+        } else {
+            tile = im2col_tile(xt, g, imgs);
+            &tile
+        };
+        let mut dw = vec![0f32; cout * kk];
+        gemm_serial_into(
+            (cout, kk, rows),
+            &mut dw,
+            false,
+            mat_t(dzt, cout),
+            mat(cols, kk),
+        );
+        if let Some(dxt) = dxt {
+            if pointwise {
+                gemm_serial_into((rows, kk, cout), dxt, false, mat(dzt, cout), mat(w2, kk));
+            } else {
+                let mut dcols = vec![0f32; rows * kk];
+                gemm_serial_into(
+                    (rows, kk, cout),
+                    &mut dcols,
+                    false,
+                    mat(dzt, cout),
+                    mat(w2, kk),
+                );
+                for (img, c) in dxt.chunks_mut(in_image).zip(dcols.chunks(px * kk)) {
+                    col2im_image(c, g, img);
+                }
+            }
+        }
+        dw
+    };
+    let (partials, dx): (Vec<Vec<f32>>, _) = if need_dx {
+        let mut dx = vec![0f32; g.n * in_image];
+        let partials = dx
+            .par_chunks_mut(per * in_image)
+            .zip(x.par_chunks(per * in_image))
+            .zip(dz.par_chunks(per * px * cout))
+            .map(|((dxt, xt), dzt)| task(xt, dzt, Some(dxt)))
+            .collect();
+        (partials, Some(dx))
+    } else {
+        let partials = x
+            .par_chunks(per * in_image)
+            .zip(dz.par_chunks(per * px * cout))
+            .map(|(xt, dzt)| task(xt, dzt, None))
+            .collect();
+        (partials, None)
+    };
+    let mut dw = vec![0f32; cout * kk];
+    for p in partials {
+        dw.iter_mut().zip(p).for_each(|(d, v)| *d += v);
+    }
+    (dw, dx)
+}
+
 /// One step of the network. Step i writes activation i + 1; activation 0 is the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
@@ -107,6 +245,8 @@ pub(crate) struct Plan {
     pub units: Vec<ConvUnit>,
     pub steps: Vec<Step>,
     pub eps: f32,
+    /// Floats of im2col rows per task ([`TILE_FLOATS`]; the tests take one image per task).
+    pub tile_floats: usize,
 }
 
 impl Plan {
@@ -167,8 +307,6 @@ pub(crate) struct BatchStats {
 struct Saved {
     /// Activation i at index i; index 0 (the input) is left empty.
     acts: Vec<Vec<f32>>,
-    /// Each unit's im2col matrix (None for a pointwise unit, which reads its input as is).
-    cols: Vec<Option<Vec<f32>>>,
     /// Each unit's convolution output (before its BatchNorm), its batch mean and
     /// 1 / sqrt(var + eps).
     z: Vec<Vec<f32>>,
@@ -229,7 +367,7 @@ impl CustomOp2 for ResNetOp {
         let mut acts: Vec<Vec<f32>> = vec![Vec::new()];
         let (mut zs, mut means, mut rstds, mut stats) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut kept_cols = Vec::new();
+
         for step in &self.plan.steps {
             let y = match *step {
                 Step::Conv { unit, input } => {
@@ -241,17 +379,14 @@ impl CustomOp2 for ResNetOp {
                     let g = u.geometry(n, dims[input]);
                     let (oh, ow) = g.out_hw();
                     let rows = n * oh * ow;
-                    let kk = u.k * u.k * u.cin;
-                    let cols = (!u.is_pointwise()).then(|| im2col(src, g));
-                    let w2 = u.weight_rows(wt);
-                    let z = gemm_new(
-                        (rows, u.cout, kk),
-                        mat(cols.as_deref().unwrap_or(src), kk),
-                        mat_t(&w2, kk),
+                    let z = conv_forward(
+                        src,
+                        g,
+                        &u.weight_rows(wt),
+                        u.cout,
+                        u.is_pointwise(),
+                        self.plan.tile_floats,
                     );
-                    if self.save {
-                        kept_cols.push(cols);
-                    }
                     let (mean, var) = column_mean_var(&z, rows, u.cout);
                     let y = batch_norm_apply(&z, (&mean, &var), gamma, beta, self.plan.eps, u.relu);
                     rstds.push(
@@ -296,7 +431,6 @@ impl CustomOp2 for ResNetOp {
         if self.save {
             *self.saved.lock().expect("saved activations") = Some(Saved {
                 acts,
-                cols: kept_cols,
                 z: zs,
                 mean: means,
                 rstd: rstds,
@@ -366,9 +500,6 @@ impl CustomOp2 for ResNetOp {
                     let wt = &params[off..off + u.weights()];
                     let gamma = &params[off + u.weights()..off + u.weights() + u.cout];
                     let cg = u.geometry(n, dims[input]);
-                    let (oh, ow) = cg.out_hw();
-                    let rows = n * oh * ow;
-                    let kk = u.k * u.k * u.cin;
                     let mut dz = vec![0f32; g.len()];
                     let (dgamma, dbeta) = batch_norm_grad(
                         &s.z[unit],
@@ -382,19 +513,20 @@ impl CustomOp2 for ResNetOp {
                     let (dw, drest) = dp.split_at_mut(u.weights());
                     drest[..u.cout].copy_from_slice(&dgamma);
                     drest[u.cout..].copy_from_slice(&dbeta);
-                    // dW = dz^T cols.
-                    let cols = s.cols[unit].as_deref().unwrap_or(src);
-                    let dw2 = gemm_new((u.cout, kk, rows), mat_t(&dz, u.cout), mat(cols, kk));
+                    // The images need no gradient: the stem's dx is not computed.
+                    let w2 = u.weight_rows(wt);
+                    let (dw2, dx) = conv_backward(
+                        src,
+                        cg,
+                        &dz,
+                        &w2,
+                        u.cout,
+                        u.is_pointwise(),
+                        input != 0,
+                        self.plan.tile_floats,
+                    );
                     u.weight_from_rows(&dw2, dw);
-                    // The images need no gradient: the stem stops here.
-                    if input != 0 {
-                        let w2 = u.weight_rows(wt);
-                        let dcols = gemm_new((rows, kk, u.cout), mat(&dz, u.cout), mat(&w2, kk));
-                        let dx = if u.is_pointwise() {
-                            dcols
-                        } else {
-                            col2im(&dcols, cg)
-                        };
+                    if let Some(dx) = dx {
                         add_grad(&mut grads[input], dx);
                     }
                 }

@@ -444,27 +444,30 @@ pub(crate) fn gemm_into(
         return;
     }
     // SAFETY: dst holds m * n initialised elements (asserted above).
-    unsafe { gemm_raw((m, n, k), dst.as_mut_ptr(), accumulate, lhs, rhs) }
+    unsafe { gemm_raw((m, n, k), dst.as_mut_ptr(), accumulate, lhs, rhs, true) }
 }
 
-/// `lhs (m, k) @ rhs (k, n)` into a new row-major buffer that is never zero-filled: gemm
-/// writes every element without reading it. For the large products of the convolutions a fill
-/// pass first costs about as much as the product's own output traffic.
-pub(crate) fn gemm_new((m, n, k): (usize, usize, usize), lhs: Mat, rhs: Mat) -> Vec<f32> {
+/// [`gemm_into`] on the calling thread only: for many small products run as rayon tasks.
+pub(crate) fn gemm_serial_into(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+) {
+    assert!(dst.len() >= m * n);
     if m == 0 || n == 0 || k == 0 {
-        return vec![0f32; m * n];
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
     }
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: the buffer has room for m * n elements; with `accumulate` false gemm stores every
-    // element of dst and reads none, so all m * n are initialised when it returns.
-    unsafe {
-        gemm_raw((m, n, k), out.as_mut_ptr(), false, lhs, rhs);
-        out.set_len(m * n);
-    }
-    out
+    // SAFETY: dst holds m * n initialised elements (asserted above).
+    unsafe { gemm_raw((m, n, k), dst.as_mut_ptr(), accumulate, lhs, rhs, false) }
 }
 
-/// gemm on a dense row-major (m, n) destination at `dst`, read only when `accumulate`.
+/// gemm on a dense row-major (m, n) destination at `dst`, read only when `accumulate`; on
+/// candle's thread count if `parallel`, else on the calling thread.
 ///
 /// # Safety
 /// `dst` must be valid for writes of m * n f32 (and initialised if `accumulate`); m, n, k > 0.
@@ -474,10 +477,15 @@ unsafe fn gemm_raw(
     accumulate: bool,
     lhs: Mat,
     rhs: Mat,
+    parallel: bool,
 ) {
     assert!(lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs);
     assert!(rhs.data.len() > (k - 1) * rhs.rs + (n - 1) * rhs.cs);
-    let threads = candle_core::utils::get_num_threads();
+    let threads = if parallel {
+        candle_core::utils::get_num_threads()
+    } else {
+        1
+    };
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {

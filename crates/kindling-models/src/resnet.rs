@@ -271,7 +271,7 @@ impl ResNet {
     /// composed layers with a fraction of candle's backward bookkeeping.
     pub fn forward_t(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         if mode.is_train() && crate::ops::fused_ok(x) && !x.track_op() {
-            return self.forward_fused(x);
+            return self.forward_fused(x, crate::fused_resnet::TILE_FLOATS);
         }
         self.forward_composed(x, mode)
     }
@@ -284,8 +284,12 @@ impl ResNet {
     }
 
     /// Training-mode [`ResNet::forward_t`] as one op; the running statistics move as the
-    /// composed layers move them.
-    pub(crate) fn forward_fused(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// composed layers move them. `tile_floats`: see `fused_resnet::TILE_FLOATS`.
+    pub(crate) fn forward_fused(
+        &self,
+        x: &Tensor,
+        tile_floats: usize,
+    ) -> candle_core::Result<Tensor> {
         let mut layers: Vec<&ConvLayer> = vec![&self.embedder];
         let mut steps = vec![Step::Conv { unit: 0, input: 0 }];
         let mut current = 1; // the activation a block reads
@@ -338,6 +342,7 @@ impl ResNet {
             units,
             steps,
             eps: self.embedder.normalization.eps as f32,
+            tile_floats,
         };
         let (feats, stats) = resnet_forward(x, plan, &params)?;
         for (layer, st) in layers.iter().zip(stats) {
@@ -448,14 +453,15 @@ mod tests {
                 .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
                 .collect();
             let x = uniform(&[3, 9, 7, 2], 1, 1.0);
-            let run = |fused: bool| {
+            // fused: None = the composed layers; Some(tile) = one op, `tile` im2col floats per
+            // task (1: one image per task, so tasks' partial weight gradients are summed).
+            let run = |fused: Option<usize>| {
                 for (name, t) in &initial {
                     varmap.data().lock().unwrap()[name].set(t).unwrap();
                 }
-                let y = if fused {
-                    net.forward_fused(&x).unwrap()
-                } else {
-                    net.forward_composed(&x, Mode::Train { seed: 0 }).unwrap()
+                let y = match fused {
+                    Some(tile) => net.forward_fused(&x, tile).unwrap(),
+                    None => net.forward_composed(&x, Mode::Train { seed: 0 }).unwrap(),
                 };
                 let r = uniform(y.dims(), 2, 1.0);
                 let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -476,13 +482,18 @@ mod tests {
                     .collect();
                 (y, per_var)
             };
-            let (y_ref, ref_vars) = run(false);
-            let (y, vars) = run(true);
-            assert!(max_rel_diff(&y, &y_ref) < 1e-5, "{architecture}: features");
-            assert_eq!(ref_vars.len(), vars.len());
-            for ((name, want), (_, got)) in ref_vars.iter().zip(&vars) {
-                let d = max_rel_diff(got, want);
-                assert!(d < 1e-4, "{architecture}: {name} differs by {d}");
+            let (y_ref, ref_vars) = run(None);
+            for tile in [1, crate::fused_resnet::TILE_FLOATS] {
+                let (y, vars) = run(Some(tile));
+                assert!(max_rel_diff(&y, &y_ref) < 1e-5, "{architecture}: features");
+                assert_eq!(ref_vars.len(), vars.len());
+                for ((name, want), (_, got)) in ref_vars.iter().zip(&vars) {
+                    let d = max_rel_diff(got, want);
+                    assert!(
+                        d < 1e-4,
+                        "{architecture}, tile {tile}: {name} differs by {d}"
+                    );
+                }
             }
         }
     }
