@@ -430,55 +430,42 @@ pub(crate) fn mat_t(data: &[f32], cols: usize) -> Mat<'_> {
 
 /// `dst (m, n) = [dst +] lhs (m, k) @ rhs (k, n)`, dst row-major and dense; gemm's own threads.
 pub(crate) fn gemm_into(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,
     lhs: Mat,
     rhs: Mat,
 ) {
-    assert!(dst.len() >= m * n);
-    if m == 0 || n == 0 || k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    // SAFETY: dst holds m * n initialised elements (asserted above).
-    unsafe { gemm_raw((m, n, k), dst.as_mut_ptr(), accumulate, lhs, rhs, true) }
+    gemm_dense(dims, dst, accumulate, lhs, rhs, true)
 }
 
 /// [`gemm_into`] on the calling thread only: for many small products run as rayon tasks.
 pub(crate) fn gemm_serial_into(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,
     lhs: Mat,
     rhs: Mat,
 ) {
-    assert!(dst.len() >= m * n);
-    if m == 0 || n == 0 || k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    // SAFETY: dst holds m * n initialised elements (asserted above).
-    unsafe { gemm_raw((m, n, k), dst.as_mut_ptr(), accumulate, lhs, rhs, false) }
+    gemm_dense(dims, dst, accumulate, lhs, rhs, false)
 }
 
-/// gemm on a dense row-major (m, n) destination at `dst`, read only when `accumulate`; on
-/// candle's thread count if `parallel`, else on the calling thread.
-///
-/// # Safety
-/// `dst` must be valid for writes of m * n f32 (and initialised if `accumulate`); m, n, k > 0.
-unsafe fn gemm_raw(
+/// gemm on candle's thread count if `parallel`, else on the calling thread.
+fn gemm_dense(
     (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
+    dst: &mut [f32],
     accumulate: bool,
     lhs: Mat,
     rhs: Mat,
     parallel: bool,
 ) {
+    assert!(dst.len() >= m * n);
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
     assert!(lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs);
     assert!(rhs.data.len() > (k - 1) * rhs.rs + (n - 1) * rhs.cs);
     let threads = if parallel {
@@ -491,14 +478,13 @@ unsafe fn gemm_raw(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above bound every element the operand strides address; the caller
-    // vouches for dst.
+    // SAFETY: the asserts above bound every element the strides address.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst,
+            dst.as_mut_ptr(),
             1,
             n as isize,
             accumulate,
