@@ -23,4 +23,5 @@ if [ "${FULL:-0}" = 1 ]; then
   echo "== whole runs: recipes/simclr-fashion-mnist.toml vs simclr_reference.py"
   cargo run --release -- pretrain recipes/simclr-fashion-mnist.toml --set name=simclr-compare --overwrite 2>&1 | tail -6
   $PY benches/compare/simclr_reference.py --out runs/simclr-compare/torch | tail -1
+  $PY benches/compare/simclr_curves.py runs/simclr-compare
 fi
