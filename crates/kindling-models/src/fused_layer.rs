@@ -20,7 +20,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use crate::ops::{
     contiguous_f32, cpu_f32, dropout_par, gelu_grad_rows, gelu_rows, layer_norm_grad_rows,
-    layer_norm_rows, linear_bwd, linear_fwd, SelfAttention,
+    layer_norm_rows, linear_bwd, linear_fwd, saved_activations, SelfAttention,
 };
 
 /// The parameters of one layer, in the order they are concatenated (HF names, under
@@ -181,12 +181,7 @@ impl CustomOp2 for EncoderLayerOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let guard = self.saved.lock().expect("saved activations");
-        let s = guard.as_ref().ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "{}: backward without saved activations",
-                self.name()
-            ))
-        })?;
+        let s = saved_activations(&guard, self.name())?;
         let grad = grad.contiguous()?;
         let ((sx, lx), (sp, lp), (sg, lg)) = (
             x.storage_and_layout(),

@@ -22,7 +22,9 @@ use rayon::prelude::*;
 use crate::conv::{
     batch_norm_apply, batch_norm_grad, col2im_image, column_mean_var, im2col_image, ConvGeometry,
 };
-use crate::ops::{contiguous_f32, cpu_f32, gemm_serial_into, mat, mat_t, vectorised};
+use crate::ops::{
+    contiguous_f32, cpu_f32, gemm_serial_into, mat, mat_t, saved_activations, vectorised,
+};
 
 /// One convolution (no bias, padding k / 2), its BatchNorm and an optional ReLU: HF's
 /// `ResNetConvLayer`. Its parameters, flattened in this order: convolution weight (cout, cin,
@@ -447,12 +449,7 @@ impl CustomOp2 for ResNetOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let guard = self.saved.lock().expect("saved activations");
-        let s = guard.as_ref().ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "{}: backward without saved activations",
-                self.name()
-            ))
-        })?;
+        let s = saved_activations(&guard, self.name())?;
         let grad = grad.contiguous()?;
         let ((sx, lx), (sp, lp), (sg, lg)) = (
             x.storage_and_layout(),

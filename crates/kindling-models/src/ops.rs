@@ -89,6 +89,13 @@ pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Res
     Ok(&s.as_slice::<f32>()?[start..end])
 }
 
+/// The activations a one-node op's forward pass kept for its backward pass (see
+/// `fused_layer.rs`, `fused_resnet.rs`), or an error naming the op when none were kept.
+pub(crate) fn saved_activations<'a, T>(slot: &'a Option<T>, op: &str) -> Result<&'a T> {
+    slot.as_ref()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: backward without saved activations")))
+}
+
 pub(crate) fn fused_ok(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
 }
