@@ -331,17 +331,64 @@ impl Conv2d {
         let (oh, ow) = g.out_hw();
         let cols = if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
             x.reshape((n * h * w, c))?
-        } else {
+        } else if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
             x.contiguous()?.apply_op1(Im2Col(g))?
+        } else {
+            im2col_composed(x, g)?
         };
-        // (out, in, kh, kw) -> (out, kh * kw * in), matching the im2col column order.
+        // (out, in, kh, kw) -> (out, kh * kw * in), matching the im2col column order; in the
+        // activations' dtype under mixed precision (f32 master weights).
         let w2 = self
             .weight
+            .to_dtype(x.dtype())?
             .permute((0, 2, 3, 1))?
             .contiguous()?
             .reshape((out_c, g.k()))?;
         cols.matmul(&w2.t()?)?.reshape((n, oh, ow, out_c))
     }
+}
+
+/// [`Im2Col`] from candle's own differentiable ops (zero padding, slices, one concatenation),
+/// for devices and dtypes the CPU op does not serve: (n, h, w, c) -> (n * oh * ow, kh * kw * c)
+/// with the same column order. candle's conv2d is not an option there: its backward pass fails
+/// when the stride does not divide the padded input (28x28 at stride 2, pad 1).
+pub(crate) fn im2col_composed(x: &Tensor, g: ConvGeometry) -> Result<Tensor> {
+    let (oh, ow) = g.out_hw();
+    let xp = x
+        .pad_with_zeros(1, g.pad, g.pad)?
+        .pad_with_zeros(2, g.pad, g.pad)?;
+    let mut patches = Vec::with_capacity(g.kh * g.kw);
+    for i in 0..g.kh {
+        let rows = every_nth(&xp, 1, i, g.stride, oh)?;
+        for j in 0..g.kw {
+            patches.push(every_nth(&rows, 2, j, g.stride, ow)?);
+        }
+    }
+    Tensor::cat(&patches, 3)?.reshape((g.n * oh * ow, g.kh * g.kw * g.c))
+}
+
+/// Elements `start, start + stride, ...` (`count` of them) along `dim`: a narrow, then a
+/// reshape that puts the stride in its own dimension, of which the first entry is kept.
+fn every_nth(x: &Tensor, dim: usize, start: usize, stride: usize, count: usize) -> Result<Tensor> {
+    if stride == 1 {
+        return x.narrow(dim, start, count);
+    }
+    let need = stride * count;
+    let avail = x.dim(dim)? - start;
+    let span = if avail >= need {
+        x.narrow(dim, start, need)?
+    } else {
+        // The last window's tail lies past the edge; those elements are never kept.
+        x.narrow(dim, start, avail)?
+            .pad_with_zeros(dim, 0, need - avail)?
+    };
+    let mut dims = span.dims().to_vec();
+    dims[dim] = count;
+    dims.insert(dim + 1, stride);
+    span.contiguous()?
+        .reshape(dims)?
+        .narrow(dim + 1, 0, 1)?
+        .squeeze(dim + 1)
 }
 
 /// Per-column mean and biased variance of a (rows, c) matrix in fixed row chunks (the same sums
@@ -663,11 +710,15 @@ impl BatchNorm {
         let dims = x.dims().to_vec();
         let c = *dims.last().expect("x has a channel dimension");
         let x2 = x.reshape((x.elem_count() / c, c))?;
+        let fused = x2.device().is_cpu() && x2.dtype() == candle_core::DType::F32;
+        // Mixed precision: statistics and normalisation in the parameters' dtype (f32), as
+        // autocast runs batch_norm; the output goes back to the activations' dtype.
+        let xf = x2.to_dtype(self.weight.dtype())?;
         let y = if mode.is_train() {
             let rows = x2.dim(0)?;
-            let stats = x2.detach().contiguous()?.apply_op1(ColumnMeanVar)?;
-            self.track(&stats.get(0)?, &stats.get(1)?, rows)?;
-            if x2.device().is_cpu() && x2.dtype() == candle_core::DType::F32 {
+            if fused {
+                let stats = x2.detach().contiguous()?.apply_op1(ColumnMeanVar)?;
+                self.track(&stats.get(0)?, &stats.get(1)?, rows)?;
                 x2.contiguous()?.apply_op3(
                     &self.weight.contiguous()?,
                     &self.bias.contiguous()?,
@@ -676,20 +727,21 @@ impl BatchNorm {
                     },
                 )?
             } else {
-                let mean = x2.mean_keepdim(0)?;
-                let xc = x2.broadcast_sub(&mean)?;
+                let mean = xf.mean_keepdim(0)?;
+                let xc = xf.broadcast_sub(&mean)?;
                 let var = xc.sqr()?.mean_keepdim(0)?;
+                self.track(&mean.detach().squeeze(0)?, &var.detach().squeeze(0)?, rows)?;
                 xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
                     .broadcast_mul(&self.weight)?
                     .broadcast_add(&self.bias)?
             }
         } else {
             let scale = (&self.weight / (self.running_var.as_tensor() + self.eps)?.sqrt()?)?;
-            x2.broadcast_sub(self.running_mean.as_tensor())?
+            xf.broadcast_sub(self.running_mean.as_tensor())?
                 .broadcast_mul(&scale)?
                 .broadcast_add(&self.bias)?
         };
-        y.reshape(dims)
+        y.to_dtype(x.dtype())?.reshape(dims)
     }
 }
 
@@ -761,6 +813,87 @@ mod tests {
             assert!(rel(gx1, gx2) < 1e-5, "dx k{k} s{stride}: {}", rel(gx1, gx2));
             assert!(rel(gw1, gw2) < 1e-5, "dw k{k} s{stride}: {}", rel(gw1, gw2));
         }
+    }
+
+    /// The composed im2col (what GPUs and mixed precision use) builds the CPU op's rows, and
+    /// its gradient is the CPU op's col2im, for strided, padded, odd-sized maps where a window
+    /// runs past the edge.
+    #[test]
+    fn composed_im2col_equals_the_cpu_op_forward_and_backward() {
+        for (k, stride, pad, h, w) in [
+            (3, 1, 1, 7, 6),
+            (3, 2, 1, 9, 7),
+            (3, 2, 1, 28, 28),
+            (1, 2, 0, 7, 5),
+            (5, 2, 2, 6, 5),
+            (7, 2, 3, 11, 10),
+        ] {
+            let x = Var::from_tensor(&randn(&[2, h, w, 3], 1)).unwrap();
+            let g = ConvGeometry {
+                n: 2,
+                h,
+                w,
+                c: 3,
+                kh: k,
+                kw: k,
+                stride,
+                pad,
+            };
+            let fused = x.as_tensor().apply_op1(Im2Col(g)).unwrap();
+            let composed = im2col_composed(x.as_tensor(), g).unwrap();
+            assert_eq!(
+                fused.dims(),
+                composed.dims(),
+                "k{k} s{stride} p{pad} {h}x{w}"
+            );
+            assert_eq!(
+                rel(&composed, &fused),
+                0.0,
+                "rows k{k} s{stride} p{pad} {h}x{w}"
+            );
+            let r = randn(fused.dims(), 2);
+            let grad = |y: &Tensor| {
+                let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                g.get(x.as_tensor()).unwrap().clone()
+            };
+            let d = rel(&grad(&composed), &grad(&fused));
+            assert!(d < 1e-6, "dx k{k} s{stride} p{pad} {h}x{w}: {d}");
+        }
+    }
+
+    /// BatchNorm under mixed precision (bf16 activations, f32 parameters; the composed path,
+    /// which GPUs take) normalises like the f32 op, moves the running statistics the same way
+    /// and gives f32 parameter gradients.
+    #[test]
+    fn batch_norm_on_bf16_activations_tracks_the_f32_op() {
+        let x = (randn(&[4, 5, 5, 6], 21) + 0.5).unwrap();
+        let r = randn(&[4, 5, 5, 6], 22);
+        let run = |x: &Tensor| {
+            let varmap = VarMap::new();
+            let bn = BatchNorm::load(
+                6,
+                VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            )
+            .unwrap();
+            let y = bn
+                .forward_t(x, Mode::Train { seed: 0 })
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gw = grads.get(&bn.weight).unwrap().clone();
+            let gb = grads.get(&bn.bias).unwrap().clone();
+            let (m, v) = bn.running_stats();
+            (y, gw, gb, m.clone(), v.clone())
+        };
+        let a = run(&x);
+        let b = run(&x.to_dtype(DType::BF16).unwrap());
+        assert_eq!(b.1.dtype(), DType::F32, "master-weight gradients stay f32");
+        assert!(rel(&b.0, &a.0) < 2e-2, "output {}", rel(&b.0, &a.0));
+        assert!(rel(&b.1, &a.1) < 2e-2, "d weight {}", rel(&b.1, &a.1));
+        assert!(rel(&b.2, &a.2) < 2e-2, "d bias {}", rel(&b.2, &a.2));
+        assert!(rel(&b.3, &a.3) < 1e-2, "running mean {}", rel(&b.3, &a.3));
+        assert!(rel(&b.4, &a.4) < 1e-2, "running var {}", rel(&b.4, &a.4));
     }
 
     #[test]

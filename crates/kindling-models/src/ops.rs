@@ -402,6 +402,18 @@ pub(crate) fn layer_norm_grad_rows(
 /// f32, the differentiable composition elsewhere.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if !fused_ok(x) {
+        // Mixed precision: bf16/f16 activations are normalised in the weights' dtype (f32
+        // master weights), as PyTorch's autocast runs layer_norm in f32, and come back in
+        // their own dtype.
+        if x.dtype() != weight.dtype() {
+            return candle_nn::ops::layer_norm_slow(
+                &x.to_dtype(weight.dtype())?,
+                weight,
+                bias,
+                eps as f32,
+            )?
+            .to_dtype(x.dtype());
+        }
         return candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32);
     }
     x.contiguous()?.apply_op3(
@@ -609,7 +621,10 @@ impl CustomOp3 for LinearOp {
 /// A linear layer, `xs @ weight^T + bias`, over the last dimension of `xs`; fused on CPU f32.
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !fused_ok(xs) {
-        return xs.broadcast_matmul(&weight.t()?)?.broadcast_add(bias);
+        // Mixed precision: f32 master weights are cast to the activations' dtype (bf16/f16)
+        // for the product; the cast's backward brings their gradient back in f32.
+        let (w, b) = (weight.to_dtype(xs.dtype())?, bias.to_dtype(xs.dtype())?);
+        return xs.broadcast_matmul(&w.t()?)?.broadcast_add(&b);
     }
     let dims = xs.dims();
     let k = dims[dims.len() - 1];
@@ -808,8 +823,11 @@ pub fn attention_probs(
 ) -> Result<Tensor> {
     let (b, heads, queries, keys) = scores.dims4()?;
     if !fused_ok(scores) {
-        let probs =
-            softmax_last_dim(&(scores * scale)?.broadcast_add(&mask.reshape((b, 1, 1, keys))?)?)?;
+        // The softmax runs in the mask's dtype (f32 under mixed precision, as autocast does)
+        // and the probabilities come back in the scores' dtype.
+        let scaled = (scores.to_dtype(mask.dtype())? * scale)?;
+        let probs = softmax_last_dim(&scaled.broadcast_add(&mask.reshape((b, 1, 1, keys))?)?)?
+            .to_dtype(scores.dtype())?;
         return match dropout {
             Some((p, seed)) => seeded_dropout(&probs, p, seed),
             None => Ok(probs),
@@ -1329,8 +1347,15 @@ pub fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     if fused_ok(x) {
         return x.contiguous()?.apply_op1(SeededDropout { p, seed });
     }
-    let n = x.elem_count();
     let scale = 1.0 / (1.0 - p);
+    if !x.device().is_cpu() {
+        // On a GPU the keep-mask comes from the device's generator (seeded once per run, see
+        // `Device::set_seed`): a host-made mask would cost a transfer of the whole tensor per
+        // dropout site. Runs repeat from the same seed, but masks differ from the CPU's.
+        let keep = Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p as f64)?;
+        return x * (keep.to_dtype(x.dtype())? * scale as f64)?;
+    }
+    let n = x.elem_count();
     let mask: Vec<f32> = (0..n as u64)
         .map(|i| if keep_at(seed, i, p) { scale } else { 0.0 })
         .collect();
@@ -1439,7 +1464,12 @@ impl CustomOp2 for CrossEntropy {
 /// candle_nn's `cross_entropy` elsewhere.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     if !fused_ok(logits) || labels.dtype() != DType::U32 || logits.rank() != 2 {
-        return candle_nn::loss::cross_entropy(logits, labels);
+        // Under mixed precision the loss is taken in f32, as autocast does.
+        let logits = match logits.dtype() {
+            DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
+            _ => logits.clone(),
+        };
+        return candle_nn::loss::cross_entropy(&logits, labels);
     }
     logits
         .contiguous()?

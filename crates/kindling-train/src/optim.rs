@@ -480,15 +480,24 @@ fn sq_norm(t: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
-/// Global L2 norm of the gradients of `vars`.
+/// Global L2 norm of the gradients of `vars`. Each tensor's sum of squares is added in f64 on
+/// the gradients' device and read back once: on a GPU, a read per tensor would wait for the
+/// device a few hundred times per step.
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
-    let mut sq = 0f64;
+    let mut sq: Option<Tensor> = None;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += sq_norm(g)?;
+            let s = g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?;
+            sq = Some(match sq {
+                Some(acc) => (acc + s)?,
+                None => s,
+            });
         }
     }
-    Ok(sq.sqrt())
+    Ok(match sq {
+        Some(t) => t.to_scalar::<f64>()?.sqrt(),
+        None => 0.0,
+    })
 }
 
 /// Scales every gradient of `vars` by `factor` in place (gradient clipping).

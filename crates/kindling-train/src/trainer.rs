@@ -305,6 +305,18 @@ impl Trainer {
                     Some((out, grads)) => (out, Some(grads)),
                     None => (obj.step(&batch, mode)?, None),
                 };
+                // Each micro-batch contributes 1/k of the update, as one big batch would. The
+                // backward pass is queued before the loss is read: on a GPU, reading it first
+                // would leave the device idle while the host queues the backward kernels.
+                let grads = match own_grads {
+                    Some(mut g) => {
+                        if cfg.grad_accum > 1 {
+                            scale_grads(&mut g, &vars, 1.0 / cfg.grad_accum as f64)?;
+                        }
+                        g
+                    }
+                    None => (&out.loss / cfg.grad_accum as f64)?.backward()?,
+                };
                 let loss_val = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !loss_val.is_finite() {
                     if cfg.skip_nonfinite {
@@ -321,16 +333,6 @@ impl Trainer {
                         loss: loss_val,
                     });
                 }
-                // Each micro-batch contributes 1/k of the update, as one big batch would.
-                let grads = match own_grads {
-                    Some(mut g) => {
-                        if cfg.grad_accum > 1 {
-                            scale_grads(&mut g, &vars, 1.0 / cfg.grad_accum as f64)?;
-                        }
-                        g
-                    }
-                    None => (out.loss / cfg.grad_accum as f64)?.backward()?,
-                };
                 // Only the parameters' gradients are kept, detached: a GradStore also holds the
                 // gradient of every intermediate, and a gradient still references the graph it
                 // came from, so keeping either would keep this micro-batch's activations alive

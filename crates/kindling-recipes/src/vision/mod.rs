@@ -65,6 +65,10 @@ pub struct VisionRecipe {
     pub seed: u64,
     #[serde(default = "default_device")]
     pub device: String,
+    /// `"f32"`, or `"bf16"` on a GPU: the encoder computes in bf16 (f32 master weights,
+    /// BatchNorm in f32); heads and losses stay in f32.
+    #[serde(default = "default_precision")]
+    pub precision: String,
     #[serde(default)]
     pub model: VisionModel,
     #[serde(default)]
@@ -85,6 +89,9 @@ fn default_runs_dir() -> PathBuf {
 }
 fn default_device() -> String {
     "auto".into()
+}
+fn default_precision() -> String {
+    "f32".into()
 }
 
 /// `[model]`: the encoder and the heads.
@@ -408,6 +415,8 @@ pub struct SslModel {
     /// monitors in `finish_eval`.
     eval_features: Mutex<(Vec<f32>, Vec<u32>)>,
     flops_per_image: f64,
+    /// Mixed precision: the encoder's compute dtype (`None`: f32).
+    pub compute: Option<DType>,
 }
 
 impl SslModel {
@@ -484,12 +493,23 @@ impl SslModel {
             eval_features: Mutex::new((Vec::new(), Vec::new())),
             // Forward + backward (2x) for both views.
             flops_per_image: 3.0 * 2.0 * flops,
+            compute: None,
         })
     }
 
+    /// A view's images on the device, in the encoder's compute dtype.
     fn images(&self, batch: &ViewBatch, view: usize) -> candle_core::Result<Tensor> {
         let (h, w, c) = batch.shapes[view];
-        Tensor::from_slice(&batch.views[view], (batch.n, h, w, c), &self.device)
+        let x = Tensor::from_slice(&batch.views[view], (batch.n, h, w, c), &self.device)?;
+        match self.compute {
+            Some(d) => x.to_dtype(d),
+            None => Ok(x),
+        }
+    }
+
+    /// Encoder features in f32, whatever the encoder computes in: heads and losses run in f32.
+    fn encode(&self, net: &ResNet, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        net.forward_t(x, mode)?.to_dtype(DType::F32)
     }
 
     /// Encoder features of clean images, eval mode, in batches.
@@ -536,8 +556,8 @@ impl Objective for SslModel {
     fn step(&self, batch: &ViewBatch, mode: Mode) -> candle_core::Result<StepOutput> {
         let x = [self.images(batch, 0)?, self.images(batch, 1)?];
         let f = [
-            self.backbone.forward_t(&x[0], mode)?,
-            self.backbone.forward_t(&x[1], mode)?,
+            self.encode(&self.backbone, &x[0], mode)?,
+            self.encode(&self.backbone, &x[1], mode)?,
         ];
         let z = [
             self.projector.forward_t(&f[0], mode)?,
@@ -552,7 +572,7 @@ impl Objective for SslModel {
                 let mut out = Vec::new();
                 for xi in &x {
                     out.push(
-                        tp.forward_t(&tb.forward_t(xi, mode)?.detach(), mode)?
+                        tp.forward_t(&self.encode(tb, xi, mode)?.detach(), mode)?
                             .detach(),
                     );
                 }
@@ -574,7 +594,7 @@ impl Objective for SslModel {
         if let (Some(probe), Some(labels)) = (&self.probe, &batch.labels) {
             // Eval: the clean view (the third) if the batch has one; training: the first view.
             let feats = if !mode.is_train() && batch.views.len() > 2 {
-                self.backbone.forward_t(&self.images(batch, 2)?, mode)?
+                self.encode(&self.backbone, &self.images(batch, 2)?, mode)?
             } else {
                 f[0].clone()
             };
@@ -958,6 +978,7 @@ pub fn export_from_checkpoint(
 /// Runs a vision SSL recipe.
 pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
     let device = device(&recipe.device)?;
+    crate::bert_mlm::compute_dtype(&recipe.precision, &device)?;
     let train_set = Arc::new(load_images(
         &recipe.data.train,
         recipe.data.max_train_images,
@@ -987,6 +1008,7 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
     )?;
     let in_shape = (train_set.height, train_set.width, train_set.channels);
     let mut model = SslModel::build(recipe, in_shape, classes, &device)?;
+    model.compute = crate::bert_mlm::compute_dtype(&recipe.precision, &device)?;
     let bank = if recipe.eval.knn_bank > 0 {
         (*train_set).clone().truncate(recipe.eval.knn_bank)
     } else {

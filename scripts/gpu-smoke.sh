@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# GPU smoke test: on a machine with a CUDA GPU and a `--features cuda` build of kindling, runs
+# - the BERT-mini MLM recipe (recipes/bert-mini-mlm.toml) on the GPU in f32 and in bf16, and on
+#   the CPU with the same seed (same data order, masks and initialisation; no dropout);
+# - the SimCLR recipe (recipes/simclr-fashion-mnist.toml) likewise, without its final probe;
+# - the BERT-base shape (recipes/gpu/bert-base-mlm.toml: h768, 12 layers, seq 128, batch 128)
+#   in bf16 and in f32, for throughput;
+# then prints one table: tokens/s or images/s (median of the steps after warm-up), achieved
+# TFLOP/s and the MFU it implies (bf16 dense peak, PEAK_TFLOPS, 990 for an H100 SXM), and each
+# run's final losses beside the CPU run's.
+#
+#   bash scripts/gpu-smoke.sh                          # KINDLING_BIN=target/release/kindling
+#   MLM_STEPS=300 BASE_STEPS=60 bash scripts/gpu-smoke.sh
+#
+# The CUDA libraries (cuBLAS, cuRAND, NVRTC) must be on the loader path; where they come from
+# PyTorch's pip wheels, CUDA_LIBS=auto finds them (the default).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN="${KINDLING_BIN:-target/release/kindling}"
+RUNS="${SMOKE_RUNS:-runs/gpu-smoke}"
+GPU="${GPU:-cuda:0}"
+MLM_STEPS="${MLM_STEPS:-200}"
+VISION_STEPS="${VISION_STEPS:-100}"
+BASE_STEPS="${BASE_STEPS:-40}"
+PEAK_TFLOPS="${PEAK_TFLOPS:-990}"
+ONLY="${ONLY:-mlm vision base}"
+
+if [ "${CUDA_LIBS:-auto}" = auto ]; then
+  # NVIDIA's pip wheels (PyTorch's dependencies) keep the CUDA 13 libraries here.
+  libs="$(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null || true)"
+  [ -d "$libs" ] && export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+mkdir -p "$RUNS"
+
+# run NAME RECIPE DEVICE PRECISION STEPS [--set k=v ...]
+run() {
+  local name=$1 recipe=$2 dev=$3 prec=$4 steps=$5
+  shift 5
+  local t0=$SECONDS
+  if "$BIN" pretrain "$recipe" --overwrite --set name="$name" --set runs_dir="$RUNS" \
+      --set device="$dev" --set precision="$prec" --set train.steps="$steps" \
+      --set train.eval_every="$steps" --set train.save_every="$steps" "$@" \
+      >"$RUNS/$name.log" 2>&1; then
+    echo "$name: done in $((SECONDS - t0)) s ($recipe, $dev, $prec, $steps steps)"
+  else
+    echo "$name: FAILED after $((SECONDS - t0)) s ($recipe, $dev, $prec); its last lines:"
+    tail -n 12 "$RUNS/$name.log" | sed 's/\r/\n/g' | tail -n 12
+  fi
+}
+
+names=()
+if [[ " $ONLY " == *" mlm "* ]]; then
+  for p in f32 bf16; do
+    run "mlm-gpu-$p" recipes/bert-mini-mlm.toml "$GPU" "$p" "$MLM_STEPS"
+    names+=("mlm-gpu-$p")
+  done
+  run mlm-cpu recipes/bert-mini-mlm.toml cpu f32 "$MLM_STEPS"
+  names+=(mlm-cpu)
+fi
+if [[ " $ONLY " == *" vision "* ]]; then
+  for p in f32 bf16; do
+    run "simclr-gpu-$p" recipes/simclr-fashion-mnist.toml "$GPU" "$p" "$VISION_STEPS" \
+      --set probe.enabled=false
+    names+=("simclr-gpu-$p")
+  done
+  run simclr-cpu recipes/simclr-fashion-mnist.toml cpu f32 "$VISION_STEPS" --set probe.enabled=false
+  names+=(simclr-cpu)
+fi
+if [[ " $ONLY " == *" base "* ]]; then
+  for p in bf16 f32; do
+    run "base-gpu-$p" recipes/gpu/bert-base-mlm.toml "$GPU" "$p" "$BASE_STEPS"
+    names+=("base-gpu-$p")
+  done
+fi
+
+python3 - "$RUNS" "$PEAK_TFLOPS" "${names[@]}" <<'PY'
+import json, os, statistics, sys
+runs, peak, names = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+def load(name):
+    path = os.path.join(runs, name, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    rows = [json.loads(l) for l in open(path) if l.strip()]
+    train = [r for r in rows if r.get("split") == "train"]
+    evals = [r for r in rows if r.get("split") == "eval"]
+    if not train:
+        return None
+    steady = train[max(3, len(train) // 5):] or train
+    ups = statistics.median(r["units_per_s"] for r in steady)
+    gf = [r["gflops_per_s"] for r in steady if "gflops_per_s" in r]
+    last = train[-10:]
+    return {
+        "steps": train[-1]["step"],
+        "units_per_s": ups,
+        "tflops": statistics.median(gf) / 1e3 if gf else None,
+        "train_loss": sum(r["loss"] for r in last) / len(last),
+        "eval_loss": evals[-1]["loss"] if evals else None,
+    }
+res = {n: load(n) for n in names}
+print()
+print(f"{'run':<16} {'steps':>5} {'units/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+      f"{'train loss':>10} {'eval loss':>9} {'vs CPU eval':>11}")
+for n in names:
+    r = res[n]
+    if r is None:
+        print(f"{n:<16} (no metrics: see {runs}/{n}.log)")
+        continue
+    cpu = res.get(n.split("-gpu-")[0] + "-cpu") if "-gpu-" in n else None
+    unit = "img/s" if n.startswith("simclr") else "tok/s"
+    tf = f"{r['tflops']:.2f}" if r["tflops"] is not None else "-"
+    mfu = f"{100 * r['tflops'] / peak:.1f}%" if r["tflops"] is not None else "-"
+    ev = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
+    d = (f"{r['eval_loss'] - cpu['eval_loss']:+.4f}"
+         if cpu and r["eval_loss"] is not None and cpu["eval_loss"] is not None else "")
+    print(f"{n:<16} {r['steps']:>5} {r['units_per_s']:>10.0f} {tf:>8} {mfu:>6} "
+          f"{r['train_loss']:>10.4f} {ev:>9} {d:>11}   ({unit})")
+print(f"\nMFU: achieved matmul TFLOP/s over a {peak:.0f} TFLOP/s bf16 dense peak "
+      "(PEAK_TFLOPS); f32 rows are measured against the same peak.")
+PY
