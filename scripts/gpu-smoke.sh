@@ -24,6 +24,8 @@ VISION_STEPS="${VISION_STEPS:-100}"
 BASE_STEPS="${BASE_STEPS:-40}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-990}"
 ONLY="${ONLY:-mlm vision base}"
+MLM_PRECISIONS="${MLM_PRECISIONS:-f32 bf16}"  # add f16 for loss-scaled half precision
+CPU="${CPU:-1}"                              # 0: reuse the CPU runs already in SMOKE_RUNS
 
 if [ "${CUDA_LIBS:-auto}" = auto ]; then
   # NVIDIA's pip wheels (PyTorch's dependencies) keep the CUDA 13 libraries here.
@@ -51,11 +53,11 @@ run() {
 
 names=()
 if [[ " $ONLY " == *" mlm "* ]]; then
-  for p in f32 bf16; do
+  for p in $MLM_PRECISIONS; do
     run "mlm-gpu-$p" recipes/bert-mini-mlm.toml "$GPU" "$p" "$MLM_STEPS"
     names+=("mlm-gpu-$p")
   done
-  run mlm-cpu recipes/bert-mini-mlm.toml cpu f32 "$MLM_STEPS"
+  [ "$CPU" = 1 ] && run mlm-cpu recipes/bert-mini-mlm.toml cpu f32 "$MLM_STEPS"
   names+=(mlm-cpu)
 fi
 if [[ " $ONLY " == *" vision "* ]]; then
@@ -64,7 +66,8 @@ if [[ " $ONLY " == *" vision "* ]]; then
       --set probe.enabled=false
     names+=("simclr-gpu-$p")
   done
-  run simclr-cpu recipes/simclr-fashion-mnist.toml cpu f32 "$VISION_STEPS" --set probe.enabled=false
+  [ "$CPU" = 1 ] && run simclr-cpu recipes/simclr-fashion-mnist.toml cpu f32 "$VISION_STEPS" \
+    --set probe.enabled=false
   names+=(simclr-cpu)
 fi
 if [[ " $ONLY " == *" base "* ]]; then

@@ -401,6 +401,12 @@ pub(crate) fn layer_norm_grad_rows(
 /// LayerNorm over the last dimension with scale and shift; one fused op (with backward) on CPU
 /// f32, the differentiable composition elsewhere.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if attach_kernels(x) {
+        // candle_nn's kernel normalises (in f32 inside); scale and shift in x's dtype.
+        return normalize_attached(x, eps)?
+            .broadcast_mul(&weight.to_dtype(x.dtype())?)?
+            .broadcast_add(&bias.to_dtype(x.dtype())?);
+    }
     if !fused_ok(x) {
         // Mixed precision: bf16/f16 activations are normalised in the weights' dtype (f32
         // master weights), as PyTorch's autocast runs layer_norm in f32, and come back in
@@ -825,9 +831,16 @@ pub fn attention_probs(
     if !fused_ok(scores) {
         // The softmax runs in the mask's dtype (f32 under mixed precision, as autocast does)
         // and the probabilities come back in the scores' dtype.
-        let scaled = (scores.to_dtype(mask.dtype())? * scale)?;
-        let probs = softmax_last_dim(&scaled.broadcast_add(&mask.reshape((b, 1, 1, keys))?)?)?
-            .to_dtype(scores.dtype())?;
+        // On CUDA the fused softmax kernel accumulates in f32 itself, so the scores stay in
+        // their dtype.
+        let dtype = if attach_kernels(scores) {
+            scores.dtype()
+        } else {
+            mask.dtype()
+        };
+        let scaled = (scores.to_dtype(dtype)? * scale)?;
+        let mask = mask.to_dtype(dtype)?.reshape((b, 1, 1, keys))?;
+        let probs = softmax_last_dim(&scaled.broadcast_add(&mask)?)?.to_dtype(scores.dtype())?;
         return match dropout {
             Some((p, seed)) => seeded_dropout(&probs, p, seed),
             None => Ok(probs),
@@ -903,12 +916,139 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
-/// Softmax over the last dimension, differentiable.
+/// Softmax over the last dimension, differentiable: fused on CPU f32, candle_nn's fused kernel
+/// with [`AttachGrad`]'s backward on CUDA, the composition elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if attach_kernels(x) {
+        return softmax_attached(x);
+    }
     if !fused_ok(x) {
-        return candle_nn::ops::softmax(x, D::Minus1);
+        return softmax_composed(x);
     }
     x.contiguous()?.apply_op1(Softmax)
+}
+
+/// Whether `x`'s softmax and LayerNorm use candle_nn's fused kernels with [`AttachGrad`]'s
+/// backward: on CUDA, unless `KINDLING_GPU_COMPOSED=1` asks for the composed ops (to compare).
+fn attach_kernels(x: &Tensor) -> bool {
+    static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    x.device().is_cuda()
+        && !*COMPOSED.get_or_init(|| std::env::var("KINDLING_GPU_COMPOSED").is_ok_and(|v| v == "1"))
+}
+
+/// Softmax from candle's ops with the row maximum detached: the result does not depend on the
+/// shift, so its gradient through the maximum is zero, which candle would otherwise compute
+/// with an equality mask, a product and a sum the size of the input.
+fn softmax_composed(x: &Tensor) -> Result<Tensor> {
+    let e = x
+        .broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?
+        .exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `log_softmax` over the last dimension, with the row maximum detached (see
+/// [`softmax_composed`]).
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// candle_nn's fused softmax kernel (one pass, f32 accumulation for bf16/f16; no backward of
+/// its own) with the softmax gradient attached.
+pub(crate) fn softmax_attached(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
+    x.apply_op2(&y, AttachGrad::Softmax)
+}
+
+/// LayerNorm without scale and shift, `(x - mean) / sqrt(var + eps)` over the last dimension:
+/// candle_nn's fused kernel (f32 arithmetic inside for bf16/f16) with the gradient attached.
+pub(crate) fn normalize_attached(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let h = x.dim(D::Minus1)?;
+    let (one, zero) = (
+        Tensor::ones(h, x.dtype(), x.device())?,
+        Tensor::zeros(h, x.dtype(), x.device())?,
+    );
+    let y = candle_nn::ops::layer_norm(&x.detach().contiguous()?, &one, &zero, eps as f32)?;
+    x.apply_op2(&y, AttachGrad::Normalize { eps })
+}
+
+/// The output of a kernel that has no backward pass (`value`, computed from `input`) made
+/// differentiable: forward, a copy of `value`; backward, the gradient of the function that
+/// kernel computes, from candle's ops (so it runs on any device). One autograd node instead of
+/// the five to fifteen of the composed function.
+enum AttachGrad {
+    /// value = softmax(input) over the last dimension.
+    Softmax,
+    /// value = (input - mean) / sqrt(var + eps) over the last dimension.
+    Normalize { eps: f64 },
+}
+
+/// The second operand, copied (a CustomOp must return new storage).
+fn copy_second<S: candle_core::backend::BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("kindling-attach-grad: the value must be contiguous from offset 0")
+    }
+    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+impl CustomOp2 for AttachGrad {
+    fn name(&self) -> &'static str {
+        "kindling-attach-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_second(s2, l2)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        copy_second(s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = match self {
+            // dx = y * (g - sum(g * y))
+            AttachGrad::Softmax => {
+                let gy = (g * y)?;
+                (&gy - y.broadcast_mul(&gy.sum_keepdim(D::Minus1)?)?)?
+            }
+            // With x^ = (x - mean) * r, r = 1 / sqrt(var + eps), over n features:
+            // dx = r * (g - mean(g) - x^ * mean(g * x^)). In f32 from x (x^ recomputed: the
+            // value may be bf16).
+            AttachGrad::Normalize { eps } => {
+                let xf = x.to_dtype(DType::F32)?;
+                let xc = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+                let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + *eps)?
+                    .sqrt()?
+                    .recip()?;
+                let xh = xc.broadcast_mul(&r)?;
+                let gf = g.to_dtype(DType::F32)?;
+                let inner = (gf.broadcast_sub(&gf.mean_keepdim(D::Minus1)?)?
+                    - xh.broadcast_mul(&(&gf * &xh)?.mean_keepdim(D::Minus1)?)?)?;
+                inner.broadcast_mul(&r)?.to_dtype(x.dtype())?
+            }
+        };
+        Ok((Some(dx), None))
+    }
 }
 
 /// Multi-head self-attention from the projected q, k, v, each flat (batch * seq, hidden) with
@@ -1469,7 +1609,15 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
             DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
             _ => logits.clone(),
         };
-        return candle_nn::loss::cross_entropy(&logits, labels);
+        if labels.dtype() != DType::U32 || logits.rank() != 2 {
+            return candle_nn::loss::cross_entropy(&logits, labels);
+        }
+        // candle_nn's cross_entropy less the gradient through the row maximum (log_softmax).
+        let n = logits.dim(0)? as f64;
+        return log_softmax(&logits)?
+            .gather(&labels.unsqueeze(1)?, 1)?
+            .sum_all()?
+            .affine(-1.0 / n, 0.0);
     }
     logits
         .contiguous()?
@@ -1492,6 +1640,96 @@ mod tests {
         let y = f(v.as_tensor());
         let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
         (y, g.get(v.as_tensor()).unwrap().clone())
+    }
+
+    /// The GPU paths, run here on the CPU: candle_nn's softmax and LayerNorm kernels with the
+    /// attached backward passes, the composed softmax and cross-entropy with the maximum
+    /// detached; each against the CPU op or candle's composition, forward and backward.
+    #[test]
+    fn attached_and_detached_max_paths_match_forward_and_backward() {
+        let x = randn((4, 7, 33), 1);
+        let r = randn((4, 7, 33), 2);
+        let close = |(y1, g1): (Tensor, Tensor), (y2, g2): (Tensor, Tensor), what: &str| {
+            let (dy, dg) = (max_rel_diff(&y1, &y2), max_rel_diff(&g1, &g2));
+            assert!(dy < 1e-5 && dg < 1e-5, "{what}: value {dy}, gradient {dg}");
+        };
+        close(
+            grads(|t| softmax_attached(t).unwrap(), &x, &r),
+            grads(|t| t.apply_op1(Softmax).unwrap(), &x, &r),
+            "attached softmax",
+        );
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let r64 = r.to_dtype(DType::F64).unwrap();
+        let f32s = |(a, b): (Tensor, Tensor)| {
+            (
+                a.to_dtype(DType::F32).unwrap(),
+                b.to_dtype(DType::F32).unwrap(),
+            )
+        };
+        close(
+            f32s(grads(|t| softmax_composed(t).unwrap(), &x64, &r64)),
+            f32s(grads(
+                |t| candle_nn::ops::softmax(t, D::Minus1).unwrap(),
+                &x64,
+                &r64,
+            )),
+            "softmax, max detached",
+        );
+        // LayerNorm: the attached normalisation with scale and shift, against the CPU op, for
+        // the input and both parameters.
+        let (w, b) = (
+            Var::from_tensor(&(randn((1, 1, 33), 3).flatten_all().unwrap() + 1.0).unwrap())
+                .unwrap(),
+            Var::from_tensor(&randn((1, 1, 33), 4).flatten_all().unwrap()).unwrap(),
+        );
+        let ln = |attached: bool| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = if attached {
+                normalize_attached(xv.as_tensor(), 1e-5)
+                    .unwrap()
+                    .broadcast_mul(w.as_tensor())
+                    .unwrap()
+                    .broadcast_add(b.as_tensor())
+                    .unwrap()
+            } else {
+                layer_norm(xv.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap()
+            };
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let get = |v: &Tensor| g.get(v).unwrap().clone();
+            (
+                y,
+                get(xv.as_tensor()),
+                get(w.as_tensor()),
+                get(b.as_tensor()),
+            )
+        };
+        let (a, c) = (ln(true), ln(false));
+        for (u, v, what) in [
+            (&a.0, &c.0, "y"),
+            (&a.1, &c.1, "dx"),
+            (&a.2, &c.2, "dw"),
+            (&a.3, &c.3, "db"),
+        ] {
+            let d = max_rel_diff(u, v);
+            assert!(d < 1e-6, "attached LayerNorm {what}: {d}");
+        }
+        // Cross-entropy from the log_softmax with the maximum detached, against candle_nn's.
+        let logits = randn((1, 9, 40), 5)
+            .squeeze(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let labels = Tensor::new(&[0u32, 3, 39, 7, 7, 12, 1, 30, 2], &Device::Cpu).unwrap();
+        let one = Tensor::ones((), DType::F64, &Device::Cpu).unwrap();
+        close(
+            f32s(grads(|t| cross_entropy(t, &labels).unwrap(), &logits, &one)),
+            f32s(grads(
+                |t| candle_nn::loss::cross_entropy(t, &labels).unwrap(),
+                &logits,
+                &one,
+            )),
+            "cross-entropy, max detached",
+        );
     }
 
     #[test]
