@@ -90,6 +90,7 @@ fn checkpoint_in(dir: &Path) -> (VarMap, AdamW, std::path::PathBuf) {
         last_eval: None,
         elapsed_secs: 1.0,
         best: None,
+        loss_scale: None,
     };
     let ckpt = checkpoint::save(dir, &varmap, &opt, &state, 2).unwrap();
     (varmap, opt, ckpt)

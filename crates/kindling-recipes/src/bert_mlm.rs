@@ -176,11 +176,18 @@ fn auto_device() -> Device {
     Device::Cpu
 }
 
+/// The initial dynamic loss scale a `precision` needs: f16's range would flush small gradients
+/// to zero, so its loss is scaled (2^16 to start, as PyTorch's `GradScaler`); f32 and bf16
+/// (f32's range) need none.
+pub fn loss_scale(precision: &str) -> Option<f64> {
+    (precision == "f16").then_some(65536.0)
+}
+
 /// The compute dtype a recipe's `precision` asks for on `device`: `None` for f32 (parameters
 /// and compute alike), `Some(BF16)` for bf16 mixed precision (f32 master weights and optimizer
 /// state, bf16 activations and matrix products; LayerNorm, BatchNorm, softmax and the loss in
-/// f32, as PyTorch's autocast). Only f32 trains on CPU, and f16 (which needs loss scaling) is
-/// refused.
+/// f32, as PyTorch's autocast), `Some(F16)` likewise with dynamic loss scaling (see
+/// [`loss_scale`]). Only f32 trains on CPU.
 pub fn compute_dtype(precision: &str, device: &Device) -> Result<Option<DType>, RecipeError> {
     let bad = |msg: String| RecipeError::Invalid {
         key: "precision".into(),
@@ -193,11 +200,7 @@ pub fn compute_dtype(precision: &str, device: &Device) -> Result<Option<DType>, 
              it would be slower than f32 (use precision = \"f32\")"
         ))),
         ("bf16", _) => Ok(Some(DType::BF16)),
-        ("f16", _) => Err(bad(
-            "`f16` needs loss scaling, which the trainer does not do yet; use \"bf16\" (the \
-             same speed on GPUs from the A100 on, and no scaling needed)"
-                .into(),
-        )),
+        ("f16", _) => Ok(Some(DType::F16)),
         (other, _) => Err(bad(format!(
             "`{other}` is not a precision; expected \"f32\", \"bf16\" or \"f16\""
         ))),
@@ -872,6 +875,7 @@ fn trainer_for(
 ) -> Result<Trainer, RecipeError> {
     let t = &recipe.train;
     let mut cfg = t.train_config(recipe.seed, steps_per_epoch)?;
+    cfg.loss_scale = loss_scale(&recipe.precision);
     // The recipe-level limits were parsed once by the caller (they name the key on error).
     cfg.max_time = max_time;
     cfg.save_interval = save_interval;

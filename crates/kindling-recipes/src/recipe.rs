@@ -30,9 +30,9 @@ pub struct Recipe {
     /// `"auto"` (the best device this build supports), `"cpu"`, `"cuda:N"` or `"metal"`.
     #[serde(default = "default_device")]
     pub device: String,
-    /// `"f32"`, or mixed precision `"bf16"` / `"f16"` (f32 master weights and optimizer state,
-    /// low-precision compute) where the device supports it. f32 on CPU: candle has no bf16
-    /// gemm there, so bf16 would only be slower.
+    /// `"f32"`, or mixed precision `"bf16"` / `"f16"` on a GPU (f32 master weights and optimizer
+    /// state, low-precision compute; f16 with dynamic loss scaling). f32 on CPU: candle has no
+    /// bf16 gemm there, so bf16 would only be slower.
     #[serde(default = "default_precision")]
     pub precision: String,
     #[serde(default)]
@@ -221,6 +221,7 @@ impl TrainSection {
             skip_nonfinite: self.on_nonfinite == OnNonFinite::Skip,
             checkpoint_extras: Vec::new(),
             monitor: self.monitor.clone(),
+            loss_scale: None,
         })
     }
 

@@ -33,6 +33,9 @@ pub struct TrainerState {
     /// The best eval so far and the early-stopping count (see `EarlyStopping`).
     #[serde(default)]
     pub best: Option<Best>,
+    /// The dynamic loss scale and its count of clean updates (f16 mixed precision).
+    #[serde(default)]
+    pub loss_scale: Option<(f64, u64)>,
 }
 
 /// The best value of the monitored eval metric, where it was reached, and how many evals since

@@ -53,7 +53,16 @@ pub struct TrainConfig {
     pub checkpoint_extras: Vec<PathBuf>,
     /// The eval metric whose best checkpoint is kept, and when to stop early on it.
     pub monitor: Monitor,
+    /// Dynamic loss scaling, for f16 mixed precision (whose gradients would underflow): the
+    /// initial scale. The loss is multiplied by the scale before the backward pass and the
+    /// gradients divided by it before clipping; an update whose gradients overflow is skipped
+    /// and the scale halved, and after [`LOSS_SCALE_WINDOW`] clean updates it doubles, as
+    /// PyTorch's `GradScaler`. `None`: no scaling (f32, bf16).
+    pub loss_scale: Option<f64>,
 }
+
+/// Clean updates after which a dynamic loss scale doubles (PyTorch's `growth_interval`).
+pub const LOSS_SCALE_WINDOW: u64 = 2000;
 
 /// Whether smaller or larger values of a metric are better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +152,7 @@ impl Default for TrainConfig {
             skip_nonfinite: false,
             checkpoint_extras: Vec::new(),
             monitor: Monitor::default(),
+            loss_scale: None,
         }
     }
 }
@@ -263,6 +273,11 @@ impl Trainer {
             .map_or(serde_json::Value::Null, |s| s.data_cursor.clone());
         let elapsed_before = start.as_ref().map_or(0.0, |s| s.elapsed_secs);
         let mut best = start.as_ref().and_then(|s| s.best.clone());
+        // (scale, clean updates since it last changed); a resumed run goes on with its own.
+        let mut scaler = match start.as_ref().and_then(|s| s.loss_scale) {
+            Some(saved) => Some(saved),
+            None => cfg.loss_scale.map(|s| (s, 0u64)),
+        };
         let mut last_eval = start.and_then(|s| s.last_eval).unwrap_or_default();
         let mut last_checkpoint = None;
         let mut stop = StopReason::Completed;
@@ -310,12 +325,16 @@ impl Trainer {
                 // would leave the device idle while the host queues the backward kernels.
                 let grads = match own_grads {
                     Some(mut g) => {
-                        if cfg.grad_accum > 1 {
-                            scale_grads(&mut g, &vars, 1.0 / cfg.grad_accum as f64)?;
+                        let s = scaler.map_or(1.0, |(s, _)| s);
+                        if cfg.grad_accum > 1 || s != 1.0 {
+                            scale_grads(&mut g, &vars, s / cfg.grad_accum as f64)?;
                         }
                         g
                     }
-                    None => (&out.loss / cfg.grad_accum as f64)?.backward()?,
+                    None => {
+                        let s = scaler.map_or(1.0, |(s, _)| s);
+                        (&out.loss * (s / cfg.grad_accum as f64))?.backward()?
+                    }
                 };
                 let loss_val = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !loss_val.is_finite() {
@@ -361,15 +380,32 @@ impl Trainer {
             let mut norm = f64::NAN;
             if !nonfinite {
                 let mut grads = acc.expect("grad_accum >= 1");
-                norm = grad_norm(&grads, &vars)?;
-                if norm.is_finite() {
-                    if let Some(max) = cfg.max_grad_norm {
-                        if norm > max {
-                            scale_grads(&mut grads, &vars, max / (norm + 1e-6))?;
-                        }
+                let scale = scaler.map_or(1.0, |(s, _)| s);
+                norm = grad_norm(&grads, &vars)? / scale;
+                if let (Some((s, clean)), false) = (scaler.as_mut(), norm.is_finite()) {
+                    // Overflow of the scaled gradients: skip this update at half the scale.
+                    tracing::debug!(step = step + 1, scale = *s, "loss-scale overflow");
+                    *s /= 2.0;
+                    *clean = 0;
+                    metric_sums.insert("loss_scale_overflow".into(), 1.0);
+                } else if norm.is_finite() {
+                    // One pass over the gradients: unscale and clip together.
+                    let clip = match cfg.max_grad_norm {
+                        Some(max) if norm > max => max / (norm + 1e-6),
+                        _ => 1.0,
+                    };
+                    if clip / scale != 1.0 {
+                        scale_grads(&mut grads, &vars, clip / scale)?;
                     }
                     opt.step(&grads, lr)?;
                     obj.after_update(step + 1, cfg.steps)?;
+                    if let Some((s, clean)) = scaler.as_mut() {
+                        *clean += 1;
+                        if *clean == LOSS_SCALE_WINDOW {
+                            *s *= 2.0;
+                            *clean = 0;
+                        }
+                    }
                 } else if cfg.skip_nonfinite {
                     tracing::warn!(step = step + 1, "non-finite gradient: update skipped");
                     nonfinite = true;
@@ -383,6 +419,9 @@ impl Trainer {
             }
             if skipped > 0 {
                 metric_sums.insert("skipped_steps".into(), skipped as f64);
+            }
+            if let Some((s, _)) = scaler {
+                metric_sums.insert("loss_scale".into(), s);
             }
             step += 1;
             units_total += units as u64;
@@ -453,6 +492,7 @@ impl Trainer {
                     last_eval: (!last_eval.is_empty()).then(|| last_eval.clone()),
                     elapsed_secs: elapsed_before + t0.elapsed().as_secs_f64(),
                     best: best.clone(),
+                    loss_scale: scaler,
                 };
                 last_checkpoint = Some(checkpoint::save_with(
                     &self.run_dir,
@@ -594,6 +634,53 @@ mod tests {
             .unwrap()
             .join("optimizer.safetensors")
             .is_file());
+    }
+
+    /// Scaling by a power of two is exact in floating point, so a run with a loss scale that
+    /// never overflows takes exactly the updates of a run without one.
+    #[test]
+    fn a_loss_scale_that_fits_changes_no_update() {
+        let data: Vec<Batch> = (0..40).map(|i| batch(i, 16)).collect();
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (Boring::new(), Boring::new());
+        fit(&a, cfg(20, 2), data.clone(), d1.path());
+        let mut scaled = cfg(20, 2);
+        scaled.loss_scale = Some(1024.0);
+        fit(&b, scaled, data, d2.path());
+        assert_eq!(weights(&a), weights(&b));
+    }
+
+    /// An overflowing scale (2^140 times the loss is past f32's range) skips the update and
+    /// halves, step after step, until the scaled gradients fit; then the run learns as usual.
+    /// The scale is saved with the checkpoint.
+    #[test]
+    fn an_overflowing_loss_scale_skips_updates_and_halves_until_it_fits() {
+        let start = 2f64.powi(140);
+        let run = |steps: u64| {
+            let dir = tempfile::tempdir().unwrap();
+            let obj = Boring::new();
+            let mut c = cfg(steps, 1);
+            c.loss_scale = Some(start);
+            let data = (0..steps).map(|i| batch(i, 32)).collect();
+            let summary = fit(&obj, c, data, dir.path());
+            let ckpt = summary.last_checkpoint.clone().unwrap();
+            let state = checkpoint::read_verified_state(&ckpt).unwrap();
+            (weights(&obj), state.loss_scale.unwrap().0, summary)
+        };
+        let (w, scale, _) = run(1);
+        assert_eq!(w, vec![0.0; 4], "the overflowing update was applied");
+        assert_eq!(scale, start / 2.0);
+        let (w, scale, summary) = run(300);
+        assert!(scale < 2f64.powi(128) && scale > 1.0, "scale {scale}");
+        assert_eq!(scale.log2().fract(), 0.0, "halving keeps a power of two");
+        assert!(
+            summary.final_eval["loss"] < 1e-2,
+            "{:?}",
+            summary.final_eval
+        );
+        for (got, want) in w.iter().zip([1.0, -2.0, 0.5, 3.0]) {
+            assert!((got - want).abs() < 0.1, "{w:?}");
+        }
     }
 
     #[test]

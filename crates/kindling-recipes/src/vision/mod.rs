@@ -1045,6 +1045,7 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
     )?;
     let per_epoch = loader.batches_per_epoch() as u64;
     let mut cfg = t.train_config(recipe.seed, per_epoch)?;
+    cfg.loss_scale = crate::bert_mlm::loss_scale(&recipe.precision);
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
     let mut trainer = standard_trainer(
         cfg.clone(),
