@@ -8,15 +8,17 @@
 //!
 //! Without a GPU it runs the same code on the CPU at a small shape (a check that it runs).
 
+mod common;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use kindling_core::Mode;
-use kindling_data::{Cursor, MaskConfig, Masker, MlmBatch, MlmLoader, PackedBlocks, SpecialTokens};
+use kindling_data::{Cursor, MaskConfig, Masker, MlmBatch, MlmLoader};
 use kindling_models::{ops, BertConfig};
 use kindling_recipes::bert_mlm::BertMlm;
 use kindling_train::optim::grad_norm;
-use kindling_train::{Objective, OptimizerConfig, TrainConfig, Trainer};
+use kindling_train::Objective;
 
 struct Shape {
     vocab: usize,
@@ -27,33 +29,21 @@ struct Shape {
     seq: usize,
 }
 
-fn blocks(n: usize, s: &Shape) -> PackedBlocks {
-    let mut x = 88172645463325252u64;
-    let mut ids = Vec::with_capacity(n * s.seq);
-    let mut flags = Vec::with_capacity(n * s.seq);
-    for _ in 0..n {
-        for t in 0..s.seq {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let special = t == 0 || t == s.seq - 1;
-            ids.push(if special {
-                2
+/// Starts (`on`) or stops the CUDA profiler's capture when `active`.
+fn profiler(active: bool, on: bool) {
+    #[cfg(feature = "cuda")]
+    if active {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        unsafe {
+            if on {
+                sys::cuProfilerStart();
             } else {
-                5 + (x % (s.vocab as u64 - 5)) as u32
-            });
-            flags.push(if special {
-                kindling_data::packing::SPECIAL
-            } else {
-                kindling_data::packing::WORD_START
-            });
+                sys::cuProfilerStop();
+            }
         }
     }
-    PackedBlocks {
-        seq_len: s.seq,
-        ids,
-        flags,
-    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (active, on);
 }
 
 /// Milliseconds per call of `f`, after two warm-up calls, between device synchronisations.
@@ -146,18 +136,11 @@ fn main() {
         "max_position_embeddings": 512,
     }))
     .unwrap();
-    let specials = SpecialTokens {
-        pad: 0,
-        unk: 1,
-        cls: 2,
-        sep: 3,
-        mask: 4,
-        all: vec![0, 1, 2, 3, 4],
-    };
-    let masker =
-        std::sync::Arc::new(Masker::new(MaskConfig::default(), &specials, s.vocab, 1).unwrap());
+    let masker = std::sync::Arc::new(
+        Masker::new(MaskConfig::default(), &common::specials(), s.vocab, 1).unwrap(),
+    );
     let batches: Vec<MlmBatch> = MlmLoader::new(
-        std::sync::Arc::new(blocks(s.batch * 4, &s)),
+        std::sync::Arc::new(common::synthetic_blocks(s.batch * 4, s.seq, s.vocab as u32)),
         masker,
         s.batch,
         1,
@@ -168,17 +151,7 @@ fn main() {
     let batch = &batches[0];
     let mut obj = BertMlm::new(cfg.clone(), 0, &dev).unwrap();
     obj.model.bert.compute_dtype = (dtype != DType::F32).then_some(dtype);
-    let trainer = Trainer::new(
-        TrainConfig {
-            optimizer: OptimizerConfig {
-                lr: 1e-4,
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-        std::path::Path::new("."),
-    );
-    let mut opt = trainer.optimizer(&obj).unwrap();
+    let mut opt = common::adamw(&obj);
     let vars = obj.varmap.all_vars();
     let mode = Mode::Train { seed: 3 };
     let flops = obj.train_flops(batch).unwrap();
@@ -248,19 +221,13 @@ fn main() {
         // `ncu --profile-from-start off --metrics gpu__time_duration.sum ... gpu profile`.
         for i in 0..3 {
             dev.synchronize().unwrap();
-            #[cfg(feature = "cuda")]
-            if i == 2 {
-                unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStart() };
-            }
+            profiler(i == 2, true);
             let out = obj.step(batch, mode).unwrap();
             let g = out.loss.backward().unwrap();
             grad_norm(&g, &vars).unwrap();
             opt.step(&g, 1e-4).unwrap();
             dev.synchronize().unwrap();
-            #[cfg(feature = "cuda")]
-            if i == 2 {
-                unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStop() };
-            }
+            profiler(i == 2, false);
         }
         return;
     }

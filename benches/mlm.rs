@@ -10,61 +10,28 @@
 //!   vocab 8192, for the tiny (h128 L2), mini (h256 L4) and small (h512 L4) shapes: tokens/s and
 //!   achieved matmul GFLOP/s. Reference: PyTorch + HF run bert-small in about 5.6 s per step.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
 use kindling_core::Mode;
-use kindling_data::packing::{SPECIAL, WORD_START};
 use kindling_data::{Cursor, MaskConfig, Masker, MlmBatch, MlmLoader, PackedBlocks, SpecialTokens};
 use kindling_models::BertConfig;
 use kindling_recipes::bert_mlm::BertMlm;
-use kindling_train::{Objective, OptimizerConfig, TrainConfig, Trainer};
+use kindling_train::Objective;
 
 const VOCAB: u32 = 8192;
 const SEQ: usize = 128;
 const BATCH: usize = 32;
 
 fn specials() -> SpecialTokens {
-    SpecialTokens {
-        pad: 0,
-        unk: 1,
-        cls: 2,
-        sep: 3,
-        mask: 4,
-        all: vec![0, 1, 2, 3, 4],
-    }
+    common::specials()
 }
 
 fn blocks(n: usize) -> PackedBlocks {
-    let mut ids = Vec::with_capacity(n * SEQ);
-    let mut flags = Vec::with_capacity(n * SEQ);
-    let mut x = 88172645463325252u64;
-    for _ in 0..n {
-        for t in 0..SEQ {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let special = t == 0 || t == SEQ - 1;
-            ids.push(if special {
-                2
-            } else {
-                5 + (x % (VOCAB as u64 - 5)) as u32
-            });
-            flags.push(if special {
-                SPECIAL
-            } else if x % 3 != 0 {
-                WORD_START
-            } else {
-                0
-            });
-        }
-    }
-    PackedBlocks {
-        seq_len: SEQ,
-        ids,
-        flags,
-    }
+    common::synthetic_blocks(n, SEQ, VOCAB)
 }
 
 fn row(name: &str, value: f64, unit: &str, note: &str) {
@@ -118,17 +85,7 @@ fn bench_step(name: &str, cfg: BertConfig, steps: usize) {
         .take(steps + 2)
         .collect();
     let obj = BertMlm::new(cfg.clone(), 0, &Device::Cpu).unwrap();
-    let trainer = Trainer::new(
-        TrainConfig {
-            optimizer: OptimizerConfig {
-                lr: 1e-4,
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-        std::path::Path::new("."),
-    );
-    let mut opt = trainer.optimizer(&obj).unwrap();
+    let mut opt = common::adamw(&obj);
     let mut times = Vec::new();
     let mut flops = 0.0;
     for (i, batch) in batches.iter().enumerate() {
