@@ -25,7 +25,10 @@ BASE_STEPS="${BASE_STEPS:-40}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-990}"
 ONLY="${ONLY:-mlm vision base}"
 MLM_PRECISIONS="${MLM_PRECISIONS:-f32 bf16}"  # add f16 for loss-scaled half precision
-CPU="${CPU:-1}"                              # 0: reuse the CPU runs already in SMOKE_RUNS
+# 0: reuse the CPU runs already in SMOKE_RUNS. They must come from this machine: the recipes
+# train their tokenizer, and a tokenizer trained on another machine can differ in a few tokens
+# (README, Notes), which changes the data and so the losses.
+CPU="${CPU:-1}"
 
 if [ "${CUDA_LIBS:-auto}" = auto ]; then
   # NVIDIA's pip wheels (PyTorch's dependencies) keep the CUDA 13 libraries here.
