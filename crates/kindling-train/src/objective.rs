@@ -60,6 +60,12 @@ pub trait Objective {
         true
     }
 
+    /// Parameters trained at the peak learning rate throughout, outside the schedule's warmup
+    /// and decay (SimSiam's predictor: "fix_pred_lr", Chen & He 2021, section 4.4).
+    fn fixed_lr(&self, _name: &str) -> bool {
+        false
+    }
+
     /// Called after every optimiser update (`step` updates done of `total`): momentum-encoder
     /// and EMA-target updates go here, with their schedule.
     fn after_update(&self, _step: u64, _total: u64) -> candle_core::Result<()> {

@@ -266,7 +266,9 @@ impl Trainer {
                 msg: "must be at least 1".into(),
             });
         }
-        let vars: Vec<Var> = Self::params(obj).into_iter().map(|(_, v)| v).collect();
+        let params = Self::params(obj);
+        let any_fixed = params.iter().any(|(n, _)| obj.fixed_lr(n));
+        let vars: Vec<Var> = params.into_iter().map(|(_, v)| v).collect();
         let mut step = start.as_ref().map_or(0, |s| s.step);
         let mut cursor = start
             .as_ref()
@@ -396,6 +398,11 @@ impl Trainer {
                     };
                     if clip / scale != 1.0 {
                         scale_grads(&mut grads, &vars, clip / scale)?;
+                    }
+                    if any_fixed && lr > 0.0 {
+                        // The schedule's rate times this scale is the peak rate.
+                        let hold = cfg.optimizer.lr / lr;
+                        opt.set_lr_scales(&|n| if obj.fixed_lr(n) { hold } else { 1.0 });
                     }
                     opt.step(&grads, lr)?;
                     obj.after_update(step + 1, cfg.steps)?;
@@ -681,6 +688,67 @@ mod tests {
         for (got, want) in w.iter().zip([1.0, -2.0, 0.5, 3.0]) {
             assert!((got - want).abs() < 0.1, "{w:?}");
         }
+    }
+
+    /// The boring model with every parameter held at the peak rate (`Objective::fixed_lr`).
+    struct Fixed(Boring);
+
+    impl Objective for Fixed {
+        type Batch = Batch;
+        fn step(&self, b: &Batch, mode: Mode) -> candle_core::Result<StepOutput> {
+            self.0.step(b, mode)
+        }
+        fn varmap(&self) -> &VarMap {
+            &self.0.varmap
+        }
+        fn fixed_lr(&self, name: &str) -> bool {
+            name == "linear.weight"
+        }
+    }
+
+    /// A parameter with a fixed rate ignores the schedule: under a linear decay it takes the
+    /// updates of a constant schedule at the peak rate.
+    #[test]
+    fn a_fixed_lr_parameter_trains_at_the_peak_rate_whatever_the_schedule() {
+        let data: Vec<Batch> = (0..30).map(|i| batch(i, 16)).collect();
+        let run = |obj: &dyn Fn(&Path, TrainConfig) -> Vec<f32>, kind| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut c = cfg(30, 1);
+            c.schedule = Schedule {
+                kind,
+                warmup_steps: 0,
+                ..Default::default()
+            };
+            obj(dir.path(), c)
+        };
+        let fixed = |dir: &Path, c: TrainConfig| {
+            let obj = Fixed(Boring::new());
+            let mut t = Trainer::new(c, dir);
+            let opt = t.optimizer(&obj).unwrap();
+            let eval = vec![batch(999, 8)];
+            t.fit(
+                &obj,
+                &mut data.clone().into_iter(),
+                &eval,
+                opt,
+                None,
+                &|_| serde_json::Value::Null,
+            )
+            .unwrap();
+            weights(&obj.0)
+        };
+        let plain = |dir: &Path, c: TrainConfig| {
+            let obj = Boring::new();
+            fit(&obj, c, data.clone(), dir);
+            weights(&obj)
+        };
+        let held = run(&fixed, crate::ScheduleKind::Linear);
+        let constant = run(&plain, crate::ScheduleKind::Constant);
+        let decayed = run(&plain, crate::ScheduleKind::Linear);
+        for (a, b) in held.iter().zip(&constant) {
+            assert!((a - b).abs() < 1e-6, "{held:?} vs {constant:?}");
+        }
+        assert_ne!(held, decayed, "the decay would have changed the updates");
     }
 
     #[test]

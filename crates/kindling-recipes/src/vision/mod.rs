@@ -122,6 +122,10 @@ pub struct LossConfig {
     pub sim_weight: f64,
     pub var_weight: f64,
     pub cov_weight: f64,
+    /// byol, simsiam: train the predictor at the peak learning rate throughout (SimSiam's
+    /// `fix_pred_lr`: the predictor keeps adapting to the representation while the encoder's
+    /// rate decays).
+    pub fix_predictor_lr: bool,
 }
 
 impl Default for LossConfig {
@@ -136,6 +140,7 @@ impl Default for LossConfig {
             sim_weight: 25.0,
             var_weight: 25.0,
             cov_weight: 1.0,
+            fix_predictor_lr: false,
         }
     }
 }
@@ -417,6 +422,7 @@ pub struct SslModel {
     flops_per_image: f64,
     /// Mixed precision: the encoder's compute dtype (`None`: f32).
     pub compute: Option<DType>,
+    fix_predictor_lr: bool,
 }
 
 impl SslModel {
@@ -494,6 +500,7 @@ impl SslModel {
             // Forward + backward (2x) for both views.
             flops_per_image: 3.0 * 2.0 * flops,
             compute: None,
+            fix_predictor_lr: recipe.loss.fix_predictor_lr,
         })
     }
 
@@ -627,6 +634,10 @@ impl Objective for SslModel {
 
     fn trainable(&self, name: &str) -> bool {
         !name.starts_with("target.") && !name.starts_with("queue") && !is_norm_buffer(name)
+    }
+
+    fn fixed_lr(&self, name: &str) -> bool {
+        self.fix_predictor_lr && name.starts_with("predictor.")
     }
 
     /// Biases and BatchNorm parameters: no weight decay and no LARS adaptation (solo-learn's
