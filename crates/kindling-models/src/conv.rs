@@ -504,11 +504,18 @@ pub(crate) fn batch_norm_apply(
         .par_chunks_mut(c * ROWS)
         .zip(x.par_chunks(c * ROWS))
         .for_each(|(o, xs)| {
+            // Zipped iterators, not indices: no bounds checks, so the row loop vectorises.
             crate::ops::vectorised(|| {
                 for (orow, xrow) in o.chunks_mut(c).zip(xs.chunks(c)) {
-                    for j in 0..c {
-                        let v = xrow[j] * scale[j] + shift[j];
-                        orow[j].write(if relu { v.max(0.0) } else { v });
+                    let cols = orow.iter_mut().zip(xrow).zip(scale.iter().zip(&shift));
+                    if relu {
+                        for ((o, &xv), (&s, &t)) in cols {
+                            o.write((xv * s + t).max(0.0));
+                        }
+                    } else {
+                        for ((o, &xv), (&s, &t)) in cols {
+                            o.write(xv * s + t);
+                        }
                     }
                 }
             })
@@ -532,26 +539,39 @@ pub(crate) fn batch_norm_grad(
     let c = w.len();
     let rows = x.len() / c;
     // Column sums of g and g * x^ side by side.
+    // Zipped iterators, not indices, in both loops: no bounds checks, so they vectorise.
     let sums = column_sums(x, c, 2 * c, |t, r| {
         let (xrow, grow) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
-        for j in 0..c {
-            t[j] = grow[j];
-            t[c + j] = grow[j] * (xrow[j] - mean[j]) * rstd[j];
+        let (tg, tx) = t.split_at_mut(c);
+        let stats = mean.iter().zip(rstd);
+        for (((a, b), (&gv, &xv)), (&mu, &rs)) in
+            tg.iter_mut().zip(tx).zip(grow.iter().zip(xrow)).zip(stats)
+        {
+            *a = gv;
+            *b = gv * (xv - mu) * rs;
         }
     });
     let (db, dw): (Vec<f32>, Vec<f32>) = (
         sums[..c].iter().map(|&v| v as f32).collect(),
         sums[c..].iter().map(|&v| v as f32).collect(),
     );
+    // dx = k_g g + k_x (x - mean) + k_0 per channel, with a = w rstd / m:
+    // k_g = a m, k_x = -a dw rstd, k_0 = -a db.
     let m = rows as f32;
+    let a: Vec<f32> = w.iter().zip(rstd).map(|(&wv, &rs)| wv * rs / m).collect();
+    let kg: Vec<f32> = a.iter().map(|&av| av * m).collect();
+    let kx: Vec<f32> = (0..c).map(|j| -a[j] * dw[j] * rstd[j]).collect();
+    let k0: Vec<f32> = (0..c).map(|j| -a[j] * db[j]).collect();
     dx.par_chunks_mut(c * ROWS)
         .zip(x.par_chunks(c * ROWS).zip(g.par_chunks(c * ROWS)))
         .for_each(|(o, (xs, gs))| {
             crate::ops::vectorised(|| {
                 for ((orow, xrow), grow) in o.chunks_mut(c).zip(xs.chunks(c)).zip(gs.chunks(c)) {
-                    for j in 0..c {
-                        let xhat = (xrow[j] - mean[j]) * rstd[j];
-                        orow[j] = w[j] * rstd[j] / m * (m * grow[j] - db[j] - xhat * dw[j]);
+                    let coef = kg.iter().zip(&kx).zip(k0.iter().zip(mean));
+                    for ((o, (&gv, &xv)), ((&cg, &cx), (&c0, &mu))) in
+                        orow.iter_mut().zip(grow.iter().zip(xrow)).zip(coef)
+                    {
+                        *o = cg * gv + cx * (xv - mu) + c0;
                     }
                 }
             })
