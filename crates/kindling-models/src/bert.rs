@@ -641,13 +641,7 @@ mod tests {
                 let d = max_rel_diff(g, g32.get(var.as_tensor()).expect(name));
                 assert!(d < 0.1, "{name}: bf16 gradient differs by {d}");
             }
-            let norm = g
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let norm = crate::test_util::abs_sum(g);
             assert!(norm > 0.0, "{name} gets a zero gradient in bf16");
         }
     }
@@ -704,13 +698,8 @@ mod tests {
                 let d = max_rel_diff(a, c);
                 assert!(d < 1e-5, "{mode:?} {name}: relative difference {d}");
                 assert!(
-                    a.abs()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap()
-                        > 0.0
+                    crate::test_util::abs_sum(a) > 0.0,
+                    "{mode:?} {name}: zero gradient"
                 );
             }
         }

@@ -466,14 +466,7 @@ mod tests {
             }
             let g = grads.get(var.as_tensor());
             assert!(g.is_some(), "{name} gets no gradient");
-            let norm = g
-                .unwrap()
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let norm = crate::test_util::abs_sum(g.unwrap());
             assert!(norm > 0.0, "{name} gets a zero gradient");
         }
         // FLOPs: stem 8*8*1*4*9, stage 0: 2 convs 4->4 at 8x8, stage 1 at 4x4: 4->8, 8->8,

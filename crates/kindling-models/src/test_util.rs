@@ -15,6 +15,16 @@ pub(crate) fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     diff.to_scalar::<f32>().unwrap() / scale.max(1e-12)
 }
 
+/// sum |t|, as f32: zero exactly when every element is zero (a gradient that never arrived).
+pub(crate) fn abs_sum(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// A tensor of `shape` drawn uniformly from (-scale, scale) by the seeded project generator.
 pub(crate) fn uniform(shape: &[usize], seed: u64, scale: f32) -> Tensor {
     use rand::Rng;
