@@ -23,7 +23,8 @@ use crate::conv::{
     batch_norm_apply, batch_norm_grad, col2im_image, column_mean_var, im2col_image, ConvGeometry,
 };
 use crate::ops::{
-    contiguous_f32, cpu_f32, gemm_serial_into, mat, mat_t, saved_activations, vectorised,
+    contiguous_f32, cpu_f32, gemm_serial_into, gemm_serial_uninit, mat, mat_t, saved_activations,
+    vectorised,
 };
 
 /// One convolution (no bias, padding k / 2), its BatchNorm and an optional ReLU: HF's
@@ -132,8 +133,10 @@ fn conv_forward(
 ) -> Vec<f32> {
     let (oh, ow) = g.out_hw();
     let (kk, px, per) = (g.k(), oh * ow, images_per_task(g, tile_floats));
-    let mut z = vec![0f32; g.n * px * cout];
-    z.par_chunks_mut(per * px * cout)
+    let len = g.n * px * cout;
+    let mut z: Vec<f32> = Vec::with_capacity(len);
+    z.spare_capacity_mut()[..len]
+        .par_chunks_mut(per * px * cout)
         .zip(x.par_chunks(per * g.h * g.w * g.c))
         .for_each(|(zt, xt)| {
             let imgs = xt.len() / (g.h * g.w * g.c);
@@ -144,14 +147,10 @@ fn conv_forward(
                 tile = im2col_tile(xt, g, imgs);
                 &tile
             };
-            gemm_serial_into(
-                (imgs * px, cout, kk),
-                zt,
-                false,
-                mat(cols, kk),
-                mat_t(w2, kk),
-            );
+            gemm_serial_uninit((imgs * px, cout, kk), zt, mat(cols, kk), mat_t(w2, kk));
         });
+    // SAFETY: the tasks' gemms wrote every element (their chunks cover `len`).
+    unsafe { z.set_len(len) };
     z
 }
 
@@ -193,11 +192,10 @@ fn conv_backward(
             if pointwise {
                 gemm_serial_into((rows, kk, cout), dxt, false, mat(dzt, cout), mat(w2, kk));
             } else {
-                let mut dcols = vec![0f32; rows * kk];
-                gemm_serial_into(
+                let mut buf: Vec<f32> = Vec::with_capacity(rows * kk);
+                let dcols = gemm_serial_uninit(
                     (rows, kk, cout),
-                    &mut dcols,
-                    false,
+                    buf.spare_capacity_mut(),
                     mat(dzt, cout),
                     mat(w2, kk),
                 );

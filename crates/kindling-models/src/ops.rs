@@ -475,6 +475,30 @@ pub(crate) fn gemm_serial_into(
     gemm_dense(dims, dst, accumulate, lhs, rhs, false)
 }
 
+/// [`gemm_serial_into`] without accumulation into a buffer that need not be initialised: gemm
+/// writes every element of `dst[..m * n]` without reading it, so the zero fill a `Vec<f32>`
+/// would need (a memory pass over every convolution's output) is skipped. Returns the written
+/// elements.
+pub(crate) fn gemm_serial_uninit<'a>(
+    (m, n, k): (usize, usize, usize),
+    dst: &'a mut [std::mem::MaybeUninit<f32>],
+    lhs: Mat,
+    rhs: Mat,
+) -> &'a mut [f32] {
+    assert!(dst.len() >= m * n);
+    let dst = &mut dst[..m * n];
+    if m == 0 || n == 0 || k == 0 {
+        dst.iter_mut().for_each(|v| {
+            v.write(0.0);
+        });
+    } else {
+        // SAFETY: with `accumulate` false gemm only writes `dst`, every element of it.
+        unsafe { gemm_raw((m, n, k), dst.as_mut_ptr().cast(), false, lhs, rhs, false) };
+    }
+    // SAFETY: every element was written above.
+    unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// gemm on candle's thread count if `parallel`, else on the calling thread.
 fn gemm_dense(
     (m, n, k): (usize, usize, usize),
@@ -491,6 +515,24 @@ fn gemm_dense(
         }
         return;
     }
+    // SAFETY: `dst` holds m * n initialised elements (asserted above).
+    unsafe { gemm_raw((m, n, k), dst.as_mut_ptr(), accumulate, lhs, rhs, parallel) }
+}
+
+/// The gemm call behind [`gemm_dense`] and [`gemm_serial_uninit`]: `dst` (m, n) row-major
+/// (+)= lhs (m, k) @ rhs (k, n).
+///
+/// # Safety
+/// `dst` must be valid for writes of m * n elements, and initialised if `accumulate`; m, n, k
+/// must be non-zero.
+unsafe fn gemm_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    parallel: bool,
+) {
     assert!(lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs);
     assert!(rhs.data.len() > (k - 1) * rhs.rs + (n - 1) * rhs.cs);
     let threads = if parallel {
@@ -503,13 +545,14 @@ fn gemm_dense(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above bound every element the strides address.
+    // SAFETY: the asserts above bound every element the strides address; the caller vouches
+    // for `dst`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,
