@@ -989,7 +989,7 @@ pub fn export_from_checkpoint(
 /// Runs a vision SSL recipe.
 pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
     let device = device(&recipe.device)?;
-    crate::bert_mlm::compute_dtype(&recipe.precision, &device)?;
+    let compute = crate::bert_mlm::compute_dtype(&recipe.precision, &device)?;
     let train_set = Arc::new(load_images(
         &recipe.data.train,
         recipe.data.max_train_images,
@@ -1019,7 +1019,7 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
     )?;
     let in_shape = (train_set.height, train_set.width, train_set.channels);
     let mut model = SslModel::build(recipe, in_shape, classes, &device)?;
-    model.compute = crate::bert_mlm::compute_dtype(&recipe.precision, &device)?;
+    model.compute = compute;
     let bank = if recipe.eval.knn_bank > 0 {
         (*train_set).clone().truncate(recipe.eval.knn_bank)
     } else {
