@@ -9,6 +9,8 @@
 //! * step: one MLM training step (forward at masked positions, backward, AdamW) at batch 32 x 128,
 //!   vocab 8192, for the tiny (h128 L2), mini (h256 L4) and small (h512 L4) shapes: tokens/s and
 //!   achieved matmul GFLOP/s. Reference: PyTorch + HF run bert-small in about 5.6 s per step.
+//! * optimizer: one update of every bert-mini parameter (the long recipe's model), AdamW against
+//!   Muon (Newton-Schulz on the 25 hidden matrices, AdamW on the rest): what Muon adds to a step.
 
 mod common;
 
@@ -20,7 +22,7 @@ use kindling_core::Mode;
 use kindling_data::{Cursor, MaskConfig, Masker, MlmBatch, MlmLoader, PackedBlocks, SpecialTokens};
 use kindling_models::BertConfig;
 use kindling_recipes::bert_mlm::BertMlm;
-use kindling_train::Objective;
+use kindling_train::{Objective, OptimizerKind};
 
 const VOCAB: u32 = 8192;
 const SEQ: usize = 128;
@@ -112,6 +114,43 @@ fn bench_step(name: &str, cfg: BertConfig, steps: usize) {
     );
 }
 
+fn bench_optimizer() {
+    let b = Arc::new(blocks(BATCH));
+    let masker =
+        Arc::new(Masker::new(MaskConfig::default(), &specials(), VOCAB as usize, 1).unwrap());
+    let batch = MlmLoader::new(b, masker, BATCH, 1, Cursor::default())
+        .next()
+        .unwrap();
+    let obj = BertMlm::new(config(256, 4, 4, 0.0), 0, &Device::Cpu).unwrap();
+    let grads = obj
+        .step(&batch, Mode::Train { seed: 0 })
+        .unwrap()
+        .loss
+        .backward()
+        .unwrap();
+    for (name, kind) in [
+        ("adamw", OptimizerKind::AdamW),
+        ("muon", OptimizerKind::Muon),
+    ] {
+        let mut opt = common::optimizer(&obj, kind);
+        let mut times: Vec<f64> = (0..12)
+            .map(|_| {
+                let t = Instant::now();
+                opt.step(&grads, 1e-4).unwrap();
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let median = times[times.len() / 2];
+        row(
+            &format!("optimizer {name} mini"),
+            median * 1e3,
+            "ms/update",
+            "median of 12 updates of all 5.5M parameters",
+        );
+    }
+}
+
 fn main() {
     kindling_core::keep_freed_memory();
     let filter: Vec<String> = std::env::args()
@@ -134,5 +173,8 @@ fn main() {
     }
     if wanted("small") || wanted("step") {
         bench_step("small h512 L4", config(512, 4, 8, 0.1), 4);
+    }
+    if wanted("optimizer") {
+        bench_optimizer();
     }
 }

@@ -250,3 +250,45 @@ fn a_run_streaming_from_token_shards_resumes_bit_for_bit() {
         "resumed run differs from the uninterrupted one"
     );
 }
+
+#[test]
+fn a_muon_run_resumes_bit_for_bit_and_checkpoints_its_momentum() {
+    let runs = tempfile::tempdir().unwrap();
+    let muon = [
+        "train.optimizer.kind=\"muon\"".to_string(),
+        "train.optimizer.momentum=0.95".into(),
+        "train.optimizer.nesterov=true".into(),
+    ];
+    let out = tiny_with(runs.path(), "straight", false, &muon)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let want = final_tensors(&runs.path().join("straight"));
+    let header = String::from_utf8_lossy(&want.1[..want.1.len().min(1 << 16)]).to_string();
+    assert!(
+        header.contains("muon_momentum.bert.encoder.layer.0.attention.self.query.weight")
+            && header.contains("exp_avg.bert.embeddings.word_embeddings.weight")
+            && !header.contains("exp_avg.bert.encoder.layer.0.attention.self.query.weight"),
+        "hidden matrices on Muon, embeddings on AdamW"
+    );
+
+    let run = runs.path().join("killed");
+    let mut child = tiny_with(runs.path(), "killed", false, &muon)
+        .spawn()
+        .unwrap();
+    let first = run.join("checkpoints/step-00000006/state.json");
+    assert!(
+        wait_for(&mut child, || first.is_file()),
+        "ended before the kill"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = tiny_with(runs.path(), "killed", true, &muon)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        final_tensors(&run) == want,
+        "resumed Muon run differs from the uninterrupted one"
+    );
+}

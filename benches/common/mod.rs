@@ -2,7 +2,7 @@
 
 use kindling_data::packing::{SPECIAL, WORD_START};
 use kindling_data::{PackedBlocks, SpecialTokens};
-use kindling_train::{Objective, Optimizer, OptimizerConfig, TrainConfig, Trainer};
+use kindling_train::{Objective, Optimizer, OptimizerConfig, OptimizerKind, TrainConfig, Trainer};
 
 /// BERT's special tokens at ids 0-4.
 pub fn specials() -> SpecialTokens {
@@ -51,10 +51,19 @@ pub fn synthetic_blocks(n: usize, seq: usize, vocab: u32) -> PackedBlocks {
 
 /// The trainer's default AdamW at lr 1e-4 over `obj`'s parameters.
 pub fn adamw<O: Objective>(obj: &O) -> Box<dyn Optimizer> {
+    optimizer(obj, OptimizerKind::AdamW)
+}
+
+/// The trainer's optimiser of `kind` at lr 1e-4 over `obj`'s parameters (Muon with its paper's
+/// momentum 0.95, Nesterov).
+pub fn optimizer<O: Objective>(obj: &O, kind: OptimizerKind) -> Box<dyn Optimizer> {
     let trainer = Trainer::new(
         TrainConfig {
             optimizer: OptimizerConfig {
+                kind,
                 lr: 1e-4,
+                momentum: 0.95,
+                nesterov: true,
                 ..Default::default()
             },
             ..Default::default()

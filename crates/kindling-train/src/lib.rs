@@ -5,6 +5,7 @@
 pub mod callbacks;
 pub mod checkpoint;
 pub mod distributed;
+pub mod muon;
 pub mod objective;
 pub mod optim;
 pub mod plot;
@@ -14,6 +15,7 @@ pub mod trainer;
 
 pub use callbacks::{Callback, EvalRecord, MetricsLog, PlotCallback, ProgressCallback, StepRecord};
 pub use checkpoint::{Best, TrainerState};
+pub use muon::Muon;
 pub use objective::{Objective, StepOutput};
 pub use optim::{AdamW, Optimizer, OptimizerConfig, OptimizerKind, Sgd};
 pub use schedule::{DecayShape, Schedule, ScheduleKind};

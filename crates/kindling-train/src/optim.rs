@@ -1,7 +1,8 @@
 //! Optimisers whose state can be saved (candle_nn's AdamW keeps its moments private and its SGD
 //! has no momentum, so a run using them cannot resume exactly): AdamW (Loshchilov & Hutter,
 //! 2019) with decoupled weight decay, SGD with (Nesterov) momentum as PyTorch defines it, and
-//! LARS (You et al., 2017) as the vision SSL papers use it (SimCLR, BYOL, Barlow Twins).
+//! LARS (You et al., 2017) as the vision SSL papers use it (SimCLR, BYOL, Barlow Twins); Muon
+//! for hidden matrices is in `muon.rs`.
 
 use candle_core::{backprop::GradStore, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,8 @@ pub enum OptimizerKind {
     AdamW,
     Sgd,
     Lars,
+    /// Muon on the hidden weight matrices, AdamW on the rest (`muon.rs`).
+    Muon,
 }
 
 /// `[train.optimizer]`: one flat table for every kind, as a recipe writes it
@@ -39,6 +42,10 @@ pub struct OptimizerConfig {
     /// LARS: the trust coefficient eta; a parameter's rate is scaled by
     /// `eta * |w| / (|g| + weight_decay * |w|)`. Exempt parameters (biases, norms) are not scaled.
     pub trust_coefficient: f64,
+    /// Muon: parameters whose names contain one of these stay on AdamW even when they are
+    /// matrices (embeddings are looked up, not multiplied; output heads as Muon's authors advise).
+    /// Muon also takes `momentum` (0.95 in its paper) and `nesterov`.
+    pub muon_skip: Vec<String>,
 }
 
 impl Default for OptimizerConfig {
@@ -55,6 +62,7 @@ impl Default for OptimizerConfig {
             momentum: 0.9,
             nesterov: false,
             trust_coefficient: 0.02,
+            muon_skip: vec!["embeddings".into(), "classifier".into(), "decoder".into()],
         }
     }
 }
@@ -96,6 +104,7 @@ impl OptimizerConfig {
         Ok(match self.kind {
             OptimizerKind::AdamW => Box::new(AdamW::new(self.clone(), params)?),
             OptimizerKind::Sgd | OptimizerKind::Lars => Box::new(Sgd::new(self.clone(), params)?),
+            OptimizerKind::Muon => Box::new(crate::muon::Muon::new(self.clone(), params)?),
         })
     }
 }
