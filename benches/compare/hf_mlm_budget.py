@@ -14,19 +14,18 @@ Run it right after (or before) `kindling pretrain recipes/bert-mini-mlm.toml` on
 `benches/compare/run_mlm_compare.sh` does both back to back.
 """
 import argparse
-import glob
-import gzip
 import json
-import math
 import time
 
 import torch
 from tokenizers import Tokenizer
 from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
+from mlm_data import CORPUS, split_blocks, unigram_baseline
+
 p = argparse.ArgumentParser()
 p.add_argument("--tokenizer", required=True)
-p.add_argument("--corpus", nargs="+", default=["datasets/janeausten/*.txt.gz", "datasets/mobydick/*.txt.gz"])
+p.add_argument("--corpus", nargs="+", default=CORPUS)
 p.add_argument("--seq-len", type=int, default=128)
 p.add_argument("--batch", type=int, default=32)
 p.add_argument("--lr", type=float, default=1e-3)
@@ -47,49 +46,13 @@ torch.set_num_threads(args.threads)
 torch.manual_seed(args.seed)
 
 
-def paragraphs(text):
-    out, cur = [], []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            if cur:
-                out.append(" ".join(cur))
-                cur = []
-        else:
-            cur.append(line)
-    if cur:
-        out.append(" ".join(cur))
-    return out
-
-
 tk = Tokenizer.from_file(args.tokenizer)
 tk.no_padding()
 tk.no_truncation()
-cls, sep, pad, mask = (tk.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]", "[MASK]"))
-stream = []
-files = [f for pat in args.corpus for f in sorted(glob.glob(pat))]
-for i, f in enumerate(files):
-    text = gzip.open(f, "rt", encoding="utf-8").read() if f.endswith(".gz") else open(f, encoding="utf-8").read()
-    if i > 0 and stream:
-        stream.append(sep)
-    for enc in tk.encode_batch(paragraphs(text), add_special_tokens=False):
-        stream.extend(enc.ids)
-body = args.seq_len - 2
-blocks = [[cls] + stream[b * body:(b + 1) * body] + [sep] for b in range(len(stream) // body)]
-n_eval = round(len(blocks) * 0.05)
-train, held = blocks[: len(blocks) - n_eval], blocks[len(blocks) - n_eval:]
+pad = tk.token_to_id("[PAD]")
+train, held = split_blocks(tk, args.corpus, args.seq_len)
 vocab = tk.get_vocab_size(with_added_tokens=True)
-
-# Unigram baseline (add-one smoothed), as Kindling computes it.
-specials = {cls, sep, pad, mask, tk.token_to_id("[UNK]")}
-counts = [0] * vocab
-for b in train:
-    for t in b:
-        if t not in specials:
-            counts[t] += 1
-total = sum(counts) + vocab
-ev = [t for b in held for t in b if t not in specials]
-baseline = -sum(math.log((counts[t] + 1) / total) for t in ev) / len(ev)
+baseline = unigram_baseline(tk, train, held)  # as Kindling computes it
 
 hf_tok = PreTrainedTokenizerFast(tokenizer_object=tk, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
                                  mask_token="[MASK]", unk_token="[UNK]")
