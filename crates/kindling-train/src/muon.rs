@@ -27,8 +27,6 @@ const NS_STEPS: usize = 5;
 struct Slot {
     name: String,
     var: Var,
-    /// Decoupled weight decay applies (always true for a matrix the objective decays).
-    decay: bool,
     buf: Tensor,
     lr_scale: f64,
 }
@@ -55,12 +53,12 @@ impl Muon {
             .partition(|(n, v, d)| takes(n, v, *d, &cfg.muon_skip));
         let slots = matrices
             .into_iter()
-            .map(|(name, var, decay)| {
+            // `takes` only selects parameters the objective decays.
+            .map(|(name, var, _decay)| {
                 let buf = var.zeros_like()?;
                 Ok(Slot {
                     name,
                     var,
-                    decay,
                     buf,
                     lr_scale: 1.0,
                 })
@@ -140,7 +138,7 @@ impl Optimizer for Muon {
             let lr = lr * s.lr_scale;
             let scale = 0.2 * (r.max(c) as f64).sqrt();
             let theta = s.var.as_tensor().detach();
-            let theta = if s.decay && self.cfg.weight_decay != 0.0 {
+            let theta = if self.cfg.weight_decay != 0.0 {
                 (theta * (1.0 - lr * self.cfg.weight_decay))?
             } else {
                 theta
@@ -203,8 +201,7 @@ mod tests {
         Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
     }
 
-    /// Singular values of a wide/tall matrix from its Gram matrix's eigenvalues, by power-free
-    /// means: the Gram of an orthogonal factor is the identity, so check G G^T directly.
+    /// The Gram matrix of a semi-orthogonal factor (O O^T for a wide one) is the identity.
     #[test]
     fn newton_schulz_gives_a_near_orthogonal_factor_of_any_orientation() {
         for (r, c) in [(16, 48), (48, 16), (32, 32)] {
