@@ -189,17 +189,8 @@ impl Optimizer for Muon {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::tests::uniform as random;
     use crate::optim::OptimizerKind;
-    use candle_core::Device;
-
-    fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
-        use rand::Rng;
-        let mut r = kindling_core::rng::rng(&[seed]);
-        let v: Vec<f32> = (0..rows * cols)
-            .map(|_| r.random_range(-1.0f32..1.0))
-            .collect();
-        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
-    }
 
     /// The Gram matrix of a semi-orthogonal factor (O O^T for a wide one) is the identity.
     #[test]

@@ -520,26 +520,28 @@ pub fn scale_grads(grads: &mut GradStore, vars: &[Var], factor: f64) -> Result<(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
-    fn setup(device_f64: bool) -> (AdamW, Var, Tensor) {
+    /// A `rows x cols` f32 matrix of seeded uniform values in [-1, 1) (the optimiser tests'
+    /// parameters and targets).
+    pub(crate) fn uniform(rows: usize, cols: usize, seed: u64) -> Tensor {
         use rand::Rng;
-        let mut r = kindling_core::rng::rng(&[5]);
-        let w: Vec<f32> = (0..600).map(|_| r.random_range(-1.0f32..1.0)).collect();
+        let mut r = kindling_core::rng::rng(&[seed]);
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| r.random_range(-1.0f32..1.0))
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    fn setup(device_f64: bool) -> (AdamW, Var, Tensor) {
         let dtype = if device_f64 {
             candle_core::DType::F64
         } else {
             candle_core::DType::F32
         };
-        let var = Var::from_tensor(
-            &Tensor::from_vec(w, (20, 30), &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap(),
-        )
-        .unwrap();
+        let var = Var::from_tensor(&uniform(20, 30, 5).to_dtype(dtype).unwrap()).unwrap();
         let cfg = OptimizerConfig {
             lr: 1e-2,
             weight_decay: 0.1,
