@@ -140,6 +140,34 @@ fn every_shipped_recipe_parses_and_names_an_objective() {
 }
 
 #[test]
+fn a_recipe_pretrains_on_the_text_of_a_tables_training_split() {
+    // Domain-adaptive pretraining: the reviews' titles and texts (train rows only, labels
+    // unused) instead of the novel; the tokenizer learns the reviews' words and the model card
+    // names the table, its columns and the split.
+    let runs = tempfile::tempdir().unwrap();
+    crate::common::run_tiny(
+        runs.path(),
+        &[
+            "data.corpus=[]",
+            "data.tables=[{ path = \"datasets/womens-clothing-reviews/reviews.tsv.gz\", \
+             text_columns = [\"title\", \"text\"], split_column = \"split\", split = \"train\" }]",
+            "train.steps=4",
+            "train.eval_every=0",
+        ],
+    );
+    let run = runs.path().join("bert-tiny-mlm");
+    let tokenizer = std::fs::read_to_string(run.join("tokenizer.json")).unwrap();
+    for word in ["\"fabric\"", "\"jeans\""] {
+        assert!(tokenizer.contains(word), "the vocabulary lacks {word}");
+    }
+    let card = std::fs::read_to_string(run.join("export/README.md")).unwrap();
+    assert!(
+        card.contains("reviews.tsv.gz (columns title, text, rows with split = train)"),
+        "{card}"
+    );
+}
+
+#[test]
 fn max_epochs_caps_the_steps_at_that_many_passes_over_the_training_split() {
     let runs = tempfile::tempdir().unwrap();
     crate::common::run_tiny(

@@ -92,6 +92,28 @@ fn corpus_matching_no_files_is_named() {
 }
 
 #[test]
+fn a_recipe_without_text_or_with_a_table_split_no_row_has_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = format!("runs_dir=\"{}\"", dir.path().display());
+    fails_with(
+        &["pretrain", TINY, "--set", &runs, "--set", "data.corpus=[]"],
+        &["bert-tiny-mlm.toml", "data.corpus", "data.tables"],
+    );
+    fails_with(
+        &[
+            "pretrain",
+            TINY,
+            "--set",
+            &runs,
+            "--set",
+            "data.tables=[{ path = \"datasets/womens-clothing-reviews/reviews.tsv.gz\", \
+             text_columns = [\"text\"], split_column = \"split\", split = \"validation\" }]",
+        ],
+        &["reviews.tsv.gz", "split = \"validation\""],
+    );
+}
+
+#[test]
 fn seq_len_beyond_max_position_embeddings_is_refused() {
     fails_with(
         &["pretrain", TINY, "--set", "data.seq_len=256"],

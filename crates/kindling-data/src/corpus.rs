@@ -1,7 +1,11 @@
-//! Reading a text corpus: glob patterns, plain or gzip'd files, strict UTF-8.
+//! Reading a text corpus: glob patterns, plain or gzip'd files, strict UTF-8; and text columns
+//! of tables (a review per row), so a model can be pretrained on the text of a labelled
+//! dataset's training split without its labels (domain-adaptive pretraining).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
 
@@ -96,13 +100,115 @@ pub struct Corpus {
     pub documents: Vec<Document>,
 }
 
+/// Text columns of a table read as corpus text: each row becomes one paragraph (its columns
+/// joined with a space, empty cells left out), and a table one document. With `split_column`
+/// and `split`, only the rows of that split are read: pretraining on a labelled dataset's
+/// `train` rows never sees its test text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextTable {
+    /// `.tsv`, `.csv` or `.jsonl`, optionally `.gz`; relative to the working directory.
+    pub path: PathBuf,
+    /// `tsv`, `csv` or `jsonl`; unset: from the file name.
+    #[serde(default)]
+    pub format: Option<String>,
+    pub text_columns: Vec<String>,
+    #[serde(default)]
+    pub split_column: Option<String>,
+    /// The split to read (e.g. `train`); needs `split_column`.
+    #[serde(default)]
+    pub split: Option<String>,
+}
+
+impl TextTable {
+    /// The table as one document, a paragraph per row of the chosen split.
+    pub fn read(&self, base: &Path) -> Result<Document> {
+        let path = if self.path.is_absolute() {
+            self.path.clone()
+        } else {
+            base.join(&self.path)
+        };
+        let bad = |msg: String| DataError::Table {
+            path: path.clone(),
+            msg,
+        };
+        if self.text_columns.is_empty() {
+            return Err(bad("text_columns is empty: name the columns to read".into()));
+        }
+        let split = match (&self.split_column, &self.split) {
+            (Some(c), Some(s)) => Some((c, s)),
+            (None, None) => None,
+            (Some(c), None) => {
+                return Err(bad(format!(
+                    "split_column = \"{c}\" needs split = \"...\" (the rows to read)"
+                )))
+            }
+            (None, Some(s)) => {
+                return Err(bad(format!(
+                    "split = \"{s}\" needs split_column (the column naming each row's split)"
+                )))
+            }
+        };
+        let n = self.text_columns.len();
+        let mut columns = self.text_columns.clone();
+        columns.extend(split.map(|(c, _)| c.clone()));
+        let rows = crate::labelled::read_table(&path, self.format.as_deref(), &columns)?;
+        let mut text = String::new();
+        let mut kept = 0usize;
+        for row in &rows {
+            if split.is_some_and(|(_, s)| row.cells[n].trim() != s.as_str()) {
+                continue;
+            }
+            let mut paragraph = String::new();
+            // Line breaks inside a cell would split the row into paragraphs: flatten them.
+            for cell in row.cells[..n]
+                .iter()
+                .map(|c| c.trim())
+                .filter(|c| !c.is_empty())
+            {
+                for word in cell.split_whitespace() {
+                    if !paragraph.is_empty() {
+                        paragraph.push(' ');
+                    }
+                    paragraph.push_str(word);
+                }
+            }
+            if !paragraph.is_empty() {
+                text.push_str(&paragraph);
+                text.push_str("\n\n");
+                kept += 1;
+            }
+        }
+        if kept == 0 {
+            return Err(bad(match split {
+                Some((c, s)) => format!("no row with text has {c} = \"{s}\""),
+                None => "no row has text in the text columns".into(),
+            }));
+        }
+        Ok(Document { path, text })
+    }
+}
+
 impl Corpus {
     /// Reads every file matched by the glob `patterns`, resolved against `base` when relative.
     pub fn from_patterns(patterns: &[String], base: &Path) -> Result<Self> {
-        let documents = resolve_patterns(patterns, base)?
-            .iter()
-            .map(|p| read_document(p))
-            .collect::<Result<Vec<_>>>()?;
+        Self::from_sources(patterns, &[], base)
+    }
+
+    /// The files of `patterns` (none is fine when `tables` are given), then one document per
+    /// table, in the order given.
+    pub fn from_sources(patterns: &[String], tables: &[TextTable], base: &Path) -> Result<Self> {
+        let mut documents = if patterns.is_empty() && !tables.is_empty() {
+            Vec::new()
+        } else {
+            resolve_patterns(patterns, base)?
+                .iter()
+                .map(|p| read_document(p))
+                .collect::<Result<Vec<_>>>()?
+        };
+        for t in tables {
+            documents.push(t.read(base)?);
+        }
         let corpus = Corpus { documents };
         if corpus.documents.iter().all(|d| d.text.trim().is_empty()) {
             return Err(DataError::EmptyCorpus {
@@ -161,6 +267,51 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = Corpus::from_patterns(&["nothing/*.txt".into()], dir.path()).unwrap_err();
         assert!(err.to_string().contains("matched no files"), "{err}");
+    }
+
+    #[test]
+    fn a_table_gives_one_paragraph_per_row_of_its_split() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("t.tsv"),
+            "split\ttitle\ttext\tlabel\ntrain\tNice\tFits  well\t5\ntest\tSecret\tNever seen\t1\n\
+             train\t\tToo small\t2\ntrain\t\t\t3\n",
+        )
+        .unwrap();
+        let table = TextTable {
+            path: "t.tsv".into(),
+            format: None,
+            text_columns: vec!["title".into(), "text".into()],
+            split_column: Some("split".into()),
+            split: Some("train".into()),
+        };
+        let corpus = Corpus::from_sources(&[], &[table.clone()], dir.path()).unwrap();
+        assert_eq!(corpus.documents.len(), 1);
+        assert_eq!(
+            corpus.documents[0].paragraphs(),
+            vec!["Nice Fits well".to_string(), "Too small".to_string()]
+        );
+        // Every row, without the split filter.
+        let all = TextTable {
+            split_column: None,
+            split: None,
+            ..table.clone()
+        };
+        let doc = all.read(dir.path()).unwrap();
+        assert!(doc.text.contains("Secret Never seen"), "{}", doc.text);
+        // A split no row has, or a split without its column, is an error naming the file.
+        let none = TextTable {
+            split: Some("validation".into()),
+            ..table.clone()
+        };
+        let err = none.read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("t.tsv") && err.contains("validation"), "{err}");
+        let half = TextTable {
+            split_column: None,
+            ..table
+        };
+        let err = half.read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("needs split_column"), "{err}");
     }
 
     #[test]

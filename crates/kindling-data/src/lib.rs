@@ -27,7 +27,7 @@ pub mod shards;
 pub mod tokenizer;
 
 pub use augment::{build_views, Image, Stage, ViewBatch, ViewLoader, ViewPipeline};
-pub use corpus::{Corpus, Document};
+pub use corpus::{Corpus, Document, TextTable};
 pub use error::{DataError, Result};
 pub use images::{ImageSet, ImageSource, OnCorrupt};
 pub use labelled::{read_table, Example, LabelSet, Row, TableSpec};

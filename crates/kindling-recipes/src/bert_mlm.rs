@@ -313,7 +313,7 @@ pub fn prepare_recipe(recipe: &Recipe) -> Result<kindling_data::PrepareReport, R
         });
     };
     let corpus = if recipe.data.tokenizer.train.is_some() {
-        Corpus::from_patterns(&recipe.data.corpus, Path::new("."))?
+        recipe.read_corpus()?
     } else {
         Corpus::default()
     };
@@ -635,7 +635,7 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     let corpus = match (&recipe.data.prepare, &recipe.data.tokenizer.train) {
         (Some(_), _) if resume_from.is_some() => Corpus::default(),
         (Some(_), None) => Corpus::default(),
-        _ => Corpus::from_patterns(&recipe.data.corpus, Path::new("."))?,
+        _ => recipe.read_corpus()?,
     };
     if !corpus.documents.is_empty() {
         eprintln!(
@@ -975,9 +975,21 @@ pub fn export(
         &obj.config,
     )?;
     let recipe_toml = recipe.to_toml();
-    let datasets = recipe
-        .data
-        .corpus
+    // What the card lists as training data: the corpus patterns, and each table with the
+    // columns and split it was read from.
+    let mut sources = recipe.data.corpus.clone();
+    sources.extend(recipe.data.tables.iter().map(|t| {
+        let split = match (&t.split_column, &t.split) {
+            (Some(c), Some(s)) => format!(", rows with {c} = {s}"),
+            _ => String::new(),
+        };
+        format!(
+            "{} (columns {}{split})",
+            t.path.display(),
+            t.text_columns.join(", ")
+        )
+    }));
+    let datasets = sources
         .iter()
         .filter_map(|p| {
             p.split('/')
@@ -992,7 +1004,7 @@ pub fn export(
         license: recipe.export.license.as_deref().unwrap_or("apache-2.0"),
         pipeline_tag: "fill-mask",
         datasets,
-        corpus: &recipe.data.corpus,
+        corpus: &sources,
         architecture: format!(
             "BERT (h{}, {} layers, {} heads, vocab {})",
             obj.config.hidden_size,

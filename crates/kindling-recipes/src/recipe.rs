@@ -96,7 +96,14 @@ impl Default for ModelSection {
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
     /// Glob patterns of text files (`.gz` is decompressed), relative to the working directory.
+    #[serde(default)]
     pub corpus: Vec<String>,
+    /// Text columns of tables, e.g. the training split of a labelled dataset's reviews for
+    /// domain-adaptive pretraining: `[{ path = "...tsv.gz", text_columns = ["title", "text"],
+    /// split_column = "split", split = "train" }]`. Read after the `corpus` files; packed in
+    /// memory only (not with `[data.prepare]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<kindling_data::TextTable>,
     #[serde(default)]
     pub tokenizer: TokenizerConfig,
     /// Tokens per block, [CLS] and [SEP] included.
@@ -280,7 +287,33 @@ impl Recipe {
 
     /// Parses recipe text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
-        parse_toml(text, path, overrides)
+        let r: Self = parse_toml(text, path, overrides)?;
+        let bad = |msg: &str| {
+            Err(RecipeError::Key {
+                path: path.to_path_buf(),
+                key: "data".into(),
+                msg: msg.into(),
+            })
+        };
+        if r.data.corpus.is_empty() && r.data.tables.is_empty() {
+            return bad("give data.corpus (glob patterns of text files) or data.tables");
+        }
+        if !r.data.tables.is_empty() && r.data.prepare.is_some() {
+            return bad(
+                "data.tables are packed in memory: drop [data.prepare] or convert the \
+                        tables to JSONL files in data.corpus",
+            );
+        }
+        Ok(r)
+    }
+
+    /// The recipe's text: the `corpus` files, then the `tables`.
+    pub fn read_corpus(&self) -> Result<kindling_data::Corpus, RecipeError> {
+        Ok(kindling_data::Corpus::from_sources(
+            &self.data.corpus,
+            &self.data.tables,
+            Path::new("."),
+        )?)
     }
 
     pub fn name(&self) -> &str {
