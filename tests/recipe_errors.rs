@@ -16,6 +16,17 @@ fn fails_with(args: &[&str], needles: &[&str]) {
     }
 }
 
+/// `pretrain` of the tiny recipe in a fresh runs folder, with each of `settings` as a `--set`.
+fn tiny_fails_with(settings: &[&str], needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = format!("runs_dir=\"{}\"", dir.path().display());
+    let mut args = vec!["pretrain", TINY, "--set", &runs];
+    for s in settings {
+        args.extend(["--set", s]);
+    }
+    fails_with(&args, needles);
+}
+
 fn write_recipe(text: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("r.toml");
@@ -76,38 +87,22 @@ fn missing_required_section_is_named() {
 
 #[test]
 fn corpus_matching_no_files_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let runs = format!("runs_dir=\"{}\"", dir.path().display());
-    fails_with(
-        &[
-            "pretrain",
-            TINY,
-            "--set",
-            &runs,
-            "--set",
-            "data.corpus=[\"datasets/nothing-here/*.txt\"]",
-        ],
+    tiny_fails_with(
+        &["data.corpus=[\"datasets/nothing-here/*.txt\"]"],
         &["datasets/nothing-here/*.txt", "matched no files"],
     );
 }
 
 #[test]
 fn a_recipe_without_text_or_with_a_table_split_no_row_has_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let runs = format!("runs_dir=\"{}\"", dir.path().display());
-    fails_with(
-        &["pretrain", TINY, "--set", &runs, "--set", "data.corpus=[]"],
+    tiny_fails_with(
+        &["data.corpus=[]"],
         &["bert-tiny-mlm.toml", "data.corpus", "data.tables"],
     );
-    fails_with(
+    tiny_fails_with(
         &[
-            "pretrain",
-            TINY,
-            "--set",
-            &runs,
-            "--set",
             "data.tables=[{ path = \"datasets/womens-clothing-reviews/reviews.tsv.gz\", \
-             text_columns = [\"text\"], split_column = \"split\", split = \"validation\" }]",
+           text_columns = [\"text\"], split_column = \"split\", split = \"validation\" }]",
         ],
         &["reviews.tsv.gz", "split = \"validation\""],
     );
@@ -123,17 +118,8 @@ fn seq_len_beyond_max_position_embeddings_is_refused() {
 
 #[test]
 fn unknown_objective_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let runs = format!("runs_dir=\"{}\"", dir.path().display());
-    fails_with(
-        &[
-            "pretrain",
-            TINY,
-            "--set",
-            &runs,
-            "--set",
-            "objective=\"gpt\"",
-        ],
+    tiny_fails_with(
+        &["objective=\"gpt\""],
         &["objective", "unknown objective `gpt`"],
     );
 }
@@ -211,21 +197,11 @@ fn an_empty_corpus_is_named() {
 
 #[test]
 fn a_batch_that_cannot_fit_in_memory_is_refused_with_a_hint() {
-    let dir = tempfile::tempdir().unwrap();
-    let runs = format!("runs_dir=\"{}\"", dir.path().display());
-    fails_with(
+    tiny_fails_with(
         &[
-            "pretrain",
-            TINY,
-            "--set",
-            &runs,
-            "--set",
             "model.hidden_size=4096",
-            "--set",
             "model.num_attention_heads=32",
-            "--set",
             "model.intermediate_size=16384",
-            "--set",
             "train.batch_size=1024",
         ],
         &["train.batch_size", "GB is available", "train.grad_accum"],
