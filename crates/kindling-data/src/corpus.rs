@@ -159,20 +159,9 @@ impl TextTable {
             if split.is_some_and(|(_, s)| row.cells[n].trim() != s.as_str()) {
                 continue;
             }
-            let mut paragraph = String::new();
             // Line breaks inside a cell would split the row into paragraphs: flatten them.
-            for cell in row.cells[..n]
-                .iter()
-                .map(|c| c.trim())
-                .filter(|c| !c.is_empty())
-            {
-                for word in cell.split_whitespace() {
-                    if !paragraph.is_empty() {
-                        paragraph.push(' ');
-                    }
-                    paragraph.push_str(word);
-                }
-            }
+            let joined = crate::labelled::join_cells(&row.cells[..n]);
+            let paragraph = joined.split_whitespace().collect::<Vec<_>>().join(" ");
             if !paragraph.is_empty() {
                 text.push_str(&paragraph);
                 text.push_str("\n\n");
