@@ -159,9 +159,13 @@ impl TextTable {
             if split.is_some_and(|(_, s)| row.cells[n].trim() != s.as_str()) {
                 continue;
             }
-            // Line breaks inside a cell would split the row into paragraphs: flatten them.
-            let joined = crate::labelled::join_cells(&row.cells[..n]);
-            let paragraph = joined.split_whitespace().collect::<Vec<_>>().join(" ");
+            // The cells' words joined by single spaces: a line break inside a cell would
+            // otherwise split the row into paragraphs, and empty cells drop out.
+            let words: Vec<&str> = row.cells[..n]
+                .iter()
+                .flat_map(|c| c.split_whitespace())
+                .collect();
+            let paragraph = words.join(" ");
             if !paragraph.is_empty() {
                 text.push_str(&paragraph);
                 text.push_str("\n\n");

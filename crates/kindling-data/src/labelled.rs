@@ -115,16 +115,6 @@ pub fn read_examples(spec: &TableSpec) -> Result<Vec<Example>> {
     rows.into_iter().map(|r| example(spec, &r)).collect()
 }
 
-/// The text of a row's text cells: trimmed, empty ones left out, joined with a space.
-pub(crate) fn join_cells(cells: &[String]) -> String {
-    let parts: Vec<&str> = cells
-        .iter()
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-        .collect();
-    parts.join(" ")
-}
-
 /// Builds an example from a row read with the columns text..., label[, split].
 fn example(spec: &TableSpec, row: &Row) -> Result<Example> {
     let row_err = |msg: String| DataError::Row {
@@ -140,15 +130,19 @@ fn example(spec: &TableSpec, row: &Row) -> Result<Example> {
             spec.label_column
         )));
     }
-    let text = join_cells(&row.cells[..n]);
-    if text.is_empty() {
+    let parts: Vec<&str> = row.cells[..n]
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if parts.is_empty() {
         return Err(row_err(format!(
             "no text (columns {:?} are all empty)",
             spec.text_columns
         )));
     }
     Ok(Example {
-        text,
+        text: parts.join(" "),
         label: label.to_string(),
         split: row.cells.get(n + 1).map(|s| s.trim().to_string()),
         line: row.line,

@@ -301,7 +301,7 @@ impl Recipe {
         if !r.data.tables.is_empty() && r.data.prepare.is_some() {
             return bad(
                 "data.tables are packed in memory: drop [data.prepare] or convert the \
-                        tables to JSONL files in data.corpus",
+                 tables to JSONL files in data.corpus",
             );
         }
         Ok(r)
