@@ -207,3 +207,25 @@ fn a_loader_started_from_a_saved_cursor_continues_the_same_stream() {
     let resumed = batches_on_threads(2, 5, full[14].cursor_after);
     assert_eq!(&full[15..20], &resumed[..]);
 }
+
+#[test]
+fn a_loader_batch_is_its_blocks_masks_in_order_with_flat_positions() {
+    let blocks = Arc::new(synthetic_blocks(100, 64, VOCAB, 3));
+    let m = Arc::new(masker(MaskConfig::default(), 11));
+    let loader = MlmLoader::new(blocks.clone(), m.clone(), 8, 11, Cursor::default());
+    let order = loader.epoch_order(0);
+    for (k, batch) in loader.take(3).enumerate() {
+        let (mut ids, mut positions, mut labels) = (vec![], vec![], vec![]);
+        for (b, &i) in order[k * 8..(k + 1) * 8].iter().enumerate() {
+            let (block_ids, flags) = blocks.block(i as usize);
+            let one = m.mask(block_ids, flags, 0, i as u64);
+            ids.extend_from_slice(&one.input_ids);
+            positions.extend(one.positions.iter().map(|&p| (b * 64) as u32 + p));
+            labels.extend_from_slice(&one.labels);
+        }
+        assert_eq!(
+            (batch.input_ids, batch.positions, batch.labels),
+            (ids, positions, labels)
+        );
+    }
+}

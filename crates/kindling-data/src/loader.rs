@@ -42,61 +42,44 @@ impl MlmBatch {
         self.batch_size * self.seq_len
     }
 
-    /// Masks the given blocks (by index into `blocks`) in parallel and stacks them.
+    /// Masks the blocks `jobs` names (index into `blocks`, epoch) into one batch, in order,
+    /// on the calling thread: the loader builds several batches at once in parallel.
     fn build(
         blocks: &dyn Blocks,
         masker: &Masker,
-        indices: &[u32],
-        epoch: u64,
+        jobs: &[(u32, u64)],
         cursor_after: Cursor,
     ) -> Self {
-        let jobs: Vec<(u32, u64)> = indices.iter().map(|&i| (i, epoch)).collect();
-        Self::stack(
-            blocks.seq_len(),
-            mask_blocks(blocks, masker, &jobs),
-            cursor_after,
-        )
-    }
-
-    /// One batch from masked blocks, in order.
-    fn stack(t: usize, masked: Vec<MaskedBlock>, cursor_after: Cursor) -> Self {
-        let mut batch = MlmBatch {
-            batch_size: masked.len(),
-            seq_len: t,
-            input_ids: Vec::with_capacity(masked.len() * t),
-            positions: Vec::new(),
-            labels: Vec::new(),
-            cursor_after,
+        let t = blocks.seq_len();
+        let n = jobs.len() * t;
+        // Room for the expected labels and a margin, so the vectors rarely grow.
+        let expected = (n as f64 * masker.config().rate * 1.25) as usize + t;
+        let mut out = MaskedBlock {
+            input_ids: Vec::with_capacity(n),
+            positions: Vec::with_capacity(expected),
+            labels: Vec::with_capacity(expected),
         };
-        for (b, m) in masked.into_iter().enumerate() {
-            batch.input_ids.extend_from_slice(&m.input_ids);
-            batch
-                .positions
-                .extend(m.positions.iter().map(|&p| (b * t) as u32 + p));
-            batch.labels.extend_from_slice(&m.labels);
+        let (mut ids, mut flags) = (vec![0u32; t], vec![0u8; t]);
+        for &(i, epoch) in jobs {
+            blocks.read_block(i as usize, &mut ids, &mut flags);
+            masker.mask_into(&ids, &flags, epoch, i as u64, &mut out);
         }
-        batch
+        MlmBatch {
+            batch_size: jobs.len(),
+            seq_len: t,
+            input_ids: out.input_ids,
+            positions: out.positions,
+            labels: out.labels,
+            cursor_after,
+        }
     }
 }
 
-/// Masks blocks given as (block index, epoch) in parallel, in order.
-fn mask_blocks(blocks: &dyn Blocks, masker: &Masker, jobs: &[(u32, u64)]) -> Vec<MaskedBlock> {
-    let t = blocks.seq_len();
-    // At least 8 blocks per rayon task: one block masks in ~2 us, about a task's overhead.
-    jobs.par_iter()
-        .with_min_len(8)
-        .map(|&(i, epoch)| {
-            let (mut ids, mut flags) = (vec![0u32; t], vec![0u8; t]);
-            blocks.read_block(i as usize, &mut ids, &mut flags);
-            masker.mask(&ids, &flags, epoch, i as u64)
-        })
-        .collect()
-}
-
-/// Training batches masked per parallel round. One round per batch of 32 would wake the
-/// thread pool for ~60 us of masking, and the wake-up costs about as much: the two-thread
-/// loader was slower than one thread. Masks depend only on (seed, epoch, block), so building
-/// ahead changes nothing in what the batches hold.
+/// Training batches masked per parallel round (at least; one per thread where there are more),
+/// a batch per rayon task. One round per batch of 32 would wake the thread pool for ~60 us of
+/// masking, and the wake-up costs about as much: the two-thread loader was slower than one
+/// thread. Masks depend only on (seed, epoch, block), so building ahead changes nothing in what
+/// the batches hold.
 const BATCHES_PER_ROUND: usize = 8;
 
 /// A seeded permutation of `0..n` computed one index at a time, in O(1) memory: a 4-round Feistel
@@ -271,13 +254,13 @@ impl MlmLoader {
 }
 
 impl MlmLoader {
-    /// Builds the next [`BATCHES_PER_ROUND`] batches, masking all their blocks in one parallel
-    /// pass.
+    /// Builds the next [`BATCHES_PER_ROUND`] batches (or one per thread), in parallel, a batch
+    /// per task.
     fn build_round(&mut self) {
         let global = self.global_batch();
-        let mut plans = Vec::with_capacity(BATCHES_PER_ROUND);
-        let mut jobs = Vec::with_capacity(BATCHES_PER_ROUND * self.batch_size);
-        for _ in 0..BATCHES_PER_ROUND {
+        let round = BATCHES_PER_ROUND.max(rayon::current_num_threads());
+        let mut plans = Vec::with_capacity(round);
+        for _ in 0..round {
             if self.made.position as usize + global > self.order.len() {
                 self.made = Cursor {
                     epoch: self.made.epoch + 1,
@@ -287,21 +270,21 @@ impl MlmLoader {
             }
             let start = self.made.position as usize;
             let mine = start + self.shard.0 * self.batch_size;
-            jobs.extend(
-                (mine..mine + self.batch_size).map(|k| (self.order.at(k), self.made.epoch)),
-            );
+            let jobs: Vec<(u32, u64)> = (mine..mine + self.batch_size)
+                .map(|k| (self.order.at(k), self.made.epoch))
+                .collect();
             self.made = Cursor {
                 epoch: self.made.epoch,
                 position: (start + global) as u64,
             };
-            plans.push(self.made);
+            plans.push((jobs, self.made));
         }
-        let mut masked = mask_blocks(self.blocks.as_ref(), &self.masker, &jobs).into_iter();
-        let t = self.blocks.seq_len();
-        for after in plans {
-            let blocks: Vec<MaskedBlock> = masked.by_ref().take(self.batch_size).collect();
-            self.ahead.push_back(MlmBatch::stack(t, blocks, after));
-        }
+        let (blocks, masker) = (self.blocks.as_ref(), self.masker.as_ref());
+        let built: Vec<MlmBatch> = plans
+            .par_iter()
+            .map(|(jobs, after)| MlmBatch::build(blocks, masker, jobs, *after))
+            .collect();
+        self.ahead.extend(built);
     }
 }
 
@@ -337,10 +320,9 @@ pub fn eval_batches_up_to(
         0 => blocks.len(),
         m => blocks.len().min(m * batch_size.max(1)),
     };
-    let indices: Vec<u32> = (0..n as u32).collect();
-    indices
-        .chunks(batch_size.max(1))
-        .map(|c| MlmBatch::build(blocks, masker, c, EVAL_EPOCH, Cursor::default()))
+    let jobs: Vec<(u32, u64)> = (0..n as u32).map(|i| (i, EVAL_EPOCH)).collect();
+    jobs.par_chunks(batch_size.max(1))
+        .map(|c| MlmBatch::build(blocks, masker, c, Cursor::default()))
         .collect()
 }
 
