@@ -9,6 +9,9 @@
 //! * step: one MLM training step (forward at masked positions, backward, AdamW) at batch 32 x 128,
 //!   vocab 8192, for the tiny (h128 L2), mini (h256 L4) and small (h512 L4) shapes: tokens/s and
 //!   achieved matmul GFLOP/s. Reference: PyTorch + HF run bert-small in about 5.6 s per step.
+//! * gemm: the matrix products of the small step's encoder layer (4096 tokens, h512, i2048) as
+//!   the fused layer calls them (gemm crate, candle's thread count): GFLOP/s per shape, to hold
+//!   against torch.mm on the same shapes (benches/compare/hf_step_bench.py --only gemm).
 //! * optimizer: one update of every bert-mini parameter (the long recipe's model), AdamW against
 //!   Muon (Newton-Schulz on the 25 hidden matrices, AdamW on the rest): what Muon adds to a step.
 
@@ -114,6 +117,68 @@ fn bench_step(name: &str, cfg: BertConfig, steps: usize) {
     );
 }
 
+/// The small step's encoder products, (name, m, n, k, lhs transposed, rhs transposed): forward
+/// `x W^T`, weight gradient `g^T x`, input gradient `g W`; 4096 tokens, hidden 512, FFN 2048.
+/// Shared with hf_step_bench.py (keep the two lists equal).
+const GEMM_SHAPES: [(&str, usize, usize, usize, bool, bool); 6] = [
+    ("fwd x W^T 512->512", 4096, 512, 512, false, true),
+    ("fwd x W^T 512->2048", 4096, 2048, 512, false, true),
+    ("fwd x W^T 2048->512", 4096, 512, 2048, false, true),
+    ("dW g^T x 2048x512", 2048, 512, 4096, true, false),
+    ("dX g W 2048->512", 4096, 512, 2048, false, false),
+    ("dX g W 512->2048", 4096, 2048, 512, false, false),
+];
+
+fn bench_gemm() {
+    let threads = candle_core::utils::get_num_threads();
+    for (name, m, n, k, lt, rt) in GEMM_SHAPES {
+        let lhs: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let rhs: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut dst = vec![0f32; m * n];
+        // Row-major (m, k) read as is, or stored (k, m) and read transposed; likewise rhs.
+        let (l_cs, l_rs) = if lt { (m, 1) } else { (1, k) };
+        let (r_cs, r_rs) = if rt { (k, 1) } else { (1, n) };
+        let mut times: Vec<f64> = (0..12)
+            .map(|_| {
+                let t = Instant::now();
+                // SAFETY: the strides address (m, k), (k, n) and (m, n) within the vectors.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        dst.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        lhs.as_ptr(),
+                        l_cs as isize,
+                        l_rs as isize,
+                        rhs.as_ptr(),
+                        r_cs as isize,
+                        r_rs as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(threads),
+                    )
+                };
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let median = times[times.len() / 2];
+        row(
+            &format!("gemm {name}"),
+            2.0 * (m * n * k) as f64 / median / 1e9,
+            "GFLOP/s",
+            &format!("({m} x {k}) @ ({k} x {n}), median of 12, {threads} threads"),
+        );
+    }
+}
+
 fn bench_optimizer() {
     let b = Arc::new(blocks(BATCH));
     let masker =
@@ -173,6 +238,9 @@ fn main() {
     }
     if wanted("small") || wanted("step") {
         bench_step("small h512 L4", config(512, 4, 8, 0.1), 4);
+    }
+    if wanted("gemm") {
+        bench_gemm();
     }
     if wanted("optimizer") {
         bench_optimizer();

@@ -17,7 +17,7 @@ from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageMod
 
 p = argparse.ArgumentParser()
 p.add_argument("--threads", type=int, default=2)
-p.add_argument("--only", default="", help="comma-separated subset: masking,tiny,mini,small")
+p.add_argument("--only", default="", help="comma-separated subset: masking,tiny,mini,small,gemm")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
@@ -47,6 +47,29 @@ if not wanted or "masking" in wanted:
     for i in range(0, len(data), BATCH):
         collator(data[i:i + BATCH])
     print(json.dumps({"bench": "masking", "seq_per_s": len(data) / (time.time() - t)}), flush=True)
+
+# The small step's encoder products, as benches/mlm.rs's GEMM_SHAPES (keep the lists equal):
+# (name, m, n, k, lhs stored transposed, rhs stored transposed).
+GEMM_SHAPES = [
+    ("fwd x W^T 512->512", 4096, 512, 512, False, True),
+    ("fwd x W^T 512->2048", 4096, 2048, 512, False, True),
+    ("fwd x W^T 2048->512", 4096, 512, 2048, False, True),
+    ("dW g^T x 2048x512", 2048, 512, 4096, True, False),
+    ("dX g W 2048->512", 4096, 512, 2048, False, False),
+    ("dX g W 512->2048", 4096, 2048, 512, False, False),
+]
+if "gemm" in wanted:  # only on request: not part of the default step table
+    for name, m, n, k, lt, rt in GEMM_SHAPES:
+        lhs = torch.randn(k, m).t() if lt else torch.randn(m, k)
+        rhs = torch.randn(n, k).t() if rt else torch.randn(k, n)
+        times = []
+        for _ in range(12):
+            t = time.perf_counter()
+            torch.mm(lhs, rhs)
+            times.append(time.perf_counter() - t)
+        times.sort()
+        print(json.dumps({"bench": f"gemm {name}", "gflop_per_s": 2 * m * n * k / times[6] / 1e9}),
+              flush=True)
 
 for name, h, l, a, steps in [("tiny", 128, 2, 2, 10), ("mini", 256, 4, 4, 8), ("small", 512, 4, 8, 4)]:
     if wanted and name not in wanted:
