@@ -107,8 +107,7 @@ fn bench_step(name: &str, cfg: BertConfig, steps: usize) {
             flops = obj.train_flops(batch).unwrap();
         }
     }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let median = times[times.len() / 2];
+    let median = median(times);
     row(
         &format!("step {name}"),
         (BATCH * SEQ) as f64 / median,
@@ -121,59 +120,85 @@ fn bench_step(name: &str, cfg: BertConfig, steps: usize) {
     );
 }
 
-/// The small step's encoder products, (name, m, n, k, lhs transposed, rhs transposed): forward
-/// `x W^T`, weight gradient `g^T x`, input gradient `g W`; 4096 tokens, hidden 512, FFN 2048.
-/// Shared with hf_step_bench.py (keep the two lists equal).
-const GEMM_SHAPES: [(&str, usize, usize, usize, bool, bool); 6] = [
-    ("fwd x W^T 512->512", 4096, 512, 512, false, true),
-    ("fwd x W^T 512->2048", 4096, 2048, 512, false, true),
-    ("fwd x W^T 2048->512", 4096, 512, 2048, false, true),
-    ("dW g^T x 2048x512", 2048, 512, 4096, true, false),
-    ("dX g W 2048->512", 4096, 512, 2048, false, false),
-    ("dX g W 512->2048", 4096, 2048, 512, false, false),
-];
+/// The small step's encoder products (4096 tokens, hidden 512, FFN 2048): forward `x W^T`,
+/// weight gradient `g^T x`, input gradient `g W`, each with the layout the fused layer gives gemm.
+/// hf_step_bench.py times torch.mm on the same list.
+const GEMM_SHAPES: &str = include_str!("compare/gemm_shapes.json");
+
+#[derive(serde::Deserialize)]
+struct GemmShape {
+    name: String,
+    m: usize,
+    n: usize,
+    k: usize,
+    /// The left operand is stored (k, m) and read transposed.
+    lhs_transposed: bool,
+    /// The right operand is stored (n, k) and read transposed.
+    rhs_transposed: bool,
+}
+
+/// Median wall time of `reps` calls of `f`, in seconds.
+fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    times[times.len() / 2]
+}
 
 fn bench_gemm() {
     let threads = candle_core::utils::get_num_threads();
-    for (name, m, n, k, lt, rt) in GEMM_SHAPES {
+    let shapes: Vec<GemmShape> = serde_json::from_str(GEMM_SHAPES).unwrap();
+    for GemmShape {
+        name,
+        m,
+        n,
+        k,
+        lhs_transposed,
+        rhs_transposed,
+    } in shapes
+    {
         let lhs: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
         let rhs: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
         let mut dst = vec![0f32; m * n];
-        // Row-major (m, k) read as is, or stored (k, m) and read transposed; likewise rhs.
-        let (l_cs, l_rs) = if lt { (m, 1) } else { (1, k) };
-        let (r_cs, r_rs) = if rt { (k, 1) } else { (1, n) };
-        let mut times: Vec<f64> = (0..12)
-            .map(|_| {
-                let t = Instant::now();
-                // SAFETY: the strides address (m, k), (k, n) and (m, n) within the vectors.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        dst.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        lhs.as_ptr(),
-                        l_cs as isize,
-                        l_rs as isize,
-                        rhs.as_ptr(),
-                        r_cs as isize,
-                        r_rs as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::Rayon(threads),
-                    )
-                };
-                t.elapsed().as_secs_f64()
-            })
-            .collect();
-        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let median = times[times.len() / 2];
+        // (column stride, row stride) of each operand as stored.
+        let (l_cs, l_rs) = if lhs_transposed { (m, 1) } else { (1, k) };
+        let (r_cs, r_rs) = if rhs_transposed { (k, 1) } else { (1, n) };
+        let median = median_secs(12, || {
+            // SAFETY: the strides address (m, k), (k, n) and (m, n) within the vectors.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    lhs.as_ptr(),
+                    l_cs as isize,
+                    l_rs as isize,
+                    rhs.as_ptr(),
+                    r_cs as isize,
+                    r_rs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads),
+                )
+            }
+        });
         row(
             &format!("gemm {name}"),
             2.0 * (m * n * k) as f64 / median / 1e9,
@@ -202,15 +227,7 @@ fn bench_optimizer() {
         ("muon", OptimizerKind::Muon),
     ] {
         let mut opt = common::optimizer(&obj, kind);
-        let mut times: Vec<f64> = (0..12)
-            .map(|_| {
-                let t = Instant::now();
-                opt.step(&grads, 1e-4).unwrap();
-                t.elapsed().as_secs_f64()
-            })
-            .collect();
-        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let median = times[times.len() / 2];
+        let median = median_secs(12, || opt.step(&grads, 1e-4).unwrap());
         row(
             &format!("optimizer {name} mini"),
             median * 1e3,

@@ -9,6 +9,7 @@ with the head at every position, since that is what HF computes.
 """
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -48,20 +49,13 @@ if not wanted or "masking" in wanted:
         collator(data[i:i + BATCH])
     print(json.dumps({"bench": "masking", "seq_per_s": len(data) / (time.time() - t)}), flush=True)
 
-# The small step's encoder products, as benches/mlm.rs's GEMM_SHAPES (keep the lists equal):
-# (name, m, n, k, lhs stored transposed, rhs stored transposed).
-GEMM_SHAPES = [
-    ("fwd x W^T 512->512", 4096, 512, 512, False, True),
-    ("fwd x W^T 512->2048", 4096, 2048, 512, False, True),
-    ("fwd x W^T 2048->512", 4096, 512, 2048, False, True),
-    ("dW g^T x 2048x512", 2048, 512, 4096, True, False),
-    ("dX g W 2048->512", 4096, 512, 2048, False, False),
-    ("dX g W 512->2048", 4096, 2048, 512, False, False),
-]
+# The small step's encoder products, the list benches/mlm.rs times with the gemm crate.
+GEMM_SHAPES = json.load(open(os.path.join(os.path.dirname(__file__), "gemm_shapes.json")))
 if "gemm" in wanted:  # only on request: not part of the default step table
-    for name, m, n, k, lt, rt in GEMM_SHAPES:
-        lhs = torch.randn(k, m).t() if lt else torch.randn(m, k)
-        rhs = torch.randn(n, k).t() if rt else torch.randn(k, n)
+    for g in GEMM_SHAPES:
+        name, m, n, k = g["name"], g["m"], g["n"], g["k"]
+        lhs = torch.randn(k, m).t() if g["lhs_transposed"] else torch.randn(m, k)
+        rhs = torch.randn(n, k).t() if g["rhs_transposed"] else torch.randn(k, n)
         times = []
         for _ in range(12):
             t = time.perf_counter()
