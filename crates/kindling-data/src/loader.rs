@@ -42,16 +42,17 @@ impl MlmBatch {
         self.batch_size * self.seq_len
     }
 
-    /// Masks the blocks `jobs` names (index into `blocks`, epoch) into one batch, in order,
-    /// on the calling thread: the loader builds several batches at once in parallel.
+    /// Masks the given blocks (by index into `blocks`) as seen in `epoch` into one batch, in
+    /// order, on the calling thread: the loader builds several batches at once in parallel.
     fn build(
         blocks: &dyn Blocks,
         masker: &Masker,
-        jobs: &[(u32, u64)],
+        indices: &[u32],
+        epoch: u64,
         cursor_after: Cursor,
     ) -> Self {
         let t = blocks.seq_len();
-        let n = jobs.len() * t;
+        let n = indices.len() * t;
         // Room for the expected labels and a margin, so the vectors rarely grow.
         let expected = (n as f64 * masker.config().rate * 1.25) as usize + t;
         let mut out = MaskedBlock {
@@ -60,12 +61,12 @@ impl MlmBatch {
             labels: Vec::with_capacity(expected),
         };
         let (mut ids, mut flags) = (vec![0u32; t], vec![0u8; t]);
-        for &(i, epoch) in jobs {
+        for &i in indices {
             blocks.read_block(i as usize, &mut ids, &mut flags);
             masker.mask_into(&ids, &flags, epoch, i as u64, &mut out);
         }
         MlmBatch {
-            batch_size: jobs.len(),
+            batch_size: indices.len(),
             seq_len: t,
             input_ids: out.input_ids,
             positions: out.positions,
@@ -270,19 +271,20 @@ impl MlmLoader {
             }
             let start = self.made.position as usize;
             let mine = start + self.shard.0 * self.batch_size;
-            let jobs: Vec<(u32, u64)> = (mine..mine + self.batch_size)
-                .map(|k| (self.order.at(k), self.made.epoch))
+            let indices: Vec<u32> = (mine..mine + self.batch_size)
+                .map(|k| self.order.at(k))
                 .collect();
+            let epoch = self.made.epoch;
             self.made = Cursor {
-                epoch: self.made.epoch,
+                epoch,
                 position: (start + global) as u64,
             };
-            plans.push((jobs, self.made));
+            plans.push((indices, epoch, self.made));
         }
         let (blocks, masker) = (self.blocks.as_ref(), self.masker.as_ref());
         let built: Vec<MlmBatch> = plans
             .par_iter()
-            .map(|(jobs, after)| MlmBatch::build(blocks, masker, jobs, *after))
+            .map(|(indices, epoch, after)| MlmBatch::build(blocks, masker, indices, *epoch, *after))
             .collect();
         self.ahead.extend(built);
     }
@@ -320,9 +322,10 @@ pub fn eval_batches_up_to(
         0 => blocks.len(),
         m => blocks.len().min(m * batch_size.max(1)),
     };
-    let jobs: Vec<(u32, u64)> = (0..n as u32).map(|i| (i, EVAL_EPOCH)).collect();
-    jobs.par_chunks(batch_size.max(1))
-        .map(|c| MlmBatch::build(blocks, masker, c, Cursor::default()))
+    let indices: Vec<u32> = (0..n as u32).collect();
+    indices
+        .par_chunks(batch_size.max(1))
+        .map(|c| MlmBatch::build(blocks, masker, c, EVAL_EPOCH, Cursor::default()))
         .collect()
 }
 
