@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use kindling_core::rng::{self, domain};
 
-use crate::masking::{MaskedBlock, Masker};
+use crate::masking::Masker;
 use crate::packing::Blocks;
 
 /// Where the data stream stands: the epoch, and how many blocks of its shuffled order were
@@ -52,14 +52,7 @@ impl MlmBatch {
         cursor_after: Cursor,
     ) -> Self {
         let t = blocks.seq_len();
-        let n = indices.len() * t;
-        // Room for the expected labels and a margin, so the vectors rarely grow.
-        let expected = (n as f64 * masker.config().rate * 1.25) as usize + t;
-        let mut out = MaskedBlock {
-            input_ids: Vec::with_capacity(n),
-            positions: Vec::with_capacity(expected),
-            labels: Vec::with_capacity(expected),
-        };
+        let mut out = masker.empty_output(indices.len() * t);
         let (mut ids, mut flags) = (vec![0u32; t], vec![0u8; t]);
         for &i in indices {
             blocks.read_block(i as usize, &mut ids, &mut flags);
