@@ -11,7 +11,7 @@
 #   nvidia-nvvm and -cuda-crt pinned to 13.0 too (unpinned, pip takes the newest, whose PTX
 #   the 13.0 ptxas rejects: "Unsupported .version"). Only the CUDA 13 nvcc wheel
 #   carries `nvcc` itself (the -cu12 wheels carry ptxas alone); candle 0.11's cudarc supports
-#   CUDA 13.0.
+#   CUDA 13.0. For `--features nccl`, NCCL from nvidia-nccl-cu13 (libnccl.so.2, ~300 MB).
 # - CUDA_HOME with bin/ and include/ from the wheels and lib/ holding the unversioned names the
 #   linker asks for (libcublas.so -> libcublas.so.13, ...).
 # - lib/stubs/libcuda.so: the driver API is libcuda.so.1, installed by the NVIDIA driver, which a
@@ -29,13 +29,17 @@ if [ ! -x "$venv/bin/python" ]; then
     "nvidia-cublas==13.0.*" "nvidia-curand" "nvidia-cuda-nvrtc==13.0.*" \
     "nvidia-cuda-cccl==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*" >&2
 fi
+if [ ! -d "$("$venv/bin/python" -c 'import nvidia, os; print(nvidia.__path__[0])')/nccl" ]; then
+  "$venv/bin/pip" install --quiet "nvidia-nccl-cu13" >&2
+fi
 wheel="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')"
 home="$root/home"
 mkdir -p "$home/lib/stubs"
 ln -sfn "$wheel/bin" "$home/bin"
 ln -sfn "$wheel/include" "$home/include"
 ln -sfn "$wheel/nvvm" "$home/nvvm"
-for lib in "$wheel"/lib/lib*.so.*; do
+nccl="$(dirname "$wheel")/nccl/lib"
+for lib in "$wheel"/lib/lib*.so.* "$nccl"/lib*.so.*; do
   name="$(basename "$lib")"
   ln -sfn "$lib" "$home/lib/${name%%.so.*}.so"
   ln -sfn "$lib" "$home/lib/$name"

@@ -1,7 +1,8 @@
-//! The pieces of data-parallel training that do not depend on the transport: a process group's
-//! collectives as a trait, an in-process group (threads) that implements it for CPU runs and
-//! tests, gradient all-reduce in buckets, and the gather of embeddings that contrastive losses
-//! need across ranks.
+//! Data-parallel training: a process group's collectives as a trait, three groups that
+//! implement it (threads in one process for tests; processes over TCP for CPU runs and for the
+//! rendezvous; NCCL for GPUs), the launch settings a rank reads from its environment (torchrun's
+//! variables), gradient all-reduce in buckets, and the gather of embeddings that contrastive
+//! losses need across ranks.
 //!
 //! The gather is where data-parallel contrastive training goes silently wrong in other
 //! toolkits: gathering without a gradient (each rank then trains only on its own slice of the
@@ -13,21 +14,99 @@
 use std::sync::{Arc, Barrier, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var};
 
-/// The collectives data parallelism needs, as NCCL offers them. Every rank calls each operation
-/// in the same order; a call returns once every rank has made it.
+#[cfg(feature = "nccl")]
+mod nccl;
+mod tcp;
+
+#[cfg(feature = "nccl")]
+pub use nccl::NcclGroup;
+pub use tcp::TcpGroup;
+
+/// The collectives data parallelism needs, as NCCL offers them, on tensors of any device.
+/// Every rank calls each operation in the same order with tensors of the same shape and dtype;
+/// a call returns once every rank has made it.
 pub trait Collective: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
-    /// Element-wise sum over ranks, in place; the same result on every rank.
-    fn all_reduce_sum(&self, xs: &mut [f32]) -> Result<()>;
-    /// Every rank's `xs` (all of the same length), concatenated in rank order.
-    fn all_gather(&self, xs: &[f32]) -> Result<Vec<f32>>;
+    /// Element-wise sum over ranks; the same result on every rank.
+    fn all_reduce_sum(&self, xs: &Tensor) -> Result<Tensor>;
+    /// Every rank's `xs` concatenated along the first dimension, in rank order.
+    fn all_gather(&self, xs: &Tensor) -> Result<Tensor>;
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> Result<()> {
+        self.all_reduce_sum(&Tensor::zeros(1, DType::F32, &Device::Cpu)?)
+            .map(|_| ())
+    }
+}
+
+/// A group that moves bytes between ranks: every rank's payload, in rank order, on every rank.
+/// The host-side groups (threads, TCP) implement this; [`Collective`] follows from it, with the
+/// sums done on the host in rank order, so every rank gets bit-identical results.
+pub trait Exchange: Send + Sync {
+    /// (rank, world size).
+    fn rank_world(&self) -> (usize, usize);
+    fn exchange(&self, payload: &[u8]) -> Result<Vec<Vec<u8>>>;
+}
+
+/// Every rank's `xs` as f32 values on the host, in rank order (each of the same length).
+fn gather_host<E: Exchange + ?Sized>(group: &E, xs: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let mine = xs.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let bytes: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let parts = group.exchange(&bytes)?;
+    if parts.iter().any(|p| p.len() != bytes.len()) {
+        candle_core::bail!(
+            "collective: ranks contributed {:?} bytes (this is rank {}: {})",
+            parts.iter().map(Vec::len).collect::<Vec<_>>(),
+            group.rank_world().0,
+            bytes.len()
+        )
+    }
+    Ok(parts
+        .iter()
+        .map(|p| {
+            p.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        })
+        .collect())
+}
+
+impl<E: Exchange> Collective for E {
+    fn rank(&self) -> usize {
+        self.rank_world().0
+    }
+
+    fn world(&self) -> usize {
+        self.rank_world().1
+    }
+
+    fn all_reduce_sum(&self, xs: &Tensor) -> Result<Tensor> {
+        let parts = gather_host(self, xs)?;
+        let mut sum = vec![0f32; xs.elem_count()];
+        for part in &parts {
+            sum.iter_mut().zip(part).for_each(|(s, v)| *s += v);
+        }
+        Tensor::from_vec(sum, xs.shape(), &Device::Cpu)?
+            .to_dtype(xs.dtype())?
+            .to_device(xs.device())
+    }
+
+    fn all_gather(&self, xs: &Tensor) -> Result<Tensor> {
+        let parts = gather_host(self, xs)?;
+        let mut dims = xs.dims().to_vec();
+        if dims.is_empty() {
+            candle_core::bail!("all_gather: a scalar has no first dimension to gather along")
+        }
+        dims[0] *= parts.len();
+        Tensor::from_vec(parts.concat(), dims, &Device::Cpu)?
+            .to_dtype(xs.dtype())?
+            .to_device(xs.device())
+    }
 }
 
 /// `world` ranks in one process, one per thread: [`LocalGroup::new`] returns their handles.
-/// Sums run in rank order, so every rank gets bit-identical results.
 pub struct LocalGroup {
     rank: usize,
     shared: Arc<Shared>,
@@ -35,7 +114,7 @@ pub struct LocalGroup {
 
 struct Shared {
     world: usize,
-    slots: Mutex<Vec<Vec<f32>>>,
+    slots: Mutex<Vec<Vec<u8>>>,
     barrier: Barrier,
 }
 
@@ -56,46 +135,23 @@ impl LocalGroup {
     }
 }
 
-impl Collective for LocalGroup {
-    fn rank(&self) -> usize {
-        self.rank
+impl Exchange for LocalGroup {
+    fn rank_world(&self) -> (usize, usize) {
+        (self.rank, self.shared.world)
     }
 
-    fn world(&self) -> usize {
-        self.shared.world
-    }
-
-    fn all_reduce_sum(&self, xs: &mut [f32]) -> Result<()> {
-        let all = self.all_gather(xs)?;
-        let n = xs.len();
-        xs.fill(0.0);
-        for part in all.chunks(n.max(1)) {
-            xs.iter_mut().zip(part).for_each(|(x, v)| *x += v);
-        }
-        Ok(())
-    }
-
-    fn all_gather(&self, xs: &[f32]) -> Result<Vec<f32>> {
+    fn exchange(&self, payload: &[u8]) -> Result<Vec<Vec<u8>>> {
         let s = &self.shared;
-        s.slots.lock().expect("group slots")[self.rank] = xs.to_vec();
+        s.slots.lock().expect("group slots")[self.rank] = payload.to_vec();
         s.barrier.wait();
-        let out = {
-            let slots = s.slots.lock().expect("group slots");
-            if slots.iter().any(|v| v.len() != xs.len()) {
-                candle_core::bail!(
-                    "all_gather: ranks contributed {:?} values",
-                    slots.iter().map(Vec::len).collect::<Vec<_>>()
-                )
-            }
-            slots.concat()
-        };
+        let out = s.slots.lock().expect("group slots").clone();
         // Nobody writes the next call's slot before everyone has read this one.
         s.barrier.wait();
         Ok(out)
     }
 }
 
-/// Averages the parameters' gradients over ranks, `bucket` floats per collective call (fewer,
+/// Averages the parameters' gradients over ranks, `bucket` values per collective call (fewer,
 /// larger calls: NCCL's per-call latency dominates small tensors; DDP's default is 25 MB).
 /// Parameters without a gradient on this rank count as zero, so every rank makes the same calls.
 pub fn all_reduce_mean(
@@ -104,29 +160,29 @@ pub fn all_reduce_mean(
     comm: &dyn Collective,
     bucket: usize,
 ) -> Result<()> {
-    let scale = 1.0 / comm.world() as f32;
+    let scale = 1.0 / comm.world() as f64;
     let mut start = 0;
     while start < vars.len() {
-        // A bucket: consecutive parameters up to `bucket` floats (at least one parameter).
+        // A bucket: consecutive parameters up to `bucket` values (at least one parameter).
         let mut end = start;
         let mut size = 0;
         while end < vars.len() && (end == start || size + vars[end].elem_count() <= bucket) {
             size += vars[end].elem_count();
             end += 1;
         }
-        let mut flat = Vec::with_capacity(size);
-        for v in &vars[start..end] {
-            match grads.get(v.as_tensor()) {
-                Some(g) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
-                None => flat.extend(std::iter::repeat_n(0f32, v.elem_count())),
-            }
-        }
-        comm.all_reduce_sum(&mut flat)?;
+        let parts = vars[start..end]
+            .iter()
+            .map(|v| match grads.get(v.as_tensor()) {
+                Some(g) => g.flatten_all(),
+                None => Tensor::zeros(v.elem_count(), v.dtype(), v.device()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mean = (comm.all_reduce_sum(&Tensor::cat(&parts, 0)?)? * scale)?;
         let mut offset = 0;
         for v in &vars[start..end] {
             let n = v.elem_count();
-            let g: Vec<f32> = flat[offset..offset + n].iter().map(|x| x * scale).collect();
-            grads.insert(v.as_tensor(), Tensor::from_vec(g, v.shape(), v.device())?);
+            let g = mean.narrow(0, offset, n)?.reshape(v.shape())?;
+            grads.insert(v.as_tensor(), g);
             offset += n;
         }
         start = end;
@@ -138,44 +194,164 @@ pub fn all_reduce_mean(
 /// rank's rows. Rank r's rows are `r * n .. (r + 1) * n` of the result; a contrastive loss
 /// whose positives are another tensor's rows must offset its labels by that.
 pub fn gather_with_grad(xs: &Tensor, comm: Arc<dyn Collective>) -> Result<Tensor> {
-    xs.contiguous()?.apply_op1(Gather { comm })
+    let xs = xs.contiguous()?;
+    let all = comm.all_gather(&xs.detach())?;
+    xs.apply_op2(&all, Gather { comm })
 }
 
+/// Forward: the gathered tensor (the second operand, copied: a CustomOp returns new storage).
+/// Backward: the gathered tensor feeds every rank's loss, so this rank's rows get the sum over
+/// ranks of those losses' gradients.
 struct Gather {
     comm: Arc<dyn Collective>,
 }
 
-impl CustomOp1 for Gather {
+fn copy_second<S: candle_core::backend::BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("gather: the gathered tensor must be contiguous from offset 0")
+    }
+    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+impl CustomOp2 for Gather {
     fn name(&self) -> &'static str {
         "kindling-gather"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("gather: input must be contiguous".into()))?;
-        let xs = &s.as_slice::<f32>()?[start..end];
-        let all = self.comm.all_gather(xs)?;
-        let mut dims = l.dims().to_vec();
-        dims[0] *= self.comm.world();
-        Ok((CpuStorage::F32(all), Shape::from(dims)))
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_second(s2, l2)
     }
 
-    /// The gathered tensor feeds every rank's loss: this rank's rows get the sum over ranks of
-    /// those losses' gradients.
-    fn bwd(&self, xs: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let mut g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        self.comm.all_reduce_sum(&mut g)?;
-        let n = xs.elem_count();
-        let mine = g[self.comm.rank() * n..(self.comm.rank() + 1) * n].to_vec();
-        Ok(Some(Tensor::from_vec(mine, xs.shape(), xs.device())?))
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        copy_second(s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        _all: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let sum = self.comm.all_reduce_sum(&grad.contiguous()?)?;
+        let n = xs.dim(0)?;
+        Ok((Some(sum.narrow(0, self.comm.rank() * n, n)?), None))
+    }
+}
+
+/// Where a rank sits in a data-parallel run, from the variables torchrun sets (and
+/// `kindling pretrain --gpus`/`--nproc` sets for the processes it launches): `RANK`,
+/// `WORLD_SIZE`, `LOCAL_RANK` (the GPU on this node; default: `RANK`), `MASTER_ADDR`
+/// (default 127.0.0.1) and `MASTER_PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistEnv {
+    pub rank: usize,
+    pub world: usize,
+    pub local_rank: usize,
+    /// `MASTER_ADDR:MASTER_PORT`, where rank 0 listens.
+    pub master: String,
+}
+
+impl DistEnv {
+    /// `None` when `WORLD_SIZE` is unset (a plain single-process run).
+    pub fn from_env() -> std::result::Result<Option<DistEnv>, String> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// As [`DistEnv::from_env`], reading the variables through `var`.
+    pub fn from_lookup(
+        var: impl Fn(&str) -> Option<String>,
+    ) -> std::result::Result<Option<DistEnv>, String> {
+        let Some(world) = var("WORLD_SIZE") else {
+            return Ok(None);
+        };
+        let number = |key: &str, v: String| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("environment variable {key}={v:?}: expected a whole number"))
+        };
+        let world = number("WORLD_SIZE", world)?;
+        if world == 0 {
+            return Err("environment variable WORLD_SIZE=0: expected at least 1".into());
+        }
+        let rank = match var("RANK") {
+            Some(v) => number("RANK", v)?,
+            None => {
+                return Err("WORLD_SIZE is set but RANK is not (expected 0..WORLD_SIZE-1)".into())
+            }
+        };
+        if rank >= world {
+            return Err(format!(
+                "environment variable RANK={rank}: expected less than WORLD_SIZE={world}"
+            ));
+        }
+        let local_rank = match var("LOCAL_RANK") {
+            Some(v) => number("LOCAL_RANK", v)?,
+            None => rank,
+        };
+        let addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        let port = match var("MASTER_PORT") {
+            Some(v) => v.trim().parse::<u16>().map_err(|_| {
+                format!("environment variable MASTER_PORT={v:?}: expected a port number")
+            })?,
+            None if world == 1 => 0,
+            None => return Err("WORLD_SIZE > 1 needs MASTER_PORT (rank 0's port)".into()),
+        };
+        Ok(Some(DistEnv {
+            rank,
+            world,
+            local_rank,
+            master: format!("{addr}:{port}"),
+        }))
+    }
+
+    /// Joins the group: TCP for the rendezvous (rank 0 listens at `master`); on a CUDA device in
+    /// a build with NCCL, NCCL for the collectives; otherwise the TCP group itself (host copies:
+    /// right for CPU runs, slow for GPUs).
+    pub fn connect(
+        &self,
+        device: &Device,
+        timeout: std::time::Duration,
+    ) -> std::result::Result<Arc<dyn Collective>, String> {
+        let tcp = TcpGroup::connect(&self.master, self.rank, self.world, timeout).map_err(|e| {
+            format!(
+                "rank {} joining the group at {}: {e}",
+                self.rank, self.master
+            )
+        })?;
+        #[cfg(feature = "nccl")]
+        if device.is_cuda() {
+            return NcclGroup::new(&tcp, device)
+                .map(|g| Arc::new(g) as Arc<dyn Collective>)
+                .map_err(|e| format!("rank {}: NCCL: {e}", self.rank));
+        }
+        if device.is_cuda() {
+            tracing::warn!(
+                "this build has no NCCL (`--features nccl`): gradients cross ranks through the \
+                 host over TCP, which is slow"
+            );
+        }
+        Ok(Arc::new(tcp))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use std::time::Duration;
 
     fn random(shape: (usize, usize), seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
@@ -330,6 +506,151 @@ mod tests {
             for rank in &results {
                 assert!(max_rel_diff(&rank[i], &expected) < 1e-6, "parameter {i}");
             }
+        }
+    }
+
+    /// A port nobody listens on now (the OS picks it; rank 0 binds it again right after).
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// Three ranks as they run in three processes, over loopback TCP: each gathers and sums
+    /// rows that name their rank, and every rank gets the same, rank-ordered result.
+    #[test]
+    fn tcp_ranks_gather_and_sum_in_rank_order() {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..3)
+                .map(|rank| {
+                    let addr = addr.clone();
+                    scope.spawn(move || {
+                        let g = TcpGroup::connect(&addr, rank, 3, Duration::from_secs(20)).unwrap();
+                        let mine = Tensor::new(&[[rank as f32, 10.0 + rank as f32]], &Device::Cpu)
+                            .unwrap();
+                        let all = g.all_gather(&mine).unwrap();
+                        assert_eq!(all.dims(), &[3, 2]);
+                        let sum = g.all_reduce_sum(&mine).unwrap();
+                        g.barrier().unwrap();
+                        (
+                            all.flatten_all().unwrap().to_vec1().unwrap(),
+                            sum.flatten_all().unwrap().to_vec1().unwrap(),
+                        )
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (all, sum) in results {
+            assert_eq!(all, vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0]);
+            assert_eq!(sum, vec![3.0, 33.0]);
+        }
+    }
+
+    /// A rank that goes away makes its peers' next collective fail with an error that says so,
+    /// instead of waiting forever.
+    #[test]
+    fn a_vanished_rank_fails_the_next_collective() {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let root = std::thread::scope(|scope| {
+            let a = addr.clone();
+            let root = scope.spawn(move || {
+                let g = TcpGroup::connect(&a, 0, 2, Duration::from_secs(20)).unwrap();
+                g.all_reduce_sum(&Tensor::new(&[1f32], &Device::Cpu).unwrap())
+                    .map(|_| ())
+            });
+            let leaf = TcpGroup::connect(&addr, 1, 2, Duration::from_secs(20)).unwrap();
+            drop(leaf);
+            root.join().unwrap()
+        });
+        let err = root.unwrap_err().to_string();
+        assert!(
+            err.contains("rank 0 of 2") && err.contains("stopped"),
+            "{err}"
+        );
+    }
+
+    /// A rank started with another world size, or claiming a rank out of range, is refused by
+    /// name; rank 0 waits for missing ranks only until its timeout.
+    #[test]
+    fn rank_zero_refuses_a_mismatched_rank_and_times_out_on_a_missing_one() {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let err = std::thread::scope(|scope| {
+            let a = addr.clone();
+            let root = scope.spawn(move || TcpGroup::connect(&a, 0, 2, Duration::from_secs(20)));
+            let _leaf = TcpGroup::connect(&addr, 1, 3, Duration::from_secs(20)).unwrap();
+            root.join().unwrap().err().unwrap().to_string()
+        });
+        assert!(
+            err.contains("WORLD_SIZE=3") && err.contains("with 2"),
+            "{err}"
+        );
+        let addr = format!("127.0.0.1:{}", free_port());
+        let err = TcpGroup::connect(&addr, 0, 3, Duration::from_millis(200))
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("ranks [1, 2] did not connect"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_launch_environment_reads_as_torchrun_sets_it() {
+        let env = |pairs: &[(&str, &str)]| {
+            let map: std::collections::HashMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            DistEnv::from_lookup(move |k| map.get(k).cloned())
+        };
+        assert_eq!(env(&[]), Ok(None), "no WORLD_SIZE: a plain run");
+        let full = env(&[
+            ("WORLD_SIZE", "4"),
+            ("RANK", "3"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "10.0.0.2"),
+            ("MASTER_PORT", "29500"),
+        ]);
+        assert_eq!(
+            full,
+            Ok(Some(DistEnv {
+                rank: 3,
+                world: 4,
+                local_rank: 1,
+                master: "10.0.0.2:29500".into()
+            }))
+        );
+        let local = env(&[("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_PORT", "1234")]);
+        assert_eq!(
+            local.unwrap().unwrap().local_rank,
+            1,
+            "LOCAL_RANK defaults to RANK"
+        );
+        for (pairs, says) in [
+            (
+                vec![("WORLD_SIZE", "two")],
+                "WORLD_SIZE=\"two\": expected a whole number",
+            ),
+            (vec![("WORLD_SIZE", "2")], "RANK is not"),
+            (
+                vec![("WORLD_SIZE", "2"), ("RANK", "2")],
+                "RANK=2: expected less than WORLD_SIZE=2",
+            ),
+            (
+                vec![("WORLD_SIZE", "2"), ("RANK", "0")],
+                "needs MASTER_PORT",
+            ),
+            (
+                vec![("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "x")],
+                "MASTER_PORT=\"x\": expected a port number",
+            ),
+        ] {
+            let err = env(&pairs).unwrap_err();
+            assert!(err.contains(says), "{pairs:?}: {err}");
         }
     }
 }

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Var};
+use candle_core::{DType, Tensor, Var};
 
 use kindling_core::rng::derive_seed;
 use kindling_core::Mode;
 
 use crate::callbacks::{Callback, EvalRecord, StepRecord};
 use crate::checkpoint::{self, Best, TrainerState};
+use crate::distributed::{all_reduce_mean, Collective};
 use crate::objective::Objective;
 use crate::optim::{grad_norm, scale_grads, Optimizer, OptimizerConfig};
 use crate::schedule::Schedule;
@@ -174,7 +175,12 @@ pub struct Trainer {
     run_dir: PathBuf,
     callbacks: Vec<Box<dyn Callback>>,
     stop_flag: Option<Arc<AtomicBool>>,
+    comm: Option<Arc<dyn Collective>>,
 }
+
+/// Values per gradient all-reduce call in data-parallel runs: 25 MB of f32, DDP's default
+/// bucket (fewer, larger calls amortise NCCL's per-call latency).
+const BUCKET: usize = 25 * 1024 * 1024 / 4;
 
 impl Trainer {
     pub fn new(cfg: TrainConfig, run_dir: &Path) -> Self {
@@ -183,7 +189,20 @@ impl Trainer {
             run_dir: run_dir.to_path_buf(),
             callbacks: Vec::new(),
             stop_flag: None,
+            comm: None,
         }
+    }
+
+    /// Trains data-parallel in `comm`'s group: of every `world` consecutive batches the data
+    /// iterator yields, rank r trains on the r-th (so the ranks see disjoint shards and the
+    /// checkpoint's cursor is the whole group's); gradients are averaged over ranks before
+    /// clipping and the update; dropout seeds count micro-batches over the whole group. The
+    /// update then equals one process's with `grad_accum` times `world` micro-batches. Every
+    /// rank must make the same calls (same data, steps and settings); only rank 0 writes
+    /// checkpoints, and callbacks belong on rank 0 alone.
+    pub fn with_collective(mut self, comm: Arc<dyn Collective>) -> Self {
+        self.comm = Some(comm);
+        self
     }
 
     /// A flag that, once raised (by a signal handler, say), makes `fit` write a checkpoint after
@@ -267,6 +286,12 @@ impl Trainer {
             });
         }
         let params = Self::params(obj);
+        let (rank, world) = self.comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
+        // Where the ranks' small exchanges (losses, flags) live: the parameters' device, which
+        // is where NCCL can reach them.
+        let device = params
+            .first()
+            .map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
         let any_fixed = params.iter().any(|(n, _)| obj.fixed_lr(n));
         let vars: Vec<Var> = params.into_iter().map(|(_, v)| v).collect();
         let mut step = start.as_ref().map_or(0, |s| s.step);
@@ -292,7 +317,10 @@ impl Trainer {
         let mut skipped = 0u64;
         let mut last_save = Instant::now();
         while step < cfg.steps {
-            if step == first_step
+            // (Data parallel: every rank takes its first step and the ranks then stop together,
+            // after agreeing below.)
+            if world == 1
+                && step == first_step
                 && self
                     .stop_flag
                     .as_ref()
@@ -309,14 +337,22 @@ impl Trainer {
             let mut metric_sums: BTreeMap<String, f64> = BTreeMap::new();
             let mut nonfinite = false;
             for micro in 0..cfg.grad_accum {
-                let batch = train.next().ok_or(TrainError::DataExhausted { step })?;
-                cursor = cursor_of(&batch);
+                let mut mine = None;
+                for r in 0..world {
+                    let batch = train.next().ok_or(TrainError::DataExhausted { step })?;
+                    cursor = cursor_of(&batch);
+                    if r == rank {
+                        mine = Some(batch);
+                    }
+                }
+                let batch = mine.expect("rank < world");
                 if nonfinite {
                     // This update is skipped: consume its micro-batches, compute nothing.
                     continue;
                 }
+                let global_micro = micro as u64 * world as u64 + rank as u64;
                 let mode = Mode::Train {
-                    seed: derive_seed(&[cfg.seed, step, micro as u64]),
+                    seed: derive_seed(&[cfg.seed, step, global_micro]),
                 };
                 let (out, own_grads) = match obj.step_with_grads(&batch, mode)? {
                     Some((out, grads)) => (out, Some(grads)),
@@ -340,7 +376,8 @@ impl Trainer {
                 };
                 let loss_val = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !loss_val.is_finite() {
-                    if cfg.skip_nonfinite {
+                    // (Data parallel: the ranks first agree, below, then skip or stop together.)
+                    if cfg.skip_nonfinite || world > 1 {
                         tracing::warn!(
                             step = step + 1,
                             loss = loss_val,
@@ -377,6 +414,35 @@ impl Trainer {
                 };
                 for (k, v) in out.metrics {
                     *metric_sums.entry(k).or_default() += v / cfg.grad_accum as f64;
+                }
+            }
+            if let Some(comm) = &self.comm {
+                // The ranks agree on skipping (any rank's non-finite loss) and log the group's
+                // mean loss and metrics and its total throughput.
+                let stats = [f64::from(u8::from(nonfinite)), loss_sum, units as f64];
+                let stats = comm.all_reduce_sum(&Tensor::new(&stats, &device)?)?;
+                let stats = stats.to_vec1::<f64>()?;
+                nonfinite = stats[0] > 0.0;
+                loss_sum = stats[1] / world as f64;
+                units = stats[2] as usize;
+                flops = flops.map(|f| f * world as f64);
+                if nonfinite && !cfg.skip_nonfinite {
+                    return Err(TrainError::NonFiniteLoss {
+                        step: step + 1,
+                        loss: f64::NAN,
+                    });
+                }
+                if !nonfinite {
+                    let keys: Vec<String> = metric_sums.keys().cloned().collect();
+                    let vals: Vec<f64> = metric_sums.values().copied().collect();
+                    if !vals.is_empty() {
+                        let sums = comm.all_reduce_sum(&Tensor::new(vals.as_slice(), &device)?)?;
+                        for (k, v) in keys.into_iter().zip(sums.to_vec1::<f64>()?) {
+                            metric_sums.insert(k, v / world as f64);
+                        }
+                    }
+                    let grads = acc.as_mut().expect("grad_accum >= 1");
+                    all_reduce_mean(grads, &vars, comm.as_ref(), BUCKET)?;
                 }
             }
             let mut norm = f64::NAN;
@@ -448,13 +514,23 @@ impl Trainer {
             for cb in &mut self.callbacks {
                 cb.on_step_end(&rec)?;
             }
-            let interrupted = self
+            let mut interrupted = self
                 .stop_flag
                 .as_ref()
                 .is_some_and(|f| f.load(Ordering::SeqCst));
-            let time_up = cfg
+            let mut time_up = cfg
                 .max_time
                 .is_some_and(|m| elapsed_before + t0.elapsed().as_secs_f64() >= m.as_secs_f64());
+            if let Some(comm) = &self.comm {
+                // One rank's signal or clock stops them all at this step.
+                let flags = [
+                    f64::from(u8::from(interrupted)),
+                    f64::from(u8::from(time_up)),
+                ];
+                let any = comm.all_reduce_sum(&Tensor::new(&flags, &device)?)?;
+                let any = any.to_vec1::<f64>()?;
+                (interrupted, time_up) = (any[0] > 0.0, any[1] > 0.0);
+            }
             if interrupted {
                 stop = StopReason::Interrupted;
             } else if time_up && step < cfg.steps {
@@ -465,6 +541,17 @@ impl Trainer {
             let eval_due = last || (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every));
             if !eval.is_empty() && eval_due && !interrupted {
                 last_eval = Self::evaluate(obj, eval)?;
+                if let Some(comm) = &self.comm {
+                    // Every rank evaluates the whole held-out split; rank 0's figures decide
+                    // (best checkpoint, early stopping) on every rank, so they stop together.
+                    let keys: Vec<String> = last_eval.keys().cloned().collect();
+                    let mine: Vec<f64> = last_eval
+                        .values()
+                        .map(|v| if rank == 0 { *v } else { 0.0 })
+                        .collect();
+                    let theirs = comm.all_reduce_sum(&Tensor::new(mine.as_slice(), &device)?)?;
+                    last_eval = keys.into_iter().zip(theirs.to_vec1::<f64>()?).collect();
+                }
                 let rec = EvalRecord {
                     step,
                     elapsed_secs: elapsed_before + t0.elapsed().as_secs_f64(),
@@ -486,11 +573,11 @@ impl Trainer {
                 }
             }
             let interval_due = cfg.save_interval.is_some_and(|i| last_save.elapsed() >= i);
-            if last
+            let save_due = last
                 || improved
                 || interval_due
-                || (cfg.save_every > 0 && step.is_multiple_of(cfg.save_every))
-            {
+                || (cfg.save_every > 0 && step.is_multiple_of(cfg.save_every));
+            if save_due && rank == 0 {
                 last_save = Instant::now();
                 let state = TrainerState {
                     step,
@@ -780,6 +867,78 @@ mod tests {
                 weights(&a),
                 weights(&b)
             );
+        }
+    }
+
+    /// Trains `world` ranks in threads (an in-process group), each on the same batch stream
+    /// with `accum` micro-batches per update; returns each rank's weights, final eval and
+    /// whether it wrote a checkpoint.
+    fn fit_parallel(
+        world: usize,
+        accum: u32,
+        data: &[Batch],
+    ) -> Vec<(Vec<f32>, BTreeMap<String, f64>, bool)> {
+        use crate::distributed::LocalGroup;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = LocalGroup::new(world)
+                .into_iter()
+                .map(|comm| {
+                    scope.spawn(move || {
+                        let dir = tempfile::tempdir().unwrap();
+                        let obj = Boring::new();
+                        let mut t =
+                            Trainer::new(cfg(5, accum), dir.path()).with_collective(Arc::new(comm));
+                        let opt = t.optimizer(&obj).unwrap();
+                        let eval = vec![batch(999, 64)];
+                        let s = t
+                            .fit(
+                                &obj,
+                                &mut data.to_vec().into_iter(),
+                                &eval,
+                                opt,
+                                None,
+                                &|_| serde_json::Value::Null,
+                            )
+                            .unwrap();
+                        (weights(&obj), s.final_eval, s.last_checkpoint.is_some())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Data parallelism is gradient accumulation spread over processes: `world` ranks of
+    /// `accum` micro-batches make the update one process makes with `world * accum`
+    /// micro-batches, taken in the same order; every rank ends with the same weights and eval.
+    /// Only rank 0 writes checkpoints.
+    #[test]
+    fn data_parallel_ranks_update_as_one_process_accumulating_their_batches() {
+        let data: Vec<Batch> = (0..20).map(|i| batch(i, 8)).collect();
+        for (world, accum) in [(2, 1), (2, 2), (4, 1)] {
+            let single = Boring::new();
+            let dir = tempfile::tempdir().unwrap();
+            fit(
+                &single,
+                cfg(5, world as u32 * accum),
+                data.clone(),
+                dir.path(),
+            );
+            let ranks = fit_parallel(world, accum, &data);
+            for (r, (w, eval, wrote)) in ranks.iter().enumerate() {
+                // Equal up to the order of the sums (one rounding in the last place).
+                let diff = w
+                    .iter()
+                    .zip(weights(&single))
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    diff < 1e-6,
+                    "{world} ranks x {accum}: rank {r}'s weights differ by {diff}"
+                );
+                assert_eq!(w, &ranks[0].0, "rank {r}'s weights equal rank 0's");
+                assert_eq!(eval, &ranks[0].1, "rank {r}'s final eval");
+                assert_eq!(*wrote, r == 0, "rank {r} wrote a checkpoint: {wrote}");
+            }
         }
     }
 
