@@ -4,10 +4,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod launch;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use kindling_recipes::{RecipeError, Resume, RunOptions};
+use kindling_train::distributed::DistEnv;
 use kindling_train::StopReason;
 
 #[derive(Parser)]
@@ -37,6 +40,15 @@ enum Command {
         /// fresh start), a run folder, or one checkpoint folder.
         #[arg(long, value_name = "auto|PATH")]
         resume: Option<String>,
+        /// Data parallel over these GPUs, one process each (e.g. --gpus 0,1; NCCL all-reduce).
+        /// `train.batch_size` is per GPU. Multi-node: run one `kindling pretrain` per process
+        /// with torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set.
+        #[arg(long, value_name = "LIST", value_parser = launch::parse_gpus, conflicts_with = "nproc")]
+        gpus: Option<Vec<usize>>,
+        /// Data parallel over N processes on the recipe's device (CPU runs; the cores are
+        /// shared between them).
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Tokenise a recipe's corpus once into token shards (its [data.prepare] section); reused
     /// while the sources and tokenizer are unchanged. Prints a JSON summary.
@@ -181,9 +193,20 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             overrides,
             overwrite,
             resume,
+            gpus,
+            nproc,
         } => {
+            let dist = DistEnv::from_env().map_err(|e| anyhow::anyhow!(e))?;
+            match (gpus, nproc) {
+                _ if dist.is_some() => {} // a rank: run the recipe below
+                (Some(ids), _) => return launch::launch(launch::Ranks::Gpus(ids)),
+                (None, Some(n)) => return launch::launch(launch::Ranks::Processes(n)),
+                (None, None) => {}
+            }
+            let rank = dist.as_ref().map_or(0, |d| d.rank);
             let (flag, which) = install_signal_handlers()?;
             let opts = RunOptions {
+                dist,
                 overwrite,
                 resume: resume.map(|r| match r.as_str() {
                     "auto" => Resume::Auto,
@@ -194,6 +217,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let report = kindling_recipes::pretrain_file(&recipe, &overrides, &opts)?;
             if report.stop == StopReason::Interrupted {
                 return Ok(128 + which.load(Ordering::SeqCst) as u8);
+            }
+            if rank > 0 {
+                return Ok(0);
             }
             println!(
                 "{}",
@@ -237,6 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     p => Resume::Path(PathBuf::from(p)),
                 }),
                 stop_flag: Some(flag.clone()),
+                dist: None,
             };
             let interrupted = |flag: &AtomicBool| flag.load(Ordering::SeqCst);
             if compare_random {

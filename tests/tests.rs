@@ -2,6 +2,7 @@
 //! of behaviour, with fixed seeds and tiny configs.
 
 mod common;
+mod distributed;
 mod end_to_end;
 mod export;
 mod finetune;

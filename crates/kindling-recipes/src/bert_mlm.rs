@@ -21,6 +21,7 @@ use kindling_data::{
 use kindling_models::bert::{BertConfig, BertForMaskedLM};
 use kindling_models::export::{save_json, save_safetensors};
 use kindling_models::init::hf_init;
+use kindling_train::distributed::{Collective, DistEnv};
 use kindling_train::{
     checkpoint, MetricsLog, Objective, PlotCallback, ProgressCallback, StepOutput, StopReason,
     Trainer,
@@ -158,6 +159,40 @@ pub fn device(name: &str) -> Result<Device, RecipeError> {
             "`{other}` is not a device; expected \"auto\", \"cpu\", \"cuda:N\" or \"metal\""
         ))),
     }
+}
+
+/// This process's device: the recipe's, except that in a data-parallel run `"cuda"`, and
+/// `"auto"` where there is a GPU, mean this rank's GPU, `cuda:LOCAL_RANK` (as torchrun users
+/// expect; `kindling pretrain --gpus` names each rank's GPU itself).
+fn rank_device(name: &str, dist: Option<&DistEnv>) -> Result<Device, RecipeError> {
+    match dist {
+        Some(d)
+            if name == "cuda" || (name == "auto" && candle_core::utils::cuda_is_available()) =>
+        {
+            device(&format!("cuda:{}", d.local_rank))
+        }
+        _ => device(name),
+    }
+}
+
+/// Joins the data-parallel group when this process is one of its ranks (ranks wait up to ten
+/// minutes for each other to start).
+pub(crate) fn join_group(
+    opts: &RunOptions,
+    device: &Device,
+) -> Result<Option<Arc<dyn Collective>>, RecipeError> {
+    let Some(d) = &opts.dist else {
+        return Ok(None);
+    };
+    if d.world > 1 {
+        eprintln!(
+            "data parallel: rank {} of {}, joining at {}",
+            d.rank, d.world, d.master
+        );
+    }
+    d.connect(device, std::time::Duration::from_secs(600))
+        .map(Some)
+        .map_err(|msg| RecipeError::Distributed { msg })
 }
 
 fn auto_device() -> Device {
@@ -608,12 +643,8 @@ fn check_same_run(recipe: &Recipe, run_dir: &Path) -> Result<(), RecipeError> {
 
 /// Runs a `bert-mlm` recipe end to end.
 pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
-    let device = device(&recipe.device)?;
+    let device = rank_device(&recipe.device, opts.dist.as_ref())?;
     let compute = compute_dtype(&recipe.precision, &device)?;
-    // Dropout masks on a GPU come from the device's generator (see `ops::seeded_dropout`).
-    if !device.is_cpu() {
-        device.set_seed(recipe.seed)?;
-    }
     let t = &recipe.train;
     if t.batch_size == 0 {
         return Err(RecipeError::Invalid {
@@ -625,11 +656,24 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     bert_config(recipe, 16, 0)?;
     let max_time = t.max_time()?;
     let save_interval = t.save_interval()?;
+    let comm = join_group(opts, &device)?;
+    // Data parallel: rank 0 prepares the run folder and the tokenizer and writes every file;
+    // the other ranks read the tokenizer it saved and train on their shard.
+    let rank = comm.as_ref().map_or(0, |c| c.rank());
+    // Dropout masks on a GPU come from the device's generator (see `ops::seeded_dropout`);
+    // each rank draws its own.
+    if !device.is_cpu() {
+        device.set_seed(recipe.seed.wrapping_add(rank as u64))?;
+    }
     let resume_from = match &opts.resume {
         Some(r) => resume_checkpoint(recipe, r)?,
         None => None,
     };
-    let run_dir = prepare_run_dir(recipe, opts, resume_from.is_some())?;
+    let run_dir = if rank == 0 {
+        prepare_run_dir(recipe, opts, resume_from.is_some())?
+    } else {
+        recipe.run_dir()
+    };
 
     // Streaming from shards reads the corpus text into memory only to train a tokenizer.
     let corpus = match (&recipe.data.prepare, &recipe.data.tokenizer.train) {
@@ -644,9 +688,13 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
             corpus.total_bytes() as f64 / 1e6
         );
     }
-    let tokenizer = if resume_from.is_some() {
+    let tokenizer = if resume_from.is_some() || rank > 0 {
         // The run's own tokenizer: a retrained one could differ (the trainer is not
-        // deterministic), and the checkpoint's embeddings are indexed by this one.
+        // deterministic), and the checkpoint's embeddings are indexed by this one. Other ranks
+        // wait for rank 0 to have saved it.
+        if let Some(c) = &comm {
+            c.barrier()?;
+        }
         tok::load(&run_dir.join("tokenizer.json"))?
     } else {
         let cache = crate::cache_dir(recipe).join("tokenizers");
@@ -660,6 +708,9 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
                 path: run_dir.join("tokenizer.json"),
                 msg: e.to_string(),
             })?;
+        if let Some(c) = &comm {
+            c.barrier()?;
+        }
         tokenizer
     };
     let specials = tok::special_tokens(&tokenizer)?;
@@ -722,14 +773,16 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     );
 
     // What the data looked like, for people and for `kindling export` (which redraws the card).
-    save_json(
-        &run_dir.join("data.json"),
-        &serde_json::json!({
-            "vocab_size": vocab_size, "seq_len": recipe.data.seq_len, "blocks": n_blocks,
-            "train_blocks": train_blocks.len(), "eval_blocks": eval_blocks.len(),
-            "unigram_baseline": baseline.as_ref().map(|b| b.1),
-        }),
-    )?;
+    if rank == 0 {
+        save_json(
+            &run_dir.join("data.json"),
+            &serde_json::json!({
+                "vocab_size": vocab_size, "seq_len": recipe.data.seq_len, "blocks": n_blocks,
+                "train_blocks": train_blocks.len(), "eval_blocks": eval_blocks.len(),
+                "unigram_baseline": baseline.as_ref().map(|b| b.1),
+            }),
+        )?;
+    }
     let masker = Arc::new(Masker::new(
         recipe.data.mask.clone(),
         &specials,
@@ -748,8 +801,10 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     );
     let mut objective = BertMlm::new(config, recipe.seed, &device)?;
     objective.model.bert.compute_dtype = compute;
+    // An update takes batch_size x grad_accum blocks on each rank.
+    let world = comm.as_ref().map_or(1, |c| c.world());
     let steps_per_epoch =
-        (train_blocks.len() / (t.batch_size * t.grad_accum.max(1) as usize)) as u64;
+        (train_blocks.len() / (t.batch_size * t.grad_accum.max(1) as usize * world)) as u64;
     let resumed_at = match &resume_from {
         // resume_checkpoint verified it; only `load` below hashes the files again.
         Some(dir) => Some(checkpoint::read_verified_state(dir)?.step),
@@ -761,7 +816,11 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         baseline.clone(),
         (max_time, save_interval, steps_per_epoch, resumed_at),
         opts,
+        rank,
     )?;
+    if let Some(c) = &comm {
+        trainer = trainer.with_collective(c.clone());
+    }
     let mut opt = trainer.optimizer(&objective)?;
     let start = match &resume_from {
         Some(dir) => {
@@ -806,6 +865,18 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         &|b: &MlmBatch| serde_json::to_value(b.cursor_after).expect("cursor serialises"),
     )?;
     drop(train);
+    if rank > 0 {
+        // Rank 0 reports, exports and writes; this rank's work is done.
+        return Ok(RunReport {
+            run_dir: run_dir.clone(),
+            export_dir: PathBuf::new(),
+            final_eval: summary.final_eval,
+            baseline,
+            steps: summary.steps,
+            elapsed_secs: summary.elapsed_secs,
+            stop: summary.stop,
+        });
+    }
     let report = |export_dir: PathBuf, summary: kindling_train::FitSummary| RunReport {
         run_dir: run_dir.clone(),
         export_dir,
@@ -872,6 +943,7 @@ fn trainer_for(
         Option<u64>,
     ),
     opts: &RunOptions,
+    rank: usize,
 ) -> Result<Trainer, RecipeError> {
     let t = &recipe.train;
     let mut cfg = t.train_config(recipe.seed, steps_per_epoch)?;
@@ -890,6 +962,14 @@ fn trainer_for(
     .iter()
     .map(|f| run_dir.join(f))
     .collect();
+    if rank > 0 {
+        // Progress, logs and plots are rank 0's (it sees the group's loss and throughput).
+        let mut trainer = Trainer::new(cfg, run_dir);
+        if let Some(flag) = &opts.stop_flag {
+            trainer = trainer.with_stop_flag(flag.clone());
+        }
+        return Ok(trainer);
+    }
     let metrics = run_dir.join("metrics.jsonl");
     // A resumed run continues the log from its checkpoint: records after it are dropped.
     let log = match resumed_at {

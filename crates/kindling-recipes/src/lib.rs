@@ -43,6 +43,8 @@ pub enum RecipeError {
     Resume { path: PathBuf, msg: String },
     #[error("{}: {msg}", path.display())]
     Run { path: PathBuf, msg: String },
+    #[error("data parallel: {msg}")]
+    Distributed { msg: String },
     #[error(transparent)]
     Data(#[from] kindling_data::DataError),
     #[error(transparent)]
@@ -68,6 +70,9 @@ pub struct RunOptions {
     pub resume: Option<Resume>,
     /// Raised by SIGINT/SIGTERM: checkpoint after the current step and return.
     pub stop_flag: Option<Arc<AtomicBool>>,
+    /// This process's place in a data-parallel run (`RANK`, `WORLD_SIZE`, ...: set by
+    /// `kindling pretrain --gpus`/`--nproc` or by torchrun-style launchers); `None`: one process.
+    pub dist: Option<kindling_train::distributed::DistEnv>,
 }
 
 /// Where `--resume` continues from.
@@ -146,6 +151,16 @@ pub fn pretrain_file(
         source: e,
     })?;
     let peek: Peek = recipe::parse_toml(&text, path, overrides)?;
+    if opts.dist.as_ref().is_some_and(|d| d.world > 1) && peek.objective != "bert-mlm" {
+        return Err(RecipeError::Distributed {
+            msg: format!(
+                "{}: objective `{}` trains in one process; data parallelism (--gpus, --nproc, \
+                 WORLD_SIZE) is implemented for `bert-mlm` recipes",
+                path.display(),
+                peek.objective
+            ),
+        });
+    }
     if vision::OBJECTIVES.contains(&peek.objective.as_str()) {
         vision::pretrain(&vision::VisionRecipe::load(path, overrides)?, opts)
     } else if peek.objective == "simcse" {

@@ -50,9 +50,10 @@ pub trait Exchange: Send + Sync {
     fn exchange(&self, payload: &[u8]) -> Result<Vec<Vec<u8>>>;
 }
 
-/// Every rank's `xs` as f32 values on the host, in rank order (each of the same length).
-fn gather_host<E: Exchange + ?Sized>(group: &E, xs: &Tensor) -> Result<Vec<Vec<f32>>> {
-    let mine = xs.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+/// Every rank's `xs` on the host, in rank order (each of the same length), as f64 (which holds
+/// every f32, bf16 and f16 value exactly, and the trainer's f64 statistics).
+fn gather_host<E: Exchange + ?Sized>(group: &E, xs: &Tensor) -> Result<Vec<Vec<f64>>> {
+    let mine = xs.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     let bytes: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
     let parts = group.exchange(&bytes)?;
     if parts.iter().any(|p| p.len() != bytes.len()) {
@@ -66,8 +67,8 @@ fn gather_host<E: Exchange + ?Sized>(group: &E, xs: &Tensor) -> Result<Vec<Vec<f
     Ok(parts
         .iter()
         .map(|p| {
-            p.chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            p.chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
                 .collect()
         })
         .collect())
@@ -84,9 +85,17 @@ impl<E: Exchange> Collective for E {
 
     fn all_reduce_sum(&self, xs: &Tensor) -> Result<Tensor> {
         let parts = gather_host(self, xs)?;
-        let mut sum = vec![0f32; xs.elem_count()];
+        // Summed in f32 for f32 tensors, so that the result does not depend on the transport.
+        let f32_sum = xs.dtype() != DType::F64;
+        let mut sum = vec![0f64; xs.elem_count()];
         for part in &parts {
-            sum.iter_mut().zip(part).for_each(|(s, v)| *s += v);
+            sum.iter_mut().zip(part).for_each(|(s, v)| {
+                *s = if f32_sum {
+                    f64::from(*s as f32 + *v as f32)
+                } else {
+                    *s + v
+                }
+            });
         }
         Tensor::from_vec(sum, xs.shape(), &Device::Cpu)?
             .to_dtype(xs.dtype())?

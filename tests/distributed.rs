@@ -1,0 +1,163 @@
+//! Data parallelism through the `kindling` binary, on the CPU: `--nproc 2` launches two ranks
+//! that talk over loopback TCP. Two ranks of one batch each make the update one process makes
+//! accumulating those two batches, bit for bit; only rank 0 writes; a two-rank run resumes
+//! exactly; a failing rank stops the launch with its error.
+
+use std::path::Path;
+use std::process::Output;
+
+use crate::common::{kindling, stderr};
+
+/// The tiny recipe (dropout on) for 30 steps with a checkpoint every 10, in `runs/name`.
+fn tiny(runs: &Path, name: &str, launch: &[&str], extra: &[&str]) -> Output {
+    let mut cmd = kindling();
+    cmd.args(["pretrain", "recipes/tiny/bert-tiny-mlm.toml"])
+        .args(launch);
+    for s in [
+        &format!("runs_dir=\"{}\"", runs.display()),
+        &format!("name=\"{name}\""),
+        "train.steps=30",
+        "train.save_every=10",
+        "train.keep_last=5",
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    {
+        cmd.args(["--set", s]);
+    }
+    cmd.output().expect("running kindling")
+}
+
+fn ok(out: Output) -> Output {
+    assert!(out.status.success(), "run failed:\n{}", stderr(&out));
+    out
+}
+
+fn checkpoint_names(run: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn two_ranks_update_as_one_process_accumulating_their_two_batches() {
+    let runs = tempfile::tempdir().unwrap();
+    ok(tiny(runs.path(), "parallel", &["--nproc", "2"], &[]));
+    ok(tiny(runs.path(), "single", &[], &["train.grad_accum=2"]));
+    let (p, s) = (runs.path().join("parallel"), runs.path().join("single"));
+    // Each rank scales its loss by 1/1 and the mean over ranks halves the sum; the single
+    // process scales each micro-batch's loss by 1/2 and adds: the same numbers, exactly.
+    for file in [
+        "export/model.safetensors",
+        "checkpoints/step-00000030/optimizer.safetensors",
+    ] {
+        let (a, b) = (
+            std::fs::read(p.join(file)).unwrap(),
+            std::fs::read(s.join(file)).unwrap(),
+        );
+        assert!(
+            a == b,
+            "{file} differs between 2 ranks and 1 process x 2 micro-batches"
+        );
+    }
+    // Rank 0 alone writes: one metrics record per step, the same checkpoints, and the log
+    // shows the group's loss (the same as the single process's).
+    assert_eq!(checkpoint_names(&p), checkpoint_names(&s));
+    let records = |run: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &serde_json::Value| v.get("loss").is_some() && v.get("lr").is_some())
+            .collect()
+    };
+    let (rp, rs) = (records(&p), records(&s));
+    assert_eq!(rp.len(), 30, "one training record per step");
+    for (a, b) in rp.iter().zip(&rs) {
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!(
+            (la - lb).abs() <= 1e-6 * lb.abs(),
+            "step {}: loss {la} vs {lb}",
+            a["step"]
+        );
+        assert_eq!(
+            a["grad_norm"], b["grad_norm"],
+            "step {}: the averaged gradient",
+            a["step"]
+        );
+    }
+}
+
+#[test]
+fn a_two_rank_run_resumed_from_a_checkpoint_ends_as_one_run_straight_through() {
+    let runs = tempfile::tempdir().unwrap();
+    ok(tiny(runs.path(), "straight", &["--nproc", "2"], &[]));
+    // The same run, cut back to its step-10 checkpoint and resumed: the data cursor and the
+    // optimiser state are the group's, so the rest of the run repeats exactly.
+    let (straight, cut) = (runs.path().join("straight"), runs.path().join("cut"));
+    let copy = std::process::Command::new("cp")
+        .args(["-r"])
+        .arg(&straight)
+        .arg(&cut)
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    for later in ["step-00000020", "step-00000030"] {
+        std::fs::remove_dir_all(cut.join("checkpoints").join(later)).unwrap();
+    }
+    std::fs::remove_dir_all(cut.join("export")).unwrap();
+    let out = kindling()
+        .args([
+            "pretrain",
+            "recipes/tiny/bert-tiny-mlm.toml",
+            "--nproc",
+            "2",
+        ])
+        .args(["--resume", "auto", "--set"])
+        .arg(format!("runs_dir=\"{}\"", runs.path().display()))
+        .args(["--set", "name=\"cut\"", "--set", "train.steps=30"])
+        .args(["--set", "train.save_every=10", "--set", "train.keep_last=5"])
+        .output()
+        .unwrap();
+    let out = ok(out);
+    assert!(stderr(&out).contains("(step 10)"), "{}", stderr(&out));
+    let file = "checkpoints/step-00000030/model.safetensors";
+    assert!(
+        std::fs::read(straight.join(file)).unwrap() == std::fs::read(cut.join(file)).unwrap(),
+        "the resumed run's final weights differ"
+    );
+}
+
+#[test]
+fn a_bad_setting_fails_the_launch_with_the_ranks_error_and_status() {
+    let runs = tempfile::tempdir().unwrap();
+    let out = tiny(
+        runs.path(),
+        "bad",
+        &["--nproc", "2"],
+        &["train.batch_size=0"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("train.batch_size"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn objectives_without_data_parallelism_say_so() {
+    let out = kindling()
+        .args(["pretrain", "recipes/tiny/simclr-tiny.toml", "--nproc", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("objective `simclr` trains in one process"),
+        "{err}"
+    );
+}
