@@ -5,6 +5,7 @@
 # - the SimCLR recipe (recipes/simclr-fashion-mnist.toml) likewise, without its final probe;
 # - the BERT-base shape (recipes/gpu/bert-base-mlm.toml: h768, 12 layers, seq 128, batch 128)
 #   in bf16 and in f32, for throughput;
+# - data parallelism (`--gpus $DP_GPUS`, NCCL) against a plain run, for BERT-mini and BERT-base;
 # then prints one table: tokens/s or images/s (median of the steps after warm-up), achieved
 # TFLOP/s and the MFU it implies (bf16 dense peak, PEAK_TFLOPS, 990 for an H100 SXM), and each
 # run's final losses beside the CPU run's.
@@ -23,7 +24,7 @@ MLM_STEPS="${MLM_STEPS:-200}"
 VISION_STEPS="${VISION_STEPS:-100}"
 BASE_STEPS="${BASE_STEPS:-40}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-990}"
-ONLY="${ONLY:-mlm vision base}"
+ONLY="${ONLY:-mlm vision base dp}"
 MLM_PRECISIONS="${MLM_PRECISIONS:-f32 bf16}"  # add f16 for loss-scaled half precision
 # 0: reuse the CPU runs already in SMOKE_RUNS. They must come from this machine: the recipes
 # train their tokenizer, and a tokenizer trained on another machine can differ in a few tokens
@@ -32,8 +33,11 @@ CPU="${CPU:-1}"
 
 if [ "${CUDA_LIBS:-auto}" = auto ]; then
   # NVIDIA's pip wheels (PyTorch's dependencies) keep the CUDA 13 libraries here.
-  libs="$(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null || true)"
-  [ -d "$libs" ] && export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # NCCL (for `--features nccl` builds) comes from nvidia-nccl-cu13, under nvidia/nccl/lib.
+  root="$(python3 -c 'import nvidia; print(nvidia.__path__[0])' 2>/dev/null || true)"
+  for libs in "$root/cu13/lib" "$root/nccl/lib"; do
+    [ -n "$root" ] && [ -d "$libs" ] && export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  done
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 mkdir -p "$RUNS"
@@ -80,6 +84,19 @@ if [[ " $ONLY " == *" base "* ]]; then
   done
 fi
 
+# Data parallelism through NCCL (`--gpus`): the BERT-mini recipe in f32 and the BERT-base shape
+# in bf16, each as one plain process and launched over the GPUs in DP_GPUS (default 0). With
+# one GPU that is a world of one: NCCL's all-reduce is then a copy, so the difference in
+# throughput is what the gradient buckets cost, and the losses should agree with the plain run.
+if [[ " $ONLY " == *" dp "* ]]; then
+  DP_GPUS="${DP_GPUS:-0}"
+  run mlm-plain-f32 recipes/bert-mini-mlm.toml "$GPU" f32 "$MLM_STEPS"
+  run mlm-dp-f32 recipes/bert-mini-mlm.toml "$GPU" f32 "$MLM_STEPS" --gpus "$DP_GPUS"
+  run base-plain-bf16 recipes/gpu/bert-base-mlm.toml "$GPU" bf16 "$BASE_STEPS"
+  run base-dp-bf16 recipes/gpu/bert-base-mlm.toml "$GPU" bf16 "$BASE_STEPS" --gpus "$DP_GPUS"
+  names+=(mlm-plain-f32 mlm-dp-f32 base-plain-bf16 base-dp-bf16)
+fi
+
 python3 - "$RUNS" "$PEAK_TFLOPS" "${names[@]}" <<'PY'
 import json, os, statistics, sys
 runs, peak, names = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
@@ -106,13 +123,15 @@ def load(name):
 res = {n: load(n) for n in names}
 print()
 print(f"{'run':<16} {'steps':>5} {'units/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
-      f"{'train loss':>10} {'eval loss':>9} {'vs CPU eval':>11}")
+      f"{'train loss':>10} {'eval loss':>9} {'vs reference':>12}")
 for n in names:
     r = res[n]
     if r is None:
         print(f"{n:<16} (no metrics: see {runs}/{n}.log)")
         continue
-    cpu = res.get(n.split("-gpu-")[0] + "-cpu") if "-gpu-" in n else None
+    # The reference run: the CPU run of the same seed; for a data-parallel run, the plain one.
+    cpu = (res.get(n.split("-gpu-")[0] + "-cpu") if "-gpu-" in n
+           else res.get(n.replace("-dp-", "-plain-")) if "-dp-" in n else None)
     unit = "img/s" if n.startswith("simclr") else "tok/s"
     tf = f"{r['tflops']:.2f}" if r["tflops"] is not None else "-"
     mfu = f"{100 * r['tflops'] / peak:.1f}%" if r["tflops"] is not None else "-"
@@ -120,7 +139,7 @@ for n in names:
     d = (f"{r['eval_loss'] - cpu['eval_loss']:+.4f}"
          if cpu and r["eval_loss"] is not None and cpu["eval_loss"] is not None else "")
     print(f"{n:<16} {r['steps']:>5} {r['units_per_s']:>10.0f} {tf:>8} {mfu:>6} "
-          f"{r['train_loss']:>10.4f} {ev:>9} {d:>11}   ({unit})")
+          f"{r['train_loss']:>10.4f} {ev:>9} {d:>12}   ({unit})")
 print(f"\nMFU: achieved matmul TFLOP/s over a {peak:.0f} TFLOP/s bf16 dense peak "
       "(PEAK_TFLOPS); f32 rows are measured against the same peak.")
 PY

@@ -24,8 +24,13 @@ pub enum Ranks {
     Processes(usize),
 }
 
+/// GPU indices, as `--gpus 0,1` lists them (one clap value: a plain `Vec` would make clap
+/// expect several values).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuList(pub Vec<usize>);
+
 /// `--gpus` value: comma-separated GPU indices, each at most once.
-pub fn parse_gpus(s: &str) -> Result<Vec<usize>, String> {
+pub fn parse_gpus(s: &str) -> Result<GpuList, String> {
     let mut ids = Vec::new();
     for part in s.split(',') {
         let id = part
@@ -37,7 +42,7 @@ pub fn parse_gpus(s: &str) -> Result<Vec<usize>, String> {
         }
         ids.push(id);
     }
-    Ok(ids)
+    Ok(GpuList(ids))
 }
 
 /// The arguments the ranks get: ours without `--gpus`/`--nproc` and their values.
@@ -209,7 +214,7 @@ mod tests {
 
     #[test]
     fn gpu_lists_are_indices_each_once() {
-        assert_eq!(parse_gpus("0,1, 3"), Ok(vec![0, 1, 3]));
+        assert_eq!(parse_gpus("0,1, 3"), Ok(GpuList(vec![0, 1, 3])));
         assert!(parse_gpus("0,x")
             .unwrap_err()
             .contains("`x` is not a GPU index"));

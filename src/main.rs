@@ -44,7 +44,7 @@ enum Command {
         /// `train.batch_size` is per GPU. Multi-node: run one `kindling pretrain` per process
         /// with torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set.
         #[arg(long, value_name = "LIST", value_parser = launch::parse_gpus, conflicts_with = "nproc")]
-        gpus: Option<Vec<usize>>,
+        gpus: Option<launch::GpuList>,
         /// Data parallel over N processes on the recipe's device (CPU runs; the cores are
         /// shared between them).
         #[arg(long, value_name = "N")]
@@ -199,7 +199,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let dist = DistEnv::from_env().map_err(|e| anyhow::anyhow!(e))?;
             match (gpus, nproc) {
                 _ if dist.is_some() => {} // a rank: run the recipe below
-                (Some(ids), _) => return launch::launch(launch::Ranks::Gpus(ids)),
+                (Some(ids), _) => return launch::launch(launch::Ranks::Gpus(ids.0)),
                 (None, Some(n)) => return launch::launch(launch::Ranks::Processes(n)),
                 (None, None) => {}
             }

@@ -5,6 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::cuda::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
@@ -124,13 +125,14 @@ impl CustomOp1 for Nccl {
         let err = |e: &dyn std::fmt::Debug| candle_core::Error::Msg(format!("nccl: {e:?}"));
         macro_rules! call {
             ($t:ty) => {{
-                let src = s.as_cuda_slice::<$t>()?;
+                // Exactly the layout's elements: the storage may be longer.
+                let src = s.as_cuda_slice::<$t>()?.slice(0..n);
                 let mut dst = unsafe { dev.alloc::<$t>(out_len)? };
                 match self.gather {
-                    Some(_) => comm.0.all_gather(src, &mut dst).map_err(|e| err(&e))?,
+                    Some(_) => comm.0.all_gather(&src, &mut dst).map_err(|e| err(&e))?,
                     None => comm
                         .0
-                        .all_reduce(src, &mut dst, &ReduceOp::Sum)
+                        .all_reduce(&src, &mut dst, &ReduceOp::Sum)
                         .map_err(|e| err(&e))?,
                 };
                 CudaStorage::wrap_cuda_slice(dst, dev.clone())
