@@ -1,7 +1,7 @@
 //! Data parallelism through the `kindling` binary, on the CPU: `--nproc 2` launches two ranks
 //! that talk over loopback TCP. Two ranks of one batch each make the update one process makes
 //! accumulating those two batches, bit for bit; only rank 0 writes; a two-rank run resumes
-//! exactly; a failing rank stops the launch with its error.
+//! exactly; SimCLR's negatives span the ranks; a failing rank stops the launch with its error.
 
 use std::path::Path;
 use std::process::Output;
@@ -148,16 +148,60 @@ fn a_bad_setting_fails_the_launch_with_the_ranks_error_and_status() {
     );
 }
 
+/// SimCLR over two ranks: each rank's NT-Xent sees the other's projections as negatives (the
+/// gathered loss is checked against the global batch in `vision::simclr`'s tests). Here the
+/// launch trains, rank 0 alone exports, and the first step's contrastive loss shows the
+/// gathered negatives: with twice the candidates (4 x 64 instead of 2 x 64) at the same
+/// initialisation, NT-Xent is about ln 2 higher than one process's on one rank's batch.
+#[test]
+fn simclr_trains_over_two_ranks_with_the_negatives_of_both() {
+    let runs = tempfile::tempdir().unwrap();
+    let first_ssl_loss = |name: &str, launch: &[&str]| {
+        let out = kindling()
+            .args(["pretrain", "recipes/tiny/simclr-tiny.toml"])
+            .args(launch)
+            .arg("--set")
+            .arg(format!("runs_dir=\"{}\"", runs.path().display()))
+            .args([
+                "--set",
+                &format!("name=\"{name}\""),
+                "--set",
+                "probe.enabled=false",
+            ])
+            .output()
+            .unwrap();
+        ok(out);
+        let run = runs.path().join(name);
+        assert!(run.join("export/model.safetensors").is_file());
+        let first: serde_json::Value = std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .find(|v: &serde_json::Value| v["step"] == 1)
+            .unwrap();
+        first["ssl_loss"].as_f64().unwrap()
+    };
+    let (two, one) = (
+        first_ssl_loss("two", &["--nproc", "2"]),
+        first_ssl_loss("one", &[]),
+    );
+    let gap = two - one;
+    assert!(
+        (gap - 2f64.ln()).abs() < 0.15,
+        "NT-Xent {two:.3} over 2 ranks vs {one:.3}: {gap:.3}"
+    );
+}
+
 #[test]
 fn objectives_without_data_parallelism_say_so() {
     let out = kindling()
-        .args(["pretrain", "recipes/tiny/simclr-tiny.toml", "--nproc", "2"])
+        .args(["pretrain", "recipes/tiny/simcse-tiny.toml", "--nproc", "2"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("objective `simclr` trains in one process"),
+        err.contains("objective `simcse` trains in one process"),
         "{err}"
     );
 }

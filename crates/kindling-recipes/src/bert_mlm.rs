@@ -164,7 +164,7 @@ pub fn device(name: &str) -> Result<Device, RecipeError> {
 /// This process's device: the recipe's, except that in a data-parallel run `"cuda"`, and
 /// `"auto"` where there is a GPU, mean this rank's GPU, `cuda:LOCAL_RANK` (as torchrun users
 /// expect; `kindling pretrain --gpus` names each rank's GPU itself).
-fn rank_device(name: &str, dist: Option<&DistEnv>) -> Result<Device, RecipeError> {
+pub(crate) fn rank_device(name: &str, dist: Option<&DistEnv>) -> Result<Device, RecipeError> {
     match dist {
         Some(d)
             if name == "cuda" || (name == "auto" && candle_core::utils::cuda_is_available()) =>
@@ -963,12 +963,7 @@ fn trainer_for(
     .map(|f| run_dir.join(f))
     .collect();
     if rank > 0 {
-        // Progress, logs and plots are rank 0's (it sees the group's loss and throughput).
-        let mut trainer = Trainer::new(cfg, run_dir);
-        if let Some(flag) = &opts.stop_flag {
-            trainer = trainer.with_stop_flag(flag.clone());
-        }
-        return Ok(trainer);
+        return Ok(rank_trainer(cfg, run_dir, opts));
     }
     let metrics = run_dir.join("metrics.jsonl");
     // A resumed run continues the log from its checkpoint: records after it are dropped.
@@ -994,6 +989,20 @@ fn trainer_for(
         trainer = trainer.with_stop_flag(flag.clone());
     }
     Ok(trainer)
+}
+
+/// The trainer of a data-parallel rank other than 0: no progress bar, logs or plots (rank 0
+/// shows the group's loss and throughput), the stop flag still heard.
+pub(crate) fn rank_trainer(
+    cfg: kindling_train::TrainConfig,
+    run_dir: &Path,
+    opts: &RunOptions,
+) -> Trainer {
+    let trainer = Trainer::new(cfg, run_dir);
+    match &opts.stop_flag {
+        Some(flag) => trainer.with_stop_flag(flag.clone()),
+        None => trainer,
+    }
 }
 
 fn export_dir(recipe: &Recipe, run_dir: &Path) -> PathBuf {

@@ -151,13 +151,18 @@ pub fn pretrain_file(
         source: e,
     })?;
     let peek: Peek = recipe::parse_toml(&text, path, overrides)?;
-    if opts.dist.as_ref().is_some_and(|d| d.world > 1) && peek.objective != "bert-mlm" {
+    let parallel = ["bert-mlm"]
+        .iter()
+        .chain(&vision::DATA_PARALLEL)
+        .any(|o| *o == peek.objective);
+    if opts.dist.as_ref().is_some_and(|d| d.world > 1) && !parallel {
         return Err(RecipeError::Distributed {
             msg: format!(
                 "{}: objective `{}` trains in one process; data parallelism (--gpus, --nproc, \
-                 WORLD_SIZE) is implemented for `bert-mlm` recipes",
+                 WORLD_SIZE) is implemented for bert-mlm, {}",
                 path.display(),
-                peek.objective
+                peek.objective,
+                vision::DATA_PARALLEL.join(", ")
             ),
         });
     }

@@ -122,6 +122,7 @@ mod tests {
             p: None,
             t: Some([t.clone(), t.clone()]),
             train: true,
+            group: None,
         };
         let before = moco.queue.as_tensor().to_vec2::<f32>().unwrap();
         moco.loss(&o).unwrap();

@@ -40,6 +40,7 @@ use kindling_models::conv::is_norm_buffer;
 use kindling_models::export::{save_json, write_atomic};
 use kindling_models::nn::Linear;
 use kindling_models::{Mlp, MlpConfig, ResNet, ResNetConfig};
+use kindling_train::distributed::Collective;
 use kindling_train::{checkpoint, Objective, StepOutput};
 
 use crate::bert_mlm::{device, load_for_resume, open_run_folder, standard_trainer};
@@ -267,6 +268,9 @@ pub struct Outputs {
     pub p: Option<[Tensor; 2]>,
     pub t: Option<[Tensor; 2]>,
     pub train: bool,
+    /// The data-parallel group, in training steps of a run over several ranks (losses that
+    /// compare samples across the batch gather over it).
+    pub group: Option<Arc<dyn Collective>>,
 }
 
 /// A method: its loss, and which parts of the model it needs.
@@ -423,6 +427,8 @@ pub struct SslModel {
     /// Mixed precision: the encoder's compute dtype (`None`: f32).
     pub compute: Option<DType>,
     fix_predictor_lr: bool,
+    /// The data-parallel group (`None`: one process).
+    pub group: Option<Arc<dyn Collective>>,
 }
 
 impl SslModel {
@@ -501,6 +507,7 @@ impl SslModel {
             flops_per_image: 3.0 * 2.0 * flops,
             compute: None,
             fix_predictor_lr: recipe.loss.fix_predictor_lr,
+            group: None,
         })
     }
 
@@ -593,6 +600,8 @@ impl Objective for SslModel {
             p,
             t,
             train: mode.is_train(),
+            // Eval batches are the same on every rank: no gathering there.
+            group: self.group.clone().filter(|_| mode.is_train()),
         };
         let ssl = self.loss.loss(&outputs)?;
         let mut metrics = BTreeMap::new();
@@ -987,8 +996,16 @@ pub fn export_from_checkpoint(
 }
 
 /// Runs a vision SSL recipe.
+/// The methods that train data-parallel: SimCLR gathers its negatives over the ranks; BYOL's and
+/// SimSiam's losses are means of per-image terms, so the ranks' mean is the global batch's.
+/// The others compare statistics of the batch (Barlow Twins, VICReg) or keep a queue (MoCo),
+/// which would need their own gathers.
+pub const DATA_PARALLEL: [&str; 3] = ["simclr", "byol", "simsiam"];
+
 pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
-    let device = device(&recipe.device)?;
+    let device = crate::bert_mlm::rank_device(&recipe.device, opts.dist.as_ref())?;
+    let group = crate::bert_mlm::join_group(opts, &device)?;
+    let rank = group.as_ref().map_or(0, |g| g.rank());
     let compute = crate::bert_mlm::compute_dtype(&recipe.precision, &device)?;
     let train_set = Arc::new(load_images(
         &recipe.data.train,
@@ -1012,14 +1029,24 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
         },
         test_set.as_ref().map_or(0, ImageSet::len),
     );
-    let (run_dir, resume_from) = open_run_folder(
-        recipe.run_dir(),
-        &toml::to_string_pretty(recipe).expect("recipe serialises"),
-        opts,
-    )?;
+    // Data parallel: rank 0 prepares the run folder and writes every file.
+    let (run_dir, resume_from) = if rank == 0 {
+        open_run_folder(
+            recipe.run_dir(),
+            &toml::to_string_pretty(recipe).expect("recipe serialises"),
+            opts,
+        )?
+    } else {
+        let resume = match &opts.resume {
+            Some(r) => crate::bert_mlm::resume_checkpoint_in(&recipe.run_dir(), r)?,
+            None => None,
+        };
+        (recipe.run_dir(), resume)
+    };
     let in_shape = (train_set.height, train_set.width, train_set.channels);
     let mut model = SslModel::build(recipe, in_shape, classes, &device)?;
     model.compute = compute;
+    model.group = group.clone();
     let bank = if recipe.eval.knn_bank > 0 {
         (*train_set).clone().truncate(recipe.eval.knn_bank)
     } else {
@@ -1054,19 +1081,27 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
         t.batch_size,
         recipe.seed,
     )?;
-    let per_epoch = loader.batches_per_epoch() as u64;
+    let per_epoch =
+        loader.batches_per_epoch() as u64 / group.as_ref().map_or(1, |g| g.world()) as u64;
     let mut cfg = t.train_config(recipe.seed, per_epoch)?;
     cfg.loss_scale = crate::bert_mlm::loss_scale(&recipe.precision);
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
-    let mut trainer = standard_trainer(
-        cfg.clone(),
-        &run_dir,
-        t.log_every,
-        "img",
-        &["knn_accuracy", "probe_accuracy", "feature_std"],
-        resume_from.as_deref(),
-        opts,
-    )?;
+    let mut trainer = if rank == 0 {
+        standard_trainer(
+            cfg.clone(),
+            &run_dir,
+            t.log_every,
+            "img",
+            &["knn_accuracy", "probe_accuracy", "feature_std"],
+            resume_from.as_deref(),
+            opts,
+        )?
+    } else {
+        crate::bert_mlm::rank_trainer(cfg.clone(), &run_dir, opts)
+    };
+    if let Some(g) = &group {
+        trainer = trainer.with_collective(g.clone());
+    }
     let mut opt = trainer.optimizer(&model)?;
     let start = match &resume_from {
         Some(dir) => {
@@ -1098,7 +1133,8 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
         .dir
         .clone()
         .unwrap_or_else(|| run_dir.join("export"));
-    if summary.stop == kindling_train::StopReason::Interrupted {
+    if summary.stop == kindling_train::StopReason::Interrupted || rank > 0 {
+        // (Rank 0 probes and exports.)
         return Ok(RunReport {
             run_dir,
             export_dir,
