@@ -68,11 +68,18 @@ pub fn launch(ranks: Ranks) -> anyhow::Result<u8> {
         Ranks::Gpus(ids) => (ids.len(), Some(ids.clone())),
         Ranks::Processes(n) => (*n, None),
     };
-    anyhow::ensure!(world > 0, "--nproc: expected at least 1 process");
+    // Settings to fix: said before anything starts, with the exit status of bad input (2).
+    let refuse = |msg: &str| {
+        eprintln!("error: {msg}");
+        Ok(2)
+    };
+    if world == 0 {
+        return refuse("--nproc: expected at least 1 process");
+    }
     if gpus.is_some() && !cfg!(feature = "cuda") {
-        anyhow::bail!(
+        return refuse(
             "--gpus: this build of kindling has no GPU support; build with `--features nccl` \
-             (README, \"GPU builds\")"
+             (README, \"GPU builds\")",
         );
     }
     if gpus.is_some() && !cfg!(feature = "nccl") {

@@ -196,7 +196,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             gpus,
             nproc,
         } => {
-            let dist = DistEnv::from_env().map_err(|e| anyhow::anyhow!(e))?;
+            let dist = match DistEnv::from_env() {
+                Ok(d) => d,
+                Err(msg) => {
+                    eprintln!("error: {msg}");
+                    return Ok(2);
+                }
+            };
             match (gpus, nproc) {
                 _ if dist.is_some() => {} // a rank: run the recipe below
                 (Some(ids), _) => return launch::launch(launch::Ranks::Gpus(ids.0)),

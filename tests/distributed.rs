@@ -198,10 +198,40 @@ fn objectives_without_data_parallelism_say_so() {
         .args(["pretrain", "recipes/tiny/simcse-tiny.toml", "--nproc", "2"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "bad input: {}", stderr(&out));
     let err = stderr(&out);
+    assert!(err.contains("`simcse` trains in one process"), "{err}");
+}
+
+/// A CPU build asked for GPUs, or a rank started with a malformed launch variable, stops
+/// before anything runs, saying what to change.
+#[test]
+fn launch_settings_a_build_or_environment_cannot_honour_are_refused() {
+    let out = kindling()
+        .args([
+            "pretrain",
+            "recipes/tiny/bert-tiny-mlm.toml",
+            "--gpus",
+            "0,1",
+        ])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("objective `simcse` trains in one process"),
+        err.contains("--gpus: this build of kindling has no GPU support"),
+        "{err}"
+    );
+    let out = kindling()
+        .args(["pretrain", "recipes/tiny/bert-tiny-mlm.toml"])
+        .env("WORLD_SIZE", "2")
+        .env("RANK", "5")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("RANK=5: expected less than WORLD_SIZE=2"),
         "{err}"
     );
 }

@@ -156,9 +156,10 @@ pub fn pretrain_file(
         .chain(&vision::DATA_PARALLEL)
         .any(|o| *o == peek.objective);
     if opts.dist.as_ref().is_some_and(|d| d.world > 1) && !parallel {
-        return Err(RecipeError::Distributed {
+        return Err(RecipeError::Invalid {
+            key: "objective".into(),
             msg: format!(
-                "{}: objective `{}` trains in one process; data parallelism (--gpus, --nproc, \
+                "{}: `{}` trains in one process; data parallelism (--gpus, --nproc, \
                  WORLD_SIZE) is implemented for bert-mlm, {}",
                 path.display(),
                 peek.objective,
