@@ -84,8 +84,9 @@ if [[ " $ONLY " == *" base "* ]]; then
   done
 fi
 
-# Data parallelism through NCCL (`--gpus`): the BERT-mini recipe in f32 and the BERT-base shape
-# in bf16, each as one plain process and launched over the GPUs in DP_GPUS (default 0). With
+# Data parallelism through NCCL (`--gpus`): the BERT-mini recipe in f32, the BERT-base shape in
+# bf16 and SimCLR in f32, each as one plain process and launched over the GPUs in DP_GPUS
+# (default 0). With
 # one GPU that is a world of one: NCCL's all-reduce is then a copy, so the difference in
 # throughput is what the gradient buckets cost, and the losses should agree with the plain run.
 if [[ " $ONLY " == *" dp "* ]]; then
@@ -94,7 +95,12 @@ if [[ " $ONLY " == *" dp "* ]]; then
   run mlm-dp-f32 recipes/bert-mini-mlm.toml "$GPU" f32 "$MLM_STEPS" --gpus "$DP_GPUS"
   run base-plain-bf16 recipes/gpu/bert-base-mlm.toml "$GPU" bf16 "$BASE_STEPS"
   run base-dp-bf16 recipes/gpu/bert-base-mlm.toml "$GPU" bf16 "$BASE_STEPS" --gpus "$DP_GPUS"
-  names+=(mlm-plain-f32 mlm-dp-f32 base-plain-bf16 base-dp-bf16)
+  # SimCLR's NT-Xent gathers the projections over the ranks (NCCL all-gather).
+  run simclr-plain-f32 recipes/simclr-fashion-mnist.toml "$GPU" f32 "$VISION_STEPS" \
+    --set probe.enabled=false
+  run simclr-dp-f32 recipes/simclr-fashion-mnist.toml "$GPU" f32 "$VISION_STEPS" \
+    --set probe.enabled=false --gpus "$DP_GPUS"
+  names+=(mlm-plain-f32 mlm-dp-f32 base-plain-bf16 base-dp-bf16 simclr-plain-f32 simclr-dp-f32)
 fi
 
 python3 - "$RUNS" "$PEAK_TFLOPS" "${names[@]}" <<'PY'
