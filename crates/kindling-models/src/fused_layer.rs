@@ -19,8 +19,8 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use crate::ops::{
-    contiguous_f32, cpu_f32, dropout_par, gelu_grad_rows, gelu_rows, layer_norm_grad_rows,
-    layer_norm_rows, linear_bwd, linear_fwd, saved_activations, SelfAttention,
+    contiguous_f32, cpu_f32, dropout_par, gelu_and_grad_rows, gelu_rows, layer_norm_grad_rows,
+    layer_norm_rows, linear_bwd, linear_fwd, mul_rows, saved_activations, SelfAttention,
 };
 
 /// The parameters of one layer, in the order they are concatenated (HF names, under
@@ -89,12 +89,15 @@ struct Saved {
     k: Vec<f32>,
     v: Vec<f32>,
     ctx: Vec<f32>,
+    /// attention probabilities before dropout, when they fit (`SelfAttention::can_keep_probs`)
+    probs: Option<Vec<f32>>,
     /// attention output + residual, before its LayerNorm
     r1: Vec<f32>,
     /// attention block output (after LayerNorm)
     a: Vec<f32>,
-    /// intermediate dense output, before GELU
-    pre: Vec<f32>,
+    /// GELU's derivative at the intermediate dense output (kept instead of that output: the
+    /// backward pass needs nothing else of it)
+    gelu_grad: Vec<f32>,
     gelu: Vec<f32>,
     /// feed-forward output + residual, before its LayerNorm
     r2: Vec<f32>,
@@ -142,7 +145,14 @@ impl CustomOp2 for EncoderLayerOp {
             linear_fwd(x, kw, kb),
             linear_fwd(x, vw, vb),
         );
-        let ctx = self.attention.forward(&q, &k, &v);
+        // Training keeps the attention probabilities when they fit (the backward pass then
+        // skips recomputing q k^T and the softmax).
+        let (ctx, probs) = self.attention.forward_keeping(
+            &q,
+            &k,
+            &v,
+            self.save && self.attention.can_keep_probs(),
+        );
         let mut r1 = linear_fwd(&ctx, ow, ob);
         if let Some((p, seed)) = self.attention_dropout {
             dropout_par(seed, p, &mut r1);
@@ -150,7 +160,12 @@ impl CustomOp2 for EncoderLayerOp {
         r1.iter_mut().zip(x).for_each(|(r, xv)| *r += xv);
         let a = layer_norm_rows(&r1, ln1w, ln1b, self.eps);
         let pre = linear_fwd(&a, iw, ib);
-        let gelu = gelu_rows(&pre);
+        let (gelu, gelu_grad) = if self.save {
+            gelu_and_grad_rows(&pre)
+        } else {
+            (gelu_rows(&pre), Vec::new())
+        };
+        drop(pre);
         let mut r2 = linear_fwd(&gelu, fw, fb);
         if let Some((p, seed)) = self.output_dropout {
             dropout_par(seed, p, &mut r2);
@@ -163,9 +178,10 @@ impl CustomOp2 for EncoderLayerOp {
                 k,
                 v,
                 ctx,
+                probs,
                 r1,
                 a,
-                pre,
+                gelu_grad,
                 gelu,
                 r2,
             });
@@ -209,7 +225,7 @@ impl CustomOp2 for EncoderLayerOp {
         }
         let mut dgelu = vec![0f32; rows * i];
         linear_bwd(&s.gelu, fw, &dout, (&mut dgelu, false), dfw, dfb);
-        let dpre = gelu_grad_rows(&s.pre, &dgelu);
+        let dpre = mul_rows(&dgelu, &s.gelu_grad);
         drop(dgelu);
         // da = dr2 (the residual) + dpre W_i.
         let mut da = dr2;
@@ -230,7 +246,9 @@ impl CustomOp2 for EncoderLayerOp {
         let mut dctx = vec![0f32; n];
         linear_bwd(&s.ctx, ow, &dattn, (&mut dctx, false), dow, dob);
         drop(dattn);
-        let (dq, dk, dv) = self.attention.backward(&s.q, &s.k, &s.v, &dctx);
+        let (dq, dk, dv) = self
+            .attention
+            .backward(&s.q, &s.k, &s.v, &dctx, s.probs.as_deref());
         drop(dctx);
         // dx = dr1 (the residual) + dq W_q + dk W_k + dv W_v.
         let mut dx = dr1;
