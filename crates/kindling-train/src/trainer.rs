@@ -378,11 +378,13 @@ impl Trainer {
                 if !loss_val.is_finite() {
                     // (Data parallel: the ranks first agree, below, then skip or stop together.)
                     if cfg.skip_nonfinite || world > 1 {
-                        tracing::warn!(
-                            step = step + 1,
-                            loss = loss_val,
-                            "non-finite loss: update skipped"
-                        );
+                        if cfg.skip_nonfinite {
+                            tracing::warn!(
+                                step = step + 1,
+                                loss = loss_val,
+                                "non-finite loss: update skipped"
+                            );
+                        }
                         nonfinite = true;
                         continue;
                     }
