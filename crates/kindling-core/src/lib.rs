@@ -5,7 +5,9 @@
 //!   thread's or a process's history. That is what makes masks identical on 1 or 16 threads and
 //!   after a restart.
 //! * [`Mode`]: train versus eval, passed explicitly to every `forward_t`.
+//! * [`attach`]: a value computed without a backward pass, made differentiable.
 
+pub mod attach;
 pub mod rng;
 
 /// Tells glibc's allocator to keep freed memory for reuse instead of returning it to the kernel.

@@ -14,6 +14,7 @@
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
 };
+use kindling_core::attach::{attach_grad, ValueGrad};
 use rayon::prelude::*;
 
 /// Runs `f` compiled for AVX2 + FMA where the CPU has them (checked once, then cached by std).
@@ -1001,7 +1002,7 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 /// its own) with the softmax gradient attached.
 pub(crate) fn softmax_attached(x: &Tensor) -> Result<Tensor> {
     let y = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
-    x.apply_op2(&y, AttachGrad::Softmax)
+    attach_grad(x, &y, AttachGrad::Softmax)
 }
 
 /// LayerNorm without scale and shift, `(x - mean) / sqrt(var + eps)` over the last dimension:
@@ -1013,13 +1014,12 @@ pub(crate) fn normalize_attached(x: &Tensor, eps: f64) -> Result<Tensor> {
         Tensor::zeros(h, x.dtype(), x.device())?,
     );
     let y = candle_nn::ops::layer_norm(&x.detach().contiguous()?, &one, &zero, eps as f32)?;
-    x.apply_op2(&y, AttachGrad::Normalize { eps })
+    attach_grad(x, &y, AttachGrad::Normalize { eps })
 }
 
-/// The output of a kernel that has no backward pass (`value`, computed from `input`) made
-/// differentiable: forward, a copy of `value`; backward, the gradient of the function that
-/// kernel computes, from candle's ops (so it runs on any device). One autograd node instead of
-/// the five to fifteen of the composed function.
+/// The gradient of a kernel that has no backward pass (candle_nn's fused GPU softmax and
+/// LayerNorm), attached to its output with [`attach_grad`]: from candle's ops, so it runs on any
+/// device; one autograd node instead of the five to fifteen of the composed function.
 enum AttachGrad {
     /// value = softmax(input) over the last dimension.
     Softmax,
@@ -1027,47 +1027,12 @@ enum AttachGrad {
     Normalize { eps: f64 },
 }
 
-/// The second operand, copied (a CustomOp must return new storage).
-fn copy_second<S: candle_core::backend::BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        candle_core::bail!("kindling-attach-grad: the value must be contiguous from offset 0")
-    }
-    Ok((s.try_clone(l)?, l.shape().clone()))
-}
-
-impl CustomOp2 for AttachGrad {
+impl ValueGrad for AttachGrad {
     fn name(&self) -> &'static str {
         "kindling-attach-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_second(s2, l2)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s1: &candle_core::CudaStorage,
-        _l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        copy_second(s2, l2)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        y: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn grad(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor> {
         let dx = match self {
             // dx = y * (g - sum(g * y))
             AttachGrad::Softmax => {
@@ -1090,21 +1055,22 @@ impl CustomOp2 for AttachGrad {
                 inner.broadcast_mul(&r)?.to_dtype(x.dtype())?
             }
         };
-        Ok((Some(dx), None))
+        Ok(dx)
     }
 }
+
+/// The most a layer's attention probabilities may take to be kept from the forward pass to
+/// the backward pass (see [`SelfAttention::can_keep_probs`]).
+const KEEP_PROBS_BYTES: usize = 64 << 20;
 
 /// Multi-head self-attention from the projected q, k, v, each flat (batch * seq, hidden) with
 /// head `n` in columns `n * head_dim..`: ctx = dropout(softmax(q k^T * scale + mask)) v, flat
 /// the same way. One op with a hand-written backward: the per-head products are small gemms
 /// run one per thread (over batch elements) and read heads in place through strides, so there
-/// are no transposed copies; the backward pass recomputes the probabilities (as
-/// FlashAttention does) instead of storing them. Dropout draws the same elements as
-/// [`attention_probs`] on a (batch, heads, seq, seq) tensor.
-/// The most a layer's attention probabilities may take to be kept from the forward pass to
-/// the backward pass (see [`SelfAttention::can_keep_probs`]).
-const KEEP_PROBS_BYTES: usize = 64 << 20;
-
+/// are no transposed copies. The backward pass uses the probabilities the forward pass kept
+/// when they fit ([`SelfAttention::forward_keeping`]) and otherwise recomputes them (as
+/// FlashAttention does). Dropout draws the same elements as [`attention_probs`] on a (batch,
+/// heads, seq, seq) tensor.
 pub(crate) struct SelfAttention {
     batch: usize,
     seq: usize,

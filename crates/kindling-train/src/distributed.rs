@@ -14,7 +14,8 @@
 use std::sync::{Arc, Barrier, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use kindling_core::attach::{attach_grad, ValueGrad};
 
 #[cfg(feature = "nccl")]
 mod nccl;
@@ -205,59 +206,24 @@ pub fn all_reduce_mean(
 pub fn gather_with_grad(xs: &Tensor, comm: Arc<dyn Collective>) -> Result<Tensor> {
     let xs = xs.contiguous()?;
     let all = comm.all_gather(&xs.detach())?;
-    xs.apply_op2(&all, Gather { comm })
+    attach_grad(&xs, &all, GatherGrad { comm })
 }
 
-/// Forward: the gathered tensor (the second operand, copied: a CustomOp returns new storage).
-/// Backward: the gathered tensor feeds every rank's loss, so this rank's rows get the sum over
-/// ranks of those losses' gradients.
-struct Gather {
+/// The gathered tensor feeds every rank's loss, so this rank's rows get the sum over ranks of
+/// those losses' gradients.
+struct GatherGrad {
     comm: Arc<dyn Collective>,
 }
 
-fn copy_second<S: candle_core::backend::BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        candle_core::bail!("gather: the gathered tensor must be contiguous from offset 0")
-    }
-    Ok((s.try_clone(l)?, l.shape().clone()))
-}
-
-impl CustomOp2 for Gather {
+impl ValueGrad for GatherGrad {
     fn name(&self) -> &'static str {
         "kindling-gather"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_second(s2, l2)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        copy_second(s2, l2)
-    }
-
-    fn bwd(
-        &self,
-        xs: &Tensor,
-        _all: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn grad(&self, xs: &Tensor, _all: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let sum = self.comm.all_reduce_sum(&grad.contiguous()?)?;
         let n = xs.dim(0)?;
-        Ok((Some(sum.narrow(0, self.comm.rank() * n, n)?), None))
+        sum.narrow(0, self.comm.rank() * n, n)
     }
 }
 
