@@ -150,8 +150,6 @@ pub struct MlmLoader {
     cursor: Cursor,
     order: Order,
     keyed: bool,
-    /// (rank, world size) of data-parallel training: see [`MlmLoader::sharded`].
-    shard: (usize, usize),
     /// Batches built ahead of `cursor`, and the cursor after the last of them; `order` is the
     /// permutation of `made.epoch`.
     ahead: VecDeque<MlmBatch>,
@@ -180,7 +178,6 @@ impl MlmLoader {
             cursor,
             order: Order::Table(Vec::new()),
             keyed: false,
-            shard: (0, 1),
             ahead: VecDeque::new(),
             made: cursor,
         };
@@ -194,30 +191,6 @@ impl MlmLoader {
         self.keyed = true;
         self.order = self.order_of(self.made.epoch);
         self
-    }
-
-    /// Data parallel: `world` processes each take `batch_size` blocks of one global batch of
-    /// `batch_size * world`, rank `rank` the `rank`-th slice. All ranks walk the same seeded
-    /// order with the same cursor, so their batches are disjoint, together they are exactly the
-    /// batch one process with the global batch size would draw (same blocks, same masks: masks
-    /// depend on the block, not on who masks it), and a resume continues every rank in step.
-    /// Panics if the blocks do not fill one global batch.
-    pub fn sharded(mut self, rank: usize, world: usize) -> Self {
-        assert!(
-            world > 0 && rank < world,
-            "rank {rank} of a world of {world}"
-        );
-        assert!(
-            self.blocks.len() >= self.batch_size * world,
-            "fewer blocks than one global batch"
-        );
-        self.shard = (rank, world);
-        self
-    }
-
-    /// Blocks per step over all ranks.
-    fn global_batch(&self) -> usize {
-        self.batch_size * self.shard.1
     }
 
     fn order_of(&self, epoch: u64) -> Order {
@@ -239,7 +212,7 @@ impl MlmLoader {
     }
 
     pub fn batches_per_epoch(&self) -> usize {
-        self.blocks.len() / self.global_batch()
+        self.blocks.len() / self.batch_size
     }
 
     pub fn cursor(&self) -> Cursor {
@@ -251,11 +224,10 @@ impl MlmLoader {
     /// Builds the next [`BATCHES_PER_ROUND`] batches (or one per thread), in parallel, a batch
     /// per task.
     fn build_round(&mut self) {
-        let global = self.global_batch();
         let round = BATCHES_PER_ROUND.max(rayon::current_num_threads());
         let mut plans = Vec::with_capacity(round);
         for _ in 0..round {
-            if self.made.position as usize + global > self.order.len() {
+            if self.made.position as usize + self.batch_size > self.order.len() {
                 self.made = Cursor {
                     epoch: self.made.epoch + 1,
                     position: 0,
@@ -263,14 +235,13 @@ impl MlmLoader {
                 self.order = self.order_of(self.made.epoch);
             }
             let start = self.made.position as usize;
-            let mine = start + self.shard.0 * self.batch_size;
-            let indices: Vec<u32> = (mine..mine + self.batch_size)
+            let indices: Vec<u32> = (start..start + self.batch_size)
                 .map(|k| self.order.at(k))
                 .collect();
             let epoch = self.made.epoch;
             self.made = Cursor {
                 epoch,
-                position: (start + global) as u64,
+                position: (start + self.batch_size) as u64,
             };
             plans.push((indices, epoch, self.made));
         }
@@ -394,65 +365,5 @@ mod tests {
         let moved = (0..1000).filter(|&i| a.apply(i) != i).count();
         let differ = (0..1000).filter(|&i| a.apply(i) != b.apply(i)).count();
         assert!(moved > 900 && differ > 900, "{moved} {differ}");
-    }
-
-    fn loader(batch: usize) -> MlmLoader {
-        use crate::packing::{PackedBlocks, WORD_START};
-        use crate::{MaskConfig, SpecialTokens};
-        let (n, t) = (50, 16);
-        let blocks = PackedBlocks {
-            seq_len: t,
-            ids: (0..n * t).map(|i| 5 + (i as u32 * 7919) % 1000).collect(),
-            flags: vec![WORD_START; n * t],
-        };
-        let specials = SpecialTokens {
-            pad: 0,
-            unk: 1,
-            cls: 2,
-            sep: 3,
-            mask: 4,
-            all: vec![0, 1, 2, 3, 4],
-        };
-        let masker = Masker::new(MaskConfig::default(), &specials, 1005, 9).unwrap();
-        MlmLoader::new(
-            Arc::new(blocks),
-            Arc::new(masker),
-            batch,
-            9,
-            Cursor::default(),
-        )
-    }
-
-    /// Data parallel over 3 ranks of 4 blocks: at every step (across an epoch boundary) the
-    /// ranks' batches are disjoint and, concatenated in rank order, are the batch of 12 one
-    /// process draws: the same inputs, masks and labels, and the same cursor afterwards.
-    #[test]
-    fn sharded_ranks_split_the_single_process_global_batch() {
-        let world = 3;
-        let mut single = loader(4 * world);
-        let mut ranks: Vec<MlmLoader> = (0..world).map(|r| loader(4).sharded(r, world)).collect();
-        assert_eq!(single.batches_per_epoch(), 4);
-        assert_eq!(ranks[2].batches_per_epoch(), 4);
-        for step in 0..10 {
-            let whole = single.next().unwrap();
-            let parts: Vec<MlmBatch> = ranks.iter_mut().map(|l| l.next().unwrap()).collect();
-            let t = whole.seq_len;
-            let mut ids = Vec::new();
-            let (mut positions, mut labels) = (Vec::new(), Vec::new());
-            for (r, p) in parts.iter().enumerate() {
-                assert_eq!(p.batch_size, 4);
-                assert_eq!(p.cursor_after, whole.cursor_after, "step {step}");
-                ids.extend_from_slice(&p.input_ids);
-                let offset = (r * 4 * t) as u32;
-                positions.extend(p.positions.iter().map(|&q| q + offset));
-                labels.extend_from_slice(&p.labels);
-            }
-            assert_eq!(ids, whole.input_ids, "step {step}");
-            assert_eq!(positions, whole.positions, "step {step}");
-            assert_eq!(labels, whole.labels, "step {step}");
-            // Disjoint blocks: no rank's rows repeat another's (rows are distinct blocks).
-            let rows: std::collections::HashSet<&[u32]> = ids.chunks(t).collect();
-            assert_eq!(rows.len(), 4 * world, "step {step}");
-        }
     }
 }
