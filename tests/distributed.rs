@@ -238,3 +238,46 @@ fn launch_settings_a_build_or_environment_cannot_honour_are_refused() {
         "{err}"
     );
 }
+
+/// A SIGTERM sent to the launcher alone (as a job scheduler sends it) reaches every rank: they
+/// stop at the same step, rank 0 writes its checkpoint, and the launcher exits 128 + 15.
+#[test]
+fn sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = runs.path().join("term");
+    let mut child = kindling()
+        .args([
+            "pretrain",
+            "recipes/tiny/bert-tiny-mlm.toml",
+            "--nproc",
+            "2",
+        ])
+        .arg("--set")
+        .arg(format!("runs_dir=\"{}\"", runs.path().display()))
+        .args(["--set", "name=\"term\"", "--set", "train.steps=100000"])
+        .args(["--set", "train.save_every=0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Training runs once rank 0 has logged a step.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !run.join("metrics.jsonl").is_file() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no training step after 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(128 + 15), "{err}");
+    assert!(err.contains("interrupted at step"), "{err}");
+    assert_eq!(checkpoint_names(&run).len(), 1, "{err}");
+}
