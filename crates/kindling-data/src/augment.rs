@@ -564,6 +564,9 @@ pub struct ViewLoader {
     seed: u64,
     cursor: Cursor,
     order: Option<(u64, Vec<u32>)>,
+    /// Data parallel: (rank, world) and the batches served since the start or the last seek.
+    rank: Option<(usize, usize)>,
+    served: u64,
 }
 
 impl ViewLoader {
@@ -592,12 +595,24 @@ impl ViewLoader {
             seed,
             cursor: Cursor::default(),
             order: None,
+            rank: None,
+            served: 0,
         })
+    }
+
+    /// Data parallel: the trainer takes the `rank`-th of every `world` consecutive batches, so
+    /// the others come out empty (no images, the same cursor): each rank augments only its own
+    /// images. A seek (a resume, always at a group's boundary) starts a group.
+    pub fn for_rank(mut self, rank: usize, world: usize) -> Self {
+        assert!(rank < world, "rank {rank} of a world of {world}");
+        self.rank = Some((rank, world));
+        self
     }
 
     /// Continue from a saved cursor.
     pub fn seek(&mut self, cursor: Cursor) {
         self.cursor = cursor;
+        self.served = 0;
     }
 
     pub fn batches_per_epoch(&self) -> usize {
@@ -631,6 +646,19 @@ impl Iterator for ViewLoader {
         let order = &self.order.as_ref().expect("order was just set").1;
         let indices = &order[start..start + self.batch_size];
         self.cursor.position += self.batch_size as u64;
+        let served = self.served;
+        self.served += 1;
+        if let Some((rank, world)) = self.rank {
+            if served % world as u64 != rank as u64 {
+                return Some(ViewBatch {
+                    n: 0,
+                    shapes: Vec::new(),
+                    views: Vec::new(),
+                    labels: None,
+                    cursor_after: self.cursor,
+                });
+            }
+        }
         build_views(
             &self.set,
             &self.pipelines,
@@ -783,5 +811,32 @@ mod tests {
         b.seek(batches[2].cursor_after);
         assert_eq!(b.next().unwrap(), batches[3]);
         assert!(ViewLoader::new(Arc::new(ramp(6, 6, 1)), vec![], 5, 0).is_err());
+    }
+
+    /// A rank's loader yields, at its own positions in every group of `world`, exactly the
+    /// batches the plain loader yields there (same images, same augmentations), and empty
+    /// batches with the same cursors elsewhere; after a seek the groups start again.
+    #[test]
+    fn a_rank_augments_only_its_own_batches_with_the_plain_cursors() {
+        let set = Arc::new(ramp(6, 6, 3));
+        let pipe = simclr_like(4);
+        let plain = || ViewLoader::new(set.clone(), vec![pipe.clone()], 1, 5).unwrap();
+        let all: Vec<ViewBatch> = plain().take(9).collect();
+        let mine: Vec<ViewBatch> = plain().for_rank(1, 3).take(9).collect();
+        for (i, (a, m)) in all.iter().zip(&mine).enumerate() {
+            assert_eq!(a.cursor_after, m.cursor_after, "batch {i}");
+            if i % 3 == 1 {
+                assert_eq!((m.n, &m.views), (a.n, &a.views), "batch {i}");
+            } else {
+                assert_eq!((m.n, m.views.len()), (0, 0), "batch {i} is not rank 1's");
+            }
+        }
+        let mut resumed = plain().for_rank(1, 3);
+        resumed.seek(all[2].cursor_after);
+        let next: Vec<ViewBatch> = resumed.take(3).collect();
+        assert_eq!(
+            next[1].views, all[4].views,
+            "after a seek, the group starts at the cursor"
+        );
     }
 }

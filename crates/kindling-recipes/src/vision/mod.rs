@@ -1081,6 +1081,10 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
         t.batch_size,
         recipe.seed,
     )?;
+    if let Some(g) = &group {
+        // Each rank augments only the batches it trains on.
+        loader = loader.for_rank(g.rank(), g.world());
+    }
     let per_epoch =
         loader.batches_per_epoch() as u64 / group.as_ref().map_or(1, |g| g.world()) as u64;
     let mut cfg = t.train_config(recipe.seed, per_epoch)?;
