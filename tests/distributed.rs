@@ -192,15 +192,67 @@ fn simclr_trains_over_two_ranks_with_the_negatives_of_both() {
     );
 }
 
+/// SimCSE over two ranks of 16 sentences against one process on the same 32 (dropout off, so
+/// both see the same encoder): the first step's loss and gradient norm agree, which they only
+/// do if each rank's anchors meet the other rank's sentences as negatives, with gradient; with
+/// and without GradCache.
+#[test]
+fn simcse_over_two_ranks_is_simcse_on_their_joint_batch() {
+    let runs = tempfile::tempdir().unwrap();
+    let model = crate::common::shared_tiny_run().join("export");
+    let first_step = |name: &str, launch: &[&str], batch: &str| {
+        let out = kindling()
+            .args(["pretrain", "recipes/tiny/simcse-tiny.toml"])
+            .args(launch)
+            .arg("--set")
+            .arg(format!("runs_dir=\"{}\"", runs.path().display()))
+            .arg("--set")
+            .arg(format!("model.path=\"{}\"", model.display()))
+            .args(["--set", &format!("name=\"{name}\""), "--set", batch])
+            .args(["--set", "model.hidden_dropout_prob=0.0"])
+            .args(["--set", "model.attention_probs_dropout_prob=0.0"])
+            .args(["--set", "train.steps=2", "--set", "train.eval_every=0"])
+            .output()
+            .unwrap();
+        ok(out);
+        let step: serde_json::Value =
+            std::fs::read_to_string(runs.path().join(name).join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .find(|v: &serde_json::Value| v["step"] == 1)
+                .unwrap();
+        (
+            step["loss"].as_f64().unwrap(),
+            step["grad_norm"].as_f64().unwrap(),
+        )
+    };
+    let one = first_step("one", &[], "train.batch_size=32");
+    // Also with GradCache: the gathered loss's gradient reaches the chunks' second pass.
+    for (name, gc) in [("two", "false"), ("two-gc", "true")] {
+        let launch = ["--nproc", "2", "--set", &format!("grad_cache.enabled={gc}")];
+        let two = first_step(name, &launch, "train.batch_size=16");
+        assert!(
+            (two.0 - one.0).abs() < 1e-4 * one.0,
+            "{name}: loss {two:?} vs {one:?}"
+        );
+        assert!(
+            (two.1 - one.1).abs() < 1e-3 * one.1,
+            "{name}: gradient norm {two:?} vs {one:?}"
+        );
+    }
+}
+
 #[test]
 fn objectives_without_data_parallelism_say_so() {
     let out = kindling()
-        .args(["pretrain", "recipes/tiny/simcse-tiny.toml", "--nproc", "2"])
+        .args(["pretrain", "recipes/tiny/simclr-tiny.toml", "--nproc", "2"])
+        .args(["--set", "objective=\"barlow\""])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "bad input: {}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("`simcse` trains in one process"), "{err}");
+    assert!(err.contains("`barlow` trains in one process"), "{err}");
 }
 
 /// A CPU build asked for GPUs, or a rank started with a malformed launch variable, stops

@@ -416,16 +416,21 @@ pub fn prepare_shards(
 }
 
 /// The run folder of a recipe run (prepared as [`prepare_run_folder`] does) and, when
-/// `opts.resume` asks for one, the checkpoint the run continues from.
+/// `opts.resume` asks for one, the checkpoint the run continues from. In a data-parallel run
+/// only rank 0 prepares the folder; the other ranks only read it.
 pub(crate) fn open_run_folder(
     run_dir: PathBuf,
     recipe_toml: &str,
     opts: &RunOptions,
+    rank: usize,
 ) -> Result<(PathBuf, Option<PathBuf>), RecipeError> {
     let resume_from = match &opts.resume {
         Some(r) => resume_checkpoint_in(&run_dir, r)?,
         None => None,
     };
+    if rank > 0 {
+        return Ok((run_dir, resume_from));
+    }
     let dir = prepare_run_folder(run_dir, recipe_toml, opts, resume_from.is_some())?;
     Ok((dir, resume_from))
 }

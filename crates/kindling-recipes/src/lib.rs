@@ -151,7 +151,7 @@ pub fn pretrain_file(
         source: e,
     })?;
     let peek: Peek = recipe::parse_toml(&text, path, overrides)?;
-    let parallel = ["bert-mlm"]
+    let parallel = ["bert-mlm", "simcse"]
         .iter()
         .chain(&vision::DATA_PARALLEL)
         .any(|o| *o == peek.objective);
@@ -160,7 +160,7 @@ pub fn pretrain_file(
             key: "objective".into(),
             msg: format!(
                 "{}: `{}` trains in one process; data parallelism (--gpus, --nproc, \
-                 WORLD_SIZE) is implemented for bert-mlm, {}",
+                 WORLD_SIZE) is implemented for bert-mlm, simcse, {}",
                 path.display(),
                 peek.objective,
                 vision::DATA_PARALLEL.join(", ")

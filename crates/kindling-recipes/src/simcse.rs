@@ -37,6 +37,7 @@ use kindling_data::{read_table, Corpus, Cursor};
 use kindling_models::bert::{BertConfig, BertModel, Pooling};
 use kindling_models::export::{save_json, write_atomic};
 use kindling_models::import;
+use kindling_train::distributed::{gather_with_grad, Collective};
 use kindling_train::{checkpoint, Objective, StepOutput, Trainer};
 
 use crate::bert_mlm::{
@@ -525,17 +526,41 @@ pub fn info_nce(
     keys: &[u64],
     temperature: f64,
 ) -> candle_core::Result<Tensor> {
+    info_nce_in_group(reps, n, keys, temperature, None)
+}
+
+/// [`info_nce`] over a data-parallel group's whole batch: this rank's anchors against every
+/// rank's candidates, gathered with their gradient (in-batch negatives from all ranks, as
+/// sentence-transformers' gathered losses; without the gradient, the Bolts #179 bug), the
+/// positive of anchor `i` at this rank's offset into the gathered candidates, and duplicates
+/// masked across ranks too (their text keys are gathered alongside). Every rank's batch has the
+/// same shape. With gradients averaged over ranks, the update is that of InfoNCE on the global
+/// batch in one process.
+pub fn info_nce_in_group(
+    reps: &Tensor,
+    n: usize,
+    keys: &[u64],
+    temperature: f64,
+    group: Option<&Arc<dyn Collective>>,
+) -> candle_core::Result<Tensor> {
     let rows = reps.dim(0)?;
     let z = l2_normalize(reps)?;
     let anchors = z.narrow(0, 0, n)?;
-    let candidates = z.narrow(0, n, rows - n)?;
+    let local = z.narrow(0, n, rows - n)?;
+    let (candidates, offset, candidate_keys) = match group {
+        Some(g) => (
+            gather_with_grad(&local, g.clone())?,
+            g.rank() * (rows - n),
+            gather_keys(&keys[n..], g.as_ref(), reps.device())?,
+        ),
+        None => (local, 0, keys[n..].to_vec()),
+    };
     let sim = (anchors.matmul(&candidates.t()?)? / temperature)?;
-    let m = rows - n;
+    let m = candidate_keys.len();
     let mut mask = vec![0f32; n * m];
     for i in 0..n {
-        for j in 0..m {
-            let k = keys[n + j];
-            if j != i && (k == keys[n + i] || k == keys[i]) {
+        for (j, &k) in candidate_keys.iter().enumerate() {
+            if j != offset + i && (k == keys[n + i] || k == keys[i]) {
                 // Not -inf: 0 * inf would make the backward pass NaN.
                 mask[i * m + j] = -1e9;
             }
@@ -543,8 +568,28 @@ pub fn info_nce(
     }
     let sim = (sim + Tensor::from_vec(mask, (n, m), reps.device())?)?;
     let logp = candle_nn::ops::log_softmax(&sim, D::Minus1)?;
-    let targets = Tensor::from_vec((0..n as u32).collect(), (n, 1), reps.device())?;
+    let targets: Vec<u32> = (0..n).map(|i| (offset + i) as u32).collect();
+    let targets = Tensor::from_vec(targets, (n, 1), reps.device())?;
     logp.gather(&targets, 1)?.mean_all()?.neg()
+}
+
+/// Every rank's text keys, in rank order. A key travels as two 32-bit halves in f64 (exact),
+/// since the collectives move floating-point tensors.
+fn gather_keys(
+    keys: &[u64],
+    group: &dyn Collective,
+    device: &Device,
+) -> candle_core::Result<Vec<u64>> {
+    let halves: Vec<f64> = keys
+        .iter()
+        .flat_map(|k| [(k >> 32) as f64, (k & 0xffff_ffff) as f64])
+        .collect();
+    let all = group.all_gather(&Tensor::from_vec(halves, (keys.len(), 2), device)?)?;
+    Ok(all
+        .to_vec2::<f64>()?
+        .iter()
+        .map(|h| ((h[0] as u64) << 32) | h[1] as u64)
+        .collect())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -564,6 +609,8 @@ pub struct Simcse {
     device: Device,
     /// (batch index, query embeddings, doc embeddings) of the evaluation under way.
     collected: Mutex<Vec<(usize, Vec<Vec<f32>>, Vec<Vec<f32>>)>>,
+    /// The data-parallel group (`None`: one process); training batches gather over it.
+    pub group: Option<Arc<dyn Collective>>,
 }
 
 impl Simcse {
@@ -631,6 +678,7 @@ impl Simcse {
             ks: default_ks(),
             device,
             collected: Mutex::new(Vec::new()),
+            group: None,
         }
     }
 
@@ -678,6 +726,13 @@ impl Simcse {
                 (rows, m)
             })
             .collect()
+    }
+
+    /// InfoNCE of a batch: over the data-parallel group in training, this process's batch
+    /// alone in eval (every rank evaluates the same batches).
+    fn loss(&self, reps: &Tensor, b: &SimcseBatch, mode: Mode) -> candle_core::Result<Tensor> {
+        let group = self.group.as_ref().filter(|_| mode.is_train());
+        info_nce_in_group(reps, b.n, &b.keys, self.temperature, group)
     }
 
     fn output(&self, loss: Tensor, b: &SimcseBatch) -> StepOutput {
@@ -755,7 +810,7 @@ impl Objective for Simcse {
                 .expect("lock")
                 .push((b.cursor_after.position as usize, q, d));
         }
-        let loss = info_nce(&reps, b.n, &b.keys, self.temperature)?;
+        let loss = self.loss(&reps, b, mode)?;
         Ok(self.output(loss, b))
     }
 
@@ -775,7 +830,7 @@ impl Objective for Simcse {
             .map(|(rows, m)| self.embed(rows, *m).map(|t| t.detach()))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let reps = Var::from_tensor(&Tensor::cat(&parts, 0)?)?;
-        let loss = info_nce(reps.as_tensor(), b.n, &b.keys, self.temperature)?;
+        let loss = self.loss(reps.as_tensor(), b, mode)?;
         let d_reps = loss
             .backward()?
             .get(reps.as_tensor())
@@ -991,7 +1046,9 @@ pub fn export(
 
 /// Runs the recipe: evaluate the starting encoder, train (resumable), evaluate, export.
 pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
-    let device = device(&recipe.device)?;
+    let device = crate::bert_mlm::rank_device(&recipe.device, opts.dist.as_ref())?;
+    let group = crate::bert_mlm::join_group(opts, &device)?;
+    let rank = group.as_ref().map_or(0, |g| g.rank());
     let t = &recipe.train;
     let tokenizer = tok::load(&recipe.model.path)?;
     let specials = tok::special_tokens(&tokenizer)?;
@@ -1014,8 +1071,9 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
         distinct,
         examples.iter().map(|e| e.anchor.len()).sum::<usize>() as f64 / examples.len() as f64
     );
-    let (run_dir, resume_from) = open_run_folder(recipe.run_dir(), &recipe.to_toml(), opts)?;
-    let obj = Simcse::build(recipe, specials.pad, &device)?;
+    let (run_dir, resume_from) = open_run_folder(recipe.run_dir(), &recipe.to_toml(), opts, rank)?;
+    let mut obj = Simcse::build(recipe, specials.pad, &device)?;
+    obj.group = group.clone();
     eprintln!(
         "model: {} (h{} L{}), {} pooling, dropout {}/{}; temperature {}; {}",
         recipe.model.path.display(),
@@ -1050,12 +1108,15 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
         None => Vec::new(),
     };
     let mut loader = SimcseLoader::new(Arc::new(examples), t.batch_size, recipe.seed);
-    let per_epoch = loader.batches_per_epoch() as u64;
+    let per_epoch =
+        loader.batches_per_epoch() as u64 / group.as_ref().map_or(1, |g| g.world()) as u64;
     let mut cfg = t.train_config(recipe.seed, per_epoch)?;
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
     let initial_path = run_dir.join("initial_eval.json");
     // The starting encoder's scores, once per run (a resumed run reads them back).
     let initial: BTreeMap<String, f64> = match (&resume_from, eval.is_empty()) {
+        // (Rank 0 reports; the other ranks need not evaluate.)
+        _ if rank > 0 => BTreeMap::new(),
         (_, true) => BTreeMap::new(),
         (Some(_), false) if initial_path.is_file() => std::fs::read_to_string(&initial_path)
             .ok()
@@ -1073,15 +1134,22 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
     if !initial.is_empty() {
         eprintln!("before training: {}", format_metrics(&initial));
     }
-    let mut trainer = standard_trainer(
-        cfg.clone(),
-        &run_dir,
-        t.log_every,
-        "tok",
-        &["recall_at_1", "recall_at_10", "mrr"],
-        resume_from.as_deref(),
-        opts,
-    )?;
+    let mut trainer = if rank == 0 {
+        standard_trainer(
+            cfg.clone(),
+            &run_dir,
+            t.log_every,
+            "tok",
+            &["recall_at_1", "recall_at_10", "mrr"],
+            resume_from.as_deref(),
+            opts,
+        )?
+    } else {
+        crate::bert_mlm::rank_trainer(cfg.clone(), &run_dir, opts)
+    };
+    if let Some(g) = &group {
+        trainer = trainer.with_collective(g.clone());
+    }
     let mut opt = trainer.optimizer(&obj)?;
     let start = match &resume_from {
         Some(dir) => {
@@ -1103,7 +1171,7 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
         .dir
         .clone()
         .unwrap_or_else(|| run_dir.join("export"));
-    if summary.stop != kindling_train::StopReason::Interrupted {
+    if summary.stop != kindling_train::StopReason::Interrupted && rank == 0 {
         let final_eval = if summary.final_eval.is_empty() && !eval.is_empty() {
             Trainer::evaluate(&obj, &eval)?
         } else {
@@ -1340,6 +1408,84 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert!(plain > got);
+    }
+
+    /// Three ranks of 2 (anchor, positive, hard negative) triplets, InfoNCE gathered over the
+    /// group: loss and gradients are those of InfoNCE on the 6 triplets in one process, with a
+    /// duplicate text across ranks (anchor 0's text is rank 2's first negative) masked there too.
+    #[test]
+    fn gathered_info_nce_over_ranks_is_info_nce_of_the_global_batch() {
+        use kindling_train::distributed::LocalGroup;
+        let (world, n, d) = (3usize, 2usize, 4usize);
+        let row = |i: usize| -> Vec<f32> {
+            (0..d)
+                .map(|j| ((i * 31 + j * 17) % 13) as f32 / 6.0 - 1.0)
+                .collect()
+        };
+        // Global rows: 6 anchors, 6 positives, 6 negatives; keys likewise.
+        let global: Vec<Vec<f32>> = (0..3 * world * n).map(row).collect();
+        let mut keys: Vec<u64> = (0..(3 * world * n) as u64).map(|i| 1000 + i).collect();
+        keys[2 * world * n + 2 * n] = keys[0]; // rank 2's first negative repeats anchor 0
+        keys[1] = u64::MAX - 5; // a key above 2^53: exact through the gather
+        let flat = |rows: &[Vec<f32>]| rows.concat();
+        let g = Var::from_vec(flat(&global), (3 * world * n, d), &Device::Cpu).unwrap();
+        let single = info_nce(g.as_tensor(), world * n, &keys, 0.3).unwrap();
+        let want = single.to_scalar::<f32>().unwrap();
+        let want_grad = single
+            .backward()
+            .unwrap()
+            .get(g.as_tensor())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        // Rank r's local rows and keys: its anchors, positives and negatives.
+        let part = |r: usize| -> Vec<usize> {
+            (0..3)
+                .flat_map(|block| (0..n).map(move |i| block * world * n + r * n + i))
+                .collect()
+        };
+        let ranks: Vec<(f32, Vec<(usize, Vec<f32>)>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = LocalGroup::new(world)
+                .into_iter()
+                .map(|grp| {
+                    let (global, keys) = (&global, &keys);
+                    scope.spawn(move || {
+                        let grp: Arc<dyn Collective> = Arc::new(grp);
+                        let idx = part(grp.rank());
+                        let rows: Vec<Vec<f32>> = idx.iter().map(|&i| global[i].clone()).collect();
+                        let local_keys: Vec<u64> = idx.iter().map(|&i| keys[i]).collect();
+                        let v = Var::from_vec(flat(&rows), (3 * n, d), &Device::Cpu).unwrap();
+                        let loss =
+                            info_nce_in_group(v.as_tensor(), n, &local_keys, 0.3, Some(&grp))
+                                .unwrap();
+                        let grads = loss.backward().unwrap();
+                        let mean = grp
+                            .all_reduce_sum(&loss)
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap()
+                            / world as f32;
+                        let gv = (grads.get(v.as_tensor()).unwrap() / world as f64)
+                            .unwrap()
+                            .to_vec2::<f32>()
+                            .unwrap();
+                        (mean, idx.into_iter().zip(gv).collect())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, (loss, rows)) in ranks.iter().enumerate() {
+            assert!(
+                (loss - want).abs() < 1e-5,
+                "rank {r}: loss {loss} vs {want}"
+            );
+            for (i, grad) in rows {
+                for (x, y) in grad.iter().zip(&want_grad[*i]) {
+                    assert!((x - y).abs() < 1e-5, "rank {r}, global row {i}: {x} vs {y}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1030,19 +1030,12 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
         test_set.as_ref().map_or(0, ImageSet::len),
     );
     // Data parallel: rank 0 prepares the run folder and writes every file.
-    let (run_dir, resume_from) = if rank == 0 {
-        open_run_folder(
-            recipe.run_dir(),
-            &toml::to_string_pretty(recipe).expect("recipe serialises"),
-            opts,
-        )?
-    } else {
-        let resume = match &opts.resume {
-            Some(r) => crate::bert_mlm::resume_checkpoint_in(&recipe.run_dir(), r)?,
-            None => None,
-        };
-        (recipe.run_dir(), resume)
-    };
+    let (run_dir, resume_from) = open_run_folder(
+        recipe.run_dir(),
+        &toml::to_string_pretty(recipe).expect("recipe serialises"),
+        opts,
+        rank,
+    )?;
     let in_shape = (train_set.height, train_set.width, train_set.channels);
     let mut model = SslModel::build(recipe, in_shape, classes, &device)?;
     model.compute = compute;
