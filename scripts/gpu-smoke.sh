@@ -85,7 +85,7 @@ if [[ " $ONLY " == *" base "* ]]; then
 fi
 
 # Data parallelism through NCCL (`--gpus`): the BERT-mini recipe in f32, the BERT-base shape in
-# bf16 and SimCLR in f32, each as one plain process and launched over the GPUs in DP_GPUS
+# bf16, SimCLR and SimCSE in f32, each as one plain process and launched over the GPUs in DP_GPUS
 # (default 0). With
 # one GPU that is a world of one: NCCL's all-reduce is then a copy, so the difference in
 # throughput is what the gradient buckets cost, and the losses should agree with the plain run.
@@ -100,7 +100,16 @@ if [[ " $ONLY " == *" dp "* ]]; then
     --set probe.enabled=false
   run simclr-dp-f32 recipes/simclr-fashion-mnist.toml "$GPU" f32 "$VISION_STEPS" \
     --set probe.enabled=false --gpus "$DP_GPUS"
-  names+=(mlm-plain-f32 mlm-dp-f32 base-plain-bf16 base-dp-bf16 simclr-plain-f32 simclr-dp-f32)
+  # SimCSE's InfoNCE gathers candidates and their text keys, from a tiny MLM encoder.
+  run simcse-encoder recipes/tiny/bert-tiny-mlm.toml "$GPU" f32 60
+  for mode in plain dp; do
+    launch=()
+    [ "$mode" = dp ] && launch=(--gpus "$DP_GPUS")
+    run "simcse-$mode-f32" recipes/tiny/simcse-tiny.toml "$GPU" f32 20 \
+      --set "model.path=\"$RUNS/simcse-encoder/export\"" "${launch[@]}"
+  done
+  names+=(mlm-plain-f32 mlm-dp-f32 base-plain-bf16 base-dp-bf16 simclr-plain-f32 simclr-dp-f32
+    simcse-plain-f32 simcse-dp-f32)
 fi
 
 python3 - "$RUNS" "$PEAK_TFLOPS" "${names[@]}" <<'PY'
