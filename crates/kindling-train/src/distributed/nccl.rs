@@ -108,9 +108,10 @@ impl CustomOp1 for Nccl {
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        if !l.is_contiguous() || l.start_offset() != 0 {
-            candle_core::bail!("nccl: the input must be contiguous from offset 0")
-        }
+        // A contiguous view may start inside its storage (a narrowed batch): send that range.
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("nccl: the input must be contiguous".into()))?;
         let n = l.shape().elem_count();
         let mut dims = l.dims().to_vec();
         let out_len = match self.gather {
@@ -125,8 +126,7 @@ impl CustomOp1 for Nccl {
         let err = |e: &dyn std::fmt::Debug| candle_core::Error::Msg(format!("nccl: {e:?}"));
         macro_rules! call {
             ($t:ty) => {{
-                // Exactly the layout's elements: the storage may be longer.
-                let src = s.as_cuda_slice::<$t>()?.slice(0..n);
+                let src = s.as_cuda_slice::<$t>()?.slice(start..end);
                 let mut dst = unsafe { dev.alloc::<$t>(out_len)? };
                 match self.gather {
                     Some(_) => comm.0.all_gather(&src, &mut dst).map_err(|e| err(&e))?,
