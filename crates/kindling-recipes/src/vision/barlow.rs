@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{Outputs, SslLoss};
+use super::{group_views, Outputs, SslLoss};
 
 pub struct BarlowTwins {
     /// Weight of the off-diagonal terms; the paper's 0.0051 is for d = 8192, about 1/d scales.
@@ -35,7 +35,8 @@ pub fn barlow_loss(z1: &Tensor, z2: &Tensor, lambda: f64) -> Result<Tensor> {
 
 impl SslLoss for BarlowTwins {
     fn loss(&self, o: &Outputs) -> Result<Tensor> {
-        barlow_loss(&o.z[0], &o.z[1], self.lambda)? * self.scale
+        let (z1, z2) = group_views(o)?;
+        barlow_loss(&z1, &z2, self.lambda)? * self.scale
     }
 }
 
@@ -68,5 +69,15 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!((l - 1.0).abs() < 1e-3, "{l}");
+    }
+
+    /// Three ranks of 4 images: the cross-correlation of the gathered views is the global batch's, so are the loss and gradients.
+    #[test]
+    fn gathered_barlow_twins_over_ranks_is_the_global_batchs() {
+        let method = BarlowTwins {
+            lambda: 0.1,
+            scale: 0.5,
+        };
+        super::super::group_test::assert_group_loss_is_global(&|o| method.loss(o), (3, 4, 6));
     }
 }

@@ -40,7 +40,7 @@ use kindling_models::conv::is_norm_buffer;
 use kindling_models::export::{save_json, write_atomic};
 use kindling_models::nn::Linear;
 use kindling_models::{Mlp, MlpConfig, ResNet, ResNetConfig};
-use kindling_train::distributed::Collective;
+use kindling_train::distributed::{gather_with_grad, Collective};
 use kindling_train::{checkpoint, Objective, StepOutput};
 
 use crate::bert_mlm::{device, load_for_resume, open_run_folder, standard_trainer};
@@ -285,6 +285,21 @@ pub trait SslLoss: Send + Sync {
     /// After each optimiser update (MoCo's enqueue).
     fn after_update(&self) -> candle_core::Result<()> {
         Ok(())
+    }
+}
+
+/// Both views' projections over the whole data-parallel group, gathered with their gradient,
+/// for losses made of batch statistics (Barlow Twins' cross-correlation, VICReg's variance and
+/// covariance): every rank then computes the global batch's loss, each rank's rows receive the
+/// sum of the ranks' (equal) gradients, and the trainer's average over ranks leaves exactly the
+/// global batch's gradient. One process: the views as they are.
+pub fn group_views(o: &Outputs) -> candle_core::Result<(Tensor, Tensor)> {
+    match &o.group {
+        Some(g) => Ok((
+            gather_with_grad(&o.z[0], g.clone())?,
+            gather_with_grad(&o.z[1], g.clone())?,
+        )),
+        None => Ok((o.z[0].clone(), o.z[1].clone())),
     }
 }
 
@@ -996,11 +1011,12 @@ pub fn export_from_checkpoint(
 }
 
 /// Runs a vision SSL recipe.
-/// The methods that train data-parallel: SimCLR gathers its negatives over the ranks; BYOL's and
-/// SimSiam's losses are means of per-image terms, so the ranks' mean is the global batch's.
-/// The others compare statistics of the batch (Barlow Twins, VICReg) or keep a queue (MoCo),
-/// which would need their own gathers.
-pub const DATA_PARALLEL: [&str; 3] = ["simclr", "byol", "simsiam"];
+/// The methods that train data-parallel: SimCLR gathers its negatives over the ranks, Barlow
+/// Twins and VICReg both views ([`group_views`]: their batch statistics are the global
+/// batch's); BYOL's and SimSiam's losses are means of per-image terms, so the ranks' mean is the
+/// global batch's. MoCo keeps a queue of negatives per process, which would need its own
+/// exchange.
+pub const DATA_PARALLEL: [&str; 5] = ["simclr", "barlow", "vicreg", "byol", "simsiam"];
 
 pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
     let device = crate::bert_mlm::rank_device(&recipe.device, opts.dist.as_ref())?;
@@ -1170,6 +1186,75 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
         elapsed_secs: summary.elapsed_secs,
         stop: summary.stop,
     })
+}
+
+/// Test support: a two-view loss over in-process ranks against the same loss on the global batch.
+#[cfg(test)]
+pub(crate) mod group_test {
+    use super::*;
+    use kindling_train::distributed::LocalGroup;
+
+    /// `loss` over `world` ranks of `n` images with `d`-dimensional projections (each rank's
+    /// loss seeing the group through `Outputs::group`), against `loss` on all `world * n`
+    /// images in one process: the mean of the ranks' losses, and each rank's projections'
+    /// gradients divided by the world size (the trainer's average), to 1e-5.
+    pub(crate) fn assert_group_loss_is_global(
+        loss: &(dyn Fn(&Outputs) -> candle_core::Result<Tensor> + Sync),
+        (world, n, d): (usize, usize, usize),
+    ) {
+        let values = |seed: u64| -> Vec<f32> {
+            (0..world * n * d)
+                .map(|i| ((i as u64 * 7919 + seed * 104729) % 1000) as f32 / 500.0 - 1.0)
+                .collect()
+        };
+        let (a, b) = (values(1), values(2));
+        let outputs = |z1: &Var, z2: &Var, group| Outputs {
+            z: [z1.as_tensor().clone(), z2.as_tensor().clone()],
+            p: None,
+            t: None,
+            train: true,
+            group,
+        };
+        let var = |v: &[f32], rows| Var::from_vec(v.to_vec(), (rows, d), &Device::Cpu).unwrap();
+        let (g1, g2) = (var(&a, world * n), var(&b, world * n));
+        let single = loss(&outputs(&g1, &g2, None)).unwrap();
+        let want = single.to_scalar::<f32>().unwrap();
+        let grads = single.backward().unwrap();
+        let want1 = grads.get(g1.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        let ranks: Vec<(f32, Vec<Vec<f32>>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = LocalGroup::new(world)
+                .into_iter()
+                .map(|g| {
+                    let (a, b) = (&a, &b);
+                    scope.spawn(move || {
+                        let g: Arc<dyn Collective> = Arc::new(g);
+                        let r = g.rank();
+                        let part = |v: &[f32]| var(&v[r * n * d..(r + 1) * n * d], n);
+                        let (z1, z2) = (part(a), part(b));
+                        let l = loss(&outputs(&z1, &z2, Some(g.clone()))).unwrap();
+                        let grads = l.backward().unwrap();
+                        let mean = g.all_reduce_sum(&l).unwrap().to_scalar::<f32>().unwrap()
+                            / world as f32;
+                        let g1 = (grads.get(z1.as_tensor()).unwrap() / world as f64).unwrap();
+                        (mean, g1.to_vec2::<f32>().unwrap())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, (l, g1)) in ranks.iter().enumerate() {
+            assert!(
+                (l - want).abs() < 1e-5 * want.abs().max(1.0),
+                "rank {r}: loss {l} vs {want}"
+            );
+            for (i, row) in g1.iter().enumerate() {
+                for (x, y) in row.iter().zip(&want1[r * n + i]) {
+                    let tol = 1e-5 * y.abs().max(1e-2);
+                    assert!((x - y).abs() < tol, "rank {r} row {i}: gradient {x} vs {y}");
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

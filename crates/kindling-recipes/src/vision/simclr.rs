@@ -94,65 +94,7 @@ mod tests {
     /// those of NT-Xent on all 12 images in one process.
     #[test]
     fn gathered_nt_xent_over_ranks_is_nt_xent_of_the_global_batch() {
-        use candle_core::Var;
-        use kindling_train::distributed::LocalGroup;
-        let (world, n, d) = (4, 3, 5);
-        let values = |seed: u64| -> Vec<f32> {
-            (0..world * n * d)
-                .map(|i| ((i as u64 * 7919 + seed * 104729) % 1000) as f32 / 500.0 - 1.0)
-                .collect()
-        };
-        let (a, b) = (values(1), values(2));
-        let global = |v: &[f32]| Var::from_vec(v.to_vec(), (world * n, d), &Device::Cpu).unwrap();
-        let (g1, g2) = (global(&a), global(&b));
-        let single = nt_xent(g1.as_tensor(), g2.as_tensor(), 0.2).unwrap();
-        let grads = single.backward().unwrap();
-        let want1 = grads.get(g1.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
-        let want = single.to_scalar::<f32>().unwrap();
-        let ranks: Vec<(f32, Vec<Vec<f32>>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = LocalGroup::new(world)
-                .into_iter()
-                .map(|g| {
-                    let (a, b) = (&a, &b);
-                    scope.spawn(move || {
-                        let g: Arc<dyn Collective> = Arc::new(g);
-                        let r = g.rank();
-                        let part = |v: &[f32]| {
-                            Var::from_vec(
-                                v[r * n * d..(r + 1) * n * d].to_vec(),
-                                (n, d),
-                                &Device::Cpu,
-                            )
-                            .unwrap()
-                        };
-                        let (z1, z2) = (part(a), part(b));
-                        let loss = nt_xent_in_group(z1.as_tensor(), z2.as_tensor(), 0.2, Some(&g))
-                            .unwrap();
-                        let grads = loss.backward().unwrap();
-                        // The global loss is the mean of the ranks' losses, and the trainer
-                        // divides the gradients by the world size. Rank r's projections get the
-                        // gradient of every rank's loss through the gather.
-                        let l = g.all_reduce_sum(&loss).unwrap().to_scalar::<f32>().unwrap();
-                        let g1 = (grads.get(z1.as_tensor()).unwrap() / world as f64).unwrap();
-                        (l / world as f32, g1.to_vec2::<f32>().unwrap())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        for (r, (loss, g1)) in ranks.iter().enumerate() {
-            assert!(
-                (loss - want).abs() < 1e-5,
-                "rank {r}: loss {loss} vs {want}"
-            );
-            for (i, row) in g1.iter().enumerate() {
-                for (x, y) in row.iter().zip(&want1[r * n + i]) {
-                    assert!(
-                        (x - y).abs() < 1e-5,
-                        "rank {r} row {i}: gradient {x} vs {y}"
-                    );
-                }
-            }
-        }
+        let simclr = SimClr { temperature: 0.2 };
+        super::super::group_test::assert_group_loss_is_global(&|o| simclr.loss(o), (4, 3, 5));
     }
 }

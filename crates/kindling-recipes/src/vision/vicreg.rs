@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{Outputs, SslLoss};
+use super::{group_views, Outputs, SslLoss};
 
 pub struct VicReg {
     pub sim_weight: f64,
@@ -37,9 +37,10 @@ pub fn vicreg_loss(z1: &Tensor, z2: &Tensor, w: (f64, f64, f64)) -> Result<Tenso
 
 impl SslLoss for VicReg {
     fn loss(&self, o: &Outputs) -> Result<Tensor> {
+        let (z1, z2) = group_views(o)?;
         vicreg_loss(
-            &o.z[0],
-            &o.z[1],
+            &z1,
+            &z2,
             (self.sim_weight, self.var_weight, self.cov_weight),
         )
     }
@@ -69,5 +70,16 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(l.abs() < 1e-4, "wide, decorrelated and invariant: {l}");
+    }
+
+    /// Three ranks of 4 images: variance and covariance over the gathered views are the global batch's, so are the loss and gradients.
+    #[test]
+    fn gathered_vicreg_over_ranks_is_the_global_batchs() {
+        let method = VicReg {
+            sim_weight: 25.0,
+            var_weight: 25.0,
+            cov_weight: 1.0,
+        };
+        super::super::group_test::assert_group_loss_is_global(&|o| method.loss(o), (3, 4, 6));
     }
 }
