@@ -243,18 +243,6 @@ fn simcse_over_two_ranks_is_simcse_on_their_joint_batch() {
     }
 }
 
-#[test]
-fn objectives_without_data_parallelism_say_so() {
-    let out = kindling()
-        .args(["pretrain", "recipes/tiny/simclr-tiny.toml", "--nproc", "2"])
-        .args(["--set", "objective=\"moco\""])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "bad input: {}", stderr(&out));
-    let err = stderr(&out);
-    assert!(err.contains("`moco` trains in one process"), "{err}");
-}
-
 /// A CPU build asked for GPUs, or a rank started with a malformed launch variable, stops
 /// before anything runs, saying what to change.
 #[test]

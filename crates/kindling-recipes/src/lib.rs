@@ -151,22 +151,6 @@ pub fn pretrain_file(
         source: e,
     })?;
     let peek: Peek = recipe::parse_toml(&text, path, overrides)?;
-    let parallel = ["bert-mlm", "simcse"]
-        .iter()
-        .chain(&vision::DATA_PARALLEL)
-        .any(|o| *o == peek.objective);
-    if opts.dist.as_ref().is_some_and(|d| d.world > 1) && !parallel {
-        return Err(RecipeError::Invalid {
-            key: "objective".into(),
-            msg: format!(
-                "{}: `{}` trains in one process; data parallelism (--gpus, --nproc, \
-                 WORLD_SIZE) is implemented for bert-mlm, simcse, {}",
-                path.display(),
-                peek.objective,
-                vision::DATA_PARALLEL.join(", ")
-            ),
-        });
-    }
     if vision::OBJECTIVES.contains(&peek.objective.as_str()) {
         vision::pretrain(&vision::VisionRecipe::load(path, overrides)?, opts)
     } else if peek.objective == "simcse" {

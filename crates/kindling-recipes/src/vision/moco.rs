@@ -6,9 +6,10 @@
 //! does not touch. Keys of a step are enqueued after its update (`after_update`): writing them
 //! during the step would change a tensor the backward pass still reads.
 //!
-//! Single device, so no shuffled BatchNorm: the paper shuffles samples across GPUs so the
-//! key encoder's BatchNorm cannot leak which key is the positive; with one device and both views
-//! passed separately the leak is small, and the kNN/probe numbers show whether it matters.
+//! No shuffled BatchNorm: the paper shuffles samples across GPUs so the key encoder's BatchNorm
+//! cannot leak which key is the positive; with both views passed separately the leak is small,
+//! and the kNN/probe numbers show whether it matters. Data parallel, every rank enqueues the
+//! whole group's keys, so the queues stay equal and the loss is the global batch's.
 
 use std::sync::Mutex;
 
@@ -72,7 +73,13 @@ impl SslLoss for MoCo {
         let loss =
             ((self.contrast(&q[0], &k[1], &queue)? + self.contrast(&q[1], &k[0], &queue)?)? * 0.5)?;
         if o.train {
-            *self.pending.lock().expect("queue lock") = Some(Tensor::cat(&k, 0)?);
+            let keys = match &o.group {
+                // Data parallel: every rank enqueues the whole group's keys, view by view as
+                // one process would order them, so the ranks' queues stay equal.
+                Some(g) => Tensor::cat(&[g.all_gather(&k[0])?, g.all_gather(&k[1])?], 0)?,
+                None => Tensor::cat(&k, 0)?,
+            };
+            *self.pending.lock().expect("queue lock") = Some(keys);
         }
         Ok(loss)
     }
@@ -145,5 +152,73 @@ mod tests {
         // The ptr and queue live in the VarMap: checkpoints carry them.
         let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
         assert!(names.contains(&"queue".to_string()) && names.contains(&"queue_ptr".to_string()));
+    }
+
+    /// Two ranks of 3 images against one process on the 6: the loss and gradients match (the
+    /// shared harness), and after the update each rank's queue holds the whole group's keys in
+    /// the order one process enqueues them.
+    #[test]
+    fn data_parallel_ranks_keep_the_global_batchs_queue() {
+        use kindling_train::distributed::{Collective, LocalGroup};
+        use std::sync::Arc;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let moco = MoCo::new(0.2, 16, 4, vb).unwrap();
+        super::super::group_test::assert_group_loss_is_global(&|o| moco.loss(o), (2, 3, 4));
+        let start = moco.queue.as_tensor().copy().unwrap();
+        let (n, d) = (3, 4);
+        let z = |seed: usize, rows: usize| {
+            let v: Vec<f32> = (0..rows * d)
+                .map(|i| ((i * 37 + seed * 11) % 17) as f32 - 8.0)
+                .collect();
+            Tensor::from_vec(v, (rows, d), &Device::Cpu).unwrap()
+        };
+        let (t1, t2) = (z(1, 2 * n), z(2, 2 * n));
+        let fresh = || {
+            let m = MoCo::new(
+                0.2,
+                16,
+                4,
+                VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu),
+            )
+            .unwrap();
+            m.queue.set(&start).unwrap();
+            m
+        };
+        let outputs = |t1: &Tensor, t2: &Tensor, group| Outputs {
+            z: [t1.clone(), t2.clone()],
+            p: None,
+            t: Some([t1.clone(), t2.clone()]),
+            train: true,
+            group,
+        };
+        let single = fresh();
+        single.loss(&outputs(&t1, &t2, None)).unwrap();
+        single.after_update().unwrap();
+        let want = single.queue.as_tensor().to_vec2::<f32>().unwrap();
+        let queues: Vec<Vec<Vec<f32>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = LocalGroup::new(2)
+                .into_iter()
+                .map(|g| {
+                    let (t1, t2, fresh, outputs) = (&t1, &t2, &fresh, &outputs);
+                    scope.spawn(move || {
+                        let g: Arc<dyn Collective> = Arc::new(g);
+                        let r = g.rank();
+                        let m = fresh();
+                        let (a, b) = (
+                            t1.narrow(0, r * n, n).unwrap(),
+                            t2.narrow(0, r * n, n).unwrap(),
+                        );
+                        m.loss(&outputs(&a, &b, Some(g))).unwrap();
+                        m.after_update().unwrap();
+                        m.queue.as_tensor().to_vec2::<f32>().unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, q) in queues.iter().enumerate() {
+            assert_eq!(q, &want, "rank {r}'s queue");
+        }
     }
 }

@@ -1010,14 +1010,10 @@ pub fn export_from_checkpoint(
     Ok(dir)
 }
 
-/// Runs a vision SSL recipe.
-/// The methods that train data-parallel: SimCLR gathers its negatives over the ranks, Barlow
-/// Twins and VICReg both views ([`group_views`]: their batch statistics are the global
-/// batch's); BYOL's and SimSiam's losses are means of per-image terms, so the ranks' mean is the
-/// global batch's. MoCo keeps a queue of negatives per process, which would need its own
-/// exchange.
-pub const DATA_PARALLEL: [&str; 5] = ["simclr", "barlow", "vicreg", "byol", "simsiam"];
-
+/// Runs a vision SSL recipe, in one process or as one rank of a data-parallel group (every
+/// method: SimCLR gathers its negatives, Barlow Twins and VICReg both views ([`group_views`]),
+/// MoCo enqueues the whole group's keys; BYOL's and SimSiam's losses are means of per-image
+/// terms, so the ranks' mean is the global batch's).
 pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
     let device = crate::bert_mlm::rank_device(&recipe.device, opts.dist.as_ref())?;
     let group = crate::bert_mlm::join_group(opts, &device)?;
@@ -1208,10 +1204,15 @@ pub(crate) mod group_test {
                 .collect()
         };
         let (a, b) = (values(1), values(2));
+        // A target network's projections, for the methods that read them: detached, as
+        // theirs are.
         let outputs = |z1: &Var, z2: &Var, group| Outputs {
             z: [z1.as_tensor().clone(), z2.as_tensor().clone()],
             p: None,
-            t: None,
+            t: Some([
+                z1.as_tensor().affine(0.7, 0.1).unwrap().detach(),
+                z2.as_tensor().affine(0.7, -0.1).unwrap().detach(),
+            ]),
             train: true,
             group,
         };
