@@ -285,7 +285,7 @@ fn launch_settings_a_build_or_environment_cannot_honour_are_refused() {
 fn sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint() {
     let runs = tempfile::tempdir().unwrap();
     let run = runs.path().join("term");
-    let mut child = kindling()
+    let child = kindling()
         .args([
             "pretrain",
             "recipes/tiny/bert-tiny-mlm.toml",

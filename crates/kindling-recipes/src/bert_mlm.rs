@@ -996,6 +996,26 @@ fn trainer_for(
     Ok(trainer)
 }
 
+/// A data-parallel run's trainer for this rank, joined to `group`: rank 0's from `rank0` (with
+/// its progress bar, logs and plots), the other ranks' from [`rank_trainer`]. One process
+/// (`group` None): `rank0`'s.
+pub(crate) fn group_trainer(
+    group: Option<&Arc<dyn Collective>>,
+    cfg: kindling_train::TrainConfig,
+    run_dir: &Path,
+    opts: &RunOptions,
+    rank0: impl FnOnce(kindling_train::TrainConfig) -> Result<Trainer, RecipeError>,
+) -> Result<Trainer, RecipeError> {
+    let trainer = match group {
+        Some(g) if g.rank() > 0 => rank_trainer(cfg, run_dir, opts),
+        _ => rank0(cfg)?,
+    };
+    Ok(match group {
+        Some(g) => trainer.with_collective(g.clone()),
+        None => trainer,
+    })
+}
+
 /// The trainer of a data-parallel rank other than 0: no progress bar, logs or plots (rank 0
 /// shows the group's loss and throughput), the stop flag still heard.
 pub(crate) fn rank_trainer(

@@ -41,7 +41,7 @@ use kindling_train::distributed::{gather_with_grad, Collective};
 use kindling_train::{checkpoint, Objective, StepOutput, Trainer};
 
 use crate::bert_mlm::{
-    device, load_for_resume, open_run_folder, standard_trainer, write_hf_folder,
+    device, group_trainer, load_for_resume, open_run_folder, standard_trainer, write_hf_folder,
 };
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
 use crate::vision::l2_normalize;
@@ -1134,22 +1134,17 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
     if !initial.is_empty() {
         eprintln!("before training: {}", format_metrics(&initial));
     }
-    let mut trainer = if rank == 0 {
+    let mut trainer = group_trainer(group.as_ref(), cfg.clone(), &run_dir, opts, |cfg| {
         standard_trainer(
-            cfg.clone(),
+            cfg,
             &run_dir,
             t.log_every,
             "tok",
             &["recall_at_1", "recall_at_10", "mrr"],
             resume_from.as_deref(),
             opts,
-        )?
-    } else {
-        crate::bert_mlm::rank_trainer(cfg.clone(), &run_dir, opts)
-    };
-    if let Some(g) = &group {
-        trainer = trainer.with_collective(g.clone());
-    }
+        )
+    })?;
     let mut opt = trainer.optimizer(&obj)?;
     let start = match &resume_from {
         Some(dir) => {

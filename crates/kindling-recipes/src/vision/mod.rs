@@ -43,7 +43,7 @@ use kindling_models::{Mlp, MlpConfig, ResNet, ResNetConfig};
 use kindling_train::distributed::{gather_with_grad, Collective};
 use kindling_train::{checkpoint, Objective, StepOutput};
 
-use crate::bert_mlm::{device, load_for_resume, open_run_folder, standard_trainer};
+use crate::bert_mlm::{device, group_trainer, load_for_resume, open_run_folder, standard_trainer};
 use crate::probe::{standardise, Logistic};
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
 use crate::{RecipeError, RunOptions, RunReport};
@@ -1095,22 +1095,17 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
     let mut cfg = t.train_config(recipe.seed, per_epoch)?;
     cfg.loss_scale = crate::bert_mlm::loss_scale(&recipe.precision);
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
-    let mut trainer = if rank == 0 {
+    let mut trainer = group_trainer(group.as_ref(), cfg.clone(), &run_dir, opts, |cfg| {
         standard_trainer(
-            cfg.clone(),
+            cfg,
             &run_dir,
             t.log_every,
             "img",
             &["knn_accuracy", "probe_accuracy", "feature_std"],
             resume_from.as_deref(),
             opts,
-        )?
-    } else {
-        crate::bert_mlm::rank_trainer(cfg.clone(), &run_dir, opts)
-    };
-    if let Some(g) = &group {
-        trainer = trainer.with_collective(g.clone());
-    }
+        )
+    })?;
     let mut opt = trainer.optimizer(&model)?;
     let start = match &resume_from {
         Some(dir) => {
