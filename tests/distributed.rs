@@ -321,3 +321,45 @@ fn sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint() {
     assert!(err.contains("interrupted at step"), "{err}");
     assert_eq!(checkpoint_names(&run).len(), 1, "{err}");
 }
+
+/// The multi-node form, without the launcher: two `kindling pretrain` processes started by hand
+/// with torchrun's variables train exactly what `--nproc 2` trains.
+#[test]
+fn ranks_started_with_torchrun_variables_train_what_the_launcher_trains() {
+    let runs = tempfile::tempdir().unwrap();
+    ok(tiny(runs.path(), "launched", &["--nproc", "2"], &[]));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ranks: Vec<std::process::Child> = (0..2)
+        .map(|rank| {
+            let mut cmd = kindling();
+            cmd.args(["pretrain", "recipes/tiny/bert-tiny-mlm.toml"]);
+            for s in [
+                &format!("runs_dir=\"{}\"", runs.path().display()),
+                "name=\"by-hand\"",
+                "train.steps=30",
+                "train.save_every=10",
+                "train.keep_last=5",
+            ] {
+                cmd.args(["--set", s]);
+            }
+            cmd.env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in ranks {
+        ok(child.wait_with_output().unwrap());
+    }
+    let file = "export/model.safetensors";
+    let read = |name: &str| std::fs::read(runs.path().join(name).join(file)).unwrap();
+    assert!(read("launched") == read("by-hand"), "{file} differs");
+}
