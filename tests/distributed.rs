@@ -4,12 +4,19 @@
 //! exactly; SimCLR's negatives span the ranks; a failing rank stops the launch with its error.
 
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output};
 
 use crate::common::{kindling, stderr};
 
-/// The tiny recipe (dropout on) for 30 steps with a checkpoint every 10, in `runs/name`.
+/// The tiny recipe (dropout on) for 30 steps with a checkpoint every 10, in `runs/name`, run.
 fn tiny(runs: &Path, name: &str, launch: &[&str], extra: &[&str]) -> Output {
+    tiny_command(runs, name, launch, extra)
+        .output()
+        .expect("running kindling")
+}
+
+/// [`tiny`]'s command, not started.
+fn tiny_command(runs: &Path, name: &str, launch: &[&str], extra: &[&str]) -> Command {
     let mut cmd = kindling();
     cmd.args(["pretrain", "recipes/tiny/bert-tiny-mlm.toml"])
         .args(launch);
@@ -25,7 +32,7 @@ fn tiny(runs: &Path, name: &str, launch: &[&str], extra: &[&str]) -> Output {
     {
         cmd.args(["--set", s]);
     }
-    cmd.output().expect("running kindling")
+    cmd
 }
 
 fn ok(out: Output) -> Output {
@@ -335,17 +342,7 @@ fn ranks_started_with_torchrun_variables_train_what_the_launcher_trains() {
         .port();
     let ranks: Vec<std::process::Child> = (0..2)
         .map(|rank| {
-            let mut cmd = kindling();
-            cmd.args(["pretrain", "recipes/tiny/bert-tiny-mlm.toml"]);
-            for s in [
-                &format!("runs_dir=\"{}\"", runs.path().display()),
-                "name=\"by-hand\"",
-                "train.steps=30",
-                "train.save_every=10",
-                "train.keep_last=5",
-            ] {
-                cmd.args(["--set", s]);
-            }
+            let mut cmd = tiny_command(runs.path(), "by-hand", &[], &[]);
             cmd.env("RANK", rank.to_string())
                 .env("WORLD_SIZE", "2")
                 .env("MASTER_ADDR", "127.0.0.1")

@@ -1439,36 +1439,26 @@ mod tests {
                 .flat_map(|block| (0..n).map(move |i| block * world * n + r * n + i))
                 .collect()
         };
-        let ranks: Vec<(f32, Vec<(usize, Vec<f32>)>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = LocalGroup::new(world)
-                .into_iter()
-                .map(|grp| {
-                    let (global, keys) = (&global, &keys);
-                    scope.spawn(move || {
-                        let grp: Arc<dyn Collective> = Arc::new(grp);
-                        let idx = part(grp.rank());
-                        let rows: Vec<Vec<f32>> = idx.iter().map(|&i| global[i].clone()).collect();
-                        let local_keys: Vec<u64> = idx.iter().map(|&i| keys[i]).collect();
-                        let v = Var::from_vec(flat(&rows), (3 * n, d), &Device::Cpu).unwrap();
-                        let loss =
-                            info_nce_in_group(v.as_tensor(), n, &local_keys, 0.3, Some(&grp))
-                                .unwrap();
-                        let grads = loss.backward().unwrap();
-                        let mean = grp
-                            .all_reduce_sum(&loss)
-                            .unwrap()
-                            .to_scalar::<f32>()
-                            .unwrap()
-                            / world as f32;
-                        let gv = (grads.get(v.as_tensor()).unwrap() / world as f64)
-                            .unwrap()
-                            .to_vec2::<f32>()
-                            .unwrap();
-                        (mean, idx.into_iter().zip(gv).collect())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let ranks: Vec<(f32, Vec<(usize, Vec<f32>)>)> = LocalGroup::run(world, |grp| {
+            let (global, keys) = (&global, &keys);
+
+            let idx = part(grp.rank());
+            let rows: Vec<Vec<f32>> = idx.iter().map(|&i| global[i].clone()).collect();
+            let local_keys: Vec<u64> = idx.iter().map(|&i| keys[i]).collect();
+            let v = Var::from_vec(flat(&rows), (3 * n, d), &Device::Cpu).unwrap();
+            let loss = info_nce_in_group(v.as_tensor(), n, &local_keys, 0.3, Some(&grp)).unwrap();
+            let grads = loss.backward().unwrap();
+            let mean = grp
+                .all_reduce_sum(&loss)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                / world as f32;
+            let gv = (grads.get(v.as_tensor()).unwrap() / world as f64)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            (mean, idx.into_iter().zip(gv).collect())
         });
         for (r, (loss, rows)) in ranks.iter().enumerate() {
             assert!(

@@ -143,6 +143,22 @@ impl LocalGroup {
             })
             .collect()
     }
+
+    /// Runs `f` on `world` ranks in this process, one thread each, and returns their results
+    /// in rank order: what a data-parallel run does across processes, in a test.
+    pub fn run<R: Send>(world: usize, f: impl Fn(Arc<dyn Collective>) -> R + Sync) -> Vec<R> {
+        std::thread::scope(|scope| {
+            let f = &f;
+            let handles: Vec<_> = LocalGroup::new(world)
+                .into_iter()
+                .map(|g| scope.spawn(move || f(Arc::new(g))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a rank panicked"))
+                .collect()
+        })
+    }
 }
 
 impl Exchange for LocalGroup {
@@ -363,45 +379,34 @@ mod tests {
         how: Gathering,
     ) -> Vec<f32> {
         let n = xa.dim(0).unwrap() / world;
-        let grads: Vec<Vec<f32>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = LocalGroup::new(world)
-                .into_iter()
-                .map(|comm| {
-                    scope.spawn(move || {
-                        let comm: Arc<dyn Collective> = Arc::new(comm);
-                        let r = comm.rank();
-                        let w = Var::from_tensor(w).unwrap();
-                        let za = xa
-                            .narrow(0, r * n, n)
-                            .unwrap()
-                            .matmul(w.as_tensor())
-                            .unwrap();
-                        let zb = xb
-                            .narrow(0, r * n, n)
-                            .unwrap()
-                            .matmul(w.as_tensor())
-                            .unwrap();
-                        let all_b = match how {
-                            Gathering::NoGradient => {
-                                gather_with_grad(&zb.detach(), comm.clone()).unwrap()
-                            }
-                            _ => gather_with_grad(&zb, comm.clone()).unwrap(),
-                        };
-                        let offset = if how == Gathering::LabelsWithoutRankOffset {
-                            0
-                        } else {
-                            r * n
-                        };
-                        let labels: Vec<u32> = (0..n).map(|i| (offset + i) as u32).collect();
-                        let loss = info_nce(&za, &all_b, &labels);
-                        let mut grads = loss.backward().unwrap();
-                        all_reduce_mean(&mut grads, &[w.clone()], comm.as_ref(), 1 << 20).unwrap();
-                        let g = grads.get(w.as_tensor()).unwrap();
-                        g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let grads: Vec<Vec<f32>> = LocalGroup::run(world, |comm| {
+            let r = comm.rank();
+            let w = Var::from_tensor(w).unwrap();
+            let za = xa
+                .narrow(0, r * n, n)
+                .unwrap()
+                .matmul(w.as_tensor())
+                .unwrap();
+            let zb = xb
+                .narrow(0, r * n, n)
+                .unwrap()
+                .matmul(w.as_tensor())
+                .unwrap();
+            let all_b = match how {
+                Gathering::NoGradient => gather_with_grad(&zb.detach(), comm.clone()).unwrap(),
+                _ => gather_with_grad(&zb, comm.clone()).unwrap(),
+            };
+            let offset = if how == Gathering::LabelsWithoutRankOffset {
+                0
+            } else {
+                r * n
+            };
+            let labels: Vec<u32> = (0..n).map(|i| (offset + i) as u32).collect();
+            let loss = info_nce(&za, &all_b, &labels);
+            let mut grads = loss.backward().unwrap();
+            all_reduce_mean(&mut grads, &[w.clone()], comm.as_ref(), 1 << 20).unwrap();
+            let g = grads.get(w.as_tensor()).unwrap();
+            g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         });
         for g in &grads[1..] {
             assert_eq!(g, &grads[0], "every rank ends with the same gradient");
@@ -440,33 +445,26 @@ mod tests {
             .iter()
             .map(|&s| Var::zeros(s, DType::F32, &Device::Cpu).unwrap())
             .collect();
-        let results: Vec<Vec<Vec<f32>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = LocalGroup::new(3)
-                .into_iter()
-                .map(|comm| {
-                    let vars = vars.clone();
-                    scope.spawn(move || {
-                        let r = comm.rank();
-                        let mut grads = GradStore::default();
-                        for (i, v) in vars.iter().enumerate() {
-                            // Rank 2 has no gradient for parameter 1.
-                            if !(r == 2 && i == 1) {
-                                let g = random(v.shape().dims2().unwrap(), (10 * r + i) as u64);
-                                grads.insert(v.as_tensor(), g);
-                            }
-                        }
-                        // 10-float buckets: parameter 0 (12) alone, 1 (7) alone, 2 (25) alone.
-                        all_reduce_mean(&mut grads, &vars, &comm, 10).unwrap();
-                        vars.iter()
-                            .map(|v| {
-                                let g = grads.get(v.as_tensor()).unwrap();
-                                g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-                            })
-                            .collect()
-                    })
+        let results: Vec<Vec<Vec<f32>>> = LocalGroup::run(3, |comm| {
+            let vars = vars.clone();
+
+            let r = comm.rank();
+            let mut grads = GradStore::default();
+            for (i, v) in vars.iter().enumerate() {
+                // Rank 2 has no gradient for parameter 1.
+                if !(r == 2 && i == 1) {
+                    let g = random(v.shape().dims2().unwrap(), (10 * r + i) as u64);
+                    grads.insert(v.as_tensor(), g);
+                }
+            }
+            // 10-float buckets: parameter 0 (12) alone, 1 (7) alone, 2 (25) alone.
+            all_reduce_mean(&mut grads, &vars, comm.as_ref(), 10).unwrap();
+            vars.iter()
+                .map(|v| {
+                    let g = grads.get(v.as_tensor()).unwrap();
+                    g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
                 })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+                .collect()
         });
         for (i, v) in vars.iter().enumerate() {
             let shape = v.shape().dims2().unwrap();

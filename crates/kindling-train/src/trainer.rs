@@ -881,32 +881,23 @@ mod tests {
         data: &[Batch],
     ) -> Vec<(Vec<f32>, BTreeMap<String, f64>, bool)> {
         use crate::distributed::LocalGroup;
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = LocalGroup::new(world)
-                .into_iter()
-                .map(|comm| {
-                    scope.spawn(move || {
-                        let dir = tempfile::tempdir().unwrap();
-                        let obj = Boring::new();
-                        let mut t =
-                            Trainer::new(cfg(5, accum), dir.path()).with_collective(Arc::new(comm));
-                        let opt = t.optimizer(&obj).unwrap();
-                        let eval = vec![batch(999, 64)];
-                        let s = t
-                            .fit(
-                                &obj,
-                                &mut data.to_vec().into_iter(),
-                                &eval,
-                                opt,
-                                None,
-                                &|_| serde_json::Value::Null,
-                            )
-                            .unwrap();
-                        (weights(&obj), s.final_eval, s.last_checkpoint.is_some())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        LocalGroup::run(world, |comm| {
+            let dir = tempfile::tempdir().unwrap();
+            let obj = Boring::new();
+            let mut t = Trainer::new(cfg(5, accum), dir.path()).with_collective(comm);
+            let opt = t.optimizer(&obj).unwrap();
+            let eval = vec![batch(999, 64)];
+            let s = t
+                .fit(
+                    &obj,
+                    &mut data.to_vec().into_iter(),
+                    &eval,
+                    opt,
+                    None,
+                    &|_| serde_json::Value::Null,
+                )
+                .unwrap();
+            (weights(&obj), s.final_eval, s.last_checkpoint.is_some())
         })
     }
 

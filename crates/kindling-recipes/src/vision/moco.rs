@@ -159,8 +159,7 @@ mod tests {
     /// the order one process enqueues them.
     #[test]
     fn data_parallel_ranks_keep_the_global_batchs_queue() {
-        use kindling_train::distributed::{Collective, LocalGroup};
-        use std::sync::Arc;
+        use kindling_train::distributed::LocalGroup;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let moco = MoCo::new(0.2, 16, 4, vb).unwrap();
@@ -196,26 +195,18 @@ mod tests {
         single.loss(&outputs(&t1, &t2, None)).unwrap();
         single.after_update().unwrap();
         let want = single.queue.as_tensor().to_vec2::<f32>().unwrap();
-        let queues: Vec<Vec<Vec<f32>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = LocalGroup::new(2)
-                .into_iter()
-                .map(|g| {
-                    let (t1, t2, fresh, outputs) = (&t1, &t2, &fresh, &outputs);
-                    scope.spawn(move || {
-                        let g: Arc<dyn Collective> = Arc::new(g);
-                        let r = g.rank();
-                        let m = fresh();
-                        let (a, b) = (
-                            t1.narrow(0, r * n, n).unwrap(),
-                            t2.narrow(0, r * n, n).unwrap(),
-                        );
-                        m.loss(&outputs(&a, &b, Some(g))).unwrap();
-                        m.after_update().unwrap();
-                        m.queue.as_tensor().to_vec2::<f32>().unwrap()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let queues: Vec<Vec<Vec<f32>>> = LocalGroup::run(2, |g| {
+            let (t1, t2, fresh, outputs) = (&t1, &t2, &fresh, &outputs);
+
+            let r = g.rank();
+            let m = fresh();
+            let (a, b) = (
+                t1.narrow(0, r * n, n).unwrap(),
+                t2.narrow(0, r * n, n).unwrap(),
+            );
+            m.loss(&outputs(&a, &b, Some(g))).unwrap();
+            m.after_update().unwrap();
+            m.queue.as_tensor().to_vec2::<f32>().unwrap()
         });
         for (r, q) in queues.iter().enumerate() {
             assert_eq!(q, &want, "rank {r}'s queue");

@@ -1217,26 +1217,17 @@ pub(crate) mod group_test {
         let want = single.to_scalar::<f32>().unwrap();
         let grads = single.backward().unwrap();
         let want1 = grads.get(g1.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
-        let ranks: Vec<(f32, Vec<Vec<f32>>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = LocalGroup::new(world)
-                .into_iter()
-                .map(|g| {
-                    let (a, b) = (&a, &b);
-                    scope.spawn(move || {
-                        let g: Arc<dyn Collective> = Arc::new(g);
-                        let r = g.rank();
-                        let part = |v: &[f32]| var(&v[r * n * d..(r + 1) * n * d], n);
-                        let (z1, z2) = (part(a), part(b));
-                        let l = loss(&outputs(&z1, &z2, Some(g.clone()))).unwrap();
-                        let grads = l.backward().unwrap();
-                        let mean = g.all_reduce_sum(&l).unwrap().to_scalar::<f32>().unwrap()
-                            / world as f32;
-                        let g1 = (grads.get(z1.as_tensor()).unwrap() / world as f64).unwrap();
-                        (mean, g1.to_vec2::<f32>().unwrap())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let ranks: Vec<(f32, Vec<Vec<f32>>)> = LocalGroup::run(world, |g| {
+            let (a, b) = (&a, &b);
+
+            let r = g.rank();
+            let part = |v: &[f32]| var(&v[r * n * d..(r + 1) * n * d], n);
+            let (z1, z2) = (part(a), part(b));
+            let l = loss(&outputs(&z1, &z2, Some(g.clone()))).unwrap();
+            let grads = l.backward().unwrap();
+            let mean = g.all_reduce_sum(&l).unwrap().to_scalar::<f32>().unwrap() / world as f32;
+            let g1 = (grads.get(z1.as_tensor()).unwrap() / world as f64).unwrap();
+            (mean, g1.to_vec2::<f32>().unwrap())
         });
         for (r, (l, g1)) in ranks.iter().enumerate() {
             assert!(
