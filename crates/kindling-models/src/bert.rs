@@ -138,16 +138,33 @@ impl BertConfig {
     }
 
     /// Matmul FLOPs of one training step (forward + backward = 3 x forward) for `tokens` tokens
-    /// of length `seq`, with the vocabulary projection at `predicted` positions only.
-    pub fn train_flops(&self, tokens: usize, seq: usize, predicted: usize) -> f64 {
-        let (h, v, l) = (
+    /// of length `seq`, with the vocabulary projection at `predicted` positions only, and with
+    /// `last_layer_at_predicted` the last layer's queries, attention output and feed-forward
+    /// block there too (`BertModel::forward_rows_t` on CPU f32): the FLOPs actually done.
+    pub fn train_flops(
+        &self,
+        tokens: usize,
+        seq: usize,
+        predicted: usize,
+        last_layer_at_predicted: bool,
+    ) -> f64 {
+        let (h, i, v, l) = (
             self.hidden_size as f64,
+            self.intermediate_size as f64,
             self.vocab_size as f64,
             self.num_hidden_layers as f64,
         );
-        let enc = 6.0 * self.encoder_linear_params() as f64 * tokens as f64;
-        let attn = 12.0 * l * seq as f64 * h * tokens as f64;
-        let head = 6.0 * (h * h + h * v) * predicted as f64;
+        let (t, p, s) = (tokens as f64, predicted as f64, seq as f64);
+        let per_layer = 4.0 * h * h + 2.0 * h * i;
+        let (enc, attn) = if last_layer_at_predicted && l > 0.0 {
+            (
+                6.0 * ((l - 1.0) * per_layer * t + 2.0 * h * h * t + (per_layer - 2.0 * h * h) * p),
+                12.0 * s * h * ((l - 1.0) * t + p),
+            )
+        } else {
+            (6.0 * per_layer * l * t, 12.0 * l * s * h * t)
+        };
+        let head = 6.0 * (h * h + h * v) * p;
         enc + attn + head
     }
 }
@@ -301,8 +318,15 @@ impl BertLayer {
         })
     }
 
-    /// (b*t, h) -> (b*t, h): one fused op on CPU f32 with the exact GELU
-    /// (`crate::fused_layer`), the composition of the separate ops otherwise.
+    /// Whether [`BertLayer::forward_t`] runs as one fused op (CPU f32 with the exact GELU).
+    fn fuses(&self, xs: &Tensor, mask_bias: &Tensor) -> bool {
+        crate::ops::fused_ok(xs) && self.act == "gelu" && mask_bias.dtype() == DType::F32
+    }
+
+    /// (b*t, h) -> (b*t, h), or with `rows` (flat indices, u32) just those rows: (rows, h). One
+    /// fused op on CPU f32 with the exact GELU (`crate::fused_layer`), which computes only what
+    /// the rows need when they are increasing; the composition of the separate ops otherwise
+    /// (every row, then the selection).
     fn forward_t(
         &self,
         xs: &Tensor,
@@ -310,11 +334,27 @@ impl BertLayer {
         t: usize,
         mask_bias: &Tensor,
         mode: Mode,
+        rows: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        if crate::ops::fused_ok(xs) && self.act == "gelu" && mask_bias.dtype() == DType::F32 {
-            return self.forward_fused(xs, b, t, mask_bias, mode);
+        if self.fuses(xs, mask_bias) {
+            if let Some(r) = rows {
+                let list = r.to_vec1::<u32>()?;
+                if list.windows(2).all(|w| w[0] < w[1])
+                    && list.iter().all(|&i| (i as usize) < b * t)
+                {
+                    return self.forward_fused(xs, b, t, mask_bias, mode, Some(&list));
+                }
+            }
         }
-        self.forward_composed(xs, b, t, mask_bias, mode)
+        let all = if self.fuses(xs, mask_bias) {
+            self.forward_fused(xs, b, t, mask_bias, mode, None)?
+        } else {
+            self.forward_composed(xs, b, t, mask_bias, mode)?
+        };
+        match rows {
+            Some(r) => all.index_select(r, 0),
+            None => Ok(all),
+        }
     }
 
     fn forward_fused(
@@ -324,6 +364,7 @@ impl BertLayer {
         t: usize,
         mask_bias: &Tensor,
         mode: Mode,
+        rows: Option<&[u32]>,
     ) -> candle_core::Result<Tensor> {
         let a = &self.attention;
         let params = crate::fused_layer::LayerParams([
@@ -356,6 +397,7 @@ impl BertLayer {
                 attention_output: a.output_dropout.stream(mode),
                 output: self.output_dropout.stream(mode),
             },
+            rows,
         )
     }
 
@@ -411,6 +453,32 @@ impl BertModel {
         attention_mask: Option<&Tensor>,
         mode: Mode,
     ) -> Result<Tensor> {
+        self.forward_rows_t(input_ids, token_type_ids, attention_mask, None, mode)
+    }
+
+    /// Whether [`BertModel::forward_rows_t`] computes the last layer at the rows only (the fused
+    /// CPU f32 layer), rather than in full and then selecting.
+    pub fn last_layer_at_rows(&self) -> bool {
+        let w = self.embeddings.word_embeddings.embeddings();
+        matches!(w.device(), Device::Cpu)
+            && self.compute_dtype.unwrap_or(w.dtype()) == DType::F32
+            && self.config.hidden_act == "gelu"
+    }
+
+    /// [`BertModel::forward_t`] at `rows` only (flat `b * seq + t` indices, u32): (rows,
+    /// hidden), equal to selecting those rows of the full output. On CPU f32 the last layer
+    /// then computes queries, the attention output and the feed-forward block at those rows
+    /// only (keys and values still at every row): a masked-LM step, whose loss reads ~15% of
+    /// the rows, skips ~70% of its last layer. Earlier layers feed every row's keys and values,
+    /// so they run in full.
+    pub fn forward_rows_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        rows: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
             return Err(ModelError::Config(format!(
@@ -431,8 +499,15 @@ impl BertModel {
             // The embeddings' LayerNorm ran in f32; the layers take it from here in `d`.
             xs = xs.to_dtype(d)?;
         }
-        for layer in &self.layers {
-            xs = layer.forward_t(&xs, b, t, &mask_bias, mode)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let rows = if i == last { rows } else { None };
+            xs = layer.forward_t(&xs, b, t, &mask_bias, mode, rows)?;
+        }
+        if self.layers.is_empty() {
+            if let Some(r) = rows {
+                xs = xs.index_select(r, 0)?;
+            }
         }
         Ok(xs)
     }
@@ -476,11 +551,10 @@ impl BertForMaskedLM {
         positions: Option<&Tensor>,
         mode: Mode,
     ) -> Result<Tensor> {
-        let hidden = self.bert.forward_t(input_ids, None, attention_mask, mode)?; // (b*t, h)
-        let hidden = match positions {
-            Some(p) => hidden.index_select(p, 0)?, // (m, h)
-            None => hidden,
-        };
+        // (m, h) at the positions, else (b*t, h)
+        let hidden = self
+            .bert
+            .forward_rows_t(input_ids, None, attention_mask, positions, mode)?;
         let xs = activation(
             &self.bert.config.hidden_act,
             &self.transform_dense.forward(&hidden)?,
@@ -678,7 +752,7 @@ mod tests {
         for mode in [Mode::Train { seed: 5 }, Mode::Eval] {
             let run = |fused: bool| {
                 let y = if fused {
-                    layer.forward_fused(x.as_tensor(), b, t, &mask, mode)
+                    layer.forward_fused(x.as_tensor(), b, t, &mask, mode, None)
                 } else {
                     layer.forward_composed(x.as_tensor(), b, t, &mask, mode)
                 }
@@ -702,6 +776,80 @@ mod tests {
                     "{mode:?} {name}: zero gradient"
                 );
             }
+        }
+    }
+
+    /// The last layer of a masked-LM step at the masked rows only: its output and every
+    /// gradient (dL/dx at all rows, each parameter's) equal the full layer's followed by the
+    /// selection, to 1e-5 relative, with dropout on all three sites (each element draws as at
+    /// its place in the full tensors), a padded batch element and one with no rows at all. A
+    /// row list that is not increasing takes the full path and selects.
+    #[test]
+    fn encoder_layer_at_rows_equals_the_full_layer_then_the_rows() {
+        let cfg: BertConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "intermediate_size": 72,
+            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+        }))
+        .unwrap();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let layer = BertLayer::load(vb.pp("layer"), &cfg, 0).unwrap();
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            let noise = random((1, var.elem_count()), name.len() as u64, 0.3)
+                .reshape(var.shape())
+                .unwrap();
+            var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
+        }
+        let (b, t) = (3, 11);
+        let x = Var::from_tensor(&random((b * t, 32), 1, 2.0)).unwrap();
+        // Batch element 1 has no rows; element 2 has its last four positions padded.
+        let rows = [0u32, 3, 4, 10, 22, 25, 31];
+        let r = random((rows.len(), 32), 2, 1.0);
+        let mut mask = vec![0f32; b * t];
+        mask[2 * t + 7..].fill(-1e9);
+        let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
+        let index = Tensor::new(&rows, &Device::Cpu).unwrap();
+        for mode in [Mode::Train { seed: 5 }, Mode::Eval] {
+            let run = |at_rows: bool| {
+                let y = if at_rows {
+                    layer.forward_fused(x.as_tensor(), b, t, &mask, mode, Some(&rows))
+                } else {
+                    let all = layer.forward_fused(x.as_tensor(), b, t, &mask, mode, None);
+                    all.unwrap().index_select(&index, 0)
+                }
+                .unwrap();
+                assert_eq!(y.dims(), &[rows.len(), 32]);
+                let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                (y, grads)
+            };
+            let ((y1, g1), (y2, g2)) = (run(true), run(false));
+            assert!(max_rel_diff(&y1, &y2) < 1e-5, "{mode:?} output");
+            let dx = |g: &candle_core::backprop::GradStore| g.get(x.as_tensor()).unwrap().clone();
+            assert!(max_rel_diff(&dx(&g1), &dx(&g2)) < 1e-5, "{mode:?} dx");
+            for (name, var) in varmap.data().lock().unwrap().iter() {
+                let (a, c) = (g1.get(var.as_tensor()), g2.get(var.as_tensor()));
+                let (a, c) = (a.expect(name), c.expect(name));
+                if name.ends_with("key.bias") {
+                    // Its exact gradient is zero (it shifts a whole softmax row): both sides
+                    // are rounding noise, summed in different orders.
+                    for g in [a, c] {
+                        let biggest = g.abs().unwrap().max_all().unwrap();
+                        assert!(biggest.to_scalar::<f32>().unwrap() < 1e-5, "{name}");
+                    }
+                    continue;
+                }
+                let d = max_rel_diff(a, c);
+                assert!(d < 1e-5, "{mode:?} {name}: relative difference {d}");
+            }
+            // Through forward_t: increasing rows take the row path, the reversed list the
+            // full one; the same rows come out in the list's order.
+            let rev = Tensor::new(&[31u32, 25, 22, 10, 4, 3, 0], &Device::Cpu).unwrap();
+            let sparse = layer.forward_t(x.as_tensor(), b, t, &mask, mode, Some(&index));
+            let full = layer.forward_t(x.as_tensor(), b, t, &mask, mode, Some(&rev));
+            let back = Tensor::new(&[6u32, 5, 4, 3, 2, 1, 0], &Device::Cpu).unwrap();
+            let full = full.unwrap().index_select(&back, 0).unwrap();
+            assert!(max_rel_diff(&sparse.unwrap(), &full) < 1e-5, "{mode:?}");
         }
     }
 }

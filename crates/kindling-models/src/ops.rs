@@ -1071,6 +1071,10 @@ const KEEP_PROBS_BYTES: usize = 64 << 20;
 /// when they fit ([`SelfAttention::forward_keeping`]) and otherwise recomputes them (as
 /// FlashAttention does). Dropout draws the same elements as [`attention_probs`] on a (batch,
 /// heads, seq, seq) tensor.
+///
+/// With [`SelfAttention::with_query_rows`] only some positions query (`q` and the context then
+/// hold just those rows, while `k` and `v` keep every position): the last encoder layer of a
+/// masked-LM step needs its output only where the loss reads it.
 pub(crate) struct SelfAttention {
     batch: usize,
     seq: usize,
@@ -1079,6 +1083,9 @@ pub(crate) struct SelfAttention {
     /// (batch, seq) additive mask.
     mask: Vec<f32>,
     probs: AttentionProbs,
+    /// The querying rows (flat `b * seq + t`, strictly increasing) when not every position
+    /// queries, and where each batch element's rows start among them (batch + 1 entries).
+    query_rows: Option<(Vec<u32>, Vec<usize>)>,
 }
 
 /// `dst (m, n) = lhs (m, k) @ rhs (k, n)`, single-threaded, every operand given by its pointer,
@@ -1118,6 +1125,17 @@ unsafe fn small_gemm(
     )
 }
 
+/// Splits `buf` into consecutive chunks of `lens[i] * width` elements.
+fn split_chunks<'a>(mut buf: &'a mut [f32], lens: &[usize], width: usize) -> Vec<&'a mut [f32]> {
+    lens.iter()
+        .map(|&n| {
+            let (head, rest) = std::mem::take(&mut buf).split_at_mut(n * width);
+            buf = rest;
+            head
+        })
+        .collect()
+}
+
 impl SelfAttention {
     /// `mask`: additive, (batch, seq) flat; `dropout`: (p, seed) of the probabilities.
     pub(crate) fn new(
@@ -1138,10 +1156,62 @@ impl SelfAttention {
                 rows_per_batch: heads * seq,
                 dropout,
             },
+            query_rows: None,
         }
     }
 
-    /// The context (batch * seq, hidden) from q, k, v of the same shape.
+    /// Only `rows` (flat `b * seq + t`) query: `q`, the context and dq then have one row per
+    /// entry. `None` unless the rows are strictly increasing and inside the batch (callers then
+    /// compute every row and select).
+    pub(crate) fn with_query_rows(mut self, rows: &[u32]) -> Option<Self> {
+        let n = self.batch * self.seq;
+        let increasing = rows.windows(2).all(|w| w[0] < w[1]);
+        if !increasing || rows.last().is_some_and(|&r| r as usize >= n) {
+            return None;
+        }
+        let starts = (0..=self.batch)
+            .map(|b| rows.partition_point(|&r| (r as usize) < b * self.seq))
+            .collect();
+        self.query_rows = Some((rows.to_vec(), starts));
+        Some(self)
+    }
+
+    /// How many rows query (q's rows).
+    pub(crate) fn query_count(&self) -> usize {
+        match &self.query_rows {
+            Some((rows, _)) => rows.len(),
+            None => self.batch * self.seq,
+        }
+    }
+
+    /// Batch element `bi`'s querying rows, as indices into q's rows.
+    fn queries_of(&self, bi: usize) -> std::ops::Range<usize> {
+        match &self.query_rows {
+            Some((_, starts)) => starts[bi]..starts[bi + 1],
+            None => bi * self.seq..(bi + 1) * self.seq,
+        }
+    }
+
+    /// The sequence position of q's row `j`.
+    fn position_of(&self, j: usize) -> usize {
+        match &self.query_rows {
+            Some((rows, _)) => rows[j] as usize % self.seq,
+            None => j % self.seq,
+        }
+    }
+
+    /// Query counts of every batch element.
+    fn query_counts(&self) -> Vec<usize> {
+        (0..self.batch).map(|b| self.queries_of(b).len()).collect()
+    }
+
+    /// Offset of (batch `bi`, head `hd`, query position `pos`)'s row in the dropout stream of
+    /// a (batch, heads, seq, seq) tensor.
+    fn stream_offset(&self, bi: usize, hd: usize, pos: usize) -> u64 {
+        (((bi * self.heads + hd) * self.seq + pos) * self.seq) as u64
+    }
+
+    /// The context (queries, hidden) from q (queries, hidden) and k, v (batch * seq, hidden).
     pub(crate) fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         self.forward_keeping(q, k, v, false).0
     }
@@ -1150,12 +1220,12 @@ impl SelfAttention {
     /// at most [`KEEP_PROBS_BYTES`] (the small MLM step's 32 x 8 heads x 128^2 take 16.8 MB a
     /// layer; BERT-base at batch 128 would take 100 MB a layer and recomputes them).
     pub(crate) fn can_keep_probs(&self) -> bool {
-        self.batch * self.heads * self.seq * self.seq * 4 <= KEEP_PROBS_BYTES
+        self.query_count() * self.heads * self.seq * 4 <= KEEP_PROBS_BYTES
     }
 
-    /// The context, and with `keep` the softmax probabilities before dropout, (batch, heads,
-    /// seq, seq), for [`SelfAttention::backward`]: it then skips recomputing q k^T and the
-    /// softmax.
+    /// The context, and with `keep` the softmax probabilities before dropout (per batch
+    /// element, per head, (queries, seq)), for [`SelfAttention::backward`]: it then skips
+    /// recomputing q k^T and the softmax.
     pub(crate) fn forward_keeping(
         &self,
         q: &[f32],
@@ -1165,51 +1235,59 @@ impl SelfAttention {
     ) -> (Vec<f32>, Option<Vec<f32>>) {
         let (t, d) = (self.seq, self.head_dim);
         let h = self.heads * d;
-        let per_batch = self.heads * t * t;
-        let mut out = vec![0f32; q.len()];
+        let counts = self.query_counts();
+        let m = self.query_count();
+        let mut out = vec![0f32; m * h];
         let mut kept = if keep {
-            vec![0f32; self.batch * per_batch]
+            vec![0f32; m * self.heads * t]
         } else {
             Vec::new()
         };
         let batch_ctx = |bi: usize, ctx: &mut [f32], mut ys: Option<&mut [f32]>| {
+            let queries = self.queries_of(bi);
+            let mb = queries.len();
+            if mb == 0 {
+                return;
+            }
             vectorised(|| {
-                let mut p = vec![0f32; t * t];
+                let mut p = vec![0f32; mb * t];
                 let mut scratch = if ys.is_none() {
-                    vec![0f32; t * t]
+                    vec![0f32; mb * t]
                 } else {
                     Vec::new()
                 };
                 for hd in 0..self.heads {
                     let y = match ys.as_deref_mut() {
-                        Some(all) => &mut all[hd * t * t..(hd + 1) * t * t],
+                        Some(all) => &mut all[hd * mb * t..(hd + 1) * mb * t],
                         None => &mut scratch[..],
                     };
-                    self.head_probs(bi, hd, q, k, y, &mut p);
-                    let base = bi * t * h + hd * d;
-                    // SAFETY: ctx is batch bi's (t, h) block; head hd is its (t, d) sub-block at
-                    // column hd*d with row stride h; v's head block likewise; p is (t, t).
+                    let dropped = self.head_probs(bi, hd, queries.clone(), q, k, y, &mut p);
+                    let p = if dropped { &p[..] } else { &y[..] };
+                    // SAFETY: ctx is batch bi's (mb, h) block of the context; head hd is its
+                    // (mb, d) sub-block at column hd*d with row stride h; v's head block is
+                    // (t, d) with row stride h; p is (mb, t).
                     unsafe {
                         small_gemm(
-                            (t, d, t),
+                            (mb, d, t),
                             ctx[hd * d..].as_mut_ptr(),
                             (1, h),
                             p.as_ptr(),
                             (1, t),
-                            v[base..].as_ptr(),
+                            v[bi * t * h + hd * d..].as_ptr(),
                             (1, h),
                         );
                     }
                 }
             })
         };
+        let ctxs = split_chunks(&mut out, &counts, h);
         if keep {
-            out.par_chunks_mut(t * h)
-                .zip(kept.par_chunks_mut(per_batch))
+            ctxs.into_par_iter()
+                .zip(split_chunks(&mut kept, &counts, self.heads * t))
                 .enumerate()
                 .for_each(|(bi, (ctx, ys))| batch_ctx(bi, ctx, Some(ys)));
         } else {
-            out.par_chunks_mut(t * h)
+            ctxs.into_par_iter()
                 .enumerate()
                 .for_each(|(bi, ctx)| batch_ctx(bi, ctx, None));
         }
@@ -1228,96 +1306,124 @@ impl SelfAttention {
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (t, d) = (self.seq, self.head_dim);
         let h = self.heads * d;
-        let n = qs.len();
-        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        dq.par_chunks_mut(t * h)
+        let n = ks.len();
+        let counts = self.query_counts();
+        let (mut dq, mut dk, mut dv) = (vec![0f32; qs.len()], vec![0f32; n], vec![0f32; n]);
+        let dqs = split_chunks(&mut dq, &counts, h);
+        // Each batch element's kept probabilities: heads x (queries, seq).
+        let kept_of: Vec<Option<&[f32]>> = match probs {
+            Some(mut all) => counts
+                .iter()
+                .map(|&mb| {
+                    let (head, rest) = all.split_at(mb * self.heads * t);
+                    all = rest;
+                    Some(head)
+                })
+                .collect(),
+            None => vec![None; self.batch],
+        };
+        dqs.into_par_iter()
             .zip(dk.par_chunks_mut(t * h).zip(dv.par_chunks_mut(t * h)))
+            .zip(kept_of)
             .enumerate()
-            .for_each(|(bi, (dq, (dk, dv)))| {
+            .for_each(|(bi, ((dq, (dk, dv)), kept))| {
+                let queries = self.queries_of(bi);
+                let (a, mb) = (queries.start, queries.len());
+                if mb == 0 {
+                    return;
+                }
                 vectorised(|| {
                     let (mut ybuf, mut pbuf, mut ds) =
-                        (vec![0f32; t * t], vec![0f32; t * t], vec![0f32; t * t]);
+                        (vec![0f32; mb * t], vec![0f32; mb * t], vec![0f32; mb * t]);
                     // dP of one row, read while the row is overwritten with dS.
                     let mut grow = vec![0f32; t];
                     for hd in 0..self.heads {
                         // y: the softmax; p: after dropout (y itself without dropout).
-                        let (y, p): (&[f32], &[f32]) = match probs {
+                        let (y, p): (&[f32], &[f32]) = match kept {
                             Some(all) => {
-                                let at = (bi * self.heads + hd) * t * t;
-                                let kept = &all[at..at + t * t];
+                                let y = &all[hd * mb * t..(hd + 1) * mb * t];
                                 match self.probs.dropout {
                                     Some((drop, seed)) => {
-                                        pbuf.copy_from_slice(kept);
-                                        dropout_in_place(seed, at as u64, drop, &mut pbuf);
-                                        (kept, &pbuf)
+                                        pbuf.copy_from_slice(y);
+                                        for (i, row) in pbuf.chunks_mut(t).enumerate() {
+                                            let pos = self.position_of(a + i);
+                                            let at = self.stream_offset(bi, hd, pos);
+                                            dropout_in_place(seed, at, drop, row);
+                                        }
+                                        (y, &pbuf)
                                     }
-                                    None => (kept, kept),
+                                    None => (y, y),
                                 }
                             }
                             None => {
-                                self.head_probs(bi, hd, qs, ks, &mut ybuf, &mut pbuf);
-                                (&ybuf, &pbuf)
+                                let (y, p) = (&mut ybuf, &mut pbuf);
+                                let dropped =
+                                    self.head_probs(bi, hd, queries.clone(), qs, ks, y, p);
+                                (&ybuf, if dropped { &pbuf } else { &ybuf })
                             }
                         };
-                        let base = bi * t * h + hd * d;
+                        let qbase = a * h + hd * d;
+                        let kbase = bi * t * h + hd * d;
                         let col = hd * d;
-                        // SAFETY (all four): head blocks are (t, d) with row stride h at base in the
-                        // inputs and at column col of this batch's (t, h) output blocks; p, y, ds
-                        // are (t, t); transposes are read by swapping the two strides.
+                        // SAFETY (all four): q-side head blocks are (mb, d) with row stride h at
+                        // qbase (q, dO) or at column col of this batch's dq block; k-side head
+                        // blocks are (t, d) with row stride h at kbase (k, v) or at column col
+                        // of this batch's dk, dv blocks; p, y, ds are (mb, t); transposes are
+                        // read by swapping the two strides.
                         unsafe {
                             // dV = P^T dO
                             small_gemm(
-                                (t, d, t),
+                                (t, d, mb),
                                 dv[col..].as_mut_ptr(),
                                 (1, h),
                                 p.as_ptr(),
                                 (t, 1),
-                                dout[base..].as_ptr(),
+                                dout[qbase..].as_ptr(),
                                 (1, h),
                             );
                             // dP = dO V^T, into ds
                             small_gemm(
-                                (t, t, d),
+                                (mb, t, d),
                                 ds.as_mut_ptr(),
                                 (1, t),
-                                dout[base..].as_ptr(),
+                                dout[qbase..].as_ptr(),
                                 (1, h),
-                                vs[base..].as_ptr(),
+                                vs[kbase..].as_ptr(),
                                 (h, 1),
                             );
                         }
                         // dS = scale * y * (dropout(dP) - rowsum(y * dropout(dP)))
-                        for i in 0..t {
+                        for i in 0..mb {
                             let row = &mut ds[i * t..(i + 1) * t];
                             grow.copy_from_slice(row);
-                            let offset = ((bi * self.heads + hd) * t + i) * t;
+                            let offset = self.stream_offset(bi, hd, self.position_of(a + i));
                             attention_row_grad(
                                 &self.probs,
                                 row,
                                 &y[i * t..(i + 1) * t],
                                 &grow,
-                                offset,
+                                offset as usize,
                             );
                         }
                         unsafe {
                             // dQ = dS K
                             small_gemm(
-                                (t, d, t),
+                                (mb, d, t),
                                 dq[col..].as_mut_ptr(),
                                 (1, h),
                                 ds.as_ptr(),
                                 (1, t),
-                                ks[base..].as_ptr(),
+                                ks[kbase..].as_ptr(),
                                 (1, h),
                             );
                             // dK = dS^T Q
                             small_gemm(
-                                (t, d, t),
+                                (t, d, mb),
                                 dk[col..].as_mut_ptr(),
                                 (1, h),
                                 ds.as_ptr(),
                                 (t, 1),
-                                qs[base..].as_ptr(),
+                                qs[qbase..].as_ptr(),
                                 (1, h),
                             );
                         }
@@ -1327,36 +1433,52 @@ impl SelfAttention {
         (dq, dk, dv)
     }
 
-    /// Probabilities of head `hd` of batch element `bi` into `probs` (seq, seq): the softmax
-    /// before dropout into `y`, after dropout into `p` (same buffer when there is no dropout).
-    fn head_probs(&self, bi: usize, hd: usize, q: &[f32], k: &[f32], y: &mut [f32], p: &mut [f32]) {
+    /// Probabilities of head `hd` of batch element `bi` for q's rows `queries` (mb of them):
+    /// the softmax before dropout into `y` (mb, seq), and with dropout the probabilities after
+    /// it into `p` (then returns true; without dropout `y` is both and `p` is not written).
+    #[allow(clippy::too_many_arguments)]
+    fn head_probs(
+        &self,
+        bi: usize,
+        hd: usize,
+        queries: std::ops::Range<usize>,
+        q: &[f32],
+        k: &[f32],
+        y: &mut [f32],
+        p: &mut [f32],
+    ) -> bool {
         let (t, h, d) = (self.seq, self.heads * self.head_dim, self.head_dim);
-        let base = bi * t * h + hd * d;
-        // SAFETY: q and k are (batch * seq, h); head hd of batch bi is the (t, d) block at base
-        // with row stride h; k^T is read with column stride h and row stride 1. y is (t, t).
+        let mb = queries.len();
+        // SAFETY: q is (queries, h) and k (batch * seq, h); head hd's blocks are (mb, d) at
+        // row queries.start and (t, d) at row bi * t, column hd * d, row stride h; k^T is read
+        // with column stride h and row stride 1. y is (mb, t).
         unsafe {
             small_gemm(
-                (t, t, d),
+                (mb, t, d),
                 y.as_mut_ptr(),
                 (1, t),
-                q[base..].as_ptr(),
+                q[queries.start * h + hd * d..].as_ptr(),
                 (1, h),
-                k[base..].as_ptr(),
+                k[bi * t * h + hd * d..].as_ptr(),
                 (h, 1),
             );
         }
         let mask = &self.mask[bi * t..(bi + 1) * t];
         let mut row = vec![0f32; t];
-        for i in 0..t {
+        for i in 0..mb {
             row.copy_from_slice(&y[i * t..(i + 1) * t]);
             self.probs
                 .softmax_row(&mut y[i * t..(i + 1) * t], &row, mask);
         }
+        let Some((drop, seed)) = self.probs.dropout else {
+            return false;
+        };
         p.copy_from_slice(y);
-        if let Some((drop, seed)) = self.probs.dropout {
-            let offset = (bi * self.heads + hd) * t * t;
-            dropout_in_place(seed, offset as u64, drop, p);
+        for (i, row) in p.chunks_mut(t).enumerate() {
+            let at = self.stream_offset(bi, hd, self.position_of(queries.start + i));
+            dropout_in_place(seed, at, drop, row);
         }
+        true
     }
 }
 

@@ -108,10 +108,12 @@ impl Objective for BertMlm {
     }
 
     fn train_flops(&self, batch: &MlmBatch) -> Option<f64> {
-        Some(
-            self.config
-                .train_flops(batch.n_tokens(), batch.seq_len, batch.labels.len()),
-        )
+        Some(self.config.train_flops(
+            batch.n_tokens(),
+            batch.seq_len,
+            batch.labels.len(),
+            self.model.bert.last_layer_at_rows(),
+        ))
     }
 
     fn finish_eval(&self, m: &mut BTreeMap<String, f64>) {
