@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::ops::{
     contiguous_f32, cpu_f32, dropout_in_place, dropout_par, gelu_and_grad_rows, gelu_rows,
     layer_norm_grad_rows, layer_norm_rows, linear_bwd, linear_fwd, mul_rows, saved_activations,
-    SelfAttention,
+    zeros_par, SelfAttention,
 };
 
 /// The parameters of one layer, in the order they are concatenated (HF names, under
@@ -245,7 +245,7 @@ impl CustomOp2 for EncoderLayerOp {
         let (xs, params, dy) = (cpu_f32(&sx, lx)?, cpu_f32(&sp, lp)?, cpu_f32(&sg, lg)?);
         let sizes = param_sizes(self.hidden, self.intermediate);
         let [qw, _, kw, _, vw, _, ow, _, ln1w, _, iw, _, fw, _, ln2w, _] = split(params, sizes);
-        let mut dflat = vec![0f32; params.len()];
+        let mut dflat = zeros_par(params.len());
         let [dqw, dqb, dkw, dkb, dvw, dvb, dow, dob, dln1w, dln1b, diw, dib, dfw, dfb, dln2w, dln2b] =
             split_mut(&mut dflat, sizes);
         let (h, i) = (self.hidden, self.intermediate);
@@ -255,7 +255,7 @@ impl CustomOp2 for EncoderLayerOp {
         let (n, m) = (xq.len(), xq.len() / h);
 
         // Feed-forward block: y = LN2(dropout(gelu(a W_i + b_i) W_f + b_f) + a).
-        let mut dr2 = vec![0f32; n];
+        let mut dr2 = zeros_par(n);
         let mut dln2 = vec![0f32; 2 * h];
         layer_norm_grad_rows(&s.r2, ln2w, dy, self.eps, &mut dr2, &mut dln2);
         dln2w.copy_from_slice(&dln2[..h]);
@@ -264,7 +264,7 @@ impl CustomOp2 for EncoderLayerOp {
         if let Some((p, seed)) = self.output_dropout {
             dropout_rows(seed, p, &mut dout, h, rows);
         }
-        let mut dgelu = vec![0f32; m * i];
+        let mut dgelu = zeros_par(m * i);
         linear_bwd(&s.gelu, fw, &dout, (&mut dgelu, false), dfw, dfb);
         let dpre = mul_rows(&dgelu, &s.gelu_grad);
         drop(dgelu);
@@ -274,7 +274,7 @@ impl CustomOp2 for EncoderLayerOp {
         drop(dpre);
 
         // Attention block: a = LN1(dropout(attention(x) W_o + b_o) + x).
-        let mut dr1 = vec![0f32; n];
+        let mut dr1 = zeros_par(n);
         let mut dln1 = vec![0f32; 2 * h];
         layer_norm_grad_rows(&s.r1, ln1w, &da, self.eps, &mut dr1, &mut dln1);
         dln1w.copy_from_slice(&dln1[..h]);
@@ -284,7 +284,7 @@ impl CustomOp2 for EncoderLayerOp {
         if let Some((p, seed)) = self.attention_dropout {
             dropout_rows(seed, p, &mut dattn, h, rows);
         }
-        let mut dctx = vec![0f32; n];
+        let mut dctx = zeros_par(n);
         linear_bwd(&s.ctx, ow, &dattn, (&mut dctx, false), dow, dob);
         drop(dattn);
         let (dq, dk, dv) = self
@@ -302,7 +302,7 @@ impl CustomOp2 for EncoderLayerOp {
                 dx
             }
             Some(rows) => {
-                let mut dx = vec![0f32; xs.len()];
+                let mut dx = zeros_par(xs.len());
                 linear_bwd(xs, kw, &dk, (&mut dx, false), dkw, dkb);
                 linear_bwd(xs, vw, &dv, (&mut dx, true), dvw, dvb);
                 for (g, &r) in dxq.chunks(h).zip(rows) {
