@@ -21,9 +21,9 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::{
-    contiguous_f32, cpu_f32, dropout_in_place, dropout_par, gelu_and_grad_rows, gelu_rows,
-    layer_norm_grad_rows, layer_norm_rows, linear_bwd, linear_fwd, mul_rows, saved_activations,
-    zeros_par, SelfAttention,
+    contiguous_f32, cpu_f32, dropout_in_place, gelu_and_grad_in_place, gelu_in_place,
+    layer_norm_grad_rows, layer_norm_rows, linear_bwd, linear_fwd, mul_in_place, par_new,
+    rows_per_task, saved_activations, vectorised, zeros_par, SelfAttention,
 };
 
 /// The parameters of one layer, in the order they are concatenated (HF names, under
@@ -137,16 +137,55 @@ fn gather_rows(x: &[f32], rows: &[u32], h: usize) -> Vec<f32> {
     out
 }
 
-/// Dropout on `xs`, whose rows (of width `h`) are rows `rows` of the full (batch * seq, h)
-/// tensor, or all of them: each element draws as at its place in the full tensor.
-fn dropout_rows(seed: u64, p: f32, xs: &mut [f32], h: usize, rows: Option<&[u32]>) {
-    match rows {
-        None => dropout_par(seed, p, xs),
-        Some(rows) => xs
-            .par_chunks_mut(h)
-            .zip(rows)
-            .for_each(|(x, &r)| dropout_in_place(seed, r as u64 * h as u64, p, x)),
+/// Dropout on rows `first..` of a chunk of `xs` rows (of width `h`), each element drawing as at
+/// its place in the full (batch * seq, h) tensor: `rows` maps the chunk's rows to their rows
+/// there, when the layer keeps only some.
+fn drop_rows(
+    (p, seed): (f32, u64),
+    chunk: &mut [f32],
+    first: usize,
+    h: usize,
+    rows: Option<&[u32]>,
+) {
+    for (j, row) in chunk.chunks_mut(h).enumerate() {
+        let r = rows.map_or(first + j, |rows| rows[first + j] as usize);
+        dropout_in_place(seed, (r * h) as u64, p, row);
     }
+}
+
+/// `xs = dropout(xs) + residual` in one parallel pass over rows of width `h` (see
+/// [`drop_rows`] for `rows`).
+fn dropout_residual(
+    dropout: Option<(f32, u64)>,
+    xs: &mut [f32],
+    residual: &[f32],
+    h: usize,
+    rows: Option<&[u32]>,
+) {
+    let per = rows_per_task(h);
+    xs.par_chunks_mut(per * h)
+        .zip(residual.par_chunks(per * h))
+        .enumerate()
+        .for_each(|(c, (x, res))| {
+            vectorised(|| {
+                if let Some(d) = dropout {
+                    drop_rows(d, x, c * per, h, rows);
+                }
+                x.iter_mut().zip(res).for_each(|(v, r)| *v += r);
+            })
+        });
+}
+
+/// `dropout(g)` as a new buffer (the backward pass's copy of a gradient that also flows on
+/// undropped through a residual), built in parallel.
+fn dropped(dropout: Option<(f32, u64)>, g: &[f32], h: usize, rows: Option<&[u32]>) -> Vec<f32> {
+    let per = rows_per_task(h);
+    par_new(g.len(), per * h, |c, out| {
+        out.copy_from_slice(&g[c * per * h..c * per * h + out.len()]);
+        if let Some(d) = dropout {
+            vectorised(|| drop_rows(d, out, c * per, h, rows));
+        }
+    })
 }
 
 /// Dropout streams of one layer in one mode.
@@ -190,23 +229,18 @@ impl CustomOp2 for EncoderLayerOp {
             self.save && self.attention.can_keep_probs(),
         );
         let mut r1 = linear_fwd(&ctx, ow, ob);
-        if let Some((p, seed)) = self.attention_dropout {
-            dropout_rows(seed, p, &mut r1, self.hidden, rows);
-        }
-        r1.iter_mut().zip(xq).for_each(|(r, xv)| *r += xv);
+        dropout_residual(self.attention_dropout, &mut r1, xq, self.hidden, rows);
         let a = layer_norm_rows(&r1, ln1w, ln1b, self.eps);
-        let pre = linear_fwd(&a, iw, ib);
-        let (gelu, gelu_grad) = if self.save {
-            gelu_and_grad_rows(&pre)
+        // The intermediate dense output, turned into its GELU in place.
+        let mut gelu = linear_fwd(&a, iw, ib);
+        let gelu_grad = if self.save {
+            gelu_and_grad_in_place(&mut gelu)
         } else {
-            (gelu_rows(&pre), Vec::new())
+            gelu_in_place(&mut gelu);
+            Vec::new()
         };
-        drop(pre);
         let mut r2 = linear_fwd(&gelu, fw, fb);
-        if let Some((p, seed)) = self.output_dropout {
-            dropout_rows(seed, p, &mut r2, self.hidden, rows);
-        }
-        r2.iter_mut().zip(&a).for_each(|(r, av)| *r += av);
+        dropout_residual(self.output_dropout, &mut r2, &a, self.hidden, rows);
         let y = layer_norm_rows(&r2, ln2w, ln2b, self.eps);
         if self.save {
             *self.saved.lock().expect("saved activations") = Some(Saved {
@@ -260,14 +294,12 @@ impl CustomOp2 for EncoderLayerOp {
         layer_norm_grad_rows(&s.r2, ln2w, dy, self.eps, &mut dr2, &mut dln2);
         dln2w.copy_from_slice(&dln2[..h]);
         dln2b.copy_from_slice(&dln2[h..]);
-        let mut dout = dr2.clone();
-        if let Some((p, seed)) = self.output_dropout {
-            dropout_rows(seed, p, &mut dout, h, rows);
-        }
+        let dout = dropped(self.output_dropout, &dr2, h, rows);
         let mut dgelu = zeros_par(m * i);
         linear_bwd(&s.gelu, fw, &dout, (&mut dgelu, false), dfw, dfb);
-        let dpre = mul_rows(&dgelu, &s.gelu_grad);
-        drop(dgelu);
+        // dL/d(intermediate dense output), in place of dL/dgelu.
+        let mut dpre = dgelu;
+        mul_in_place(&mut dpre, &s.gelu_grad);
         // da = dr2 (the residual) + dpre W_i.
         let mut da = dr2;
         linear_bwd(&s.a, iw, &dpre, (&mut da, true), diw, dib);
@@ -280,10 +312,7 @@ impl CustomOp2 for EncoderLayerOp {
         dln1w.copy_from_slice(&dln1[..h]);
         dln1b.copy_from_slice(&dln1[h..]);
         drop(da);
-        let mut dattn = dr1.clone();
-        if let Some((p, seed)) = self.attention_dropout {
-            dropout_rows(seed, p, &mut dattn, h, rows);
-        }
+        let dattn = dropped(self.attention_dropout, &dr1, h, rows);
         let mut dctx = zeros_par(n);
         linear_bwd(&s.ctx, ow, &dattn, (&mut dctx, false), dow, dob);
         drop(dattn);
