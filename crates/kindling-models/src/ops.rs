@@ -16,6 +16,7 @@ use candle_core::{
 };
 use kindling_core::attach::{attach_grad, ValueGrad};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// Runs `f` compiled for AVX2 + FMA where the CPU has them (checked once, then cached by std).
 /// The crate is built for baseline x86-64 (SSE2) so that one binary runs on any x86-64; the
@@ -1776,18 +1777,40 @@ pub fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
 }
 
 /// Mean cross-entropy of logits (n, classes) against class ids (n): one op whose backward is
-/// `(softmax - onehot) / n`, recomputed from the logits. candle_nn's `cross_entropy` is a
-/// log-softmax of five nodes, a gather and a mean, each of which costs the backward pass a
-/// zero-filled buffer and an add the size of the logits; with an 8k vocabulary at 800 masked
-/// positions that is 26 MB per node per step.
-struct CrossEntropy;
+/// `(softmax - onehot) / n`. candle_nn's `cross_entropy` is a log-softmax of five nodes, a
+/// gather and a mean, each of which costs the backward pass a zero-filled buffer and an add the
+/// size of the logits; with an 8k vocabulary at 800 masked positions that is 26 MB per node per
+/// step. A forward pass that a backward pass can follow keeps each row's softmax, written in the
+/// pass that takes the row's log-sum-exp, so the backward pass scales it in place instead of
+/// taking the exp of every logit again (the two exp passes were ~2% of the small MLM step).
+struct CrossEntropy {
+    /// Whether to keep the softmax for a backward pass.
+    keep: bool,
+    softmax: Mutex<Option<Vec<f32>>>,
+}
+
+/// Rows per rayon task in the cross-entropy kernels (fixed, so sums do not depend on threads).
+const CE_ROWS: usize = 64;
 
 impl CrossEntropy {
-    /// Per-row (max, log-sum-exp) of the logits.
-    fn row_lse(row: &[f32]) -> (f32, f32) {
+    /// One row's loss, log-sum-exp minus the label's logit; with `probs` the row's softmax is
+    /// written there.
+    #[inline(always)]
+    fn row_loss(row: &[f32], label: usize, probs: Option<&mut [f32]>) -> f32 {
         let max = max_of(row);
-        let sum = sum_by(row.len(), |i| fast_exp(row[i] - max));
-        (max, max + sum.ln())
+        let lse = match probs {
+            Some(p) => {
+                for (pv, &v) in p.iter_mut().zip(row) {
+                    *pv = fast_exp(v - max);
+                }
+                let sum = sum_by(p.len(), |i| p[i]);
+                let inv = 1.0 / sum;
+                p.iter_mut().for_each(|v| *v *= inv);
+                max + sum.ln()
+            }
+            None => max + sum_by(row.len(), |i| fast_exp(row[i] - max)).ln(),
+        };
+        lse - row[label]
     }
 }
 
@@ -1824,16 +1847,42 @@ impl CustomOp2 for CrossEntropy {
             candle_core::bail!("{}: label {bad} out of {classes} classes", self.name())
         }
         // Rows in fixed chunks, partial sums added in order: the same on any thread count.
-        let partials: Vec<f64> = logits
-            .par_chunks(classes * 64)
-            .zip(labels.par_chunks(64))
-            .map(|(rows, ls)| {
-                rows.chunks(classes)
-                    .zip(ls)
-                    .map(|(row, &c)| (Self::row_lse(row).1 - row[c as usize]) as f64)
-                    .sum::<f64>()
+        let chunk_loss = |rows: &[f32], ls: &[u32], mut probs: Option<&mut [f32]>| {
+            vectorised(|| {
+                let mut total = 0f64;
+                for (j, (row, &c)) in rows.chunks(classes).zip(ls).enumerate() {
+                    let p = probs
+                        .as_deref_mut()
+                        .map(|p| &mut p[j * classes..(j + 1) * classes]);
+                    total += Self::row_loss(row, c as usize, p) as f64;
+                }
+                total
             })
-            .collect();
+        };
+        let partials: Vec<f64> = if self.keep {
+            let mut probs = Vec::with_capacity(logits.len());
+            let partials = probs.spare_capacity_mut()[..logits.len()]
+                .par_chunks_mut(classes * CE_ROWS)
+                .zip(logits.par_chunks(classes * CE_ROWS))
+                .zip(labels.par_chunks(CE_ROWS))
+                .map(|((o, rows), ls)| {
+                    o.fill(std::mem::MaybeUninit::new(0.0));
+                    // SAFETY: every element of `o` was initialised on the line above.
+                    let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+                    chunk_loss(rows, ls, Some(o))
+                })
+                .collect();
+            // SAFETY: the chunks cover `..logits.len()`, each initialised above.
+            unsafe { probs.set_len(logits.len()) };
+            *self.softmax.lock().expect("cross-entropy softmax") = Some(probs);
+            partials
+        } else {
+            logits
+                .par_chunks(classes * CE_ROWS)
+                .zip(labels.par_chunks(CE_ROWS))
+                .map(|(rows, ls)| chunk_loss(rows, ls, None))
+                .collect()
+        };
         let mean = partials.iter().sum::<f64>() / n.max(1) as f64;
         Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
     }
@@ -1846,25 +1895,47 @@ impl CustomOp2 for CrossEntropy {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let logits = logits.contiguous()?;
         let labels = labels.contiguous()?;
-        let ((sx, lx), (sl, ll)) = (logits.storage_and_layout(), labels.storage_and_layout());
-        let x = cpu_f32(&sx, lx)?;
+        let (sl, ll) = labels.storage_and_layout();
         let ls = match &*sl {
             candle_core::Storage::Cpu(s) => labels_u32(s, ll)?,
             _ => candle_core::bail!("{}: expected CPU labels", self.name()),
         };
         let (n, classes) = logits.dims2()?;
         let scale = g / n.max(1) as f32;
-        let mut d = zeros_par(x.len());
-        d.par_chunks_mut(classes)
-            .zip(x.par_chunks(classes).zip(ls.par_iter()))
-            .for_each(|(drow, (row, &c))| {
-                let (_, lse) = Self::row_lse(row);
-                for (dv, &v) in drow.iter_mut().zip(row) {
-                    *dv = scale * fast_exp(v - lse);
-                }
-                drow[c as usize] -= scale;
+        // The kept softmax (taken: a second backward pass over the same graph recomputes it).
+        let kept = self.softmax.lock().expect("cross-entropy softmax").take();
+        let mut d = match kept {
+            Some(p) => p,
+            None => {
+                let logits = logits.contiguous()?;
+                let (sx, lx) = logits.storage_and_layout();
+                let x = cpu_f32(&sx, lx)?;
+                let mut p = zeros_par(x.len());
+                p.par_chunks_mut(classes * CE_ROWS)
+                    .zip(x.par_chunks(classes * CE_ROWS).zip(ls.par_chunks(CE_ROWS)))
+                    .for_each(|(p, (rows, ls))| {
+                        vectorised(|| {
+                            for ((prow, row), &c) in
+                                p.chunks_mut(classes).zip(rows.chunks(classes)).zip(ls)
+                            {
+                                Self::row_loss(row, c as usize, Some(prow));
+                            }
+                        })
+                    });
+                p
+            }
+        };
+        // d = scale * (softmax - onehot(label))
+        d.par_chunks_mut(classes * CE_ROWS)
+            .zip(ls.par_chunks(CE_ROWS))
+            .for_each(|(rows, ls)| {
+                vectorised(|| {
+                    for (drow, &c) in rows.chunks_mut(classes).zip(ls) {
+                        drow.iter_mut().for_each(|v| *v *= scale);
+                        drow[c as usize] -= scale;
+                    }
+                })
             });
         Ok((
             Some(Tensor::from_vec(d, logits.shape(), logits.device())?),
@@ -1892,9 +1963,13 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
             .sum_all()?
             .affine(-1.0 / n, 0.0);
     }
-    logits
-        .contiguous()?
-        .apply_op2(&labels.contiguous()?, CrossEntropy)
+    logits.contiguous()?.apply_op2(
+        &labels.contiguous()?,
+        CrossEntropy {
+            keep: logits.track_op(),
+            softmax: Mutex::new(None),
+        },
+    )
 }
 
 #[cfg(test)]
@@ -2030,7 +2105,15 @@ mod tests {
             };
             // A scale on the loss, so the incoming gradient is not 1.
             let g = (&loss * 0.7).unwrap().backward().unwrap();
-            (loss, g.get(v.as_tensor()).unwrap().clone())
+            let g = g.get(v.as_tensor()).unwrap().clone();
+            if fused {
+                // The forward pass kept its softmax for the first backward pass; a second one
+                // over the same graph recomputes it, and gets the same gradient.
+                let again = (&loss * 0.7).unwrap().backward().unwrap();
+                let again = again.get(v.as_tensor()).unwrap();
+                assert!(max_rel_diff(again, &g) < 1e-6, "second backward pass");
+            }
+            (loss, g)
         };
         let ((l1, g1), (l2, g2)) = (run(true), run(false));
         let (l1, l2) = (
