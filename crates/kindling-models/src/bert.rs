@@ -217,6 +217,36 @@ impl BertEmbeddings {
         token_type_ids: Option<&Tensor>,
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
+        let table = self.word_embeddings.embeddings();
+        if crate::ops::fused_ok(table) && input_ids.dtype() == DType::U32 {
+            // One node on CPU f32 (`crate::fused_embeddings`).
+            let tables = crate::fused_embeddings::EmbeddingTables {
+                word: table,
+                position: &self.position_embeddings,
+                token_type: self.token_type_embeddings.embeddings(),
+                ln_weight: &self.layer_norm.weight,
+                ln_bias: &self.layer_norm.bias,
+            };
+            let stream = self.dropout.stream(mode);
+            let eps = self.layer_norm.eps;
+            return crate::fused_embeddings::embeddings(
+                input_ids,
+                token_type_ids,
+                tables,
+                eps,
+                stream,
+            );
+        }
+        self.forward_composed(input_ids, token_type_ids, mode)
+    }
+
+    /// [`BertEmbeddings::forward_t`] from the separate ops (each its own autograd node).
+    fn forward_composed(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let words = self.word_embeddings.forward(&input_ids.flatten_all()?)?; // (b*t, h)
         let positions = self.position_embeddings.narrow(0, 0, t)?; // (t, h)
@@ -851,5 +881,64 @@ mod tests {
             let full = full.unwrap().index_select(&back, 0).unwrap();
             assert!(max_rel_diff(&sparse.unwrap(), &full) < 1e-5, "{mode:?}");
         }
+    }
+
+    /// The fused embeddings (one autograd node) compute what the composed ops compute: output
+    /// and the gradient of every table and LayerNorm parameter, to 1e-5 relative, with dropout
+    /// on and off, with and without token types, and with a repeated id (its rows' gradients
+    /// add). An id outside the vocabulary is an error naming it.
+    #[test]
+    fn fused_embeddings_match_the_composed_embeddings_forward_and_backward() {
+        let cfg: BertConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "intermediate_size": 72, "max_position_embeddings": 16,
+            "hidden_dropout_prob": 0.1,
+        }))
+        .unwrap();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let emb = BertEmbeddings::load(vb.pp("embeddings"), &cfg).unwrap();
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            let noise = random((1, var.elem_count()), name.len() as u64, 0.5)
+                .reshape(var.shape())
+                .unwrap();
+            var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
+        }
+        let (b, t) = (3, 7);
+        let mut ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 13 + 5) % 50).collect();
+        ids[9] = ids[2]; // a repeated id
+        let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
+        let types: Vec<u32> = (0..(b * t) as u32).map(|i| u32::from(i % 7 > 3)).collect();
+        let types = Tensor::from_vec(types, (b, t), &Device::Cpu).unwrap();
+        let r = random((b * t, 32), 2, 1.0);
+        for mode in [Mode::Train { seed: 5 }, Mode::Eval] {
+            for tt in [None, Some(&types)] {
+                let run = |fused: bool| {
+                    let y = if fused {
+                        emb.forward_t(&ids, tt, mode)
+                    } else {
+                        emb.forward_composed(&ids, tt, mode)
+                    }
+                    .unwrap();
+                    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    (y, grads)
+                };
+                let ((y1, g1), (y2, g2)) = (run(true), run(false));
+                let what = format!("{mode:?}, types {}", tt.is_some());
+                assert!(max_rel_diff(&y1, &y2) < 1e-5, "{what}: output");
+                let vars = varmap.data().lock().unwrap();
+                assert_eq!(vars.len(), 5);
+                for (name, var) in vars.iter() {
+                    let (a, c) = (g1.get(var.as_tensor()), g2.get(var.as_tensor()));
+                    let (a, c) = (a.expect(name), c.expect(name));
+                    let d = max_rel_diff(a, c);
+                    assert!(d < 1e-5, "{what}: {name}: relative difference {d}");
+                    assert!(crate::test_util::abs_sum(a) > 0.0, "{what}: {name}: zero");
+                }
+            }
+        }
+        let bad = Tensor::new(&[[1u32, 50]], &Device::Cpu).unwrap();
+        let err = emb.forward_t(&bad, None, Mode::Eval).unwrap_err().to_string();
+        assert!(err.contains("token id 50"), "{err}");
     }
 }

@@ -8,6 +8,7 @@
 pub mod bert;
 pub mod conv;
 pub mod export;
+mod fused_embeddings;
 mod fused_layer;
 mod fused_resnet;
 pub mod heads;
