@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Kindling vs PyTorch + HF transformers, one training step at a time, back to back on this
 # machine (the CPU-speed issue's table): MLM step tokens/s at batch 32 x 128, vocab 8192,
-# dropout 0.1, 15% masks, for the tiny, mini and small shapes, and masking sequences/s.
+# dropout 0.1, 15% masks, for the tiny, mini and small shapes, masking sequences/s, and the
+# SimCLR step's images/s (recipes/simclr-fashion-mnist.toml's model against
+# simclr_reference.py's PyTorch copy of it).
 # Kindling: `cargo bench --bench mlm`; PyTorch: hf_step_bench.py. Same thread count (2).
 #
 #   bash benches/compare/run_step_compare.sh
@@ -23,6 +25,10 @@ out=runs/compare
 mkdir -p "$out"
 cargo bench --bench mlm -- masking tiny mini small | tee "$out/kindling-steps.txt"
 "$py" benches/compare/hf_step_bench.py --threads 2 | tee "$out/pytorch-steps.jsonl"
+# The SimCLR step (2 x 256 views of 28x28, ResNet encoder; views made beforehand on both sides).
+cargo bench --bench vision -- simclr | tee "$out/kindling-simclr.txt"
+"$py" benches/compare/simclr_reference.py --out "$out/simclr-torch" --bench 8 --threads 2 \
+  | tail -1 | tee "$out/pytorch-simclr.json"
 # The machine's fp32 ceiling as PyTorch's BLAS sees it: best of five 2048^3 products on 2 threads
 # (the project's machines differ: 156 GFLOP/s nominal on the Zen 3 ones, ~300 on AVX-512 Xeons).
 "$py" - > "$out/matmul-peak.txt" <<'PY'
@@ -54,6 +60,14 @@ for name, key in [("tiny", "step tiny h128 L2"), ("mini", "step mini h256 L4"), 
     ptok = p[name]["tokens_per_s"]
     pg = p[name]["gflop_per_step"] / p[name]["median_s"]
     print(f"| {name} | {ktok:.0f} | {ptok:.0f} | {ktok / ptok:.2f}x | {kg:.1f} ({100 * kg / peak:.0f}%) | {pg:.1f} ({100 * pg / peak:.0f}%) |")
+sk = {}
+for line in open(f"{out}/kindling-simclr.txt"):
+    m = re.match(r"\|\s*(step simclr.*?)\s*\|\s*([\d.]+)\s*\|", line)
+    if m:
+        sk = float(m.group(2))
+sp = json.load(open(f"{out}/pytorch-simclr.json"))["images_per_s"]
+if sk:
+    print(f"| SimCLR step (2 x 256 views) | {sk:.0f} img/s | {sp:.0f} img/s | {sk / sp:.2f}x | | |")
 if "masking" in p:
     for key in ["masking, 1 thread", "masking, loader (rayon)"]:
         if key in k:
