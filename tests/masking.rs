@@ -209,7 +209,7 @@ fn a_loader_started_from_a_saved_cursor_continues_the_same_stream() {
 }
 
 #[test]
-fn a_loader_batch_is_its_blocks_masks_in_order_with_flat_positions() {
+fn a_loader_batch_is_its_blocks_masks_in_order_with_increasing_flat_positions() {
     let blocks = Arc::new(synthetic_blocks(100, 64, VOCAB, 3));
     let m = Arc::new(masker(MaskConfig::default(), 11));
     let loader = MlmLoader::new(blocks.clone(), m.clone(), 8, 11, Cursor::default());
@@ -223,6 +223,9 @@ fn a_loader_batch_is_its_blocks_masks_in_order_with_flat_positions() {
             positions.extend(one.positions.iter().map(|&p| (b * 64) as u32 + p));
             labels.extend_from_slice(&one.labels);
         }
+        // Strictly increasing: the MLM step then runs its last encoder layer at these rows only
+        // (`BertModel::forward_rows_t`), instead of in full and selecting.
+        assert!(batch.positions.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(
             (batch.input_ids, batch.positions, batch.labels),
             (ids, positions, labels)
