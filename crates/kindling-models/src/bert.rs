@@ -702,20 +702,54 @@ mod tests {
         crate::test_util::uniform(&[rows, cols], seed, scale)
     }
 
-    /// bf16 mixed precision (the GPU path, here on CPU): the model computes in bf16 from f32
-    /// master weights, its logits follow the f32 model's, and every parameter gets an f32
-    /// gradient close to the f32 model's. Dropout is on: both draw the same masks.
-    #[test]
-    fn bf16_mixed_precision_follows_f32_and_trains_every_parameter() {
+    /// Adds uniform noise of `scale` to every variable: non-trivial LayerNorm parameters and
+    /// biases, so that their gradients are tested too.
+    fn perturb(varmap: &VarMap, scale: f32) {
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            let noise = random((1, var.elem_count()), name.len() as u64, scale)
+                .reshape(var.shape())
+                .unwrap();
+            var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
+        }
+    }
+
+    /// A 2-layer masked LM (hidden 32, 4 heads) with HF initialisation at `std`, and its
+    /// variables.
+    fn test_mlm(vocab: usize, std: f64) -> (VarMap, BertForMaskedLM) {
         let cfg: BertConfig = serde_json::from_value(serde_json::json!({
-            "vocab_size": 60, "hidden_size": 32, "num_hidden_layers": 2,
+            "vocab_size": vocab, "hidden_size": 32, "num_hidden_layers": 2,
             "num_attention_heads": 4, "intermediate_size": 64,
         }))
         .unwrap();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let mut model = BertForMaskedLM::load(vb, &cfg).unwrap();
-        crate::init::hf_init(&varmap, 3, 0.1, None).unwrap();
+        let model = BertForMaskedLM::load(vb, &cfg).unwrap();
+        crate::init::hf_init(&varmap, 3, std, None).unwrap();
+        (varmap, model)
+    }
+
+    /// One perturbed encoder layer (hidden 32, 4 heads, intermediate 72, dropout 0.1 at all
+    /// three sites) and its variables.
+    fn test_layer() -> (VarMap, BertLayer) {
+        let cfg: BertConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "intermediate_size": 72,
+            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+        }))
+        .unwrap();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let layer = BertLayer::load(vb.pp("layer"), &cfg, 0).unwrap();
+        perturb(&varmap, 0.3);
+        (varmap, layer)
+    }
+
+    /// bf16 mixed precision (the GPU path, here on CPU): the model computes in bf16 from f32
+    /// master weights, its logits follow the f32 model's, and every parameter gets an f32
+    /// gradient close to the f32 model's. Dropout is on: both draw the same masks.
+    #[test]
+    fn bf16_mixed_precision_follows_f32_and_trains_every_parameter() {
+        let (varmap, mut model) = test_mlm(60, 0.1);
         let (b, t) = (2, 9);
         let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7 + 3) % 60).collect();
         let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
@@ -755,23 +789,7 @@ mod tests {
     /// 1e-5 relative, with dropout on all three sites and a padded batch element.
     #[test]
     fn fused_encoder_layer_matches_the_composed_layer_forward_and_backward() {
-        let cfg: BertConfig = serde_json::from_value(serde_json::json!({
-            "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 1,
-            "num_attention_heads": 4, "intermediate_size": 72,
-            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-        }))
-        .unwrap();
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let layer = BertLayer::load(vb.pp("layer"), &cfg, 0).unwrap();
-        // Non-trivial LayerNorm parameters and biases, so their gradients are tested.
-        for (name, var) in varmap.data().lock().unwrap().iter() {
-            let n = var.elem_count();
-            let noise = random((1, n), name.len() as u64, 0.3)
-                .reshape(var.shape())
-                .unwrap();
-            var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
-        }
+        let (varmap, layer) = test_layer();
         let (b, t) = (3, 11);
         let x = Var::from_tensor(&random((b * t, 32), 1, 2.0)).unwrap();
         let r = random((b * t, 32), 2, 1.0);
@@ -816,21 +834,7 @@ mod tests {
     /// row list that is not increasing takes the full path and selects.
     #[test]
     fn encoder_layer_at_rows_equals_the_full_layer_then_the_rows() {
-        let cfg: BertConfig = serde_json::from_value(serde_json::json!({
-            "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 1,
-            "num_attention_heads": 4, "intermediate_size": 72,
-            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-        }))
-        .unwrap();
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let layer = BertLayer::load(vb.pp("layer"), &cfg, 0).unwrap();
-        for (name, var) in varmap.data().lock().unwrap().iter() {
-            let noise = random((1, var.elem_count()), name.len() as u64, 0.3)
-                .reshape(var.shape())
-                .unwrap();
-            var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
-        }
+        let (varmap, layer) = test_layer();
         let (b, t) = (3, 11);
         let x = Var::from_tensor(&random((b * t, 32), 1, 2.0)).unwrap();
         // Batch element 1 has no rows; element 2 has its last four positions padded.
@@ -898,12 +902,7 @@ mod tests {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let emb = BertEmbeddings::load(vb.pp("embeddings"), &cfg).unwrap();
-        for (name, var) in varmap.data().lock().unwrap().iter() {
-            let noise = random((1, var.elem_count()), name.len() as u64, 0.5)
-                .reshape(var.shape())
-                .unwrap();
-            var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
-        }
+        perturb(&varmap, 0.5);
         let (b, t) = (3, 7);
         let mut ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 13 + 5) % 50).collect();
         ids[9] = ids[2]; // a repeated id
@@ -951,15 +950,7 @@ mod tests {
     /// The shape is big enough for several chunks in each kernel (1024 tokens).
     #[test]
     fn an_mlm_step_is_the_same_on_one_thread_and_three() {
-        let cfg: BertConfig = serde_json::from_value(serde_json::json!({
-            "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "intermediate_size": 64,
-        }))
-        .unwrap();
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let model = BertForMaskedLM::load(vb, &cfg).unwrap();
-        crate::init::hf_init(&varmap, 3, 0.02, None).unwrap();
+        let (varmap, model) = test_mlm(100, 0.02);
         let (b, t) = (8, 128);
         let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 37 + 11) % 100).collect();
         let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
