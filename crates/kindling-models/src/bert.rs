@@ -368,7 +368,7 @@ impl BertLayer {
     ) -> candle_core::Result<Tensor> {
         if self.fuses(xs, mask_bias) {
             if let Some(r) = rows {
-                let list = r.to_vec1::<u32>()?;
+                let list = r.to_dtype(DType::U32)?.to_vec1::<u32>()?;
                 if list.windows(2).all(|w| w[0] < w[1])
                     && list.iter().all(|&i| (i as usize) < b * t)
                 {
@@ -890,7 +890,8 @@ mod tests {
     /// The fused embeddings (one autograd node) compute what the composed ops compute: output
     /// and the gradient of every table and LayerNorm parameter, to 1e-5 relative, with dropout
     /// on and off, with and without token types, and with a repeated id (its rows' gradients
-    /// add). An id outside the vocabulary is an error naming it.
+    /// add). An id outside the vocabulary, or a sequence longer than the position table, is an
+    /// error saying so.
     #[test]
     fn fused_embeddings_match_the_composed_embeddings_forward_and_backward() {
         let cfg: BertConfig = serde_json::from_value(serde_json::json!({
@@ -936,6 +937,12 @@ mod tests {
                 }
             }
         }
+        let long = Tensor::zeros((1, 17), DType::U32, &Device::Cpu).unwrap();
+        let err = emb
+            .forward_t(&long, None, Mode::Eval)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sequence length 17"), "{err}");
         let bad = Tensor::new(&[[1u32, 50]], &Device::Cpu).unwrap();
         let err = emb
             .forward_t(&bad, None, Mode::Eval)

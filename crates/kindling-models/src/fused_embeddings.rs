@@ -210,6 +210,11 @@ pub(crate) fn embeddings(
     let (_, seq) = input_ids.dims2()?;
     let (vocab, hidden) = tables.word.dims2()?;
     let (positions, type_vocab) = (tables.position.dim(0)?, tables.token_type.dim(0)?);
+    if seq > positions {
+        candle_core::bail!(
+            "kindling-embeddings: sequence length {seq} exceeds the {positions} position embeddings"
+        )
+    }
     let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         candle_core::bail!(
