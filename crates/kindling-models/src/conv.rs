@@ -145,7 +145,7 @@ pub(crate) fn im2col_image(img: &[f32], g: ConvGeometry, o: &mut [std::mem::Mayb
 pub(crate) fn col2im(cols: &[f32], g: ConvGeometry) -> Vec<f32> {
     let (oh, ow) = g.out_hw();
     let k = g.k();
-    let mut out = vec![0f32; g.n * g.h * g.w * g.c];
+    let mut out = crate::ops::zeros_par(g.n * g.h * g.w * g.c);
     // One image per task; inside it taps are added in a fixed order, so the sums do not
     // depend on the thread count.
     out.par_chunks_mut(g.h * g.w * g.c)
@@ -224,7 +224,7 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(s, l, self.name())?;
-        let mut out = vec![0f32; x.len()];
+        let mut out = crate::ops::zeros_par(x.len());
         out.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14))
             .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &v)| *o = v.max(0.0)));
@@ -255,7 +255,7 @@ impl candle_core::CustomOp2 for ReluGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let y = contiguous(s1, l1, self.name())?;
         let g = contiguous(s2, l2, self.name())?;
-        let mut out = vec![0f32; y.len()];
+        let mut out = crate::ops::zeros_par(y.len());
         out.par_chunks_mut(1 << 14)
             .zip(y.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
             .for_each(|(o, (y, g))| {
@@ -656,7 +656,7 @@ impl CustomOp3 for BatchNormGrad {
         let (rows, c) = l1.shape().dims2()?;
         let (mean, var) = column_mean_var(x, rows, c);
         let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let mut out = vec![0f32; x.len() + 2 * c];
+        let mut out = crate::ops::zeros_par(x.len() + 2 * c);
         let (dx, params) = out.split_at_mut(x.len());
         let (dw, db) = batch_norm_grad(x, (&mean, &rstd), w, g, dx);
         params[..c].copy_from_slice(&dw);

@@ -207,7 +207,7 @@ fn conv_backward(
         dw
     };
     let (partials, dx): (Vec<Vec<f32>>, _) = if need_dx {
-        let mut dx = vec![0f32; g.n * in_image];
+        let mut dx = crate::ops::zeros_par(g.n * in_image);
         let partials = dx
             .par_chunks_mut(per * in_image)
             .zip(x.par_chunks(per * in_image))
@@ -401,7 +401,7 @@ impl CustomOp2 for ResNetOp {
                 }
                 Step::AddRelu { a, b } => {
                     let (a, b) = (&acts[a], &acts[b]);
-                    let mut y = vec![0f32; a.len()];
+                    let mut y = crate::ops::zeros_par(a.len());
                     y.par_chunks_mut(1 << 14)
                         .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
                         .for_each(|(y, (a, b))| {
@@ -458,13 +458,13 @@ impl CustomOp2 for ResNetOp {
         let (n, h, w, c) = x.dims4()?;
         let dims = self.plan.dims((h, w, c))?;
         let offsets = self.plan.param_offsets();
-        let mut dflat = vec![0f32; params.len()];
+        let mut dflat = crate::ops::zeros_par(params.len());
 
         // The pool spreads each feature's gradient evenly over the last map's pixels.
         let mut grads: Vec<Option<Vec<f32>>> = vec![None; s.acts.len()];
         let (fh, fw, fc) = *dims.last().expect("dims has the input");
         let pixels = fh * fw;
-        let mut dlast = vec![0f32; n * pixels * fc];
+        let mut dlast = crate::ops::zeros_par(n * pixels * fc);
         for (img, f) in dlast.chunks_mut(pixels * fc).zip(dfeat.chunks(fc)) {
             for px in img.chunks_mut(fc) {
                 px.iter_mut()
@@ -495,7 +495,7 @@ impl CustomOp2 for ResNetOp {
                     let wt = &params[off..off + u.weights()];
                     let gamma = &params[off + u.weights()..off + u.weights() + u.cout];
                     let cg = u.geometry(n, dims[input]);
-                    let mut dz = vec![0f32; g.len()];
+                    let mut dz = crate::ops::zeros_par(g.len());
                     let (dgamma, dbeta) = batch_norm_grad(
                         &s.z[unit],
                         (&s.mean[unit], &s.rstd[unit]),
