@@ -8,7 +8,9 @@
 //!   DataCollatorForLanguageModeling masks about 8.5k sequences/s.
 //! * step: one MLM training step (forward at masked positions, backward, AdamW) at batch 32 x 128,
 //!   vocab 8192, for the tiny (h128 L2), mini (h256 L4) and small (h512 L4) shapes: tokens/s and
-//!   achieved matmul GFLOP/s. Reference: PyTorch + HF run bert-small in about 5.6 s per step.
+//!   achieved matmul GFLOP/s. benches/compare/run_step_compare.sh runs PyTorch + HF beside it.
+//! * head: the small shape with no encoder layers (embeddings, MLM head, loss): the part of
+//!   the step outside the layers.
 //! * gemm: the matrix products of the small step's encoder layer (4096 tokens, h512, i2048) as
 //!   the fused layer calls them (gemm crate, candle's thread count): GFLOP/s per shape, to hold
 //!   against torch.mm on the same shapes (benches/compare/hf_step_bench.py --only gemm).
@@ -259,6 +261,11 @@ fn main() {
     }
     if wanted("small") || wanted("step") {
         bench_step("small h512 L4", config(512, 4, 8, 0.1), 4);
+    }
+    if wanted("head") {
+        // No encoder layers: the embeddings, the MLM head and the loss of the small shape,
+        // forward and backward (what the step spends outside its encoder layers).
+        bench_step("head small h512 L0", config(512, 0, 8, 0.1), 20);
     }
     if wanted("gemm") {
         bench_gemm();
