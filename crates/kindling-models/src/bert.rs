@@ -366,17 +366,16 @@ impl BertLayer {
         mode: Mode,
         rows: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        if self.fuses(xs, mask_bias) {
+        let fuses = self.fuses(xs, mask_bias);
+        if fuses {
             if let Some(r) = rows {
                 let list = r.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-                if list.windows(2).all(|w| w[0] < w[1])
-                    && list.iter().all(|&i| (i as usize) < b * t)
-                {
+                if crate::ops::rows_can_query(&list, b * t) {
                     return self.forward_fused(xs, b, t, mask_bias, mode, Some(&list));
                 }
             }
         }
-        let all = if self.fuses(xs, mask_bias) {
+        let all = if fuses {
             self.forward_fused(xs, b, t, mask_bias, mode, None)?
         } else {
             self.forward_composed(xs, b, t, mask_bias, mode)?

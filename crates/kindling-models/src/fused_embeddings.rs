@@ -20,8 +20,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::{
-    column_sums, contiguous_f32, cpu_f32, dropout_par, layer_norm_grad_rows, layer_norm_rows,
-    par_new, rows_per_task, saved_activations, zeros_par,
+    column_sums, contiguous_f32, cpu_f32, dropout_par, dropped, layer_norm_grad_rows,
+    layer_norm_rows, par_new, rows_per_task, saved_activations, zeros_par,
 };
 
 /// The embeddings of `ids` (tokens, flat over the batch) as one op on (word embeddings (vocab,
@@ -81,11 +81,11 @@ impl CustomOp2 for EmbeddingsOp {
         let e = par_new(self.ids.len() * h, per * h, |c, out| {
             for (j, row) in out.chunks_mut(h).enumerate() {
                 let r = c * per + j;
-                let id = self.ids[r] as usize;
+                let (id, p, tt) = (self.ids[r] as usize, r % self.seq, self.type_of(r));
                 let (wr, pr, tr) = (
                     &word[id * h..(id + 1) * h],
-                    &pos[(r % self.seq) * h..(r % self.seq + 1) * h],
-                    &types[self.type_of(r) * h..(self.type_of(r) + 1) * h],
+                    &pos[p * h..(p + 1) * h],
+                    &types[tt * h..(tt + 1) * h],
                 );
                 for (((o, a), p), t) in row.iter_mut().zip(wr).zip(pr).zip(tr) {
                     *o = a + p + t;
@@ -116,13 +116,11 @@ impl CustomOp2 for EmbeddingsOp {
         let (rest_v, dy) = (cpu_f32(&sr, lr)?, cpu_f32(&sg, lg)?);
         let (_, _, w, _) = self.split(rest_v);
         let h = self.hidden;
-        let dropped;
+        let kept;
         let dy = match self.dropout {
-            Some((p, seed)) => {
-                let mut g = dy.to_vec();
-                dropout_par(seed, p, &mut g);
-                dropped = g;
-                &dropped[..]
+            Some(_) => {
+                kept = dropped(self.dropout, dy, h, None);
+                &kept[..]
             }
             None => dy,
         };

@@ -21,9 +21,9 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::{
-    contiguous_f32, cpu_f32, dropout_in_place, gelu_and_grad_in_place, gelu_in_place,
-    layer_norm_grad_rows, layer_norm_rows, linear_bwd, linear_fwd, mul_in_place, par_new,
-    rows_per_task, saved_activations, vectorised, zeros_par, SelfAttention,
+    contiguous_f32, cpu_f32, drop_rows, dropped, gelu_and_grad_in_place, gelu_in_place,
+    layer_norm_grad_rows, layer_norm_rows, linear_bwd, linear_fwd, mul_in_place, rows_per_task,
+    saved_activations, vectorised, zeros_par, SelfAttention,
 };
 
 /// The parameters of one layer, in the order they are concatenated (HF names, under
@@ -137,22 +137,6 @@ fn gather_rows(x: &[f32], rows: &[u32], h: usize) -> Vec<f32> {
     out
 }
 
-/// Dropout on rows `first..` of a chunk of `xs` rows (of width `h`), each element drawing as at
-/// its place in the full (batch * seq, h) tensor: `rows` maps the chunk's rows to their rows
-/// there, when the layer keeps only some.
-fn drop_rows(
-    (p, seed): (f32, u64),
-    chunk: &mut [f32],
-    first: usize,
-    h: usize,
-    rows: Option<&[u32]>,
-) {
-    for (j, row) in chunk.chunks_mut(h).enumerate() {
-        let r = rows.map_or(first + j, |rows| rows[first + j] as usize);
-        dropout_in_place(seed, (r * h) as u64, p, row);
-    }
-}
-
 /// `xs = dropout(xs) + residual` in one parallel pass over rows of width `h` (see
 /// [`drop_rows`] for `rows`).
 fn dropout_residual(
@@ -174,18 +158,6 @@ fn dropout_residual(
                 x.iter_mut().zip(res).for_each(|(v, r)| *v += r);
             })
         });
-}
-
-/// `dropout(g)` as a new buffer (the backward pass's copy of a gradient that also flows on
-/// undropped through a residual), built in parallel.
-fn dropped(dropout: Option<(f32, u64)>, g: &[f32], h: usize, rows: Option<&[u32]>) -> Vec<f32> {
-    let per = rows_per_task(h);
-    par_new(g.len(), per * h, |c, out| {
-        out.copy_from_slice(&g[c * per * h..c * per * h + out.len()]);
-        if let Some(d) = dropout {
-            vectorised(|| drop_rows(d, out, c * per, h, rows));
-        }
-    })
 }
 
 /// Dropout streams of one layer in one mode.

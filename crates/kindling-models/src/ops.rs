@@ -52,19 +52,30 @@ pub(crate) fn rows_per_task(row: usize) -> usize {
 /// the small MLM step had the main thread zero-filling alone for ~4% of the step. Here the
 /// fill is shared out and lands in the cache the task then writes from.
 pub(crate) fn par_new(len: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    par_new_with(len, chunk, f).0
+}
+
+/// [`par_new`] whose tasks also return a value each, collected in chunk order (partial sums
+/// a caller adds in a fixed order).
+pub(crate) fn par_new_with<R: Send>(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [f32]) -> R + Sync,
+) -> (Vec<f32>, Vec<R>) {
     let mut out = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
+    let results = out.spare_capacity_mut()[..len]
         .par_chunks_mut(chunk.max(1))
         .enumerate()
-        .for_each(|(i, c)| {
+        .map(|(i, c)| {
             c.fill(std::mem::MaybeUninit::new(0.0));
             // SAFETY: every element of `c` was initialised on the line above.
             let c = unsafe { &mut *(c as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
             f(i, c)
-        });
+        })
+        .collect();
     // SAFETY: the chunks cover `..len`, and every chunk was initialised above.
     unsafe { out.set_len(len) };
-    out
+    (out, results)
 }
 
 /// `vec![0f32; len]`, zero-filled by every thread (see [`par_new`]).
@@ -214,6 +225,40 @@ pub(crate) fn dropout_par(seed: u64, p: f32, xs: &mut [f32]) {
     xs.par_chunks_mut(CHUNK)
         .enumerate()
         .for_each(|(c, o)| vectorised(|| dropout_in_place(seed, (c * CHUNK) as u64, p, o)));
+}
+
+/// Dropout on rows `first..` of a chunk of `xs` rows (of width `h`), each element drawing as at
+/// its place in the full (rows, h) tensor: `rows` maps the chunk's rows to their rows there,
+/// when a kernel keeps only some (the last encoder layer of a masked-LM step).
+pub(crate) fn drop_rows(
+    (p, seed): (f32, u64),
+    chunk: &mut [f32],
+    first: usize,
+    h: usize,
+    rows: Option<&[u32]>,
+) {
+    for (j, row) in chunk.chunks_mut(h).enumerate() {
+        let r = rows.map_or(first + j, |rows| rows[first + j] as usize);
+        dropout_in_place(seed, (r * h) as u64, p, row);
+    }
+}
+
+/// `dropout(g)` (rows of width `h`, see [`drop_rows`]) as a new buffer, built in parallel: the
+/// backward pass's copy of a gradient whose undropped form flows on too (through a residual)
+/// or is not the caller's to change.
+pub(crate) fn dropped(
+    dropout: Option<(f32, u64)>,
+    g: &[f32],
+    h: usize,
+    rows: Option<&[u32]>,
+) -> Vec<f32> {
+    let per = rows_per_task(h);
+    par_new(g.len(), per * h, |c, out| {
+        out.copy_from_slice(&g[c * per * h..c * per * h + out.len()]);
+        if let Some(d) = dropout {
+            vectorised(|| drop_rows(d, out, c * per, h, rows));
+        }
+    })
 }
 
 /// Sums the columns of a row-major `(rows, n)` matrix. Rows are summed in fixed chunks and the
@@ -1114,6 +1159,12 @@ pub(crate) struct SelfAttention {
     query_rows: Option<(Vec<u32>, Vec<usize>)>,
 }
 
+/// Whether `rows` can be [`SelfAttention::with_query_rows`]'s list for `n` rows: strictly
+/// increasing and below `n`.
+pub(crate) fn rows_can_query(rows: &[u32], n: usize) -> bool {
+    rows.windows(2).all(|w| w[0] < w[1]) && rows.last().is_none_or(|&r| (r as usize) < n)
+}
+
 /// `dst (m, n) = lhs (m, k) @ rhs (k, n)`, single-threaded, every operand given by its pointer,
 /// column stride and row stride.
 ///
@@ -1190,9 +1241,7 @@ impl SelfAttention {
     /// entry. `None` unless the rows are strictly increasing and inside the batch (callers then
     /// compute every row and select).
     pub(crate) fn with_query_rows(mut self, rows: &[u32]) -> Option<Self> {
-        let n = self.batch * self.seq;
-        let increasing = rows.windows(2).all(|w| w[0] < w[1]);
-        if !increasing || rows.last().is_some_and(|&r| r as usize >= n) {
+        if !rows_can_query(rows, self.batch * self.seq) {
             return None;
         }
         let starts = (0..=self.batch)
@@ -1655,10 +1704,14 @@ impl CustomOp2 for GeluGrad {
 /// Exact GELU of every element.
 pub(crate) fn gelu_rows(x: &[f32]) -> Vec<f32> {
     map_rows(x, ELEMENTWISE_ROW, |o, xs| {
-        for (ov, &v) in o.iter_mut().zip(xs) {
-            *ov = 0.5 * v * (1.0 + fast_erf_and_gauss(v * FRAC_1_SQRT_2).0);
-        }
+        o.iter_mut().zip(xs).for_each(|(ov, &v)| *ov = gelu(v))
     })
+}
+
+/// Exact GELU of one value, x * Phi(x).
+#[inline(always)]
+fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + fast_erf_and_gauss(v * FRAC_1_SQRT_2).0)
 }
 
 /// dL/dx of GELU at `x` given dL/dy `g`: g * (Phi(x) + x * phi(x)).
@@ -1704,13 +1757,8 @@ pub(crate) fn gelu_and_grad_in_place(x: &mut [f32]) -> Vec<f32> {
 /// GELU of `x` in place (an evaluation forward: no derivative kept).
 pub(crate) fn gelu_in_place(x: &mut [f32]) {
     let chunk = ELEMENTWISE_ROW * rows_per_task(ELEMENTWISE_ROW);
-    x.par_chunks_mut(chunk).for_each(|xs| {
-        vectorised(|| {
-            for v in xs.iter_mut() {
-                *v = 0.5 * *v * (1.0 + fast_erf_and_gauss(*v * FRAC_1_SQRT_2).0);
-            }
-        })
-    });
+    x.par_chunks_mut(chunk)
+        .for_each(|xs| vectorised(|| xs.iter_mut().for_each(|v| *v = gelu(*v))));
 }
 
 /// `a *= b`, element-wise, in parallel.
@@ -1860,20 +1908,12 @@ impl CustomOp2 for CrossEntropy {
             })
         };
         let partials: Vec<f64> = if self.keep {
-            let mut probs = Vec::with_capacity(logits.len());
-            let partials = probs.spare_capacity_mut()[..logits.len()]
-                .par_chunks_mut(classes * CE_ROWS)
-                .zip(logits.par_chunks(classes * CE_ROWS))
-                .zip(labels.par_chunks(CE_ROWS))
-                .map(|((o, rows), ls)| {
-                    o.fill(std::mem::MaybeUninit::new(0.0));
-                    // SAFETY: every element of `o` was initialised on the line above.
-                    let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-                    chunk_loss(rows, ls, Some(o))
-                })
-                .collect();
-            // SAFETY: the chunks cover `..logits.len()`, each initialised above.
-            unsafe { probs.set_len(logits.len()) };
+            let rows = classes * CE_ROWS;
+            let (probs, partials) = par_new_with(logits.len(), rows, |c, p| {
+                let at = c * rows;
+                let ls = &labels[c * CE_ROWS..(c * CE_ROWS + CE_ROWS).min(n)];
+                chunk_loss(&logits[at..at + p.len()], ls, Some(p))
+            });
             *self.softmax.lock().expect("cross-entropy softmax") = Some(probs);
             partials
         } else {
