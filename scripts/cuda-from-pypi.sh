@@ -20,17 +20,34 @@
 #   libcuda.so.1). The binary then loads the real driver on a GPU machine; it cannot run CUDA
 #   here, which is the point of the stub.
 # CUDA_COMPUTE_CAP defaults to 90 (H100); set it before for another GPU.
+#
+# KINDLING_CUDA_COMPILER_ONLY=1 installs the compiler and its headers alone (nvcc, nvvm, crt,
+# cccl, the runtime's headers; ~250 MB instead of ~1.5 GB) in its own folder, enough for
+# `cargo check --features nccl`, which runs candle's kernels through nvcc but links nothing.
+# CI uses it (.ci/run).
 set -euo pipefail
-root="${KINDLING_CUDA_HOME:-$HOME/.cache/kindling/cuda13}"
+compiler_only="${KINDLING_CUDA_COMPILER_ONLY:-0}"
+if [ "$compiler_only" = 1 ]; then
+  root="${KINDLING_CUDA_HOME:-$HOME/.cache/kindling/cuda13-nvcc}"
+else
+  root="${KINDLING_CUDA_HOME:-$HOME/.cache/kindling/cuda13}"
+fi
 venv="$root/venv"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv" >&2
-  "$venv/bin/pip" install --quiet "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-runtime==13.0.*" \
-    "nvidia-cublas==13.0.*" "nvidia-curand" "nvidia-cuda-nvrtc==13.0.*" \
-    "nvidia-cuda-cccl==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*" >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-nvcc==13.0.*" \
+    "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-nvvm==13.0.*" \
+    "nvidia-cuda-crt==13.0.*" >&2
 fi
-if [ ! -d "$("$venv/bin/python" -c 'import nvidia, os; print(nvidia.__path__[0])')/nccl" ]; then
-  "$venv/bin/pip" install --quiet "nvidia-nccl-cu13" >&2
+if [ "$compiler_only" != 1 ]; then
+  if [ ! -e "$root/.libraries" ]; then
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-runtime==13.0.*" \
+      "nvidia-cublas==13.0.*" "nvidia-curand" "nvidia-cuda-nvrtc==13.0.*" >&2
+    touch "$root/.libraries"
+  fi
+  if [ ! -d "$("$venv/bin/python" -c 'import nvidia, os; print(nvidia.__path__[0])')/nccl" ]; then
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "nvidia-nccl-cu13" >&2
+  fi
 fi
 wheel="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')"
 home="$root/home"
@@ -40,11 +57,12 @@ ln -sfn "$wheel/include" "$home/include"
 ln -sfn "$wheel/nvvm" "$home/nvvm"
 nccl="$(dirname "$wheel")/nccl/lib"
 for lib in "$wheel"/lib/lib*.so.* "$nccl"/lib*.so.*; do
+  [ -e "$lib" ] || continue  # no match: the glob stays as written
   name="$(basename "$lib")"
   ln -sfn "$lib" "$home/lib/${name%%.so.*}.so"
   ln -sfn "$lib" "$home/lib/$name"
 done
-if [ ! -f "$home/lib/stubs/libcuda.so" ]; then
+if [ "$compiler_only" != 1 ] && [ ! -f "$home/lib/stubs/libcuda.so" ]; then
   # The driver functions cudarc links against, from its bindings in cargo's registry.
   cargo fetch --quiet >&2 || true
   sys="$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-0.19*/src/driver/sys/mod.rs' | sort | tail -1)"
