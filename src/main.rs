@@ -161,6 +161,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             | RecipeError::Override { .. }
             | RecipeError::Invalid { .. }
             | RecipeError::RunExists { .. }
+            | RecipeError::RunInUse { .. }
             | RecipeError::Resume { .. }
             | RecipeError::Data(_),
         ) => 2,

@@ -292,3 +292,56 @@ fn a_muon_run_resumes_bit_for_bit_and_checkpoints_its_momentum() {
         "resumed Muon run differs from the uninterrupted one"
     );
 }
+
+/// A second run on a folder that a run is writing (`--overwrite` or `--resume auto` from another
+/// terminal, or `kindling export`) exits 2 naming the first run's process, and deletes or writes
+/// nothing: the first run trains on and ends as it would have. Once it has ended, the folder is
+/// free again.
+#[test]
+fn a_second_run_on_a_busy_run_folder_is_refused_and_touches_nothing() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = runs.path().join("busy");
+    let mut cmd = tiny(runs.path(), "busy", false);
+    cmd.args(["--set", "train.steps=100000", "--set", "train.save_every=2"]);
+    // Not piped: nothing reads the first run's progress until it ends.
+    let mut first = cmd.stderr(Stdio::null()).spawn().unwrap();
+    assert!(wait_for(&mut first, || !checkpoints(&run).is_empty()));
+    let pid = first.id();
+    let mut overwrite = tiny(runs.path(), "busy", false);
+    overwrite.arg("--overwrite");
+    let mut export = kindling();
+    export.arg("export").arg(&run);
+    for (what, mut second) in [
+        ("--overwrite", overwrite),
+        ("--resume auto", tiny(runs.path(), "busy", true)),
+        ("export", export),
+    ] {
+        let out = second.stderr(Stdio::piped()).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(
+            err.contains(&format!(
+                "{} is in use by another kindling process (pid {pid})",
+                run.display()
+            )),
+            "{what}: {err}"
+        );
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "{what} stopped the first run"
+        );
+        assert!(!checkpoints(&run).is_empty() && run.join("metrics.jsonl").is_file());
+    }
+    // The first run still trains: it goes on writing checkpoints after the refusals.
+    let before = checkpoints(&run).pop().unwrap();
+    assert!(wait_for(&mut first, || checkpoints(&run).pop().unwrap() > before));
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(first.wait().unwrap().code(), Some(128 + 15));
+    // Free again: the export (one process at a time) now runs.
+    let out = kindling().args(["export"]).arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}

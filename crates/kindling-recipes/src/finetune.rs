@@ -820,7 +820,8 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
     let t = &recipe.train;
     let tokenizer = tok::load(&recipe.model.path)?;
     let task = load_task(recipe, &tokenizer)?;
-    let (run_dir, resume_from) = open_run_folder(recipe.run_dir(), &recipe.to_toml(), opts, 0)?;
+    let (run_dir, resume_from, _lock) =
+        open_run_folder(recipe.run_dir(), &recipe.to_toml(), opts, 0)?;
     eprintln!(
         "data: {} classes {:?}; {} train, {} validation, {} test rows (test majority class {:.1}%)",
         task.labels.len(),

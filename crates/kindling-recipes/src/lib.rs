@@ -39,6 +39,12 @@ pub enum RecipeError {
     Invalid { key: String, msg: String },
     #[error("run folder {} already holds a run (checkpoints/); pass --resume auto to continue it or --overwrite to replace it", path.display())]
     RunExists { path: PathBuf },
+    #[error(
+        "run folder {} is in use by another kindling process{}: wait for it to finish or stop it, or give this run another name (--set name=...)",
+        path.display(),
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    RunInUse { path: PathBuf, pid: Option<u32> },
     #[error("cannot resume {}: {msg}", path.display())]
     Resume { path: PathBuf, msg: String },
     #[error("{}: {msg}", path.display())]
@@ -177,7 +183,11 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
 /// Rewrites a run's export folder from its newest checkpoint.
 pub fn export_run(run_dir: &std::path::Path) -> Result<PathBuf, RecipeError> {
     let recipe_path = run_dir.join("recipe.toml");
-    if let Some(obj) = recipe_key(&recipe_path, "objective")? {
+    // Read first: a folder without a recipe is no run folder, and gets no lock file.
+    let objective = recipe_key(&recipe_path, "objective")?;
+    // Not while a run writes the folder (it exports at its end).
+    let _lock = bert_mlm::RunLock::acquire(run_dir)?;
+    if let Some(obj) = objective {
         if vision::OBJECTIVES.contains(&obj.as_str()) {
             let recipe = vision::VisionRecipe::load(&recipe_path, &[])?;
             return vision::export_from_checkpoint(&recipe, run_dir);

@@ -1071,7 +1071,8 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
         distinct,
         examples.iter().map(|e| e.anchor.len()).sum::<usize>() as f64 / examples.len() as f64
     );
-    let (run_dir, resume_from) = open_run_folder(recipe.run_dir(), &recipe.to_toml(), opts, rank)?;
+    let (run_dir, resume_from, _lock) =
+        open_run_folder(recipe.run_dir(), &recipe.to_toml(), opts, rank)?;
     let mut obj = Simcse::build(recipe, specials.pad, &device)?;
     obj.group = group.clone();
     eprintln!(

@@ -1042,7 +1042,7 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
         test_set.as_ref().map_or(0, ImageSet::len),
     );
     // Data parallel: rank 0 prepares the run folder and writes every file.
-    let (run_dir, resume_from) = open_run_folder(
+    let (run_dir, resume_from, _lock) = open_run_folder(
         recipe.run_dir(),
         &toml::to_string_pretty(recipe).expect("recipe serialises"),
         opts,
