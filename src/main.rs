@@ -447,7 +447,45 @@ fn main() -> ExitCode {
         Err(e) => {
             // Library errors already carry their causes in their messages.
             eprintln!("error: {e}");
+            if let Some(h) = hint(&e) {
+                eprintln!("hint: {h}");
+            }
             ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// What to change, for failures whose message names only their cause: a GPU out of memory
+/// (candle passes the CUDA driver's or cuBLAS's error on as text, mid-step, with the last
+/// checkpoint untouched).
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    let text = format!("{e:#}");
+    ["CUDA_ERROR_OUT_OF_MEMORY", "CUBLAS_STATUS_ALLOC_FAILED"]
+        .iter()
+        .any(|oom| text.contains(oom))
+        .then_some(
+            "the GPU ran out of memory: lower train.batch_size and raise train.grad_accum to \
+             keep the effective batch (or train in precision = \"bf16\"); --resume auto \
+             continues from the last checkpoint",
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_out_of_memory_error_says_what_to_change() {
+        // As candle reports cudarc's DriverError, inside the trainer's error.
+        let oom = candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        );
+        let e = anyhow::Error::from(RecipeError::Train(kindling_train::TrainError::from(oom)));
+        assert!(hint(&e).unwrap().contains("train.batch_size"));
+        assert_eq!(exit_code(&e), 1);
+        let other = anyhow::Error::from(RecipeError::Candle(candle_core::Error::Msg(
+            "shape mismatch".into(),
+        )));
+        assert_eq!(hint(&other), None);
     }
 }
