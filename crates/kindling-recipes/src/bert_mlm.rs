@@ -285,8 +285,14 @@ pub fn bert_config(
 }
 
 /// Refuses a batch whose training step would not fit in the memory available, before anything
-/// is allocated: a process that runs out of memory is killed without a message.
-fn check_memory(recipe: &Recipe, config: &BertConfig) -> Result<(), RecipeError> {
+/// is allocated: a process that runs out of memory is killed without a message. CPU only: on
+/// a GPU the step's memory is the device's, and running out of it is an error candle reports
+/// (the CLI adds what to change), where this estimate (sized on CPU f32 runs: BERT-base at
+/// 16 x 128 tokens, 5.0 GB estimated against a 3.5 GB peak resident set) is not calibrated.
+fn check_memory(recipe: &Recipe, config: &BertConfig, device: &Device) -> Result<(), RecipeError> {
+    if !device.is_cpu() {
+        return Ok(());
+    }
     let t = &recipe.train;
     let tokens = t.batch_size * recipe.data.seq_len;
     let predicted = (tokens as f64 * recipe.data.mask.rate).ceil() as usize;
@@ -788,7 +794,7 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     }
     let config = bert_config(recipe, vocab_size, specials.pad)?;
 
-    check_memory(recipe, &config)?;
+    check_memory(recipe, &config, &device)?;
     let (train_blocks, eval_blocks, counts): (Arc<dyn Blocks>, Arc<dyn Blocks>, _) =
         match &recipe.data.prepare {
             Some(cfg) => {
