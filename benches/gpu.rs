@@ -209,10 +209,14 @@ fn main() {
             rel(&a.0, &c.0),
             rel(&a.1, &c.1)
         );
+        // Run once more with KINDLING_GPU_COMPOSED=1 (every layer as candle's composition)
+        // to compare the encoder layers' paths: the same loss and gradient norm.
         let out = obj.step(batch, Mode::Eval).unwrap();
+        let grads = out.loss.backward().unwrap();
         println!(
-            "model loss at init, eval mode: {:.7}",
-            out.loss.to_scalar::<f32>().unwrap()
+            "model loss at init, eval mode: {:.7}, gradient norm {:.7}",
+            out.loss.to_scalar::<f32>().unwrap(),
+            grad_norm(&grads, &vars).unwrap()
         );
         return;
     }

@@ -26,8 +26,8 @@ pub fn attach_grad(
 
 struct Attach<G>(G);
 
-/// The second operand, copied (a CustomOp must return new storage).
-fn copy_second<S: candle_core::backend::BackendStorage>(
+/// The operand holding the value, copied (a CustomOp must return new storage).
+fn copy_value<S: candle_core::backend::BackendStorage>(
     name: &str,
     s: &S,
     l: &Layout,
@@ -50,7 +50,7 @@ impl<G: ValueGrad> CustomOp2 for Attach<G> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        copy_second(self.0.name(), s2, l2)
+        copy_value(self.0.name(), s2, l2)
     }
 
     #[cfg(feature = "cuda")]
@@ -61,7 +61,7 @@ impl<G: ValueGrad> CustomOp2 for Attach<G> {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        copy_second(self.0.name(), s2, l2)
+        copy_value(self.0.name(), s2, l2)
     }
 
     fn bwd(
@@ -72,5 +72,69 @@ impl<G: ValueGrad> CustomOp2 for Attach<G> {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(self.0.grad(input, value, grad)?), None))
+    }
+}
+
+/// The gradient of a value with respect to the two inputs it was computed from.
+pub trait ValueGrad2: Send + Sync {
+    /// The autograd node's name.
+    fn name(&self) -> &'static str;
+    /// (dL/d`a`, dL/d`b`), given dL/d`value`.
+    fn grad(&self, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)>;
+}
+
+/// [`attach_grad`] for a value computed from two inputs: one autograd node whose backward pass
+/// is `how.grad`, with a gradient for each input.
+pub fn attach_grad2(
+    a: &Tensor,
+    b: &Tensor,
+    value: &Tensor,
+    how: impl ValueGrad2 + 'static,
+) -> Result<Tensor> {
+    a.apply_op3(b, &value.contiguous()?, Attach2(how))
+}
+
+struct Attach2<G>(G);
+
+impl<G: ValueGrad2> candle_core::CustomOp3 for Attach2<G> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_value(self.0.name(), s3, l3)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        copy_value(self.0.name(), s3, l3)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _value: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (da, db) = self.0.grad(a, b, grad)?;
+        Ok((Some(da), Some(db), None))
     }
 }

@@ -48,7 +48,7 @@ const PARAMS: [&str; 16] = [
 ];
 
 /// Element counts of [`PARAMS`] for hidden size `h` and intermediate size `i`.
-fn param_sizes(h: usize, i: usize) -> [usize; 16] {
+pub(crate) fn param_sizes(h: usize, i: usize) -> [usize; 16] {
     [
         h * h,
         h,
@@ -324,21 +324,13 @@ impl CustomOp2 for EncoderLayerOp {
 /// The parameter tensors of one layer, in [`PARAMS`] order.
 pub(crate) struct LayerParams<'a>(pub [&'a Tensor; 16]);
 
-/// One encoder layer on `xs` (batch * seq, hidden), CPU f32; `mask` additive (batch, seq).
-/// With `rows` (flat `b * seq + t`) only those rows of the output, computed from only what they
-/// need (see `EncoderLayerOp::rows`): (rows, hidden).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn encoder_layer(
-    xs: &Tensor,
-    params: LayerParams,
-    (batch, seq, heads): (usize, usize, usize),
+/// The layer's parameters concatenated into one tensor, in [`PARAMS`] order (checked against
+/// the shape): one autograd node in front of the layer's.
+pub(crate) fn flat_params(
+    params: &LayerParams,
+    hidden: usize,
     intermediate: usize,
-    eps: f64,
-    mask: &Tensor,
-    dropout: LayerDropout,
-    rows: Option<&[u32]>,
 ) -> Result<Tensor> {
-    let hidden = xs.dim(1)?;
     let flat = Tensor::cat(
         &params
             .0
@@ -356,6 +348,25 @@ pub(crate) fn encoder_layer(
             PARAMS.join(", ")
         )
     }
+    Ok(flat)
+}
+
+/// One encoder layer on `xs` (batch * seq, hidden), CPU f32; `mask` additive (batch, seq).
+/// With `rows` (flat `b * seq + t`) only those rows of the output, computed from only what they
+/// need (see `EncoderLayerOp::rows`): (rows, hidden).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encoder_layer(
+    xs: &Tensor,
+    params: LayerParams,
+    (batch, seq, heads): (usize, usize, usize),
+    intermediate: usize,
+    eps: f64,
+    mask: &Tensor,
+    dropout: LayerDropout,
+    rows: Option<&[u32]>,
+) -> Result<Tensor> {
+    let hidden = xs.dim(1)?;
+    let flat = flat_params(&params, hidden, intermediate)?;
     let attention = SelfAttention::new(
         (batch, seq, heads),
         hidden,

@@ -7,6 +7,7 @@
 
 pub mod bert;
 pub mod conv;
+mod explicit_layer;
 pub mod export;
 mod fused_embeddings;
 mod fused_layer;

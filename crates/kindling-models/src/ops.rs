@@ -1044,11 +1044,16 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Whether `x`'s softmax and LayerNorm use candle_nn's fused kernels with [`AttachGrad`]'s
-/// backward: on CUDA, unless `KINDLING_GPU_COMPOSED=1` asks for the composed ops (to compare).
-fn attach_kernels(x: &Tensor) -> bool {
+/// backward: on CUDA, unless [`composed_requested`].
+pub(crate) fn attach_kernels(x: &Tensor) -> bool {
+    x.device().is_cuda() && !composed_requested()
+}
+
+/// `KINDLING_GPU_COMPOSED=1`: off the CPU f32 path, every op as candle's composition, each its
+/// own autograd node (the encoder layer too: see `crate::explicit_layer`), to compare against.
+pub(crate) fn composed_requested() -> bool {
     static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    x.device().is_cuda()
-        && !*COMPOSED.get_or_init(|| std::env::var("KINDLING_GPU_COMPOSED").is_ok_and(|v| v == "1"))
+    *COMPOSED.get_or_init(|| std::env::var("KINDLING_GPU_COMPOSED").is_ok_and(|v| v == "1"))
 }
 
 /// Softmax from candle's ops with the row maximum detached: the result does not depend on the
@@ -1072,26 +1077,50 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 /// candle_nn's fused softmax kernel (one pass, f32 accumulation for bf16/f16; no backward of
 /// its own) with the softmax gradient attached.
 pub(crate) fn softmax_attached(x: &Tensor) -> Result<Tensor> {
-    let y = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
-    attach_grad(x, &y, AttachGrad::Softmax)
+    attach_grad(x, &softmax_value(x)?, AttachGrad::Softmax)
+}
+
+/// Softmax over the last dimension as a value (no graph): candle_nn's fused kernel where
+/// [`attach_kernels`] holds, the composition elsewhere.
+pub(crate) fn softmax_value(x: &Tensor) -> Result<Tensor> {
+    let x = x.detach();
+    if attach_kernels(&x) {
+        return candle_nn::ops::softmax_last_dim(&x.contiguous()?);
+    }
+    softmax_composed(&x)
 }
 
 /// LayerNorm without scale and shift, `(x - mean) / sqrt(var + eps)` over the last dimension:
 /// candle_nn's fused kernel (f32 arithmetic inside for bf16/f16) with the gradient attached.
 pub(crate) fn normalize_attached(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let h = x.dim(D::Minus1)?;
-    let (one, zero) = (
-        Tensor::ones(h, x.dtype(), x.device())?,
-        Tensor::zeros(h, x.dtype(), x.device())?,
-    );
-    let y = candle_nn::ops::layer_norm(&x.detach().contiguous()?, &one, &zero, eps as f32)?;
-    attach_grad(x, &y, AttachGrad::Normalize { eps })
+    attach_grad(x, &normalize_value(x, eps)?, AttachGrad::Normalize { eps })
+}
+
+/// `(x - mean) / sqrt(var + eps)` over the last dimension as a value (no graph), in f32
+/// arithmetic and `x`'s dtype: candle_nn's fused kernel where [`attach_kernels`] holds, the
+/// composition elsewhere.
+pub(crate) fn normalize_value(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.detach();
+    if attach_kernels(&x) {
+        let h = x.dim(D::Minus1)?;
+        let (one, zero) = (
+            Tensor::ones(h, x.dtype(), x.device())?,
+            Tensor::zeros(h, x.dtype(), x.device())?,
+        );
+        return candle_nn::ops::layer_norm(&x.contiguous()?, &one, &zero, eps as f32);
+    }
+    let xf = x.to_dtype(DType::F32)?;
+    let xc = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+    let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    xc.broadcast_mul(&r)?.to_dtype(x.dtype())
 }
 
 /// The gradient of a kernel that has no backward pass (candle_nn's fused GPU softmax and
 /// LayerNorm), attached to its output with [`attach_grad`]: from candle's ops, so it runs on any
 /// device; one autograd node instead of the five to fifteen of the composed function.
-enum AttachGrad {
+pub(crate) enum AttachGrad {
     /// value = softmax(input) over the last dimension.
     Softmax,
     /// value = (input - mean) / sqrt(var + eps) over the last dimension.
@@ -1809,19 +1838,25 @@ pub fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     if fused_ok(x) {
         return x.contiguous()?.apply_op1(SeededDropout { p, seed });
     }
+    x * dropout_mask(x, p, seed)?
+}
+
+/// The scaled keep-mask of inverted dropout over a tensor shaped as `x`, in its dtype: 1 / (1 -
+/// p) where [`keep_at`]`(seed, i, p)` keeps element i, 0 elsewhere.
+pub(crate) fn dropout_mask(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     let scale = 1.0 / (1.0 - p);
     if !x.device().is_cpu() {
         // On a GPU the keep-mask comes from the device's generator (seeded once per run, see
         // `Device::set_seed`): a host-made mask would cost a transfer of the whole tensor per
         // dropout site. Runs repeat from the same seed, but masks differ from the CPU's.
         let keep = Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p as f64)?;
-        return x * (keep.to_dtype(x.dtype())? * scale as f64)?;
+        return keep.to_dtype(x.dtype())? * scale as f64;
     }
     let n = x.elem_count();
     let mask: Vec<f32> = (0..n as u64)
         .map(|i| if keep_at(seed, i, p) { scale } else { 0.0 })
         .collect();
-    x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
+    Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
 }
 
 /// Mean cross-entropy of logits (n, classes) against class ids (n): one op whose backward is
