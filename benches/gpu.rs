@@ -6,7 +6,10 @@
 //!     cargo bench --features cuda --bench gpu             # bf16 mixed precision
 //!     cargo bench --features cuda --bench gpu -- f32      # f32
 //!
-//! Without a GPU it runs the same code on the CPU at a small shape (a check that it runs).
+//! Without a GPU it runs the same code on the CPU at a small shape (a check that it runs), in
+//! f32, or with `-- bf16` in bf16 mixed precision (the GPU's paths on candle's CPU ops).
+//! `KINDLING_GPU_COMPOSED=1` times every op as candle's composition instead (see
+//! `kindling_models::ops`), to compare.
 
 mod common;
 
@@ -94,6 +97,7 @@ fn fwd_bwd(
 
 fn main() {
     let f32_only = std::env::args().skip(1).any(|a| a == "f32");
+    let bf16 = std::env::args().skip(1).any(|a| a == "bf16");
     let dev = Device::cuda_if_available(0).unwrap();
     let gpu = !dev.is_cpu();
     let s = if gpu {
@@ -115,7 +119,7 @@ fn main() {
             seq: 32,
         }
     };
-    let dtype = if f32_only || !gpu {
+    let dtype = if f32_only || (!gpu && !bf16) {
         DType::F32
     } else {
         DType::BF16
