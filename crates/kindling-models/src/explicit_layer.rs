@@ -13,8 +13,9 @@
 //! per step, and the output copied once (a CustomOp returns new storage).
 //!
 //! Mixed precision as in the composed layer: products in the activations' dtype from f32 master
-//! weights; LayerNorm statistics and the attention softmax's accumulation in f32; parameter
-//! gradients summed in f32.
+//! weights; LayerNorm statistics and the attention softmax's accumulation in f32; the products
+//! that give the parameters' gradients accumulate in f32 (bias and LayerNorm gradients too: see
+//! `column_sums`), which come out in f32.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -177,9 +178,12 @@ struct Saved {
     norm2: Tensor,
 }
 
-/// Row sums of `g` (rows, n), in f32: a bias's gradient.
+/// Column sums of `g` (rows, n) as f32: a bias's gradient. A product with a row of ones: on a
+/// GPU that is cuBLAS's kernel (coalesced reads, f32 accumulation), where candle's sum over the
+/// rows gives each column a thread block that reads it with a stride of n.
 fn column_sums(g: &Tensor) -> Result<Tensor> {
-    g.to_dtype(DType::F32)?.sum(0)
+    let ones = Tensor::ones((1, g.dim(0)?), g.dtype(), g.device())?;
+    ones.matmul(g)?.squeeze(0)?.to_dtype(DType::F32)
 }
 
 /// Gradients of `y = x w^T + b` given dL/dy: (dL/dx, dL/dw in f32, dL/db in f32).
@@ -200,7 +204,7 @@ fn layer_norm_grad(
     w: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let dw = (g.to_dtype(DType::F32)? * norm.to_dtype(DType::F32)?)?.sum(0)?;
+    let dw = column_sums(&(g * norm)?)?;
     let dnorm = g.broadcast_mul(w)?;
     let dsum = AttachGrad::Normalize { eps }.grad(sum, norm, &dnorm)?;
     Ok((dsum, dw, column_sums(g)?))
