@@ -21,7 +21,7 @@ use candle_core::{DType, Result, Tensor};
 
 use kindling_core::attach::{attach_grad2, ValueGrad, ValueGrad2};
 
-use crate::fused_layer::{flat_params, param_sizes, LayerDropout, LayerParams};
+use crate::fused_layer::{flat_params, param_shapes, LayerDropout, LayerParams};
 use crate::ops::{attach_kernels, dropout_mask, normalize_value, softmax_value, AttachGrad};
 
 /// One encoder layer on `xs` (batch * seq, hidden); `mask` additive (batch, seq).
@@ -40,11 +40,10 @@ pub(crate) fn encoder_layer(
     // The 16 parameters as views of one cast copy of the flat tensor.
     let cast = flat.detach().to_dtype(dtype)?;
     let mut offset = 0;
-    let shapes = param_shapes(hidden, intermediate);
-    let p: Vec<Tensor> = param_sizes(hidden, intermediate)
-        .iter()
-        .zip(shapes)
-        .map(|(&n, shape)| {
+    let p: Vec<Tensor> = param_shapes(hidden, intermediate)
+        .into_iter()
+        .map(|shape| {
+            let n = shape.iter().product();
             let v = cast.narrow(0, offset, n)?.reshape(shape);
             offset += n;
             v
@@ -128,28 +127,6 @@ pub(crate) fn encoder_layer(
         norm2,
     };
     attach_grad2(xs, &flat, &y, saved)
-}
-
-/// Shapes of the parameters in `crate::fused_layer::PARAMS` order.
-fn param_shapes(h: usize, i: usize) -> [Vec<usize>; 16] {
-    [
-        vec![h, h],
-        vec![h],
-        vec![h, h],
-        vec![h],
-        vec![h, h],
-        vec![h],
-        vec![h, h],
-        vec![h],
-        vec![h],
-        vec![h],
-        vec![i, h],
-        vec![i],
-        vec![h, i],
-        vec![h],
-        vec![h],
-        vec![h],
-    ]
 }
 
 /// What the backward pass reads: the parameters (cast) and the forward pass's activations.
@@ -259,6 +236,7 @@ impl ValueGrad2 for Saved {
         let dprobs_dropped = dctx.matmul(&s.vh.t()?)?;
         let dvh = s.probs_dropped.t()?.matmul(&dctx)?;
         let dprobs = masked(dprobs_dropped, &s.probs_mask)?.to_dtype(s.probs.dtype())?;
+        // (The softmax's gradient reads only its output.)
         let dscores = (AttachGrad::Softmax.grad(&s.probs, &s.probs, &dprobs)? * s.scale)?
             .to_dtype(dy.dtype())?;
         let dqh = dscores.matmul(&s.kh)?;

@@ -47,26 +47,31 @@ const PARAMS: [&str; 16] = [
     "output.LayerNorm.bias",
 ];
 
+/// Shapes of [`PARAMS`] for hidden size `h` and intermediate size `i`.
+pub(crate) fn param_shapes(h: usize, i: usize) -> [Vec<usize>; 16] {
+    [
+        vec![h, h],
+        vec![h],
+        vec![h, h],
+        vec![h],
+        vec![h, h],
+        vec![h],
+        vec![h, h],
+        vec![h],
+        vec![h],
+        vec![h],
+        vec![i, h],
+        vec![i],
+        vec![h, i],
+        vec![h],
+        vec![h],
+        vec![h],
+    ]
+}
+
 /// Element counts of [`PARAMS`] for hidden size `h` and intermediate size `i`.
 pub(crate) fn param_sizes(h: usize, i: usize) -> [usize; 16] {
-    [
-        h * h,
-        h,
-        h * h,
-        h,
-        h * h,
-        h,
-        h * h,
-        h,
-        h,
-        h,
-        i * h,
-        i,
-        h * i,
-        h,
-        h,
-        h,
-    ]
+    param_shapes(h, i).map(|s| s.iter().product())
 }
 
 /// Splits a flat buffer into the 16 parameter slices.
