@@ -4,7 +4,8 @@
 #   the CPU with the same seed (same data order, masks and initialisation; no dropout);
 # - the SimCLR recipe (recipes/simclr-fashion-mnist.toml) likewise, without its final probe;
 # - the BERT-base shape (recipes/gpu/bert-base-mlm.toml: h768, 12 layers, seq 128, batch 128)
-#   in bf16 and in f32, for throughput;
+#   in bf16 and in f32, for throughput, and in bf16 with KINDLING_GPU_COMPOSED=1 (every op its
+#   own autograd node) to compare;
 # - data parallelism (`--gpus $DP_GPUS`, NCCL) against a plain run, for BERT-mini and BERT-base;
 # then prints one table: tokens/s or images/s (median of the steps after warm-up), achieved
 # TFLOP/s and the MFU it implies (bf16 dense peak, PEAK_TFLOPS, 990 for an H100 SXM), and each
@@ -82,6 +83,11 @@ if [[ " $ONLY " == *" base "* ]]; then
     run "base-gpu-$p" recipes/gpu/bert-base-mlm.toml "$GPU" "$p" "$BASE_STEPS"
     names+=("base-gpu-$p")
   done
+  # Every op its own autograd node (the encoder layers as before explicit_layer.rs), to see
+  # what the one-node layers gain; its losses are compared with base-gpu-bf16's.
+  KINDLING_GPU_COMPOSED=1 run base-composed-bf16 recipes/gpu/bert-base-mlm.toml "$GPU" bf16 \
+    "$BASE_STEPS"
+  names+=(base-composed-bf16)
 fi
 
 # Data parallelism through NCCL (`--gpus`): the BERT-mini recipe in f32, the BERT-base shape in
@@ -137,23 +143,25 @@ def load(name):
     }
 res = {n: load(n) for n in names}
 print()
-print(f"{'run':<16} {'steps':>5} {'units/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+print(f"{'run':<18} {'steps':>5} {'units/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
       f"{'train loss':>10} {'eval loss':>9} {'vs reference':>12}")
 for n in names:
     r = res[n]
     if r is None:
-        print(f"{n:<16} (no metrics: see {runs}/{n}.log)")
+        print(f"{n:<18} (no metrics: see {runs}/{n}.log)")
         continue
-    # The reference run: the CPU run of the same seed; for a data-parallel run, the plain one.
+    # The reference run: the CPU run of the same seed; for a data-parallel run, the plain one;
+    # for the composed layers, the default (one-node) layers.
     cpu = (res.get(n.split("-gpu-")[0] + "-cpu") if "-gpu-" in n
-           else res.get(n.replace("-dp-", "-plain-")) if "-dp-" in n else None)
+           else res.get(n.replace("-dp-", "-plain-")) if "-dp-" in n
+           else res.get(n.replace("-composed-", "-gpu-")) if "-composed-" in n else None)
     unit = "img/s" if n.startswith("simclr") else "tok/s"
     tf = f"{r['tflops']:.2f}" if r["tflops"] is not None else "-"
     mfu = f"{100 * r['tflops'] / peak:.1f}%" if r["tflops"] is not None else "-"
     ev = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
     d = (f"{r['eval_loss'] - cpu['eval_loss']:+.4f}"
          if cpu and r["eval_loss"] is not None and cpu["eval_loss"] is not None else "")
-    print(f"{n:<16} {r['steps']:>5} {r['units_per_s']:>10.0f} {tf:>8} {mfu:>6} "
+    print(f"{n:<18} {r['steps']:>5} {r['units_per_s']:>10.0f} {tf:>8} {mfu:>6} "
           f"{r['train_loss']:>10.4f} {ev:>9} {d:>12}   ({unit})")
 print(f"\nMFU: achieved matmul TFLOP/s over a {peak:.0f} TFLOP/s bf16 dense peak "
       "(PEAK_TFLOPS); f32 rows are measured against the same peak.")
