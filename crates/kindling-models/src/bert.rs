@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::fused_layer::{LayerArgs, LayerDropout, LayerParams};
 use crate::nn::{Dropout, LayerNorm, Linear};
 use crate::{ModelError, Result};
 use kindling_core::Mode;
@@ -388,35 +389,38 @@ impl BertLayer {
         }
     }
 
-    /// The parameters in the order of the fused and explicit layers' flat tensor.
-    fn params(&self) -> crate::fused_layer::LayerParams<'_> {
+    /// What the one-node layers take: the parameters (in their flat tensor's order), shape,
+    /// LayerNorm epsilon and dropout streams.
+    fn args(&self, b: usize, t: usize, mode: Mode) -> candle_core::Result<LayerArgs<'_>> {
         let a = &self.attention;
-        crate::fused_layer::LayerParams([
-            &a.query.weight,
-            &a.query.bias,
-            &a.key.weight,
-            &a.key.bias,
-            &a.value.weight,
-            &a.value.bias,
-            &a.output_dense.weight,
-            &a.output_dense.bias,
-            &a.output_layer_norm.weight,
-            &a.output_layer_norm.bias,
-            &self.intermediate.weight,
-            &self.intermediate.bias,
-            &self.output.weight,
-            &self.output.bias,
-            &self.output_layer_norm.weight,
-            &self.output_layer_norm.bias,
-        ])
-    }
-
-    fn dropout(&self, mode: Mode) -> crate::fused_layer::LayerDropout {
-        crate::fused_layer::LayerDropout {
-            probs: self.attention.probs_dropout.stream(mode),
-            attention_output: self.attention.output_dropout.stream(mode),
-            output: self.output_dropout.stream(mode),
-        }
+        Ok(LayerArgs {
+            params: LayerParams([
+                &a.query.weight,
+                &a.query.bias,
+                &a.key.weight,
+                &a.key.bias,
+                &a.value.weight,
+                &a.value.bias,
+                &a.output_dense.weight,
+                &a.output_dense.bias,
+                &a.output_layer_norm.weight,
+                &a.output_layer_norm.bias,
+                &self.intermediate.weight,
+                &self.intermediate.bias,
+                &self.output.weight,
+                &self.output.bias,
+                &self.output_layer_norm.weight,
+                &self.output_layer_norm.bias,
+            ]),
+            dims: (b, t, a.heads),
+            intermediate: self.intermediate.bias.dim(0)?,
+            eps: self.output_layer_norm.eps,
+            dropout: LayerDropout {
+                probs: a.probs_dropout.stream(mode),
+                attention_output: a.output_dropout.stream(mode),
+                output: self.output_dropout.stream(mode),
+            },
+        })
     }
 
     /// The layer as one autograd node of candle's ops (`crate::explicit_layer`): GPUs and
@@ -429,15 +433,7 @@ impl BertLayer {
         mask_bias: &Tensor,
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
-        crate::explicit_layer::encoder_layer(
-            xs,
-            self.params(),
-            (b, t, self.attention.heads),
-            self.intermediate.bias.dim(0)?,
-            self.output_layer_norm.eps,
-            mask_bias,
-            self.dropout(mode),
-        )
+        crate::explicit_layer::encoder_layer(xs, self.args(b, t, mode)?, mask_bias)
     }
 
     fn forward_fused(
@@ -449,16 +445,7 @@ impl BertLayer {
         mode: Mode,
         rows: Option<&[u32]>,
     ) -> candle_core::Result<Tensor> {
-        crate::fused_layer::encoder_layer(
-            xs,
-            self.params(),
-            (b, t, self.attention.heads),
-            self.intermediate.bias.dim(0)?,
-            self.output_layer_norm.eps,
-            mask_bias,
-            self.dropout(mode),
-            rows,
-        )
+        crate::fused_layer::encoder_layer(xs, self.args(b, t, mode)?, mask_bias, rows)
     }
 
     /// The same layer from the separate ops (each its own autograd node).
@@ -814,11 +801,14 @@ mod tests {
         }
     }
 
-    /// The fused layer (one autograd node, hand-written backward) computes what the layer
-    /// composed of the separate ops computes: output, dL/dx and every parameter's gradient, to
-    /// 1e-5 relative, with dropout on all three sites and a padded batch element.
-    #[test]
-    fn fused_encoder_layer_matches_the_composed_layer_forward_and_backward() {
+    /// Checks a one-node layer (`one_node(layer, xs, mask, mode)`) against the layer composed
+    /// of the separate ops, for each `(dtype, tolerance)`: output, dL/dx and every parameter's
+    /// (f32) gradient, relative to the largest, with dropout on at all three sites and in eval
+    /// mode, on a batch with a padded element.
+    fn assert_matches_composed(
+        one_node: impl Fn(&BertLayer, &Tensor, &Tensor, Mode) -> Tensor,
+        dtypes: &[(DType, f32)],
+    ) {
         let (varmap, layer) = test_layer();
         let (b, t) = (3, 11);
         let x = Var::from_tensor(&random((b * t, 32), 1, 2.0)).unwrap();
@@ -827,59 +817,15 @@ mod tests {
         let mut mask = vec![0f32; b * t];
         mask[t + 7..2 * t].fill(-1e9);
         let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
-        for mode in [Mode::Train { seed: 5 }, Mode::Eval] {
-            let run = |fused: bool| {
-                let y = if fused {
-                    layer.forward_fused(x.as_tensor(), b, t, &mask, mode, None)
-                } else {
-                    layer.forward_composed(x.as_tensor(), b, t, &mask, mode)
-                }
-                .unwrap();
-                let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                (y, grads)
-            };
-            let ((y1, g1), (y2, g2)) = (run(true), run(false));
-            assert!(max_rel_diff(&y1, &y2) < 1e-5, "{mode:?} output");
-            let dx = |g: &candle_core::backprop::GradStore| g.get(x.as_tensor()).unwrap().clone();
-            assert!(max_rel_diff(&dx(&g1), &dx(&g2)) < 1e-5, "{mode:?} dx");
-            let vars = varmap.data().lock().unwrap();
-            assert_eq!(vars.len(), 16);
-            for (name, var) in vars.iter() {
-                let (a, c) = (g1.get(var.as_tensor()), g2.get(var.as_tensor()));
-                let (a, c) = (a.expect(name), c.expect(name));
-                let d = max_rel_diff(a, c);
-                assert!(d < 1e-5, "{mode:?} {name}: relative difference {d}");
-                assert!(
-                    crate::test_util::abs_sum(a) > 0.0,
-                    "{mode:?} {name}: zero gradient"
-                );
-            }
-        }
-    }
-
-    /// The explicit layer (one autograd node of candle's ops, the GPU path) computes what the
-    /// composed layer computes: output, dL/dx and every parameter's gradient, to 1e-5 relative
-    /// in f32 with dropout on all three sites and a padded batch element; and in bf16 mixed
-    /// precision (bf16 activations, f32 master weights and gradients) to bf16's rounding.
-    #[test]
-    fn explicit_encoder_layer_matches_the_composed_layer_forward_and_backward() {
-        let (varmap, layer) = test_layer();
-        let (b, t) = (3, 11);
-        let x = Var::from_tensor(&random((b * t, 32), 1, 2.0)).unwrap();
-        let r = random((b * t, 32), 2, 1.0);
-        let mut mask = vec![0f32; b * t];
-        mask[t + 7..2 * t].fill(-1e9);
-        let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
-        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 5e-2)] {
+        for &(dtype, tol) in dtypes {
             for mode in [Mode::Train { seed: 5 }, Mode::Eval] {
-                let run = |explicit: bool| {
+                let run = |node: bool| {
                     let xs = x.as_tensor().to_dtype(dtype).unwrap();
-                    let y = if explicit {
-                        layer.forward_explicit(&xs, b, t, &mask, mode)
+                    let y = if node {
+                        one_node(&layer, &xs, &mask, mode)
                     } else {
-                        layer.forward_composed(&xs, b, t, &mask, mode)
-                    }
-                    .unwrap();
+                        layer.forward_composed(&xs, b, t, &mask, mode).unwrap()
+                    };
                     assert_eq!(y.dtype(), dtype);
                     let y = y.to_dtype(DType::F32).unwrap();
                     let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -899,7 +845,7 @@ mod tests {
                     let (a, c) = (a.expect(name), c.expect(name));
                     assert_eq!(a.dtype(), DType::F32, "{name}");
                     // The key bias's exact gradient is zero (it shifts whole softmax rows):
-                    // rounding noise on both sides, summed in different orders.
+                    // both sides hold rounding noise, which differs with the summation order.
                     if !name.ends_with("key.bias") {
                         let d = max_rel_diff(a, c);
                         assert!(
@@ -914,6 +860,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The fused layer (one autograd node, hand-written CPU kernels) computes what the composed
+    /// layer computes, to 1e-5 relative.
+    #[test]
+    fn fused_encoder_layer_matches_the_composed_layer_forward_and_backward() {
+        assert_matches_composed(
+            |layer, xs, mask, mode| layer.forward_fused(xs, 3, 11, mask, mode, None).unwrap(),
+            &[(DType::F32, 1e-5)],
+        );
+    }
+
+    /// The explicit layer (one autograd node of candle's ops, the GPU path) computes what the
+    /// composed layer computes: to 1e-5 relative in f32, and in bf16 mixed precision (bf16
+    /// activations, f32 master weights and gradients) to bf16's rounding.
+    #[test]
+    fn explicit_encoder_layer_matches_the_composed_layer_forward_and_backward() {
+        assert_matches_composed(
+            |layer, xs, mask, mode| layer.forward_explicit(xs, 3, 11, mask, mode).unwrap(),
+            &[(DType::F32, 1e-5), (DType::BF16, 5e-2)],
+        );
     }
 
     /// The last layer of a masked-LM step at the masked rows only: its output and every

@@ -21,19 +21,18 @@ use candle_core::{DType, Result, Tensor};
 
 use kindling_core::attach::{attach_grad2, ValueGrad, ValueGrad2};
 
-use crate::fused_layer::{flat_params, param_shapes, LayerDropout, LayerParams};
+use crate::fused_layer::{flat_params, param_shapes, LayerArgs};
 use crate::ops::{attach_kernels, dropout_mask, normalize_value, softmax_value, AttachGrad};
 
 /// One encoder layer on `xs` (batch * seq, hidden); `mask` additive (batch, seq).
-pub(crate) fn encoder_layer(
-    xs: &Tensor,
-    params: LayerParams,
-    (batch, seq, heads): (usize, usize, usize),
-    intermediate: usize,
-    eps: f64,
-    mask: &Tensor,
-    dropout: LayerDropout,
-) -> Result<Tensor> {
+pub(crate) fn encoder_layer(xs: &Tensor, args: LayerArgs, mask: &Tensor) -> Result<Tensor> {
+    let LayerArgs {
+        params,
+        dims: (batch, seq, heads),
+        intermediate,
+        eps,
+        dropout,
+    } = args;
     let hidden = xs.dim(1)?;
     let flat = flat_params(&params, hidden, intermediate)?;
     let dtype = xs.dtype();

@@ -356,20 +356,33 @@ pub(crate) fn flat_params(
     Ok(flat)
 }
 
+/// What a one-node encoder layer (this module's, `crate::explicit_layer`'s) is given besides
+/// its input and mask.
+pub(crate) struct LayerArgs<'a> {
+    pub params: LayerParams<'a>,
+    /// (batch, seq, heads)
+    pub dims: (usize, usize, usize),
+    pub intermediate: usize,
+    pub eps: f64,
+    pub dropout: LayerDropout,
+}
+
 /// One encoder layer on `xs` (batch * seq, hidden), CPU f32; `mask` additive (batch, seq).
 /// With `rows` (flat `b * seq + t`) only those rows of the output, computed from only what they
 /// need (see `EncoderLayerOp::rows`): (rows, hidden).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn encoder_layer(
     xs: &Tensor,
-    params: LayerParams,
-    (batch, seq, heads): (usize, usize, usize),
-    intermediate: usize,
-    eps: f64,
+    args: LayerArgs,
     mask: &Tensor,
-    dropout: LayerDropout,
     rows: Option<&[u32]>,
 ) -> Result<Tensor> {
+    let LayerArgs {
+        params,
+        dims: (batch, seq, heads),
+        intermediate,
+        eps,
+        dropout,
+    } = args;
     let hidden = xs.dim(1)?;
     let flat = flat_params(&params, hidden, intermediate)?;
     let attention = SelfAttention::new(
