@@ -1109,12 +1109,18 @@ pub(crate) fn normalize_value(x: &Tensor, eps: f64) -> Result<Tensor> {
         );
         return candle_nn::ops::layer_norm(&x.contiguous()?, &one, &zero, eps as f32);
     }
+    normalized_f32(&x, eps)?.0.to_dtype(x.dtype())
+}
+
+/// `(x^, r)` of LayerNorm over the last dimension in f32: x^ = (x - mean) * r, r = 1 /
+/// sqrt(var + eps) (one per row).
+fn normalized_f32(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let xf = x.to_dtype(DType::F32)?;
     let xc = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
     let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?
         .sqrt()?
         .recip()?;
-    xc.broadcast_mul(&r)?.to_dtype(x.dtype())
+    Ok((xc.broadcast_mul(&r)?, r))
 }
 
 /// The gradient of a kernel that has no backward pass (candle_nn's fused GPU softmax and
@@ -1143,12 +1149,7 @@ impl ValueGrad for AttachGrad {
             // dx = r * (g - mean(g) - x^ * mean(g * x^)). In f32 from x (x^ recomputed: the
             // value may be bf16).
             AttachGrad::Normalize { eps } => {
-                let xf = x.to_dtype(DType::F32)?;
-                let xc = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
-                let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + *eps)?
-                    .sqrt()?
-                    .recip()?;
-                let xh = xc.broadcast_mul(&r)?;
+                let (xh, r) = normalized_f32(x, *eps)?;
                 let gf = g.to_dtype(DType::F32)?;
                 let inner = (gf.broadcast_sub(&gf.mean_keepdim(D::Minus1)?)?
                     - xh.broadcast_mul(&(&gf * &xh)?.mean_keepdim(D::Minus1)?)?)?;
