@@ -148,6 +148,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     if let Some(
         kindling_hub::HubError::Export { .. }
         | kindling_hub::HubError::RepoId(_)
+        | kindling_hub::HubError::Env { .. }
         | kindling_hub::HubError::NoToken,
     ) = e.downcast_ref::<kindling_hub::HubError>()
     {

@@ -23,6 +23,7 @@ fn config(part_size: u64) -> ServerConfig {
         token: TOKEN.into(),
         part_size,
         die_after_parts: None,
+        lie: None,
     }
 }
 
@@ -46,6 +47,8 @@ fn pull_opts(hub: &TestHub, cache: &Path) -> PullOptions {
         cache_dir: cache.to_path_buf(),
         revision: "main".into(),
         progress: false,
+        timeout: Duration::from_secs(10),
+        retries: 2,
     }
 }
 

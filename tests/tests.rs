@@ -8,6 +8,7 @@ mod export;
 mod finetune;
 mod fuzz;
 mod hub;
+mod hub_lies;
 mod import;
 mod masking;
 mod model;

@@ -18,11 +18,6 @@ impl Token {
     pub fn bearer(&self) -> String {
         format!("Bearer {}", self.0)
     }
-
-    /// For hf-hub's client, which takes the token as a string.
-    pub(crate) fn secret(&self) -> &str {
-        &self.0
-    }
 }
 
 impl std::fmt::Debug for Token {
@@ -100,9 +95,53 @@ pub fn offline() -> bool {
         .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
+/// `text` from a server made fit to print or store: `token` (and anything else shaped like a
+/// Hub token, `hf_` and 8 or more letters or digits) becomes `hf_***`, and control characters
+/// other than newline and tab are dropped, so that an echoed header cannot leak the secret and
+/// an error body cannot move the terminal's cursor. A reflecting proxy or an error page that
+/// quotes the request's `Authorization` header is the case this is for.
+pub fn redact(text: &str, token: Option<&Token>) -> String {
+    let mut text = text.to_string();
+    if let Some(t) = token.filter(|t| !t.0.is_empty()) {
+        text = text.replace(&t.0, "hf_***");
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("hf_") {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + 3..];
+        let n = tail
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .unwrap_or(tail.len());
+        out.push_str("hf_");
+        if n >= 8 {
+            out.push_str("***");
+            rest = &tail[n..];
+        } else {
+            rest = tail;
+        }
+    }
+    out.push_str(rest);
+    out.retain(|c| !c.is_control() || c == '\n' || c == '\t');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_text_is_redacted_before_it_is_shown() {
+        let t = Token::new("hf_kindling_test_secret_4242");
+        let echoed = "403: request had Authorization: Bearer hf_kindling_test_secret_4242, \
+                      X-Other: hf_AbCdEfGh12345678 hf_hub hf_"
+            .to_string();
+        assert_eq!(
+            redact(&echoed, Some(&t)),
+            "403: request had Authorization: Bearer hf_***, X-Other: hf_*** hf_hub hf_"
+        );
+        assert_eq!(redact("a\x1b[2Jb\r\nc\td", None), "a[2Jb\nc\td");
+    }
 
     #[test]
     fn a_token_never_formats_its_secret() {

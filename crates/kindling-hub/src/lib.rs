@@ -6,19 +6,24 @@
 //!   request is retried with backoff on 5xx, 429 and dropped connections, and a rerun sends only
 //!   what the Hub lacks.
 //! * [`pull`]: downloads a repo into the standard hf-hub cache (`models--ns--name/blobs`,
-//!   `snapshots`, `refs`) with the hf-hub crate, and resolves `hf://ns/name` to a snapshot
-//!   folder, from the cache alone when offline.
+//!   `snapshots`, `refs`), checking every name, hash and size the server sends before anything
+//!   touches the disk ([`untrusted`]) and writing only inside the repo's cache folder
+//!   ([`cache`]); resolves `hf://ns/name` to a snapshot folder, from the cache alone when
+//!   offline.
 //! * [`server`]: a loopback server that speaks the same protocol, for tests.
 //!
 //! Token and endpoint come from where the official client reads them ([`auth`]); the token is
-//! only ever written into an `Authorization` header.
+//! only ever written into an `Authorization` header to the endpoint's own origin, and text from
+//! a server is redacted before it is shown ([`http`]).
 
 pub mod auth;
+pub mod cache;
 pub mod files;
 pub mod http;
 pub mod pull;
 pub mod push;
 pub mod server;
+pub mod untrusted;
 
 use std::path::PathBuf;
 
@@ -57,6 +62,65 @@ pub enum HubError {
     RepoId(String),
     #[error("download: {0}")]
     Download(String),
+    /// A value a server sent that Kindling will not use: a file name that leaves the snapshot
+    /// folder, an ETag or commit id that is not a hash, a size that disagrees with the listing.
+    #[error("the server sent an invalid {field}: {value:?} (expected {expected}); nothing was written for it")]
+    Untrusted {
+        field: String,
+        value: String,
+        expected: String,
+    },
+    /// A path in the cache that Kindling will not write through (a symbolic link to a folder,
+    /// a folder where a file goes).
+    #[error("{}: {msg}", path.display())]
+    Cache { path: PathBuf, msg: String },
+    #[error("{name}={value:?}: expected {expected}")]
+    Env {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+impl HubError {
+    /// The same error with `token` (and anything shaped like a token) redacted from every text
+    /// that may have come from a server, and control characters removed: the last step before
+    /// an error leaves this crate.
+    pub fn redacted(self, token: Option<&Token>) -> HubError {
+        let r = |s: String| auth::redact(&s, token);
+        match self {
+            HubError::Status { what, status, msg } => HubError::Status {
+                what: r(what),
+                status,
+                msg: r(msg),
+            },
+            HubError::Transport {
+                what,
+                msg,
+                attempts,
+            } => HubError::Transport {
+                what: r(what),
+                msg: r(msg),
+                attempts,
+            },
+            HubError::Protocol { what, msg } => HubError::Protocol {
+                what: r(what),
+                msg: r(msg),
+            },
+            HubError::Download(msg) => HubError::Download(r(msg)),
+            HubError::Untrusted {
+                field,
+                value,
+                expected,
+            } => HubError::Untrusted {
+                field: r(field),
+                value: r(value),
+                expected: r(expected),
+            },
+            HubError::Cache { path, msg } => HubError::Cache { path, msg: r(msg) },
+            other => other,
+        }
+    }
 }
 
 /// Checks `ns/name`.

@@ -22,7 +22,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::files::{self, LocalFile};
-use crate::http::{Body, Http};
+use crate::http::{encode_segment, Body, Http};
 use crate::{check_repo_id, HubError, Token};
 
 /// Options of `kindling push`.
@@ -194,11 +194,6 @@ pub fn check_card(card: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Percent-encodes a revision for a URL path (`refs/pr/1` -> `refs%2Fpr%2F1`).
-fn rev(r: &str) -> String {
-    r.replace('%', "%25").replace('/', "%2F")
-}
-
 fn bar(len: u64, name: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
@@ -209,8 +204,17 @@ fn bar(len: u64, name: &str) -> ProgressBar {
     pb
 }
 
-/// Pushes the export `dir` to `opts.repo`.
+/// Pushes the export `dir` to `opts.repo`. Text the server sends (error messages, the commit
+/// URL) comes back with the token redacted.
 pub fn push(dir: &Path, opts: &PushOptions) -> Result<PushReport, HubError> {
+    let token = Some(&opts.token);
+    let mut report = push_checked(dir, opts).map_err(|e| e.redacted(token))?;
+    report.commit = report.commit.map(|c| crate::auth::redact(&c, token));
+    report.commit_url = report.commit_url.map(|c| crate::auth::redact(&c, token));
+    Ok(report)
+}
+
+fn push_checked(dir: &Path, opts: &PushOptions) -> Result<PushReport, HubError> {
     check_repo_id(&opts.repo)?;
     check_export(dir)?;
     let local = files::list(dir)?;
@@ -239,7 +243,11 @@ pub fn push(dir: &Path, opts: &PushOptions) -> Result<PushReport, HubError> {
         match http.json(
             "create branch",
             "POST",
-            &format!("/api/models/{}/branch/{}", opts.repo, rev(&opts.revision)),
+            &format!(
+                "/api/models/{}/branch/{}",
+                opts.repo,
+                encode_segment(&opts.revision)
+            ),
             &[],
             Body::Json(&json!({})),
         ) {
@@ -275,7 +283,7 @@ pub fn push(dir: &Path, opts: &PushOptions) -> Result<PushReport, HubError> {
             &format!(
                 "/api/models/{}/preupload/{}",
                 opts.repo,
-                rev(&opts.revision)
+                encode_segment(&opts.revision)
             ),
             &[],
             Body::Json(&json!({ "files": files })),
@@ -286,10 +294,9 @@ pub fn push(dir: &Path, opts: &PushOptions) -> Result<PushReport, HubError> {
                 Some("lfs") => true,
                 Some("regular") => false,
                 other => {
-                    return Err(HubError::Protocol {
-                        what: "preupload".into(),
-                        msg: format!("uploadMode {other:?} for {path}"),
-                    })
+                    return Err(
+                        http.protocol("preupload", &format!("uploadMode {other:?} for {path}"))
+                    )
                 }
             };
             modes.insert(path, (lfs, f["oid"].as_str().map(String::from)));
@@ -335,24 +342,17 @@ pub fn push(dir: &Path, opts: &PushOptions) -> Result<PushReport, HubError> {
             Body::Bytes(&body, "application/vnd.git-lfs+json"),
             true,
         )?;
-        let ans: serde_json::Value = r.into_json().map_err(|e| HubError::Protocol {
-            what: "LFS batch".into(),
-            msg: e.to_string(),
-        })?;
+        let ans = http.read_json("LFS batch", r)?;
         for obj in ans["objects"].as_array().into_iter().flatten() {
             let oid = obj["oid"].as_str().unwrap_or_default();
-            let f = chunk
-                .iter()
-                .find(|f| f.sha256 == oid)
-                .ok_or_else(|| HubError::Protocol {
-                    what: "LFS batch".into(),
-                    msg: format!("answer names an object we did not offer: {oid}"),
-                })?;
+            let f = chunk.iter().find(|f| f.sha256 == oid).ok_or_else(|| {
+                http.protocol(
+                    "LFS batch",
+                    &format!("answer names an object we did not offer: {oid}"),
+                )
+            })?;
             if let Some(err) = obj.get("error") {
-                return Err(HubError::Protocol {
-                    what: format!("LFS batch ({})", f.path),
-                    msg: err.to_string(),
-                });
+                return Err(http.protocol(&format!("LFS batch ({})", f.path), &err.to_string()));
             }
             let Some(actions) = obj.get("actions") else {
                 continue; // already stored
@@ -401,27 +401,23 @@ pub fn push(dir: &Path, opts: &PushOptions) -> Result<PushReport, HubError> {
         report.committed.push(f.path.clone());
     }
     ndjson.push('\n');
-    let ans: serde_json::Value = http
-        .send(
-            "commit",
-            "POST",
-            &format!("/api/models/{}/commit/{}", opts.repo, rev(&opts.revision)),
-            &[],
-            Body::Bytes(ndjson.as_bytes(), "application/x-ndjson"),
-            true,
-        )?
-        .into_json()
-        .map_err(|e| HubError::Protocol {
-            what: "commit".into(),
-            msg: e.to_string(),
-        })?;
+    let r = http.send(
+        "commit",
+        "POST",
+        &format!(
+            "/api/models/{}/commit/{}",
+            opts.repo,
+            encode_segment(&opts.revision)
+        ),
+        &[],
+        Body::Bytes(ndjson.as_bytes(), "application/x-ndjson"),
+        true,
+    )?;
+    let ans = http.read_json("commit", r)?;
     report.commit = ans["commitOid"].as_str().map(String::from);
     report.commit_url = ans["commitUrl"].as_str().map(String::from);
     if report.commit.is_none() {
-        return Err(HubError::Protocol {
-            what: "commit".into(),
-            msg: format!("no commitOid in {ans}"),
-        });
+        return Err(http.protocol("commit", &format!("no commitOid in {ans}")));
     }
     Ok(report)
 }
@@ -430,9 +426,11 @@ pub fn push(dir: &Path, opts: &PushOptions) -> Result<PushReport, HubError> {
 /// one PUT per numbered part and a completion POST with the parts' ETags (multipart). Presigned
 /// URLs carry their own authorisation: no token goes with them.
 fn upload_object(http: &Http, f: &LocalFile, upload: &serde_json::Value) -> Result<(), HubError> {
-    let href = upload["href"].as_str().ok_or_else(|| HubError::Protocol {
-        what: format!("LFS batch ({})", f.path),
-        msg: "upload action without href".into(),
+    let href = upload["href"].as_str().ok_or_else(|| {
+        http.protocol(
+            &format!("LFS batch ({})", f.path),
+            "upload action without href",
+        )
     })?;
     let header = upload["header"].as_object().cloned().unwrap_or_default();
     let pb = bar(f.size, &f.path);
@@ -465,14 +463,14 @@ fn upload_object(http: &Http, f: &LocalFile, upload: &serde_json::Value) -> Resu
     parts.sort();
     let expected = f.size.div_ceil(chunk_size.max(1));
     if parts.len() as u64 != expected {
-        return Err(HubError::Protocol {
-            what: format!("LFS multipart ({})", f.path),
-            msg: format!(
+        return Err(http.protocol(
+            &format!("LFS multipart ({})", f.path),
+            &format!(
                 "{} part URLs for {} bytes in parts of {chunk_size}",
                 parts.len(),
                 f.size
             ),
-        });
+        ));
     }
     let mut file = std::fs::File::open(&f.local).map_err(io)?;
     let mut etags = Vec::with_capacity(parts.len());
@@ -490,9 +488,11 @@ fn upload_object(http: &Http, f: &LocalFile, upload: &serde_json::Value) -> Resu
             Body::Bytes(&buf, "application/octet-stream"),
             false,
         )?;
-        let etag = r.header("ETag").ok_or_else(|| HubError::Protocol {
-            what: format!("LFS part {number} ({})", f.path),
-            msg: "no ETag in the answer".into(),
+        let etag = r.header("ETag").ok_or_else(|| {
+            http.protocol(
+                &format!("LFS part {number} ({})", f.path),
+                "no ETag in the answer",
+            )
         })?;
         etags.push(json!({"partNumber": number, "etag": etag}));
         pb.inc(len);

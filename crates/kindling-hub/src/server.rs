@@ -7,6 +7,9 @@
 //!
 //! It is not the Hub: one thread, no permissions beyond one bearer token, no Xet (clients must
 //! set `HF_HUB_DISABLE_XET=1`), and no `.gitattributes` parsing beyond HF's default LFS list.
+//!
+//! It can also lie ([`Lie`]), as a compromised mirror or a broken proxy would, and store files
+//! under names no Hub accepts ([`HubState::put_file`]): tests then check what clients refuse.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +58,31 @@ const DEFAULT_LFS: &[&str] = &[
     ".zst",
 ];
 
+/// What the server can say that a real Hub would not (one at a time).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lie {
+    /// `resolve` answers with this `ETag` (and `X-Linked-Etag`, for LFS files).
+    ETag(String),
+    /// Repo info (`sha`) and `resolve` (`X-Repo-Commit`) give this commit id.
+    Commit(String),
+    /// The repo info lists this file a second time, with another size and blob id.
+    DuplicateListing(String),
+    /// `resolve` GETs redirect (302) to this base URL followed by the request's path, as the
+    /// Hub sends LFS files to its CDN; HEADs answer as usual.
+    RedirectDownloads(String),
+    /// Repo info requests are never answered (the connection stays open).
+    SilentInfo,
+    /// Downloads send the headers and half the body, then nothing until the server stops.
+    StallBody,
+    /// Downloads send this many bytes more than the file has (HEAD gives the true size).
+    LongBody(usize),
+    /// `X-Linked-Size` claims this many bytes, whatever the file has.
+    ClaimSize(u64),
+    /// Every request that carries `Authorization` is refused with 403, the JSON body quoting
+    /// the request's headers, as a reflecting proxy does.
+    EchoHeaders,
+}
+
 /// Behaviour knobs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -66,6 +94,7 @@ pub struct ServerConfig {
     /// (each is dropped; tiny_http then sends a bare 500) until it is stopped. A crash in the
     /// middle of an upload, as a client sees it.
     pub die_after_parts: Option<usize>,
+    pub lie: Option<Lie>,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +103,7 @@ impl Default for ServerConfig {
             token: "hf_test_token".into(),
             part_size: 5 << 20,
             die_after_parts: None,
+            lie: None,
         }
     }
 }
@@ -111,6 +141,9 @@ pub struct HubState {
     parts: HashMap<(String, u32), Vec<u8>>,
     commits_made: u64,
     pub log: Vec<String>,
+    /// `"{server url} {method} {path}"` of each request that carried an `Authorization`
+    /// header: where the token went.
+    pub authorized: Vec<String>,
 }
 
 impl HubState {
@@ -123,6 +156,22 @@ impl HubState {
                 .map(|(p, e)| (p.clone(), e.bytes.as_ref().clone()))
                 .collect(),
         )
+    }
+
+    /// Stores `bytes` as `path` in `repo` at `rev`'s commit as it is, without the checks a
+    /// commit makes: for names no Hub would accept (`../x`, `/etc/x`), which a lying mirror
+    /// may still list.
+    pub fn put_file(&mut self, repo: &str, rev: &str, path: &str, bytes: &[u8]) -> Option<()> {
+        let r = self.repos.get_mut(repo)?;
+        let sha = r.refs.get(rev)?.clone();
+        r.commits.get_mut(&sha)?.insert(
+            path.to_string(),
+            Entry {
+                bytes: Arc::new(bytes.to_vec()),
+                lfs: is_lfs_path(path),
+            },
+        );
+        Some(())
     }
 
     /// Requests whose log line contains `needle`.
@@ -153,15 +202,25 @@ impl TestHub {
         config: ServerConfig,
         state: Arc<Mutex<HubState>>,
     ) -> std::io::Result<Self> {
+        Self::start_at("127.0.0.1", port, config, state)
+    }
+
+    /// Starts on another loopback address (`127.0.0.2`: another host, as a client sees it).
+    pub fn start_at(
+        host: &str,
+        port: u16,
+        config: ServerConfig,
+        state: Arc<Mutex<HubState>>,
+    ) -> std::io::Result<Self> {
         // A restart on the port of a server just stopped: tiny_http's accept thread lets go of
         // the listening socket only once a connection wakes it, so knock and try again.
         let mut tries = 0;
         let server = loop {
-            match Server::http(("127.0.0.1", port)) {
+            match Server::http((host, port)) {
                 Ok(s) => break s,
                 Err(e) if port != 0 && tries < 40 => {
                     tries += 1;
-                    let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+                    let _ = std::net::TcpStream::connect((host, port));
                     std::thread::sleep(Duration::from_millis(50));
                     let _ = e;
                 }
@@ -173,7 +232,7 @@ impl TestHub {
             .to_ip()
             .map(|a| a.port())
             .ok_or_else(|| std::io::Error::other("no IP address"))?;
-        let url = format!("http://127.0.0.1:{port}");
+        let url = format!("http://{host}:{port}");
         let stop = Arc::new(AtomicBool::new(false));
         let dead = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -185,6 +244,8 @@ impl TestHub {
                     base: url,
                     parts_seen: 0,
                     dead,
+                    stop: stop.clone(),
+                    held: Vec::new(),
                 };
                 while !stop.load(Ordering::SeqCst) {
                     match server.recv_timeout(Duration::from_millis(50)) {
@@ -236,12 +297,17 @@ struct Handler {
     base: String,
     parts_seen: usize,
     dead: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    /// Requests left unanswered on purpose ([`Lie::SilentInfo`]).
+    held: Vec<Request>,
 }
 
 struct Answer {
     status: u16,
     body: Vec<u8>,
     headers: Vec<(String, String)>,
+    /// Send half the body, then stall ([`Lie::StallBody`]).
+    stall: bool,
 }
 
 fn answer(status: u16, body: Value) -> Answer {
@@ -249,6 +315,27 @@ fn answer(status: u16, body: Value) -> Answer {
         status,
         body: body.to_string().into_bytes(),
         headers: vec![("Content-Type".into(), "application/json".into())],
+        stall: false,
+    }
+}
+
+/// A body that gives its first half, then blocks until the server stops.
+struct Stalling {
+    data: std::io::Cursor<Vec<u8>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::io::Read for Stalling {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let half = self.data.get_ref().len() as u64 / 2;
+        if self.data.position() < half {
+            let n = ((half - self.data.position()) as usize).min(buf.len());
+            return self.data.read(&mut buf[..n]);
+        }
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(std::io::Error::other("server stopped"))
     }
 }
 
@@ -263,6 +350,13 @@ fn decode(seg: &str) -> String {
     seg.replace("%2F", "/")
         .replace("%2f", "/")
         .replace("%25", "%")
+}
+
+/// A percent-encoded path segment, decoded.
+fn decode_path(seg: &str) -> String {
+    percent_encoding::percent_decode_str(seg)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 fn is_lfs_path(path: &str) -> bool {
@@ -285,9 +379,15 @@ impl Handler {
                 .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
                 .map(|h| h.value.as_str().to_string())
         };
-        let authorised =
-            header("Authorization").as_deref() == Some(&format!("Bearer {}", self.config.token));
+        let authorization = header("Authorization");
+        let authorised = authorization.as_deref() == Some(&format!("Bearer {}", self.config.token));
         let range = header("Range");
+        let echoed: String = req
+            .headers()
+            .iter()
+            .map(|h| format!("{}: {}", h.field, h.value))
+            .collect::<Vec<_>>()
+            .join("; ");
         let mut body = Vec::new();
         let _ = req.as_reader().read_to_end(&mut body);
         if method == Method::Put && path.starts_with("/_lfs/part/") {
@@ -304,19 +404,54 @@ impl Handler {
             drop(req); // no answer from a dead server
             return;
         }
-        self.state
-            .lock()
-            .expect("state")
-            .log
-            .push(format!("{method} {path}"));
-        let a = self.route(&method, &path, &query, &body, authorised, range.as_deref());
-        let mut resp = Response::from_data(a.body).with_status_code(a.status);
-        for (k, v) in a.headers {
-            if let Ok(h) = Header::from_bytes(k.as_bytes(), v.as_bytes()) {
-                resp.add_header(h);
+        {
+            let mut st = self.state.lock().expect("state");
+            st.log.push(format!("{method} {path}"));
+            if authorization.is_some() {
+                st.authorized.push(format!("{} {method} {path}", self.base));
             }
         }
-        let _ = req.respond(resp);
+        let lie = self.config.lie.clone();
+        if lie == Some(Lie::SilentInfo) && path.starts_with("/api/models/") && method == Method::Get
+        {
+            self.held.push(req);
+            return;
+        }
+        let a = if lie == Some(Lie::EchoHeaders) && authorization.is_some() {
+            let msg = format!("Forbidden. Your request headers were: {echoed}");
+            answer(403, json!({ "error": msg }))
+        } else {
+            self.route(&method, &path, &query, &body, authorised, range.as_deref())
+        };
+        let headers: Vec<Header> = a
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Header::from_bytes(k.as_bytes(), v.as_bytes()).ok())
+            .collect();
+        // Identity encoding whatever the size, so a HEAD answer carries Content-Length.
+        let status = tiny_http::StatusCode(a.status);
+        let len = a.body.len();
+        let _ = if a.stall {
+            let data = Stalling {
+                data: std::io::Cursor::new(a.body),
+                stop: self.stop.clone(),
+            };
+            req.respond(
+                Response::new(status, headers, data, Some(len), None)
+                    .with_chunked_threshold(usize::MAX),
+            )
+        } else {
+            req.respond(
+                Response::new(
+                    status,
+                    headers,
+                    std::io::Cursor::new(a.body),
+                    Some(len),
+                    None,
+                )
+                .with_chunked_threshold(usize::MAX),
+            )
+        };
     }
 
     fn route(
@@ -354,10 +489,10 @@ impl Handler {
                 self.branch(&format!("{ns}/{name}"), &decode(rev))
             }
             (Method::Get, ["api", "models", ns, name]) => {
-                self.info(&format!("{ns}/{name}"), "main")
+                self.info(&format!("{ns}/{name}"), "main", query)
             }
             (Method::Get, ["api", "models", ns, name, "revision", rev]) => {
-                self.info(&format!("{ns}/{name}"), &decode(rev))
+                self.info(&format!("{ns}/{name}"), &decode(rev), query)
             }
             (Method::Get, ["api", "models", ns, name, "tree", rev, rest @ ..]) => self.tree(
                 &format!("{ns}/{name}"),
@@ -396,9 +531,14 @@ impl Handler {
                 }
             }
             (Method::Get | Method::Head, [ns, name, "resolve", rev, rest @ ..]) => self.resolve(
+                method,
                 &format!("{ns}/{name}"),
                 &decode(rev),
-                &rest.join("/"),
+                &rest
+                    .iter()
+                    .map(|s| decode_path(s))
+                    .collect::<Vec<_>>()
+                    .join("/"),
                 range,
             ),
             _ => error(
@@ -657,12 +797,36 @@ impl Handler {
         )
     }
 
-    fn info(&mut self, id: &str, rev: &str) -> Answer {
+    fn info(&mut self, id: &str, rev: &str, query: &str) -> Answer {
         let (sha, tree) = match self.tree_at(id, rev) {
             Ok(t) => t,
             Err(a) => return a,
         };
-        let siblings: Vec<Value> = tree.keys().map(|p| json!({ "rfilename": p })).collect();
+        // `?blobs=true`: sizes, blob ids and LFS hashes, as the Hub gives them.
+        let blobs = query
+            .split('&')
+            .any(|kv| kv == "blobs=true" || kv == "blobs=1");
+        let mut siblings: Vec<Value> = tree
+            .iter()
+            .map(|(p, e)| {
+                let mut v = json!({ "rfilename": p });
+                if blobs {
+                    v["size"] = e.bytes.len().into();
+                    v["blobId"] = git_sha1_hex(&e.bytes).into();
+                    if e.lfs {
+                        v["lfs"] = json!({"sha256": sha256_hex(&e.bytes), "size": e.bytes.len(), "pointerSize": 134});
+                    }
+                }
+                v
+            })
+            .collect();
+        if let Some(Lie::DuplicateListing(name)) = &self.config.lie {
+            siblings.push(json!({"rfilename": name, "size": 3, "blobId": git_sha1_hex(b"abc")}));
+        }
+        let sha = match &self.config.lie {
+            Some(Lie::Commit(c)) => c.clone(),
+            _ => sha,
+        };
         answer(
             200,
             json!({
@@ -696,10 +860,28 @@ impl Handler {
         answer(200, Value::Array(entries))
     }
 
-    fn resolve(&mut self, id: &str, rev: &str, path: &str, range: Option<&str>) -> Answer {
+    fn resolve(
+        &mut self,
+        method: &Method,
+        id: &str,
+        rev: &str,
+        path: &str,
+        range: Option<&str>,
+    ) -> Answer {
+        let lie = self.config.lie.clone();
+        if let (Some(Lie::RedirectDownloads(to)), Method::Get) = (&lie, method) {
+            let mut a = answer(302, json!({}));
+            a.headers
+                .push(("Location".into(), format!("{to}/{id}/resolve/{rev}/{path}")));
+            return a;
+        }
         let (sha, tree) = match self.tree_at(id, rev) {
             Ok(t) => t,
             Err(a) => return a,
+        };
+        let sha = match &lie {
+            Some(Lie::Commit(c)) => c.clone(),
+            _ => sha,
         };
         let Some(e) = tree.get(path) else {
             return error(
@@ -708,13 +890,18 @@ impl Handler {
                 &format!("{path} not found in {id}@{rev}"),
             );
         };
-        let size = e.bytes.len();
+        let mut bytes = e.bytes.as_ref().clone();
+        let size = bytes.len();
+        if let (Some(Lie::LongBody(extra)), Method::Get) = (&lie, method) {
+            bytes.resize(size + extra, b'x');
+        }
+        let etag = match &lie {
+            Some(Lie::ETag(t)) => t.clone(),
+            _ => format!("\"{}\"", git_sha1_hex(&e.bytes)),
+        };
         let mut headers = vec![
             ("X-Repo-Commit".to_string(), sha),
-            (
-                "ETag".to_string(),
-                format!("\"{}\"", git_sha1_hex(&e.bytes)),
-            ),
+            ("ETag".to_string(), etag.clone()),
             ("Accept-Ranges".to_string(), "bytes".to_string()),
             (
                 "Content-Type".to_string(),
@@ -722,12 +909,18 @@ impl Handler {
             ),
         ];
         if e.lfs {
-            headers.push((
-                "X-Linked-Etag".into(),
-                format!("\"{}\"", sha256_hex(&e.bytes)),
-            ));
+            let linked = match &lie {
+                Some(Lie::ETag(_)) => etag,
+                _ => format!("\"{}\"", sha256_hex(&e.bytes)),
+            };
+            headers.push(("X-Linked-Etag".into(), linked));
             headers.push(("X-Linked-Size".into(), size.to_string()));
         }
+        if let Some(Lie::ClaimSize(n)) = &lie {
+            headers.retain(|(k, _)| k != "X-Linked-Size");
+            headers.push(("X-Linked-Size".into(), n.to_string()));
+        }
+        let stall = lie == Some(Lie::StallBody) && *method == Method::Get;
         let span = range
             .and_then(|r| r.strip_prefix("bytes="))
             .and_then(|r| r.split_once('-'))
@@ -748,14 +941,16 @@ impl Handler {
                 ));
                 Answer {
                     status: 206,
-                    body: e.bytes[start..=end].to_vec(),
+                    body: bytes[start..=end].to_vec(),
                     headers,
+                    stall,
                 }
             }
             None => Answer {
                 status: 200,
-                body: e.bytes.as_ref().clone(),
+                body: bytes,
                 headers,
+                stall,
             },
         }
     }
