@@ -383,6 +383,34 @@ fn the_token_never_goes_to_the_host_a_redirect_names() {
 }
 
 #[test]
+fn a_push_redirected_to_another_host_sends_it_no_token() {
+    let state = Arc::new(Mutex::new(HubState::default()));
+    let elsewhere = TestHub::start_at("127.0.0.2", 0, config(None), state.clone()).unwrap();
+    let hub = TestHub::start(config(Some(Lie::RedirectApi(elsewhere.url.clone())))).unwrap();
+    let opts = PushOptions {
+        repo: "lie/moved".into(),
+        private: false,
+        revision: "main".into(),
+        message: "upload".into(),
+        endpoint: hub.url.clone(),
+        token: Token::new(TOKEN),
+        retries: 1,
+        backoff: Duration::from_millis(10),
+    };
+    let err = kindling_hub::push(&shared_tiny_run().join("export"), &opts).unwrap_err();
+    // The other host saw the request, without the token, and refused it.
+    assert!(err.to_string().contains("401"), "{err}");
+    let st = state.lock().unwrap();
+    assert_eq!(st.count("POST /api/repos/create"), 1, "{:?}", st.log);
+    assert!(st.authorized.is_empty(), "{:?}", st.authorized);
+    assert_eq!(
+        hub.state.lock().unwrap().authorized.len(),
+        1,
+        "only the endpoint got it"
+    );
+}
+
+#[test]
 fn a_server_that_echoes_the_request_headers_cannot_make_kindling_print_the_token() {
     let home = Home::new();
     let hub = lying_hub("lie/echo", Some(Lie::EchoHeaders));

@@ -70,6 +70,9 @@ pub enum Lie {
     /// `resolve` GETs redirect (302) to this base URL followed by the request's path, as the
     /// Hub sends LFS files to its CDN; HEADs answer as usual.
     RedirectDownloads(String),
+    /// Every `/api/` request is redirected (307, method and body kept) to this base URL
+    /// followed by the request's path.
+    RedirectApi(String),
     /// Repo info requests are never answered (the connection stays open).
     SilentInfo,
     /// Downloads send the headers and half the body, then nothing until the server stops.
@@ -417,7 +420,11 @@ impl Handler {
             self.held.push(req);
             return;
         }
-        let a = if lie == Some(Lie::EchoHeaders) && authorization.is_some() {
+        let a = if let (Some(Lie::RedirectApi(to)), true) = (&lie, path.starts_with("/api/")) {
+            let mut a = answer(307, json!({}));
+            a.headers.push(("Location".into(), format!("{to}{path}")));
+            a
+        } else if lie == Some(Lie::EchoHeaders) && authorization.is_some() {
             let msg = format!("Forbidden. Your request headers were: {echoed}");
             answer(403, json!({ "error": msg }))
         } else {
