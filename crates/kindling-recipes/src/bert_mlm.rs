@@ -21,7 +21,6 @@ use kindling_data::{
 use kindling_models::bert::{BertConfig, BertForMaskedLM};
 use kindling_models::export::{save_json, save_safetensors};
 use kindling_models::init::hf_init;
-use kindling_train::distributed::{Collective, DistEnv};
 use kindling_train::{
     checkpoint, MetricsLog, Objective, PlotCallback, ProgressCallback, StepOutput, StopReason,
     Trainer,
@@ -29,6 +28,10 @@ use kindling_train::{
 
 use crate::card::{self, CardInfo};
 use crate::recipe::Recipe;
+use crate::run::{
+    compute_dtype, device, io, join_group, loss_scale, prepare_run_folder, rank_device,
+    rank_trainer, resume_checkpoint_in, RunLock,
+};
 use crate::{RecipeError, Resume, RunOptions, RunReport};
 
 /// The masked-LM objective: a `BertForMaskedLM` scored by cross-entropy at masked positions.
@@ -120,127 +123,6 @@ impl Objective for BertMlm {
         if let Some(l) = m.get("loss").copied() {
             m.insert("perplexity".into(), l.exp());
         }
-    }
-}
-
-/// The device a recipe asks for. `"auto"` takes the first CUDA GPU in a `--features cuda` build
-/// (Metal in a `--features metal` one) and falls back to the CPU, with a warning, when the build
-/// has GPU support but the machine has no usable GPU.
-pub fn device(name: &str) -> Result<Device, RecipeError> {
-    let bad = |msg: String| RecipeError::Invalid {
-        key: "device".into(),
-        msg,
-    };
-    let unsupported = |n: &str, feature: &str| {
-        bad(format!(
-            "`{n}`: this build of kindling has no GPU support (CPU only; rebuild with \
-             `--features {feature}`, see README); use \"cpu\" or \"auto\""
-        ))
-    };
-    let opened = |n: &str, d: candle_core::Result<Device>| {
-        d.map_err(|e| bad(format!("`{n}`: cannot open the device: {e}")))
-    };
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(auto_device()),
-        "metal" if candle_core::utils::metal_is_available() => opened(name, Device::new_metal(0)),
-        "metal" => Err(unsupported(name, "metal")),
-        n if n == "cuda" || n.starts_with("cuda:") => {
-            let ordinal = match n.strip_prefix("cuda:") {
-                None => 0,
-                Some(i) => i
-                    .parse::<usize>()
-                    .map_err(|_| bad(format!("`{n}`: expected \"cuda:N\" with N a GPU index")))?,
-            };
-            if !candle_core::utils::cuda_is_available() {
-                return Err(unsupported(n, "cuda"));
-            }
-            opened(n, Device::new_cuda(ordinal))
-        }
-        other => Err(bad(format!(
-            "`{other}` is not a device; expected \"auto\", \"cpu\", \"cuda:N\" or \"metal\""
-        ))),
-    }
-}
-
-/// This process's device: the recipe's, except that in a data-parallel run `"cuda"`, and
-/// `"auto"` where there is a GPU, mean this rank's GPU, `cuda:LOCAL_RANK` (as torchrun users
-/// expect; `kindling pretrain --gpus` names each rank's GPU itself).
-pub(crate) fn rank_device(name: &str, dist: Option<&DistEnv>) -> Result<Device, RecipeError> {
-    match dist {
-        Some(d)
-            if name == "cuda" || (name == "auto" && candle_core::utils::cuda_is_available()) =>
-        {
-            device(&format!("cuda:{}", d.local_rank))
-        }
-        _ => device(name),
-    }
-}
-
-/// Joins the data-parallel group when this process is one of its ranks (ranks wait up to ten
-/// minutes for each other to start).
-pub(crate) fn join_group(
-    opts: &RunOptions,
-    device: &Device,
-) -> Result<Option<Arc<dyn Collective>>, RecipeError> {
-    let Some(d) = &opts.dist else {
-        return Ok(None);
-    };
-    if d.world > 1 {
-        eprintln!(
-            "data parallel: rank {} of {}, joining at {}",
-            d.rank, d.world, d.master
-        );
-    }
-    d.connect(device, std::time::Duration::from_secs(600))
-        .map(Some)
-        .map_err(|msg| RecipeError::Distributed { msg })
-}
-
-fn auto_device() -> Device {
-    if candle_core::utils::cuda_is_available() {
-        match Device::new_cuda(0) {
-            Ok(d) => return d,
-            Err(e) => tracing::warn!("device \"auto\": no usable CUDA GPU ({e}); using the CPU"),
-        }
-    }
-    if candle_core::utils::metal_is_available() {
-        match Device::new_metal(0) {
-            Ok(d) => return d,
-            Err(e) => tracing::warn!("device \"auto\": no usable Metal GPU ({e}); using the CPU"),
-        }
-    }
-    Device::Cpu
-}
-
-/// The initial dynamic loss scale a `precision` needs: f16's range would flush small gradients
-/// to zero, so its loss is scaled (2^16 to start, as PyTorch's `GradScaler`); f32 and bf16
-/// (f32's range) need none.
-pub fn loss_scale(precision: &str) -> Option<f64> {
-    (precision == "f16").then_some(65536.0)
-}
-
-/// The compute dtype a recipe's `precision` asks for on `device`: `None` for f32 (parameters
-/// and compute alike), `Some(BF16)` for bf16 mixed precision (f32 master weights and optimizer
-/// state, bf16 activations and matrix products; LayerNorm, BatchNorm, softmax and the loss in
-/// f32, as PyTorch's autocast), `Some(F16)` likewise with dynamic loss scaling (see
-/// [`loss_scale`]). Only f32 trains on CPU.
-pub fn compute_dtype(precision: &str, device: &Device) -> Result<Option<DType>, RecipeError> {
-    let bad = |msg: String| RecipeError::Invalid {
-        key: "precision".into(),
-        msg,
-    };
-    match (precision, device) {
-        ("f32", _) => Ok(None),
-        (p @ ("bf16" | "f16"), Device::Cpu) => Err(bad(format!(
-            "`{p}` mixed precision is for GPUs; on CPU candle has no {p} matrix multiply, so \
-             it would be slower than f32 (use precision = \"f32\")"
-        ))),
-        ("bf16", _) => Ok(Some(DType::BF16)),
-        ("f16", _) => Ok(Some(DType::F16)),
-        (other, _) => Err(bad(format!(
-            "`{other}` is not a precision; expected \"f32\", \"bf16\" or \"f16\""
-        ))),
     }
 }
 
@@ -423,140 +305,6 @@ pub fn prepare_shards(
     Ok(report)
 }
 
-/// A run folder held by this process for as long as the guard lives: an advisory lock
-/// (`flock`) on `RUN/.lock`, which holds this process's id for the message a second process
-/// gets. A second `kindling` on the same folder (another terminal, a forgotten background job,
-/// `--overwrite` or `--resume` while the first still trains) then stops with
-/// [`RecipeError::RunInUse`] before it reads, deletes or writes anything, instead of
-/// interleaving its checkpoints and logs with the first run's. The kernel drops the lock when
-/// the process ends, however it ends (SIGKILL included), so a crash leaves no stale lock.
-#[derive(Debug)]
-pub(crate) struct RunLock {
-    _file: Option<std::fs::File>,
-}
-
-impl RunLock {
-    /// Takes `dir`'s lock (creating the folder), or fails naming the process that holds it.
-    /// On a file system without locks the run goes on unguarded, with a warning.
-    pub(crate) fn acquire(dir: &Path) -> Result<RunLock, RecipeError> {
-        use std::io::{Read, Write};
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let path = dir.join(".lock");
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io(&path))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut pid = String::new();
-                // Empty if the holder has not written its id yet.
-                let _ = file.read_to_string(&mut pid);
-                return Err(RecipeError::RunInUse {
-                    path: dir.to_path_buf(),
-                    pid: pid.trim().parse().ok(),
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                eprintln!(
-                    "warning: cannot lock {} ({e}); nothing stops a second run on this folder",
-                    path.display()
-                );
-                return Ok(RunLock { _file: None });
-            }
-        }
-        file.set_len(0)
-            .and_then(|()| write!(file, "{}", std::process::id()))
-            .map_err(io(&path))?;
-        Ok(RunLock { _file: Some(file) })
-    }
-}
-
-/// The run folder of a recipe run (held with a [`RunLock`], prepared as
-/// [`prepare_run_folder`] does) and, when `opts.resume` asks for one, the checkpoint the run
-/// continues from. In a data-parallel run only rank 0 holds and prepares the folder; the other
-/// ranks only read it. The run keeps the lock until it drops the guard.
-pub(crate) fn open_run_folder(
-    run_dir: PathBuf,
-    recipe_toml: &str,
-    opts: &RunOptions,
-    rank: usize,
-) -> Result<(PathBuf, Option<PathBuf>, Option<RunLock>), RecipeError> {
-    let lock = match rank {
-        0 => Some(RunLock::acquire(&run_dir)?),
-        _ => None,
-    };
-    let resume_from = match &opts.resume {
-        Some(r) => resume_checkpoint_in(&run_dir, r)?,
-        None => None,
-    };
-    if rank > 0 {
-        return Ok((run_dir, resume_from, lock));
-    }
-    let dir = prepare_run_folder(run_dir, recipe_toml, opts, resume_from.is_some())?;
-    Ok((dir, resume_from, lock))
-}
-
-/// The trainer the SimCSE, vision and fine-tuning recipes run: a progress bar counting `unit`,
-/// TensorBoard events, the metrics log (continued from the checkpoint's step when resuming from
-/// `resume_from`), the loss plot and a plot of the eval `metrics`, and the stop flag.
-pub(crate) fn standard_trainer(
-    cfg: kindling_train::TrainConfig,
-    run_dir: &Path,
-    log_every: u64,
-    unit: &'static str,
-    metrics: &[&str],
-    resume_from: Option<&Path>,
-    opts: &RunOptions,
-) -> Result<kindling_train::Trainer, RecipeError> {
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let log = match resume_from {
-        // A resumed run continues the log from its checkpoint: records after it are dropped.
-        Some(dir) => MetricsLog::resume(&metrics_path, checkpoint::load_state(dir)?.step)?,
-        None => MetricsLog::open(&metrics_path)?,
-    };
-    let mut trainer = kindling_train::Trainer::new(cfg, run_dir)
-        .with_callback(ProgressCallback::new(log_every, unit))
-        .with_callback(kindling_train::TensorBoard::create(run_dir)?)
-        .with_callback(log)
-        .with_callback(
-            PlotCallback::new(run_dir.join("plots").join("loss.png"), Vec::new())
-                .with_metric_plot(run_dir.join("plots").join("eval_metrics.png"), metrics)
-                .with_history(&metrics_path),
-        );
-    if let Some(flag) = &opts.stop_flag {
-        trainer = trainer.with_stop_flag(flag.clone());
-    }
-    Ok(trainer)
-}
-
-/// Loads a checkpoint into `varmap` and `opt` for a resume, with its data cursor.
-pub(crate) fn load_for_resume<C: serde::de::DeserializeOwned>(
-    dir: &Path,
-    varmap: &VarMap,
-    opt: &mut dyn kindling_train::Optimizer,
-    device: &Device,
-) -> Result<(kindling_train::TrainerState, C), RecipeError> {
-    let state = checkpoint::load(dir, varmap, Some(opt), device)?;
-    let cursor =
-        serde_json::from_value(state.data_cursor.clone()).map_err(|e| RecipeError::Resume {
-            path: dir.to_path_buf(),
-            msg: format!("data cursor {}: {e}", state.data_cursor),
-        })?;
-    eprintln!("resume: {} (step {})", dir.display(), state.step);
-    Ok((state, cursor))
-}
-
-pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
-    move |source| RecipeError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// Prepares the run folder: refuses to replace a run unless asked (or resuming), saves the
 /// resolved recipe.
 fn prepare_run_dir(
@@ -567,35 +315,6 @@ fn prepare_run_dir(
     prepare_run_folder(recipe.run_dir(), &recipe.to_toml(), opts, resuming)
 }
 
-/// [`prepare_run_dir`] for any recipe type: `toml` is the resolved recipe.
-pub(crate) fn prepare_run_folder(
-    dir: PathBuf,
-    toml: &str,
-    opts: &RunOptions,
-    resuming: bool,
-) -> Result<PathBuf, RecipeError> {
-    if !resuming && !checkpoint::list(&dir).is_empty() {
-        if !opts.overwrite {
-            return Err(RecipeError::RunExists { path: dir });
-        }
-        for sub in ["checkpoints", "export", "plots"] {
-            let p = dir.join(sub);
-            if p.exists() {
-                std::fs::remove_dir_all(&p).map_err(io(&p))?;
-            }
-        }
-        for entry in std::fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("metrics.") || name.starts_with("events.out.tfevents.") {
-                std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
-            }
-        }
-    }
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    kindling_models::export::write_atomic(&dir.join("recipe.toml"), toml.as_bytes())?;
-    Ok(dir)
-}
-
 /// The checkpoint `--resume` continues from (checked), or None for a fresh start. A run folder
 /// (or `auto`) falls back past damaged checkpoints to the newest valid one, with a warning for
 /// each it skips; a checkpoint folder named explicitly must itself be valid.
@@ -604,65 +323,6 @@ pub fn resume_checkpoint(recipe: &Recipe, resume: &Resume) -> Result<Option<Path
     let found = resume_checkpoint_in(&run_dir, resume)?;
     if found.is_some() {
         check_same_run(recipe, &run_dir)?;
-    }
-    Ok(found)
-}
-
-/// [`resume_checkpoint`] for any recipe type whose run folder is `run_dir` (without the
-/// MLM-specific same-run checks).
-pub fn resume_checkpoint_in(
-    run_dir: &Path,
-    resume: &Resume,
-) -> Result<Option<PathBuf>, RecipeError> {
-    let run_dir = run_dir.to_path_buf();
-    let newest = |dir: &Path| {
-        let (found, refused) = checkpoint::newest_valid(dir);
-        for e in refused {
-            eprintln!("warning: skipping a damaged checkpoint: {e}");
-        }
-        found
-    };
-    let (dir, found) = match resume {
-        Resume::Auto => {
-            let found = newest(&run_dir);
-            if found.is_none() {
-                eprintln!(
-                    "resume: no valid checkpoint in {}; starting a fresh run",
-                    run_dir.display()
-                );
-            }
-            (run_dir.clone(), found)
-        }
-        Resume::Path(p) if p.join("state.json").is_file() => {
-            checkpoint::verify(p)?;
-            let dir = p
-                .parent()
-                .and_then(Path::parent)
-                .map(Path::to_path_buf)
-                .unwrap_or_default();
-            (dir, Some(p.clone()))
-        }
-        Resume::Path(p) => {
-            let found = newest(p).ok_or_else(|| RecipeError::Resume {
-                path: p.clone(),
-                msg: "no valid checkpoint there (checkpoints/step-*/)".into(),
-            })?;
-            (p.clone(), Some(found))
-        }
-    };
-    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    };
-    if !same(&dir, &run_dir) {
-        return Err(RecipeError::Resume {
-            path: dir,
-            msg: format!(
-                "that checkpoint belongs to another run folder than this recipe's ({}); use the \
-                 run's recipe.toml or --set name=...",
-                run_dir.display()
-            ),
-        });
     }
     Ok(found)
 }
@@ -1063,40 +723,6 @@ fn trainer_for(
         trainer = trainer.with_stop_flag(flag.clone());
     }
     Ok(trainer)
-}
-
-/// A data-parallel run's trainer for this rank, joined to `group`: rank 0's from `rank0` (with
-/// its progress bar, logs and plots), the other ranks' from [`rank_trainer`]. One process
-/// (`group` None): `rank0`'s.
-pub(crate) fn group_trainer(
-    group: Option<&Arc<dyn Collective>>,
-    cfg: kindling_train::TrainConfig,
-    run_dir: &Path,
-    opts: &RunOptions,
-    rank0: impl FnOnce(kindling_train::TrainConfig) -> Result<Trainer, RecipeError>,
-) -> Result<Trainer, RecipeError> {
-    let trainer = match group {
-        Some(g) if g.rank() > 0 => rank_trainer(cfg, run_dir, opts),
-        _ => rank0(cfg)?,
-    };
-    Ok(match group {
-        Some(g) => trainer.with_collective(g.clone()),
-        None => trainer,
-    })
-}
-
-/// The trainer of a data-parallel rank other than 0: no progress bar, logs or plots (rank 0
-/// shows the group's loss and throughput), the stop flag still heard.
-pub(crate) fn rank_trainer(
-    cfg: kindling_train::TrainConfig,
-    run_dir: &Path,
-    opts: &RunOptions,
-) -> Trainer {
-    let trainer = Trainer::new(cfg, run_dir);
-    match &opts.stop_flag {
-        Some(flag) => trainer.with_stop_flag(flag.clone()),
-        None => trainer,
-    }
 }
 
 fn export_dir(recipe: &Recipe, run_dir: &Path) -> PathBuf {

@@ -34,10 +34,9 @@ use kindling_models::import;
 use kindling_models::init::hf_init;
 use kindling_train::{checkpoint, Goal, Monitor, Objective, StepOutput, Trainer};
 
-use crate::bert_mlm::{
-    device, load_for_resume, open_run_folder, standard_trainer, write_hf_folder,
-};
+use crate::bert_mlm::write_hf_folder;
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
+use crate::run::{device, load_for_resume, open_run_folder, standard_trainer};
 use crate::{RecipeError, RunOptions};
 
 /// A fine-tuning (and probing) recipe: `kindling finetune recipes/NAME.toml`.

@@ -7,6 +7,7 @@ pub mod embed;
 pub mod finetune;
 pub mod probe;
 pub mod recipe;
+pub mod run;
 pub mod simcse;
 pub mod vision;
 
@@ -186,7 +187,7 @@ pub fn export_run(run_dir: &std::path::Path) -> Result<PathBuf, RecipeError> {
     // Read first: a folder without a recipe is no run folder, and gets no lock file.
     let objective = recipe_key(&recipe_path, "objective")?;
     // Not while a run writes the folder (it exports at its end).
-    let _lock = bert_mlm::RunLock::acquire(run_dir)?;
+    let _lock = run::RunLock::acquire(run_dir)?;
     if let Some(obj) = objective {
         if vision::OBJECTIVES.contains(&obj.as_str()) {
             let recipe = vision::VisionRecipe::load(&recipe_path, &[])?;

@@ -13,10 +13,10 @@ use kindling_core::Mode;
 use kindling_data::tokenizer as tok;
 use kindling_models::bert::{BertModel, Pooling};
 
-use crate::bert_mlm::device;
 use crate::finetune::{
     accuracy_and_macro_f1, format_confusion, load_task, Classifier, Encoded, FinetuneRecipe,
 };
+use crate::run::device;
 use crate::RecipeError;
 
 /// What a probe reports.

@@ -40,10 +40,9 @@ use kindling_models::import;
 use kindling_train::distributed::{gather_with_grad, Collective};
 use kindling_train::{checkpoint, Objective, StepOutput, Trainer};
 
-use crate::bert_mlm::{
-    device, group_trainer, load_for_resume, open_run_folder, standard_trainer, write_hf_folder,
-};
+use crate::bert_mlm::write_hf_folder;
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
+use crate::run::{device, group_trainer, load_for_resume, open_run_folder, standard_trainer};
 use crate::vision::l2_normalize;
 use crate::{RecipeError, RunOptions, RunReport};
 
@@ -1046,8 +1045,8 @@ pub fn export(
 
 /// Runs the recipe: evaluate the starting encoder, train (resumable), evaluate, export.
 pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
-    let device = crate::bert_mlm::rank_device(&recipe.device, opts.dist.as_ref())?;
-    let group = crate::bert_mlm::join_group(opts, &device)?;
+    let device = crate::run::rank_device(&recipe.device, opts.dist.as_ref())?;
+    let group = crate::run::join_group(opts, &device)?;
     let rank = group.as_ref().map_or(0, |g| g.rank());
     let t = &recipe.train;
     let tokenizer = tok::load(&recipe.model.path)?;

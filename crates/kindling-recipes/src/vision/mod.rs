@@ -43,9 +43,9 @@ use kindling_models::{Mlp, MlpConfig, ResNet, ResNetConfig};
 use kindling_train::distributed::{gather_with_grad, Collective};
 use kindling_train::{checkpoint, Objective, StepOutput};
 
-use crate::bert_mlm::{device, group_trainer, load_for_resume, open_run_folder, standard_trainer};
 use crate::probe::{standardise, Logistic};
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
+use crate::run::{device, group_trainer, load_for_resume, open_run_folder, standard_trainer};
 use crate::{RecipeError, RunOptions, RunReport};
 pub use monitors::{collapse_metrics, knn_accuracy};
 
@@ -1015,10 +1015,10 @@ pub fn export_from_checkpoint(
 /// MoCo enqueues the whole group's keys; BYOL's and SimSiam's losses are means of per-image
 /// terms, so the ranks' mean is the global batch's).
 pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
-    let device = crate::bert_mlm::rank_device(&recipe.device, opts.dist.as_ref())?;
-    let group = crate::bert_mlm::join_group(opts, &device)?;
+    let device = crate::run::rank_device(&recipe.device, opts.dist.as_ref())?;
+    let group = crate::run::join_group(opts, &device)?;
     let rank = group.as_ref().map_or(0, |g| g.rank());
-    let compute = crate::bert_mlm::compute_dtype(&recipe.precision, &device)?;
+    let compute = crate::run::compute_dtype(&recipe.precision, &device)?;
     let train_set = Arc::new(load_images(
         &recipe.data.train,
         recipe.data.max_train_images,
@@ -1093,7 +1093,7 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
     let per_epoch =
         loader.batches_per_epoch() as u64 / group.as_ref().map_or(1, |g| g.world()) as u64;
     let mut cfg = t.train_config(recipe.seed, per_epoch)?;
-    cfg.loss_scale = crate::bert_mlm::loss_scale(&recipe.precision);
+    cfg.loss_scale = crate::run::loss_scale(&recipe.precision);
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
     let mut trainer = group_trainer(group.as_ref(), cfg.clone(), &run_dir, opts, |cfg| {
         standard_trainer(

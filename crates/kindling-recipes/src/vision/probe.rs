@@ -23,8 +23,8 @@ use kindling_data::{ImageSet, ImageSource, ViewPipeline};
 use kindling_models::{ResNet, ResNetConfig};
 
 use super::{initial_encoder, linear_probe, pixel_rows, rows, ProbeScore, SslModel, VisionProbe};
-use crate::bert_mlm::device;
 use crate::recipe::parse_toml;
+use crate::run::device;
 use crate::RecipeError;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -1,0 +1,121 @@
+//! The run folder: one process at a time ([`RunLock`]), and what a run may replace in it.
+
+use std::path::{Path, PathBuf};
+
+use kindling_train::checkpoint;
+
+use super::resume::resume_checkpoint_in;
+use crate::{RecipeError, RunOptions};
+
+/// A run folder held by this process for as long as the guard lives: an advisory lock
+/// (`flock`) on `RUN/.lock`, which holds this process's id for the message a second process
+/// gets. A second `kindling` on the same folder (another terminal, a forgotten background job,
+/// `--overwrite` or `--resume` while the first still trains) then stops with
+/// [`RecipeError::RunInUse`] before it reads, deletes or writes anything, instead of
+/// interleaving its checkpoints and logs with the first run's. The kernel drops the lock when
+/// the process ends, however it ends (SIGKILL included), so a crash leaves no stale lock.
+#[derive(Debug)]
+pub(crate) struct RunLock {
+    _file: Option<std::fs::File>,
+}
+
+impl RunLock {
+    /// Takes `dir`'s lock (creating the folder), or fails naming the process that holds it.
+    /// On a file system without locks the run goes on unguarded, with a warning.
+    pub(crate) fn acquire(dir: &Path) -> Result<RunLock, RecipeError> {
+        use std::io::{Read, Write};
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join(".lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                // Empty if the holder has not written its id yet.
+                let _ = file.read_to_string(&mut pid);
+                return Err(RecipeError::RunInUse {
+                    path: dir.to_path_buf(),
+                    pid: pid.trim().parse().ok(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                eprintln!(
+                    "warning: cannot lock {} ({e}); nothing stops a second run on this folder",
+                    path.display()
+                );
+                return Ok(RunLock { _file: None });
+            }
+        }
+        file.set_len(0)
+            .and_then(|()| write!(file, "{}", std::process::id()))
+            .map_err(io(&path))?;
+        Ok(RunLock { _file: Some(file) })
+    }
+}
+
+/// The run folder of a recipe run (held with a [`RunLock`], prepared as
+/// [`prepare_run_folder`] does) and, when `opts.resume` asks for one, the checkpoint the run
+/// continues from. In a data-parallel run only rank 0 holds and prepares the folder; the other
+/// ranks only read it. The run keeps the lock until it drops the guard.
+pub(crate) fn open_run_folder(
+    run_dir: PathBuf,
+    recipe_toml: &str,
+    opts: &RunOptions,
+    rank: usize,
+) -> Result<(PathBuf, Option<PathBuf>, Option<RunLock>), RecipeError> {
+    let lock = match rank {
+        0 => Some(RunLock::acquire(&run_dir)?),
+        _ => None,
+    };
+    let resume_from = match &opts.resume {
+        Some(r) => resume_checkpoint_in(&run_dir, r)?,
+        None => None,
+    };
+    if rank > 0 {
+        return Ok((run_dir, resume_from, lock));
+    }
+    let dir = prepare_run_folder(run_dir, recipe_toml, opts, resume_from.is_some())?;
+    Ok((dir, resume_from, lock))
+}
+
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
+    move |source| RecipeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// [`prepare_run_dir`] for any recipe type: `toml` is the resolved recipe.
+pub(crate) fn prepare_run_folder(
+    dir: PathBuf,
+    toml: &str,
+    opts: &RunOptions,
+    resuming: bool,
+) -> Result<PathBuf, RecipeError> {
+    if !resuming && !checkpoint::list(&dir).is_empty() {
+        if !opts.overwrite {
+            return Err(RecipeError::RunExists { path: dir });
+        }
+        for sub in ["checkpoints", "export", "plots"] {
+            let p = dir.join(sub);
+            if p.exists() {
+                std::fs::remove_dir_all(&p).map_err(io(&p))?;
+            }
+        }
+        for entry in std::fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("metrics.") || name.starts_with("events.out.tfevents.") {
+                std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
+            }
+        }
+    }
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    kindling_models::export::write_atomic(&dir.join("recipe.toml"), toml.as_bytes())?;
+    Ok(dir)
+}

@@ -1,0 +1,15 @@
+//! Run engineering shared by every recipe: the device, the run folder and its lock, resuming,
+//! and the trainer with its callbacks. Recipe modules hold the research code (data, objective,
+//! export) and call these; none of them holds run engineering of its own.
+
+pub mod device;
+pub mod folder;
+pub mod resume;
+pub mod trainer;
+
+pub use device::{compute_dtype, device, loss_scale};
+pub(crate) use device::{join_group, rank_device};
+pub(crate) use folder::{io, open_run_folder, prepare_run_folder, RunLock};
+pub(crate) use resume::load_for_resume;
+pub use resume::resume_checkpoint_in;
+pub(crate) use trainer::{group_trainer, rank_trainer, standard_trainer};
