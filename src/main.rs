@@ -164,7 +164,13 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             | RecipeError::RunExists { .. }
             | RecipeError::RunInUse { .. }
             | RecipeError::Resume { .. }
-            | RecipeError::Data(_),
+            | RecipeError::Data(_)
+            | RecipeError::Train(kindling_train::TrainError::Config { .. })
+            | RecipeError::Model(
+                kindling_models::ModelError::Config(_)
+                | kindling_models::ModelError::Setting { .. }
+                | kindling_models::ModelError::File { .. },
+            ),
         ) => 2,
         _ => 1,
     }

@@ -10,6 +10,7 @@ mod fuzz;
 mod hub;
 mod hub_lies;
 mod import;
+mod lifecycle;
 mod masking;
 mod model;
 mod recipe_errors;

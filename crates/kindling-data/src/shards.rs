@@ -433,6 +433,7 @@ pub fn prepare(
         .to_string(false)
         .map_err(|e| DataError::Tokenizer(e.to_string()))?;
     let tokenizer_sha256 = format!("{:x}", Sha256::digest(tokenizer_json.as_bytes()));
+    check_replaceable(&cfg.dir, sources)?;
     if let Ok(old) = read_manifest(&cfg.dir) {
         if old.matches(&described, &tokenizer_sha256, cfg, eval_fraction) {
             return Ok(PrepareReport {
@@ -531,6 +532,41 @@ pub fn prepare(
         reused: false,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// `dir` may be (re)written: it does not exist, is empty, or is a prepared folder (its
+/// `manifest.json` parses), and it holds none of the sources. Anything else is a folder of the
+/// user's that preparing would delete (replacing a stale prepared folder removes it whole).
+fn check_replaceable(dir: &Path, sources: &[PathBuf]) -> Result<()> {
+    let refuse = |msg: String| {
+        Err(DataError::Config {
+            key: "data.prepare.dir",
+            msg: format!("{}: {msg}; name a new folder", dir.display()),
+        })
+    };
+    match std::fs::symlink_metadata(dir) {
+        Err(_) => return Ok(()),
+        Ok(m) if !m.is_dir() => return refuse("exists and is not a folder".into()),
+        Ok(_) => {}
+    }
+    let canonical = dir.canonicalize().map_err(io_err(dir))?;
+    if let Some(src) = sources
+        .iter()
+        .find(|s| s.canonicalize().is_ok_and(|s| s.starts_with(&canonical)))
+    {
+        return refuse(format!(
+            "holds the source {}, which preparing would delete",
+            src.display()
+        ));
+    }
+    let empty = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .next()
+        .is_none();
+    if empty || read_manifest(dir).is_ok() {
+        return Ok(());
+    }
+    refuse("exists and is not a prepared token-shard folder (no manifest.json)".into())
 }
 
 /// Reads `dir/manifest.json`.

@@ -39,6 +39,9 @@ pub enum ModelError {
     },
     #[error("invalid model config: {0}")]
     Config(String),
+    /// A config field out of its range, named as in HF's `config.json`.
+    #[error("`{field}`: {msg}")]
+    Setting { field: &'static str, msg: String },
     #[error("{}: {msg}", path.display())]
     File {
         path: std::path::PathBuf,

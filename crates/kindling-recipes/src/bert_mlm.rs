@@ -29,8 +29,8 @@ use kindling_train::{
 use crate::card::{self, CardInfo};
 use crate::recipe::Recipe;
 use crate::run::{
-    compute_dtype, device, io, join_group, loss_scale, prepare_run_folder, rank_device,
-    rank_trainer, resume_checkpoint_in, RunLock,
+    check_run_folder, compute_dtype, device, first_loadable, io, join_group, loss_scale,
+    prepare_run_folder, rank_device, rank_trainer, resume_candidates, Candidates, RunLock,
 };
 use crate::{RecipeError, Resume, RunOptions, RunReport};
 
@@ -159,9 +159,15 @@ pub fn bert_config(
         position_embedding_type: "absolute".into(),
         model_type: "bert".into(),
     };
-    cfg.validate().map_err(|e| RecipeError::Invalid {
-        key: "model".into(),
-        msg: e.to_string(),
+    cfg.validate().map_err(|e| match e {
+        kindling_models::ModelError::Setting { field, msg } => RecipeError::Invalid {
+            key: format!("model.{field}"),
+            msg,
+        },
+        e => RecipeError::Invalid {
+            key: "model".into(),
+            msg: e.to_string(),
+        },
     })?;
     Ok(cfg)
 }
@@ -305,23 +311,12 @@ pub fn prepare_shards(
     Ok(report)
 }
 
-/// Prepares the run folder: refuses to replace a run unless asked (or resuming), saves the
-/// resolved recipe.
-fn prepare_run_dir(
-    recipe: &Recipe,
-    opts: &RunOptions,
-    resuming: bool,
-) -> Result<PathBuf, RecipeError> {
-    prepare_run_folder(recipe.run_dir(), &recipe.to_toml(), opts, resuming)
-}
-
-/// The checkpoint `--resume` continues from (checked), or None for a fresh start. A run folder
-/// (or `auto`) falls back past damaged checkpoints to the newest valid one, with a warning for
-/// each it skips; a checkpoint folder named explicitly must itself be valid.
-pub fn resume_checkpoint(recipe: &Recipe, resume: &Resume) -> Result<Option<PathBuf>, RecipeError> {
+/// The checkpoints `--resume` may continue from (see [`resume_candidates`]), after checking
+/// that the recipe trains the run's model on the run's data with its seed. Reads only.
+pub fn resume_from(recipe: &Recipe, resume: &Resume) -> Result<Candidates, RecipeError> {
     let run_dir = recipe.run_dir();
-    let found = resume_checkpoint_in(&run_dir, resume)?;
-    if found.is_some() {
+    let found = resume_candidates(&run_dir, resume)?;
+    if !found.dirs.is_empty() {
         check_same_run(recipe, &run_dir)?;
     }
     Ok(found)
@@ -371,21 +366,32 @@ fn check_same_run(recipe: &Recipe, run_dir: &Path) -> Result<(), RecipeError> {
     Ok(())
 }
 
+/// The eval metrics of the masked LM (`train.monitor.metric` names one).
+pub const EVAL_METRICS: &[&str] = &["loss", "accuracy", "perplexity"];
+
 /// Runs a `bert-mlm` recipe end to end.
+///
+/// Everything is read and checked before the run folder changes: the settings, the resume
+/// checkpoint (checksums, the recipe it was trained with), the corpus and the tokenizer, the
+/// blocks, the memory a step needs, and the checkpoint's weights, optimizer state and data
+/// cursor against this model and data (an `auto` resume falls back past a checkpoint that does
+/// not fit). Only then does the run take its lock and replace or write files.
 pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
+    // 1. Settings.
+    recipe.validate(EVAL_METRICS)?;
     let device = rank_device(&recipe.device, opts.dist.as_ref())?;
     let compute = compute_dtype(&recipe.precision, &device)?;
     let t = &recipe.train;
-    if t.batch_size == 0 {
-        return Err(RecipeError::Invalid {
-            key: "train.batch_size".into(),
-            msg: "must be at least 1".into(),
-        });
-    }
-    // Check the shape and the time limit before any expensive work.
     bert_config(recipe, 16, 0)?;
     let max_time = t.max_time()?;
     let save_interval = t.save_interval()?;
+    let run_dir = recipe.run_dir();
+    // A run that is still training holds the lock: stop before reading its files (rank 0
+    // holds it for a data-parallel group).
+    let held = match opts.dist.as_ref().map_or(0, |d| d.rank) {
+        0 => RunLock::hold_existing(&run_dir)?,
+        _ => None,
+    };
     let comm = join_group(opts, &device)?;
     // Data parallel: rank 0 prepares the run folder and the tokenizer and writes every file;
     // the other ranks read the tokenizer it saved and train on their shard.
@@ -395,23 +401,22 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     if !device.is_cpu() {
         device.set_seed(recipe.seed.wrapping_add(rank as u64))?;
     }
-    let _lock = match rank {
-        0 => Some(RunLock::acquire(&recipe.run_dir())?),
-        _ => None,
-    };
-    let resume_from = match &opts.resume {
-        Some(r) => resume_checkpoint(recipe, r)?,
-        None => None,
-    };
-    let run_dir = if rank == 0 {
-        prepare_run_dir(recipe, opts, resume_from.is_some())?
-    } else {
-        recipe.run_dir()
-    };
 
-    // Streaming from shards reads the corpus text into memory only to train a tokenizer.
+    // 2. The checkpoints a resume may continue from (checksums, same recipe).
+    let candidates = match &opts.resume {
+        Some(r) => resume_from(recipe, r)?,
+        None => Candidates {
+            dirs: Vec::new(),
+            explicit: false,
+        },
+    };
+    let resuming = !candidates.dirs.is_empty();
+    check_run_folder(&run_dir, opts, resuming)?;
+
+    // 3. Data and tokenizer. Streaming from shards reads the corpus text into memory only to
+    // train a tokenizer.
     let corpus = match (&recipe.data.prepare, &recipe.data.tokenizer.train) {
-        (Some(_), _) if resume_from.is_some() => Corpus::default(),
+        (Some(_), _) if resuming => Corpus::default(),
         (Some(_), None) => Corpus::default(),
         _ => recipe.read_corpus()?,
     };
@@ -422,36 +427,25 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
             corpus.total_bytes() as f64 / 1e6
         );
     }
-    let tokenizer = if resume_from.is_some() || rank > 0 {
+    let tokenizer = if resuming {
         // The run's own tokenizer: a retrained one could differ (the trainer is not
-        // deterministic), and the checkpoint's embeddings are indexed by this one. Other ranks
-        // wait for rank 0 to have saved it.
+        // deterministic), and the checkpoint's embeddings are indexed by this one.
+        tok::load(&run_dir.join("tokenizer.json"))?
+    } else if rank > 0 {
+        // Rank 0 saves the tokenizer once its checks have passed.
         if let Some(c) = &comm {
             c.barrier()?;
         }
         tok::load(&run_dir.join("tokenizer.json"))?
     } else {
         let cache = crate::cache_dir(recipe).join("tokenizers");
-        let tokenizer = recipe
+        recipe
             .data
             .tokenizer
-            .build(&corpus, Path::new("."), Some(&cache))?;
-        tokenizer
-            .save(run_dir.join("tokenizer.json"), false)
-            .map_err(|e| RecipeError::Run {
-                path: run_dir.join("tokenizer.json"),
-                msg: e.to_string(),
-            })?;
-        if let Some(c) = &comm {
-            c.barrier()?;
-        }
-        tokenizer
+            .build(&corpus, Path::new("."), Some(&cache))?
     };
     let specials = tok::special_tokens(&tokenizer)?;
     let vocab_size = tokenizer.get_vocab_size(true);
-    if let Some(dir) = &resume_from {
-        check_checkpoint_vocab(dir, vocab_size)?;
-    }
     let config = bert_config(recipe, vocab_size, specials.pad)?;
 
     check_memory(recipe, &config, &device)?;
@@ -505,18 +499,6 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
             .map(|(_, b)| format!("; unigram baseline of the eval split {b:.4} nats"))
             .unwrap_or_default()
     );
-
-    // What the data looked like, for people and for `kindling export` (which redraws the card).
-    if rank == 0 {
-        save_json(
-            &run_dir.join("data.json"),
-            &serde_json::json!({
-                "vocab_size": vocab_size, "seq_len": recipe.data.seq_len, "blocks": n_blocks,
-                "train_blocks": train_blocks.len(), "eval_blocks": eval_blocks.len(),
-                "unigram_baseline": baseline.as_ref().map(|b| b.1),
-            }),
-        )?;
-    }
     let masker = Arc::new(Masker::new(
         recipe.data.mask.clone(),
         &specials,
@@ -535,44 +517,85 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     );
     let mut objective = BertMlm::new(config, recipe.seed, &device)?;
     objective.model.bert.compute_dtype = compute;
+
+    // 4. The checkpoint: the newest whose weights, optimizer state and cursor fit.
+    let mut opt = Trainer::build_optimizer(&t.optimizer, &objective)?;
+    let resumed = first_loadable(&candidates, |dir| {
+        check_checkpoint_vocab(dir, vocab_size)?;
+        checkpoint::check_tensors(dir, &objective.varmap)?;
+        let state = checkpoint::load(dir, &objective.varmap, Some(opt.as_mut()), &device)?;
+        let cursor: Cursor =
+            serde_json::from_value(state.data_cursor.clone()).map_err(|e| RecipeError::Resume {
+                path: dir.to_path_buf(),
+                msg: format!("state.json data_cursor {}: {e}", state.data_cursor),
+            })?;
+        if cursor.position > train_blocks.len() as u64 {
+            return Err(RecipeError::Resume {
+                path: dir.to_path_buf(),
+                msg: format!(
+                    "its data cursor is at block {} of epoch {}, past the end of this run's {} \
+                     training blocks: the checkpoint was not trained on this data",
+                    cursor.position,
+                    cursor.epoch,
+                    train_blocks.len()
+                ),
+            });
+        }
+        Ok((state, cursor))
+    })?;
+
+    // 5. Writes: the lock, the run folder, the tokenizer and the data summary.
+    let _lock = match rank {
+        0 => Some(RunLock::commit(held, &run_dir)?),
+        _ => None,
+    };
+    if rank == 0 {
+        prepare_run_folder(run_dir.clone(), &recipe.to_toml(), opts, resumed.is_some())?;
+        if !resuming {
+            let path = run_dir.join("tokenizer.json");
+            tokenizer.save(&path, false).map_err(|e| RecipeError::Run {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
+            if let Some(c) = &comm {
+                c.barrier()?;
+            }
+        }
+        // What the data looked like, for people and for `kindling export` (which redraws the
+        // card).
+        save_json(
+            &run_dir.join("data.json"),
+            &serde_json::json!({
+                "vocab_size": vocab_size, "seq_len": recipe.data.seq_len, "blocks": n_blocks,
+                "train_blocks": train_blocks.len(), "eval_blocks": eval_blocks.len(),
+                "unigram_baseline": baseline.as_ref().map(|b| b.1),
+            }),
+        )?;
+    }
     // An update takes batch_size x grad_accum blocks on each rank.
     let world = comm.as_ref().map_or(1, |c| c.world());
     let steps_per_epoch =
         (train_blocks.len() / (t.batch_size * t.grad_accum.max(1) as usize * world)) as u64;
-    let resumed_at = match &resume_from {
-        // resume_checkpoint verified it; only `load` below hashes the files again.
-        Some(dir) => Some(checkpoint::read_verified_state(dir)?.step),
-        None => None,
+    let (start, cursor) = match resumed {
+        Some((_, (state, cursor))) => (Some(state), cursor),
+        None => (None, Cursor::default()),
     };
     let mut trainer = trainer_for(
         recipe,
         &run_dir,
         baseline.clone(),
-        (max_time, save_interval, steps_per_epoch, resumed_at),
+        (
+            max_time,
+            save_interval,
+            steps_per_epoch,
+            start.as_ref().map(|s| s.step),
+        ),
         opts,
         rank,
     )?;
     if let Some(c) = &comm {
         trainer = trainer.with_collective(c.clone());
     }
-    let mut opt = trainer.optimizer(&objective)?;
-    let start = match &resume_from {
-        Some(dir) => {
-            let state = checkpoint::load(dir, &objective.varmap, Some(opt.as_mut()), &device)?;
-            eprintln!("resume: {} (step {})", dir.display(), state.step);
-            Some(state)
-        }
-        None => None,
-    };
-    let cursor: Cursor = match &start {
-        Some(s) => {
-            serde_json::from_value(s.data_cursor.clone()).map_err(|e| RecipeError::Resume {
-                path: resume_from.clone().unwrap_or_default(),
-                msg: format!("state.json data_cursor: {e}"),
-            })?
-        }
-        None => Cursor::default(),
-    };
     let loader = MlmLoader::new(train_blocks, masker, t.batch_size, recipe.seed, cursor);
     // A streamed corpus can hold billions of blocks: its order is computed, not tabulated.
     let loader = if recipe.data.prepare.is_some() {
@@ -623,7 +646,7 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     match summary.stop {
         StopReason::Interrupted => {
             eprintln!(
-                "interrupted at step {}: checkpoint {}; continue with `kindling pretrain <recipe> --resume auto`",
+                "interrupted at step {}: checkpoint {}",
                 summary.steps,
                 summary
                     .last_checkpoint

@@ -235,6 +235,71 @@ impl TrainSection {
     pub fn save_interval(&self) -> Result<Option<std::time::Duration>, RecipeError> {
         duration("train.save_interval", self.save_interval.as_deref())
     }
+
+    /// Checks every value of the section before a run starts: batch sizes, the optimiser's and
+    /// schedule's ranges (see [`kindling_train::TrainConfig::validate`]), the durations, and
+    /// that `monitor.metric` is one of `metrics`, the eval metrics the recipe reports (an entry
+    /// ending in `*` stands for every name it starts: `recall_at_*`).
+    pub fn validate(&self, metrics: &[&str]) -> Result<(), RecipeError> {
+        let invalid = |key: &str, msg: String| {
+            Err(RecipeError::Invalid {
+                key: key.into(),
+                msg,
+            })
+        };
+        if self.batch_size == 0 {
+            return invalid("train.batch_size", "must be at least 1".into());
+        }
+        if self.eval_batch_size == 0 {
+            return invalid("train.eval_batch_size", "must be at least 1".into());
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return invalid(
+                "train.max_grad_norm",
+                format!(
+                    "must be a finite number >= 0 (0: no clipping), got {}",
+                    self.max_grad_norm
+                ),
+            );
+        }
+        let cfg = self.train_config(0, 1)?;
+        if let Err(kindling_train::TrainError::Config { key, msg }) = cfg.validate() {
+            return invalid(key, msg);
+        }
+        let known = |m: &str| {
+            metrics.iter().any(|k| match k.strip_suffix('*') {
+                Some(prefix) => m.starts_with(prefix),
+                None => *k == m,
+            })
+        };
+        if !known(&self.monitor.metric) {
+            return invalid(
+                "train.monitor.metric",
+                format!(
+                    "`{}` is not an eval metric of this recipe; expected one of: {}",
+                    self.monitor.metric,
+                    metrics.join(", ")
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Checks a run name: the run folder is `<runs_dir>/<name>`, so the name is one folder name
+/// (not empty, `.` or `..`, no `/`, `\` or NUL).
+pub fn check_name(name: &str) -> Result<(), RecipeError> {
+    let bad = matches!(name.trim(), "" | "." | "..") || name.contains(['/', '\\', '\0']);
+    if bad {
+        return Err(RecipeError::Invalid {
+            key: "name".into(),
+            msg: format!(
+                "{name:?} is not a run name: the run folder is runs_dir/name, so give one folder \
+                 name (letters, digits, `-`, `_`, `.`)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 impl Default for TrainSection {
@@ -318,6 +383,31 @@ impl Recipe {
 
     pub fn name(&self) -> &str {
         self.name.as_deref().unwrap_or("run")
+    }
+
+    /// Everything about the recipe that can be checked before reading any data: the run name,
+    /// the `[train]` section (with `metrics`, the eval metrics of the objective) and the data
+    /// section's ranges. Writes nothing.
+    pub fn validate(&self, metrics: &[&str]) -> Result<(), RecipeError> {
+        check_name(self.name())?;
+        self.train.validate(metrics)?;
+        let d = &self.data;
+        if d.seq_len < 3 {
+            return Err(RecipeError::Invalid {
+                key: "data.seq_len".into(),
+                msg: format!(
+                    "{} leaves no room for a token between [CLS] and [SEP]",
+                    d.seq_len
+                ),
+            });
+        }
+        if !(d.eval_fraction.is_finite() && (0.0..1.0).contains(&d.eval_fraction)) {
+            return Err(RecipeError::Invalid {
+                key: "data.eval_fraction".into(),
+                msg: format!("must be in [0, 1), got {}", d.eval_fraction),
+            });
+        }
+        Ok(())
     }
 
     pub fn run_dir(&self) -> PathBuf {

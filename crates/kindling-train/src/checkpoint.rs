@@ -254,6 +254,57 @@ pub fn newest_valid(run_dir: &Path) -> (Option<PathBuf>, Vec<TrainError>) {
     (None, refused)
 }
 
+/// Whether `dir`'s weights fit `varmap`: every parameter is there with its shape. Reads only
+/// the safetensors header, so a resume can refuse another objective's checkpoint (or one of
+/// another shape) before it changes anything in the run folder.
+pub fn check_tensors(dir: &Path, varmap: &VarMap) -> Result<()> {
+    let bad = |msg: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        msg,
+    };
+    let path = dir.join("model.safetensors");
+    let mut f = std::fs::File::open(&path).map_err(crate::io_err(&path))?;
+    let header = {
+        use std::io::Read;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)
+            .map_err(|_| bad("model.safetensors is too short".into()))?;
+        let n = u64::from_le_bytes(len);
+        if n > 100 << 20 {
+            return Err(bad("model.safetensors has no valid header".into()));
+        }
+        let mut bytes = vec![0u8; n as usize];
+        f.read_exact(&mut bytes)
+            .map_err(|_| bad("model.safetensors has no valid header".into()))?;
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map_err(|e| bad(format!("model.safetensors header: {e}")))?
+    };
+    let data = varmap.data().lock().expect("varmap lock poisoned");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let want = data[name].dims();
+        let Some(t) = header.get(name.as_str()) else {
+            return Err(bad(format!(
+                "model.safetensors has no tensor `{name}`: the checkpoint is of another model \
+                 or objective"
+            )));
+        };
+        let got: Vec<usize> = t["shape"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.as_u64().map(|d| d as usize))
+            .collect();
+        if got != want {
+            return Err(bad(format!(
+                "`{name}` has shape {got:?}, the model wants {want:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A checkpoint's `state.json`, verified (no tensors are loaded).
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
     parse_state(dir, verify(dir)?)

@@ -62,6 +62,66 @@ pub struct TrainConfig {
     pub loss_scale: Option<f64>,
 }
 
+impl TrainConfig {
+    /// Checks every value range before a run starts (so that a bad setting is an error naming
+    /// its key before anything is written, not a failure at the first step): at least one
+    /// micro-batch per update; finite, non-negative rates, decay and clipping; moment decay
+    /// rates and momentum in [0, 1); a positive epsilon; schedule fractions in [0, 1].
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &'static str, msg: String| Err(TrainError::Config { key, msg });
+        let o = &self.optimizer;
+        let s = &self.schedule;
+        if self.grad_accum == 0 {
+            return bad("train.grad_accum", "must be at least 1".into());
+        }
+        let finite_at_least = |key, v: f64, min: f64| {
+            if v.is_finite() && v >= min {
+                Ok(())
+            } else {
+                bad(key, format!("must be a finite number >= {min}, got {v}"))
+            }
+        };
+        let unit = |key, v: f64, open_top: bool| {
+            let ok = v.is_finite() && v >= 0.0 && if open_top { v < 1.0 } else { v <= 1.0 };
+            if ok {
+                Ok(())
+            } else {
+                let range = if open_top { "[0, 1)" } else { "[0, 1]" };
+                bad(key, format!("must be in {range}, got {v}"))
+            }
+        };
+        finite_at_least("train.optimizer.lr", o.lr, 0.0)?;
+        finite_at_least("train.optimizer.weight_decay", o.weight_decay, 0.0)?;
+        finite_at_least(
+            "train.optimizer.trust_coefficient",
+            o.trust_coefficient,
+            0.0,
+        )?;
+        unit("train.optimizer.beta1", o.beta1, true)?;
+        unit("train.optimizer.beta2", o.beta2, true)?;
+        unit("train.optimizer.momentum", o.momentum, true)?;
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            return bad(
+                "train.optimizer.eps",
+                format!("must be a finite number > 0, got {}", o.eps),
+            );
+        }
+        unit("train.schedule.min_lr_ratio", s.min_lr_ratio, false)?;
+        unit("train.schedule.decay_fraction", s.decay_fraction, false)?;
+        if let Some(n) = self.max_grad_norm {
+            finite_at_least("train.max_grad_norm", n, 0.0)?;
+        }
+        finite_at_least("train.monitor.min_delta", self.monitor.min_delta, 0.0)?;
+        if self.monitor.metric.trim().is_empty() {
+            return bad("train.monitor.metric", "must name an eval metric".into());
+        }
+        if let Some(scale) = self.loss_scale {
+            finite_at_least("precision", scale, 1.0)?;
+        }
+        Ok(())
+    }
+}
+
 /// Clean updates after which a dynamic loss scale doubles (PyTorch's `growth_interval`).
 pub const LOSS_SCALE_WINDOW: u64 = 2000;
 
@@ -236,6 +296,15 @@ impl Trainer {
 
     /// The optimiser this trainer would use for `obj` (exposed so a resume can load its state).
     pub fn optimizer<O: Objective>(&self, obj: &O) -> Result<Box<dyn Optimizer>> {
+        Self::build_optimizer(&self.cfg.optimizer, obj)
+    }
+
+    /// The optimiser `cfg` builds over `obj`'s trainable parameters, before any trainer exists:
+    /// a resume loads its state to check a checkpoint before the run folder changes.
+    pub fn build_optimizer<O: Objective>(
+        cfg: &crate::OptimizerConfig,
+        obj: &O,
+    ) -> Result<Box<dyn Optimizer>> {
         let params = Self::params(obj)
             .into_iter()
             .map(|(n, v)| {
@@ -243,7 +312,7 @@ impl Trainer {
                 (n, v, decay)
             })
             .collect();
-        self.cfg.optimizer.build(params)
+        cfg.build(params)
     }
 
     /// Averages the objective's loss and metrics over `batches` in eval mode, weighted by each
@@ -279,12 +348,7 @@ impl Trainer {
         cursor_of: &dyn Fn(&O::Batch) -> serde_json::Value,
     ) -> Result<FitSummary> {
         let cfg = self.cfg.clone();
-        if cfg.grad_accum == 0 {
-            return Err(TrainError::Config {
-                key: "train.grad_accum",
-                msg: "must be at least 1".into(),
-            });
-        }
+        cfg.validate()?;
         let params = Self::params(obj);
         let (rank, world) = self.comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
         // Where the ranks' small exchanges (losses, flags) live: the parameters' device, which

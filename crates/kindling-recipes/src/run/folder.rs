@@ -23,40 +23,94 @@ impl RunLock {
     /// Takes `dir`'s lock (creating the folder), or fails naming the process that holds it.
     /// On a file system without locks the run goes on unguarded, with a warning.
     pub(crate) fn acquire(dir: &Path) -> Result<RunLock, RecipeError> {
-        use std::io::{Read, Write};
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut lock = Self::open(dir, true)?.expect("created");
+        lock.claim(dir)?;
+        Ok(lock)
+    }
+
+    /// Takes the lock of a run folder that already has one, changing nothing in it (the
+    /// process id is written by [`RunLock::claim`], once validation has passed); `None` when
+    /// there is no lock file yet (a fresh folder, or none at all).
+    pub(crate) fn hold_existing(dir: &Path) -> Result<Option<RunLock>, RecipeError> {
+        Self::open(dir, false)
+    }
+
+    /// The lock, held, or `None` when `create` is false and there is no lock file.
+    fn open(dir: &Path, create: bool) -> Result<Option<RunLock>, RecipeError> {
+        use std::io::Read;
         let path = dir.join(".lock");
-        let mut file = std::fs::OpenOptions::new()
+        let mut file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(create)
             .truncate(false)
             .open(&path)
-            .map_err(io(&path))?;
+        {
+            Ok(f) => f,
+            Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&path)(e)),
+        };
         match file.try_lock() {
-            Ok(()) => {}
+            Ok(()) => Ok(Some(RunLock { _file: Some(file) })),
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut pid = String::new();
                 // Empty if the holder has not written its id yet.
                 let _ = file.read_to_string(&mut pid);
-                return Err(RecipeError::RunInUse {
+                Err(RecipeError::RunInUse {
                     path: dir.to_path_buf(),
                     pid: pid.trim().parse().ok(),
-                });
+                })
             }
             Err(std::fs::TryLockError::Error(e)) => {
                 eprintln!(
                     "warning: cannot lock {} ({e}); nothing stops a second run on this folder",
                     path.display()
                 );
-                return Ok(RunLock { _file: None });
+                Ok(Some(RunLock { _file: None }))
             }
         }
-        file.set_len(0)
-            .and_then(|()| write!(file, "{}", std::process::id()))
-            .map_err(io(&path))?;
-        Ok(RunLock { _file: Some(file) })
     }
+
+    /// Writes this process's id into the held lock file, for the message a second process gets.
+    fn claim(&mut self, dir: &Path) -> Result<(), RecipeError> {
+        use std::io::{Seek, Write};
+        let path = dir.join(".lock");
+        if let Some(file) = &mut self._file {
+            file.set_len(0)
+                .and_then(|()| file.rewind())
+                .and_then(|()| write!(file, "{}", std::process::id()))
+                .map_err(io(&path))?;
+        }
+        Ok(())
+    }
+
+    /// The lock for writing: `held` (from [`RunLock::hold_existing`]) with this process's id
+    /// written, or a new one (creating the folder).
+    pub(crate) fn commit(held: Option<RunLock>, dir: &Path) -> Result<RunLock, RecipeError> {
+        match held {
+            Some(mut lock) => {
+                lock.claim(dir)?;
+                Ok(lock)
+            }
+            None => Self::acquire(dir),
+        }
+    }
+}
+
+/// What [`prepare_run_folder`] would refuse, checked before any work: a fresh run on a folder
+/// that holds a run, without `--overwrite`. Writes nothing.
+pub(crate) fn check_run_folder(
+    dir: &Path,
+    opts: &RunOptions,
+    resuming: bool,
+) -> Result<(), RecipeError> {
+    if !resuming && !opts.overwrite && !checkpoint::list(dir).is_empty() {
+        return Err(RecipeError::RunExists {
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 /// The run folder of a recipe run (held with a [`RunLock`], prepared as

@@ -8,30 +8,41 @@ use kindling_train::checkpoint;
 
 use crate::{RecipeError, Resume};
 
-/// [`resume_checkpoint`] for any recipe type whose run folder is `run_dir` (without the
-/// MLM-specific same-run checks).
-pub fn resume_checkpoint_in(
-    run_dir: &Path,
-    resume: &Resume,
-) -> Result<Option<PathBuf>, RecipeError> {
+/// The checkpoints a `--resume` may continue from, newest first, each of whose files match
+/// the checksums in its `state.json`: every such checkpoint of the run folder (`auto`, or a run
+/// folder named), with a warning for each damaged one skipped, or exactly the checkpoint folder
+/// named. Empty (with a note) for `auto` on a folder without a valid checkpoint: a fresh start.
+/// Reads only: nothing in the run folder changes.
+pub struct Candidates {
+    pub dirs: Vec<PathBuf>,
+    /// A checkpoint folder was named: it must load; no other is tried.
+    pub explicit: bool,
+}
+
+/// The [`Candidates`] of `resume` for the run folder `run_dir`; a checkpoint of another run
+/// folder is an error.
+pub fn resume_candidates(run_dir: &Path, resume: &Resume) -> Result<Candidates, RecipeError> {
     let run_dir = run_dir.to_path_buf();
-    let newest = |dir: &Path| {
-        let (found, refused) = checkpoint::newest_valid(dir);
-        for e in refused {
-            eprintln!("warning: skipping a damaged checkpoint: {e}");
+    let valid = |dir: &Path| {
+        let mut found = Vec::new();
+        for c in checkpoint::list(dir).into_iter().rev() {
+            match checkpoint::verify(&c) {
+                Ok(_) => found.push(c),
+                Err(e) => eprintln!("warning: skipping a damaged checkpoint: {e}"),
+            }
         }
         found
     };
-    let (dir, found) = match resume {
+    let (dir, found, explicit) = match resume {
         Resume::Auto => {
-            let found = newest(&run_dir);
-            if found.is_none() {
+            let found = valid(&run_dir);
+            if found.is_empty() {
                 eprintln!(
                     "resume: no valid checkpoint in {}; starting a fresh run",
                     run_dir.display()
                 );
             }
-            (run_dir.clone(), found)
+            (run_dir.clone(), found, false)
         }
         Resume::Path(p) if p.join("state.json").is_file() => {
             checkpoint::verify(p)?;
@@ -40,14 +51,17 @@ pub fn resume_checkpoint_in(
                 .and_then(Path::parent)
                 .map(Path::to_path_buf)
                 .unwrap_or_default();
-            (dir, Some(p.clone()))
+            (dir, vec![p.clone()], true)
         }
         Resume::Path(p) => {
-            let found = newest(p).ok_or_else(|| RecipeError::Resume {
-                path: p.clone(),
-                msg: "no valid checkpoint there (checkpoints/step-*/)".into(),
-            })?;
-            (p.clone(), Some(found))
+            let found = valid(p);
+            if found.is_empty() {
+                return Err(RecipeError::Resume {
+                    path: p.clone(),
+                    msg: "no valid checkpoint there (checkpoints/step-*/)".into(),
+                });
+            }
+            (p.clone(), found, false)
         }
     };
     let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
@@ -64,7 +78,60 @@ pub fn resume_checkpoint_in(
             ),
         });
     }
-    Ok(found)
+    Ok(Candidates {
+        dirs: found,
+        explicit,
+    })
+}
+
+/// The newest of `candidates` that `load` accepts (it loads the weights, the optimizer state
+/// and the data cursor, and checks that they fit this run's model and data), with what it
+/// returned. A candidate `load` refuses is skipped with a warning, unless it was named
+/// explicitly; none accepted is an error. `Ok(None)`: no candidates, a fresh start.
+pub(crate) fn first_loadable<T>(
+    candidates: &Candidates,
+    mut load: impl FnMut(&Path) -> Result<T, RecipeError>,
+) -> Result<Option<(PathBuf, T)>, RecipeError> {
+    let mut refused = Vec::new();
+    for dir in &candidates.dirs {
+        match load(dir) {
+            Ok(t) => {
+                match checkpoint::read_verified_state(dir) {
+                    Ok(state) => eprintln!("resume: {} (step {})", dir.display(), state.step),
+                    Err(_) => eprintln!("resume: {}", dir.display()),
+                }
+                return Ok(Some((dir.clone(), t)));
+            }
+            Err(e) if candidates.explicit => {
+                return Err(RecipeError::Resume {
+                    path: dir.clone(),
+                    msg: e.to_string(),
+                })
+            }
+            Err(e) => {
+                eprintln!("warning: skipping a checkpoint that does not fit this run: {e}");
+                refused.push(e.to_string());
+            }
+        }
+    }
+    match candidates.dirs.first() {
+        None => Ok(None),
+        Some(newest) => Err(RecipeError::Resume {
+            path: newest.parent().unwrap_or(newest).to_path_buf(),
+            msg: format!(
+                "no checkpoint there fits this run ({}); nothing was changed",
+                refused.join("; ")
+            ),
+        }),
+    }
+}
+
+/// The newest checkpoint [`resume_candidates`] finds (for recipes that check it as they load).
+pub fn resume_checkpoint_in(
+    run_dir: &Path,
+    resume: &Resume,
+) -> Result<Option<PathBuf>, RecipeError> {
+    Ok(resume_candidates(run_dir, resume)?.dirs.into_iter().next())
 }
 
 /// Loads a checkpoint into `varmap` and `opt` for a resume, with its data cursor.
