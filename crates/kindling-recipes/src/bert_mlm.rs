@@ -29,10 +29,10 @@ use kindling_train::{
 use crate::card::{self, CardInfo};
 use crate::recipe::Recipe;
 use crate::run::{
-    check_run_folder, compute_dtype, device, first_loadable, io, join_group, loss_scale,
-    prepare_run_folder, rank_device, rank_trainer, resume_candidates, Candidates, RunLock,
+    compute_dtype, device, first_loadable, io, join_group, loss_scale, plan_run, rank_device,
+    rank_trainer,
 };
-use crate::{RecipeError, Resume, RunOptions, RunReport};
+use crate::{RecipeError, RunOptions, RunReport};
 
 /// The masked-LM objective: a `BertForMaskedLM` scored by cross-entropy at masked positions.
 pub struct BertMlm {
@@ -311,17 +311,6 @@ pub fn prepare_shards(
     Ok(report)
 }
 
-/// The checkpoints `--resume` may continue from (see [`resume_candidates`]), after checking
-/// that the recipe trains the run's model on the run's data with its seed. Reads only.
-pub fn resume_from(recipe: &Recipe, resume: &Resume) -> Result<Candidates, RecipeError> {
-    let run_dir = recipe.run_dir();
-    let found = resume_candidates(&run_dir, resume)?;
-    if !found.dirs.is_empty() {
-        check_same_run(recipe, &run_dir)?;
-    }
-    Ok(found)
-}
-
 /// The checkpoint's word embeddings must have one row per token of the run's tokenizer.
 fn check_checkpoint_vocab(dir: &Path, vocab_size: usize) -> Result<(), RecipeError> {
     const NAME: &str = "bert.embeddings.word_embeddings.weight";
@@ -385,13 +374,6 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     bert_config(recipe, 16, 0)?;
     let max_time = t.max_time()?;
     let save_interval = t.save_interval()?;
-    let run_dir = recipe.run_dir();
-    // A run that is still training holds the lock: stop before reading its files (rank 0
-    // holds it for a data-parallel group).
-    let held = match opts.dist.as_ref().map_or(0, |d| d.rank) {
-        0 => RunLock::hold_existing(&run_dir)?,
-        _ => None,
-    };
     let comm = join_group(opts, &device)?;
     // Data parallel: rank 0 prepares the run folder and the tokenizer and writes every file;
     // the other ranks read the tokenizer it saved and train on their shard.
@@ -402,16 +384,14 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
         device.set_seed(recipe.seed.wrapping_add(rank as u64))?;
     }
 
-    // 2. The checkpoints a resume may continue from (checksums, same recipe).
-    let candidates = match &opts.resume {
-        Some(r) => resume_from(recipe, r)?,
-        None => Candidates {
-            dirs: Vec::new(),
-            explicit: false,
-        },
-    };
-    let resuming = !candidates.dirs.is_empty();
-    check_run_folder(&run_dir, opts, resuming)?;
+    // 2. The run folder, read only: the lock if a run holds it, the checkpoints a resume may
+    // continue from (checksums, and the recipe they were trained with).
+    let plan = plan_run(recipe.run_dir(), opts, rank)?;
+    let run_dir = plan.dir.clone();
+    let resuming = !plan.candidates.dirs.is_empty();
+    if resuming {
+        check_same_run(recipe, &run_dir)?;
+    }
 
     // 3. Data and tokenizer. Streaming from shards reads the corpus text into memory only to
     // train a tokenizer.
@@ -520,7 +500,7 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
 
     // 4. The checkpoint: the newest whose weights, optimizer state and cursor fit.
     let mut opt = Trainer::build_optimizer(&t.optimizer, &objective)?;
-    let resumed = first_loadable(&candidates, |dir| {
+    let resumed = first_loadable(&plan.candidates, |dir| {
         check_checkpoint_vocab(dir, vocab_size)?;
         checkpoint::check_tensors(dir, &objective.varmap)?;
         let state = checkpoint::load(dir, &objective.varmap, Some(opt.as_mut()), &device)?;
@@ -545,12 +525,8 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
     })?;
 
     // 5. Writes: the lock, the run folder, the tokenizer and the data summary.
-    let _lock = match rank {
-        0 => Some(RunLock::commit(held, &run_dir)?),
-        _ => None,
-    };
+    let _lock = plan.commit(&recipe.to_toml(), opts, resumed.is_some())?;
     if rank == 0 {
-        prepare_run_folder(run_dir.clone(), &recipe.to_toml(), opts, resumed.is_some())?;
         if !resuming {
             let path = run_dir.join("tokenizer.json");
             tokenizer.save(&path, false).map_err(|e| RecipeError::Run {

@@ -36,7 +36,7 @@ use kindling_train::{checkpoint, Goal, Monitor, Objective, StepOutput, Trainer};
 
 use crate::bert_mlm::write_hf_folder;
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
-use crate::run::{device, load_for_resume, open_run_folder, standard_trainer};
+use crate::run::{device, first_loadable, load_checked, plan_run, standard_trainer};
 use crate::{RecipeError, RunOptions};
 
 /// A fine-tuning (and probing) recipe: `kindling finetune recipes/NAME.toml`.
@@ -812,15 +812,21 @@ pub struct FinetuneReport {
     pub export_dir: PathBuf,
 }
 
+/// The eval metrics of a fine-tuning run (`train.monitor.metric` names one).
+pub const EVAL_METRICS: &[&str] = &["loss", "accuracy", "macro_f1", "cm.*"];
+
 /// Runs the recipe: train with evaluation on the validation split, reload the best checkpoint,
 /// score the test split, export.
 pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneReport, RecipeError> {
     let device = device(&recipe.device)?;
     let t = &recipe.train;
+    crate::recipe::check_name(recipe.name())?;
+    recipe.train.validate(EVAL_METRICS)?;
     let tokenizer = tok::load(&recipe.model.path)?;
     let task = load_task(recipe, &tokenizer)?;
-    let (run_dir, resume_from, _lock) =
-        open_run_folder(recipe.run_dir(), &recipe.to_toml(), opts, 0)?;
+    // Nothing in the run folder changes until the checkpoint is picked (run/folder.rs).
+    let plan = plan_run(recipe.run_dir(), opts, 0)?;
+    let run_dir = plan.dir.clone();
     eprintln!(
         "data: {} classes {:?}; {} train, {} validation, {} test rows (test majority class {:.1}%)",
         task.labels.len(),
@@ -880,6 +886,29 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
     let (steps, eval_every, monitor_metric) =
         (cfg.steps, cfg.eval_every, cfg.monitor.metric.clone());
+    let mut opt = Trainer::build_optimizer(&cfg.optimizer, &obj)?;
+    let decay = recipe.model.layerwise_lr_decay;
+    if decay != 1.0 {
+        opt.set_lr_scales(&|name| obj.lr_scale(name, decay));
+    }
+    #[derive(serde::Deserialize)]
+    struct At {
+        epoch: u64,
+        index: usize,
+    }
+    let batches = per_epoch as usize;
+    let resumed = first_loadable(&plan.candidates, |dir| {
+        load_checked(dir, &obj.varmap, opt.as_mut(), &device, |at: &At| {
+            if at.index >= batches.max(1) {
+                return Err(format!(
+                    "is past the end of the {batches} batches of an epoch"
+                ));
+            }
+            Ok(())
+        })
+    })?;
+    let resume_from = resumed.as_ref().map(|(dir, _)| dir.clone());
+    let _lock = plan.commit(&recipe.to_toml(), opts, resume_from.is_some())?;
     let mut trainer = standard_trainer(
         cfg,
         &run_dir,
@@ -889,11 +918,6 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
         resume_from.as_deref(),
         opts,
     )?;
-    let mut opt = trainer.optimizer(&obj)?;
-    let decay = recipe.model.layerwise_lr_decay;
-    if decay != 1.0 {
-        opt.set_lr_scales(&|name| obj.lr_scale(name, decay));
-    }
     let validation = eval_batches(&task.validation, t.eval_batch_size, task.pad_id);
     eprintln!(
         "train: {steps} steps of {} ({per_epoch} per epoch), eval every {eval_every} steps on \
@@ -902,19 +926,10 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
         task.validation.len()
     );
     let mut loader = loader;
-    let start = match &resume_from {
-        Some(dir) => {
-            #[derive(serde::Deserialize)]
-            struct At {
-                epoch: u64,
-                index: usize,
-            }
-            let (state, at): (_, At) = load_for_resume(dir, &obj.varmap, opt.as_mut(), &device)?;
-            loader.seek_after(at.epoch, at.index);
-            Some(state)
-        }
-        None => None,
-    };
+    let start = resumed.map(|(_, (state, at))| {
+        loader.seek_after(at.epoch, at.index);
+        state
+    });
     let summary = trainer.fit(
         &obj,
         &mut loader,

@@ -42,7 +42,7 @@ use kindling_train::{checkpoint, Objective, StepOutput, Trainer};
 
 use crate::bert_mlm::write_hf_folder;
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
-use crate::run::{device, group_trainer, load_for_resume, open_run_folder, standard_trainer};
+use crate::run::{device, first_loadable, group_trainer, load_checked, plan_run, standard_trainer};
 use crate::vision::l2_normalize;
 use crate::{RecipeError, RunOptions, RunReport};
 
@@ -483,6 +483,15 @@ impl SimcseLoader {
 
     pub fn batches_per_epoch(&self) -> usize {
         self.data.len() / self.batch_size
+    }
+
+    /// The examples an epoch visits.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
     }
 
     fn order(&self, epoch: u64) -> Vec<usize> {
@@ -1043,8 +1052,13 @@ pub fn export(
 // ---------------------------------------------------------------------------------------------
 // Run
 
+/// The eval metrics of a SimCSE run (`train.monitor.metric` names one).
+pub const EVAL_METRICS: &[&str] = &["loss", "recall_at_*", "mrr"];
+
 /// Runs the recipe: evaluate the starting encoder, train (resumable), evaluate, export.
 pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
+    crate::recipe::check_name(recipe.name())?;
+    recipe.train.validate(EVAL_METRICS)?;
     let device = crate::run::rank_device(&recipe.device, opts.dist.as_ref())?;
     let group = crate::run::join_group(opts, &device)?;
     let rank = group.as_ref().map_or(0, |g| g.rank());
@@ -1070,8 +1084,9 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
         distinct,
         examples.iter().map(|e| e.anchor.len()).sum::<usize>() as f64 / examples.len() as f64
     );
-    let (run_dir, resume_from, _lock) =
-        open_run_folder(recipe.run_dir(), &recipe.to_toml(), opts, rank)?;
+    // Nothing in the run folder changes until the checkpoint is picked (run/folder.rs).
+    let plan = plan_run(recipe.run_dir(), opts, rank)?;
+    let run_dir = plan.dir.clone();
     let mut obj = Simcse::build(recipe, specials.pad, &device)?;
     obj.group = group.clone();
     eprintln!(
@@ -1112,6 +1127,18 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
         loader.batches_per_epoch() as u64 / group.as_ref().map_or(1, |g| g.world()) as u64;
     let mut cfg = t.train_config(recipe.seed, per_epoch)?;
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
+    let mut opt = Trainer::build_optimizer(&cfg.optimizer, &obj)?;
+    let examples_n = loader.len() as u64;
+    let resumed = first_loadable(&plan.candidates, |dir| {
+        load_checked(dir, &obj.varmap, opt.as_mut(), &device, |c: &Cursor| {
+            if c.position > examples_n {
+                return Err(format!("is past the end of the {examples_n} examples"));
+            }
+            Ok(())
+        })
+    })?;
+    let resume_from = resumed.as_ref().map(|(dir, _)| dir.clone());
+    let _lock = plan.commit(&recipe.to_toml(), opts, resume_from.is_some())?;
     let initial_path = run_dir.join("initial_eval.json");
     // The starting encoder's scores, once per run (a resumed run reads them back).
     let initial: BTreeMap<String, f64> = match (&resume_from, eval.is_empty()) {
@@ -1145,15 +1172,10 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
             opts,
         )
     })?;
-    let mut opt = trainer.optimizer(&obj)?;
-    let start = match &resume_from {
-        Some(dir) => {
-            let (state, cursor) = load_for_resume(dir, &obj.varmap, opt.as_mut(), &device)?;
-            loader.seek(cursor);
-            Some(state)
-        }
-        None => None,
-    };
+    let start = resumed.map(|(_, (state, cursor))| {
+        loader.seek(cursor);
+        state
+    });
     eprintln!(
         "train: {} steps of {} examples ({per_epoch} per epoch), eval every {}",
         cfg.steps, t.batch_size, cfg.eval_every

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use kindling_train::checkpoint;
 
-use super::resume::resume_checkpoint_in;
+use super::resume::{resume_candidates, Candidates};
 use crate::{RecipeError, RunOptions};
 
 /// A run folder held by this process for as long as the guard lives: an advisory lock
@@ -113,29 +113,67 @@ pub(crate) fn check_run_folder(
     Ok(())
 }
 
-/// The run folder of a recipe run (held with a [`RunLock`], prepared as
-/// [`prepare_run_folder`] does) and, when `opts.resume` asks for one, the checkpoint the run
-/// continues from. In a data-parallel run only rank 0 holds and prepares the folder; the other
-/// ranks only read it. The run keeps the lock until it drops the guard.
-pub(crate) fn open_run_folder(
+/// A run folder read and checked but not yet changed: the first phase of every run.
+///
+/// ```text
+/// plan_run         hold the lock if the folder has one (a busy run stops here), list the
+///                  checkpoints a resume may continue from, refuse to replace a run without
+///                  --overwrite                                        reads only
+/// (the recipe)     data, tokenizer, model; first_loadable picks the checkpoint whose
+///                  weights, optimizer state and cursor fit           reads only
+/// commit           the lock with this process's id; --overwrite deletes the old run;
+///                  recipe.toml                                        the first write
+/// ```
+/// In a data-parallel run only rank 0 holds the lock and writes; the other ranks only read.
+pub(crate) struct PlannedRun {
+    pub dir: PathBuf,
+    pub candidates: Candidates,
+    held: Option<RunLock>,
+    rank: usize,
+}
+
+/// Plans the run in `run_dir` (see [`PlannedRun`]).
+pub(crate) fn plan_run(
     run_dir: PathBuf,
-    recipe_toml: &str,
     opts: &RunOptions,
     rank: usize,
-) -> Result<(PathBuf, Option<PathBuf>, Option<RunLock>), RecipeError> {
-    let lock = match rank {
-        0 => Some(RunLock::acquire(&run_dir)?),
+) -> Result<PlannedRun, RecipeError> {
+    let held = match rank {
+        0 => RunLock::hold_existing(&run_dir)?,
         _ => None,
     };
-    let resume_from = match &opts.resume {
-        Some(r) => resume_checkpoint_in(&run_dir, r)?,
-        None => None,
+    let candidates = match &opts.resume {
+        Some(r) => resume_candidates(&run_dir, r)?,
+        None => Candidates::none(),
     };
-    if rank > 0 {
-        return Ok((run_dir, resume_from, lock));
+    if rank == 0 {
+        check_run_folder(&run_dir, opts, !candidates.dirs.is_empty())?;
     }
-    let dir = prepare_run_folder(run_dir, recipe_toml, opts, resume_from.is_some())?;
-    Ok((dir, resume_from, lock))
+    Ok(PlannedRun {
+        dir: run_dir,
+        candidates,
+        held,
+        rank,
+    })
+}
+
+impl PlannedRun {
+    /// The first write: takes the lock (rank 0), then replaces or continues the run folder
+    /// and saves the resolved recipe (see [`prepare_run_folder`]). `resuming`: a checkpoint
+    /// was picked. The run keeps the returned guard until it ends.
+    pub(crate) fn commit(
+        self,
+        recipe_toml: &str,
+        opts: &RunOptions,
+        resuming: bool,
+    ) -> Result<Option<RunLock>, RecipeError> {
+        if self.rank > 0 {
+            return Ok(None);
+        }
+        let lock = RunLock::commit(self.held, &self.dir)?;
+        prepare_run_folder(self.dir, recipe_toml, opts, resuming)?;
+        Ok(Some(lock))
+    }
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {

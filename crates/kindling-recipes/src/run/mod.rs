@@ -9,8 +9,8 @@ pub mod trainer;
 
 pub use device::{compute_dtype, device, loss_scale};
 pub(crate) use device::{join_group, rank_device};
-pub(crate) use folder::{check_run_folder, io, open_run_folder, prepare_run_folder, RunLock};
+pub(crate) use folder::{io, plan_run, RunLock};
 pub(crate) use resume::first_loadable;
-pub(crate) use resume::load_for_resume;
+pub(crate) use resume::load_checked;
 pub use resume::{resume_candidates, resume_checkpoint_in, Candidates};
 pub(crate) use trainer::{group_trainer, rank_trainer, standard_trainer};

@@ -19,6 +19,16 @@ pub struct Candidates {
     pub explicit: bool,
 }
 
+impl Candidates {
+    /// No resume: a fresh start.
+    pub fn none() -> Self {
+        Candidates {
+            dirs: Vec::new(),
+            explicit: false,
+        }
+    }
+}
+
 /// The [`Candidates`] of `resume` for the run folder `run_dir`; a checkpoint of another run
 /// folder is an error.
 pub fn resume_candidates(run_dir: &Path, resume: &Resume) -> Result<Candidates, RecipeError> {
@@ -134,19 +144,31 @@ pub fn resume_checkpoint_in(
     Ok(resume_candidates(run_dir, resume)?.dirs.into_iter().next())
 }
 
-/// Loads a checkpoint into `varmap` and `opt` for a resume, with its data cursor.
-pub(crate) fn load_for_resume<C: serde::de::DeserializeOwned>(
+/// Loads the checkpoint `dir` for a resume: its weights (their names and shapes checked
+/// against `varmap` first), the optimizer state into `opt`, and its data cursor as `C`, which
+/// `check` must accept (a cursor past the end of this run's data means the checkpoint was not
+/// trained on it). Changes nothing on disk; on an error the model and optimizer may hold part
+/// of the checkpoint, and the next candidate's load replaces all of it.
+pub(crate) fn load_checked<C: serde::de::DeserializeOwned>(
     dir: &Path,
     varmap: &VarMap,
     opt: &mut dyn kindling_train::Optimizer,
     device: &Device,
+    check: impl FnOnce(&C) -> Result<(), String>,
 ) -> Result<(kindling_train::TrainerState, C), RecipeError> {
+    let bad = |msg: String| RecipeError::Resume {
+        path: dir.to_path_buf(),
+        msg,
+    };
+    checkpoint::check_tensors(dir, varmap)?;
     let state = checkpoint::load(dir, varmap, Some(opt), device)?;
-    let cursor =
-        serde_json::from_value(state.data_cursor.clone()).map_err(|e| RecipeError::Resume {
-            path: dir.to_path_buf(),
-            msg: format!("data cursor {}: {e}", state.data_cursor),
-        })?;
-    eprintln!("resume: {} (step {})", dir.display(), state.step);
+    let cursor: C = serde_json::from_value(state.data_cursor.clone())
+        .map_err(|e| bad(format!("state.json data_cursor {}: {e}", state.data_cursor)))?;
+    check(&cursor).map_err(|m| {
+        bad(format!(
+            "its data cursor {} {m}: the checkpoint was not trained on this data",
+            state.data_cursor
+        ))
+    })?;
     Ok((state, cursor))
 }

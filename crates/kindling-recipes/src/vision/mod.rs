@@ -41,11 +41,11 @@ use kindling_models::export::{save_json, write_atomic};
 use kindling_models::nn::Linear;
 use kindling_models::{Mlp, MlpConfig, ResNet, ResNetConfig};
 use kindling_train::distributed::{gather_with_grad, Collective};
-use kindling_train::{checkpoint, Objective, StepOutput};
+use kindling_train::{checkpoint, Objective, StepOutput, Trainer};
 
 use crate::probe::{standardise, Logistic};
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
-use crate::run::{device, group_trainer, load_for_resume, open_run_folder, standard_trainer};
+use crate::run::{device, first_loadable, group_trainer, load_checked, plan_run, standard_trainer};
 use crate::{RecipeError, RunOptions, RunReport};
 pub use monitors::{collapse_metrics, knn_accuracy};
 
@@ -1010,11 +1010,24 @@ pub fn export_from_checkpoint(
     Ok(dir)
 }
 
+/// The eval metrics of a vision run (`train.monitor.metric` names one).
+pub const EVAL_METRICS: &[&str] = &[
+    "loss",
+    "ssl_loss",
+    "probe_accuracy",
+    "probe_loss",
+    "feature_std",
+    "effective_rank",
+    "knn_accuracy",
+];
+
 /// Runs a vision SSL recipe, in one process or as one rank of a data-parallel group (every
 /// method: SimCLR gathers its negatives, Barlow Twins and VICReg both views ([`group_views`]),
 /// MoCo enqueues the whole group's keys; BYOL's and SimSiam's losses are means of per-image
 /// terms, so the ranks' mean is the global batch's).
 pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
+    crate::recipe::check_name(recipe.name())?;
+    recipe.train.validate(EVAL_METRICS)?;
     let device = crate::run::rank_device(&recipe.device, opts.dist.as_ref())?;
     let group = crate::run::join_group(opts, &device)?;
     let rank = group.as_ref().map_or(0, |g| g.rank());
@@ -1041,13 +1054,9 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
         },
         test_set.as_ref().map_or(0, ImageSet::len),
     );
-    // Data parallel: rank 0 prepares the run folder and writes every file.
-    let (run_dir, resume_from, _lock) = open_run_folder(
-        recipe.run_dir(),
-        &toml::to_string_pretty(recipe).expect("recipe serialises"),
-        opts,
-        rank,
-    )?;
+    // Nothing in the run folder changes until the checkpoint is picked (run/folder.rs).
+    let plan = plan_run(recipe.run_dir(), opts, rank)?;
+    let run_dir = plan.dir.clone();
     let in_shape = (train_set.height, train_set.width, train_set.channels);
     let mut model = SslModel::build(recipe, in_shape, classes, &device)?;
     model.compute = compute;
@@ -1095,6 +1104,20 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
     let mut cfg = t.train_config(recipe.seed, per_epoch)?;
     cfg.loss_scale = crate::run::loss_scale(&recipe.precision);
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
+    let mut opt = Trainer::build_optimizer(&cfg.optimizer, &model)?;
+    let images = train_set.len() as u64;
+    let resumed = first_loadable(&plan.candidates, |dir| {
+        load_checked(dir, &model.varmap, opt.as_mut(), &device, |c: &Cursor| {
+            if c.position > images {
+                return Err(format!("is past the end of the {images} training images"));
+            }
+            Ok(())
+        })
+    })?;
+    let resume_from = resumed.as_ref().map(|(dir, _)| dir.clone());
+    // Data parallel: rank 0 prepares the run folder and writes every file.
+    let toml = toml::to_string_pretty(recipe).expect("recipe serialises");
+    let _lock = plan.commit(&toml, opts, resume_from.is_some())?;
     let mut trainer = group_trainer(group.as_ref(), cfg.clone(), &run_dir, opts, |cfg| {
         standard_trainer(
             cfg,
@@ -1106,15 +1129,10 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
             opts,
         )
     })?;
-    let mut opt = trainer.optimizer(&model)?;
-    let start = match &resume_from {
-        Some(dir) => {
-            let (state, cursor) = load_for_resume(dir, &model.varmap, opt.as_mut(), &device)?;
-            loader.seek(cursor);
-            Some(state)
-        }
-        None => None,
-    };
+    let start = resumed.map(|(_, (state, cursor))| {
+        loader.seek(cursor);
+        state
+    });
     let mut eval = match &test_set {
         Some(s) => eval_batches(s, recipe, t.eval_batch_size)?,
         None => Vec::new(),
