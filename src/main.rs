@@ -1,6 +1,6 @@
 //! `kindling`: the command line. Parsing and exit codes live here; everything else is in crates/.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -230,6 +230,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             };
             let report = kindling_recipes::pretrain_file(&recipe, &overrides, &opts)?;
             if report.stop == StopReason::Interrupted {
+                if rank == 0 {
+                    let launched = opts.dist.is_some();
+                    print_resume("pretrain", &recipe, &overrides, &[], launched);
+                }
                 return Ok(128 + which.load(Ordering::SeqCst) as u8);
             }
             if rank > 0 {
@@ -267,6 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             compare_random,
         } => {
             use kindling_recipes::finetune::{self, FinetuneRecipe};
+            let recipe_path = recipe.clone();
             let mut recipe = FinetuneRecipe::load(&recipe, &overrides)?;
             recipe.model.path = kindling_hub::resolve_model_path(&recipe.model.path)?;
             let (flag, which) = install_signal_handlers()?;
@@ -283,12 +288,20 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             if compare_random {
                 let (a, b) = finetune::compare_with_random(&recipe, &opts)?;
                 if interrupted(&flag) {
+                    print_resume(
+                        "finetune",
+                        &recipe_path,
+                        &overrides,
+                        &["--compare-random"],
+                        false,
+                    );
                     return Ok(128 + which.load(Ordering::SeqCst) as u8);
                 }
                 print!("{}", finetune::comparison_table(&a, &b));
             } else {
                 let r = finetune::finetune(&recipe, &opts)?;
                 if interrupted(&flag) {
+                    print_resume("finetune", &recipe_path, &overrides, &[], false);
                     return Ok(128 + which.load(Ordering::SeqCst) as u8);
                 }
                 println!(
@@ -462,6 +475,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// The exact command that continues an interrupted run: the same subcommand, recipe and
+/// overrides with `--resume auto` (a checkpoint was written at the step the signal ended).
+fn resume_command(sub: &str, recipe: &Path, overrides: &[String], extra: &[&str]) -> String {
+    let mut words = vec![
+        "kindling".to_string(),
+        sub.to_string(),
+        recipe.display().to_string(),
+    ];
+    for o in overrides {
+        words.extend(["--set".to_string(), o.clone()]);
+    }
+    words.extend(extra.iter().map(|s| s.to_string()));
+    words.extend(["--resume".to_string(), "auto".to_string()]);
+    shlex::try_join(words.iter().map(String::as_str)).unwrap_or_else(|_| words.join(" "))
+}
+
+fn print_resume(sub: &str, recipe: &Path, overrides: &[String], extra: &[&str], launched: bool) {
+    eprintln!(
+        "interrupted; a checkpoint was written. Continue with:\n  {}{}",
+        resume_command(sub, recipe, overrides, extra),
+        if launched {
+            "\n(with the same --gpus or --nproc, or the same launcher and WORLD_SIZE)"
+        } else {
+            ""
+        }
+    );
+}
+
 /// What to change, for failures whose message names only their cause: a GPU out of memory
 /// (candle passes the CUDA driver's or cuBLAS's error on as text, mid-step, with the last
 /// checkpoint untouched).
@@ -494,5 +535,30 @@ mod tests {
             "shape mismatch".into(),
         )));
         assert_eq!(hint(&other), None);
+    }
+
+    #[test]
+    fn the_resume_command_repeats_the_run_with_resume_auto_quoted_for_a_shell() {
+        let cmd = resume_command(
+            "pretrain",
+            Path::new("recipes/my run.toml"),
+            &["train.steps=900".into(), "name=\"a b\"".into()],
+            &[],
+        );
+        // A shell reads back the words of the run, with --resume auto.
+        assert_eq!(
+            shlex::split(&cmd).unwrap(),
+            [
+                "kindling",
+                "pretrain",
+                "recipes/my run.toml",
+                "--set",
+                "train.steps=900",
+                "--set",
+                "name=\"a b\"",
+                "--resume",
+                "auto"
+            ]
+        );
     }
 }

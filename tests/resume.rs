@@ -159,6 +159,24 @@ fn sigterm_writes_a_checkpoint_and_exits_cleanly() {
         err.contains(&format!("interrupted at step {}", state["step"])),
         "{err}"
     );
+    // The line that says how to go on is the command itself, and it works.
+    let line = err
+        .lines()
+        .find(|l| l.trim_start().starts_with("kindling pretrain "))
+        .unwrap_or_else(|| panic!("no resume command: {err}"));
+    let words = shlex::split(line.trim()).unwrap();
+    assert!(
+        words.ends_with(&["--resume".into(), "auto".into()]),
+        "{line}"
+    );
+    let again = Command::new(env!("CARGO_BIN_EXE_kindling"))
+        .current_dir(crate::common::repo_root())
+        .args(&words[1..])
+        .args(["--set", "train.steps=12"])
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(stderr(&again).contains("resume: "), "{}", stderr(&again));
 }
 
 #[test]

@@ -604,8 +604,14 @@ impl Trainer {
             }
             let mut last = step == cfg.steps || interrupted || time_up;
             let mut improved = false;
-            let eval_due = last || (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every));
-            if !eval.is_empty() && eval_due && !interrupted {
+            // An interrupted run still evaluates when this step's evaluation was due, so that
+            // resuming gives the metrics, best checkpoint and early stop of a run straight
+            // through (the signal only costs the wait for that evaluation); it adds none that
+            // was not due.
+            let scheduled =
+                step == cfg.steps || (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every));
+            let eval_due = scheduled || (last && !interrupted);
+            if !eval.is_empty() && eval_due {
                 last_eval = Self::evaluate(obj, eval)?;
                 if let Some(comm) = &self.comm {
                     // Every rank evaluates the whole held-out split; rank 0's figures decide
@@ -628,7 +634,8 @@ impl Trainer {
                 }
                 improved = cfg.monitor.update(&mut best, step, &last_eval);
                 let patience = cfg.monitor.patience;
-                if !last
+                // (An interruption at this step stops as the run straight through would.)
+                if (!last || (interrupted && step < cfg.steps))
                     && patience > 0
                     && best
                         .as_ref()
@@ -1111,6 +1118,108 @@ mod tests {
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(kept, ["step-00000005", "step-00000020"]);
+    }
+
+    /// Raises the stop flag at the end of step `at`, as a signal arriving during that step.
+    struct SignalAt {
+        at: u64,
+        flag: Arc<AtomicBool>,
+    }
+
+    impl crate::Callback for SignalAt {
+        fn on_step_end(&mut self, rec: &StepRecord) -> Result<()> {
+            if rec.step == self.at {
+                self.flag.store(true, Ordering::SeqCst);
+            }
+            Ok(())
+        }
+    }
+
+    /// Every eval's (step, loss) a run reports, in order.
+    struct Evals(Arc<std::sync::Mutex<Vec<(u64, f64)>>>);
+
+    impl crate::Callback for Evals {
+        fn on_eval_end(&mut self, rec: &EvalRecord) -> Result<()> {
+            self.0.lock().unwrap().push((rec.step, rec.metrics["loss"]));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_interrupt_at_an_eval_step_evaluates_then_resumes_as_a_run_straight_through() {
+        let data: Vec<Batch> = (0..20).map(|i| batch(i, 16)).collect();
+        let mut c = cfg(20, 1);
+        c.eval_every = 5;
+        c.keep_last = 10;
+        c.monitor = Monitor {
+            metric: "loss".into(),
+            goal: Goal::Min,
+            patience: 0,
+            min_delta: 0.0,
+        };
+        let run = |start: Option<TrainerState>, signal_at: Option<u64>, dir: &Path| {
+            let obj = Boring::new();
+            let evals = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let flag = Arc::new(AtomicBool::new(false));
+            let mut t = Trainer::new(c.clone(), dir)
+                .with_callback(Evals(evals.clone()))
+                .with_stop_flag(flag.clone());
+            if let Some(at) = signal_at {
+                t = t.with_callback(SignalAt {
+                    at,
+                    flag: flag.clone(),
+                });
+            }
+            let mut opt = t.optimizer(&obj).unwrap();
+            if let Some(s) = &start {
+                let ckpt = checkpoint::checkpoint_dir(dir, s.step);
+                checkpoint::load(&ckpt, &obj.varmap, Some(opt.as_mut()), &Device::Cpu).unwrap();
+            }
+            let skip = start.as_ref().map_or(0, |s| s.step as usize);
+            let eval = vec![batch(999, 64)];
+            let s = t
+                .fit(
+                    &obj,
+                    &mut data.clone().into_iter().skip(skip),
+                    &eval,
+                    opt,
+                    start,
+                    &|_| serde_json::Value::Null,
+                )
+                .unwrap();
+            let evals = evals.lock().unwrap().clone();
+            (s, evals, weights(&obj))
+        };
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (straight, straight_evals, straight_w) = run(None, None, d1.path());
+
+        // Interrupted at step 10, where an evaluation is due: it still happens.
+        let (cut, cut_evals, _) = run(None, Some(10), d2.path());
+        assert_eq!(cut.stop, StopReason::Interrupted);
+        assert_eq!(cut.steps, 10);
+        assert_eq!(
+            cut_evals,
+            straight_evals[..2],
+            "the evals at 5 and 10, none skipped"
+        );
+        let state = checkpoint::load_state(&cut.last_checkpoint.unwrap()).unwrap();
+        assert_eq!(state.last_eval.as_ref().unwrap()["loss"], cut_evals[1].1);
+        let (resumed, resumed_evals, resumed_w) = run(Some(state), None, d2.path());
+        assert_eq!(
+            resumed_evals,
+            straight_evals[2..],
+            "15 and 20 as straight through"
+        );
+        assert_eq!(resumed_w, straight_w);
+        assert_eq!(
+            resumed.best.map(|b| (b.step, b.value)),
+            straight.best.map(|b| (b.step, b.value))
+        );
+
+        // Interrupted at step 7, between evaluations: none is added.
+        let d3 = tempfile::tempdir().unwrap();
+        let (_, evals, _) = run(None, Some(7), d3.path());
+        assert_eq!(evals, straight_evals[..1]);
     }
 
     #[test]
