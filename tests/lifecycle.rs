@@ -302,3 +302,151 @@ fn prepare_never_deletes_a_folder_that_is_not_a_shard_folder() {
         assert_eq!(snapshot(&mine), before);
     }
 }
+
+/// A finished run of `recipe` (a few seconds) in a fresh runs folder, with `sets`.
+fn finished(sub: &str, recipe: &str, sets: &[String]) -> (tempfile::TempDir, PathBuf) {
+    let runs = tempfile::tempdir().unwrap();
+    let out = command(sub, recipe, runs.path(), &[], sets)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stem = Path::new(recipe).file_stem().unwrap().to_owned();
+    let run = runs.path().join(stem);
+    (runs, run)
+}
+
+fn command(
+    sub: &str,
+    recipe: &str,
+    runs: &Path,
+    args: &[&str],
+    sets: &[String],
+) -> std::process::Command {
+    let mut cmd = kindling();
+    cmd.args([sub, recipe, "--set"])
+        .arg(format!("runs_dir=\"{}\"", runs.display()))
+        .args(args);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd
+}
+
+#[test]
+fn a_vision_run_refuses_bad_settings_on_resume_and_overwrite_without_changing_anything() {
+    let recipe = "recipes/tiny/simclr-tiny.toml";
+    let (runs, run) = finished("pretrain", recipe, &[]);
+    let before = snapshot(&run);
+    let view = |stage: &str| format!("data.views=[{{stages=[{stage}]}}]");
+    for (args, set, key) in [
+        (
+            "--resume",
+            view("{kind=\"random_resized_crop\", size=20, scale=[1.0, 0.2]}"),
+            "random_resized_crop.scale",
+        ),
+        (
+            "--resume",
+            view("{kind=\"gaussian_blur\", sigma=[-1.0, 2.0]}"),
+            "gaussian_blur.sigma",
+        ),
+        (
+            "--resume",
+            view("{kind=\"color_jitter\", brightness=-0.4}"),
+            "color_jitter.brightness",
+        ),
+        (
+            "--resume",
+            "train.monitor.metric=\"bogus\"".into(),
+            "train.monitor.metric",
+        ),
+        ("--resume", "train.grad_accum=0".into(), "train.grad_accum"),
+        (
+            "--overwrite",
+            "train.optimizer.lr=nan".into(),
+            "train.optimizer.lr",
+        ),
+        ("--overwrite", "name=\"\"".into(), "name"),
+    ] {
+        let extra: Vec<&str> = match args {
+            "--resume" => vec!["--resume", "auto"],
+            _ => vec!["--overwrite"],
+        };
+        let out = command("pretrain", recipe, runs.path(), &extra, &[set.clone()])
+            .output()
+            .unwrap();
+        refused(&out, &[key]);
+        assert_eq!(snapshot(&run), before, "{args} --set {set} changed the run");
+    }
+}
+
+#[test]
+fn a_finetune_run_refuses_bad_settings_on_resume_and_overwrite_without_changing_anything() {
+    let recipe = "recipes/tiny/finetune-tiny.toml";
+    let model = format!(
+        "model.path=\"{}\"",
+        shared_tiny_run().join("export").display()
+    );
+    let short = "train.max_epochs=1".to_string();
+    let (runs, run) = finished("finetune", recipe, &[model.clone(), short.clone()]);
+    let before = snapshot(&run);
+    for (args, set, key) in [
+        ("--resume", "train.optimizer.lr=nan", "train.optimizer.lr"),
+        (
+            "--resume",
+            "train.monitor.metric=\"f1\"",
+            "train.monitor.metric",
+        ),
+        ("--overwrite", "train.grad_accum=0", "train.grad_accum"),
+        (
+            "--overwrite",
+            "data.path=\"datasets/no-such-table.tsv\"",
+            "no-such-table",
+        ),
+    ] {
+        let extra: Vec<&str> = match args {
+            "--resume" => vec!["--resume", "auto"],
+            _ => vec!["--overwrite"],
+        };
+        let sets = [model.clone(), short.clone(), set.to_string()];
+        let out = command("finetune", recipe, runs.path(), &extra, &sets)
+            .output()
+            .unwrap();
+        refused(&out, &[key]);
+        assert_eq!(snapshot(&run), before, "{args} --set {set} changed the run");
+    }
+}
+
+#[test]
+fn an_imported_config_json_out_of_range_is_an_error_naming_the_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    copy_dir(&shared_tiny_run().join("export"), &model);
+    let config_path = model.join("config.json");
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    for (field, value) in [
+        ("num_attention_heads", serde_json::json!(0)),
+        ("type_vocab_size", serde_json::json!(0)),
+        ("hidden_dropout_prob", serde_json::json!(-0.5)),
+        ("layer_norm_eps", serde_json::json!(0.0)),
+    ] {
+        let mut cfg = original.clone();
+        cfg[field] = value;
+        std::fs::write(&config_path, cfg.to_string()).unwrap();
+        let runs = dir.path().join("runs");
+        let out = command(
+            "finetune",
+            "recipes/tiny/finetune-tiny.toml",
+            &runs,
+            &[],
+            &[format!("model.path=\"{}\"", model.display())],
+        )
+        .output()
+        .unwrap();
+        refused(&out, &["config.json", field]);
+        assert!(
+            !runs.exists(),
+            "no run folder for a model that does not load"
+        );
+    }
+}

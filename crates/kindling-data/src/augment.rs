@@ -229,6 +229,91 @@ pub struct Normalize {
     pub std: Vec<f32>,
 }
 
+impl Stage {
+    /// Every value in its range: probabilities in [0, 1], strengths and sigmas finite and
+    /// non-negative, ranges in order (a `scale` of `[1.0, 0.2]` would panic when drawn).
+    pub fn check(&self) -> Result<()> {
+        fn bad(key: &'static str, msg: String) -> Result<()> {
+            Err(DataError::Config { key, msg })
+        }
+        let prob = |key: &'static str, p: f32| {
+            if p.is_finite() && (0.0..=1.0).contains(&p) {
+                Ok(())
+            } else {
+                bad(key, format!("a probability must be in [0, 1], got {p}"))
+            }
+        };
+        let non_negative = |key: &'static str, v: f32| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                bad(key, format!("must be a finite number >= 0, got {v}"))
+            }
+        };
+        let range = |key: &'static str, (lo, hi): (f32, f32), min: f32, max: f32| {
+            if lo.is_finite() && hi.is_finite() && min <= lo && lo <= hi && hi <= max {
+                Ok(())
+            } else {
+                bad(
+                    key,
+                    format!(
+                        "must be [low, high] with {min} <= low <= high <= {max}, got [{lo}, {hi}]"
+                    ),
+                )
+            }
+        };
+        match self {
+            Stage::RandomResizedCrop(r) => {
+                range(
+                    "data.views.stages.random_resized_crop.scale",
+                    r.scale,
+                    f32::MIN_POSITIVE,
+                    1.0,
+                )?;
+                range(
+                    "data.views.stages.random_resized_crop.ratio",
+                    r.ratio,
+                    f32::MIN_POSITIVE,
+                    f32::MAX,
+                )
+            }
+            Stage::Resize(_) | Stage::Normalize(_) => Ok(()),
+            Stage::HorizontalFlip(f) => prob("data.views.stages.horizontal_flip.p", f.p),
+            Stage::ColorJitter(j) => {
+                prob("data.views.stages.color_jitter.p", j.p)?;
+                non_negative("data.views.stages.color_jitter.brightness", j.brightness)?;
+                non_negative("data.views.stages.color_jitter.contrast", j.contrast)?;
+                non_negative("data.views.stages.color_jitter.saturation", j.saturation)?;
+                if !(j.hue.is_finite() && (0.0..=0.5).contains(&j.hue)) {
+                    return bad(
+                        "data.views.stages.color_jitter.hue",
+                        format!("must be in [0, 0.5] (turns), got {}", j.hue),
+                    );
+                }
+                Ok(())
+            }
+            Stage::Grayscale(g) => prob("data.views.stages.grayscale.p", g.p),
+            Stage::GaussianBlur(b) => {
+                prob("data.views.stages.gaussian_blur.p", b.p)?;
+                range(
+                    "data.views.stages.gaussian_blur.sigma",
+                    b.sigma,
+                    f32::MIN_POSITIVE,
+                    f32::MAX,
+                )?;
+                non_negative(
+                    "data.views.stages.gaussian_blur.kernel_fraction",
+                    b.kernel_fraction,
+                )
+            }
+            Stage::Solarize(z) => {
+                prob("data.views.stages.solarize.p", z.p)?;
+                non_negative("data.views.stages.solarize.threshold", z.threshold)
+            }
+        }
+    }
+}
+
 /// A view: the stages applied in order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -242,11 +327,16 @@ impl ViewPipeline {
     pub fn output_shape(&self, h: usize, w: usize, c: usize) -> Result<(usize, usize, usize)> {
         let (mut h, mut w) = (h, w);
         for s in &self.stages {
+            s.check()?;
             match s {
                 Stage::RandomResizedCrop(r) => (h, w) = (r.size, r.size),
                 Stage::Resize(r) => (h, w) = (r.size, r.size),
                 Stage::Normalize(n) => {
-                    if n.mean.len() != c || n.std.len() != c || n.std.iter().any(|&s| s <= 0.0) {
+                    if n.mean.len() != c
+                        || n.std.len() != c
+                        || n.std.iter().any(|&s| !(s.is_finite() && s > 0.0))
+                        || n.mean.iter().any(|m| !m.is_finite())
+                    {
                         return Err(DataError::Config {
                             key: "data.views.stages.normalize",
                             msg: format!(

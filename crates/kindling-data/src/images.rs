@@ -166,7 +166,19 @@ fn idx_header(path: &Path, bytes: &[u8]) -> Result<(u8, Vec<usize>, usize)> {
             "IDX element type 0x{ty:02x}; only unsigned bytes (0x08) are supported"
         )));
     }
-    let n: usize = dims.iter().product();
+    // Checked: dimensions a corrupt header makes huge would wrap to a small (even zero)
+    // product and pass the size check.
+    let n = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            bad(format!(
+                "IDX dimensions {dims:?} overflow: not a valid file"
+            ))
+        })?;
+    if n == 0 {
+        return Err(bad(format!("IDX dimensions {dims:?} hold no data")));
+    }
     if bytes.len() - off != n {
         return Err(bad(format!(
             "IDX dimensions {dims:?} need {n} bytes of data, the file has {}",
@@ -440,6 +452,21 @@ pub fn read_pixel_csv(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idx_dimensions_that_overflow_or_hold_nothing_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.idx");
+        // 2^32-ish dimensions whose product wraps to 0 in 64 bits: 2^16 * 2^16 * 2^16 * 2^16.
+        for (dims, why) in [
+            (vec![65536u32, 65536, 65536, 65536], "overflow"),
+            (vec![0u32, 28, 28], "hold no data"),
+        ] {
+            std::fs::write(&p, idx_bytes(&dims, &[])).unwrap();
+            let e = read_idx(&p, None).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+    }
 
     fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
         let mut v = vec![0, 0, 8, dims.len() as u8];
