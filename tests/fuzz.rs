@@ -126,3 +126,82 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(config(200))]
+
+    /// Any `[model]` section (zeros, NaN, negative or odd sizes and rates) is refused with an
+    /// error naming the key, or builds a model that trains a step: never a panic.
+    #[test]
+    fn random_model_configs_never_panic(
+        heads in prop_oneof![1 => Just(0usize), 8 => 1usize..4],
+        head_dim in 1usize..6,
+        odd_hidden in prop_oneof![8 => Just(0usize), 1 => Just(1usize)],
+        layers in prop_oneof![1 => Just(0usize), 8 => 1usize..3],
+        intermediate in prop_oneof![1 => Just(0usize), 8 => 1usize..40],
+        max_pos in prop_oneof![1 => Just(0usize), 8 => 8usize..40],
+        type_vocab in prop_oneof![1 => Just(0usize), 8 => 1usize..3],
+        dropout in prop_oneof![1 => Just(f64::NAN), 1 => Just(-0.1), 1 => Just(1.0), 12 => 0.0f64..0.9],
+        init_range in prop_oneof![1 => Just(f64::NAN), 1 => Just(f64::INFINITY), 1 => Just(-1.0), 12 => 0.0f64..0.1],
+        eps in prop_oneof![1 => Just(0.0f64), 1 => Just(f64::NAN), 1 => Just(-1e-5), 12 => 1e-12f64..1e-3],
+        act in prop_oneof![1 => Just("swish"), 1 => Just(""), 8 => Just("gelu"), 4 => Just("relu")],
+        seq_len in prop_oneof![1 => 0usize..3, 8 => 3usize..8],
+    ) {
+        let hidden = heads.max(1) * head_dim + odd_hidden;
+        let sets = [
+            format!("model.hidden_size={hidden}"),
+            format!("model.num_hidden_layers={layers}"),
+            format!("model.num_attention_heads={heads}"),
+            format!("model.intermediate_size={intermediate}"),
+            format!("model.max_position_embeddings={max_pos}"),
+            format!("model.type_vocab_size={type_vocab}"),
+            format!("model.hidden_dropout_prob={}", toml_float(dropout)),
+            format!("model.initializer_range={}", toml_float(init_range)),
+            format!("model.layer_norm_eps={}", toml_float(eps)),
+            format!("model.hidden_act=\"{act}\""),
+            format!("data.seq_len={seq_len}"),
+        ];
+        let recipe = Recipe::parse(TINY, Path::new("fuzz.toml"), &sets).unwrap();
+        let config = match kindling_recipes::bert_mlm::bert_config(&recipe, 30, 0) {
+            Ok(c) => c,
+            Err(e) => {
+                let text = e.to_string();
+                prop_assert!(text.contains("model") || text.contains("data.seq_len"), "{text}");
+                return Ok(());
+            }
+        };
+        let obj = kindling_recipes::bert_mlm::BertMlm::new(config, 1, &Device::Cpu).unwrap();
+        BUILT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = seq_len.max(1);
+        let batch = kindling_data::MlmBatch {
+            batch_size: 2,
+            seq_len: t,
+            input_ids: (0..2 * t as u32).map(|i| i % 30).collect(),
+            positions: vec![0, t as u32],
+            labels: vec![5, 6],
+            cursor_after: Default::default(),
+        };
+        use kindling_train::Objective;
+        let out = obj.step(&batch, kindling_core::Mode::Train { seed: 3 });
+        prop_assert!(out.is_ok(), "{:?}", out.err());
+    }
+}
+
+/// Configs of the property test above that built a model (the test checks it is not none).
+static BUILT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[test]
+fn random_model_configs_include_models_that_build() {
+    random_model_configs_never_panic();
+    assert!(BUILT.load(std::sync::atomic::Ordering::Relaxed) > 0);
+}
+
+/// `x` as a TOML float (`nan`, `inf`, `-inf` included).
+fn toml_float(x: f64) -> String {
+    match x {
+        x if x.is_nan() => "nan".into(),
+        x if x.is_infinite() && x > 0.0 => "inf".into(),
+        x if x.is_infinite() => "-inf".into(),
+        x => format!("{x:?}"),
+    }
+}
