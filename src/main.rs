@@ -249,6 +249,18 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             );
         }
         Command::Prepare { recipe, overrides } => {
+            use kindling_recipes::registry::{lookup, Kind};
+            let objective = kindling_recipes::recipe_key(&recipe, "objective")?.unwrap_or_default();
+            if !lookup(Kind::Objective, &objective)?.prepares {
+                return Err(RecipeError::Invalid {
+                    key: "objective".into(),
+                    msg: format!(
+                        "`{objective}` reads its data directly; only masked-LM recipes are \
+                         prepared into token shards ([data.prepare])"
+                    ),
+                }
+                .into());
+            }
             let recipe = kindling_recipes::Recipe::load(&recipe, &overrides)?;
             let r = kindling_recipes::bert_mlm::prepare_recipe(&recipe)?;
             let m = &r.manifest;
@@ -315,9 +327,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Command::Probe { recipe, overrides } => {
-            if kindling_recipes::recipe_key(&recipe, "task")?.as_deref()
-                == Some("image-classification")
-            {
+            use kindling_recipes::registry::{lookup, Family, Kind};
+            let task = kindling_recipes::recipe_key(&recipe, "task")?;
+            let family = match &task {
+                Some(t) => lookup(Kind::Task, t)?.family,
+                None => Family::TextClassification,
+            };
+            if family == Family::ImageProbe {
                 use kindling_recipes::vision::probe::{probe, VisionProbeRecipe};
                 let scores = probe(&VisionProbeRecipe::load(&recipe, &overrides)?)?;
                 eprintln!("  {:<48} {:>9} {:>9}", "features", "accuracy", "macro-F1");
@@ -461,7 +477,17 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    // The objectives and tasks come from the registry, so --help lists what a recipe can name.
+    let matches = <Cli as clap::CommandFactory>::command()
+        .after_help(kindling_recipes::registry::help())
+        .mut_subcommand("pretrain", |c| {
+            c.after_help(kindling_recipes::registry::help())
+        })
+        .get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -118,7 +118,7 @@ fn every_shipped_recipe_parses_and_names_an_objective() {
                         &path,
                     );
                 }
-                (None, Some(o)) if kindling_recipes::vision::OBJECTIVES.contains(&o) => {
+                (None, Some(o)) if kindling_recipes::vision::objectives().contains(&o) => {
                     ok(
                         kindling_recipes::vision::VisionRecipe::load(&path, &[]),
                         &path,
@@ -127,7 +127,11 @@ fn every_shipped_recipe_parses_and_names_an_objective() {
                 _ => {
                     let r = ok(kindling_recipes::Recipe::load(&path, &[]), &path);
                     assert!(
-                        kindling_recipes::OBJECTIVES.contains(&r.objective.as_str()),
+                        kindling_recipes::registry::lookup(
+                            kindling_recipes::registry::Kind::Objective,
+                            &r.objective
+                        )
+                        .is_ok(),
                         "{}",
                         path.display()
                     );

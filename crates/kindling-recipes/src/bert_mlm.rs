@@ -863,26 +863,3 @@ pub fn export_from_checkpoint(recipe: &Recipe, run_dir: &Path) -> Result<PathBuf
     )?;
     Ok(dir)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_run_folder_is_held_by_one_guard_at_a_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let run = dir.path().join("run");
-        let held = RunLock::acquire(&run).unwrap();
-        // flock conflicts between two opens of the file, in one process as in two.
-        match RunLock::acquire(&run) {
-            Err(RecipeError::RunInUse { path, pid }) => {
-                assert_eq!(path, run);
-                assert_eq!(pid, Some(std::process::id()));
-            }
-            other => panic!("expected RunInUse, got {other:?}"),
-        }
-        drop(held);
-        let again = RunLock::acquire(&run).unwrap();
-        drop(again);
-    }
-}

@@ -230,10 +230,14 @@ impl FinetuneRecipe {
                 msg,
             })
         };
-        if self.task != "sequence-classification" {
+        use crate::registry::{lookup, Family, Kind};
+        if lookup(Kind::Task, &self.task)?.family != Family::TextClassification {
             return bad(
                 "task",
-                format!("`{}`: expected \"sequence-classification\"", self.task),
+                format!(
+                    "`{}` is not a text task: expected \"sequence-classification\"",
+                    self.task
+                ),
             );
         }
         let f = self.data.validation_fraction;

@@ -7,6 +7,7 @@ pub mod embed;
 pub mod finetune;
 pub mod probe;
 pub mod recipe;
+pub mod registry;
 pub mod run;
 pub mod simcse;
 pub mod vision;
@@ -16,6 +17,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use recipe::Recipe;
+use registry::{Family, Kind};
 
 /// Everything a recipe run can fail with, each naming the file, key or step involved.
 #[derive(Debug, thiserror::Error)]
@@ -121,11 +123,6 @@ pub fn cache_dir(recipe: &Recipe) -> PathBuf {
         .unwrap_or_else(|| recipe.runs_dir.join(".cache"))
 }
 
-/// The objectives a recipe can name.
-pub const OBJECTIVES: &[&str] = &[
-    "bert-mlm", "simcse", "simclr", "moco", "byol", "simsiam", "barlow", "vicreg",
-];
-
 /// A top-level string key of a recipe file (`task`, `objective`), if present: which recipe
 /// type to parse it as.
 pub fn recipe_key(path: &std::path::Path, key: &str) -> Result<Option<String>, RecipeError> {
@@ -143,7 +140,7 @@ pub fn recipe_key(path: &std::path::Path, key: &str) -> Result<Option<String>, R
 }
 
 /// Reads the recipe at `path` (with `--set` overrides) and runs it with the module its
-/// `objective` names: the masked LM, or one of the vision SSL methods.
+/// `objective` names in the [`registry`].
 pub fn pretrain_file(
     path: &std::path::Path,
     overrides: &[String],
@@ -158,24 +155,25 @@ pub fn pretrain_file(
         source: e,
     })?;
     let peek: Peek = recipe::parse_toml(&text, path, overrides)?;
-    if vision::OBJECTIVES.contains(&peek.objective.as_str()) {
-        vision::pretrain(&vision::VisionRecipe::load(path, overrides)?, opts)
-    } else if peek.objective == "simcse" {
-        simcse::pretrain(&simcse::SimcseRecipe::load(path, overrides)?, opts)
-    } else {
-        pretrain(&Recipe::load(path, overrides)?, opts)
+    match registry::lookup(Kind::Objective, &peek.objective)?.family {
+        Family::Vision => vision::pretrain(&vision::VisionRecipe::load(path, overrides)?, opts),
+        Family::Simcse => simcse::pretrain(&simcse::SimcseRecipe::load(path, overrides)?, opts),
+        Family::MaskedLm => pretrain(&Recipe::load(path, overrides)?, opts),
+        Family::TextClassification | Family::ImageProbe => {
+            unreachable!("objectives are pretraining families")
+        }
     }
 }
 
-/// Runs a recipe.
+/// Runs a masked-LM recipe.
 pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
-    match recipe.objective.as_str() {
-        "bert-mlm" => bert_mlm::pretrain(recipe, opts),
-        other => Err(RecipeError::Invalid {
+    match registry::lookup(Kind::Objective, &recipe.objective)?.family {
+        Family::MaskedLm => bert_mlm::pretrain(recipe, opts),
+        _ => Err(RecipeError::Invalid {
             key: "objective".into(),
             msg: format!(
-                "unknown objective `{other}`; known: {}",
-                OBJECTIVES.join(", ")
+                "`{}` is not a masked-LM objective; run the recipe file with `kindling pretrain`",
+                recipe.objective
             ),
         }),
     }
@@ -185,25 +183,27 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
 pub fn export_run(run_dir: &std::path::Path) -> Result<PathBuf, RecipeError> {
     let recipe_path = run_dir.join("recipe.toml");
     // Read first: a folder without a recipe is no run folder, and gets no lock file.
-    let objective = recipe_key(&recipe_path, "objective")?;
+    let objective = recipe_key(&recipe_path, "objective")?.unwrap_or_default();
+    let family = registry::lookup(Kind::Objective, &objective)
+        .map_err(|e| RecipeError::Run {
+            path: recipe_path.clone(),
+            msg: e.to_string(),
+        })?
+        .family;
     // Not while a run writes the folder (it exports at its end).
     let _lock = run::RunLock::acquire(run_dir)?;
-    if let Some(obj) = objective {
-        if vision::OBJECTIVES.contains(&obj.as_str()) {
-            let recipe = vision::VisionRecipe::load(&recipe_path, &[])?;
-            return vision::export_from_checkpoint(&recipe, run_dir);
+    match family {
+        Family::Vision => {
+            vision::export_from_checkpoint(&vision::VisionRecipe::load(&recipe_path, &[])?, run_dir)
         }
-        if obj == "simcse" {
-            let recipe = simcse::SimcseRecipe::load(&recipe_path, &[])?;
-            return simcse::export_from_checkpoint(&recipe, run_dir);
+        Family::Simcse => {
+            simcse::export_from_checkpoint(&simcse::SimcseRecipe::load(&recipe_path, &[])?, run_dir)
         }
-    }
-    let recipe = Recipe::load(&recipe_path, &[])?;
-    match recipe.objective.as_str() {
-        "bert-mlm" => bert_mlm::export_from_checkpoint(&recipe, run_dir),
-        other => Err(RecipeError::Invalid {
-            key: "objective".into(),
-            msg: format!("unknown objective `{other}` in {}", recipe_path.display()),
-        }),
+        Family::MaskedLm => {
+            bert_mlm::export_from_checkpoint(&Recipe::load(&recipe_path, &[])?, run_dir)
+        }
+        Family::TextClassification | Family::ImageProbe => {
+            unreachable!("objectives are pretraining families")
+        }
     }
 }

@@ -211,3 +211,51 @@ pub(crate) fn prepare_run_folder(
     kindling_models::export::write_atomic(&dir.join("recipe.toml"), toml.as_bytes())?;
     Ok(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_folder_is_held_by_one_guard_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let held = RunLock::acquire(&run).unwrap();
+        // flock conflicts between two opens of the file, in one process as in two.
+        match RunLock::acquire(&run) {
+            Err(RecipeError::RunInUse { path, pid }) => {
+                assert_eq!(path, run);
+                assert_eq!(pid, Some(std::process::id()));
+            }
+            other => panic!("expected RunInUse, got {other:?}"),
+        }
+        drop(held);
+        let again = RunLock::acquire(&run).unwrap();
+        drop(again);
+    }
+
+    #[test]
+    fn holding_an_existing_lock_writes_nothing_until_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        assert!(
+            RunLock::hold_existing(&run).unwrap().is_none(),
+            "no folder, no lock"
+        );
+        drop(RunLock::acquire(&run).unwrap());
+        std::fs::write(run.join(".lock"), "12345").unwrap();
+        let held = RunLock::hold_existing(&run).unwrap();
+        assert!(held.is_some());
+        assert!(matches!(
+            RunLock::hold_existing(&run),
+            Err(RecipeError::RunInUse { .. })
+        ));
+        assert_eq!(std::fs::read_to_string(run.join(".lock")).unwrap(), "12345");
+        let lock = RunLock::commit(held, &run).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(run.join(".lock")).unwrap(),
+            std::process::id().to_string()
+        );
+        drop(lock);
+    }
+}

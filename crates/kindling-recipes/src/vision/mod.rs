@@ -49,8 +49,10 @@ use crate::run::{device, first_loadable, group_trainer, load_checked, plan_run, 
 use crate::{RecipeError, RunOptions, RunReport};
 pub use monitors::{collapse_metrics, knn_accuracy};
 
-/// The objectives this module runs.
-pub const OBJECTIVES: &[&str] = &["simclr", "moco", "byol", "simsiam", "barlow", "vicreg"];
+/// The vision methods (the registry's [`crate::registry::Family::Vision`] entries).
+pub fn objectives() -> Vec<&'static str> {
+    crate::registry::names_of(crate::registry::Family::Vision)
+}
 
 /// A vision SSL recipe.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -229,11 +231,12 @@ impl VisionRecipe {
         if r.name.is_none() {
             r.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
         }
-        if !OBJECTIVES.contains(&r.objective.as_str()) {
+        let methods = crate::registry::names_of(crate::registry::Family::Vision);
+        if !methods.contains(&r.objective.as_str()) {
             return Err(RecipeError::Key {
                 path: path.to_path_buf(),
                 key: "objective".into(),
-                msg: format!("`{}` is not one of {}", r.objective, OBJECTIVES.join(", ")),
+                msg: format!("`{}` is not one of {}", r.objective, methods.join(", ")),
             });
         }
         if r.data.views.is_empty() || r.data.views.len() > 2 {
@@ -1302,7 +1305,7 @@ mod method_tests {
 
     #[test]
     fn every_method_trains_every_parameter_and_only_those() {
-        for objective in OBJECTIVES {
+        for objective in &objectives() {
             let recipe = tiny(objective);
             let model = SslModel::build(&recipe, (28, 28, 1), 3, &Device::Cpu).unwrap();
             let out = model.step(&batch(8, 1), Mode::Train { seed: 1 }).unwrap();
