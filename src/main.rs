@@ -108,6 +108,9 @@ enum Command {
         /// Candidates per [MASK].
         #[arg(long, default_value_t = 5)]
         top_k: usize,
+        /// Print JSON (as when standard output is not a terminal) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Upload an export folder to a Hugging Face Hub model repo (created if needed). Token:
     /// HF_TOKEN, HF_TOKEN_PATH or $HF_HOME/token; endpoint: HF_ENDPOINT.
@@ -407,10 +410,20 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 None => print!("{out}"),
             }
         }
-        Command::FillMask { model, text, top_k } => {
+        Command::FillMask {
+            model,
+            text,
+            top_k,
+            json,
+        } => {
+            use std::io::IsTerminal;
             let model = kindling_hub::resolve_model_path(&model)?;
             let found = kindling_recipes::embed::fill_mask(&model, &text, top_k)?;
-            println!("{}", serde_json::to_string_pretty(&found)?);
+            if json || !std::io::stdout().is_terminal() {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                print!("{}", fill_mask_table(&found));
+            }
         }
         Command::Push {
             export_dir,
@@ -501,6 +514,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// `kindling fill-mask` for a person: per [MASK], rank, token, score and the filled sentence.
+fn fill_mask_table(found: &[Vec<kindling_recipes::embed::FillMask>]) -> String {
+    let mut out = String::new();
+    for (m, candidates) in found.iter().enumerate() {
+        if found.len() > 1 {
+            out += &format!("[MASK] {} of {}\n", m + 1, found.len());
+        }
+        let w = candidates
+            .iter()
+            .map(|c| c.token_str.chars().count())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        out += &format!("{:>4}  {:<w$}  {:>7}  sequence\n", "rank", "token", "score");
+        for (i, c) in candidates.iter().enumerate() {
+            out += &format!(
+                "{:>4}  {:<w$}  {:>7.4}  {}\n",
+                i + 1,
+                c.token_str,
+                c.score,
+                c.sequence
+            );
+        }
+    }
+    out
+}
+
 /// The exact command that continues an interrupted run: the same subcommand, recipe and
 /// overrides with `--resume auto` (a checkpoint was written at the step the signal ended).
 fn resume_command(sub: &str, recipe: &Path, overrides: &[String], extra: &[&str]) -> String {
@@ -561,6 +601,23 @@ mod tests {
             "shape mismatch".into(),
         )));
         assert_eq!(hint(&other), None);
+    }
+
+    #[test]
+    fn fill_mask_prints_a_table_of_rank_token_score_and_sequence() {
+        let c = |t: &str, s: f32| kindling_recipes::embed::FillMask {
+            token: t.into(),
+            token_id: 7,
+            token_str: t.into(),
+            score: s,
+            sequence: format!("it is a truth universally {t}"),
+        };
+        let table = fill_mask_table(&[vec![c("acknowledged", 0.5), c("known", 0.25)]]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].contains("rank") && lines[0].contains("sequence"));
+        assert!(lines[1].starts_with("   1  acknowledged   0.5000  it is a truth"));
+        assert!(lines[2].contains("known") && lines[2].contains("0.2500"));
     }
 
     #[test]

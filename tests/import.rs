@@ -10,9 +10,9 @@ use crate::common::{minilm_dir, repo_root, shared_tiny_run};
 #[test]
 fn minilm_mean_pooled_embeddings_reproduce_the_golden_values() {
     let Some(dir) = minilm_dir() else {
-        eprintln!(
-            "MiniLM weights not found (KINDLING_MINILM_DIR, or ~/.cache/kindling/minilm as \
-             .ci/run leaves them): skipped"
+        crate::common::skipped(
+            "the MiniLM golden embeddings (no weights in KINDLING_MINILM_DIR or \
+             ~/.cache/kindling/minilm)",
         );
         return;
     };
@@ -104,6 +104,12 @@ fn fill_mask_ranks_candidates_by_probability_and_needs_a_mask() {
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
     assert!(scores.iter().all(|s| *s > 0.0 && *s <= 1.0));
     assert!(scores.iter().sum::<f32>() <= 1.0 + 1e-5);
+    // HF's pipeline fields: the token as text and the sentence with it filled in.
+    for c in &found[0] {
+        assert!(!c.sequence.contains("[MASK]") && !c.sequence.contains("[CLS]"));
+        assert!(c.sequence.starts_with("she was"), "{c:?}");
+        assert!(c.sequence.contains(c.token_str.trim_start_matches("##")), "{c:?}");
+    }
     let err = kindling_recipes::embed::fill_mask(&export, "no mask here", 4).unwrap_err();
     assert!(err.to_string().contains("no [MASK]"), "{err}");
 }

@@ -64,7 +64,7 @@ fn check_sentence_transformers_agrees(export: &Path) {
     };
     let theirs: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     if let Some(why) = theirs.get("skipped") {
-        eprintln!("sentence-transformers check skipped: {why}");
+        crate::common::skipped(&format!("the sentence-transformers check ({why})"));
         return;
     }
     for (s, (a, b)) in sentences
@@ -230,7 +230,7 @@ fn a_missing_column_and_a_bad_data_section_are_named() {
 #[test]
 fn simcse_from_minilm_starts_at_the_golden_embeddings_and_exports_a_loadable_model() {
     let Some(dir) = minilm_dir() else {
-        eprintln!("MiniLM weights not found (KINDLING_MINILM_DIR): skipped");
+        crate::common::skipped("SimCSE from MiniLM (no weights in KINDLING_MINILM_DIR)");
         return;
     };
     let recipe = SimcseRecipe::load(

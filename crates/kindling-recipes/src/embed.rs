@@ -55,11 +55,18 @@ pub fn embed_texts(
     Ok((out, bert.report))
 }
 
-/// One candidate for a `[MASK]`: the token and its probability.
+/// One candidate for a `[MASK]`, with what HF's fill-mask pipeline returns beside it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct FillMask {
+    /// The vocabulary entry (`##ing` for a WordPiece continuation).
     pub token: String,
+    pub token_id: u32,
+    /// The token as text (HF's `token_str`).
+    pub token_str: String,
     pub score: f32,
+    /// The input with this `[MASK]` filled by the token, special tokens dropped (HF's
+    /// `sequence`).
+    pub sequence: String,
 }
 
 /// `kindling fill-mask`: the `k` most likely tokens at each `[MASK]` of `text`, from a
@@ -105,17 +112,27 @@ pub fn fill_mask(
     let positions = Tensor::from_slice(&at, at.len(), &device)?;
     let logits = model.forward_t(&input, None, Some(&positions), Mode::Eval)?;
     let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+    let decode = |ids: &[u32], skip: bool| tokenizer.decode(ids, skip).unwrap_or_default();
     Ok(probs
         .into_iter()
-        .map(|row| {
+        .zip(&at)
+        .map(|(row, &pos)| {
             let mut order: Vec<usize> = (0..row.len()).collect();
             order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
             order
                 .into_iter()
                 .take(k)
-                .map(|i| FillMask {
-                    token: tokenizer.id_to_token(i as u32).unwrap_or_default(),
-                    score: row[i],
+                .map(|i| {
+                    let id = i as u32;
+                    let mut filled = ids.to_vec();
+                    filled[pos as usize] = id;
+                    FillMask {
+                        token: tokenizer.id_to_token(id).unwrap_or_default(),
+                        token_id: id,
+                        token_str: decode(&[id], false),
+                        score: row[i],
+                        sequence: decode(&filled, true),
+                    }
                 })
                 .collect()
         })
