@@ -108,7 +108,10 @@ fn fill_mask_ranks_candidates_by_probability_and_needs_a_mask() {
     for c in &found[0] {
         assert!(!c.sequence.contains("[MASK]") && !c.sequence.contains("[CLS]"));
         assert!(c.sequence.starts_with("she was"), "{c:?}");
-        assert!(c.sequence.contains(c.token_str.trim_start_matches("##")), "{c:?}");
+        assert!(
+            c.sequence.contains(c.token_str.trim_start_matches("##")),
+            "{c:?}"
+        );
     }
     let err = kindling_recipes::embed::fill_mask(&export, "no mask here", 4).unwrap_err();
     assert!(err.to_string().contains("no [MASK]"), "{err}");
