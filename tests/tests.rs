@@ -4,6 +4,7 @@
 mod common;
 mod distributed;
 mod end_to_end;
+mod example;
 mod export;
 mod finetune;
 mod fuzz;

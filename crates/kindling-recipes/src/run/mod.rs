@@ -3,12 +3,14 @@
 //! export) and call these; none of them holds run engineering of its own.
 
 pub mod device;
+pub mod experiment;
 pub mod folder;
 pub mod resume;
 pub mod trainer;
 
 pub use device::{compute_dtype, device, loss_scale};
 pub(crate) use device::{join_group, rank_device};
+pub use experiment::{drive, Experiment, Loader, Prepared};
 pub(crate) use folder::{io, plan_run, RunLock};
 pub(crate) use resume::first_loadable;
 pub(crate) use resume::load_checked;
