@@ -1,0 +1,94 @@
+//! The export: a BertForSequenceClassification folder (config with id2label and label2id, weights, tokenizer, model card).
+
+#[allow(unused_imports)]
+use super::*;
+
+pub(super) fn pooling_name(p: Pooling) -> &'static str {
+    match p {
+        Pooling::Cls => "cls",
+        Pooling::Mean => "mean",
+    }
+}
+
+/// The HF `config.json` of a `BertForSequenceClassification`.
+pub fn classifier_config_json(
+    cfg: &BertConfig,
+    labels: &LabelSet,
+    pooling: Pooling,
+    classifier_dropout: f64,
+) -> serde_json::Value {
+    let mut v = serde_json::to_value(cfg).expect("config serialises");
+    v["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    v["torch_dtype"] = "float32".into();
+    v["problem_type"] = "single_label_classification".into();
+    v["classifier_dropout"] = classifier_dropout.into();
+    let id2label: serde_json::Map<String, serde_json::Value> = labels
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i.to_string(), n.clone().into()))
+        .collect();
+    let label2id: serde_json::Map<String, serde_json::Value> = labels
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), i.into()))
+        .collect();
+    v["id2label"] = id2label.into();
+    v["label2id"] = label2id.into();
+    // Not an HF key (transformers ignores it): how Kindling pooled.
+    v["kindling_pooling"] = pooling_name(pooling).into();
+    v
+}
+
+/// Writes the HF folder: config.json (with id2label), model.safetensors, tokenizer files, card.
+pub fn export(
+    obj: &Classifier,
+    tokenizer: &Tokenizer,
+    recipe: &FinetuneRecipe,
+    dir: &Path,
+    test: &BTreeMap<String, f64>,
+    steps: u64,
+) -> Result<(), RecipeError> {
+    let dropout = recipe
+        .model
+        .classifier_dropout
+        .unwrap_or(obj.config.hidden_dropout_prob);
+    write_hf_folder(
+        dir,
+        &classifier_config_json(&obj.config, &obj.labels, recipe.model.pooling, dropout),
+        &obj.varmap,
+        tokenizer,
+        &obj.config,
+    )?;
+    let mut card = String::from("---\n");
+    card += &format!(
+        "license: {}\nlibrary_name: transformers\npipeline_tag: text-classification\ntags:\n  - kindling\n  - bert\n---\n\n",
+        serde_json::to_string(recipe.export.license.as_deref().unwrap_or("apache-2.0"))
+            .expect("strings serialise")
+    );
+    card += &format!(
+        "# {}\n\nA BERT sequence classifier ({} classes: {}) fine-tuned by Kindling for {steps} \
+         steps from `{}` ({} initialisation) on `{}` (label column `{}`). It loads with \
+         `transformers.AutoModelForSequenceClassification.from_pretrained(dir)`.\n\n",
+        recipe.name(),
+        obj.labels.len(),
+        obj.labels.names.join(", "),
+        recipe.model.path.display(),
+        match recipe.model.init {
+            Init::Pretrained => "pretrained",
+            Init::Random => "random",
+        },
+        recipe.data.path.display(),
+        recipe.data.label_column
+    );
+    card += "## Test results\n\n| metric | value |\n|---|---|\n";
+    for (k, v) in test {
+        card += &format!("| {k} | {v:.4} |\n");
+    }
+    card += "\n## Recipe\n\n```toml\n";
+    card += &recipe.to_toml();
+    card += "```\n";
+    write_atomic(&dir.join("README.md"), card.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! The classifier: the encoder and a classification head, its loss and metrics (accuracy, macro-F1, the confusion matrix).
+
+#[allow(unused_imports)]
+use super::*;
+
+/// Cross-entropy over classes; in eval, accuracy and the confusion matrix (as fractions of the
+/// eval set, so the trainer's weighted average over batches sums them), from which
+/// `finish_eval` derives macro-F1.
+pub struct Classifier {
+    pub model: BertForSequenceClassification,
+    pub varmap: VarMap,
+    pub config: BertConfig,
+    pub labels: LabelSet,
+    pub(super) device: Device,
+    /// The confusion matrix (rows: true class, columns: predicted) of the last evaluation, as
+    /// fractions; `finish_eval` moves it here from the metrics.
+    pub(super) last_confusion: Mutex<Option<Vec<Vec<f64>>>>,
+}
+
+/// Accuracy and macro-F1 from a confusion matrix (rows: true, columns: predicted).
+pub fn accuracy_and_macro_f1(cm: &[Vec<f64>]) -> (f64, f64) {
+    let c = cm.len();
+    let total: f64 = cm.iter().flatten().sum();
+    let correct: f64 = (0..c).map(|i| cm[i][i]).sum();
+    let f1: f64 = (0..c)
+        .map(|i| {
+            let tp = cm[i][i];
+            let predicted: f64 = (0..c).map(|r| cm[r][i]).sum();
+            let actual: f64 = cm[i].iter().sum();
+            if predicted + actual == 0.0 {
+                0.0
+            } else {
+                2.0 * tp / (predicted + actual)
+            }
+        })
+        .sum::<f64>()
+        / c as f64;
+    (correct / total.max(1e-12), f1)
+}
+
+impl Classifier {
+    /// The model for `recipe`, from the folder's weights or (`init = "random"`) its shape only.
+    /// Everything starts from HF's seeded initialisation; pretrained tensors then overwrite it.
+    pub fn build(
+        recipe: &FinetuneRecipe,
+        labels: LabelSet,
+        device: &Device,
+    ) -> Result<(Self, Option<import::KeyReport>), RecipeError> {
+        let m = &recipe.model;
+        let mut config = import::read_config(&m.path)?;
+        if let Some(p) = m.hidden_dropout_prob {
+            config.hidden_dropout_prob = p;
+        }
+        if let Some(p) = m.attention_probs_dropout_prob {
+            config.attention_probs_dropout_prob = p;
+        }
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = BertForSequenceClassification::load(
+            vb,
+            &config,
+            labels.len(),
+            m.pooling,
+            m.classifier_dropout.unwrap_or(config.hidden_dropout_prob),
+        )?;
+        hf_init(
+            &varmap,
+            recipe.seed,
+            config.initializer_range,
+            Some(config.pad_token_id),
+        )?;
+        let report = match m.init {
+            Init::Random => None,
+            Init::Pretrained => {
+                let (path, tensors) = import::read_weights(&m.path, device)?;
+                let report = import::copy_tensors(&varmap, &tensors, &path)?;
+                let fresh = |n: &str| {
+                    n.starts_with("classifier.")
+                        || n.starts_with("bert.pooler.")
+                        || m.allow_missing.iter().any(|a| a == n)
+                };
+                let bad: Vec<&String> = report.missing.iter().filter(|n| !fresh(n)).collect();
+                if !bad.is_empty() {
+                    return Err(RecipeError::Run {
+                        path,
+                        msg: format!(
+                            "the backbone's tensors {:?} are missing (a BERT folder whose names \
+                             do not match?); list them in model.allow_missing to train them from \
+                             scratch",
+                            &bad[..bad.len().min(5)]
+                        ),
+                    });
+                }
+                Some(report)
+            }
+        };
+        Ok((
+            Classifier {
+                model,
+                varmap,
+                config,
+                labels,
+                device: device.clone(),
+                last_confusion: Mutex::new(None),
+            },
+            report,
+        ))
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    pub fn logits(&self, b: &ClsBatch, mode: Mode) -> candle_core::Result<Tensor> {
+        let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &self.device)?;
+        let mask = Tensor::from_slice(&b.attention_mask, (b.batch_size, b.seq_len), &self.device)?;
+        self.model
+            .forward_t(&ids, &mask, mode)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    /// The layer-wise lr multiplier of a parameter (see `FtModel::layerwise_lr_decay`).
+    pub fn lr_scale(&self, name: &str, decay: f64) -> f64 {
+        let layers = self.config.num_hidden_layers as i32;
+        let depth = if name.starts_with("bert.embeddings.") {
+            0
+        } else if let Some(rest) = name.strip_prefix("bert.encoder.layer.") {
+            1 + rest
+                .split('.')
+                .next()
+                .and_then(|i| i.parse::<i32>().ok())
+                .unwrap_or(0)
+        } else {
+            layers + 1
+        };
+        decay.powi(layers + 1 - depth)
+    }
+
+    /// The confusion matrix of the last evaluation, in counts of `n` examples.
+    pub fn confusion_counts(&self, n: usize) -> Option<Vec<Vec<u64>>> {
+        self.last_confusion
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .map(|cm| {
+                cm.iter()
+                    .map(|r| r.iter().map(|f| (f * n as f64).round() as u64).collect())
+                    .collect()
+            })
+    }
+}
+
+impl Objective for Classifier {
+    type Batch = ClsBatch;
+
+    fn step(&self, b: &ClsBatch, mode: Mode) -> candle_core::Result<StepOutput> {
+        let logits = self.logits(b, mode)?;
+        let labels = Tensor::from_slice(&b.labels, b.labels.len(), &self.device)?;
+        let loss = kindling_models::ops::cross_entropy(&logits, &labels)?;
+        let mut metrics = BTreeMap::new();
+        if !mode.is_train() {
+            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let c = self.labels.len();
+            let mut cm = vec![0usize; c * c];
+            for (&t, &p) in b.labels.iter().zip(&pred) {
+                cm[t as usize * c + p as usize] += 1;
+            }
+            let n = b.labels.len() as f64;
+            let hits: usize = (0..c).map(|i| cm[i * c + i]).sum();
+            metrics.insert("accuracy".into(), hits as f64 / n);
+            for (k, &v) in cm.iter().enumerate() {
+                metrics.insert(format!("cm.{}.{}", k / c, k % c), v as f64 / n);
+            }
+        }
+        Ok(StepOutput {
+            loss,
+            weight: b.labels.len() as f64,
+            units: b.labels.len(),
+            metrics,
+        })
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn finish_eval(&self, m: &mut BTreeMap<String, f64>) {
+        let c = self.labels.len();
+        let mut cm = vec![vec![0.0; c]; c];
+        let keys: Vec<String> = m.keys().filter(|k| k.starts_with("cm.")).cloned().collect();
+        if keys.is_empty() {
+            return;
+        }
+        for k in keys {
+            let v = m.remove(&k).unwrap_or(0.0);
+            let mut parts = k[3..].split('.').map(|s| s.parse::<usize>().unwrap_or(0));
+            let (i, j) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+            cm[i][j] = v;
+        }
+        let (_, f1) = accuracy_and_macro_f1(&cm);
+        m.insert("macro_f1".into(), f1);
+        *self.last_confusion.lock().expect("lock") = Some(cm);
+    }
+}
+
+/// The confusion matrix as a table a person reads: rows are true classes.
+pub fn format_confusion(labels: &LabelSet, cm: &[Vec<u64>]) -> String {
+    let w = labels
+        .names
+        .iter()
+        .map(|n| n.len())
+        .chain(cm.iter().flatten().map(|v| v.to_string().len()))
+        .max()
+        .unwrap_or(1)
+        .max(4);
+    let mut s = format!("{:>w$}  predicted ->\n", "true");
+    s += &format!("{:>w$}", "");
+    for n in &labels.names {
+        s += &format!(" {n:>w$}");
+    }
+    s += "\n";
+    for (i, row) in cm.iter().enumerate() {
+        s += &format!("{:>w$}", labels.names[i]);
+        for v in row {
+            s += &format!(" {v:>w$}");
+        }
+        s += "\n";
+    }
+    s
+}

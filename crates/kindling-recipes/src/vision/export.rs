@@ -1,0 +1,100 @@
+//! The export: the encoder's weights and config, and a model card with the probe scores.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// Writes the encoder: `model.safetensors` (HF ResNet names), `config.json` (the shape and the
+/// eval preprocessing), and a model card.
+pub(super) fn export(
+    recipe: &VisionRecipe,
+    model: &SslModel,
+    dir: &Path,
+    steps: u64,
+    probes: &[ProbeScore],
+) -> Result<(), RecipeError> {
+    std::fs::create_dir_all(dir).map_err(|e| RecipeError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let tensors: Vec<(String, Tensor)> = {
+        let data = model.varmap.data().lock().expect("varmap lock poisoned");
+        let mut v: Vec<(String, Tensor)> = data
+            .iter()
+            .filter_map(|(n, var)| {
+                n.strip_prefix("backbone.")
+                    .map(|k| (k.to_string(), var.as_tensor().clone()))
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let tmp = dir.join("model.safetensors.tmp");
+    candle_core::safetensors::save(&tensors.into_iter().collect(), &tmp)?;
+    std::fs::rename(&tmp, dir.join("model.safetensors")).map_err(|e| RecipeError::Io {
+        path: dir.join("model.safetensors"),
+        source: e,
+    })?;
+    let mut config = serde_json::to_value(&model.backbone.config).expect("config serialises");
+    config["model_type"] = "kindling-resnet".into();
+    config["layout"] = "channels_last".into();
+    config["preprocessing"] = serde_json::to_value(&recipe.data.eval_view).expect("serialises");
+    config["pretraining"] =
+        serde_json::json!({"objective": recipe.objective, "steps": steps, "seed": recipe.seed});
+    save_json(&dir.join("config.json"), &config)?;
+    let mut card = format!(
+        "---\nlibrary_name: kindling\ntags: [self-supervised, {}, image-feature-extraction]\n{}---\n\n# {}\n\n\
+         A {} encoder ({:?} channels, {:?} blocks) pretrained with {} for {steps} steps by Kindling \
+         (`kindling pretrain`). Weights use HF ResNet parameter names; activations are channels-last \
+         and the stem is the small-image one (3x3, no max-pool), which `transformers`' ResNet cannot express.\n",
+        recipe.objective,
+        recipe.export.license.as_ref().map(|l| format!("license: {l}\n")).unwrap_or_default(),
+        recipe.name(),
+        model.backbone.config.architecture,
+        model.backbone.config.hidden_sizes,
+        model.backbone.config.depths,
+        recipe.objective,
+    );
+    if !probes.is_empty() {
+        card += "\n## Linear probe (frozen features, logistic regression)\n\n| features | test accuracy | macro-F1 |\n|---|---|---|\n";
+        for p in probes {
+            card += &format!("| {} | {:.4} | {:.4} |\n", p.what, p.accuracy, p.macro_f1);
+        }
+    }
+    write_atomic(&dir.join("README.md"), card.as_bytes())?;
+    Ok(())
+}
+
+/// Rewrites a run's export from its newest valid checkpoint (`kindling export RUN_DIR`), without
+/// the probe table.
+pub fn export_from_checkpoint(
+    recipe: &VisionRecipe,
+    run_dir: &Path,
+) -> Result<PathBuf, RecipeError> {
+    let device = device(&recipe.device)?;
+    let (ckpt, _) = checkpoint::newest_valid(run_dir);
+    let ckpt = ckpt.ok_or_else(|| RecipeError::Resume {
+        path: run_dir.to_path_buf(),
+        msg: "no valid checkpoint (checkpoints/step-*/) to export".into(),
+    })?;
+    let train = load_images(&recipe.data.train, recipe.data.max_train_images)?;
+    let test = match &recipe.data.test {
+        Some(s) => Some(load_images(s, recipe.data.max_test_images)?),
+        None => None,
+    };
+    // The online probe's width must match the checkpoint's: count classes as the run did.
+    let classes = class_count(&train, test.as_ref());
+    let model = SslModel::build(
+        recipe,
+        (train.height, train.width, train.channels),
+        classes,
+        &device,
+    )?;
+    let state = checkpoint::load(&ckpt, &model.varmap, None, &device)?;
+    let dir = recipe
+        .export
+        .dir
+        .clone()
+        .unwrap_or_else(|| run_dir.join("export"));
+    export(recipe, &model, &dir, state.step, &[])?;
+    Ok(dir)
+}

@@ -1,0 +1,384 @@
+//! The SSL model: seeded PyTorch-style initialisation, the encoder, projector and predictor heads, the method's loss, the kNN and collapse monitors, and its training step.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// PyTorch's initialisation, seeded per parameter name (the same weights on any thread count
+/// and whatever the creation order): convolutions Kaiming-normal (fan_out, ReLU), linear layers
+/// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias, BatchNorm 1 and 0, buffers at their
+/// start values, MoCo's queue random unit rows.
+pub fn seeded_init(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
+    let data = varmap.data().lock().expect("varmap lock poisoned");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let mut r = rng::rng(&[domain::INIT, seed, hash_str(name)]);
+        let normal = |std: f32, r: &mut rand_chacha::ChaCha8Rng| -> Vec<f32> {
+            let d = Normal::new(0.0f32, std).expect("finite std");
+            (0..n).map(|_| d.sample(r)).collect()
+        };
+        let v: Vec<f32> = if name.ends_with("running_var") {
+            vec![1.0; n]
+        } else if name.ends_with("running_mean") || name.ends_with("num_batches_tracked") {
+            vec![0.0; n]
+        } else if name.ends_with("normalization.weight") || name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else if name.ends_with("normalization.bias") || name.ends_with("norm.bias") {
+            vec![0.0; n]
+        } else if name == "queue_ptr" {
+            vec![0.0; n]
+        } else if name == "queue" {
+            let mut v = normal(1.0, &mut r);
+            for row in v.chunks_mut(dims[1]) {
+                let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                row.iter_mut().for_each(|x| *x /= norm);
+            }
+            v
+        } else if dims.len() == 4 {
+            let fan_out = (dims[0] * dims[2] * dims[3]) as f32;
+            normal((2.0 / fan_out).sqrt(), &mut r)
+        } else {
+            // Linear weight (out, in) or bias (out): fan_in is the weight's second dimension;
+            // a bias uses its weight's.
+            let fan_in = if dims.len() == 2 {
+                dims[1]
+            } else {
+                let w = name.trim_end_matches("bias").to_string() + "weight";
+                data.get(&w).map_or(n, |w| w.dims()[1])
+            };
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            use rand::Rng;
+            (0..n).map(|_| r.random_range(-bound..bound)).collect()
+        };
+        var.set(&Tensor::from_vec(v, dims, var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// The encoder a run with `seed` starts from (its weights are seeded by name, so they do not
+/// depend on the heads built beside it): the random baseline of the probes.
+pub fn initial_encoder(
+    cfg: &ResNetConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<ResNet, RecipeError> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let net = ResNet::new(cfg, vb.pp("backbone"))?;
+    seeded_init(&varmap, seed)?;
+    Ok(net)
+}
+
+/// The kNN monitor's bank: training images seen through the eval view.
+pub(super) struct KnnBank {
+    pub(super) images: Arc<ImageSet>,
+    pub(super) pipeline: ViewPipeline,
+}
+
+/// The model of every method: encoder, projector, optional predictor and target network,
+/// optional online probe, and the method's loss.
+pub struct SslModel {
+    pub varmap: VarMap,
+    pub backbone: ResNet,
+    pub(super) projector: Mlp,
+    pub(super) predictor: Option<Mlp>,
+    pub(super) target: Option<(ResNet, Mlp)>,
+    /// (online, target) pairs the EMA moves: parameters only; the target's BatchNorm buffers
+    /// follow its own forward passes, as in BYOL's and MoCo's code.
+    pub(super) ema_pairs: Vec<(Var, Var)>,
+    pub(super) ema: (f64, f64),
+    pub(super) probe: Option<Linear>,
+    pub(super) loss: Box<dyn SslLoss>,
+    pub(super) device: Device,
+    pub(super) eval_cfg: VisionEval,
+    pub(super) knn: Option<KnnBank>,
+    /// Clean-view features and labels of the current evaluation, for the kNN and collapse
+    /// monitors in `finish_eval`.
+    pub(super) eval_features: Mutex<(Vec<f32>, Vec<u32>)>,
+    pub(super) flops_per_image: f64,
+    /// Mixed precision: the encoder's compute dtype (`None`: f32).
+    pub compute: Option<DType>,
+    pub(super) fix_predictor_lr: bool,
+    /// The data-parallel group (`None`: one process).
+    pub group: Option<Arc<dyn Collective>>,
+}
+
+impl SslModel {
+    pub fn build(
+        recipe: &VisionRecipe,
+        in_shape: (usize, usize, usize),
+        classes: usize,
+        device: &Device,
+    ) -> Result<Self, RecipeError> {
+        let m = &recipe.model;
+        let mut backbone_cfg = m.backbone.clone();
+        backbone_cfg.num_channels = in_shape.2;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let backbone = ResNet::new(&backbone_cfg, vb.pp("backbone"))?;
+        let feat = backbone_cfg.feature_dim();
+        let projector = Mlp::new(feat, &m.projector, vb.pp("projector"))?;
+        let proj_dim = *m.projector.dims.last().expect("validated by Mlp::new");
+        let loss = build_loss(recipe, proj_dim, vb.clone())?;
+        let predictor = if loss.predictor() {
+            Some(Mlp::new(proj_dim, &m.predictor, vb.pp("predictor"))?)
+        } else {
+            None
+        };
+        let target = if loss.target() {
+            let t = vb.pp("target");
+            Some((
+                ResNet::new(&backbone_cfg, t.pp("backbone"))?,
+                Mlp::new(feat, &m.projector, t.pp("projector"))?,
+            ))
+        } else {
+            None
+        };
+        let probe = if recipe.eval.online_probe && classes > 1 {
+            Some(Linear::load(feat, classes, vb.pp("online_probe"))?)
+        } else {
+            None
+        };
+        seeded_init(&varmap, recipe.seed)?;
+        // The target starts as a copy of the online network (parameters and buffers).
+        let mut ema_pairs = Vec::new();
+        if target.is_some() {
+            let data = varmap.data().lock().expect("varmap lock poisoned");
+            let mut names: Vec<&String> = data.keys().collect();
+            names.sort();
+            for name in names {
+                if let Some(online) = name.strip_prefix("target.") {
+                    let (src, var) = (&data[online], &data[name]);
+                    var.set(src.as_tensor())?;
+                    if !is_norm_buffer(name) {
+                        ema_pairs.push((src.clone(), var.clone()));
+                    }
+                }
+            }
+        }
+        let (h, w, _) = in_shape;
+        let mut flops = backbone_cfg.forward_flops(h, w) + Mlp::forward_flops(feat, &m.projector);
+        if predictor.is_some() {
+            flops += Mlp::forward_flops(proj_dim, &m.predictor);
+        }
+        Ok(SslModel {
+            varmap,
+            backbone,
+            projector,
+            predictor,
+            target,
+            ema_pairs,
+            ema: (recipe.loss.ema_base, recipe.loss.ema_final),
+            probe,
+            loss,
+            device: device.clone(),
+            eval_cfg: recipe.eval.clone(),
+            knn: None,
+            eval_features: Mutex::new((Vec::new(), Vec::new())),
+            // Forward + backward (2x) for both views.
+            flops_per_image: 3.0 * 2.0 * flops,
+            compute: None,
+            fix_predictor_lr: recipe.loss.fix_predictor_lr,
+            group: None,
+        })
+    }
+
+    /// A view's images on the device, in the encoder's compute dtype.
+    pub(super) fn images(&self, batch: &ViewBatch, view: usize) -> candle_core::Result<Tensor> {
+        let (h, w, c) = batch.shapes[view];
+        let x = Tensor::from_slice(&batch.views[view], (batch.n, h, w, c), &self.device)?;
+        match self.compute {
+            Some(d) => x.to_dtype(d),
+            None => Ok(x),
+        }
+    }
+
+    /// Encoder features in f32, whatever the encoder computes in: heads and losses run in f32.
+    pub(super) fn encode(
+        &self,
+        net: &ResNet,
+        x: &Tensor,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        net.forward_t(x, mode)?.to_dtype(DType::F32)
+    }
+
+    /// Encoder features of clean images, eval mode, in batches.
+    pub fn features(
+        backbone: &ResNet,
+        images: &ImageSet,
+        pipeline: &ViewPipeline,
+        batch: usize,
+        device: &Device,
+    ) -> Result<Vec<f32>, RecipeError> {
+        let mut out = Vec::new();
+        let idx: Vec<u32> = (0..images.len() as u32).collect();
+        for chunk in idx.chunks(batch.max(1)) {
+            let b = build_views(
+                images,
+                std::slice::from_ref(pipeline),
+                chunk,
+                0,
+                0,
+                Cursor::default(),
+            )?;
+            let (h, w, c) = b.shapes[0];
+            let x = Tensor::from_slice(&b.views[0], (b.n, h, w, c), device)?;
+            out.extend(
+                backbone
+                    .forward_t(&x, Mode::Eval)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        Ok(out)
+    }
+
+    pub(super) fn ema_momentum(&self, step: u64, total: u64) -> f64 {
+        let (base, fin) = self.ema;
+        let progress = step as f64 / total.max(1) as f64;
+        fin - (fin - base) * ((std::f64::consts::PI * progress).cos() + 1.0) / 2.0
+    }
+}
+
+impl Objective for SslModel {
+    type Batch = ViewBatch;
+
+    fn step(&self, batch: &ViewBatch, mode: Mode) -> candle_core::Result<StepOutput> {
+        let x = [self.images(batch, 0)?, self.images(batch, 1)?];
+        let f = [
+            self.encode(&self.backbone, &x[0], mode)?,
+            self.encode(&self.backbone, &x[1], mode)?,
+        ];
+        let z = [
+            self.projector.forward_t(&f[0], mode)?,
+            self.projector.forward_t(&f[1], mode)?,
+        ];
+        let p = match &self.predictor {
+            Some(pred) => Some([pred.forward_t(&z[0], mode)?, pred.forward_t(&z[1], mode)?]),
+            None => None,
+        };
+        let t = match &self.target {
+            Some((tb, tp)) => {
+                let mut out = Vec::new();
+                for xi in &x {
+                    out.push(
+                        tp.forward_t(&self.encode(tb, xi, mode)?.detach(), mode)?
+                            .detach(),
+                    );
+                }
+                let [a, b]: [Tensor; 2] = out.try_into().expect("two views");
+                Some([a, b])
+            }
+            None => None,
+        };
+        let outputs = Outputs {
+            z,
+            p,
+            t,
+            train: mode.is_train(),
+            // Eval batches are the same on every rank: no gathering there.
+            group: self.group.clone().filter(|_| mode.is_train()),
+        };
+        let ssl = self.loss.loss(&outputs)?;
+        let mut metrics = BTreeMap::new();
+        metrics.insert("ssl_loss".to_string(), ssl.to_scalar::<f32>()? as f64);
+        let mut loss = ssl;
+        if let (Some(probe), Some(labels)) = (&self.probe, &batch.labels) {
+            // Eval: the clean view (the third) if the batch has one; training: the first view.
+            let feats = if !mode.is_train() && batch.views.len() > 2 {
+                self.encode(&self.backbone, &self.images(batch, 2)?, mode)?
+            } else {
+                f[0].clone()
+            };
+            let y = Tensor::from_slice(labels, labels.len(), &self.device)?;
+            let logits = probe.forward(&feats.detach())?;
+            let ce = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let acc = pred.iter().zip(labels).filter(|(a, b)| a == b).count() as f64
+                / labels.len() as f64;
+            metrics.insert("probe_accuracy".into(), acc);
+            metrics.insert("probe_loss".into(), ce.to_scalar::<f32>()? as f64);
+            if !mode.is_train() {
+                let mut cache = self.eval_features.lock().expect("feature cache");
+                cache.0.extend(feats.flatten_all()?.to_vec1::<f32>()?);
+                cache.1.extend_from_slice(labels);
+            }
+            loss = (loss + ce)?;
+        }
+        Ok(StepOutput {
+            loss,
+            weight: batch.n as f64,
+            units: batch.n,
+            metrics,
+        })
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn trainable(&self, name: &str) -> bool {
+        !name.starts_with("target.") && !name.starts_with("queue") && !is_norm_buffer(name)
+    }
+
+    fn fixed_lr(&self, name: &str) -> bool {
+        self.fix_predictor_lr && name.starts_with("predictor.")
+    }
+
+    /// Biases and BatchNorm parameters: no weight decay and no LARS adaptation (solo-learn's
+    /// `exclude_bias_n_norm`).
+    fn no_decay(&self, name: &str) -> bool {
+        name.ends_with("bias") || name.contains("normalization.") || name.contains("norm.")
+    }
+
+    fn train_flops(&self, batch: &ViewBatch) -> Option<f64> {
+        Some(self.flops_per_image * batch.n as f64)
+    }
+
+    fn after_update(&self, step: u64, total: u64) -> candle_core::Result<()> {
+        if !self.ema_pairs.is_empty() {
+            let m = self.ema_momentum(step, total);
+            for (online, target) in &self.ema_pairs {
+                let next = ((target.as_tensor() * m)? + (online.as_tensor() * (1.0 - m))?)?;
+                target.set(&next)?;
+            }
+        }
+        self.loss.after_update()
+    }
+
+    fn finish_eval(&self, metrics: &mut BTreeMap<String, f64>) {
+        let (feats, labels) = std::mem::take(&mut *self.eval_features.lock().expect("cache"));
+        if labels.is_empty() {
+            return;
+        }
+        let d = feats.len() / labels.len();
+        let (std, rank) = collapse_metrics(&feats, d);
+        metrics.insert("feature_std".into(), std);
+        metrics.insert("effective_rank".into(), rank);
+        if let (Some(bank), true) = (&self.knn, self.eval_cfg.knn_k > 0) {
+            let bank_feats = Self::features(
+                &self.backbone,
+                &bank.images,
+                &bank.pipeline,
+                256,
+                &self.device,
+            );
+            if let (Ok(bf), Some(bl)) = (bank_feats, bank.images.labels.as_ref()) {
+                let acc = knn_accuracy(
+                    &bf,
+                    bl,
+                    &feats,
+                    &labels,
+                    d,
+                    self.eval_cfg.knn_k,
+                    self.eval_cfg.knn_temperature,
+                );
+                metrics.insert("knn_accuracy".into(), acc);
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! The vision model's unit tests: every method builds and steps, and its parameters.
+//! Every method on the tiny recipe's shapes: each trainable parameter gets a gradient; the
+//! target network, MoCo's queue and BatchNorm buffers get none and are left to their hooks.
+
+use super::*;
+
+fn tiny(objective: &str) -> VisionRecipe {
+    let text = include_str!("../../../../recipes/tiny/simclr-tiny.toml");
+    parse_toml(
+        text,
+        Path::new("simclr-tiny.toml"),
+        &[
+            format!("objective=\"{objective}\""),
+            "model.predictor.dims=[16, 8]".into(),
+            "loss.queue_size=32".into(),
+        ],
+    )
+    .unwrap()
+}
+
+fn batch(n: usize, seed: u64) -> ViewBatch {
+    use rand::Rng;
+    let mut r = rng::rng(&[seed]);
+    let mut view = || {
+        (0..n * 20 * 20)
+            .map(|_| r.random_range(-1.0f32..1.0))
+            .collect()
+    };
+    ViewBatch {
+        n,
+        shapes: vec![(20, 20, 1); 2],
+        views: vec![view(), view()],
+        labels: Some((0..n as u32).map(|i| i % 3).collect()),
+        cursor_after: Cursor::default(),
+    }
+}
+
+#[test]
+fn every_method_trains_every_parameter_and_only_those() {
+    for objective in &objectives() {
+        let recipe = tiny(objective);
+        let model = SslModel::build(&recipe, (28, 28, 1), 3, &Device::Cpu).unwrap();
+        let out = model.step(&batch(8, 1), Mode::Train { seed: 1 }).unwrap();
+        let loss = out.loss.to_scalar::<f32>().unwrap();
+        assert!(loss.is_finite(), "{objective}: loss {loss}");
+        let grads = out.loss.backward().unwrap();
+        let data = model.varmap.data().lock().unwrap();
+        let mut trained = 0;
+        for (name, var) in data.iter() {
+            let g = grads.get(var.as_tensor());
+            if model.trainable(name) {
+                let g = g.unwrap_or_else(|| panic!("{objective}: {name} gets no gradient"));
+                let norm = g
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(norm > 0.0, "{objective}: {name} gets a zero gradient");
+                trained += 1;
+            } else {
+                assert!(g.is_none(), "{objective}: state {name} gets a gradient");
+            }
+        }
+        assert!(trained > 20, "{objective}: {trained} parameters");
+        let has_target = data.keys().any(|k| k.starts_with("target."));
+        assert_eq!(
+            has_target,
+            ["byol", "moco"].contains(objective),
+            "{objective}"
+        );
+        assert_eq!(data.contains_key("queue"), *objective == "moco");
+        assert_eq!(
+            data.keys().any(|k| k.starts_with("predictor.")),
+            ["byol", "simsiam"].contains(objective)
+        );
+    }
+}
+
+#[test]
+fn the_target_starts_as_the_online_network_and_follows_it_by_ema() {
+    let model = SslModel::build(&tiny("byol"), (28, 28, 1), 3, &Device::Cpu).unwrap();
+    let get = |n: &str| {
+        model.varmap.data().lock().unwrap()[n]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let w = "backbone.embedder.embedder.convolution.weight";
+    let tw = "target.backbone.embedder.embedder.convolution.weight";
+    assert_eq!(get(w), get(tw));
+    let (online, target) = model
+        .ema_pairs
+        .iter()
+        .find(|(o, _)| {
+            o.as_tensor().id() == model.varmap.data().lock().unwrap()[w].as_tensor().id()
+        })
+        .map(|(o, t)| (o.clone(), t.clone()))
+        .unwrap();
+    online.set(&(online.as_tensor() + 1.0).unwrap()).unwrap();
+    let before = get(tw);
+    // Step 0 of 10: momentum is ema_base = 0.99.
+    model.after_update(0, 10).unwrap();
+    let after = target
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (a, b) in after.iter().zip(&before) {
+        assert!((a - (b + 0.01)).abs() < 1e-5, "{a} vs {b} + 0.01");
+    }
+    assert!((model.ema_momentum(10, 10) - 1.0).abs() < 1e-12);
+    assert!((model.ema_momentum(5, 10) - 0.995).abs() < 1e-12);
+}
