@@ -84,3 +84,17 @@ pub(super) fn build_loss(
         other => candle_core::bail!("unknown vision objective {other}"),
     })
 }
+
+/// The `[loss]` keys each method reads; a recipe that sets another is an error naming these
+/// (a `queue_size` in a SimCLR recipe would otherwise be silently ignored).
+pub fn loss_keys(method: &str) -> &'static [&'static str] {
+    match method {
+        "simclr" => &["temperature"],
+        "moco" => &["temperature", "queue_size", "ema_base", "ema_final"],
+        "byol" => &["ema_base", "ema_final", "fix_predictor_lr"],
+        "simsiam" => &["fix_predictor_lr"],
+        "barlow" => &["lambda", "scale"],
+        "vicreg" => &["sim_weight", "var_weight", "cov_weight"],
+        _ => &[],
+    }
+}

@@ -249,6 +249,26 @@ impl VisionRecipe {
                 msg: format!("`{}` is not one of {}", r.objective, methods.join(", ")),
             });
         }
+        // Each method's [loss] keys: one meant for another method is an error, not ignored.
+        let doc: toml::Table = parse_toml(&text, path, overrides)?;
+        if let Some(loss) = doc.get("loss").and_then(|v| v.as_table()) {
+            let allowed = loss_keys(&r.objective);
+            if let Some(k) = loss.keys().find(|k| !allowed.contains(&k.as_str())) {
+                return Err(RecipeError::Key {
+                    path: path.to_path_buf(),
+                    key: format!("loss.{k}"),
+                    msg: format!(
+                        "`{k}` is not a setting of {}; its [loss] keys are: {}",
+                        r.objective,
+                        if allowed.is_empty() {
+                            "(none)".to_string()
+                        } else {
+                            allowed.join(", ")
+                        }
+                    ),
+                });
+            }
+        }
         if r.data.views.is_empty() || r.data.views.len() > 2 {
             return Err(RecipeError::Key {
                 path: path.to_path_buf(),
