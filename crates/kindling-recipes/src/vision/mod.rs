@@ -232,6 +232,16 @@ impl Default for VisionProbe {
 }
 
 impl VisionRecipe {
+    /// The resolved recipe as saved in the run folder: `[loss]` holds the method's own keys.
+    pub fn to_toml(&self) -> String {
+        let mut doc = toml::Table::try_from(self).expect("a recipe serialises");
+        if let Some(toml::Value::Table(loss)) = doc.get_mut("loss") {
+            let allowed = loss_keys(&self.objective);
+            loss.retain(|k, _| allowed.contains(&k.as_ref()));
+        }
+        toml::to_string_pretty(&doc).expect("a recipe serialises")
+    }
+
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
         let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Read {
             path: path.to_path_buf(),
@@ -249,11 +259,17 @@ impl VisionRecipe {
                 msg: format!("`{}` is not one of {}", r.objective, methods.join(", ")),
             });
         }
-        // Each method's [loss] keys: one meant for another method is an error, not ignored.
+        // Each method's [loss] keys: one meant for another method is an error, not ignored
+        // (at its default value it changes nothing: run folders saved before this check hold
+        // every key).
         let doc: toml::Table = parse_toml(&text, path, overrides)?;
         if let Some(loss) = doc.get("loss").and_then(|v| v.as_table()) {
             let allowed = loss_keys(&r.objective);
-            if let Some(k) = loss.keys().find(|k| !allowed.contains(&k.as_str())) {
+            let defaults = toml::Table::try_from(LossConfig::default()).expect("serialises");
+            if let Some(k) = loss
+                .keys()
+                .find(|k| !allowed.contains(&k.as_str()) && loss.get(*k) != defaults.get(*k))
+            {
                 return Err(RecipeError::Key {
                     path: path.to_path_buf(),
                     key: format!("loss.{k}"),
@@ -400,7 +416,7 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
     })?;
     let resume_from = resumed.as_ref().map(|(dir, _)| dir.clone());
     // Data parallel: rank 0 prepares the run folder and writes every file.
-    let toml = toml::to_string_pretty(recipe).expect("recipe serialises");
+    let toml = recipe.to_toml();
     let _lock = plan.commit(&toml, opts, resume_from.is_some())?;
     let mut trainer = group_trainer(group.as_ref(), cfg.clone(), &run_dir, opts, |cfg| {
         standard_trainer(
