@@ -104,9 +104,7 @@ impl Http {
 
     /// Whether a request to `url` carries the token: only on the endpoint's own origin.
     pub fn sends_token_to(&self, url: &str) -> bool {
-        self.token.is_some()
-            && self.origin.is_some()
-            && Url::parse(url).ok().as_ref().and_then(origin) == self.origin
+        self.token.is_some() && self.same_origin(url)
     }
 
     /// `text` from a server, fit to print: the token redacted, control characters removed.

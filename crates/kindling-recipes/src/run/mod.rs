@@ -13,6 +13,6 @@ pub(crate) use device::{join_group, rank_device};
 pub use experiment::{drive, Experiment, Loader, Prepared};
 pub(crate) use folder::{io, plan_run, RunLock};
 pub(crate) use resume::first_loadable;
-pub(crate) use resume::load_checked;
+pub(crate) use resume::{load_checked, position_within};
 pub use resume::{resume_candidates, resume_checkpoint_in, Candidates};
 pub(crate) use trainer::{group_trainer, rank_trainer, standard_trainer};

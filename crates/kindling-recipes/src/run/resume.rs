@@ -172,3 +172,18 @@ pub(crate) fn load_checked<C: serde::de::DeserializeOwned>(
     })?;
     Ok((state, cursor))
 }
+
+/// The cursor check of a loader whose cursor is an `(epoch, position)` over `n` items (for
+/// [`load_checked`]): a position past the end means another data set.
+pub(crate) fn position_within(
+    n: u64,
+    items: &'static str,
+) -> impl Fn(&kindling_data::Cursor) -> Result<(), String> {
+    move |c| {
+        if c.position > n {
+            Err(format!("is past the end of the {n} {items}"))
+        } else {
+            Ok(())
+        }
+    }
+}

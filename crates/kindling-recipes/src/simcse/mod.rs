@@ -389,14 +389,9 @@ pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, R
     let mut cfg = t.train_config(recipe.seed, per_epoch)?;
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
     let mut opt = Trainer::build_optimizer(&cfg.optimizer, &obj)?;
-    let examples_n = loader.len() as u64;
+    let within = crate::run::position_within(loader.len() as u64, "examples");
     let resumed = first_loadable(&plan.candidates, |dir| {
-        load_checked(dir, &obj.varmap, opt.as_mut(), &device, |c: &Cursor| {
-            if c.position > examples_n {
-                return Err(format!("is past the end of the {examples_n} examples"));
-            }
-            Ok(())
-        })
+        load_checked(dir, &obj.varmap, opt.as_mut(), &device, &within)
     })?;
     let resume_from = resumed.as_ref().map(|(dir, _)| dir.clone());
     let _lock = plan.commit(&recipe.to_toml(), opts, resume_from.is_some())?;

@@ -405,14 +405,9 @@ pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, R
     cfg.loss_scale = crate::run::loss_scale(&recipe.precision);
     cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
     let mut opt = Trainer::build_optimizer(&cfg.optimizer, &model)?;
-    let images = train_set.len() as u64;
+    let within = crate::run::position_within(train_set.len() as u64, "training images");
     let resumed = first_loadable(&plan.candidates, |dir| {
-        load_checked(dir, &model.varmap, opt.as_mut(), &device, |c: &Cursor| {
-            if c.position > images {
-                return Err(format!("is past the end of the {images} training images"));
-            }
-            Ok(())
-        })
+        load_checked(dir, &model.varmap, opt.as_mut(), &device, &within)
     })?;
     let resume_from = resumed.as_ref().map(|(dir, _)| dir.clone());
     // Data parallel: rank 0 prepares the run folder and writes every file.
