@@ -37,8 +37,9 @@ fn resume() -> RunOptions {
 #[test]
 fn a_users_own_objective_trains_resumes_bit_for_bit_and_exports() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let straight =
-        kindling_recipes::run::drive(&settings(a.path(), 40), &RunOptions::default()).unwrap();
+    let straight = kindling_recipes::run::drive(&settings(a.path(), 40), &RunOptions::default())
+        .unwrap()
+        .report;
     assert_eq!(straight.steps, 40);
     assert!(
         straight.final_eval["loss"] < straight.final_eval["input_mse"],
@@ -46,10 +47,13 @@ fn a_users_own_objective_trains_resumes_bit_for_bit_and_exports() {
         straight.final_eval
     );
 
-    let first =
-        kindling_recipes::run::drive(&settings(b.path(), 24), &RunOptions::default()).unwrap();
+    let first = kindling_recipes::run::drive(&settings(b.path(), 24), &RunOptions::default())
+        .unwrap()
+        .report;
     assert_eq!(first.steps, 24);
-    let rest = kindling_recipes::run::drive(&settings(b.path(), 40), &resume()).unwrap();
+    let rest = kindling_recipes::run::drive(&settings(b.path(), 40), &resume())
+        .unwrap()
+        .report;
     assert_eq!(rest.steps, 40);
     let weights = |r: &kindling_recipes::RunReport| {
         kindling_hub::files::sha256_hex(
@@ -89,23 +93,28 @@ fn a_users_own_objective_trains_resumes_bit_for_bit_and_exports() {
 #[test]
 fn a_users_own_objective_gets_the_lifecycle_checks() {
     let runs = tempfile::tempdir().unwrap();
-    kindling_recipes::run::drive(&settings(runs.path(), 4), &RunOptions::default()).unwrap();
+    kindling_recipes::run::drive(&settings(runs.path(), 4), &RunOptions::default())
+        .unwrap()
+        .report;
     let run = runs.path().join("denoising-fashion-mnist");
     let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
     let mut bad = settings(runs.path(), 8);
     bad.train.optimizer.lr = f64::NAN;
     let err = kindling_recipes::run::drive(&bad, &resume())
+        .map(|r| r.report)
         .unwrap_err()
         .to_string();
     assert!(err.contains("train.optimizer.lr"), "{err}");
     let mut bad = settings(runs.path(), 8);
     bad.train.monitor.metric = "psnr".into();
     let err = kindling_recipes::run::drive(&bad, &resume())
+        .map(|r| r.report)
         .unwrap_err()
         .to_string();
     assert!(err.contains("input_mse"), "names the metrics it has: {err}");
     // A fresh run on the folder without --overwrite is refused; nothing changed.
     let err = kindling_recipes::run::drive(&settings(runs.path(), 8), &RunOptions::default())
+        .map(|r| r.report)
         .unwrap_err()
         .to_string();
     assert!(err.contains("--overwrite"), "{err}");

@@ -161,7 +161,19 @@ proptest! {
             format!("model.hidden_act=\"{act}\""),
             format!("data.seq_len={seq_len}"),
         ];
-        let recipe = Recipe::parse(TINY, Path::new("fuzz.toml"), &sets).unwrap();
+        // An unknown activation is refused as the recipe is read, naming the key and the
+        // activations there are.
+        let recipe = match Recipe::parse(TINY, Path::new("fuzz.toml"), &sets) {
+            Ok(r) => r,
+            Err(e) => {
+                let text = e.to_string();
+                prop_assert!(
+                    text.contains("model.hidden_act") && text.contains("gelu_new"),
+                    "{text}"
+                );
+                return Ok(());
+            }
+        };
         let config = match kindling_recipes::bert_mlm::bert_config(&recipe, 30, 0) {
             Ok(c) => c,
             Err(e) => {

@@ -709,6 +709,11 @@ impl ViewLoader {
         self.set.len() / self.batch_size
     }
 
+    /// The images an epoch visits.
+    pub fn images_len(&self) -> usize {
+        self.set.len()
+    }
+
     /// The shuffled order of epoch `epoch`.
     pub fn epoch_order(&self, epoch: u64) -> Vec<u32> {
         let mut order: Vec<u32> = (0..self.set.len() as u32).collect();

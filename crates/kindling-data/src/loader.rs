@@ -215,8 +215,22 @@ impl MlmLoader {
         self.blocks.len() / self.batch_size
     }
 
+    /// The number of blocks an epoch visits.
+    pub fn blocks_len(&self) -> usize {
+        self.blocks.len()
+    }
+
     pub fn cursor(&self) -> Cursor {
         self.cursor
+    }
+
+    /// Continues from `cursor` (a resumed run): the batches after it are exactly those a run
+    /// straight through would see.
+    pub fn seek(&mut self, cursor: Cursor) {
+        self.cursor = cursor;
+        self.made = cursor;
+        self.ahead.clear();
+        self.order = self.order_of(cursor.epoch);
     }
 }
 

@@ -14,8 +14,18 @@ use crate::nn::{Dropout, LayerNorm, Linear};
 use crate::{ModelError, Result};
 use kindling_core::Mode;
 
-fn default_hidden_act() -> String {
-    "gelu".into()
+/// HF `hidden_act`: the feed-forward activation. A name outside these is an error naming
+/// them, as the config is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenAct {
+    /// The exact, erf-based GELU (HF's "gelu").
+    #[default]
+    Gelu,
+    /// The tanh approximation of GELU, under HF's two names for it.
+    GeluNew,
+    GeluPytorchTanh,
+    Relu,
 }
 fn default_model_type() -> String {
     "bert".into()
@@ -37,8 +47,8 @@ pub struct BertConfig {
     pub num_attention_heads: usize,
     #[serde(default = "d3072")]
     pub intermediate_size: usize,
-    #[serde(default = "default_hidden_act")]
-    pub hidden_act: String,
+    #[serde(default)]
+    pub hidden_act: HiddenAct,
     #[serde(default = "d01")]
     pub hidden_dropout_prob: f64,
     #[serde(default = "d01")]
@@ -150,15 +160,6 @@ impl BertConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if !matches!(
-            self.hidden_act.as_str(),
-            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu"
-        ) {
-            return bad(format!(
-                "hidden_act `{}` is not supported (gelu, gelu_new, relu)",
-                self.hidden_act
-            ));
-        }
         if self.position_embedding_type != "absolute" {
             return bad(format!(
                 "position_embedding_type `{}` is not supported (absolute)",
@@ -227,12 +228,11 @@ impl BertConfig {
     }
 }
 
-fn activation(name: &str, xs: &Tensor) -> candle_core::Result<Tensor> {
-    match name {
-        // HF "gelu" is the exact, erf-based GELU.
-        "gelu" => crate::ops::gelu_erf(xs),
-        "gelu_new" | "gelu_pytorch_tanh" => xs.gelu(),
-        _ => xs.relu(),
+fn activation(act: HiddenAct, xs: &Tensor) -> candle_core::Result<Tensor> {
+    match act {
+        HiddenAct::Gelu => crate::ops::gelu_erf(xs),
+        HiddenAct::GeluNew | HiddenAct::GeluPytorchTanh => xs.gelu(),
+        HiddenAct::Relu => xs.relu(),
     }
 }
 
@@ -385,7 +385,7 @@ struct BertLayer {
     output: Linear,
     output_layer_norm: LayerNorm,
     output_dropout: Dropout,
-    act: String,
+    act: HiddenAct,
 }
 
 impl BertLayer {
@@ -402,13 +402,13 @@ impl BertLayer {
                 vb.pp("output").pp("LayerNorm"),
             )?,
             output_dropout: Dropout::new(cfg.hidden_dropout_prob as f32, site + 2),
-            act: cfg.hidden_act.clone(),
+            act: cfg.hidden_act,
         })
     }
 
     /// Whether [`BertLayer::forward_t`] runs as one fused op (CPU f32 with the exact GELU).
     fn fuses(&self, xs: &Tensor, mask_bias: &Tensor) -> bool {
-        crate::ops::fused_ok(xs) && self.act == "gelu" && mask_bias.dtype() == DType::F32
+        crate::ops::fused_ok(xs) && self.act == HiddenAct::Gelu && mask_bias.dtype() == DType::F32
     }
 
     /// (b*t, h) -> (b*t, h), or with `rows` (flat indices, u32) just those rows: (rows, h). One
@@ -435,7 +435,7 @@ impl BertLayer {
         }
         let all = if fuses {
             self.forward_fused(xs, b, t, mask_bias, mode, None)?
-        } else if self.act == "gelu" && !crate::ops::composed_requested() {
+        } else if self.act == HiddenAct::Gelu && !crate::ops::composed_requested() {
             self.forward_explicit(xs, b, t, mask_bias, mode)?
         } else {
             self.forward_composed(xs, b, t, mask_bias, mode)?
@@ -515,7 +515,7 @@ impl BertLayer {
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
         let attn = self.attention.forward_t(xs, b, t, mask_bias, mode)?;
-        let inner = activation(&self.act, &self.intermediate.forward(&attn)?)?;
+        let inner = activation(self.act, &self.intermediate.forward(&attn)?)?;
         let out = self
             .output_dropout
             .forward_t(&self.output.forward(&inner)?, mode)?;
@@ -566,7 +566,7 @@ impl BertModel {
         let w = self.embeddings.word_embeddings.embeddings();
         matches!(w.device(), Device::Cpu)
             && self.compute_dtype.unwrap_or(w.dtype()) == DType::F32
-            && self.config.hidden_act == "gelu"
+            && self.config.hidden_act == HiddenAct::Gelu
     }
 
     /// [`BertModel::forward_t`] at `rows` only (flat `b * seq + t` indices, u32): (rows,
@@ -660,7 +660,7 @@ impl BertForMaskedLM {
             .bert
             .forward_rows_t(input_ids, None, attention_mask, positions, mode)?;
         let xs = activation(
-            &self.bert.config.hidden_act,
+            self.bert.config.hidden_act,
             &self.transform_dense.forward(&hidden)?,
         )?;
         let xs = self.transform_layer_norm.forward(&xs)?;

@@ -22,19 +22,19 @@ pub struct Recipe {
     #[serde(default)]
     pub name: Option<String>,
     /// Parent folder of run folders.
-    #[serde(default = "default_runs_dir")]
+    #[serde(default = "crate::recipe::default_runs_dir")]
     pub runs_dir: PathBuf,
     /// Fixes initialisation, data order, masks and dropout.
-    #[serde(default)]
+    #[serde(default = "crate::recipe::default_seed")]
     pub seed: u64,
     /// `"auto"` (the best device this build supports), `"cpu"`, `"cuda:N"` or `"metal"`.
-    #[serde(default = "default_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: crate::run::DeviceSetting,
     /// `"f32"`, or mixed precision `"bf16"` / `"f16"` on a GPU (f32 master weights and optimizer
     /// state, low-precision compute; f16 with dynamic loss scaling). f32 on CPU: candle has no
     /// bf16 gemm there, so bf16 would only be slower.
-    #[serde(default = "default_precision")]
-    pub precision: String,
+    #[serde(default)]
+    pub precision: crate::run::Precision,
     #[serde(default)]
     pub model: ModelSection,
     pub data: DataSection,
@@ -44,14 +44,17 @@ pub struct Recipe {
     pub export: ExportSection,
 }
 
-fn default_runs_dir() -> PathBuf {
+// The header every recipe shares (`objective` or `task`, `name`, `runs_dir`, `seed`, `device`,
+// `precision`, `[train]`, `[export]`) has one set of defaults, here.
+
+/// `runs_dir` unset: `runs/` in the working directory.
+pub fn default_runs_dir() -> PathBuf {
     "runs".into()
 }
-fn default_device() -> String {
-    "auto".into()
-}
-fn default_precision() -> String {
-    "f32".into()
+
+/// `seed` unset. Every recipe shares it (and the shipped ones write it out).
+pub fn default_seed() -> u64 {
+    17
 }
 
 /// `[model]`: the shape of the encoder, with HF `BertConfig` names. The vocabulary size comes
@@ -63,7 +66,7 @@ pub struct ModelSection {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub intermediate_size: usize,
-    pub hidden_act: String,
+    pub hidden_act: kindling_models::bert::HiddenAct,
     pub hidden_dropout_prob: f64,
     pub attention_probs_dropout_prob: f64,
     pub max_position_embeddings: usize,
@@ -80,7 +83,7 @@ impl Default for ModelSection {
             num_hidden_layers: 4,
             num_attention_heads: 4,
             intermediate_size: 1024,
-            hidden_act: "gelu".into(),
+            hidden_act: kindling_models::bert::HiddenAct::Gelu,
             hidden_dropout_prob: 0.1,
             attention_probs_dropout_prob: 0.1,
             max_position_embeddings: 512,

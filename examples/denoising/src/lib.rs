@@ -14,9 +14,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder, VarMap};
 use kindling_core::{rng, Mode};
 use kindling_recipes::recipe::TrainSection;
-use kindling_recipes::run::{Experiment, Loader, Prepared};
+use kindling_recipes::run::{Context, Experiment, Loader, Prepared, RunOf};
 use kindling_recipes::RecipeError;
-use kindling_train::{Objective, StepOutput};
+use kindling_train::{FitSummary, Objective, StepOutput};
 use rand::seq::SliceRandom;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
@@ -186,6 +186,8 @@ impl Objective for Denoiser {
 impl Experiment for Settings {
     type Objective = Denoiser;
     type Loader = NoisyImages;
+    type State = ();
+    type Outcome = ();
 
     fn name(&self) -> &str {
         &self.name
@@ -206,7 +208,8 @@ impl Experiment for Settings {
         vec!["loss", "input_mse"]
     }
 
-    fn prepare(&self, device: &Device) -> Result<Prepared<Denoiser, NoisyImages>, RecipeError> {
+    fn prepare(&self, ctx: &Context) -> Result<RunOf<Self>, RecipeError> {
+        let device = &ctx.device;
         let (x, dim) = pixels(&self.images, self.max_images)?;
         let (test, _) = pixels(&self.test_images, self.max_test_images)?;
         let varmap = VarMap::new();
@@ -227,20 +230,25 @@ impl Experiment for Settings {
             .chunks(self.train.eval_batch_size)
             .map(|ix| eval_set.batch_of(ix, 0, (0, 0)))
             .collect();
-        Ok(Prepared {
-            objective: Denoiser {
-                varmap,
-                encoder,
-                decoder,
-                dim,
-            },
-            train: NoisyImages::new(x, dim, self.train.batch_size, self.seed, self.noise_std),
-            eval,
-            unit: "img",
-        })
+        let objective = Denoiser {
+            varmap,
+            encoder,
+            decoder,
+            dim,
+        };
+        let train = NoisyImages::new(x, dim, self.train.batch_size, self.seed, self.noise_std);
+        Ok(Prepared::new(objective, train, eval, "img"))
     }
 
-    fn export(&self, d: &Denoiser, dir: &Path) -> Result<(), RecipeError> {
+    /// The export: the weights and a config.
+    fn finish(
+        &self,
+        run: &mut RunOf<Self>,
+        _summary: &FitSummary,
+        _ctx: &Context,
+        dir: &Path,
+    ) -> Result<(), RecipeError> {
+        let d = &run.objective;
         let tensors: Vec<(String, Tensor)> = {
             let data = d.varmap.data().lock().expect("varmap lock");
             let mut v: Vec<(String, Tensor)> = data

@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         stop_flag: Some(stop),
         ..RunOptions::default()
     };
-    let report = kindling_recipes::run::drive(&settings, &opts)?;
+    let report = kindling_recipes::run::drive(&settings, &opts)?.report;
     println!(
         "{}",
         serde_json::json!({"run_dir": report.run_dir, "steps": report.steps, "eval": report.final_eval})

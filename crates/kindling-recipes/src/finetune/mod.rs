@@ -32,18 +32,22 @@ use kindling_models::bert::{BertConfig, BertForSequenceClassification, Pooling};
 use kindling_models::export::{save_json, write_atomic};
 use kindling_models::import;
 use kindling_models::init::hf_init;
-use kindling_train::{checkpoint, Goal, Monitor, Objective, StepOutput, Trainer};
+use kindling_train::{
+    checkpoint, FitSummary, Goal, Monitor, Objective, Optimizer, StepOutput, TrainConfig, Trainer,
+};
 
 use crate::bert_mlm::write_hf_folder;
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
-use crate::run::{device, first_loadable, load_checked, plan_run, standard_trainer};
+use crate::run::{drive, Context, Experiment, Loader, Prepared, RunOf};
 use crate::{RecipeError, RunOptions};
 
 mod data;
+mod experiment;
 mod export;
 mod objective;
 
 pub use data::*;
+pub use experiment::*;
 pub use export::*;
 pub use objective::*;
 
@@ -56,14 +60,18 @@ pub struct FinetuneRecipe {
     pub task: String,
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default = "default_runs_dir")]
+    #[serde(default = "crate::recipe::default_runs_dir")]
     pub runs_dir: PathBuf,
     /// Fixes data order, dropout, the classifier's initialisation and (with `init = "random"`)
     /// the whole model's.
-    #[serde(default = "default_seed")]
+    #[serde(default = "crate::recipe::default_seed")]
     pub seed: u64,
-    #[serde(default = "default_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: crate::run::DeviceSetting,
+    /// `"f32"`, or mixed precision `"bf16"` / `"f16"` on a GPU (f32 master weights, the
+    /// encoder in low precision, pooling and the loss in f32).
+    #[serde(default)]
+    pub precision: crate::run::Precision,
     pub model: FtModel,
     pub data: FtData,
     #[serde(default)]
@@ -76,15 +84,6 @@ pub struct FinetuneRecipe {
 
 fn default_task() -> String {
     "sequence-classification".into()
-}
-fn default_runs_dir() -> PathBuf {
-    PathBuf::from("runs")
-}
-fn default_seed() -> u64 {
-    17
-}
-fn default_device() -> String {
-    "auto".into()
 }
 
 /// How the backbone starts.
@@ -305,187 +304,6 @@ pub struct FinetuneReport {
 /// The eval metrics of a fine-tuning run (`train.monitor.metric` names one).
 pub const EVAL_METRICS: &[&str] = &["loss", "accuracy", "macro_f1", "cm.*"];
 
-/// Runs the recipe: train with evaluation on the validation split, reload the best checkpoint,
-/// score the test split, export.
-pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneReport, RecipeError> {
-    let device = device(&recipe.device)?;
-    let t = &recipe.train;
-    crate::recipe::check_name(recipe.name())?;
-    recipe.train.validate(EVAL_METRICS)?;
-    let tokenizer = tok::load(&recipe.model.path)?;
-    let task = load_task(recipe, &tokenizer)?;
-    // Nothing in the run folder changes until the checkpoint is picked (run/folder.rs).
-    let plan = plan_run(recipe.run_dir(), opts, 0)?;
-    let run_dir = plan.dir.clone();
-    eprintln!(
-        "data: {} classes {:?}; {} train, {} validation, {} test rows (test majority class {:.1}%)",
-        task.labels.len(),
-        task.labels.names,
-        task.train.len(),
-        task.validation.len(),
-        task.test.len(),
-        100.0 * task.test.majority_fraction(task.labels.len())
-    );
-    let (obj, report) = Classifier::build(recipe, task.labels.clone(), &device)?;
-    match &report {
-        Some(r) => eprintln!(
-            "model: {} ({:?} init, {} pooling): fresh (not in the folder): {:?}; unused from the \
-             folder: {} tensors{}",
-            recipe.model.path.display(),
-            recipe.model.init,
-            pooling_name(recipe.model.pooling),
-            r.missing,
-            r.unused.len(),
-            if r.unused.is_empty() {
-                String::new()
-            } else {
-                format!(" ({} ...)", r.unused[0])
-            }
-        ),
-        None => eprintln!(
-            "model: the shape of {}, randomly initialised (seed {})",
-            recipe.model.path.display(),
-            recipe.seed
-        ),
-    }
-    let loader = ClsLoader::new(
-        Arc::new(task.train),
-        t.batch_size,
-        recipe.seed,
-        task.pad_id,
-        recipe.data.group_by_length,
-    );
-    let per_epoch = loader.batches_per_epoch() as u64;
-    let mut cfg = t.train_config(recipe.seed, per_epoch)?;
-    // Unset eval/save cadence means once per epoch (and at the end), as HF's
-    // `eval_strategy = "epoch"`; the default monitor is validation accuracy.
-    if cfg.eval_every == 0 {
-        cfg.eval_every = per_epoch;
-    }
-    if cfg.save_every == 0 {
-        cfg.save_every = cfg.eval_every;
-    }
-    cfg.keep_last = cfg.keep_last.max(1);
-    if cfg.monitor == Monitor::default() {
-        cfg.monitor = Monitor {
-            metric: "accuracy".into(),
-            goal: Goal::Max,
-            ..Monitor::default()
-        };
-    }
-    cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
-    let (steps, eval_every, monitor_metric) =
-        (cfg.steps, cfg.eval_every, cfg.monitor.metric.clone());
-    let mut opt = Trainer::build_optimizer(&cfg.optimizer, &obj)?;
-    let decay = recipe.model.layerwise_lr_decay;
-    if decay != 1.0 {
-        opt.set_lr_scales(&|name| obj.lr_scale(name, decay));
-    }
-    #[derive(serde::Deserialize)]
-    struct At {
-        epoch: u64,
-        index: usize,
-    }
-    let batches = per_epoch as usize;
-    let resumed = first_loadable(&plan.candidates, |dir| {
-        load_checked(dir, &obj.varmap, opt.as_mut(), &device, |at: &At| {
-            if at.index >= batches.max(1) {
-                return Err(format!(
-                    "is past the end of the {batches} batches of an epoch"
-                ));
-            }
-            Ok(())
-        })
-    })?;
-    let resume_from = resumed.as_ref().map(|(dir, _)| dir.clone());
-    let _lock = plan.commit(&recipe.to_toml(), opts, resume_from.is_some())?;
-    let mut trainer = standard_trainer(
-        cfg,
-        &run_dir,
-        t.log_every,
-        "ex",
-        &["accuracy", "macro_f1"],
-        resume_from.as_deref(),
-        opts,
-    )?;
-    let validation = eval_batches(&task.validation, t.eval_batch_size, task.pad_id);
-    eprintln!(
-        "train: {steps} steps of {} ({per_epoch} per epoch), eval every {eval_every} steps on \
-         {} validation rows",
-        t.batch_size,
-        task.validation.len()
-    );
-    let mut loader = loader;
-    let start = resumed.map(|(_, (state, at))| {
-        loader.seek_after(at.epoch, at.index);
-        state
-    });
-    let summary = trainer.fit(
-        &obj,
-        &mut loader,
-        &validation,
-        opt,
-        start,
-        &|b: &ClsBatch| serde_json::json!({"epoch": b.epoch, "index": b.index}),
-    )?;
-    let export_dir = recipe
-        .export
-        .dir
-        .clone()
-        .unwrap_or_else(|| run_dir.join("export"));
-    // The best checkpoint by the validation metric, if it is still on disk.
-    let best = summary.best.as_ref().map(|b| (b.step, b.value));
-    if summary.stop == kindling_train::StopReason::Interrupted {
-        // Checkpointed; `--resume auto` finishes it. No test scores, no export.
-        return Ok(FinetuneReport {
-            name: recipe.name().to_string(),
-            init: recipe.model.init,
-            steps: summary.steps,
-            elapsed_secs: summary.elapsed_secs,
-            best_validation: best,
-            test: BTreeMap::new(),
-            test_majority: task.test.majority_fraction(obj.labels.len()),
-            export_dir,
-        });
-    }
-    if let Some((step, _)) = best {
-        let dir = checkpoint::checkpoint_dir(&run_dir, step);
-        if dir.is_dir() && step != summary.steps {
-            checkpoint::load(&dir, &obj.varmap, None, &device)?;
-            eprintln!("best checkpoint: step {step} (validation {monitor_metric})");
-        }
-    }
-    let test_batches = eval_batches(&task.test, t.eval_batch_size, task.pad_id);
-    let test = Trainer::evaluate(&obj, &test_batches)?;
-    eprintln!(
-        "test ({} rows): accuracy {:.4}, macro-F1 {:.4}, loss {:.4}",
-        task.test.len(),
-        test.get("accuracy").copied().unwrap_or(f64::NAN),
-        test.get("macro_f1").copied().unwrap_or(f64::NAN),
-        test.get("loss").copied().unwrap_or(f64::NAN),
-    );
-    if let Some(cm) = obj.confusion_counts(task.test.len()) {
-        eprint!("{}", format_confusion(&obj.labels, &cm));
-    }
-    save_json(
-        &run_dir.join("test_results.json"),
-        &serde_json::json!({"test": test, "best_validation": best.map(|(s, v)| serde_json::json!({"step": s, "value": v})),
-            "steps": summary.steps, "elapsed_s": summary.elapsed_secs,
-            "confusion_matrix": obj.confusion_counts(task.test.len()), "labels": obj.labels.names}),
-    )?;
-    export(&obj, &tokenizer, recipe, &export_dir, &test, summary.steps)?;
-    eprintln!("export: {}", export_dir.display());
-    Ok(FinetuneReport {
-        name: recipe.name().to_string(),
-        init: recipe.model.init,
-        steps: summary.steps,
-        elapsed_secs: summary.elapsed_secs,
-        best_validation: best,
-        test,
-        test_majority: task.test.majority_fraction(obj.labels.len()),
-        export_dir,
-    })
-}
 /// `kindling finetune --compare-random`: the recipe as written, then the same recipe with a
 /// randomly initialised backbone of the same shape (run `<name>-random`), side by side.
 pub fn compare_with_random(

@@ -114,9 +114,11 @@ impl Classifier {
     pub fn logits(&self, b: &ClsBatch, mode: Mode) -> candle_core::Result<Tensor> {
         let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &self.device)?;
         let mask = Tensor::from_slice(&b.attention_mask, (b.batch_size, b.seq_len), &self.device)?;
+        // Mixed precision: the loss in f32, as autocast (a no-op in f32).
         self.model
             .forward_t(&ids, &mask, mode)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .to_dtype(DType::F32)
     }
 
     /// The layer-wise lr multiplier of a parameter (see `FtModel::layerwise_lr_decay`).

@@ -8,11 +8,11 @@ pub mod folder;
 pub mod resume;
 pub mod trainer;
 
-pub use device::{compute_dtype, device, loss_scale};
+pub use device::{compute_dtype, device, loss_scale, DeviceSetting, Precision};
 pub(crate) use device::{join_group, rank_device};
-pub use experiment::{drive, Experiment, Loader, Prepared};
+pub use experiment::{drive, Context, Experiment, Loader, Prefetched, Prepared, Ran, RunOf};
 pub(crate) use folder::{io, plan_run, RunLock};
 pub(crate) use resume::first_loadable;
-pub(crate) use resume::{load_checked, position_within};
+pub(crate) use resume::{cursor_within, load_checked};
 pub use resume::{resume_candidates, resume_checkpoint_in, Candidates};
-pub(crate) use trainer::{group_trainer, rank_trainer, standard_trainer};
+pub(crate) use trainer::{group_trainer, standard_trainer};

@@ -173,17 +173,17 @@ pub(crate) fn load_checked<C: serde::de::DeserializeOwned>(
     Ok((state, cursor))
 }
 
-/// The cursor check of a loader whose cursor is an `(epoch, position)` over `n` items (for
-/// [`load_checked`]): a position past the end means another data set.
-pub(crate) fn position_within(
+/// A saved `(epoch, position)` cursor over `n` items, for a [`super::Loader::seek`]: parsed,
+/// and a position past the end refused (the checkpoint was trained on other data).
+pub(crate) fn cursor_within(
+    cursor: &serde_json::Value,
     n: u64,
-    items: &'static str,
-) -> impl Fn(&kindling_data::Cursor) -> Result<(), String> {
-    move |c| {
-        if c.position > n {
-            Err(format!("is past the end of the {n} {items}"))
-        } else {
-            Ok(())
-        }
+    items: &str,
+) -> Result<kindling_data::Cursor, String> {
+    let c: kindling_data::Cursor = serde_json::from_value(cursor.clone())
+        .map_err(|e| format!("is not an (epoch, position) cursor: {e}"))?;
+    if c.position > n {
+        return Err(format!("is past the end of the {n} {items}"));
     }
+    Ok(c)
 }

@@ -9,15 +9,17 @@ use kindling_train::{checkpoint, MetricsLog, PlotCallback, ProgressCallback, Tra
 
 use crate::{RecipeError, RunOptions};
 
-/// The trainer the SimCSE, vision and fine-tuning recipes run: a progress bar counting `unit`,
-/// TensorBoard events, the metrics log (continued from the checkpoint's step when resuming from
-/// `resume_from`), the loss plot and a plot of the eval `metrics`, and the stop flag.
+/// The trainer every run has: a progress bar counting `unit`, the metrics log (continued from
+/// the checkpoint's step when resuming from `resume_from`), TensorBoard events, the loss plot
+/// (with the `baseline` line, if any) and a plot of the eval `metrics`, and the stop flag.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn standard_trainer(
     cfg: kindling_train::TrainConfig,
     run_dir: &Path,
     log_every: u64,
     unit: &'static str,
     metrics: &[&str],
+    baseline: Option<(String, f64)>,
     resume_from: Option<&Path>,
     opts: &RunOptions,
 ) -> Result<kindling_train::Trainer, RecipeError> {
@@ -29,12 +31,15 @@ pub(crate) fn standard_trainer(
     };
     let mut trainer = kindling_train::Trainer::new(cfg, run_dir)
         .with_callback(ProgressCallback::new(log_every, unit))
-        .with_callback(kindling_train::TensorBoard::create(run_dir)?)
         .with_callback(log)
+        .with_callback(kindling_train::TensorBoard::create(run_dir)?)
         .with_callback(
-            PlotCallback::new(run_dir.join("plots").join("loss.png"), Vec::new())
-                .with_metric_plot(run_dir.join("plots").join("eval_metrics.png"), metrics)
-                .with_history(&metrics_path),
+            PlotCallback::new(
+                run_dir.join("plots").join("loss.png"),
+                baseline.into_iter().collect(),
+            )
+            .with_metric_plot(run_dir.join("plots").join("eval_metrics.png"), metrics)
+            .with_history(&metrics_path),
         );
     if let Some(flag) = &opts.stop_flag {
         trainer = trainer.with_stop_flag(flag.clone());

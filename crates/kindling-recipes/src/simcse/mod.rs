@@ -38,22 +38,24 @@ use kindling_models::bert::{BertConfig, BertModel, Pooling};
 use kindling_models::export::{save_json, write_atomic};
 use kindling_models::import;
 use kindling_train::distributed::{gather_with_grad, Collective};
-use kindling_train::{checkpoint, Objective, StepOutput, Trainer};
+use kindling_train::{checkpoint, FitSummary, Objective, StepOutput, Trainer};
 
 use crate::bert_mlm::write_hf_folder;
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
-use crate::run::{device, first_loadable, group_trainer, load_checked, plan_run, standard_trainer};
+use crate::run::{cursor_within, device, drive, Context, Experiment, Loader, Prepared, RunOf};
 use crate::vision::l2_normalize;
 use crate::{RecipeError, RunOptions, RunReport};
 
 mod data;
 mod eval;
+mod experiment;
 mod export;
 mod loss;
 mod objective;
 
 pub use data::*;
 pub use eval::*;
+pub use experiment::*;
 pub use export::*;
 pub use loss::*;
 pub use objective::*;
@@ -66,13 +68,17 @@ pub struct SimcseRecipe {
     pub objective: String,
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default = "default_runs_dir")]
+    #[serde(default = "crate::recipe::default_runs_dir")]
     pub runs_dir: PathBuf,
     /// Fixes data order, the dropout views and the subset of `data.max_examples`.
-    #[serde(default = "default_seed")]
+    #[serde(default = "crate::recipe::default_seed")]
     pub seed: u64,
-    #[serde(default = "default_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: crate::run::DeviceSetting,
+    /// `"f32"`, or mixed precision `"bf16"` / `"f16"` on a GPU (f32 master weights, the
+    /// encoder in low precision, pooling and the loss in f32).
+    #[serde(default)]
+    pub precision: crate::run::Precision,
     pub model: SimcseModel,
     pub data: SimcseData,
     #[serde(default)]
@@ -85,16 +91,6 @@ pub struct SimcseRecipe {
     pub eval: SimcseEval,
     #[serde(default)]
     pub export: ExportSection,
-}
-
-fn default_runs_dir() -> PathBuf {
-    PathBuf::from("runs")
-}
-fn default_seed() -> u64 {
-    17
-}
-fn default_device() -> String {
-    "auto".into()
 }
 
 /// `[model]`: the starting encoder and how a sentence becomes one vector.
@@ -315,171 +311,6 @@ impl SimcseRecipe {
 
 /// The eval metrics of a SimCSE run (`train.monitor.metric` names one).
 pub const EVAL_METRICS: &[&str] = &["loss", "recall_at_*", "mrr"];
-
-/// Runs the recipe: evaluate the starting encoder, train (resumable), evaluate, export.
-pub fn pretrain(recipe: &SimcseRecipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
-    crate::recipe::check_name(recipe.name())?;
-    recipe.train.validate(EVAL_METRICS)?;
-    let device = crate::run::rank_device(&recipe.device, opts.dist.as_ref())?;
-    let group = crate::run::join_group(opts, &device)?;
-    let rank = group.as_ref().map_or(0, |g| g.rank());
-    let t = &recipe.train;
-    let tokenizer = tok::load(&recipe.model.path)?;
-    let specials = tok::special_tokens(&tokenizer)?;
-    let texts = read_texts(recipe)?;
-    let examples = encode_examples(&texts, &tokenizer, recipe.model.max_length)?;
-    let distinct = {
-        let mut k: Vec<u64> = examples.iter().map(|e| e.keys[0]).collect();
-        k.sort_unstable();
-        k.dedup();
-        k.len()
-    };
-    eprintln!(
-        "data: {} {} ({} distinct anchors), mean {:.1} tokens",
-        examples.len(),
-        match (recipe.supervised(), recipe.data.negative_column.is_some()) {
-            (false, _) => "sentences (unsupervised: dropout makes the two views)",
-            (true, false) => "(anchor, positive) pairs",
-            (true, true) => "(anchor, positive, hard negative) triplets",
-        },
-        distinct,
-        examples.iter().map(|e| e.anchor.len()).sum::<usize>() as f64 / examples.len() as f64
-    );
-    // Nothing in the run folder changes until the checkpoint is picked (run/folder.rs).
-    let plan = plan_run(recipe.run_dir(), opts, rank)?;
-    let run_dir = plan.dir.clone();
-    let mut obj = Simcse::build(recipe, specials.pad, &device)?;
-    obj.group = group.clone();
-    eprintln!(
-        "model: {} (h{} L{}), {} pooling, dropout {}/{}; temperature {}; {}",
-        recipe.model.path.display(),
-        obj.config.hidden_size,
-        obj.config.num_hidden_layers,
-        match obj.pooling {
-            Pooling::Cls => "[CLS]",
-            Pooling::Mean => "mean",
-        },
-        obj.config.hidden_dropout_prob,
-        obj.config.attention_probs_dropout_prob,
-        recipe.loss.temperature,
-        if recipe.grad_cache.enabled {
-            format!("GradCache in chunks of {}", recipe.grad_cache.chunk_size)
-        } else {
-            "no GradCache".into()
-        }
-    );
-    let eval = match &recipe.eval.retrieval {
-        Some(r) => {
-            let (b, n) =
-                retrieval_batches(r, &tokenizer, recipe.model.max_length, t.eval_batch_size)?;
-            eprintln!(
-                "eval: {} -> {} retrieval over {n} rows of {} (split `{}`)",
-                r.query_column,
-                r.doc_column,
-                r.table.display(),
-                r.split
-            );
-            b
-        }
-        None => Vec::new(),
-    };
-    let mut loader = SimcseLoader::new(Arc::new(examples), t.batch_size, recipe.seed);
-    let per_epoch =
-        loader.batches_per_epoch() as u64 / group.as_ref().map_or(1, |g| g.world()) as u64;
-    let mut cfg = t.train_config(recipe.seed, per_epoch)?;
-    cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
-    let mut opt = Trainer::build_optimizer(&cfg.optimizer, &obj)?;
-    let within = crate::run::position_within(loader.len() as u64, "examples");
-    let resumed = first_loadable(&plan.candidates, |dir| {
-        load_checked(dir, &obj.varmap, opt.as_mut(), &device, &within)
-    })?;
-    let resume_from = resumed.as_ref().map(|(dir, _)| dir.clone());
-    let _lock = plan.commit(&recipe.to_toml(), opts, resume_from.is_some())?;
-    let initial_path = run_dir.join("initial_eval.json");
-    // The starting encoder's scores, once per run (a resumed run reads them back).
-    let initial: BTreeMap<String, f64> = match (&resume_from, eval.is_empty()) {
-        // (Rank 0 reports; the other ranks need not evaluate.)
-        _ if rank > 0 => BTreeMap::new(),
-        (_, true) => BTreeMap::new(),
-        (Some(_), false) if initial_path.is_file() => std::fs::read_to_string(&initial_path)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or_default(),
-        _ => {
-            let m = Trainer::evaluate(&obj, &eval)?;
-            save_json(
-                &initial_path,
-                &serde_json::to_value(&m).expect("serialises"),
-            )?;
-            m
-        }
-    };
-    if !initial.is_empty() {
-        eprintln!("before training: {}", format_metrics(&initial));
-    }
-    let mut trainer = group_trainer(group.as_ref(), cfg.clone(), &run_dir, opts, |cfg| {
-        standard_trainer(
-            cfg,
-            &run_dir,
-            t.log_every,
-            "tok",
-            &["recall_at_1", "recall_at_10", "mrr"],
-            resume_from.as_deref(),
-            opts,
-        )
-    })?;
-    let start = resumed.map(|(_, (state, cursor))| {
-        loader.seek(cursor);
-        state
-    });
-    eprintln!(
-        "train: {} steps of {} examples ({per_epoch} per epoch), eval every {}",
-        cfg.steps, t.batch_size, cfg.eval_every
-    );
-    let summary = trainer.fit(&obj, &mut loader, &eval, opt, start, &|b: &SimcseBatch| {
-        serde_json::to_value(b.cursor_after).expect("cursor serialises")
-    })?;
-    let export_dir = recipe
-        .export
-        .dir
-        .clone()
-        .unwrap_or_else(|| run_dir.join("export"));
-    if summary.stop != kindling_train::StopReason::Interrupted && rank == 0 {
-        let final_eval = if summary.final_eval.is_empty() && !eval.is_empty() {
-            Trainer::evaluate(&obj, &eval)?
-        } else {
-            summary.final_eval.clone()
-        };
-        if !final_eval.is_empty() {
-            eprintln!("after training:  {}", format_metrics(&final_eval));
-            save_json(
-                &run_dir.join("eval_results.json"),
-                &serde_json::json!({"initial": initial, "final": final_eval, "steps": summary.steps}),
-            )?;
-        }
-        export(
-            &obj,
-            &tokenizer,
-            recipe,
-            &export_dir,
-            &final_eval,
-            &initial,
-            summary.steps,
-        )?;
-        eprintln!("export: {}", export_dir.display());
-    }
-    Ok(RunReport {
-        run_dir,
-        export_dir,
-        final_eval: summary.final_eval,
-        baseline: initial
-            .get("recall_at_10")
-            .map(|v| ("initial recall_at_10".to_string(), *v)),
-        steps: summary.steps,
-        elapsed_secs: summary.elapsed_secs,
-        stop: summary.stop,
-    })
-}
 
 fn format_metrics(m: &BTreeMap<String, f64>) -> String {
     m.iter()

@@ -107,7 +107,10 @@ impl Simcse {
             .model
             .forward_t(&ids, None, Some(&mask), mode)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let hidden = hidden.reshape((rows.len(), seq, self.config.hidden_size))?;
+        // Mixed precision: pooling and the loss in f32, as autocast (a no-op in f32).
+        let hidden = hidden
+            .reshape((rows.len(), seq, self.config.hidden_size))?
+            .to_dtype(DType::F32)?;
         match self.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1),
             Pooling::Mean => {

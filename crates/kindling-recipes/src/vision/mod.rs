@@ -41,14 +41,16 @@ use kindling_models::export::{save_json, write_atomic};
 use kindling_models::nn::Linear;
 use kindling_models::{Mlp, MlpConfig, ResNet, ResNetConfig};
 use kindling_train::distributed::{gather_with_grad, Collective};
-use kindling_train::{checkpoint, Objective, StepOutput, Trainer};
+use kindling_train::{checkpoint, FitSummary, Objective, StepOutput};
 
 use crate::probe::{standardise, Logistic};
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
-use crate::run::{device, first_loadable, group_trainer, load_checked, plan_run, standard_trainer};
+use crate::run::{cursor_within, device, drive, Context, Experiment, Loader, Prepared, RunOf};
 use crate::{RecipeError, RunOptions, RunReport};
+pub use experiment::*;
 pub use monitors::{collapse_metrics, knn_accuracy};
 
+mod experiment;
 mod export;
 mod losses;
 mod model;
@@ -71,17 +73,17 @@ pub struct VisionRecipe {
     pub objective: String,
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default = "default_runs_dir")]
+    #[serde(default = "crate::recipe::default_runs_dir")]
     pub runs_dir: PathBuf,
     /// Fixes initialisation, data order and every augmentation.
-    #[serde(default)]
+    #[serde(default = "crate::recipe::default_seed")]
     pub seed: u64,
-    #[serde(default = "default_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: crate::run::DeviceSetting,
     /// `"f32"`, or `"bf16"` on a GPU: the encoder computes in bf16 (f32 master weights,
     /// BatchNorm in f32); heads and losses stay in f32.
-    #[serde(default = "default_precision")]
-    pub precision: String,
+    #[serde(default)]
+    pub precision: crate::run::Precision,
     #[serde(default)]
     pub model: VisionModel,
     #[serde(default)]
@@ -95,16 +97,6 @@ pub struct VisionRecipe {
     pub probe: VisionProbe,
     #[serde(default)]
     pub export: ExportSection,
-}
-
-fn default_runs_dir() -> PathBuf {
-    "runs".into()
-}
-fn default_device() -> String {
-    "auto".into()
-}
-fn default_precision() -> String {
-    "f32".into()
 }
 
 /// `[model]`: the encoder and the heads.
@@ -320,177 +312,6 @@ pub const EVAL_METRICS: &[&str] = &[
     "effective_rank",
     "knn_accuracy",
 ];
-
-/// Runs a vision SSL recipe, in one process or as one rank of a data-parallel group (every
-/// method: SimCLR gathers its negatives, Barlow Twins and VICReg both views ([`group_views`]),
-/// MoCo enqueues the whole group's keys; BYOL's and SimSiam's losses are means of per-image
-/// terms, so the ranks' mean is the global batch's).
-pub fn pretrain(recipe: &VisionRecipe, opts: &RunOptions) -> Result<RunReport, RecipeError> {
-    crate::recipe::check_name(recipe.name())?;
-    recipe.train.validate(EVAL_METRICS)?;
-    let device = crate::run::rank_device(&recipe.device, opts.dist.as_ref())?;
-    let group = crate::run::join_group(opts, &device)?;
-    let rank = group.as_ref().map_or(0, |g| g.rank());
-    let compute = crate::run::compute_dtype(&recipe.precision, &device)?;
-    let train_set = Arc::new(load_images(
-        &recipe.data.train,
-        recipe.data.max_train_images,
-    )?);
-    let test_set = match &recipe.data.test {
-        Some(s) => Some(load_images(s, recipe.data.max_test_images)?),
-        None => None,
-    };
-    let classes = class_count(&train_set, test_set.as_ref());
-    eprintln!(
-        "data: {} training images {}x{}x{}{}, {} test images, {classes} classes",
-        train_set.len(),
-        train_set.height,
-        train_set.width,
-        train_set.channels,
-        if train_set.labels.is_some() {
-            " (labels feed only the monitors)"
-        } else {
-            ""
-        },
-        test_set.as_ref().map_or(0, ImageSet::len),
-    );
-    // Nothing in the run folder changes until the checkpoint is picked (run/folder.rs).
-    let plan = plan_run(recipe.run_dir(), opts, rank)?;
-    let run_dir = plan.dir.clone();
-    let in_shape = (train_set.height, train_set.width, train_set.channels);
-    let mut model = SslModel::build(recipe, in_shape, classes, &device)?;
-    model.compute = compute;
-    model.group = group.clone();
-    let bank = if recipe.eval.knn_bank > 0 {
-        (*train_set).clone().truncate(recipe.eval.knn_bank)
-    } else {
-        (*train_set).clone()
-    };
-    if bank.labels.is_some() {
-        model.knn = Some(KnnBank {
-            images: Arc::new(bank),
-            pipeline: recipe.data.eval_view.clone(),
-        });
-    }
-    let n_params: usize = {
-        let data = model.varmap.data().lock().expect("varmap lock poisoned");
-        data.iter()
-            .filter(|(n, _)| model.trainable(n))
-            .map(|(_, v)| v.elem_count())
-            .sum()
-    };
-    eprintln!(
-        "model: {} encoder {:?}x{:?} ({} features), {}: {:.2}M trainable parameters",
-        recipe.model.backbone.architecture,
-        recipe.model.backbone.hidden_sizes,
-        recipe.model.backbone.depths,
-        recipe.model.backbone.feature_dim(),
-        recipe.objective,
-        n_params as f64 / 1e6
-    );
-    let t = &recipe.train;
-    let mut loader = ViewLoader::new(
-        train_set.clone(),
-        recipe.pipelines(),
-        t.batch_size,
-        recipe.seed,
-    )?;
-    if let Some(g) = &group {
-        // Each rank augments only the batches it trains on.
-        loader = loader.for_rank(g.rank(), g.world());
-    }
-    let per_epoch =
-        loader.batches_per_epoch() as u64 / group.as_ref().map_or(1, |g| g.world()) as u64;
-    let mut cfg = t.train_config(recipe.seed, per_epoch)?;
-    cfg.loss_scale = crate::run::loss_scale(&recipe.precision);
-    cfg.checkpoint_extras = vec![run_dir.join("recipe.toml")];
-    let mut opt = Trainer::build_optimizer(&cfg.optimizer, &model)?;
-    let within = crate::run::position_within(train_set.len() as u64, "training images");
-    let resumed = first_loadable(&plan.candidates, |dir| {
-        load_checked(dir, &model.varmap, opt.as_mut(), &device, &within)
-    })?;
-    let resume_from = resumed.as_ref().map(|(dir, _)| dir.clone());
-    // Data parallel: rank 0 prepares the run folder and writes every file.
-    let toml = recipe.to_toml();
-    let _lock = plan.commit(&toml, opts, resume_from.is_some())?;
-    let mut trainer = group_trainer(group.as_ref(), cfg.clone(), &run_dir, opts, |cfg| {
-        standard_trainer(
-            cfg,
-            &run_dir,
-            t.log_every,
-            "img",
-            &["knn_accuracy", "probe_accuracy", "feature_std"],
-            resume_from.as_deref(),
-            opts,
-        )
-    })?;
-    let start = resumed.map(|(_, (state, cursor))| {
-        loader.seek(cursor);
-        state
-    });
-    let mut eval = match &test_set {
-        Some(s) => eval_batches(s, recipe, t.eval_batch_size)?,
-        None => Vec::new(),
-    };
-    if t.max_eval_batches > 0 {
-        eval.truncate(t.max_eval_batches);
-    }
-    eprintln!(
-        "train: {} steps of {} images ({per_epoch} per epoch), eval every {} steps on {} test images",
-        cfg.steps,
-        t.batch_size,
-        cfg.eval_every,
-        eval.iter().map(|b| b.n).sum::<usize>()
-    );
-    let summary = trainer.fit(&model, &mut loader, &eval, opt, start, &|b: &ViewBatch| {
-        serde_json::to_value(b.cursor_after).expect("cursor serialises")
-    })?;
-    let export_dir = recipe
-        .export
-        .dir
-        .clone()
-        .unwrap_or_else(|| run_dir.join("export"));
-    if summary.stop == kindling_train::StopReason::Interrupted || rank > 0 {
-        // (Rank 0 probes and exports.)
-        return Ok(RunReport {
-            run_dir,
-            export_dir,
-            final_eval: summary.final_eval,
-            baseline: None,
-            steps: summary.steps,
-            elapsed_secs: summary.elapsed_secs,
-            stop: summary.stop,
-        });
-    }
-    let probes = match (&test_set, recipe.probe.enabled) {
-        (Some(test), true) => final_probes(recipe, &model, &train_set, test, &device)?,
-        _ => Vec::new(),
-    };
-    if !probes.is_empty() {
-        eprintln!("\nlinear probe on frozen features (test split):");
-        eprintln!("  {:<44} {:>9} {:>9}", "features", "accuracy", "macro-F1");
-        for p in &probes {
-            eprintln!("  {:<44} {:>9.4} {:>9.4}", p.what, p.accuracy, p.macro_f1);
-        }
-        save_json(
-            &run_dir.join("probe_results.json"),
-            &serde_json::to_value(&probes).expect("serialises"),
-        )?;
-    }
-    export(recipe, &model, &export_dir, summary.steps, &probes)?;
-    eprintln!("export: {}", export_dir.display());
-    Ok(RunReport {
-        run_dir,
-        export_dir,
-        final_eval: summary.final_eval,
-        baseline: probes
-            .get(1)
-            .map(|p| (format!("probe: {}", p.what), p.accuracy)),
-        steps: summary.steps,
-        elapsed_secs: summary.elapsed_secs,
-        stop: summary.stop,
-    })
-}
 
 /// Test support: a two-view loss over in-process ranks against the same loss on the global batch.
 #[cfg(test)]

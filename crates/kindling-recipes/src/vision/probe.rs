@@ -32,20 +32,16 @@ use crate::RecipeError;
 pub struct VisionProbeRecipe {
     /// `image-classification`.
     pub task: String,
-    #[serde(default = "default_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: crate::run::DeviceSetting,
     /// Seeds the random encoder of the comparison: the same seed as the pretraining run gives
     /// exactly the weights that run started from.
-    #[serde(default)]
+    #[serde(default = "crate::recipe::default_seed")]
     pub seed: u64,
     pub model: ProbeModel,
     pub data: ProbeData,
     #[serde(default)]
     pub probe: VisionProbe,
-}
-
-fn default_device() -> String {
-    "auto".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -1,0 +1,230 @@
+//! Fine-tuning as an [`Experiment`](crate::run::Experiment): what the run lifecycle
+//! ([`crate::run::drive`]) asks of this recipe, hook by hook.
+
+use super::*;
+
+/// Runs the recipe: train with evaluation on the validation split, reload the best checkpoint,
+/// score the test split, export (see [`crate::run::experiment`] for the lifecycle).
+pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneReport, RecipeError> {
+    let ran = drive(recipe, opts)?;
+    let st = &ran.state;
+    Ok(FinetuneReport {
+        name: recipe.name().to_string(),
+        init: recipe.model.init,
+        steps: ran.report.steps,
+        elapsed_secs: ran.report.elapsed_secs,
+        best_validation: ran.best,
+        // Interrupted: checkpointed, and `--resume auto` finishes it; no test scores yet.
+        test: ran.outcome.unwrap_or_default(),
+        test_majority: st.test.majority_fraction(st.classes),
+        export_dir: ran.report.export_dir,
+    })
+}
+
+/// What a fine-tuning run keeps between the lifecycle's hooks: the test split and the
+/// tokenizer the export carries.
+pub struct FinetuneState {
+    tokenizer: Tokenizer,
+    test: Encoded,
+    pad_id: u32,
+    classes: usize,
+}
+
+impl Experiment for FinetuneRecipe {
+    type Objective = Classifier;
+    type Loader = ClsLoader;
+    type State = FinetuneState;
+    /// The test split's scores with the best checkpoint.
+    type Outcome = BTreeMap<String, f64>;
+
+    fn name(&self) -> &str {
+        FinetuneRecipe::name(self)
+    }
+    fn runs_dir(&self) -> &Path {
+        &self.runs_dir
+    }
+    fn seed(&self) -> u64 {
+        self.seed
+    }
+    fn device(&self) -> crate::run::DeviceSetting {
+        self.device
+    }
+    fn precision(&self) -> crate::run::Precision {
+        self.precision
+    }
+    fn train(&self) -> &TrainSection {
+        &self.train
+    }
+    fn settings_toml(&self) -> String {
+        self.to_toml()
+    }
+    fn eval_metrics(&self) -> Vec<&'static str> {
+        EVAL_METRICS.to_vec()
+    }
+    fn plotted_metrics(&self) -> Vec<&'static str> {
+        vec!["accuracy", "macro_f1"]
+    }
+    fn export_dir(&self, run_dir: &Path) -> PathBuf {
+        self.export
+            .dir
+            .clone()
+            .unwrap_or_else(|| run_dir.join("export"))
+    }
+
+    fn prepare(&self, ctx: &Context) -> Result<RunOf<Self>, RecipeError> {
+        let t = &self.train;
+        let tokenizer = tok::load(&self.model.path)?;
+        let task = load_task(self, &tokenizer)?;
+        eprintln!(
+            "data: {} classes {:?}; {} train, {} validation, {} test rows (test majority class \
+             {:.1}%)",
+            task.labels.len(),
+            task.labels.names,
+            task.train.len(),
+            task.validation.len(),
+            task.test.len(),
+            100.0 * task.test.majority_fraction(task.labels.len())
+        );
+        let (mut obj, report) = Classifier::build(self, task.labels.clone(), &ctx.device)?;
+        obj.model.bert.compute_dtype = ctx.compute;
+        match &report {
+            Some(r) => eprintln!(
+                "model: {} ({:?} init, {} pooling): fresh (not in the folder): {:?}; unused from \
+                 the folder: {} tensors{}",
+                self.model.path.display(),
+                self.model.init,
+                pooling_name(self.model.pooling),
+                r.missing,
+                r.unused.len(),
+                if r.unused.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} ...)", r.unused[0])
+                }
+            ),
+            None => eprintln!(
+                "model: the shape of {}, randomly initialised (seed {})",
+                self.model.path.display(),
+                self.seed
+            ),
+        }
+        let validation = eval_batches(&task.validation, t.eval_batch_size, task.pad_id);
+        let loader = ClsLoader::new(
+            Arc::new(task.train),
+            t.batch_size,
+            self.seed,
+            task.pad_id,
+            self.data.group_by_length,
+        );
+        Ok(Prepared {
+            objective: obj,
+            steps_per_epoch: loader.batches_per_epoch() as u64,
+            train: loader,
+            eval: validation,
+            unit: "ex",
+            baseline: None,
+            state: FinetuneState {
+                tokenizer,
+                test: task.test,
+                pad_id: task.pad_id,
+                classes: task.labels.len(),
+            },
+        })
+    }
+
+    /// Unset eval/save cadence means once per epoch (and at the end), as HF's
+    /// `eval_strategy = "epoch"`; the default monitor is validation accuracy.
+    fn train_config(&self, run: &RunOf<Self>) -> Result<TrainConfig, RecipeError> {
+        let per_epoch = run.steps_per_epoch;
+        let mut cfg = self.train.train_config(self.seed, per_epoch)?;
+        if cfg.eval_every == 0 {
+            cfg.eval_every = per_epoch;
+        }
+        if cfg.save_every == 0 {
+            cfg.save_every = cfg.eval_every;
+        }
+        cfg.keep_last = cfg.keep_last.max(1);
+        if cfg.monitor == Monitor::default() {
+            cfg.monitor = Monitor {
+                metric: "accuracy".into(),
+                goal: Goal::Max,
+                ..Monitor::default()
+            };
+        }
+        Ok(cfg)
+    }
+
+    fn configure_optimizer(&self, obj: &Classifier, opt: &mut dyn Optimizer) {
+        let decay = self.model.layerwise_lr_decay;
+        if decay != 1.0 {
+            opt.set_lr_scales(&|name| obj.lr_scale(name, decay));
+        }
+    }
+
+    /// Reloads the best checkpoint by the validation metric (if it is still on disk), scores
+    /// the test split, exports.
+    fn finish(
+        &self,
+        run: &mut RunOf<Self>,
+        summary: &FitSummary,
+        ctx: &Context,
+        export_dir: &Path,
+    ) -> Result<BTreeMap<String, f64>, RecipeError> {
+        let t = &self.train;
+        let best = summary.best.as_ref().map(|b| (b.step, b.value));
+        if let Some((step, _)) = best {
+            let dir = checkpoint::checkpoint_dir(&ctx.run_dir, step);
+            if dir.is_dir() && step != summary.steps {
+                checkpoint::load(&dir, &run.objective.varmap, None, &ctx.device)?;
+                let metric = self.train_config(run)?.monitor.metric;
+                eprintln!("best checkpoint: step {step} (validation {metric})");
+            }
+        }
+        let st = &run.state;
+        let obj = &run.objective;
+        let test_batches = eval_batches(&st.test, t.eval_batch_size, st.pad_id);
+        let test = Trainer::evaluate(obj, &test_batches)?;
+        eprintln!(
+            "test ({} rows): accuracy {:.4}, macro-F1 {:.4}, loss {:.4}",
+            st.test.len(),
+            test.get("accuracy").copied().unwrap_or(f64::NAN),
+            test.get("macro_f1").copied().unwrap_or(f64::NAN),
+            test.get("loss").copied().unwrap_or(f64::NAN),
+        );
+        if let Some(cm) = obj.confusion_counts(st.test.len()) {
+            eprint!("{}", format_confusion(&obj.labels, &cm));
+        }
+        save_json(
+            &ctx.run_dir.join("test_results.json"),
+            &serde_json::json!({"test": test, "best_validation": best.map(|(s, v)| serde_json::json!({"step": s, "value": v})),
+                "steps": summary.steps, "elapsed_s": summary.elapsed_secs,
+                "confusion_matrix": obj.confusion_counts(st.test.len()), "labels": obj.labels.names}),
+        )?;
+        export(obj, &st.tokenizer, self, export_dir, &test, summary.steps)?;
+        Ok(test)
+    }
+}
+
+impl Loader for ClsLoader {
+    fn cursor_after(b: &ClsBatch) -> serde_json::Value {
+        serde_json::json!({"epoch": b.epoch, "index": b.index})
+    }
+
+    fn seek(&mut self, cursor: &serde_json::Value) -> Result<(), String> {
+        #[derive(serde::Deserialize)]
+        struct At {
+            epoch: u64,
+            index: usize,
+        }
+        let at: At = serde_json::from_value(cursor.clone())
+            .map_err(|e| format!("is not an (epoch, index) cursor: {e}"))?;
+        let batches = self.batches_per_epoch();
+        if at.index >= batches.max(1) {
+            return Err(format!(
+                "is past the end of the {batches} batches of an epoch"
+            ));
+        }
+        self.seek_after(at.epoch, at.index);
+        Ok(())
+    }
+}
