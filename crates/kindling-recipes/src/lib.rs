@@ -5,6 +5,8 @@ pub mod bert_mlm;
 pub mod card;
 pub mod embed;
 pub mod finetune;
+pub mod hf_folder;
+pub mod metrics;
 pub mod probe;
 pub mod recipe;
 pub mod registry;

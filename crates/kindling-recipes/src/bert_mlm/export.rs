@@ -22,28 +22,6 @@ pub fn hf_config_json(cfg: &BertConfig) -> serde_json::Value {
     v
 }
 
-/// The model part of an HF folder, shared by every export: `config.json`, `model.safetensors`
-/// (every variable of `varmap`) and the tokenizer files.
-pub(crate) fn write_hf_folder(
-    dir: &Path,
-    config_json: &serde_json::Value,
-    varmap: &VarMap,
-    tokenizer: &Tokenizer,
-    config: &BertConfig,
-) -> Result<(), RecipeError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    save_json(&dir.join("config.json"), config_json)?;
-    let tensors = kindling_models::export::varmap_tensors(varmap);
-    save_safetensors(&dir.join("model.safetensors"), &tensors, &[])?;
-    tok::save_hf_files(
-        tokenizer,
-        dir,
-        tok::lowercases(tokenizer),
-        config.max_position_embeddings,
-    )?;
-    Ok(())
-}
-
 /// Writes the HF-layout folder: config.json, model.safetensors, tokenizer files, README.md.
 pub fn export(
     obj: &BertMlm,

@@ -19,11 +19,12 @@ use kindling_data::{
     ShardBlocks, ShardStream,
 };
 use kindling_models::bert::{BertConfig, BertForMaskedLM};
-use kindling_models::export::{save_json, save_safetensors};
+use kindling_models::export::save_json;
 use kindling_models::init::hf_init;
 use kindling_train::{checkpoint, FitSummary, Objective, StepOutput};
 
 use crate::card::{self, CardInfo};
+use crate::hf_folder::write_hf_folder;
 use crate::recipe::Recipe;
 use crate::run::{
     cursor_within, device, drive, io, Context, Experiment, Loader, Prefetched, Prepared, RunOf,

@@ -36,7 +36,8 @@ use kindling_train::{
     checkpoint, FitSummary, Goal, Monitor, Objective, Optimizer, StepOutput, TrainConfig, Trainer,
 };
 
-use crate::bert_mlm::write_hf_folder;
+use crate::hf_folder::write_hf_folder;
+pub use crate::metrics::{accuracy_and_macro_f1, format_confusion};
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
 use crate::run::{drive, Context, Experiment, Loader, Prepared, RunOf};
 use crate::{RecipeError, RunOptions};

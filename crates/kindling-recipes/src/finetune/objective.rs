@@ -17,27 +17,6 @@ pub struct Classifier {
     pub(super) last_confusion: Mutex<Option<Vec<Vec<f64>>>>,
 }
 
-/// Accuracy and macro-F1 from a confusion matrix (rows: true, columns: predicted).
-pub fn accuracy_and_macro_f1(cm: &[Vec<f64>]) -> (f64, f64) {
-    let c = cm.len();
-    let total: f64 = cm.iter().flatten().sum();
-    let correct: f64 = (0..c).map(|i| cm[i][i]).sum();
-    let f1: f64 = (0..c)
-        .map(|i| {
-            let tp = cm[i][i];
-            let predicted: f64 = (0..c).map(|r| cm[r][i]).sum();
-            let actual: f64 = cm[i].iter().sum();
-            if predicted + actual == 0.0 {
-                0.0
-            } else {
-                2.0 * tp / (predicted + actual)
-            }
-        })
-        .sum::<f64>()
-        / c as f64;
-    (correct / total.max(1e-12), f1)
-}
-
 impl Classifier {
     /// The model for `recipe`, from the folder's weights or (`init = "random"`) its shape only.
     /// Everything starts from HF's seeded initialisation; pretrained tensors then overwrite it.
@@ -203,30 +182,4 @@ impl Objective for Classifier {
         m.insert("macro_f1".into(), f1);
         *self.last_confusion.lock().expect("lock") = Some(cm);
     }
-}
-
-/// The confusion matrix as a table a person reads: rows are true classes.
-pub fn format_confusion(labels: &LabelSet, cm: &[Vec<u64>]) -> String {
-    let w = labels
-        .names
-        .iter()
-        .map(|n| n.len())
-        .chain(cm.iter().flatten().map(|v| v.to_string().len()))
-        .max()
-        .unwrap_or(1)
-        .max(4);
-    let mut s = format!("{:>w$}  predicted ->\n", "true");
-    s += &format!("{:>w$}", "");
-    for n in &labels.names {
-        s += &format!(" {n:>w$}");
-    }
-    s += "\n";
-    for (i, row) in cm.iter().enumerate() {
-        s += &format!("{:>w$}", labels.names[i]);
-        for v in row {
-            s += &format!(" {v:>w$}");
-        }
-        s += "\n";
-    }
-    s
 }

@@ -40,11 +40,11 @@ use kindling_models::import;
 use kindling_train::distributed::{gather_with_grad, Collective};
 use kindling_train::{checkpoint, FitSummary, Objective, StepOutput, Trainer};
 
-use crate::bert_mlm::write_hf_folder;
+use crate::hf_folder::write_hf_folder;
 use crate::recipe::{parse_toml, ExportSection, TrainSection};
 use crate::run::{cursor_within, device, drive, Context, Experiment, Loader, Prepared, RunOf};
-use crate::vision::l2_normalize;
 use crate::{RecipeError, RunOptions, RunReport};
+use kindling_models::ops::l2_normalize;
 
 mod data;
 mod eval;

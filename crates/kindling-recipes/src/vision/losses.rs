@@ -45,11 +45,7 @@ pub fn group_views(o: &Outputs) -> candle_core::Result<(Tensor, Tensor)> {
     }
 }
 
-/// Rows scaled to unit length.
-pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
-    let norm = (x.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
-    x.broadcast_div(&norm)
-}
+pub use kindling_models::ops::l2_normalize;
 
 /// -cos(p, z), averaged over the batch (SimSiam's D).
 pub fn negative_cosine(p: &Tensor, z: &Tensor) -> candle_core::Result<Tensor> {

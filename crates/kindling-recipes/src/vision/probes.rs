@@ -92,7 +92,7 @@ pub fn linear_probe(
     for &l2 in &cfg.l2 {
         let m = Logistic::fit(&xa, &ya, classes, l2, cfg.steps, cfg.lr)?;
         let (acc, _) =
-            crate::finetune::accuracy_and_macro_f1(&accuracy(&m, &xv, &train_labels[cut..])?);
+            crate::metrics::accuracy_and_macro_f1(&accuracy(&m, &xv, &train_labels[cut..])?);
         if best.is_none_or(|(a, _)| acc > a) {
             best = Some((acc, l2));
         }
@@ -106,7 +106,7 @@ pub fn linear_probe(
     let y = Tensor::from_slice(train_labels, train.len(), device)?;
     let m = Logistic::fit(&x, &y, classes, l2, cfg.steps, cfg.lr)?;
     let cm = accuracy(&m, &to_matrix(&test)?, test_labels)?;
-    let (accuracy, macro_f1) = crate::finetune::accuracy_and_macro_f1(&cm);
+    let (accuracy, macro_f1) = crate::metrics::accuracy_and_macro_f1(&cm);
     Ok(ProbeScore {
         what: what.into(),
         accuracy,
