@@ -264,6 +264,55 @@ fn a_device_or_precision_this_build_cannot_use_is_named() {
     );
 }
 
+/// `device`, `precision` and `model.hidden_act` are typed: a value outside the set is refused
+/// as the recipe is read, naming the key and the values there are, in every recipe family.
+#[test]
+fn header_values_are_typed_in_every_recipe() {
+    fails_with(
+        &["pretrain", TINY, "--set", "precision=f8"],
+        &["precision", "unknown variant `f8`", "bf16"],
+    );
+    fails_with(
+        &["pretrain", TINY, "--set", "model.hidden_act=swish"],
+        &["model.hidden_act", "unknown variant `swish`", "gelu_new"],
+    );
+    for (cmd, recipe) in [
+        ("pretrain", "recipes/tiny/simcse-tiny.toml"),
+        ("pretrain", "recipes/tiny/simclr-tiny.toml"),
+        ("finetune", "recipes/tiny/finetune-tiny.toml"),
+    ] {
+        fails_with(
+            &[cmd, recipe, "--set", "device=tpu"],
+            &["`device`", "not a device", "\"cuda:N\""],
+        );
+        fails_with(
+            &[cmd, recipe, "--set", "precision=f8"],
+            &["precision", "unknown variant `f8`"],
+        );
+    }
+    // SimCSE and fine-tuning take `precision` too; bf16 on a CPU is refused with the reason.
+    let dir = tempfile::tempdir().unwrap();
+    let runs = format!("runs_dir=\"{}\"", dir.path().display());
+    fails_with(
+        &[
+            "pretrain",
+            "recipes/tiny/simcse-tiny.toml",
+            "--set",
+            &runs,
+            "--set",
+            "device=cpu",
+            "--set",
+            "precision=bf16",
+        ],
+        &["`precision`", "slower than f32"],
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no run folder"
+    );
+}
+
 #[test]
 fn an_out_of_range_setting_is_named() {
     let dir = tempfile::tempdir().unwrap();
