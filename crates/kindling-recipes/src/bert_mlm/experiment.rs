@@ -27,35 +27,13 @@ impl Experiment for Recipe {
     type State = MlmState;
     type Outcome = ();
 
-    fn name(&self) -> &str {
-        Recipe::name(self)
-    }
-    fn runs_dir(&self) -> &Path {
-        &self.runs_dir
-    }
-    fn seed(&self) -> u64 {
-        self.seed
-    }
-    fn device(&self) -> crate::run::DeviceSetting {
-        self.device
-    }
-    fn precision(&self) -> crate::run::Precision {
-        self.precision
-    }
-    fn train(&self) -> &crate::recipe::TrainSection {
-        &self.train
-    }
-    fn settings_toml(&self) -> String {
-        self.to_toml()
-    }
+    crate::run::shared_header!();
+
     fn eval_metrics(&self) -> Vec<&'static str> {
         EVAL_METRICS.to_vec()
     }
     fn plotted_metrics(&self) -> Vec<&'static str> {
         vec!["accuracy"]
-    }
-    fn export_dir(&self, run_dir: &Path) -> PathBuf {
-        export_dir(self, run_dir)
     }
     /// A checkpoint folder describes its run on its own: recipe, tokenizer, data summary,
     /// metrics up to its step.

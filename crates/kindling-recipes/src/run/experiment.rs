@@ -205,6 +205,43 @@ pub trait Experiment {
     ) -> Result<Self::Outcome, RecipeError>;
 }
 
+/// The header of an [`Experiment`] whose settings struct has the fields every recipe shares
+/// (`runs_dir`, `seed`, `device`, `precision`, `train`, `export`), an inherent `name()` and a
+/// `to_toml()`: the seven accessors, written once for the shipped recipes.
+macro_rules! shared_header {
+    () => {
+        fn name(&self) -> &str {
+            Self::name(self)
+        }
+        fn runs_dir(&self) -> &std::path::Path {
+            &self.runs_dir
+        }
+        fn seed(&self) -> u64 {
+            self.seed
+        }
+        fn device(&self) -> $crate::run::DeviceSetting {
+            self.device
+        }
+        fn precision(&self) -> $crate::run::Precision {
+            self.precision
+        }
+        fn train(&self) -> &$crate::recipe::TrainSection {
+            &self.train
+        }
+        fn settings_toml(&self) -> String {
+            self.to_toml()
+        }
+        /// `export.dir`, else `run_dir/export`.
+        fn export_dir(&self, run_dir: &std::path::Path) -> std::path::PathBuf {
+            self.export
+                .dir
+                .clone()
+                .unwrap_or_else(|| run_dir.join("export"))
+        }
+    };
+}
+pub(crate) use shared_header;
+
 /// What [`drive`] returns: the run's report, the experiment's outcome (None when the run was
 /// interrupted, or on a data-parallel rank other than 0), the best checkpoint by the monitored
 /// metric, and the experiment's state.

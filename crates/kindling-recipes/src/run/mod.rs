@@ -10,6 +10,7 @@ pub mod trainer;
 
 pub use device::{compute_dtype, device, loss_scale, DeviceSetting, Precision};
 pub(crate) use device::{join_group, rank_device};
+pub(crate) use experiment::shared_header;
 pub use experiment::{drive, Context, Experiment, Loader, Prefetched, Prepared, Ran, RunOf};
 pub(crate) use folder::{io, plan_run, RunLock};
 pub(crate) use resume::first_loadable;

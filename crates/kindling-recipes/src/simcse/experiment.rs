@@ -29,38 +29,13 @@ impl Experiment for SimcseRecipe {
     type State = SimcseState;
     type Outcome = ();
 
-    fn name(&self) -> &str {
-        SimcseRecipe::name(self)
-    }
-    fn runs_dir(&self) -> &Path {
-        &self.runs_dir
-    }
-    fn seed(&self) -> u64 {
-        self.seed
-    }
-    fn device(&self) -> crate::run::DeviceSetting {
-        self.device
-    }
-    fn precision(&self) -> crate::run::Precision {
-        self.precision
-    }
-    fn train(&self) -> &TrainSection {
-        &self.train
-    }
-    fn settings_toml(&self) -> String {
-        self.to_toml()
-    }
+    crate::run::shared_header!();
+
     fn eval_metrics(&self) -> Vec<&'static str> {
         EVAL_METRICS.to_vec()
     }
     fn plotted_metrics(&self) -> Vec<&'static str> {
         vec!["recall_at_1", "recall_at_10", "mrr"]
-    }
-    fn export_dir(&self, run_dir: &Path) -> PathBuf {
-        self.export
-            .dir
-            .clone()
-            .unwrap_or_else(|| run_dir.join("export"))
     }
 
     fn prepare(&self, ctx: &Context) -> Result<RunOf<Self>, RecipeError> {

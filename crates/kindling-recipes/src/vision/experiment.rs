@@ -31,38 +31,13 @@ impl Experiment for VisionRecipe {
     /// The final linear probes (empty without a labelled test split or with the probe off).
     type Outcome = Vec<ProbeScore>;
 
-    fn name(&self) -> &str {
-        VisionRecipe::name(self)
-    }
-    fn runs_dir(&self) -> &Path {
-        &self.runs_dir
-    }
-    fn seed(&self) -> u64 {
-        self.seed
-    }
-    fn device(&self) -> crate::run::DeviceSetting {
-        self.device
-    }
-    fn precision(&self) -> crate::run::Precision {
-        self.precision
-    }
-    fn train(&self) -> &TrainSection {
-        &self.train
-    }
-    fn settings_toml(&self) -> String {
-        self.to_toml()
-    }
+    crate::run::shared_header!();
+
     fn eval_metrics(&self) -> Vec<&'static str> {
         EVAL_METRICS.to_vec()
     }
     fn plotted_metrics(&self) -> Vec<&'static str> {
         vec!["knn_accuracy", "probe_accuracy", "feature_std"]
-    }
-    fn export_dir(&self, run_dir: &Path) -> PathBuf {
-        self.export
-            .dir
-            .clone()
-            .unwrap_or_else(|| run_dir.join("export"))
     }
 
     fn prepare(&self, ctx: &Context) -> Result<RunOf<Self>, RecipeError> {
