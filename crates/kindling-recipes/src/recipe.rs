@@ -413,10 +413,6 @@ impl Recipe {
         Ok(())
     }
 
-    pub fn run_dir(&self) -> PathBuf {
-        self.runs_dir.join(self.name())
-    }
-
     /// The resolved recipe as TOML, as saved in the run folder.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a recipe serialises")

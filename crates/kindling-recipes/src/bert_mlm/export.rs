@@ -3,14 +3,6 @@
 #[allow(unused_imports)]
 use super::*;
 
-pub(super) fn export_dir(recipe: &Recipe, run_dir: &Path) -> PathBuf {
-    recipe
-        .export
-        .dir
-        .clone()
-        .unwrap_or_else(|| run_dir.join("export"))
-}
-
 /// HF `config.json` for a `BertForMaskedLM`.
 pub fn hf_config_json(cfg: &BertConfig) -> serde_json::Value {
     let mut v = serde_json::to_value(cfg).expect("config serialises");
@@ -108,7 +100,7 @@ pub fn export_from_checkpoint(recipe: &Recipe, run_dir: &Path) -> Result<PathBuf
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v["unigram_baseline"].as_f64())
         .map(|b| ("unigram baseline".to_string(), b));
-    let dir = export_dir(recipe, run_dir);
+    let dir = crate::run::Experiment::export_dir(recipe, run_dir);
     export(
         &obj,
         &tokenizer,

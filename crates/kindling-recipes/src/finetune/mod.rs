@@ -277,10 +277,6 @@ impl FinetuneRecipe {
         self.name.as_deref().unwrap_or("finetune")
     }
 
-    pub fn run_dir(&self) -> PathBuf {
-        self.runs_dir.join(self.name())
-    }
-
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a recipe serialises")
     }

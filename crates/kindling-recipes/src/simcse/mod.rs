@@ -293,10 +293,6 @@ impl SimcseRecipe {
         self.name.as_deref().unwrap_or("simcse")
     }
 
-    pub fn run_dir(&self) -> PathBuf {
-        self.runs_dir.join(self.name())
-    }
-
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a recipe serialises")
     }

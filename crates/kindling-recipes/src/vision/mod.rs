@@ -291,10 +291,6 @@ impl VisionRecipe {
         self.name.as_deref().unwrap_or("run")
     }
 
-    pub fn run_dir(&self) -> PathBuf {
-        self.runs_dir.join(self.name())
-    }
-
     /// The two view pipelines (one given: both views use it).
     pub fn pipelines(&self) -> Vec<ViewPipeline> {
         let v = &self.data.views;
