@@ -193,7 +193,7 @@ fn export_loads_into_candle_transformers_bert_model_with_equal_hidden_states() {
 fn export_reproduces_the_logits_transformers_computes() {
     // Writes Kindling's eval-mode logits for a fixed input beside the export, then, when a
     // Python with torch + transformers is named in KINDLING_PYTHON (.ci/run sets it up), runs
-    // tests/reference/hf_bert_logits.py, which loads the folder with
+    // tests/reference/hf_mlm_logits.py, which loads the folder with
     // BertForMaskedLM.from_pretrained and compares (missing/unexpected keys must be empty,
     // max |diff| <= 1e-4).
     let dir = export_dir();
@@ -215,7 +215,7 @@ fn export_reproduces_the_logits_transformers_computes() {
     });
     let out = shared_tiny_run().join("kindling_logits.json");
     std::fs::write(&out, reference.to_string()).unwrap();
-    let Some(text) = python_reference("hf_bert_logits.py", &[dir.as_os_str(), out.as_os_str()])
+    let Some(text) = python_reference("hf_mlm_logits.py", &[dir.as_os_str(), out.as_os_str()])
     else {
         return;
     };
@@ -241,7 +241,7 @@ fn kindling_export_rewrites_the_same_weights_from_the_checkpoint() {
 fn mlm_loss_and_gradients_match_transformers() {
     // Loads the export into trainable variables, computes the masked-LM loss of a fixed batch
     // in eval mode and every parameter's gradient norm, and (with KINDLING_PYTHON) has
-    // tests/reference/hf_bert_grads.py compute the same with PyTorch + transformers.
+    // tests/reference/hf_mlm_grads.py compute the same with PyTorch + transformers.
     use kindling_train::Objective;
     let dir = export_dir();
     let cfg: BertConfig = serde_json::from_value(config(&dir)).unwrap();
@@ -292,5 +292,5 @@ fn mlm_loss_and_gradients_match_transformers() {
     });
     let out_path = shared_tiny_run().join("kindling_grads.json");
     std::fs::write(&out_path, reference.to_string()).unwrap();
-    python_reference("hf_bert_grads.py", &[dir.as_os_str(), out_path.as_os_str()]);
+    python_reference("hf_mlm_grads.py", &[dir.as_os_str(), out_path.as_os_str()]);
 }

@@ -174,7 +174,7 @@ proptest! {
                 return Ok(());
             }
         };
-        let config = match kindling_recipes::bert_mlm::bert_config(&recipe, 30, 0) {
+        let config = match kindling_recipes::bert_mlm::scratch_config(&recipe, 30, &crate::common::specials()) {
             Ok(c) => c,
             Err(e) => {
                 let text = e.to_string();

@@ -1,6 +1,7 @@
 //! Kindling's integration tests: one binary, a module per topic. Each test is a specification
 //! of behaviour, with fixed seeds and tiny configs.
 
+mod architectures;
 mod common;
 mod distributed;
 mod end_to_end;

@@ -6,8 +6,8 @@ gives Kindling's logits.
 KINDLING_LOGITS_JSON holds {"input_ids", "attention_mask", "logits"} written by the Rust test
 `finetuned_export_reproduces_the_logits_transformers_computes` (padded rows included, so the
 attention mask is exercised). Exits 1 when a key is missing or unexpected, when the model is not
-a BertForSequenceClassification with the export's id2label, or when the logits differ by more
-than 1e-4.
+the class config.json names (BertForSequenceClassification, RobertaForSequenceClassification)
+with the export's id2label, or when the logits differ by more than 1e-4.
 """
 import json
 import sys
@@ -33,7 +33,7 @@ print(json.dumps({
     "loading_info": {k: list(v) for k, v in info.items()},
     "max_abs_diff": diff,
 }))
-if type(model).__name__ != "BertForSequenceClassification":
+if type(model).__name__ != config.architectures[0] or not config.architectures[0].endswith("ForSequenceClassification"):
     print(f"loaded as {type(model).__name__}")
     sys.exit(1)
 if problems:

@@ -35,7 +35,7 @@ pub use loader::{eval_batches, Cursor, MlmBatch, MlmLoader, Prefetch};
 pub use masking::{MaskConfig, MaskedBlock, Masker};
 pub use packing::{unigram_cross_entropy, unigram_from_counts, Blocks, PackedBlocks};
 pub use shards::{PrepareConfig, PrepareReport, ShardBlocks, ShardStream};
-pub use tokenizer::{SpecialTokens, TokenizerConfig, WordPieceTraining};
+pub use tokenizer::{SpecialTokens, TokenizerConfig, TokenizerKind, TokenizerTraining};
 
 /// A file's bytes, gunzipped when it is gzip (by its magic bytes, whatever its name says).
 pub(crate) fn read_maybe_gz(path: &std::path::Path) -> Result<Vec<u8>> {

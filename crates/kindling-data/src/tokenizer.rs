@@ -1,4 +1,5 @@
-//! Tokenizers: train a WordPiece vocabulary on the corpus, or load an existing one
+//! Tokenizers: train a vocabulary on the corpus (WordPiece as BERT's, byte-level BPE as
+//! RoBERTa's and ModernBERT's, or Unigram as ALBERT's and XLM-R's), or load an existing one
 //! (`tokenizer.json`, a BERT `vocab.txt`, or a folder holding either).
 
 use std::collections::HashMap;
@@ -19,8 +20,8 @@ use crate::error::{DataError, Result};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizerConfig {
-    /// Train a WordPiece vocabulary on the corpus.
-    pub train: Option<WordPieceTraining>,
+    /// Train a vocabulary on the corpus.
+    pub train: Option<TokenizerTraining>,
     /// Load `tokenizer.json`, `vocab.txt`, or a folder holding one of them.
     pub path: Option<PathBuf>,
 }
@@ -28,31 +29,91 @@ pub struct TokenizerConfig {
 impl Default for TokenizerConfig {
     fn default() -> Self {
         TokenizerConfig {
-            train: Some(WordPieceTraining::default()),
+            train: Some(TokenizerTraining::default()),
             path: None,
         }
     }
 }
 
-/// WordPiece training, as HF's `BertWordPieceTokenizer.train` offers it.
+/// Which subword model a trained tokenizer uses, each in its usual pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    /// BERT's: BertNormalizer, BertPreTokenizer, `##` continuations, `[CLS] x [SEP]`, specials
+    /// `[PAD] [UNK] [CLS] [SEP] [MASK]`.
+    #[default]
+    Wordpiece,
+    /// RoBERTa's byte-level BPE (GPT-2's bytes-to-characters, so no text is unknown): no
+    /// normaliser, `<s> x </s>`, specials `<s> <pad> </s> <unk> <mask>` (ids 0-4, as roberta-base).
+    Bpe,
+    /// Unigram (Kudo, 2018) over NFKC text with SentencePiece's `▁` word marker, `<s> x </s>`,
+    /// the same specials as BPE.
+    Unigram,
+}
+
+/// Vocabulary training, as HF's tokenizers library offers it (`BertWordPieceTokenizer`,
+/// `ByteLevelBPETokenizer`, `SentencePieceUnigramTokenizer`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct WordPieceTraining {
+pub struct TokenizerTraining {
+    /// `"wordpiece"` (unset), `"bpe"` or `"unigram"`.
+    #[serde(skip_serializing_if = "is_wordpiece")]
+    pub kind: TokenizerKind,
     pub vocab_size: usize,
+    /// Pairs (BPE) or words (WordPiece) seen fewer times are not merged; unused by Unigram.
     pub min_frequency: u64,
-    pub lowercase: bool,
+    /// Unset: true for WordPiece (uncased BERT), false for BPE and Unigram (cased, as RoBERTa).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lowercase: Option<bool>,
     /// Keep at most this many distinct characters. Unlimited makes a mixed-script corpus spend
-    /// the whole vocabulary on single characters; 1000 is HF's default.
+    /// the whole vocabulary on single characters; 1000 is HF's default. Byte-level BPE's
+    /// alphabet is the 256 bytes whatever this says.
     pub limit_alphabet: usize,
 }
 
-impl Default for WordPieceTraining {
+fn is_wordpiece(k: &TokenizerKind) -> bool {
+    *k == TokenizerKind::Wordpiece
+}
+
+impl Default for TokenizerTraining {
     fn default() -> Self {
-        WordPieceTraining {
+        TokenizerTraining {
+            kind: TokenizerKind::Wordpiece,
             vocab_size: 8192,
             min_frequency: 2,
-            lowercase: true,
+            lowercase: None,
             limit_alphabet: 1000,
+        }
+    }
+}
+
+impl TokenizerTraining {
+    /// Whether the trained tokenizer lowercases.
+    pub fn lowercases(&self) -> bool {
+        self.lowercase
+            .unwrap_or(self.kind == TokenizerKind::Wordpiece)
+    }
+
+    /// The settings as the cache key hashes them. For WordPiece exactly what earlier versions
+    /// hashed, so their cached vocabularies stay in use (a retrained one could differ).
+    fn cache_settings(&self) -> String {
+        let mut v = serde_json::json!({
+            "vocab_size": self.vocab_size,
+            "min_frequency": self.min_frequency,
+            "lowercase": self.lowercases(),
+            "limit_alphabet": self.limit_alphabet,
+        });
+        if self.kind != TokenizerKind::Wordpiece {
+            v["kind"] = serde_json::to_value(self.kind).expect("serialises");
+        }
+        v.to_string()
+    }
+
+    fn cache_name(&self) -> &'static str {
+        match self.kind {
+            TokenizerKind::Wordpiece => "wordpiece",
+            TokenizerKind::Bpe => "bpe",
+            TokenizerKind::Unigram => "unigram",
         }
     }
 }
@@ -86,20 +147,17 @@ impl TokenizerConfig {
         match (&self.train, &self.path) {
             (Some(t), None) => {
                 let Some(cache_dir) = cache_dir else {
-                    return train_wordpiece(corpus, t);
+                    return train(corpus, t);
                 };
-                let key = corpus_fingerprint(
-                    corpus,
-                    &serde_json::to_string(t).expect("config serialises"),
-                );
-                let cached = cache_dir.join(format!("wordpiece-{key:016x}.json"));
+                let key = corpus_fingerprint(corpus, &t.cache_settings());
+                let name = t.cache_name();
+                let cached = cache_dir.join(format!("{name}-{key:016x}.json"));
                 if cached.is_file() {
                     return load(&cached);
                 }
-                let tk = train_wordpiece(corpus, t)?;
+                let tk = train(corpus, t)?;
                 std::fs::create_dir_all(cache_dir).map_err(|e| DataError::io(cache_dir, e))?;
-                let tmp =
-                    cache_dir.join(format!(".wordpiece-{key:016x}.{}.tmp", std::process::id()));
+                let tmp = cache_dir.join(format!(".{name}-{key:016x}.{}.tmp", std::process::id()));
                 tk.save(&tmp, false).map_err(|e| DataError::TokenizerFile {
                     path: tmp.clone(),
                     msg: e.to_string(),
@@ -149,8 +207,8 @@ fn bert_pipeline(model: WordPiece, lowercase: bool) -> tokenizers::Result<BertPi
         .build()
 }
 
-/// Trains a BERT-style WordPiece tokenizer (BertNormalizer, BertPreTokenizer, [CLS] x [SEP]).
-pub fn train_wordpiece(corpus: &Corpus, cfg: &WordPieceTraining) -> Result<Tokenizer> {
+/// Trains the tokenizer `cfg` describes on the corpus's paragraphs.
+pub fn train(corpus: &Corpus, cfg: &TokenizerTraining) -> Result<Tokenizer> {
     if cfg.vocab_size < SPECIALS.len() + 1 {
         return Err(DataError::Config {
             key: "data.tokenizer.train.vocab_size",
@@ -161,6 +219,94 @@ pub fn train_wordpiece(corpus: &Corpus, cfg: &WordPieceTraining) -> Result<Token
             ),
         });
     }
+    match cfg.kind {
+        TokenizerKind::Wordpiece => train_wordpiece(corpus, cfg),
+        TokenizerKind::Bpe | TokenizerKind::Unigram => train_sentencepiece_style(corpus, cfg),
+    }
+}
+
+/// RoBERTa's special tokens, in roberta-base's id order.
+const ROBERTA_SPECIALS: [&str; 5] = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"];
+
+/// Byte-level BPE or Unigram, each in its usual pipeline (see [`TokenizerKind`]), with
+/// RoBERTa's `<s> x </s>` (pairs `<s> a </s></s> b </s>`) post-processor.
+fn train_sentencepiece_style(corpus: &Corpus, cfg: &TokenizerTraining) -> Result<Tokenizer> {
+    use tokenizers::models::bpe::{BpeTrainer, BPE};
+    use tokenizers::models::unigram::{Unigram, UnigramTrainer};
+    use tokenizers::models::{ModelWrapper, TrainerWrapper};
+    use tokenizers::normalizers::{unicode::NFKC, utils::Lowercase, NormalizerWrapper, Sequence};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+    use tokenizers::processors::roberta::RobertaProcessing;
+
+    let specials: Vec<AddedToken> = ROBERTA_SPECIALS
+        .iter()
+        // As roberta-base's: "<mask>" takes the space before it, so "a <mask>." masks " word".
+        .map(|s| AddedToken::from(*s, true).lstrip(*s == "<mask>"))
+        .collect();
+    let mut norms: Vec<NormalizerWrapper> = Vec::new();
+    let (model, mut trainer) = match cfg.kind {
+        TokenizerKind::Bpe => (
+            ModelWrapper::BPE(BPE::default()),
+            TrainerWrapper::BpeTrainer(
+                BpeTrainer::builder()
+                    .vocab_size(cfg.vocab_size)
+                    .min_frequency(cfg.min_frequency)
+                    .special_tokens(specials)
+                    .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+                    .show_progress(false)
+                    .build(),
+            ),
+        ),
+        _ => {
+            norms.push(NFKC.into());
+            (
+                ModelWrapper::Unigram(Unigram::default()),
+                TrainerWrapper::UnigramTrainer(
+                    UnigramTrainer::builder()
+                        .vocab_size(cfg.vocab_size as u32)
+                        .special_tokens(specials)
+                        .unk_token(Some("<unk>".into()))
+                        .show_progress(false)
+                        .build()
+                        .map_err(|e| DataError::Tokenizer(e.to_string()))?,
+                ),
+            )
+        }
+    };
+    if cfg.lowercases() {
+        norms.push(Lowercase.into());
+    }
+    let mut tk = Tokenizer::new(model);
+    if !norms.is_empty() {
+        tk.with_normalizer(Some(Sequence::new(norms)))
+            .map_err(|e| DataError::Tokenizer(e.to_string()))?;
+    }
+    let byte_level = cfg.kind == TokenizerKind::Bpe;
+    if byte_level {
+        let bl = ByteLevel::new(false, true, true);
+        tk.with_pre_tokenizer(Some(bl));
+        tk.with_decoder(Some(bl));
+    } else {
+        let ms = Metaspace::new('▁', PrependScheme::Always, true);
+        tk.with_pre_tokenizer(Some(ms.clone()));
+        tk.with_decoder(Some(ms));
+    }
+    let paragraphs = corpus.documents.iter().flat_map(|d| d.paragraphs());
+    tk.train(&mut trainer, paragraphs)
+        .map_err(|e| DataError::Tokenizer(format!("training {:?}: {e}", cfg.kind)))?;
+    let id = |t: &str| tk.token_to_id(t).expect("special token was trained");
+    let (bos, eos) = (id("<s>"), id("</s>"));
+    tk.with_post_processor(Some(
+        RobertaProcessing::new(("</s>".into(), eos), ("<s>".into(), bos))
+            .trim_offsets(byte_level)
+            .add_prefix_space(false),
+    ));
+    Ok(tk)
+}
+
+/// Trains a BERT-style WordPiece tokenizer (BertNormalizer, BertPreTokenizer, [CLS] x [SEP]).
+fn train_wordpiece(corpus: &Corpus, cfg: &TokenizerTraining) -> Result<Tokenizer> {
     let mut trainer = WordPieceTrainer::builder()
         .vocab_size(cfg.vocab_size)
         .min_frequency(cfg.min_frequency)
@@ -173,7 +319,7 @@ pub fn train_wordpiece(corpus: &Corpus, cfg: &WordPieceTraining) -> Result<Token
         )
         .show_progress(false)
         .build();
-    let mut tk = bert_pipeline(WordPiece::default(), cfg.lowercase)
+    let mut tk = bert_pipeline(WordPiece::default(), cfg.lowercases())
         .map_err(|e| DataError::Tokenizer(e.to_string()))?;
     let paragraphs = corpus.documents.iter().flat_map(|d| d.paragraphs());
     tk.train(&mut trainer, paragraphs)
@@ -287,8 +433,10 @@ pub fn vocab_lines(tk: &Tokenizer) -> Result<Vec<String>> {
         .collect()
 }
 
-/// Writes the HF tokenizer files of a BERT folder: tokenizer.json, vocab.txt,
-/// tokenizer_config.json and special_tokens_map.json.
+/// Writes the HF tokenizer files of a model folder: tokenizer.json, tokenizer_config.json and
+/// special_tokens_map.json, and for WordPiece BERT's vocab.txt (what `BertTokenizer` and
+/// candle's examples read). A BPE or Unigram tokenizer is declared `PreTrainedTokenizerFast`,
+/// which `AutoTokenizer` builds from tokenizer.json as it is, so its ids are Kindling's.
 pub fn save_hf_files(
     tk: &Tokenizer,
     dir: &Path,
@@ -301,24 +449,37 @@ pub fn save_hf_files(
         path: tj.clone(),
         msg: e.to_string(),
     })?;
-    let vocab = dir.join("vocab.txt");
-    std::fs::write(&vocab, vocab_lines(tk)?.join("\n") + "\n").map_err(|e| io(&vocab, e))?;
+    let wordpiece = matches!(tk.get_model(), tokenizers::ModelWrapper::WordPiece(_));
+    if wordpiece {
+        let vocab = dir.join("vocab.txt");
+        std::fs::write(&vocab, vocab_lines(tk)?.join("\n") + "\n").map_err(|e| io(&vocab, e))?;
+    }
     let sp = special_tokens(tk)?;
     let name = |id: u32| tk.id_to_token(id).unwrap_or_default();
-    let map = serde_json::json!({
+    let mut map = serde_json::json!({
         "cls_token": name(sp.cls), "mask_token": name(sp.mask), "pad_token": name(sp.pad),
         "sep_token": name(sp.sep), "unk_token": name(sp.unk),
     });
+    if !wordpiece {
+        // RoBERTa's <s> and </s> begin and end a sequence as well as standing for [CLS]/[SEP].
+        map["bos_token"] = name(sp.cls).into();
+        map["eos_token"] = name(sp.sep).into();
+    }
     let p = dir.join("special_tokens_map.json");
     std::fs::write(&p, serde_json::to_string_pretty(&map).unwrap()).map_err(|e| io(&p, e))?;
     let mut cfg = map.clone();
     let obj = cfg.as_object_mut().unwrap();
-    obj.insert("tokenizer_class".into(), "BertTokenizer".into());
-    obj.insert("do_lower_case".into(), lowercase.into());
     obj.insert("model_max_length".into(), model_max_length.into());
-    obj.insert("clean_up_tokenization_spaces".into(), true.into());
-    obj.insert("strip_accents".into(), serde_json::Value::Null);
-    obj.insert("tokenize_chinese_chars".into(), true.into());
+    if wordpiece {
+        obj.insert("tokenizer_class".into(), "BertTokenizer".into());
+        obj.insert("do_lower_case".into(), lowercase.into());
+        obj.insert("clean_up_tokenization_spaces".into(), true.into());
+        obj.insert("strip_accents".into(), serde_json::Value::Null);
+        obj.insert("tokenize_chinese_chars".into(), true.into());
+    } else {
+        obj.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+        obj.insert("clean_up_tokenization_spaces".into(), false.into());
+    }
     let p = dir.join("tokenizer_config.json");
     std::fs::write(&p, serde_json::to_string_pretty(&cfg).unwrap()).map_err(|e| io(&p, e))?;
     Ok(())

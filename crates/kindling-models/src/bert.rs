@@ -30,6 +30,39 @@ pub enum HiddenAct {
 fn default_model_type() -> String {
     "bert".into()
 }
+
+/// The members of the BERT family this encoder computes. RoBERTa (Liu et al., 2019,
+/// <https://arxiv.org/abs/1907.11692>) is BERT's encoder under other names (`roberta.*`,
+/// `lm_head.*`, `classifier.{dense,out_proj}`), with positions counted from `pad_token_id + 1`
+/// (HF's `create_position_ids_from_input_ids`; equal for right-padded rows, the only kind
+/// Kindling builds) and one token type. Read from `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    Bert,
+    Roberta,
+}
+
+impl Flavour {
+    /// The `model_type`s this file reads.
+    pub const NAMES: [&'static str; 2] = ["bert", "roberta"];
+
+    /// The name of the encoder inside HF's task models (`bert.encoder...`).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Flavour::Bert => "bert",
+            Flavour::Roberta => "roberta",
+        }
+    }
+
+    /// HF's class name for the encoder with `task` after it (`"ForMaskedLM"`, `"Model"`).
+    pub fn class(self, task: &str) -> String {
+        match self {
+            Flavour::Bert => format!("Bert{task}"),
+            Flavour::Roberta => format!("Roberta{task}"),
+        }
+    }
+}
 fn default_position_embedding_type() -> String {
     "absolute".into()
 }
@@ -67,6 +100,11 @@ pub struct BertConfig {
     pub position_embedding_type: String,
     #[serde(default = "default_model_type")]
     pub model_type: String,
+    /// RoBERTa's `<s>` and `</s>` ids (HF's RobertaConfig carries them; BERT's does not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<usize>,
 }
 
 fn d768() -> usize {
@@ -160,6 +198,27 @@ impl BertConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
+        if !Flavour::NAMES.contains(&self.model_type.as_str()) {
+            return field(
+                "model_type",
+                format!(
+                    "`{}` is not a supported architecture (one of {:?})",
+                    self.model_type,
+                    Flavour::NAMES
+                ),
+            );
+        }
+        if self.max_position_embeddings <= self.position_offset() {
+            return field(
+                "max_position_embeddings",
+                format!(
+                    "{} leaves no position for a token: RoBERTa counts positions from \
+                     pad_token_id + 1 = {}",
+                    self.max_position_embeddings,
+                    self.position_offset()
+                ),
+            );
+        }
         if self.position_embedding_type != "absolute" {
             return bad(format!(
                 "position_embedding_type `{}` is not supported (absolute)",
@@ -167,6 +226,29 @@ impl BertConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Which member of the BERT family (from `model_type`; see [`Flavour`]).
+    pub fn flavour(&self) -> Flavour {
+        match self.model_type.as_str() {
+            "roberta" => Flavour::Roberta,
+            _ => Flavour::Bert,
+        }
+    }
+
+    /// The position-table row of a sequence's first token: 0 for BERT, `pad_token_id + 1` for
+    /// RoBERTa.
+    pub fn position_offset(&self) -> usize {
+        match self.flavour() {
+            Flavour::Bert => 0,
+            Flavour::Roberta => self.pad_token_id + 1,
+        }
+    }
+
+    /// The longest sequence the position table holds.
+    pub fn max_seq_len(&self) -> usize {
+        self.max_position_embeddings
+            .saturating_sub(self.position_offset())
     }
 
     /// Parameters of the encoder's linear layers: the "non-embedding" count used for FLOPs.
@@ -245,6 +327,8 @@ pub struct BertEmbeddings {
     layer_norm: LayerNorm,
     dropout: Dropout,
     hidden_size: usize,
+    /// [`BertConfig::position_offset`].
+    position_offset: usize,
 }
 
 impl BertEmbeddings {
@@ -265,6 +349,7 @@ impl BertEmbeddings {
             layer_norm: LayerNorm::load(h, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
             dropout: Dropout::new(cfg.hidden_dropout_prob as f32, 0),
             hidden_size: h,
+            position_offset: cfg.position_offset(),
         })
     }
 
@@ -278,9 +363,11 @@ impl BertEmbeddings {
         let table = self.word_embeddings.embeddings();
         if crate::ops::fused_ok(table) && input_ids.dtype() == DType::U32 {
             // One node on CPU f32 (`crate::fused_embeddings`).
+            let (rows, off) = (self.position_embeddings.dim(0)?, self.position_offset);
+            let positions = self.position_embeddings.narrow(0, off, rows - off)?;
             let tables = crate::fused_embeddings::EmbeddingTables {
                 word: table,
-                position: &self.position_embeddings,
+                position: &positions,
                 token_type: self.token_type_embeddings.embeddings(),
                 ln_weight: &self.layer_norm.weight,
                 ln_bias: &self.layer_norm.bias,
@@ -307,7 +394,9 @@ impl BertEmbeddings {
     ) -> candle_core::Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let words = self.word_embeddings.forward(&input_ids.flatten_all()?)?; // (b*t, h)
-        let positions = self.position_embeddings.narrow(0, 0, t)?; // (t, h)
+        let positions = self
+            .position_embeddings
+            .narrow(0, self.position_offset, t)?; // (t, h)
         let types = match token_type_ids {
             Some(tt) => self.token_type_embeddings.forward(&tt.flatten_all()?)?,
             // All zeros: row 0, broadcast.
@@ -584,9 +673,10 @@ impl BertModel {
         mode: Mode,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        if t > self.config.max_position_embeddings {
+        if t > self.config.max_seq_len() {
             return Err(ModelError::Config(format!(
-                "sequence length {t} exceeds max_position_embeddings {}",
+                "sequence length {t} exceeds the {} positions of max_position_embeddings {}",
+                self.config.max_seq_len(),
                 self.config.max_position_embeddings
             )));
         }
@@ -618,30 +708,61 @@ impl BertModel {
 }
 
 /// HF `BertForMaskedLM`: `bert` + `cls.predictions` (transform dense + GELU + LayerNorm, then the
-/// decoder tied to the word embeddings, plus `cls.predictions.bias`).
+/// decoder tied to the word embeddings, plus `cls.predictions.bias`). For RoBERTa, HF's
+/// `RobertaForMaskedLM`: `roberta` + `lm_head` (`dense`, exact GELU, `layer_norm`, the tied
+/// decoder and `lm_head.bias`): the same computation under other names.
 #[derive(Debug, Clone)]
 pub struct BertForMaskedLM {
     pub bert: BertModel,
     transform_dense: Linear,
     transform_layer_norm: LayerNorm,
     decoder_bias: Tensor,
+    /// The head's activation: `hidden_act` for BERT, always the exact GELU for RoBERTa.
+    head_act: HiddenAct,
 }
 
 impl BertForMaskedLM {
     pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
-        let bert = BertModel::load(vb.pp("bert"), cfg)?;
-        let p = vb.pp("cls").pp("predictions");
+        let flavour = cfg.flavour();
+        let bert = BertModel::load(vb.pp(flavour.prefix()), cfg)?;
         let h = cfg.hidden_size;
+        let (dense, norm, bias, p, head_act) = match flavour {
+            Flavour::Bert => {
+                let p = vb.pp("cls").pp("predictions");
+                (
+                    p.pp("transform").pp("dense"),
+                    p.pp("transform").pp("LayerNorm"),
+                    "bias",
+                    p,
+                    cfg.hidden_act,
+                )
+            }
+            Flavour::Roberta => {
+                let p = vb.pp("lm_head");
+                (
+                    p.pp("dense"),
+                    p.pp("layer_norm"),
+                    "bias",
+                    p,
+                    HiddenAct::Gelu,
+                )
+            }
+        };
         Ok(BertForMaskedLM {
-            transform_dense: Linear::load(h, h, p.pp("transform").pp("dense"))?,
-            transform_layer_norm: LayerNorm::load(
-                h,
-                cfg.layer_norm_eps,
-                p.pp("transform").pp("LayerNorm"),
-            )?,
-            decoder_bias: p.get_with_hints(cfg.vocab_size, "bias", candle_nn::Init::Const(0.0))?,
+            transform_dense: Linear::load(h, h, dense)?,
+            transform_layer_norm: LayerNorm::load(h, cfg.layer_norm_eps, norm)?,
+            decoder_bias: p.get_with_hints(cfg.vocab_size, bias, candle_nn::Init::Const(0.0))?,
+            head_act,
             bert,
         })
+    }
+
+    /// The names of the head's tensors (what a folder without an MLM head lacks).
+    pub fn is_head_tensor(cfg: &BertConfig, name: &str) -> bool {
+        match cfg.flavour() {
+            Flavour::Bert => name.starts_with("cls."),
+            Flavour::Roberta => name.starts_with("lm_head."),
+        }
     }
 
     /// Vocabulary logits. With `positions` (flat `b * seq + t` indices, u32) only those rows are
@@ -659,10 +780,7 @@ impl BertForMaskedLM {
         let hidden = self
             .bert
             .forward_rows_t(input_ids, None, attention_mask, positions, mode)?;
-        let xs = activation(
-            self.bert.config.hidden_act,
-            &self.transform_dense.forward(&hidden)?,
-        )?;
+        let xs = activation(self.head_act, &self.transform_dense.forward(&hidden)?)?;
         let xs = self.transform_layer_norm.forward(&xs)?;
         let decoder = self.bert.embeddings.word_embeddings.embeddings(); // (vocab, h), tied
         Ok(crate::ops::linear(&xs, decoder, &self.decoder_bias)?)
@@ -683,11 +801,15 @@ pub enum Pooling {
 }
 
 /// HF `BertForSequenceClassification`: `bert` (+ `bert.pooler.dense` with [CLS] pooling),
-/// dropout, and `classifier` (hidden -> classes).
+/// dropout, and `classifier` (hidden -> classes). For RoBERTa, HF's
+/// `RobertaForSequenceClassification`: `roberta` and `classifier.dense` (the pooler's place)
+/// then `classifier.out_proj`, with dropout before the dense layer too.
 #[derive(Debug, Clone)]
 pub struct BertForSequenceClassification {
     pub bert: BertModel,
     pooler: Option<Linear>,
+    /// RoBERTa's dropout of the <s> vector before `classifier.dense`.
+    pooler_dropout: Option<Dropout>,
     dropout: Dropout,
     classifier: Linear,
     pub pooling: Pooling,
@@ -707,18 +829,34 @@ impl BertForSequenceClassification {
         classifier_dropout: f64,
     ) -> Result<Self> {
         let h = cfg.hidden_size;
-        let bert = BertModel::load(vb.pp("bert"), cfg)?;
+        let flavour = cfg.flavour();
+        let bert = BertModel::load(vb.pp(flavour.prefix()), cfg)?;
+        let (pooler, classifier) = match flavour {
+            Flavour::Bert => (vb.pp("bert").pp("pooler").pp("dense"), vb.pp("classifier")),
+            Flavour::Roberta => (
+                vb.pp("classifier").pp("dense"),
+                vb.pp("classifier").pp("out_proj"),
+            ),
+        };
         let pooler = match pooling {
-            Pooling::Cls => Some(Linear::load(h, h, vb.pp("bert").pp("pooler").pp("dense"))?),
+            Pooling::Cls => Some(Linear::load(h, h, pooler)?),
             Pooling::Mean => None,
         };
         Ok(BertForSequenceClassification {
             bert,
             pooler,
+            pooler_dropout: (flavour == Flavour::Roberta)
+                .then(|| Dropout::new(classifier_dropout as f32, CLASSIFIER_DROPOUT_SITE + 1)),
             dropout: Dropout::new(classifier_dropout as f32, CLASSIFIER_DROPOUT_SITE),
-            classifier: Linear::load(h, num_labels, vb.pp("classifier"))?,
+            classifier: Linear::load(h, num_labels, classifier)?,
             pooling,
         })
+    }
+
+    /// The names of the tensors a backbone folder lacks (the pooler and the classifier).
+    pub fn is_head_tensor(cfg: &BertConfig, name: &str) -> bool {
+        name.starts_with("classifier.")
+            || (cfg.flavour() == Flavour::Bert && name.starts_with("bert.pooler."))
     }
 
     /// The pooled vectors, (batch, hidden), before dropout and the classifier.
@@ -735,9 +873,14 @@ impl BertForSequenceClassification {
         let h = hidden.dim(1)?;
         let hidden = hidden.reshape((b, t, h))?;
         Ok(match &self.pooler {
-            Some(dense) => dense
-                .forward(&hidden.narrow(1, 0, 1)?.squeeze(1)?)?
-                .tanh()?,
+            Some(dense) => {
+                let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+                let first = match &self.pooler_dropout {
+                    Some(d) => d.forward_t(&first, mode)?,
+                    None => first,
+                };
+                dense.forward(&first)?.tanh()?
+            }
             None => {
                 let m = attention_mask.to_dtype(hidden.dtype())?.unsqueeze(2)?; // (b, t, 1)
                 let count = m.sum(1)?.clamp(1.0, f64::MAX)?; // (b, 1)

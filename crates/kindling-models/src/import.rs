@@ -1,6 +1,7 @@
-//! Loading any Hugging Face BERT-family folder (config.json + model.safetensors): Kindling's own
-//! exports, `BertModel` checkpoints without the `bert.` prefix (all-MiniLM-L6-v2), and
-//! `BertForMaskedLM` / `BertForSequenceClassification` checkpoints with it.
+//! Loading any Hugging Face BERT-family folder (config.json + model.safetensors; BERT and
+//! RoBERTa): Kindling's own exports, base-model checkpoints without the `bert.`/`roberta.`
+//! prefix (all-MiniLM-L6-v2), and the task models' (`BertForMaskedLM`,
+//! `RobertaForSequenceClassification`, ...) with it.
 //!
 //! The weights go into a `VarMap`, so an imported model trains like a fresh one. Like HF's
 //! `from_pretrained`, loading reports the model's tensors the file lacks (`missing`) and the
@@ -27,14 +28,15 @@ pub struct ImportedBert {
     pub model: BertModel,
     pub config: BertConfig,
     pub varmap: VarMap,
-    /// `"bert."` when the file's names carry the prefix of HF's task models, else `""`.
+    /// `"bert."` (`"roberta."`) when the file's names carry the prefix of HF's task models,
+    /// else `""`.
     pub prefix: String,
     pub report: KeyReport,
 }
 
 /// Buffers HF writes beside the weights (not parameters).
 fn is_buffer(name: &str) -> bool {
-    name.ends_with("position_ids")
+    name.ends_with("position_ids") || name.ends_with("token_type_ids")
 }
 
 /// Reads `config.json` as an HF `BertConfig`.
@@ -55,19 +57,37 @@ pub fn read_config(dir: &Path) -> Result<BertConfig> {
     Ok(cfg)
 }
 
+/// Reads `config.json` as any supported encoder's config (by `model_type`).
+pub fn read_encoder_config(dir: &Path) -> Result<crate::EncoderConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::File {
+        path: path.clone(),
+        msg: format!("not JSON: {e}"),
+    })?;
+    crate::EncoderConfig::from_json(value).map_err(|e| ModelError::File {
+        path,
+        msg: e.to_string(),
+    })
+}
+
 /// Loads the encoder of the BERT folder `dir`. Missing encoder tensors are an error (an encoder
 /// with random layers would only look loaded); unused ones are reported.
 pub fn load_bert(dir: &Path, device: &Device) -> Result<ImportedBert> {
     let config = read_config(dir)?;
     let (path, tensors) = read_weights(dir, device)?;
-    let prefix = if tensors.keys().any(|k| k.starts_with("bert.")) {
-        "bert."
+    let name = config.flavour().prefix();
+    let prefix = if tensors.keys().any(|k| k.starts_with(&format!("{name}."))) {
+        format!("{name}.")
     } else {
-        ""
+        String::new()
     };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let vb = if prefix.is_empty() { vb } else { vb.pp("bert") };
+    let vb = if prefix.is_empty() { vb } else { vb.pp(name) };
     let model = BertModel::load(vb, &config)?;
     let report = copy_tensors(&varmap, &tensors, &path)?;
     if !report.missing.is_empty() {
@@ -88,14 +108,14 @@ pub fn load_bert(dir: &Path, device: &Device) -> Result<ImportedBert> {
         model,
         config,
         varmap,
-        prefix: prefix.into(),
+        prefix,
         report,
     })
 }
 
 /// Copies the tensors of `tensors` (read from `path`) into the variables of `varmap` with the
-/// same name, or, for a `bert.`-prefixed variable, the unprefixed name (HF's base `BertModel`
-/// checkpoints, such as all-MiniLM-L6-v2, carry no prefix). A shape that differs from the
+/// same name, or, for a `bert.`- (`roberta.`-) prefixed variable, the unprefixed name (HF's
+/// base `BertModel` checkpoints, such as all-MiniLM-L6-v2, carry no prefix). A shape that differs from the
 /// model's is an error; names on either side without a partner are reported.
 pub fn copy_tensors(
     varmap: &VarMap,
@@ -108,7 +128,12 @@ pub fn copy_tensors(
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     for name in names {
-        let found = [Some(name.as_str()), name.strip_prefix("bert.")]
+        // HF's task models hold the encoder as `bert.`, `roberta.` or (ModernBERT) `model.`.
+        let unprefixed = crate::bert::Flavour::NAMES
+            .iter()
+            .chain(&["model"])
+            .find_map(|p| name.strip_prefix(p)?.strip_prefix('.'));
+        let found = [Some(name.as_str()), unprefixed]
             .into_iter()
             .flatten()
             .find_map(|n| tensors.get(n).map(|t| (n, t)));

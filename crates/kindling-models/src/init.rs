@@ -1,5 +1,6 @@
 //! HF initialisation (`BertPreTrainedModel._init_weights`), seeded per parameter name:
-//! weights ~ N(0, initializer_range), biases 0, LayerNorm weight 1 and bias 0, the padding row
+//! weights ~ N(0, initializer_range), biases 0, norm weights 1 (BERT's `LayerNorm`, RoBERTa's
+//! `layer_norm`, ModernBERT's `*norm`) and biases 0, the padding row
 //! of the word embeddings 0. Each tensor draws from its own stream `(seed, name)`, so the
 //! result does not depend on the order parameters were created in or on the thread count.
 
@@ -19,7 +20,7 @@ pub fn hf_init(varmap: &VarMap, seed: u64, std: f64, pad_token_id: Option<usize>
     for name in names {
         let var = &data[name];
         let (shape, device, dtype) = (var.shape().clone(), var.device().clone(), var.dtype());
-        let value = if name.ends_with("LayerNorm.weight") {
+        let value = if is_norm_weight(name) {
             Tensor::ones(&shape, dtype, &device)?
         } else if name.ends_with("bias") {
             Tensor::zeros(&shape, dtype, &device)?
@@ -38,4 +39,12 @@ pub fn hf_init(varmap: &VarMap, seed: u64, std: f64, pad_token_id: Option<usize>
         var.set(&value)?;
     }
     Ok(())
+}
+
+/// Whether `name` is a normalisation layer's scale: `...LayerNorm.weight` (BERT),
+/// `...layer_norm.weight` (RoBERTa's head), `...norm.weight` / `..._norm.weight` (ModernBERT).
+pub fn is_norm_weight(name: &str) -> bool {
+    name.strip_suffix(".weight")
+        .and_then(|m| m.rsplit('.').next())
+        .is_some_and(|m| m.to_ascii_lowercase().ends_with("norm"))
 }

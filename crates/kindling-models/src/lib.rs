@@ -7,6 +7,7 @@
 
 pub mod bert;
 pub mod conv;
+pub mod encoder;
 mod explicit_layer;
 pub mod export;
 mod fused_embeddings;
@@ -15,6 +16,7 @@ mod fused_resnet;
 pub mod heads;
 pub mod import;
 pub mod init;
+pub mod modernbert;
 pub mod nn;
 pub mod ops;
 pub mod resnet;
@@ -22,8 +24,10 @@ pub mod resnet;
 mod test_util;
 
 pub use bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, Pooling};
+pub use encoder::{Architecture, EncoderConfig, MaskedLm};
 pub use heads::{Mlp, MlpConfig};
 pub use kindling_core::Mode;
+pub use modernbert::{ModernBertConfig, ModernBertForMaskedLM, ModernBertModel};
 pub use resnet::{ResNet, ResNetConfig};
 
 /// Errors of model building and export.

@@ -37,7 +37,7 @@ pub fn embed_texts(
     let device = Device::Cpu;
     let bert = import::load_bert(model_dir, &device)?;
     let tokenizer = tok::load(model_dir)?;
-    let max_len = bert.config.max_position_embeddings;
+    let max_len = bert.config.max_seq_len();
     let mut out = Vec::with_capacity(texts.len());
     for text in texts {
         let enc = tokenizer
@@ -77,7 +77,7 @@ pub fn fill_mask(
     k: usize,
 ) -> Result<Vec<Vec<FillMask>>, RecipeError> {
     let device = Device::Cpu;
-    let config = import::read_config(model_dir)?;
+    let config = import::read_encoder_config(model_dir)?;
     let weights = model_dir.join("model.safetensors");
     let tensors =
         candle_core::safetensors::load(&weights, &device).map_err(|e| RecipeError::Run {
@@ -85,13 +85,13 @@ pub fn fill_mask(
             msg: e.to_string(),
         })?;
     let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &device);
-    let model =
-        kindling_models::BertForMaskedLM::load(vb, &config).map_err(|e| RecipeError::Run {
-            path: weights.clone(),
-            msg: format!(
-                "not a BertForMaskedLM checkpoint (needs bert.* and cls.predictions.*): {e}"
-            ),
-        })?;
+    let model = kindling_models::MaskedLm::load(vb, &config).map_err(|e| RecipeError::Run {
+        path: weights.clone(),
+        msg: format!(
+            "not a {} checkpoint (needs the encoder and the MLM head): {e}",
+            config.class("ForMaskedLM")
+        ),
+    })?;
     let tokenizer = tok::load(model_dir)?;
     let mask = tok::special_tokens(&tokenizer)?.mask;
     let enc = tokenizer.encode(text, true).map_err(|e| RecipeError::Run {
@@ -105,7 +105,10 @@ pub fn fill_mask(
     if at.is_empty() {
         return Err(RecipeError::Invalid {
             key: "text".into(),
-            msg: format!("{text:?} has no [MASK] token"),
+            msg: format!(
+                "{text:?} has no {} token",
+                tokenizer.id_to_token(mask).unwrap_or_default()
+            ),
         });
     }
     let input = Tensor::from_slice(ids, (1, ids.len()), &device)?;

@@ -7,6 +7,7 @@ pub mod embed;
 pub mod finetune;
 pub mod hf_folder;
 pub mod metrics;
+pub mod model_path;
 pub mod probe;
 pub mod recipe;
 pub mod registry;

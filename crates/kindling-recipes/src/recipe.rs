@@ -57,40 +57,91 @@ pub fn default_seed() -> u64 {
     17
 }
 
-/// `[model]`: the shape of the encoder, with HF `BertConfig` names. The vocabulary size comes
-/// from the tokenizer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
+/// `[model]`: the encoder to train. Either its shape, with HF config names, for a model trained
+/// from scratch (the vocabulary size comes from the tokenizer; unset keys are bert-mini's), or
+/// `path`, a folder (a Kindling export, any HF BERT, RoBERTa or ModernBERT folder) to continue
+/// pretraining:
+/// the shape and the vocabulary are then the folder's, and only the dropout rates and the
+/// initialiser range (for a head the folder lacks) may be set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    pub hidden_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub intermediate_size: usize,
-    pub hidden_act: kindling_models::bert::HiddenAct,
-    pub hidden_dropout_prob: f64,
-    pub attention_probs_dropout_prob: f64,
-    pub max_position_embeddings: usize,
-    pub type_vocab_size: usize,
-    pub initializer_range: f64,
-    pub layer_norm_eps: f64,
+    /// Continue pretraining this folder's weights (`hf://NS/NAME[@REV]` is pulled first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// `"bert"`, `"roberta"` or `"modernbert"`. Unset: BERT, or with `path` the folder's
+    /// `model_type`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<kindling_models::Architecture>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_hidden_layers: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_attention_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<kindling_models::bert::HiddenAct>,
+    /// Unset: 512 positions (RoBERTa: 512 + pad_token_id + 1, as roberta-base's 514).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_position_embeddings: Option<usize>,
+    /// Unset: 2 (RoBERTa: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub type_vocab_size: Option<usize>,
+    /// Unset: 1e-12 (RoBERTa: 1e-5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_norm_eps: Option<f64>,
+    /// Unset: 0.1 (with `path`: the folder's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_dropout_prob: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_probs_dropout_prob: Option<f64>,
+    /// Unset: 0.02 (with `path`: the folder's; it initialises a head the folder lacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initializer_range: Option<f64>,
+    /// ModernBERT: every n-th layer attends globally (unset: 3), the others within a window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_attn_every_n_layers: Option<usize>,
+    /// ModernBERT: the local layers' window (unset: 128; a token sees those within half).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_attention: Option<usize>,
+    /// ModernBERT: the rotary bases of global (unset: 160000) and local (10000) layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_rope_theta: Option<f64>,
 }
 
-impl Default for ModelSection {
-    /// bert-mini (Turc et al., 2019): h256, 4 layers, 4 heads.
-    fn default() -> Self {
-        ModelSection {
-            hidden_size: 256,
-            num_hidden_layers: 4,
-            num_attention_heads: 4,
-            intermediate_size: 1024,
-            hidden_act: kindling_models::bert::HiddenAct::Gelu,
-            hidden_dropout_prob: 0.1,
-            attention_probs_dropout_prob: 0.1,
-            max_position_embeddings: 512,
-            type_vocab_size: 2,
-            initializer_range: 0.02,
-            layer_norm_eps: 1e-12,
-        }
+impl DataSection {
+    /// `[data.tokenizer]`, or the default (a trained WordPiece vocabulary) when unset.
+    pub fn tokenizer_config(&self) -> TokenizerConfig {
+        self.tokenizer.clone().unwrap_or_default()
+    }
+}
+
+impl ModelSection {
+    /// The keys set that describe the shape: with `path` they come from the folder.
+    pub fn shape_keys(&self) -> Vec<&'static str> {
+        let set = [
+            self.hidden_size.is_some(),
+            self.num_hidden_layers.is_some(),
+            self.num_attention_heads.is_some(),
+            self.intermediate_size.is_some(),
+            self.hidden_act.is_some(),
+            self.max_position_embeddings.is_some(),
+            self.type_vocab_size.is_some(),
+            self.layer_norm_eps.is_some(),
+            self.global_attn_every_n_layers.is_some(),
+            self.local_attention.is_some(),
+            self.global_rope_theta.is_some(),
+            self.local_rope_theta.is_some(),
+        ];
+        SHAPE_KEYS
+            .into_iter()
+            .zip(set)
+            .filter_map(|(k, set)| set.then_some(k))
+            .collect()
     }
 }
 
@@ -107,8 +158,10 @@ pub struct DataSection {
     /// memory only (not with `[data.prepare]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tables: Vec<kindling_data::TextTable>,
-    #[serde(default)]
-    pub tokenizer: TokenizerConfig,
+    /// Unset: train a WordPiece vocabulary (`TokenizerConfig::default`); with `model.path`,
+    /// the folder's tokenizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<TokenizerConfig>,
     /// Tokens per block, [CLS] and [SEP] included.
     #[serde(default = "default_seq_len")]
     pub seq_len: usize,
@@ -355,7 +408,8 @@ impl Recipe {
 
     /// Parses recipe text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
-        let r: Self = parse_toml(text, path, overrides)?;
+        let text = continued_by_override(text, path, overrides)?;
+        let r: Self = parse_toml(&text, path, overrides)?;
         let bad = |msg: &str| {
             Err(RecipeError::Key {
                 path: path.to_path_buf(),
@@ -421,6 +475,70 @@ impl Recipe {
 
 /// Parses TOML text into any recipe type after applying `key=value` overrides; errors name the
 /// file and the key (or the line, for syntax errors). `path` is only used in messages.
+/// `--set model.path=DIR` turns any from-scratch MLM recipe into continued pretraining of DIR:
+/// the file's `[model]` shape and `[data.tokenizer]` describe the model the folder replaces,
+/// so they are dropped (and the log says so). A recipe *file* that gives `model.path` together
+/// with a shape or a tokenizer is still an error (`folder_config`): there the two disagree.
+fn continued_by_override(
+    text: &str,
+    path: &Path,
+    overrides: &[String],
+) -> Result<String, RecipeError> {
+    let sets_path = overrides.iter().any(|o| {
+        o.split_once('=')
+            .is_some_and(|(k, _)| k.trim() == "model.path")
+    });
+    if !sets_path {
+        return Ok(text.to_string());
+    }
+    let mut doc: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| RecipeError::Syntax {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+    let mut dropped = Vec::new();
+    if let Some(toml::Value::Table(model)) = doc.get_mut("model") {
+        if model.contains_key("path") {
+            return Ok(text.to_string());
+        }
+        for key in SHAPE_KEYS.iter().chain(&["architecture"]) {
+            if model.remove(*key).is_some() {
+                dropped.push(format!("model.{key}"));
+            }
+        }
+    }
+    if let Some(toml::Value::Table(data)) = doc.get_mut("data") {
+        if data.remove("tokenizer").is_some() {
+            dropped.push("data.tokenizer".into());
+        }
+    }
+    if !dropped.is_empty() {
+        eprintln!(
+            "note: --set model.path continues that folder's model with its own tokenizer; the \
+             recipe's {} are not used",
+            dropped.join(", ")
+        );
+    }
+    Ok(doc.to_string())
+}
+
+/// `[model]` keys that describe a shape: with `model.path` the folder's config.json gives them.
+const SHAPE_KEYS: [&str; 12] = [
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "global_attn_every_n_layers",
+    "local_attention",
+    "global_rope_theta",
+    "local_rope_theta",
+];
+
 pub fn parse_toml<T: serde::de::DeserializeOwned>(
     text: &str,
     path: &Path,

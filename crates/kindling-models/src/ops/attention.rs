@@ -31,6 +31,9 @@ pub(crate) struct SelfAttention {
     /// The querying rows (flat `b * seq + t`, strictly increasing) when not every position
     /// queries, and where each batch element's rows start among them (batch + 1 entries).
     pub(super) query_rows: Option<(Vec<u32>, Vec<usize>)>,
+    /// A sliding window: position i attends to j only when |i - j| <= window (ModernBERT's
+    /// local layers). `None`: every position.
+    pub(super) window: Option<usize>,
 }
 
 /// Whether `rows` can be [`SelfAttention::with_query_rows`]'s list for `n` rows: strictly
@@ -112,7 +115,14 @@ impl SelfAttention {
                 dropout,
             },
             query_rows: None,
+            window: None,
         }
+    }
+
+    /// Restricts attention to a sliding window (see [`SelfAttention::window`]).
+    pub(crate) fn with_window(mut self, window: Option<usize>) -> Self {
+        self.window = window;
+        self
     }
 
     /// Only `rows` (flat `b * seq + t`) query: `q`, the context and dq then have one row per
@@ -418,8 +428,25 @@ impl SelfAttention {
         }
         let mask = &self.mask[bi * t..(bi + 1) * t];
         let mut row = vec![0f32; t];
+        let mut banded = Vec::new();
         for i in 0..mb {
             row.copy_from_slice(&y[i * t..(i + 1) * t]);
+            let mask = match self.window {
+                None => mask,
+                Some(w) => {
+                    // The batch's key mask, and keys outside the window as padding.
+                    let pos = self.position_of(queries.start + i);
+                    banded.clear();
+                    banded.extend(mask.iter().enumerate().map(|(j, &m)| {
+                        if pos.abs_diff(j) > w {
+                            m - 1e9
+                        } else {
+                            m
+                        }
+                    }));
+                    &banded[..]
+                }
+            };
             self.probs
                 .softmax_row(&mut y[i * t..(i + 1) * t], &row, mask);
         }
@@ -498,13 +525,27 @@ impl CustomOp3 for SelfAttention {
 /// Multi-head self-attention context from projected `q`, `k`, `v` (each (batch * seq, hidden),
 /// heads side by side): `dropout(softmax(q k^T / sqrt(head_dim) + mask)) v`, flat the same way.
 /// `mask` is additive, (batch, seq). Fused on CPU f32 (see `SelfAttention`), composed elsewhere.
-#[allow(clippy::too_many_arguments)]
 pub fn self_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dims: (usize, usize, usize),
+    mask: &Tensor,
+    dropout: Option<(f32, u64)>,
+) -> Result<Tensor> {
+    self_attention_windowed(q, k, v, dims, mask, None, dropout)
+}
+
+/// [`self_attention`] where position i attends to j only when |i - j| <= `window`
+/// (ModernBERT's local layers; HF's `sliding_window_bidirectional_overlay`).
+#[allow(clippy::too_many_arguments)]
+pub fn self_attention_windowed(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     (batch, seq, heads): (usize, usize, usize),
     mask: &Tensor,
+    window: Option<usize>,
     dropout: Option<(f32, u64)>,
 ) -> Result<Tensor> {
     let hidden = q.dim(1)?;
@@ -517,7 +558,22 @@ pub fn self_attention(
                 .contiguous()
         };
         let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
-        let probs = attention_probs(&qh.matmul(&kh.t()?)?, mask, scale, dropout)?;
+        let mut scores = qh.matmul(&kh.t()?)?;
+        if let Some(w) = window {
+            // Outside the band as padding (before the scale, which keeps it very negative).
+            let band: Vec<f32> = (0..seq * seq)
+                .map(|n| {
+                    if (n / seq).abs_diff(n % seq) > w {
+                        -1e9
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let band = Tensor::from_vec(band, (seq, seq), q.device())?.to_dtype(scores.dtype())?;
+            scores = scores.broadcast_add(&band)?;
+        }
+        let probs = attention_probs(&scores, mask, scale, dropout)?;
         return probs
             .matmul(&vh)?
             .transpose(1, 2)?
@@ -528,7 +584,8 @@ pub fn self_attention(
         hidden,
         mask.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
         dropout,
-    );
+    )
+    .with_window(window);
     debug_assert_eq!(op.batch * op.seq, q.dim(0)?);
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)

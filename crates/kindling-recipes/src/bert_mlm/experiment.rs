@@ -16,9 +16,13 @@ pub fn pretrain(recipe: &Recipe, opts: &RunOptions) -> Result<RunReport, RecipeE
 /// What an MLM run keeps between the lifecycle's hooks.
 pub struct MlmState {
     pub tokenizer: Tokenizer,
-    vocab_size: usize,
     /// What the data looked like (`data.json`).
     data_summary: serde_json::Value,
+    /// Continued pretraining: what `model.path` gave.
+    pub loaded: Option<Loaded>,
+    /// Continued pretraining: the loaded model's own scores on the eval blocks, before any
+    /// step (`initial_eval.json`).
+    pub initial: BTreeMap<String, f64>,
 }
 
 impl Experiment for Recipe {
@@ -48,7 +52,31 @@ impl Experiment for Recipe {
 
     fn validate(&self) -> Result<(), RecipeError> {
         Recipe::validate(self, EVAL_METRICS)?;
-        bert_config(self, 16, 0)?;
+        let config = match model_dir(self)? {
+            Some(dir) => folder_config(self, &dir)?,
+            None => {
+                // The ranges of the shape, before a tokenizer is trained for it.
+                let specials = tok::SpecialTokens {
+                    pad: 0,
+                    unk: 1,
+                    cls: 2,
+                    sep: 3,
+                    mask: 4,
+                    all: vec![0, 1, 2, 3, 4],
+                };
+                scratch_config(self, 16, &specials)?
+            }
+        };
+        if matches!(config, EncoderConfig::ModernBert(_))
+            && self.precision != crate::run::Precision::F32
+        {
+            return Err(RecipeError::Invalid {
+                key: "precision".into(),
+                msg: "ModernBERT trains in f32 only so far (mixed precision is BERT's and \
+                      RoBERTa's)"
+                    .into(),
+            });
+        }
         Ok(())
     }
 
@@ -59,9 +87,8 @@ impl Experiment for Recipe {
     fn prepare(&self, ctx: &Context) -> Result<RunOf<Self>, RecipeError> {
         let t = &self.train;
         // Streaming from shards reads the corpus text into memory only to train a tokenizer.
-        let corpus = match (&self.data.prepare, &self.data.tokenizer.train) {
-            (Some(_), _) if ctx.resuming => Corpus::default(),
-            (Some(_), None) => Corpus::default(),
+        let corpus = match &self.data.prepare {
+            Some(_) if ctx.resuming || !trains_tokenizer(self) => Corpus::default(),
             _ => self.read_corpus()?,
         };
         if !corpus.documents.is_empty() {
@@ -82,14 +109,11 @@ impl Experiment for Recipe {
             }
             tok::load(&ctx.run_dir.join("tokenizer.json"))?
         } else {
-            let cache = crate::cache_dir(self).join("tokenizers");
-            self.data
-                .tokenizer
-                .build(&corpus, Path::new("."), Some(&cache))?
+            build_tokenizer(self, &corpus)?
         };
         let specials = tok::special_tokens(&tokenizer)?;
         let vocab_size = tokenizer.get_vocab_size(true);
-        let config = bert_config(self, vocab_size, specials.pad)?;
+        let config = model_config(self, &tokenizer)?;
 
         check_memory(self, &config, &ctx.device)?;
         let (train_blocks, eval_blocks, counts): (Arc<dyn Blocks>, Arc<dyn Blocks>, _) =
@@ -159,23 +183,35 @@ impl Experiment for Recipe {
             t.max_eval_batches,
         );
         let mut objective = BertMlm::new(config, self.seed, &ctx.device)?;
-        objective.model.bert.compute_dtype = ctx.compute;
+        objective.model.set_compute_dtype(ctx.compute);
+        // On resume the checkpoint's weights replace these; read anyway, for what the card
+        // says about the start.
+        let loaded = match model_dir(self)? {
+            Some(dir) => Some(load_weights(&objective, &dir)?),
+            None => None,
+        };
+        let (h, l, a, i) = objective.config.shape();
         eprintln!(
-            "model: BertForMaskedLM h{} L{} A{} I{}, {:.2}M parameters",
-            self.model.hidden_size,
-            self.model.num_hidden_layers,
-            self.model.num_attention_heads,
-            self.model.intermediate_size,
-            objective.param_count() as f64 / 1e6
+            "model: {} h{h} L{l} A{a} I{i}, {:.2}M parameters{}",
+            objective.config.class("ForMaskedLM"),
+            objective.param_count() as f64 / 1e6,
+            loaded
+                .as_ref()
+                .map(|l| format!("; {}", l.describe()))
+                .unwrap_or_default()
         );
         // An update takes batch_size x grad_accum blocks on each rank.
         let steps_per_epoch =
             (train_blocks.len() / (t.batch_size * t.grad_accum.max(1) as usize * ctx.world)) as u64;
-        let data_summary = serde_json::json!({
+        let mut data_summary = serde_json::json!({
             "vocab_size": vocab_size, "seq_len": self.data.seq_len, "blocks": n_blocks,
             "train_blocks": train_blocks.len(), "eval_blocks": eval_blocks.len(),
             "unigram_baseline": baseline.as_ref().map(|b| b.1),
         });
+        if let Some(l) = &loaded {
+            // For `kindling export`'s card.
+            data_summary["loaded"] = serde_json::to_value(l).expect("serialises");
+        }
         let loader = MlmLoader::new(
             train_blocks,
             masker,
@@ -198,14 +234,15 @@ impl Experiment for Recipe {
             baseline,
             state: MlmState {
                 tokenizer,
-                vocab_size,
                 data_summary,
+                loaded,
+                initial: BTreeMap::new(),
             },
         })
     }
 
-    fn check_checkpoint(&self, state: &MlmState, dir: &Path) -> Result<(), RecipeError> {
-        check_checkpoint_vocab(dir, state.vocab_size)
+    fn check_checkpoint(&self, run: &RunOf<Self>, dir: &Path) -> Result<(), RecipeError> {
+        check_checkpoint_vocab(dir, &run.objective.config, self.model.path.is_some())
     }
 
     fn start(&self, run: &mut RunOf<Self>, ctx: &Context) -> Result<(), RecipeError> {
@@ -228,6 +265,22 @@ impl Experiment for Recipe {
         }
         // For people, and for `kindling export` (which redraws the card).
         save_json(&ctx.run_dir.join("data.json"), &run.state.data_summary)?;
+        if run.state.loaded.is_some() && !run.eval.is_empty() {
+            // Where continued pretraining starts: the folder's own loss on these blocks.
+            let path = ctx.run_dir.join("initial_eval.json");
+            run.state.initial = match std::fs::read_to_string(&path) {
+                Ok(text) if ctx.resuming => serde_json::from_str(&text).unwrap_or_default(),
+                _ => {
+                    let m = kindling_train::Trainer::evaluate(&run.objective, &run.eval)?;
+                    save_json(&path, &serde_json::to_value(&m).expect("serialises"))?;
+                    m
+                }
+            };
+            eprintln!(
+                "before training (model.path as loaded): {}",
+                crate::run::format_metrics(&run.state.initial)
+            );
+        }
         Ok(())
     }
 
@@ -243,9 +296,13 @@ impl Experiment for Recipe {
             &run.state.tokenizer,
             self,
             export_dir,
-            &summary.final_eval,
-            run.baseline.clone(),
-            summary.steps,
+            &ExportInfo {
+                eval: &summary.final_eval,
+                baseline: run.baseline.clone(),
+                steps: summary.steps,
+                loaded: run.state.loaded.as_ref(),
+                initial: &run.state.initial,
+            },
         )
     }
 }

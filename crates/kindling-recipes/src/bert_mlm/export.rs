@@ -3,15 +3,20 @@
 #[allow(unused_imports)]
 use super::*;
 
-/// HF `config.json` for a `BertForMaskedLM`.
-pub fn hf_config_json(cfg: &BertConfig) -> serde_json::Value {
-    let mut v = serde_json::to_value(cfg).expect("config serialises");
-    v["architectures"] = serde_json::json!(["BertForMaskedLM"]);
-    v["torch_dtype"] = "float32".into();
-    v["tie_word_embeddings"] = true.into();
-    v["use_cache"] = true.into();
-    v["classifier_dropout"] = serde_json::Value::Null;
-    v
+/// HF `config.json` for a `BertForMaskedLM` (`RobertaForMaskedLM`, `ModernBertForMaskedLM`).
+pub fn hf_config_json(cfg: &EncoderConfig) -> serde_json::Value {
+    cfg.hf_json("ForMaskedLM")
+}
+
+/// What the model card reports besides the model: the run's results and where it started.
+pub struct ExportInfo<'a> {
+    pub eval: &'a BTreeMap<String, f64>,
+    pub baseline: Option<(String, f64)>,
+    pub steps: u64,
+    /// Continued pretraining: the folder it started from.
+    pub loaded: Option<&'a Loaded>,
+    /// Continued pretraining: the folder's own eval scores before the first step.
+    pub initial: &'a BTreeMap<String, f64>,
 }
 
 /// Writes the HF-layout folder: config.json, model.safetensors, tokenizer files, README.md.
@@ -20,16 +25,14 @@ pub fn export(
     tokenizer: &Tokenizer,
     recipe: &Recipe,
     dir: &Path,
-    eval: &BTreeMap<String, f64>,
-    baseline: Option<(String, f64)>,
-    steps: u64,
+    info: &ExportInfo,
 ) -> Result<(), RecipeError> {
     write_hf_folder(
         dir,
         &hf_config_json(&obj.config),
         &obj.varmap,
         tokenizer,
-        &obj.config,
+        obj.config.max_seq_len(),
     )?;
     let recipe_toml = recipe.to_toml();
     // What the card lists as training data: the corpus patterns, and each table with the
@@ -56,6 +59,14 @@ pub fn export(
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
+    let c = &obj.config;
+    let (hidden, layers, heads, _) = c.shape();
+    let base_model = recipe
+        .model
+        .path
+        .as_ref()
+        .and_then(|p| p.to_str()?.strip_prefix("hf://").map(String::from))
+        .map(|id| id.split('@').next().unwrap_or_default().to_string());
     let card = card::render(&CardInfo {
         name: recipe.name(),
         license: recipe.export.license.as_deref().unwrap_or("apache-2.0"),
@@ -63,17 +74,20 @@ pub fn export(
         datasets,
         corpus: &sources,
         architecture: format!(
-            "BERT (h{}, {} layers, {} heads, vocab {})",
-            obj.config.hidden_size,
-            obj.config.num_hidden_layers,
-            obj.config.num_attention_heads,
-            obj.config.vocab_size
+            "{} (h{hidden}, {layers} layers, {heads} heads, vocab {})",
+            c.architecture().display_name(),
+            c.vocab_size()
         ),
+        class: c.class("ForMaskedLM"),
+        tag: c.architecture().model_type(),
+        start: info.loaded.map(Loaded::describe),
+        base_model,
+        initial: info.initial,
         params: obj.param_count(),
         recipe_toml: &recipe_toml,
-        eval,
-        baseline,
-        steps,
+        eval: info.eval,
+        baseline: info.baseline.clone(),
+        steps: info.steps,
     });
     kindling_models::export::write_atomic(&dir.join("README.md"), card.as_bytes())?;
     Ok(())
@@ -91,24 +105,33 @@ pub fn export_from_checkpoint(recipe: &Recipe, run_dir: &Path) -> Result<PathBuf
         msg: "no valid checkpoint to export from (checkpoints/step-*)".into(),
     })?;
     let tokenizer = tok::load(&run_dir.join("tokenizer.json"))?;
-    let specials = tok::special_tokens(&tokenizer)?;
-    let config = bert_config(recipe, tokenizer.get_vocab_size(true), specials.pad)?;
+    let config = model_config(recipe, &tokenizer)?;
     let obj = BertMlm::new(config, recipe.seed, &device)?;
     let state = checkpoint::load(&ckpt, &obj.varmap, None, &device)?;
-    let baseline = std::fs::read_to_string(run_dir.join("data.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["unigram_baseline"].as_f64())
+    let read_json = |name: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join(name)).ok()?).ok()
+    };
+    let data = read_json("data.json").unwrap_or_default();
+    let baseline = data["unigram_baseline"]
+        .as_f64()
         .map(|b| ("unigram baseline".to_string(), b));
+    let loaded: Option<Loaded> = serde_json::from_value(data["loaded"].clone()).ok();
+    let initial: BTreeMap<String, f64> = read_json("initial_eval.json")
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
     let dir = crate::run::Experiment::export_dir(recipe, run_dir);
     export(
         &obj,
         &tokenizer,
         recipe,
         &dir,
-        &state.last_eval.unwrap_or_default(),
-        baseline,
-        state.step,
+        &ExportInfo {
+            eval: &state.last_eval.unwrap_or_default(),
+            baseline,
+            steps: state.step,
+            loaded: loaded.as_ref(),
+            initial: &initial,
+        },
     )?;
     Ok(dir)
 }

@@ -18,9 +18,8 @@ use kindling_data::{
     tokenizer as tok, Blocks, Corpus, Cursor, Masker, MlmBatch, MlmLoader, PackedBlocks,
     ShardBlocks, ShardStream,
 };
-use kindling_models::bert::{BertConfig, BertForMaskedLM};
 use kindling_models::export::save_json;
-use kindling_models::init::hf_init;
+use kindling_models::{Architecture, EncoderConfig, MaskedLm};
 use kindling_train::{checkpoint, FitSummary, Objective, StepOutput};
 
 use crate::card::{self, CardInfo};
@@ -33,68 +32,28 @@ use crate::{RecipeError, RunOptions, RunReport};
 
 mod experiment;
 mod export;
+mod model;
 mod shards;
 
 pub use experiment::*;
 pub use export::*;
+pub use model::*;
 pub use shards::*;
 
 mod objective;
 
 pub use objective::*;
 
-/// The HF config of the model a recipe describes, for a tokenizer of `vocab_size` tokens.
-pub fn bert_config(
-    recipe: &Recipe,
-    vocab_size: usize,
-    pad_token_id: u32,
-) -> Result<BertConfig, RecipeError> {
-    let m = &recipe.model;
-    if recipe.data.seq_len > m.max_position_embeddings {
-        return Err(RecipeError::Invalid {
-            key: "data.seq_len".into(),
-            msg: format!(
-                "{} is larger than model.max_position_embeddings ({})",
-                recipe.data.seq_len, m.max_position_embeddings
-            ),
-        });
-    }
-    let cfg = BertConfig {
-        vocab_size,
-        hidden_size: m.hidden_size,
-        num_hidden_layers: m.num_hidden_layers,
-        num_attention_heads: m.num_attention_heads,
-        intermediate_size: m.intermediate_size,
-        hidden_act: m.hidden_act,
-        hidden_dropout_prob: m.hidden_dropout_prob,
-        attention_probs_dropout_prob: m.attention_probs_dropout_prob,
-        max_position_embeddings: m.max_position_embeddings,
-        type_vocab_size: m.type_vocab_size,
-        initializer_range: m.initializer_range,
-        layer_norm_eps: m.layer_norm_eps,
-        pad_token_id: pad_token_id as usize,
-        position_embedding_type: "absolute".into(),
-        model_type: "bert".into(),
-    };
-    cfg.validate().map_err(|e| match e {
-        kindling_models::ModelError::Setting { field, msg } => RecipeError::Invalid {
-            key: format!("model.{field}"),
-            msg,
-        },
-        e => RecipeError::Invalid {
-            key: "model".into(),
-            msg: e.to_string(),
-        },
-    })?;
-    Ok(cfg)
-}
-
 /// Refuses a batch whose training step would not fit in the memory available, before anything
 /// is allocated: a process that runs out of memory is killed without a message. CPU only: on
 /// a GPU the step's memory is the device's, and running out of it is an error candle reports
 /// (the CLI adds what to change), where this estimate (sized on CPU f32 runs: BERT-base at
 /// 16 x 128 tokens, 5.0 GB estimated against a 3.5 GB peak resident set) is not calibrated.
-fn check_memory(recipe: &Recipe, config: &BertConfig, device: &Device) -> Result<(), RecipeError> {
+fn check_memory(
+    recipe: &Recipe,
+    config: &EncoderConfig,
+    device: &Device,
+) -> Result<(), RecipeError> {
     if !device.is_cpu() {
         return Ok(());
     }
@@ -119,20 +78,31 @@ fn check_memory(recipe: &Recipe, config: &BertConfig, device: &Device) -> Result
     }
 }
 
-/// The checkpoint's word embeddings must have one row per token of the run's tokenizer.
-fn check_checkpoint_vocab(dir: &Path, vocab_size: usize) -> Result<(), RecipeError> {
-    const NAME: &str = "bert.embeddings.word_embeddings.weight";
+/// The checkpoint's word embeddings must have the model's rows: one per token of the run's
+/// tokenizer, or `model.path`'s `vocab_size` when continuing a folder.
+fn check_checkpoint_vocab(
+    dir: &Path,
+    config: &EncoderConfig,
+    continued: bool,
+) -> Result<(), RecipeError> {
+    let name = config.word_embeddings_name();
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).map_err(io(&path))?;
     let rows = safetensors::SafeTensors::deserialize(&bytes)
         .ok()
-        .and_then(|st| st.tensor(NAME).ok().map(|t| t.shape()[0]));
+        .and_then(|st| st.tensor(&name).ok().map(|t| t.shape()[0]));
+    let want = config.vocab_size();
+    let source = if continued {
+        format!("model.path's config.json has vocab_size {want}")
+    } else {
+        format!("the run's tokenizer.json has {want} tokens")
+    };
     match rows {
-        Some(rows) if rows != vocab_size => Err(RecipeError::Resume {
+        Some(rows) if rows != want => Err(RecipeError::Resume {
             path: dir.to_path_buf(),
             msg: format!(
-                "the run's tokenizer.json has {vocab_size} tokens but the checkpoint's {NAME} \
-                 has {rows} rows: the tokenizer does not belong to this run"
+                "{source} but the checkpoint's {name} has {rows} rows: the checkpoint does not \
+                 belong to this run"
             ),
         }),
         _ => Ok(()),

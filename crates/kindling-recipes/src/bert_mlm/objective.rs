@@ -1,28 +1,28 @@
-//! The masked-LM objective: a `BertForMaskedLM` scored by cross-entropy at the masked positions, with accuracy and perplexity.
+//! The masked-LM objective: a masked LM of any supported architecture (`BertForMaskedLM`, `RobertaForMaskedLM`, `ModernBertForMaskedLM`) scored by cross-entropy at the masked positions, with accuracy and perplexity.
 
 #[allow(unused_imports)]
 use super::*;
 
-/// The masked-LM objective: a `BertForMaskedLM` scored by cross-entropy at masked positions.
+/// The masked-LM objective: a masked LM scored by cross-entropy at masked positions.
 pub struct BertMlm {
-    pub model: BertForMaskedLM,
+    pub model: MaskedLm,
     pub varmap: VarMap,
-    pub config: BertConfig,
+    pub config: EncoderConfig,
     pub(super) device: Device,
 }
 
 impl BertMlm {
-    /// A freshly initialised model (HF initialisation, seeded).
-    pub fn new(config: BertConfig, seed: u64, device: &Device) -> Result<Self, RecipeError> {
+    /// A freshly initialised model (the architecture's HF initialisation, seeded).
+    pub fn new(
+        config: impl Into<EncoderConfig>,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self, RecipeError> {
+        let config = config.into();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let model = BertForMaskedLM::load(vb, &config)?;
-        hf_init(
-            &varmap,
-            seed,
-            config.initializer_range,
-            Some(config.pad_token_id),
-        )?;
+        let model = MaskedLm::load(vb, &config)?;
+        config.init(&varmap, seed)?;
         Ok(BertMlm {
             model,
             varmap,
@@ -84,7 +84,7 @@ impl Objective for BertMlm {
             batch.n_tokens(),
             batch.seq_len,
             batch.labels.len(),
-            self.model.bert.last_layer_at_rows(),
+            self.model.last_layer_at_rows(),
         ))
     }
 

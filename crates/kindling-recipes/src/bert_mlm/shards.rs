@@ -44,16 +44,12 @@ pub fn prepare_recipe(recipe: &Recipe) -> Result<kindling_data::PrepareReport, R
                 .into(),
         });
     };
-    let corpus = if recipe.data.tokenizer.train.is_some() {
+    let corpus = if trains_tokenizer(recipe) {
         recipe.read_corpus()?
     } else {
         Corpus::default()
     };
-    let cache = crate::cache_dir(recipe).join("tokenizers");
-    let tokenizer = recipe
-        .data
-        .tokenizer
-        .build(&corpus, Path::new("."), Some(&cache))?;
+    let tokenizer = build_tokenizer(recipe, &corpus)?;
     drop(corpus);
     let specials = tok::special_tokens(&tokenizer)?;
     prepare_shards(recipe, cfg, &tokenizer, &specials)

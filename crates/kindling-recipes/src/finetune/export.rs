@@ -1,4 +1,4 @@
-//! The export: a BertForSequenceClassification folder (config with id2label and label2id, weights, tokenizer, model card).
+//! The export: a BertForSequenceClassification (RobertaForSequenceClassification) folder (config with id2label and label2id, weights, tokenizer, model card).
 
 #[allow(unused_imports)]
 use super::*;
@@ -18,7 +18,7 @@ pub fn classifier_config_json(
     classifier_dropout: f64,
 ) -> serde_json::Value {
     let mut v = serde_json::to_value(cfg).expect("config serialises");
-    v["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    v["architectures"] = serde_json::json!([cfg.flavour().class("ForSequenceClassification")]);
     v["torch_dtype"] = "float32".into();
     v["problem_type"] = "single_label_classification".into();
     v["classifier_dropout"] = classifier_dropout.into();
@@ -59,7 +59,7 @@ pub fn export(
         &classifier_config_json(&obj.config, &obj.labels, recipe.model.pooling, dropout),
         &obj.varmap,
         tokenizer,
-        &obj.config,
+        obj.config.max_seq_len(),
     )?;
     let mut card = String::from("---\n");
     card += &format!(

@@ -54,8 +54,7 @@ impl Classifier {
                 let (path, tensors) = import::read_weights(&m.path, device)?;
                 let report = import::copy_tensors(&varmap, &tensors, &path)?;
                 let fresh = |n: &str| {
-                    n.starts_with("classifier.")
-                        || n.starts_with("bert.pooler.")
+                    BertForSequenceClassification::is_head_tensor(&config, n)
                         || m.allow_missing.iter().any(|a| a == n)
                 };
                 let bad: Vec<&String> = report.missing.iter().filter(|n| !fresh(n)).collect();
@@ -63,9 +62,9 @@ impl Classifier {
                     return Err(RecipeError::Run {
                         path,
                         msg: format!(
-                            "the backbone's tensors {:?} are missing (a BERT folder whose names \
-                             do not match?); list them in model.allow_missing to train them from \
-                             scratch",
+                            "the backbone's tensors {:?} are missing (a BERT/RoBERTa folder \
+                             whose names do not match?); list them in model.allow_missing to \
+                             train them from scratch",
                             &bad[..bad.len().min(5)]
                         ),
                     });
@@ -103,9 +102,13 @@ impl Classifier {
     /// The layer-wise lr multiplier of a parameter (see `FtModel::layerwise_lr_decay`).
     pub fn lr_scale(&self, name: &str, decay: f64) -> f64 {
         let layers = self.config.num_hidden_layers as i32;
-        let depth = if name.starts_with("bert.embeddings.") {
+        let encoder = name
+            .strip_prefix(self.config.flavour().prefix())
+            .and_then(|n| n.strip_prefix('.'))
+            .unwrap_or_default();
+        let depth = if encoder.starts_with("embeddings.") {
             0
-        } else if let Some(rest) = name.strip_prefix("bert.encoder.layer.") {
+        } else if let Some(rest) = encoder.strip_prefix("encoder.layer.") {
             1 + rest
                 .split('.')
                 .next()

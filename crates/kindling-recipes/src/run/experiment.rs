@@ -184,7 +184,7 @@ pub trait Experiment {
     fn configure_optimizer(&self, _objective: &Self::Objective, _opt: &mut dyn Optimizer) {}
 
     /// Checks a resume checkpoint beyond its tensors and cursor (before they are loaded).
-    fn check_checkpoint(&self, _state: &Self::State, _dir: &Path) -> Result<(), RecipeError> {
+    fn check_checkpoint(&self, _run: &RunOf<Self>, _dir: &Path) -> Result<(), RecipeError> {
         Ok(())
     }
 
@@ -309,7 +309,7 @@ pub fn drive<E: Experiment>(exp: &E, opts: &RunOptions) -> Result<Ran<E>, Recipe
 
     // 5. The checkpoint: the newest whose weights, optimizer state and cursor fit.
     let resumed = first_loadable(&plan.candidates, |dir| {
-        exp.check_checkpoint(&run.state, dir)?;
+        exp.check_checkpoint(&run, dir)?;
         let train = &mut run.train;
         let (state, _) = load_checked(
             dir,

@@ -17,3 +17,11 @@ pub(crate) use resume::first_loadable;
 pub(crate) use resume::{cursor_within, load_checked};
 pub use resume::{resume_candidates, resume_checkpoint_in, Candidates};
 pub(crate) use trainer::{group_trainer, standard_trainer};
+
+/// Metrics on one line, for the log: `loss 2.3026, accuracy 0.1000`.
+pub fn format_metrics(m: &std::collections::BTreeMap<String, f64>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

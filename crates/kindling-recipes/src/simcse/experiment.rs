@@ -130,7 +130,10 @@ impl Experiment for SimcseRecipe {
             m
         };
         if !run.state.initial.is_empty() {
-            eprintln!("before training: {}", format_metrics(&run.state.initial));
+            eprintln!(
+                "before training: {}",
+                crate::run::format_metrics(&run.state.initial)
+            );
         }
         Ok(())
     }
@@ -149,7 +152,10 @@ impl Experiment for SimcseRecipe {
         };
         let initial = &run.state.initial;
         if !final_eval.is_empty() {
-            eprintln!("after training:  {}", format_metrics(&final_eval));
+            eprintln!(
+                "after training:  {}",
+                crate::run::format_metrics(&final_eval)
+            );
             save_json(
                 &ctx.run_dir.join("eval_results.json"),
                 &serde_json::json!({"initial": initial, "final": final_eval, "steps": summary.steps}),

@@ -29,9 +29,15 @@ pub fn export(
     steps: u64,
 ) -> Result<(), RecipeError> {
     let mut config = serde_json::to_value(&obj.config).expect("config serialises");
-    config["architectures"] = serde_json::json!(["BertModel"]);
+    config["architectures"] = serde_json::json!([obj.config.flavour().class("Model")]);
     config["torch_dtype"] = "float32".into();
-    write_hf_folder(dir, &config, &obj.varmap, tokenizer, &obj.config)?;
+    write_hf_folder(
+        dir,
+        &config,
+        &obj.varmap,
+        tokenizer,
+        obj.config.max_seq_len(),
+    )?;
     save_json(
         &dir.join("modules.json"),
         &serde_json::json!([

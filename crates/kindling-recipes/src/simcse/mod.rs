@@ -308,13 +308,6 @@ impl SimcseRecipe {
 /// The eval metrics of a SimCSE run (`train.monitor.metric` names one).
 pub const EVAL_METRICS: &[&str] = &["loss", "recall_at_*", "mrr"];
 
-fn format_metrics(m: &BTreeMap<String, f64>) -> String {
-    m.iter()
-        .map(|(k, v)| format!("{k} {v:.4}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Rewrites a run's export folder from its newest checkpoint (`kindling export RUN`).
 pub fn export_from_checkpoint(
     recipe: &SimcseRecipe,

@@ -38,10 +38,11 @@ impl Simcse {
         let model = BertModel::load(vb, &config)?;
         let (path, tensors) = import::read_weights(&m.path, device)?;
         // copy_tensors matches `bert.`-prefixed model names to plain file names; here the
-        // model is plain and the file may carry the prefix.
+        // model is plain and the file may carry the prefix (`bert.`, `roberta.`).
+        let prefix = format!("{}.", config.flavour().prefix());
         let tensors: std::collections::HashMap<String, Tensor> = tensors
             .into_iter()
-            .map(|(k, v)| (k.strip_prefix("bert.").map(String::from).unwrap_or(k), v))
+            .map(|(k, v)| (k.strip_prefix(&prefix).map(String::from).unwrap_or(k), v))
             .collect();
         let report = import::copy_tensors(&varmap, &tensors, &path)?;
         if !report.missing.is_empty() {

@@ -1,0 +1,676 @@
+//! ModernBERT (Warner et al., 2024, <https://arxiv.org/abs/2412.13663>), trainable, with the
+//! parameter names of HF `transformers`' `modeling_modernbert.py`, so `model.safetensors` moves
+//! both ways and an export loads as `ModernBertForMaskedLM`.
+//!
+//! What differs from BERT: no position table but rotary positions (RoPE) on queries and keys,
+//! with one base for global layers and another for local ones; every third layer (by default)
+//! attends globally and the others within a sliding window of `local_attention` tokens
+//! (|i - j| <= local_attention / 2); pre-norm blocks (the first layer's attention norm is the
+//! embeddings' own) and a final norm; a GeGLU feed-forward block (`Wi` gives the input and the
+//! gate, `gelu(input) * gate`); no biases (unless `attention_bias`, `mlp_bias`, `norm_bias`,
+//! `classifier_bias` ask for them); the MLM decoder tied to the embeddings, with a bias.
+//!
+//! The CPU path uses the fused attention kernel (with the window) and the fused linear and
+//! LayerNorm ops; the rest (rotary, GeGLU, residuals) are candle's differentiable ops. Not (yet)
+//! done as for BERT: the layer is several autograd nodes, not one, and the last layer runs at
+//! every row (a sliding-window layer's keys need every row anyway).
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Embedding, Module, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::nn::{Dropout, LayerNorm, Linear};
+use crate::{ModelError, Result};
+use kindling_core::Mode;
+
+fn d_vocab() -> usize {
+    50368
+}
+fn d_hidden() -> usize {
+    768
+}
+fn d_inter() -> usize {
+    1152
+}
+fn d_layers() -> usize {
+    22
+}
+fn d_heads() -> usize {
+    12
+}
+fn d_act() -> String {
+    "gelu".into()
+}
+fn d_max_pos() -> usize {
+    8192
+}
+fn d_init() -> f64 {
+    0.02
+}
+fn d_cutoff() -> f64 {
+    2.0
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_every() -> usize {
+    3
+}
+fn d_local() -> usize {
+    128
+}
+fn d_global_theta() -> f64 {
+    160_000.0
+}
+fn d_local_theta() -> f64 {
+    10_000.0
+}
+fn d_true() -> bool {
+    true
+}
+fn d_pooling() -> String {
+    "cls".into()
+}
+fn d_model_type() -> String {
+    "modernbert".into()
+}
+
+/// HF `ModernBertConfig`: the fields of `config.json` (unknown ones are ignored, as HF does).
+/// Defaults are ModernBERT-base's. Older configs give `global_attn_every_n_layers` and
+/// `global_rope_theta`/`local_rope_theta`; transformers 5 writes `layer_types` and
+/// `rope_parameters`: both are read, and both are written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModernBertConfig {
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_inter")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    /// The GeGLU's activation; only "gelu" (exact) is supported.
+    #[serde(default = "d_act")]
+    pub hidden_activation: String,
+    #[serde(default = "d_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_init")]
+    pub initializer_range: f64,
+    #[serde(default = "d_cutoff")]
+    pub initializer_cutoff_factor: f64,
+    #[serde(default = "d_eps")]
+    pub norm_eps: f64,
+    #[serde(default)]
+    pub norm_bias: bool,
+    #[serde(default)]
+    pub pad_token_id: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cls_token_id: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sep_token_id: Option<usize>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub attention_dropout: f64,
+    #[serde(default)]
+    pub embedding_dropout: f64,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub mlp_dropout: f64,
+    #[serde(default = "d_true")]
+    pub decoder_bias: bool,
+    #[serde(default = "d_pooling")]
+    pub classifier_pooling: String,
+    #[serde(default)]
+    pub classifier_dropout: f64,
+    #[serde(default)]
+    pub classifier_bias: bool,
+    #[serde(default = "d_act")]
+    pub classifier_activation: String,
+    /// Every n-th layer (0, n, 2n, ...) attends globally, the others locally.
+    #[serde(default = "d_every")]
+    pub global_attn_every_n_layers: usize,
+    /// The local layers' window: a token attends to those within `local_attention / 2`.
+    #[serde(default = "d_local")]
+    pub local_attention: usize,
+    #[serde(default = "d_global_theta")]
+    pub global_rope_theta: f64,
+    #[serde(default = "d_local_theta")]
+    pub local_rope_theta: f64,
+    /// transformers 5's per-layer list ("full_attention" / "sliding_attention"); when given it
+    /// decides over `global_attn_every_n_layers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// transformers 5's rope bases (`{"full_attention": {"rope_theta": ..}, ...}`); when given
+    /// they decide over `global_rope_theta`/`local_rope_theta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default = "d_model_type")]
+    pub model_type: String,
+}
+
+impl ModernBertConfig {
+    pub fn validate(&self) -> Result<()> {
+        let field = |field: &'static str, msg: String| Err(ModelError::Setting { field, msg });
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            (
+                "global_attn_every_n_layers",
+                self.global_attn_every_n_layers,
+            ),
+            ("local_attention", self.local_attention),
+        ] {
+            if v == 0 {
+                return field(name, "must be at least 1".into());
+            }
+            if v > 1 << 24 {
+                return field(name, format!("{v} is larger than {}", 1 << 24));
+            }
+        }
+        for (name, p) in [
+            ("attention_dropout", self.attention_dropout),
+            ("embedding_dropout", self.embedding_dropout),
+            ("mlp_dropout", self.mlp_dropout),
+            ("classifier_dropout", self.classifier_dropout),
+        ] {
+            if !(p.is_finite() && (0.0..1.0).contains(&p)) {
+                return field(
+                    name,
+                    format!("a dropout probability must be in [0, 1), got {p}"),
+                );
+            }
+        }
+        for (name, v) in [
+            ("initializer_range", self.initializer_range),
+            ("initializer_cutoff_factor", self.initializer_cutoff_factor),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return field(name, format!("must be a finite number >= 0, got {v}"));
+            }
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return field(
+                "norm_eps",
+                format!("must be a finite number > 0, got {}", self.norm_eps),
+            );
+        }
+        for (name, t) in [
+            ("global_rope_theta", self.rope_theta(true)),
+            ("local_rope_theta", self.rope_theta(false)),
+        ] {
+            if !(t.is_finite() && t > 1.0) {
+                return field(
+                    name,
+                    format!("a rotary base must be a finite number > 1, got {t}"),
+                );
+            }
+        }
+        if self.pad_token_id >= self.vocab_size {
+            return field(
+                "pad_token_id",
+                format!(
+                    "{} is not below vocab_size {}",
+                    self.pad_token_id, self.vocab_size
+                ),
+            );
+        }
+        if self.hidden_size % self.num_attention_heads != 0
+            || (self.hidden_size / self.num_attention_heads) % 2 != 0
+        {
+            return field(
+                "num_attention_heads",
+                format!(
+                    "hidden_size ({}) must be a multiple of num_attention_heads ({}) with an even \
+                     head size (rotary positions rotate pairs)",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            );
+        }
+        for (name, act) in [
+            ("hidden_activation", &self.hidden_activation),
+            ("classifier_activation", &self.classifier_activation),
+        ] {
+            if act != "gelu" {
+                return field(name, format!("`{act}` is not supported (gelu)"));
+            }
+        }
+        if !["cls", "mean"].contains(&self.classifier_pooling.as_str()) {
+            return field(
+                "classifier_pooling",
+                format!("`{}` is not one of cls, mean", self.classifier_pooling),
+            );
+        }
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                return field(
+                    "layer_types",
+                    format!(
+                        "{} entries for {} layers",
+                        types.len(),
+                        self.num_hidden_layers
+                    ),
+                );
+            }
+            if let Some(t) = types
+                .iter()
+                .find(|t| *t != "full_attention" && *t != "sliding_attention")
+            {
+                return field(
+                    "layer_types",
+                    format!("`{t}` is not full_attention or sliding_attention"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether layer `i` attends globally.
+    pub fn is_global(&self, i: usize) -> bool {
+        match &self.layer_types {
+            Some(types) => types.get(i).is_some_and(|t| t == "full_attention"),
+            None => i % self.global_attn_every_n_layers.max(1) == 0,
+        }
+    }
+
+    /// The rotary base of global (`true`) or local layers.
+    pub fn rope_theta(&self, global: bool) -> f64 {
+        let key = if global {
+            "full_attention"
+        } else {
+            "sliding_attention"
+        };
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p[key]["rope_theta"].as_f64())
+            .unwrap_or(if global {
+                self.global_rope_theta
+            } else {
+                self.local_rope_theta
+            })
+    }
+
+    /// The longest sequence (rotary positions have no table; this is the trained length).
+    pub fn max_seq_len(&self) -> usize {
+        self.max_position_embeddings
+    }
+
+    /// The `config.json` of an export: both the old and the transformers-5 forms of the layer
+    /// pattern and the rotary bases, so older and newer transformers read the same model.
+    pub fn hf_json(&self, architecture: &str) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        let types: Vec<&str> = (0..self.num_hidden_layers)
+            .map(|i| {
+                if self.is_global(i) {
+                    "full_attention"
+                } else {
+                    "sliding_attention"
+                }
+            })
+            .collect();
+        v["layer_types"] = serde_json::json!(types);
+        v["global_rope_theta"] = self.rope_theta(true).into();
+        v["local_rope_theta"] = self.rope_theta(false).into();
+        v["rope_parameters"] = serde_json::json!({
+            "full_attention": {"rope_type": "default", "rope_theta": self.rope_theta(true)},
+            "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_theta(false)},
+        });
+        v["architectures"] = serde_json::json!([architecture]);
+        v["tie_word_embeddings"] = true.into();
+        v["torch_dtype"] = "float32".into();
+        v
+    }
+
+    /// Parameters of the encoder's linear layers (Wqkv, Wo, Wi, Wo): the FLOP count's base.
+    pub fn encoder_linear_params(&self) -> usize {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        self.num_hidden_layers * (4 * h * h + 3 * h * i)
+    }
+
+    /// Matmul FLOPs of one MLM training step (forward + backward = 3 x forward): the encoder at
+    /// every token (attention over the whole sequence, the window included: the kernel computes
+    /// full rows), the head and decoder at `predicted` rows.
+    pub fn train_flops(&self, tokens: usize, seq: usize, predicted: usize) -> f64 {
+        let (h, v, l) = (
+            self.hidden_size as f64,
+            self.vocab_size as f64,
+            self.num_hidden_layers as f64,
+        );
+        let (t, p, s) = (tokens as f64, predicted as f64, seq as f64);
+        6.0 * self.encoder_linear_params() as f64 * t
+            + 12.0 * l * s * h * t
+            + 6.0 * (h * h + h * v) * p
+    }
+}
+
+/// A linear layer whose bias may be absent: then a constant zero (not a parameter), so the fused
+/// linear op still applies and nothing is saved under a `bias` name.
+fn dense(vb: VarBuilder, inp: usize, out: usize, bias: bool) -> candle_core::Result<Linear> {
+    let weight = vb.get_with_hints(
+        (out, inp),
+        "weight",
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?;
+    let bias = if bias {
+        vb.get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?
+    } else {
+        Tensor::zeros(out, DType::F32, vb.device())?
+    };
+    Ok(Linear { weight, bias })
+}
+
+/// A LayerNorm whose bias may be absent (ModernBERT's default), as [`dense`].
+fn norm(vb: VarBuilder, size: usize, eps: f64, bias: bool) -> candle_core::Result<LayerNorm> {
+    let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
+    let bias = if bias {
+        vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?
+    } else {
+        Tensor::zeros(size, DType::F32, vb.device())?
+    };
+    Ok(LayerNorm { weight, bias, eps })
+}
+
+/// Rotary position embedding (Su et al., 2021) as HF applies it: the head's two halves are
+/// the pairs, `x * cos + rotate_half(x) * sin`.
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    /// The tables for positions `0..seq` with base `theta`: (1, seq, 1, head_dim) each.
+    fn new(seq: usize, head_dim: usize, theta: f64, device: &Device) -> candle_core::Result<Self> {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(seq * head_dim);
+        let mut sin = Vec::with_capacity(seq * head_dim);
+        // As HF: the inverse frequencies and their products with positions in f32.
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (theta.powf((2 * i) as f64 / head_dim as f64) as f32))
+            .collect();
+        for pos in 0..seq {
+            // Both halves of a head see the same angles (HF's `cat((freqs, freqs))`).
+            for _half in 0..2 {
+                for f in &inv {
+                    let a = pos as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let shape = (1, seq, 1, head_dim);
+        Ok(Rotary {
+            cos: Tensor::from_vec(cos, shape, device)?,
+            sin: Tensor::from_vec(sin, shape, device)?,
+        })
+    }
+
+    /// `x` (batch * seq, hidden) with heads of `head_dim` side by side -> the same, rotated.
+    fn apply(&self, x: &Tensor, b: usize, t: usize, heads: usize) -> candle_core::Result<Tensor> {
+        let d = x.dim(1)? / heads;
+        let x4 = x.reshape((b, t, heads, d))?;
+        let (x1, x2) = (x4.narrow(3, 0, d / 2)?, x4.narrow(3, d / 2, d / 2)?);
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+        let cos = self.cos.to_dtype(x.dtype())?;
+        let sin = self.sin.to_dtype(x.dtype())?;
+        (x4.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?.reshape((b * t, heads * d))
+    }
+}
+
+/// `model.layers.N`: pre-norm attention (global or windowed) and a pre-norm GeGLU block.
+#[derive(Debug, Clone)]
+struct ModernBertLayer {
+    /// `None` for layer 0, whose input is the embeddings' norm already.
+    attn_norm: Option<LayerNorm>,
+    wqkv: Linear,
+    attn_wo: Linear,
+    mlp_norm: LayerNorm,
+    wi: Linear,
+    mlp_wo: Linear,
+    probs_dropout: Dropout,
+    attn_out_dropout: Dropout,
+    mlp_dropout: Dropout,
+    heads: usize,
+    /// `None`: global; else the half-window.
+    window: Option<usize>,
+}
+
+impl ModernBertLayer {
+    fn load(vb: VarBuilder, cfg: &ModernBertConfig, i: usize) -> candle_core::Result<Self> {
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let site = 1 + 3 * i as u64;
+        let attn = vb.pp("attn");
+        let mlp = vb.pp("mlp");
+        Ok(ModernBertLayer {
+            attn_norm: if i == 0 {
+                None
+            } else {
+                Some(norm(vb.pp("attn_norm"), h, cfg.norm_eps, cfg.norm_bias)?)
+            },
+            wqkv: dense(attn.pp("Wqkv"), h, 3 * h, cfg.attention_bias)?,
+            attn_wo: dense(attn.pp("Wo"), h, h, cfg.attention_bias)?,
+            mlp_norm: norm(vb.pp("mlp_norm"), h, cfg.norm_eps, cfg.norm_bias)?,
+            wi: dense(mlp.pp("Wi"), h, 2 * inter, cfg.mlp_bias)?,
+            mlp_wo: dense(mlp.pp("Wo"), inter, h, cfg.mlp_bias)?,
+            probs_dropout: Dropout::new(cfg.attention_dropout as f32, site),
+            attn_out_dropout: Dropout::new(cfg.attention_dropout as f32, site + 1),
+            mlp_dropout: Dropout::new(cfg.mlp_dropout as f32, site + 2),
+            heads: cfg.num_attention_heads,
+            window: (!cfg.is_global(i)).then_some(cfg.local_attention / 2),
+        })
+    }
+
+    fn forward_t(
+        &self,
+        xs: &Tensor,
+        (b, t): (usize, usize),
+        mask_bias: &Tensor,
+        rotary: &Rotary,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        let normed = match &self.attn_norm {
+            Some(n) => n.forward(xs)?,
+            None => xs.clone(),
+        };
+        let qkv = self.wqkv.forward(&normed)?; // (b*t, 3h): q | k | v, heads side by side
+        let h = xs.dim(1)?;
+        let q = rotary.apply(&qkv.narrow(1, 0, h)?, b, t, self.heads)?;
+        let k = rotary.apply(&qkv.narrow(1, h, h)?, b, t, self.heads)?;
+        let v = qkv.narrow(1, 2 * h, h)?;
+        let ctx = crate::ops::self_attention_windowed(
+            &q,
+            &k,
+            &v,
+            (b, t, self.heads),
+            mask_bias,
+            self.window,
+            self.probs_dropout.stream(mode),
+        )?;
+        let attn = self
+            .attn_out_dropout
+            .forward_t(&self.attn_wo.forward(&ctx)?, mode)?;
+        let xs = (xs + attn)?;
+        let up = self.wi.forward(&self.mlp_norm.forward(&xs)?)?; // (b*t, 2i): input | gate
+        let inter = up.dim(1)? / 2;
+        let gated =
+            crate::ops::gelu_erf(&up.narrow(1, 0, inter)?)?.mul(&up.narrow(1, inter, inter)?)?;
+        let out = self
+            .mlp_wo
+            .forward(&self.mlp_dropout.forward_t(&gated, mode)?)?;
+        xs + out
+    }
+}
+
+/// `model`: embeddings (token table, norm, dropout), the layers, the final norm.
+#[derive(Debug, Clone)]
+pub struct ModernBertModel {
+    pub tok_embeddings: Embedding,
+    embeddings_norm: LayerNorm,
+    embeddings_dropout: Dropout,
+    layers: Vec<ModernBertLayer>,
+    final_norm: LayerNorm,
+    pub config: ModernBertConfig,
+}
+
+impl ModernBertModel {
+    pub fn load(vb: VarBuilder, cfg: &ModernBertConfig) -> Result<Self> {
+        cfg.validate()?;
+        let h = cfg.hidden_size;
+        let e = vb.pp("embeddings");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| ModernBertLayer::load(vb.pp("layers").pp(i), cfg, i))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(ModernBertModel {
+            tok_embeddings: candle_nn::embedding(cfg.vocab_size, h, e.pp("tok_embeddings"))?,
+            embeddings_norm: norm(e.pp("norm"), h, cfg.norm_eps, cfg.norm_bias)?,
+            embeddings_dropout: Dropout::new(cfg.embedding_dropout as f32, 0),
+            layers,
+            final_norm: norm(vb.pp("final_norm"), h, cfg.norm_eps, cfg.norm_bias)?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// `input_ids` (batch, seq) u32; `attention_mask` (batch, seq), 1 = attend, 0 = padding.
+    /// The last hidden states after the final norm, flat: (batch * seq, hidden).
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t > self.config.max_seq_len() {
+            return Err(ModelError::Config(format!(
+                "sequence length {t} exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let device = input_ids.device();
+        let mask_bias = match attention_mask {
+            Some(m) => ((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * -1e9)?).reshape((b, t))?,
+            None => Tensor::zeros((b, t), DType::F32, device)?,
+        };
+        let xs = self.tok_embeddings.forward(&input_ids.flatten_all()?)?;
+        let mut xs = self
+            .embeddings_dropout
+            .forward_t(&self.embeddings_norm.forward(&xs)?, mode)?;
+        let head_dim = self.config.hidden_size / self.config.num_attention_heads;
+        let global = Rotary::new(t, head_dim, self.config.rope_theta(true), device)?;
+        let local = Rotary::new(t, head_dim, self.config.rope_theta(false), device)?;
+        for layer in &self.layers {
+            let rotary = if layer.window.is_some() {
+                &local
+            } else {
+                &global
+            };
+            xs = layer.forward_t(&xs, (b, t), &mask_bias, rotary, mode)?;
+        }
+        Ok(self.final_norm.forward(&xs)?)
+    }
+}
+
+/// HF `ModernBertForMaskedLM`: `model`, `head` (dense, GELU, norm) and `decoder` (tied to the
+/// token embeddings, with `decoder.bias`).
+#[derive(Debug, Clone)]
+pub struct ModernBertForMaskedLM {
+    pub model: ModernBertModel,
+    head_dense: Linear,
+    head_norm: LayerNorm,
+    decoder_bias: Tensor,
+}
+
+impl ModernBertForMaskedLM {
+    pub fn load(vb: VarBuilder, cfg: &ModernBertConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let model = ModernBertModel::load(vb.pp("model"), cfg)?;
+        let decoder_bias = if cfg.decoder_bias {
+            vb.pp("decoder")
+                .get_with_hints(cfg.vocab_size, "bias", candle_nn::Init::Const(0.0))?
+        } else {
+            Tensor::zeros(cfg.vocab_size, DType::F32, vb.device())?
+        };
+        Ok(ModernBertForMaskedLM {
+            head_dense: dense(vb.pp("head").pp("dense"), h, h, cfg.classifier_bias)?,
+            head_norm: norm(vb.pp("head").pp("norm"), h, cfg.norm_eps, cfg.norm_bias)?,
+            decoder_bias,
+            model,
+        })
+    }
+
+    /// Whether `name` belongs to the MLM head (what a base-model folder lacks).
+    pub fn is_head_tensor(name: &str) -> bool {
+        name.starts_with("head.") || name.starts_with("decoder.")
+    }
+
+    /// Vocabulary logits at `positions` (flat `b * seq + t`, u32) or at every position.
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        positions: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let hidden = self.model.forward_t(input_ids, attention_mask, mode)?;
+        let hidden = match positions {
+            Some(p) => hidden.index_select(p, 0)?,
+            None => hidden,
+        };
+        let xs = crate::ops::gelu_erf(&self.head_dense.forward(&hidden)?)?;
+        let xs = self.head_norm.forward(&xs)?;
+        let table = self.model.tok_embeddings.embeddings();
+        Ok(crate::ops::linear(&xs, table, &self.decoder_bias)?)
+    }
+}
+
+/// ModernBERT's initialisation (`ModernBertPreTrainedModel._init_weights`), seeded per name:
+/// truncated normals (at `initializer_cutoff_factor` standard deviations) with
+/// `initializer_range` for the embeddings, `Wqkv` and `Wi`, and `initializer_range /
+/// sqrt(2 * layers)` for the output projections (`Wo`) and the head's dense layer; norms 1,
+/// biases 0.
+pub fn init(varmap: &candle_nn::VarMap, seed: u64, cfg: &ModernBertConfig) -> Result<()> {
+    use kindling_core::rng::{self, domain, hash_str};
+    use rand_distr::{Distribution, Normal};
+    let data = varmap.data().lock().expect("varmap lock poisoned");
+    let out_std = cfg.initializer_range / (2.0 * cfg.num_hidden_layers as f64).sqrt();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let (shape, device) = (var.shape().clone(), var.device().clone());
+        let value = if crate::init::is_norm_weight(name) {
+            Tensor::ones(&shape, var.dtype(), &device)?
+        } else if name.ends_with("bias") {
+            Tensor::zeros(&shape, var.dtype(), &device)?
+        } else {
+            let std = if name.ends_with("Wo.weight") || name.ends_with("head.dense.weight") {
+                out_std
+            } else {
+                cfg.initializer_range
+            };
+            let cut = (cfg.initializer_cutoff_factor * std) as f32;
+            let mut r = rng::rng(&[domain::INIT, seed, hash_str(name)]);
+            let normal = Normal::new(0.0f32, std as f32).expect("std is finite and positive");
+            let v: Vec<f32> = (0..shape.elem_count())
+                .map(|_| loop {
+                    let x = normal.sample(&mut r);
+                    if x.abs() <= cut || cut == 0.0 {
+                        break x;
+                    }
+                })
+                .collect();
+            Tensor::from_vec(v, &shape, &device)?.to_dtype(var.dtype())?
+        };
+        var.set(&value)?;
+    }
+    Ok(())
+}
