@@ -9,6 +9,9 @@
 //! * step: one MLM training step (forward at masked positions, backward, AdamW) at batch 32 x 128,
 //!   vocab 8192, for the tiny (h128 L2), mini (h256 L4) and small (h512 L4) shapes: tokens/s and
 //!   achieved matmul GFLOP/s. benches/compare/run_step_compare.sh runs PyTorch + HF beside it.
+//! * roberta, modernbert: the same step for recipes/roberta-mini-mlm.toml's and
+//!   recipes/modernbert-mini-mlm.toml's models (hf_step_bench.py times transformers' same
+//!   models, stock and with the head at the masked rows only).
 //! * head: the small shape with no encoder layers (embeddings, MLM head, loss): the part of
 //!   the step outside the layers.
 //! * gemm: the matrix products of the small step's encoder layer (4096 tokens, h512, i2048) as
@@ -88,14 +91,34 @@ fn config(h: usize, l: usize, a: usize, dropout: f64) -> BertConfig {
     .unwrap()
 }
 
-fn bench_step(name: &str, cfg: BertConfig, steps: usize) {
+/// The mini shape of another architecture (`recipes/{roberta,modernbert}-mini-mlm.toml`'s):
+/// RoBERTa h256 L4 A4 I1024 with dropout 0.1; ModernBERT h256 L4 A4 with a 384-wide GeGLU,
+/// 128-token windows and no dropout, as those recipes build them.
+fn architecture_config(arch: &str) -> kindling_models::EncoderConfig {
+    let v = match arch {
+        "roberta" => serde_json::json!({
+            "model_type": "roberta", "vocab_size": VOCAB, "hidden_size": 256,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024,
+            "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1,
+            "layer_norm_eps": 1e-5,
+        }),
+        _ => serde_json::json!({
+            "model_type": "modernbert", "vocab_size": VOCAB, "hidden_size": 256,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 384,
+            "max_position_embeddings": 512, "local_attention": 128, "pad_token_id": 0,
+        }),
+    };
+    kindling_models::EncoderConfig::from_json(v).unwrap()
+}
+
+fn bench_step(name: &str, cfg: impl Into<kindling_models::EncoderConfig>, steps: usize) {
     let b = Arc::new(blocks(BATCH * (steps + 2)));
     let masker =
         Arc::new(Masker::new(MaskConfig::default(), &specials(), VOCAB as usize, 1).unwrap());
     let batches: Vec<MlmBatch> = MlmLoader::new(b, masker, BATCH, 1, Cursor::default())
         .take(steps + 2)
         .collect();
-    let obj = BertMlm::new(cfg.clone(), 0, &Device::Cpu).unwrap();
+    let obj = BertMlm::new(cfg, 0, &Device::Cpu).unwrap();
     let mut opt = common::adamw(&obj);
     let mut times = Vec::new();
     let mut flops = 0.0;
@@ -261,6 +284,16 @@ fn main() {
     }
     if wanted("small") || wanted("step") {
         bench_step("small h512 L4", config(512, 4, 8, 0.1), 4);
+    }
+    if wanted("roberta") || wanted("step") {
+        bench_step("roberta-mini h256 L4", architecture_config("roberta"), 8);
+    }
+    if wanted("modernbert") || wanted("step") {
+        bench_step(
+            "modernbert-mini h256 L4",
+            architecture_config("modernbert"),
+            8,
+        );
     }
     if wanted("head") {
         // No encoder layers: the embeddings, the MLM head and the loss of the small shape,

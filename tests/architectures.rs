@@ -582,21 +582,105 @@ fn modernbert_mlm_loss_and_every_gradient_match_transformers() {
     python_reference("hf_mlm_grads.py", &[export.as_os_str(), path.as_os_str()]);
 }
 
+/// A small ModernBertForMaskedLM folder saved by transformers (with the logits it computes),
+/// made once per test binary; `None` without KINDLING_PYTHON.
+fn hf_modernbert_folder() -> Option<&'static Path> {
+    static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kindling-hf-modernbert");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let tokenizer = shared_roberta_run().join("export");
+        python_reference(
+            "hf_modernbert_folder.py",
+            &[dir.as_os_str(), tokenizer.as_os_str()],
+        )?;
+        Some(dir)
+    })
+    .as_deref()
+}
+
+/// Fine-tunes `folder` with the tiny fine-tuning recipe and checks that transformers loads the
+/// export as `class` and computes Kindling's logits (padded rows included).
+fn fine_tunes_into(folder: &Path, pooling: &str, class: &str) {
+    use kindling_models::bert::Pooling;
+    let runs = tempfile::tempdir().unwrap();
+    let out = kindling()
+        .args(["finetune", "recipes/tiny/finetune-tiny.toml", "--set"])
+        .arg(format!("runs_dir=\"{}\"", runs.path().display()))
+        .args(["--set", "train.max_epochs=1", "--set"])
+        .arg(format!("model.pooling=\"{pooling}\""))
+        .arg("--set")
+        .arg(format!("model.path=\"{}\"", folder.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let export = runs.path().join("finetune-tiny/export");
+    let config = read_json(&export.join("config.json"));
+    assert_eq!(config["architectures"][0], class);
+    let cfg = kindling_models::import::read_encoder_config(&export).unwrap();
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[export.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let pooling = if pooling == "mean" {
+        Pooling::Mean
+    } else {
+        Pooling::Cls
+    };
+    let model = kindling_models::SequenceClassifier::load(vb, &cfg, 2, pooling, 0.0).unwrap();
+    // Two rows, the second padded: the mask must matter the same way on both sides.
+    let pad = cfg.pad_token_id() as u32;
+    let ids: Vec<u32> = vec![0, 40, 41, 42, 43, 2, 0, 50, 51, 2, pad, pad];
+    let mask: Vec<u32> = vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0];
+    let t_ids = Tensor::from_slice(&ids, (2, 6), &Device::Cpu).unwrap();
+    let t_mask = Tensor::from_slice(&mask, (2, 6), &Device::Cpu).unwrap();
+    let logits = model.forward_t(&t_ids, &t_mask, Mode::Eval).unwrap();
+    let path = runs.path().join("kindling_cls_logits.json");
+    std::fs::write(
+        &path,
+        serde_json::json!({
+            "input_ids": t_ids.to_vec2::<u32>().unwrap(),
+            "attention_mask": t_mask.to_vec2::<u32>().unwrap(),
+            "logits": logits.to_vec2::<f32>().unwrap(),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    python_reference("hf_cls_logits.py", &[export.as_os_str(), path.as_os_str()]);
+}
+
+#[test]
+fn an_hf_modernbert_folder_fine_tunes_into_a_classifier_transformers_loads() {
+    if let Some(folder) = hf_modernbert_folder() {
+        fine_tunes_into(folder, "mean", "ModernBertForSequenceClassification");
+    }
+}
+
+#[test]
+fn a_roberta_export_fine_tunes_into_a_classifier_transformers_loads() {
+    // RoBERTa's head: dropout, classifier.dense + tanh on <s>, dropout, classifier.out_proj.
+    fine_tunes_into(
+        &shared_roberta_run().join("export"),
+        "cls",
+        "RobertaForSequenceClassification",
+    );
+}
+
 #[test]
 fn an_hf_modernbert_folder_imports_continues_and_exports_back() {
     // transformers saves a small ModernBertForMaskedLM (tests/reference/hf_modernbert_folder.py)
     // with the logits it computes; Kindling loads the folder and computes the same logits, a
     // continued-pretraining run starts from it, and its export loads back in transformers.
-    let folder = tempfile::tempdir().unwrap();
-    let tokenizer = shared_roberta_run().join("export");
-    let Some(_) = python_reference(
-        "hf_modernbert_folder.py",
-        &[folder.path().as_os_str(), tokenizer.as_os_str()],
-    ) else {
+    let Some(folder) = hf_modernbert_folder() else {
         return;
     };
-    let reference = read_json(&folder.path().join("hf_logits.json"));
-    let (cfg, model) = load_any_mlm(folder.path());
+    let reference = read_json(&folder.join("hf_logits.json"));
+    let (cfg, model) = load_any_mlm(folder);
     let rows: Vec<Vec<u32>> = serde_json::from_value(reference["input_ids"].clone()).unwrap();
     let mask: Vec<Vec<u32>> = serde_json::from_value(reference["attention_mask"].clone()).unwrap();
     let (b, t) = (rows.len(), rows[0].len());
@@ -627,7 +711,7 @@ fn an_hf_modernbert_folder_imports_continues_and_exports_back() {
     );
 
     let runs = tempfile::tempdir().unwrap();
-    let out = continue_run(runs.path(), folder.path(), &["train.steps=10"]);
+    let out = continue_run(runs.path(), folder, &["train.steps=10"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("encoder and MLM head loaded"),

@@ -14,11 +14,14 @@ import time
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+from transformers import (BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling,
+                          ModernBertConfig, ModernBertForMaskedLM, PreTrainedTokenizerFast,
+                          RobertaConfig, RobertaForMaskedLM)
 
 p = argparse.ArgumentParser()
 p.add_argument("--threads", type=int, default=2)
-p.add_argument("--only", default="", help="comma-separated subset: masking,tiny,mini,small,gemm")
+p.add_argument("--only", default="",
+               help="comma-separated subset: masking,tiny,mini,small,gemm,roberta,modernbert")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
@@ -91,3 +94,50 @@ for name, h, l, a, steps in [("tiny", 128, 2, 2, 10), ("mini", 256, 4, 4, 8), ("
     head = 6 * (h * h + h * V) * tokens
     print(json.dumps({"bench": name, "tokens_per_s": tokens / median, "median_s": median,
                       "gflop_per_step": (enc + attn + head) / 1e9}), flush=True)
+
+
+# The other architectures' mini shapes (recipes/{roberta,modernbert}-mini-mlm.toml), stock and in
+# their strongest form: the vocabulary projection at the masked rows only (RoBERTa by gathering
+# the hidden states before lm_head, as Cramming does; ModernBERT with its own
+# sparse_prediction=True, as ModernBERT's training code does).
+def arch_models():
+    r = RobertaConfig(vocab_size=V, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                      intermediate_size=1024, max_position_embeddings=514, type_vocab_size=1,
+                      pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    m = dict(vocab_size=V, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+             intermediate_size=384, max_position_embeddings=512, local_attention=128,
+             pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3)
+    yield "roberta", "roberta-mini", RobertaForMaskedLM(r), False
+    yield "roberta", "roberta-mini gathered", RobertaForMaskedLM(r), True
+    yield "modernbert", "modernbert-mini", ModernBertForMaskedLM(ModernBertConfig(**m)), False
+    yield ("modernbert", "modernbert-mini sparse",
+           ModernBertForMaskedLM(ModernBertConfig(sparse_prediction=True, **m)), False)
+
+
+for family, name, model, gathered in arch_models():
+    if wanted and family not in wanted:
+        continue
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for i in range(10):
+        batch = collator(blocks(BATCH))
+        # No pad tokens in the blocks: RoBERTa's positions are its usual 2.. offsets.
+        t = time.time()
+        if gathered:
+            hidden = model.roberta(input_ids=batch["input_ids"])[0]
+            labels = batch["labels"].view(-1)
+            rows = labels != -100
+            logits = model.lm_head(hidden.view(-1, hidden.shape[-1])[rows])
+            loss = torch.nn.functional.cross_entropy(logits, labels[rows])
+        else:
+            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if i >= 2:
+            times.append(time.time() - t)
+    times.sort()
+    median = times[len(times) // 2]
+    print(json.dumps({"bench": name, "tokens_per_s": BATCH * SEQ / median, "median_s": median}),
+          flush=True)

@@ -7,8 +7,10 @@ use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::bert::{BertConfig, BertForMaskedLM, Flavour};
-use crate::modernbert::{ModernBertConfig, ModernBertForMaskedLM};
+use crate::bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, Flavour, Pooling};
+use crate::modernbert::{
+    ModernBertConfig, ModernBertForMaskedLM, ModernBertForSequenceClassification,
+};
 use crate::{ModelError, Result};
 use kindling_core::Mode;
 
@@ -212,6 +214,15 @@ impl EncoderConfig {
         }
     }
 
+    /// The hidden dropout rate (BERT's `hidden_dropout_prob`; ModernBERT's MLP dropout): the
+    /// default of a classifier's dropout.
+    pub fn hidden_dropout(&self) -> f64 {
+        match self {
+            EncoderConfig::Bert(c) => c.hidden_dropout_prob,
+            EncoderConfig::ModernBert(c) => c.mlp_dropout,
+        }
+    }
+
     /// The `config.json` of an export as `{Class}{task}` (`"ForMaskedLM"`).
     pub fn hf_json(&self, task: &str) -> serde_json::Value {
         match self {
@@ -317,6 +328,78 @@ impl MaskedLm {
     /// computes in its parameters' dtype).
     pub fn set_compute_dtype(&mut self, dtype: Option<DType>) {
         if let MaskedLm::Bert(m) = self {
+            m.bert.compute_dtype = dtype;
+        }
+    }
+}
+
+/// A sequence classifier of any supported architecture (HF's `*ForSequenceClassification`).
+#[derive(Debug, Clone)]
+pub enum SequenceClassifier {
+    Bert(BertForSequenceClassification),
+    ModernBert(ModernBertForSequenceClassification),
+}
+
+impl SequenceClassifier {
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &EncoderConfig,
+        num_labels: usize,
+        pooling: Pooling,
+        classifier_dropout: f64,
+    ) -> Result<Self> {
+        Ok(match cfg {
+            EncoderConfig::Bert(c) => {
+                SequenceClassifier::Bert(BertForSequenceClassification::load(
+                    vb,
+                    c,
+                    num_labels,
+                    pooling,
+                    classifier_dropout,
+                )?)
+            }
+            EncoderConfig::ModernBert(c) => {
+                SequenceClassifier::ModernBert(ModernBertForSequenceClassification::load(
+                    vb,
+                    c,
+                    num_labels,
+                    pooling == Pooling::Mean,
+                    classifier_dropout,
+                )?)
+            }
+        })
+    }
+
+    /// The tensors a backbone folder lacks (pooler, head, classifier).
+    pub fn is_head_tensor(cfg: &EncoderConfig, name: &str) -> bool {
+        match cfg {
+            EncoderConfig::Bert(c) => BertForSequenceClassification::is_head_tensor(c, name),
+            EncoderConfig::ModernBert(_) => {
+                ModernBertForSequenceClassification::is_head_tensor(name)
+            }
+        }
+    }
+
+    /// Class logits, (batch, num_labels).
+    pub fn forward_t(&self, ids: &Tensor, mask: &Tensor, mode: Mode) -> Result<Tensor> {
+        match self {
+            SequenceClassifier::Bert(m) => m.forward_t(ids, mask, mode),
+            SequenceClassifier::ModernBert(m) => m.forward_t(ids, mask, mode),
+        }
+    }
+
+    /// The encoder's last hidden states, (batch * seq, hidden) (ModernBERT's after its final
+    /// norm): what a probe pools.
+    pub fn hidden_states(&self, ids: &Tensor, mask: &Tensor, mode: Mode) -> Result<Tensor> {
+        match self {
+            SequenceClassifier::Bert(m) => m.bert.forward_t(ids, None, Some(mask), mode),
+            SequenceClassifier::ModernBert(m) => m.model.forward_t(ids, Some(mask), mode),
+        }
+    }
+
+    /// Mixed precision (BERT and RoBERTa; ModernBERT computes in f32).
+    pub fn set_compute_dtype(&mut self, dtype: Option<DType>) {
+        if let SequenceClassifier::Bert(m) = self {
             m.bert.compute_dtype = dtype;
         }
     }

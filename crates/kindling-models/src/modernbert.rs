@@ -632,6 +632,77 @@ impl ModernBertForMaskedLM {
     }
 }
 
+/// HF `ModernBertForSequenceClassification`: `model`, then the [CLS] vector or the mean over
+/// non-padding tokens (`classifier_pooling`), `head` (dense, GELU, norm), dropout and
+/// `classifier` (with a bias).
+#[derive(Debug, Clone)]
+pub struct ModernBertForSequenceClassification {
+    pub model: ModernBertModel,
+    head_dense: Linear,
+    head_norm: LayerNorm,
+    dropout: Dropout,
+    classifier: Linear,
+    mean: bool,
+}
+
+impl ModernBertForSequenceClassification {
+    /// `mean`: mean pooling (else [CLS]); `classifier_dropout` as HF's config field.
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &ModernBertConfig,
+        num_labels: usize,
+        mean: bool,
+        classifier_dropout: f64,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(ModernBertForSequenceClassification {
+            model: ModernBertModel::load(vb.pp("model"), cfg)?,
+            head_dense: dense(vb.pp("head").pp("dense"), h, h, cfg.classifier_bias)?,
+            head_norm: norm(vb.pp("head").pp("norm"), h, cfg.norm_eps, cfg.norm_bias)?,
+            dropout: Dropout::new(classifier_dropout as f32, 1 << 32),
+            classifier: dense(vb.pp("classifier"), h, num_labels, true)?,
+            mean,
+        })
+    }
+
+    /// The names of the tensors a backbone folder lacks.
+    pub fn is_head_tensor(name: &str) -> bool {
+        name.starts_with("head.") || name.starts_with("classifier.")
+    }
+
+    /// Class logits, (batch, num_labels).
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let hidden = self
+            .model
+            .forward_t(input_ids, Some(attention_mask), mode)?;
+        let pooled = pool(&hidden, attention_mask, (b, t), self.mean)?;
+        let xs = crate::ops::gelu_erf(&self.head_dense.forward(&pooled)?)?;
+        let xs = self
+            .dropout
+            .forward_t(&self.head_norm.forward(&xs)?, mode)?;
+        Ok(self.classifier.forward(&xs)?)
+    }
+}
+
+/// (batch * seq, hidden) hidden states -> (batch, hidden): the first token's, or the mean over
+/// the tokens `mask` keeps.
+pub fn pool(hidden: &Tensor, mask: &Tensor, (b, t): (usize, usize), mean: bool) -> Result<Tensor> {
+    let h = hidden.dim(1)?;
+    let hidden = hidden.reshape((b, t, h))?;
+    if !mean {
+        return Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?);
+    }
+    let m = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+    let count = m.sum(1)?.clamp(1.0, f64::MAX)?;
+    Ok(hidden.broadcast_mul(&m)?.sum(1)?.broadcast_div(&count)?)
+}
+
 /// ModernBERT's initialisation (`ModernBertPreTrainedModel._init_weights`), seeded per name:
 /// truncated normals (at `initializer_cutoff_factor` standard deviations) with
 /// `initializer_range` for the embeddings, `Wqkv` and `Wi`, and `initializer_range /
@@ -673,4 +744,95 @@ pub fn init(varmap: &candle_nn::VarMap, seed: u64, cfg: &ModernBertConfig) -> Re
         var.set(&value)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    fn tiny(dropout: f64) -> (ModernBertForMaskedLM, VarMap) {
+        let cfg: ModernBertConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 3,
+            "num_attention_heads": 2, "max_position_embeddings": 32, "local_attention": 4,
+            "attention_dropout": dropout, "mlp_dropout": dropout, "embedding_dropout": dropout,
+        }))
+        .unwrap();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let model = ModernBertForMaskedLM::load(vb, &cfg).unwrap();
+        init(&varmap, 3, &cfg).unwrap();
+        (model, varmap)
+    }
+
+    fn logits(m: &ModernBertForMaskedLM, mode: Mode) -> Vec<f32> {
+        let ids = Tensor::from_vec(
+            (0..24u32).map(|i| (i * 7) % 50).collect(),
+            (2, 12),
+            &Device::Cpu,
+        )
+        .unwrap();
+        m.forward_t(&ids, None, None, mode)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn dropout_applies_in_training_only_and_follows_the_seed() {
+        let (m, _) = tiny(0.2);
+        assert_eq!(logits(&m, Mode::Eval), logits(&m, Mode::Eval));
+        let a = logits(&m, Mode::Train { seed: 1 });
+        assert_eq!(
+            a,
+            logits(&m, Mode::Train { seed: 1 }),
+            "same seed, same masks"
+        );
+        assert_ne!(a, logits(&m, Mode::Train { seed: 2 }));
+        assert_ne!(a, logits(&m, Mode::Eval));
+        let (m0, _) = tiny(0.0);
+        assert_eq!(
+            logits(&m0, Mode::Train { seed: 1 }),
+            logits(&m0, Mode::Eval)
+        );
+    }
+
+    #[test]
+    fn the_layer_pattern_and_window_follow_the_config() {
+        let (m, _) = tiny(0.0);
+        let windows: Vec<Option<usize>> = m.model.layers.iter().map(|l| l.window).collect();
+        assert_eq!(windows, [None, Some(2), Some(2)]);
+        let mut cfg = m.model.config.clone();
+        cfg.layer_types = Some(vec![
+            "sliding_attention".into(),
+            "full_attention".into(),
+            "sliding_attention".into(),
+        ]);
+        assert!(!cfg.is_global(0) && cfg.is_global(1));
+        cfg.rope_parameters = Some(serde_json::json!({"full_attention": {"rope_theta": 5e5}}));
+        assert_eq!(
+            (cfg.rope_theta(true), cfg.rope_theta(false)),
+            (5e5, 10_000.0)
+        );
+    }
+
+    #[test]
+    fn init_draws_truncated_normals_with_smaller_output_projections() {
+        let (_, varmap) = tiny(0.0);
+        let data = varmap.data().lock().unwrap();
+        let std = |name: &str| {
+            let v: Vec<f32> = data[name].flatten_all().unwrap().to_vec1().unwrap();
+            let max = v.iter().fold(0f32, |a, x| a.max(x.abs()));
+            let s = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+            (s, max)
+        };
+        let (wi, wi_max) = std("model.layers.1.mlp.Wi.weight");
+        let (wo, wo_max) = std("model.layers.1.mlp.Wo.weight");
+        assert!(wo < wi, "Wo {wo} is drawn narrower than Wi {wi}");
+        assert!(wi_max <= 2.0 * 0.02 + 1e-6 && wo_max <= 2.0 * 0.02 / 6f32.sqrt() + 1e-6);
+        let norm: Vec<f32> = data["model.final_norm.weight"].to_vec1().unwrap();
+        assert!(norm.iter().all(|&x| x == 1.0));
+    }
 }

@@ -11,7 +11,8 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 
 use kindling_core::Mode;
 use kindling_data::tokenizer as tok;
-use kindling_models::bert::{BertModel, Pooling};
+use kindling_models::bert::Pooling;
+use kindling_models::SequenceClassifier;
 
 use crate::finetune::{
     accuracy_and_macro_f1, format_confusion, load_task, Classifier, Encoded, FinetuneRecipe,
@@ -36,7 +37,7 @@ pub struct ProbeReport {
 /// Pooled hidden states of every example of `data`, in its order: the masked mean over tokens,
 /// or the raw [CLS] vector.
 pub fn embeddings(
-    bert: &BertModel,
+    model: &SequenceClassifier,
     data: &Encoded,
     pooling: Pooling,
     batch_size: usize,
@@ -50,7 +51,7 @@ pub fn embeddings(
         let b = crate::finetune::make_batch(data, chunk, pad, 0, 0);
         let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), device)?;
         let mask = Tensor::from_slice(&b.attention_mask, (b.batch_size, b.seq_len), device)?;
-        let hidden = bert.forward_t(&ids, None, Some(&mask), Mode::Eval)?;
+        let hidden = model.hidden_states(&ids, &mask, Mode::Eval)?;
         let h = hidden.dim(1)?;
         let hidden = hidden.reshape((b.batch_size, b.seq_len, h))?;
         let pooled = match pooling {
@@ -166,8 +167,7 @@ pub fn probe(recipe: &FinetuneRecipe) -> Result<ProbeReport, RecipeError> {
     let (obj, _) = Classifier::build(recipe, task.labels.clone(), &device)?;
     let started = Instant::now();
     let bs = recipe.train.eval_batch_size;
-    let embed =
-        |data: &Encoded| embeddings(&obj.model.bert, data, p.pooling, bs, task.pad_id, &device);
+    let embed = |data: &Encoded| embeddings(&obj.model, data, p.pooling, bs, task.pad_id, &device);
     let mut train = embed(&task.train)?;
     let mut validation = embed(&task.validation)?;
     let mut test = embed(&task.test)?;

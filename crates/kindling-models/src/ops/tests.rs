@@ -337,29 +337,81 @@ fn fused_self_attention_matches_the_composed_ops_forward_and_backward() {
     let mut m = vec![0f32; b * t];
     m[2 * t - 3..2 * t].fill(-1e9);
     let mask = Tensor::from_vec(m, (b, t), &Device::Cpu).unwrap();
-    for dropout in [None, Some((0.2f32, 5u64))] {
-        let f = |fused: bool, q: &Tensor, k: &Tensor, v: &Tensor| {
-            if fused {
-                return self_attention(q, k, v, (b, t, heads), &mask, dropout).unwrap();
-            }
-            // The composed path, as other devices run it.
-            let split = |x: &Tensor| {
-                let x = x.reshape((b, t, heads, h / heads)).unwrap();
-                x.transpose(1, 2).unwrap().contiguous().unwrap()
+    // A sliding window (ModernBERT's local layers): |i - j| <= 3, as its own additive mask.
+    let band = |w: usize| {
+        let v: Vec<f32> = (0..t * t)
+            .map(|n| {
+                if (n / t).abs_diff(n % t) > w {
+                    -1e9
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tensor::from_vec(v, (1, 1, t, t), &Device::Cpu).unwrap()
+    };
+    for window in [None, Some(3)] {
+        for dropout in [None, Some((0.2f32, 5u64))] {
+            let f = |fused: bool, q: &Tensor, k: &Tensor, v: &Tensor| {
+                if fused {
+                    return self_attention_windowed(q, k, v, (b, t, heads), &mask, window, dropout)
+                        .unwrap();
+                }
+                // The composed path, as other devices run it.
+                let split = |x: &Tensor| {
+                    let x = x.reshape((b, t, heads, h / heads)).unwrap();
+                    x.transpose(1, 2).unwrap().contiguous().unwrap()
+                };
+                let scores = split(q).matmul(&split(k).t().unwrap()).unwrap();
+                let scaled = (scores * (1.0 / ((h / heads) as f64).sqrt())).unwrap();
+                let mut masked = scaled
+                    .broadcast_add(&mask.reshape((b, 1, 1, t)).unwrap())
+                    .unwrap();
+                if let Some(w) = window {
+                    masked = masked.broadcast_add(&band(w)).unwrap();
+                }
+                let mut probs = candle_nn::ops::softmax(&masked, D::Minus1).unwrap();
+                if let Some((p, seed)) = dropout {
+                    probs = seeded_dropout(&probs, p, seed).unwrap();
+                }
+                let ctx = probs.matmul(&split(v)).unwrap().transpose(1, 2).unwrap();
+                ctx.reshape((b * t, h)).unwrap()
             };
-            let scores = split(q).matmul(&split(k).t().unwrap()).unwrap();
-            let scaled = (scores * (1.0 / ((h / heads) as f64).sqrt())).unwrap();
-            let masked = scaled
-                .broadcast_add(&mask.reshape((b, 1, 1, t)).unwrap())
-                .unwrap();
-            let mut probs = candle_nn::ops::softmax(&masked, D::Minus1).unwrap();
-            if let Some((p, seed)) = dropout {
-                probs = seeded_dropout(&probs, p, seed).unwrap();
-            }
-            let ctx = probs.matmul(&split(v)).unwrap().transpose(1, 2).unwrap();
-            ctx.reshape((b * t, h)).unwrap()
-        };
-        let what = format!("self-attention, dropout {dropout:?}");
-        assert_fused_matches_composed(&what, f, [&qkv[0], &qkv[1], &qkv[2]], &r);
+            let what = format!("self-attention, window {window:?}, dropout {dropout:?}");
+            assert_fused_matches_composed(&what, f, [&qkv[0], &qkv[1], &qkv[2]], &r);
+        }
+        // The library's own composed path (what a GPU runs: here f64, which is not fused).
+        let wide = |x: &Tensor| x.to_dtype(DType::F64).unwrap();
+        let composed = self_attention_windowed(
+            &wide(&qkv[0]),
+            &wide(&qkv[1]),
+            &wide(&qkv[2]),
+            (b, t, heads),
+            &wide(&mask),
+            window,
+            None,
+        )
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+        let fused = self_attention_windowed(
+            &qkv[0],
+            &qkv[1],
+            &qkv[2],
+            (b, t, heads),
+            &mask,
+            window,
+            None,
+        )
+        .unwrap();
+        let d = (composed - fused)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "window {window:?}: composed vs fused {d}");
     }
 }

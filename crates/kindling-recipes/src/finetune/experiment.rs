@@ -61,7 +61,7 @@ impl Experiment for FinetuneRecipe {
             100.0 * task.test.majority_fraction(task.labels.len())
         );
         let (mut obj, report) = Classifier::build(self, task.labels.clone(), &ctx.device)?;
-        obj.model.bert.compute_dtype = ctx.compute;
+        obj.model.set_compute_dtype(ctx.compute);
         match &report {
             Some(r) => eprintln!(
                 "model: {} ({:?} init, {} pooling): fresh (not in the folder): {:?}; unused from \

@@ -10,16 +10,22 @@ pub(super) fn pooling_name(p: Pooling) -> &'static str {
     }
 }
 
-/// The HF `config.json` of a `BertForSequenceClassification`.
+/// The HF `config.json` of a `BertForSequenceClassification` (`Roberta...`, `ModernBert...`).
 pub fn classifier_config_json(
-    cfg: &BertConfig,
+    cfg: &EncoderConfig,
     labels: &LabelSet,
     pooling: Pooling,
     classifier_dropout: f64,
 ) -> serde_json::Value {
-    let mut v = serde_json::to_value(cfg).expect("config serialises");
-    v["architectures"] = serde_json::json!([cfg.flavour().class("ForSequenceClassification")]);
-    v["torch_dtype"] = "float32".into();
+    let mut v = cfg.hf_json("ForSequenceClassification");
+    if let EncoderConfig::ModernBert(_) = cfg {
+        // ModernBERT's classifier pools as its config says: transformers computes the same.
+        v["classifier_pooling"] = pooling_name(pooling).into();
+    } else if let Some(o) = v.as_object_mut() {
+        // Keys of the masked LM's config, not the classifier's.
+        o.remove("tie_word_embeddings");
+        o.remove("use_cache");
+    }
     v["problem_type"] = "single_label_classification".into();
     v["classifier_dropout"] = classifier_dropout.into();
     let id2label: serde_json::Map<String, serde_json::Value> = labels
@@ -53,7 +59,7 @@ pub fn export(
     let dropout = recipe
         .model
         .classifier_dropout
-        .unwrap_or(obj.config.hidden_dropout_prob);
+        .unwrap_or(obj.config.hidden_dropout());
     write_hf_folder(
         dir,
         &classifier_config_json(&obj.config, &obj.labels, recipe.model.pooling, dropout),

@@ -28,10 +28,10 @@ use kindling_core::rng::{self, domain, hash_str};
 use kindling_core::Mode;
 use kindling_data::labelled::{read_examples, Example, LabelSet, TableSpec};
 use kindling_data::tokenizer as tok;
-use kindling_models::bert::{BertConfig, BertForSequenceClassification, Pooling};
+use kindling_models::bert::Pooling;
 use kindling_models::export::{save_json, write_atomic};
 use kindling_models::import;
-use kindling_models::init::hf_init;
+use kindling_models::{EncoderConfig, SequenceClassifier};
 use kindling_train::{
     checkpoint, FitSummary, Goal, Monitor, Objective, Optimizer, StepOutput, TrainConfig, Trainer,
 };

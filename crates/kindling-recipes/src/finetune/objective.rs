@@ -7,9 +7,9 @@ use super::*;
 /// eval set, so the trainer's weighted average over batches sums them), from which
 /// `finish_eval` derives macro-F1.
 pub struct Classifier {
-    pub model: BertForSequenceClassification,
+    pub model: SequenceClassifier,
     pub varmap: VarMap,
-    pub config: BertConfig,
+    pub config: EncoderConfig,
     pub labels: LabelSet,
     pub(super) device: Device,
     /// The confusion matrix (rows: true class, columns: predicted) of the last evaluation, as
@@ -26,35 +26,25 @@ impl Classifier {
         device: &Device,
     ) -> Result<(Self, Option<import::KeyReport>), RecipeError> {
         let m = &recipe.model;
-        let mut config = import::read_config(&m.path)?;
-        if let Some(p) = m.hidden_dropout_prob {
-            config.hidden_dropout_prob = p;
-        }
-        if let Some(p) = m.attention_probs_dropout_prob {
-            config.attention_probs_dropout_prob = p;
-        }
+        let mut config = import::read_encoder_config(&m.path)?;
+        config.set_dropout(m.hidden_dropout_prob, m.attention_probs_dropout_prob);
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let model = BertForSequenceClassification::load(
+        let model = SequenceClassifier::load(
             vb,
             &config,
             labels.len(),
             m.pooling,
-            m.classifier_dropout.unwrap_or(config.hidden_dropout_prob),
+            m.classifier_dropout.unwrap_or(config.hidden_dropout()),
         )?;
-        hf_init(
-            &varmap,
-            recipe.seed,
-            config.initializer_range,
-            Some(config.pad_token_id),
-        )?;
+        config.init(&varmap, recipe.seed)?;
         let report = match m.init {
             Init::Random => None,
             Init::Pretrained => {
                 let (path, tensors) = import::read_weights(&m.path, device)?;
                 let report = import::copy_tensors(&varmap, &tensors, &path)?;
                 let fresh = |n: &str| {
-                    BertForSequenceClassification::is_head_tensor(&config, n)
+                    SequenceClassifier::is_head_tensor(&config, n)
                         || m.allow_missing.iter().any(|a| a == n)
                 };
                 let bad: Vec<&String> = report.missing.iter().filter(|n| !fresh(n)).collect();
@@ -101,14 +91,18 @@ impl Classifier {
 
     /// The layer-wise lr multiplier of a parameter (see `FtModel::layerwise_lr_decay`).
     pub fn lr_scale(&self, name: &str, decay: f64) -> f64 {
-        let layers = self.config.num_hidden_layers as i32;
+        let layers = self.config.shape().1 as i32;
         let encoder = name
-            .strip_prefix(self.config.flavour().prefix())
+            .strip_prefix(self.config.prefix())
             .and_then(|n| n.strip_prefix('.'))
             .unwrap_or_default();
+        // BERT's `encoder.layer.N.`, ModernBERT's `layers.N.`.
+        let layer = encoder
+            .strip_prefix("encoder.layer.")
+            .or_else(|| encoder.strip_prefix("layers."));
         let depth = if encoder.starts_with("embeddings.") {
             0
-        } else if let Some(rest) = encoder.strip_prefix("encoder.layer.") {
+        } else if let Some(rest) = layer {
             1 + rest
                 .split('.')
                 .next()
