@@ -7,9 +7,11 @@ use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, Flavour, Pooling};
+use crate::bert::{
+    BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, Flavour, Pooling,
+};
 use crate::modernbert::{
-    ModernBertConfig, ModernBertForMaskedLM, ModernBertForSequenceClassification,
+    ModernBertConfig, ModernBertForMaskedLM, ModernBertForSequenceClassification, ModernBertModel,
 };
 use crate::{ModelError, Result};
 use kindling_core::Mode;
@@ -401,6 +403,30 @@ impl SequenceClassifier {
     pub fn set_compute_dtype(&mut self, dtype: Option<DType>) {
         if let SequenceClassifier::Bert(m) = self {
             m.bert.compute_dtype = dtype;
+        }
+    }
+}
+
+/// The encoder alone (HF's `*Model`): what embeddings are read from.
+#[derive(Debug, Clone)]
+pub enum Encoder {
+    Bert(BertModel),
+    ModernBert(ModernBertModel),
+}
+
+impl Encoder {
+    pub fn load(vb: VarBuilder, cfg: &EncoderConfig) -> Result<Self> {
+        Ok(match cfg {
+            EncoderConfig::Bert(c) => Encoder::Bert(BertModel::load(vb, c)?),
+            EncoderConfig::ModernBert(c) => Encoder::ModernBert(ModernBertModel::load(vb, c)?),
+        })
+    }
+
+    /// The last hidden states, (batch * seq, hidden) (ModernBERT's after its final norm).
+    pub fn forward_t(&self, ids: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+        match self {
+            Encoder::Bert(m) => m.forward_t(ids, None, mask, mode),
+            Encoder::ModernBert(m) => m.forward_t(ids, mask, mode),
         }
     }
 }

@@ -34,6 +34,62 @@ pub struct ImportedBert {
     pub report: KeyReport,
 }
 
+/// An encoder of any supported architecture loaded from a folder, trainable.
+pub struct ImportedEncoder {
+    pub model: crate::Encoder,
+    pub config: crate::EncoderConfig,
+    pub varmap: VarMap,
+    /// The task models' prefix (`"bert."`, `"roberta."`, `"model."`) when the file's names
+    /// carry it, else `""`.
+    pub prefix: String,
+    pub report: KeyReport,
+}
+
+/// Loads the encoder of the folder `dir` (BERT, RoBERTa or ModernBERT, by `model_type`), as
+/// [`load_bert`] does for BERT.
+pub fn load_encoder(dir: &Path, device: &Device) -> Result<ImportedEncoder> {
+    let config = read_encoder_config(dir)?;
+    let (path, tensors) = read_weights(dir, device)?;
+    let name = config.prefix();
+    let prefix = if tensors.keys().any(|k| k.starts_with(&format!("{name}."))) {
+        format!("{name}.")
+    } else {
+        String::new()
+    };
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let vb = if prefix.is_empty() { vb } else { vb.pp(name) };
+    let model = crate::Encoder::load(vb, &config)?;
+    let report = copy_tensors(&varmap, &tensors, &path)?;
+    check_complete(&report, path)?;
+    Ok(ImportedEncoder {
+        model,
+        config,
+        varmap,
+        prefix,
+        report,
+    })
+}
+
+/// A loaded encoder with missing tensors would only look loaded.
+fn check_complete(report: &KeyReport, path: PathBuf) -> Result<()> {
+    if report.missing.is_empty() {
+        return Ok(());
+    }
+    Err(ModelError::File {
+        path,
+        msg: format!(
+            "the encoder's tensors {:?} are missing{}",
+            &report.missing[..report.missing.len().min(5)],
+            if report.missing.len() > 5 {
+                " (and more)"
+            } else {
+                ""
+            }
+        ),
+    })
+}
+
 /// Buffers HF writes beside the weights (not parameters).
 fn is_buffer(name: &str) -> bool {
     name.ends_with("position_ids") || name.ends_with("token_type_ids")
@@ -90,20 +146,7 @@ pub fn load_bert(dir: &Path, device: &Device) -> Result<ImportedBert> {
     let vb = if prefix.is_empty() { vb } else { vb.pp(name) };
     let model = BertModel::load(vb, &config)?;
     let report = copy_tensors(&varmap, &tensors, &path)?;
-    if !report.missing.is_empty() {
-        return Err(ModelError::File {
-            path,
-            msg: format!(
-                "the encoder's tensors {:?} are missing{}",
-                &report.missing[..report.missing.len().min(5)],
-                if report.missing.len() > 5 {
-                    " (and more)"
-                } else {
-                    ""
-                }
-            ),
-        });
-    }
+    check_complete(&report, path)?;
     Ok(ImportedBert {
         model,
         config,

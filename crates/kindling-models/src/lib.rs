@@ -24,7 +24,7 @@ pub mod resnet;
 mod test_util;
 
 pub use bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, Pooling};
-pub use encoder::{Architecture, EncoderConfig, MaskedLm, SequenceClassifier};
+pub use encoder::{Architecture, Encoder, EncoderConfig, MaskedLm, SequenceClassifier};
 pub use heads::{Mlp, MlpConfig};
 pub use kindling_core::Mode;
 pub use modernbert::{ModernBertConfig, ModernBertForMaskedLM, ModernBertModel};

@@ -1,5 +1,5 @@
-//! `kindling embed`: sentence embeddings from any BERT folder (a Kindling export, or an HF folder
-//! such as all-MiniLM-L6-v2): the folder's tokenizer, the encoder in eval mode, mean or [CLS]
+//! `kindling embed`: sentence embeddings from any BERT, RoBERTa or ModernBERT folder (a Kindling
+//! export, or an HF folder such as all-MiniLM-L6-v2): the folder's tokenizer, the encoder in eval mode, mean or [CLS]
 //! pooling, optional L2 normalisation (what sentence-transformers does for MiniLM).
 
 use std::path::Path;
@@ -35,9 +35,9 @@ pub fn embed_texts(
     opts: EmbedOptions,
 ) -> Result<(Vec<Vec<f32>>, KeyReport), RecipeError> {
     let device = Device::Cpu;
-    let bert = import::load_bert(model_dir, &device)?;
+    let encoder = import::load_encoder(model_dir, &device)?;
     let tokenizer = tok::load(model_dir)?;
-    let max_len = bert.config.max_seq_len();
+    let max_len = encoder.config.max_seq_len();
     let mut out = Vec::with_capacity(texts.len());
     for text in texts {
         let enc = tokenizer
@@ -48,11 +48,11 @@ pub fn embed_texts(
             })?;
         let ids = &enc.get_ids()[..enc.get_ids().len().min(max_len)];
         let ids = Tensor::from_slice(ids, (1, ids.len()), &device)?;
-        let hidden = bert.model.forward_t(&ids, None, None, Mode::Eval)?;
+        let hidden = encoder.model.forward_t(&ids, None, Mode::Eval)?;
         let v = import::pool(&hidden, opts.mean, opts.normalize)?;
         out.push(v.to_vec1::<f32>()?);
     }
-    Ok((out, bert.report))
+    Ok((out, encoder.report))
 }
 
 /// One candidate for a `[MASK]`, with what HF's fill-mask pipeline returns beside it.
