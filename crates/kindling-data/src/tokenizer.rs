@@ -97,16 +97,19 @@ impl TokenizerTraining {
     /// The settings as the cache key hashes them. For WordPiece exactly what earlier versions
     /// hashed, so their cached vocabularies stay in use (a retrained one could differ).
     fn cache_settings(&self) -> String {
-        let mut v = serde_json::json!({
-            "vocab_size": self.vocab_size,
-            "min_frequency": self.min_frequency,
-            "lowercase": self.lowercases(),
-            "limit_alphabet": self.limit_alphabet,
-        });
-        if self.kind != TokenizerKind::Wordpiece {
-            v["kind"] = serde_json::to_value(self.kind).expect("serialises");
+        // Written out by hand: earlier versions hashed this struct's serde_json form, field by
+        // field in this order (a json! map would sort the keys and change every key).
+        let fields = format!(
+            r#"{{"vocab_size":{},"min_frequency":{},"lowercase":{},"limit_alphabet":{}}}"#,
+            self.vocab_size,
+            self.min_frequency,
+            self.lowercases(),
+            self.limit_alphabet
+        );
+        match self.kind {
+            TokenizerKind::Wordpiece => fields,
+            _ => format!("{}:{fields}", self.cache_name()),
         }
-        v.to_string()
     }
 
     fn cache_name(&self) -> &'static str {
@@ -491,4 +494,27 @@ pub fn lowercases(tk: &Tokenizer) -> bool {
         .ok()
         .and_then(|v| v.get("lowercase").and_then(|l| l.as_bool()))
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod cache_key_tests {
+    use super::*;
+
+    #[test]
+    fn a_wordpiece_cache_key_is_what_earlier_versions_hashed() {
+        // Cached vocabularies are found by this string: changing it retrains every cached
+        // tokenizer, and WordPiece training breaks ties differently in each process.
+        assert_eq!(
+            TokenizerTraining::default().cache_settings(),
+            r#"{"vocab_size":8192,"min_frequency":2,"lowercase":true,"limit_alphabet":1000}"#
+        );
+        let bpe = TokenizerTraining {
+            kind: TokenizerKind::Bpe,
+            ..Default::default()
+        };
+        assert_eq!(
+            bpe.cache_settings(),
+            r#"bpe:{"vocab_size":8192,"min_frequency":2,"lowercase":false,"limit_alphabet":1000}"#
+        );
+    }
 }
