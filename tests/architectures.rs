@@ -733,3 +733,23 @@ fn an_hf_modernbert_folder_imports_continues_and_exports_back() {
         &[export.as_os_str(), logits.as_os_str()],
     );
 }
+
+#[test]
+fn simcse_from_an_hf_modernbert_folder_exports_what_sentence_transformers_embeds_alike() {
+    let Some(folder) = hf_modernbert_folder() else {
+        return;
+    };
+    let runs = tempfile::tempdir().unwrap();
+    let out = kindling()
+        .args(["pretrain", "recipes/tiny/simcse-tiny.toml", "--set"])
+        .arg(format!("runs_dir=\"{}\"", runs.path().display()))
+        .args(["--set", "train.steps=6", "--set"])
+        .arg(format!("model.path=\"{}\"", folder.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let export = runs.path().join("simcse-tiny/export");
+    let config = read_json(&export.join("config.json"));
+    assert_eq!(config["architectures"][0], "ModernBertModel");
+    crate::simcse::check_sentence_transformers_agrees(&export);
+}

@@ -48,7 +48,7 @@ const SENTENCES: [&str; 4] = [
 
 /// Kindling's embeddings of an export (mean pooling, normalised, as its modules.json says)
 /// against sentence-transformers' on the same folder, when the Python reference is available.
-fn check_sentence_transformers_agrees(export: &Path) {
+pub(crate) fn check_sentence_transformers_agrees(export: &Path) {
     let sentences: Vec<String> = SENTENCES.iter().map(|s| s.to_string()).collect();
     let (ours, report) = embed_texts(export, &sentences, EmbedOptions::default()).unwrap();
     assert!(

@@ -219,9 +219,14 @@ impl EncoderConfig {
     /// The hidden dropout rate (BERT's `hidden_dropout_prob`; ModernBERT's MLP dropout): the
     /// default of a classifier's dropout.
     pub fn hidden_dropout(&self) -> f64 {
+        self.dropouts().0
+    }
+
+    /// (hidden, attention) dropout rates, by BERT's names (see [`EncoderConfig::set_dropout`]).
+    pub fn dropouts(&self) -> (f64, f64) {
         match self {
-            EncoderConfig::Bert(c) => c.hidden_dropout_prob,
-            EncoderConfig::ModernBert(c) => c.mlp_dropout,
+            EncoderConfig::Bert(c) => (c.hidden_dropout_prob, c.attention_probs_dropout_prob),
+            EncoderConfig::ModernBert(c) => (c.mlp_dropout, c.attention_dropout),
         }
     }
 
@@ -428,5 +433,33 @@ impl Encoder {
             Encoder::Bert(m) => m.forward_t(ids, None, mask, mode),
             Encoder::ModernBert(m) => m.forward_t(ids, mask, mode),
         }
+    }
+
+    pub fn config(&self) -> EncoderConfig {
+        match self {
+            Encoder::Bert(m) => m.config.clone().into(),
+            Encoder::ModernBert(m) => m.config.clone().into(),
+        }
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> candle_core::Device {
+        match self {
+            Encoder::Bert(m) => m.embeddings.word_embeddings.embeddings().device().clone(),
+            Encoder::ModernBert(m) => m.tok_embeddings.embeddings().device().clone(),
+        }
+    }
+
+    /// Mixed precision (BERT and RoBERTa; ModernBERT computes in f32).
+    pub fn set_compute_dtype(&mut self, dtype: Option<DType>) {
+        if let Encoder::Bert(m) = self {
+            m.compute_dtype = dtype;
+        }
+    }
+}
+
+impl From<BertModel> for Encoder {
+    fn from(m: BertModel) -> Self {
+        Encoder::Bert(m)
     }
 }

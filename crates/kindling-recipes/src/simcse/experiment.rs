@@ -63,18 +63,17 @@ impl Experiment for SimcseRecipe {
         );
         let mut obj = Simcse::build(self, specials.pad, &ctx.device)?;
         obj.group = ctx.group.clone();
-        obj.model.compute_dtype = ctx.compute;
+        obj.model.set_compute_dtype(ctx.compute);
+        let ((h, l, _, _), (hidden_p, attention_p)) = (obj.config.shape(), obj.config.dropouts());
         eprintln!(
-            "model: {} (h{} L{}), {} pooling, dropout {}/{}; temperature {}; {}",
+            "model: {} ({} h{h} L{l}), {} pooling, dropout {hidden_p}/{attention_p}; temperature \
+             {}; {}",
             self.model.path.display(),
-            obj.config.hidden_size,
-            obj.config.num_hidden_layers,
+            obj.config.architecture().display_name(),
             match obj.pooling {
                 Pooling::Cls => "[CLS]",
                 Pooling::Mean => "mean",
             },
-            obj.config.hidden_dropout_prob,
-            obj.config.attention_probs_dropout_prob,
             self.loss.temperature,
             if self.grad_cache.enabled {
                 format!("GradCache in chunks of {}", self.grad_cache.chunk_size)

@@ -28,9 +28,13 @@ pub fn export(
     initial: &BTreeMap<String, f64>,
     steps: u64,
 ) -> Result<(), RecipeError> {
-    let mut config = serde_json::to_value(&obj.config).expect("config serialises");
-    config["architectures"] = serde_json::json!([obj.config.flavour().class("Model")]);
-    config["torch_dtype"] = "float32".into();
+    let mut config = obj.config.hf_json("Model");
+    if let Some(o) = config.as_object_mut() {
+        // Keys of a masked LM's config, not the encoder's.
+        o.remove("tie_word_embeddings");
+        o.remove("use_cache");
+        o.remove("classifier_dropout");
+    }
     write_hf_folder(
         dir,
         &config,
@@ -53,7 +57,7 @@ pub fn export(
     })?;
     save_json(
         &pooling_dir.join("config.json"),
-        &pooling_config(obj.config.hidden_size, obj.pooling),
+        &pooling_config(obj.config.shape().0, obj.pooling),
     )?;
     let normalize_dir = dir.join("2_Normalize");
     std::fs::create_dir_all(&normalize_dir).map_err(|e| RecipeError::Run {

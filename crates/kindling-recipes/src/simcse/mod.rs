@@ -34,9 +34,10 @@ use kindling_core::rng::{self, derive_seed, domain, hash_str};
 use kindling_core::Mode;
 use kindling_data::tokenizer as tok;
 use kindling_data::{read_table, Corpus, Cursor};
-use kindling_models::bert::{BertConfig, BertModel, Pooling};
+use kindling_models::bert::Pooling;
 use kindling_models::export::{save_json, write_atomic};
 use kindling_models::import;
+use kindling_models::{Encoder, EncoderConfig};
 use kindling_train::distributed::{gather_with_grad, Collective};
 use kindling_train::{checkpoint, FitSummary, Objective, StepOutput, Trainer};
 

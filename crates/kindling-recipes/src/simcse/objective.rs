@@ -6,9 +6,9 @@ use super::*;
 /// The encoder being trained, the loss, and (in eval) the retrieval embeddings collected batch
 /// by batch.
 pub struct Simcse {
-    pub model: BertModel,
+    pub model: Encoder,
     pub varmap: VarMap,
-    pub config: BertConfig,
+    pub config: EncoderConfig,
     pub pooling: Pooling,
     pub temperature: f64,
     pub grad_cache: GradCache,
@@ -22,24 +22,20 @@ pub struct Simcse {
 }
 
 impl Simcse {
-    /// The encoder of `recipe.model.path` (any BERT folder; a `bert.` prefix is dropped, so
-    /// the export has base-model names as sentence-transformers saves them).
+    /// The encoder of `recipe.model.path` (any BERT, RoBERTa or ModernBERT folder; a task
+    /// model's prefix is dropped, so the export has base-model names as sentence-transformers
+    /// saves them).
     pub fn build(recipe: &SimcseRecipe, pad: u32, device: &Device) -> Result<Self, RecipeError> {
         let m = &recipe.model;
-        let mut config = import::read_config(&m.path)?;
-        if let Some(p) = m.hidden_dropout_prob {
-            config.hidden_dropout_prob = p;
-        }
-        if let Some(p) = m.attention_probs_dropout_prob {
-            config.attention_probs_dropout_prob = p;
-        }
+        let mut config = import::read_encoder_config(&m.path)?;
+        config.set_dropout(m.hidden_dropout_prob, m.attention_probs_dropout_prob);
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let model = BertModel::load(vb, &config)?;
+        let model = Encoder::load(vb, &config)?;
         let (path, tensors) = import::read_weights(&m.path, device)?;
         // copy_tensors matches `bert.`-prefixed model names to plain file names; here the
-        // model is plain and the file may carry the prefix (`bert.`, `roberta.`).
-        let prefix = format!("{}.", config.flavour().prefix());
+        // model is plain and the file may carry the prefix (`bert.`, `roberta.`, `model.`).
+        let prefix = format!("{}.", config.prefix());
         let tensors: std::collections::HashMap<String, Tensor> = tensors
             .into_iter()
             .map(|(k, v)| (k.strip_prefix(&prefix).map(String::from).unwrap_or(k), v))
@@ -49,7 +45,7 @@ impl Simcse {
             return Err(RecipeError::Run {
                 path,
                 msg: format!(
-                    "the encoder's tensors {:?} are missing (not a BERT folder?)",
+                    "the encoder's tensors {:?} are missing (not a folder of this config.json?)",
                     &report.missing[..report.missing.len().min(5)]
                 ),
             });
@@ -64,20 +60,16 @@ impl Simcse {
 
     /// An objective around `model` (whose parameters live in `varmap`), without GradCache.
     pub fn new(
-        model: BertModel,
+        model: impl Into<Encoder>,
         varmap: VarMap,
         pooling: Pooling,
         temperature: f64,
         pad: u32,
     ) -> Self {
-        let device = model
-            .embeddings
-            .word_embeddings
-            .embeddings()
-            .device()
-            .clone();
+        let model = model.into();
+        let device = model.device();
         Simcse {
-            config: model.config.clone(),
+            config: model.config(),
             model,
             varmap,
             pooling,
@@ -106,11 +98,11 @@ impl Simcse {
         let mask = Tensor::from_vec(mask, (rows.len(), seq), &self.device)?;
         let hidden = self
             .model
-            .forward_t(&ids, None, Some(&mask), mode)
+            .forward_t(&ids, Some(&mask), mode)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         // Mixed precision: pooling and the loss in f32, as autocast (a no-op in f32).
         let hidden = hidden
-            .reshape((rows.len(), seq, self.config.hidden_size))?
+            .reshape((rows.len(), seq, self.config.shape().0))?
             .to_dtype(DType::F32)?;
         match self.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1),
