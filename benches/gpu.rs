@@ -154,7 +154,8 @@ fn main() {
     .collect();
     let batch = &batches[0];
     let mut obj = BertMlm::new(cfg.clone(), 0, &dev).unwrap();
-    obj.model.bert.compute_dtype = (dtype != DType::F32).then_some(dtype);
+    obj.model
+        .set_compute_dtype((dtype != DType::F32).then_some(dtype));
     let mut opt = common::adamw(&obj);
     let vars = obj.varmap.all_vars();
     let mode = Mode::Train { seed: 3 };

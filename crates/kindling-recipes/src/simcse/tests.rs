@@ -1,5 +1,6 @@
 //! SimCSE's unit tests.
 use super::*;
+use kindling_models::bert::{BertConfig, BertModel};
 use kindling_models::init::hf_init;
 
 fn tiny_model(dropout: f64) -> (BertModel, VarMap) {
