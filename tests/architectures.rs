@@ -13,20 +13,23 @@ use kindling_models::{BertConfig, BertForMaskedLM};
 
 use crate::common::{kindling, minilm_dir, python_reference, shared_tiny_run, stderr};
 
+/// One run of `recipes/tiny/{name}.toml` into a folder of its own under the test target dir.
+fn tiny_run(name: &str) -> PathBuf {
+    let runs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("kindling-shared-{name}"));
+    let _ = std::fs::remove_dir_all(&runs);
+    let out = kindling()
+        .args(["pretrain", &format!("recipes/tiny/{name}.toml"), "--set"])
+        .arg(format!("runs_dir=\"{}\"", runs.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    runs.join(name)
+}
+
 /// One run of the tiny RoBERTa recipe shared by this module's tests.
 fn shared_roberta_run() -> &'static Path {
     static RUN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    RUN.get_or_init(|| {
-        let runs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kindling-shared-roberta");
-        let _ = std::fs::remove_dir_all(&runs);
-        let out = kindling()
-            .args(["pretrain", "recipes/tiny/roberta-tiny-mlm.toml", "--set"])
-            .arg(format!("runs_dir=\"{}\"", runs.display()))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
-        runs.join("roberta-tiny-mlm")
-    })
+    RUN.get_or_init(|| tiny_run("roberta-tiny-mlm"))
 }
 
 fn read_json(path: &Path) -> serde_json::Value {
@@ -433,17 +436,7 @@ fn a_recipe_file_with_a_path_and_a_shape_or_tokenizer_is_refused_before_any_writ
 /// One run of the tiny ModernBERT recipe shared by this module's tests.
 fn shared_modernbert_run() -> &'static Path {
     static RUN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    RUN.get_or_init(|| {
-        let runs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kindling-shared-modernbert");
-        let _ = std::fs::remove_dir_all(&runs);
-        let out = kindling()
-            .args(["pretrain", "recipes/tiny/modernbert-tiny-mlm.toml", "--set"])
-            .arg(format!("runs_dir=\"{}\"", runs.display()))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
-        runs.join("modernbert-tiny-mlm")
-    })
+    RUN.get_or_init(|| tiny_run("modernbert-tiny-mlm"))
 }
 
 fn load_any_mlm(dir: &Path) -> (kindling_models::EncoderConfig, kindling_models::MaskedLm) {

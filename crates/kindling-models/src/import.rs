@@ -133,26 +133,20 @@ pub fn read_encoder_config(dir: &Path) -> Result<crate::EncoderConfig> {
 /// Loads the encoder of the BERT folder `dir`. Missing encoder tensors are an error (an encoder
 /// with random layers would only look loaded); unused ones are reported.
 pub fn load_bert(dir: &Path, device: &Device) -> Result<ImportedBert> {
-    let config = read_config(dir)?;
-    let (path, tensors) = read_weights(dir, device)?;
-    let name = config.flavour().prefix();
-    let prefix = if tensors.keys().any(|k| k.starts_with(&format!("{name}."))) {
-        format!("{name}.")
-    } else {
-        String::new()
+    let e = load_encoder(dir, device)?;
+    let (crate::Encoder::Bert(model), crate::EncoderConfig::Bert(config)) = (e.model, e.config)
+    else {
+        return Err(ModelError::File {
+            path: dir.join("config.json"),
+            msg: "not a BERT or RoBERTa folder".into(),
+        });
     };
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let vb = if prefix.is_empty() { vb } else { vb.pp(name) };
-    let model = BertModel::load(vb, &config)?;
-    let report = copy_tensors(&varmap, &tensors, &path)?;
-    check_complete(&report, path)?;
     Ok(ImportedBert {
         model,
         config,
-        varmap,
-        prefix,
-        report,
+        varmap: e.varmap,
+        prefix: e.prefix,
+        report: e.report,
     })
 }
 
