@@ -8,8 +8,8 @@
 //!
 //! Without a GPU it runs the same code on the CPU at a small shape (a check that it runs), in
 //! f32, or with `-- bf16` in bf16 mixed precision (the GPU's paths on candle's CPU ops).
-//! `KINDLING_GPU_COMPOSED=1` times every op as candle's composition instead (see
-//! `kindling_models::ops`), to compare.
+//! `-- composed` times every op as candle's composition instead (`Kernels::Composed`, see
+//! `kindling_models::ops`), to compare; `-- check` compares the two paths' values.
 
 mod common;
 
@@ -18,7 +18,8 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use kindling_core::Mode;
 use kindling_data::{Cursor, MaskConfig, Masker, MlmBatch, MlmLoader};
-use kindling_models::{ops, BertConfig};
+use kindling_models::ops::{self, Kernels};
+use kindling_models::BertConfig;
 use kindling_recipes::bert_mlm::BertMlm;
 use kindling_train::optim::grad_norm;
 use kindling_train::Objective;
@@ -98,6 +99,11 @@ fn fwd_bwd(
 fn main() {
     let f32_only = std::env::args().skip(1).any(|a| a == "f32");
     let bf16 = std::env::args().skip(1).any(|a| a == "bf16");
+    let kernels = if std::env::args().skip(1).any(|a| a == "composed") {
+        Kernels::Composed
+    } else {
+        Kernels::Fused
+    };
     let dev = Device::cuda_if_available(0).unwrap();
     let gpu = !dev.is_cpu();
     let s = if gpu {
@@ -128,18 +134,19 @@ fn main() {
         dev.set_seed(1).unwrap();
     }
     println!(
-        "device {dev:?}, {dtype:?}; h{} L{} A{}, batch {} x {}, vocab {}",
+        "device {dev:?}, {dtype:?}, {kernels:?} kernels; h{} L{} A{}, batch {} x {}, vocab {}",
         s.hidden, s.layers, s.heads, s.batch, s.seq, s.vocab
     );
     println!("| what                                         |   ms/call | note");
     println!("|----------------------------------------------|-----------|-----");
 
-    let cfg: BertConfig = serde_json::from_value(serde_json::json!({
+    let mut cfg: BertConfig = serde_json::from_value(serde_json::json!({
         "vocab_size": s.vocab, "hidden_size": s.hidden, "num_hidden_layers": s.layers,
         "num_attention_heads": s.heads, "intermediate_size": 4 * s.hidden,
         "max_position_embeddings": 512,
     }))
     .unwrap();
+    cfg.kernels = kernels;
     let masker = std::sync::Arc::new(
         Masker::new(MaskConfig::default(), &common::specials(), s.vocab, 1).unwrap(),
     );
@@ -214,15 +221,22 @@ fn main() {
             rel(&a.0, &c.0),
             rel(&a.1, &c.1)
         );
-        // Run once more with KINDLING_GPU_COMPOSED=1 (every layer as candle's composition)
-        // to compare the encoder layers' paths: the same loss and gradient norm.
-        let out = obj.step(batch, Mode::Eval).unwrap();
-        let grads = out.loss.backward().unwrap();
-        println!(
-            "model loss at init, eval mode: {:.7}, gradient norm {:.7}",
-            out.loss.to_scalar::<f32>().unwrap(),
-            grad_norm(&grads, &vars).unwrap()
-        );
+        // The encoder's two kernel paths from the same initialisation: the same loss and
+        // gradient norm, to rounding.
+        for k in [Kernels::Fused, Kernels::Composed] {
+            let mut c = cfg.clone();
+            c.kernels = k;
+            let mut o = BertMlm::new(c, 0, &dev).unwrap();
+            o.model
+                .set_compute_dtype((dtype != DType::F32).then_some(dtype));
+            let out = o.step(batch, Mode::Eval).unwrap();
+            let grads = out.loss.backward().unwrap();
+            println!(
+                "model loss at init, eval mode, {k:?}: {:.7}, gradient norm {:.7}",
+                out.loss.to_scalar::<f32>().unwrap(),
+                grad_norm(&grads, &o.varmap.all_vars()).unwrap()
+            );
+        }
         return;
     }
     if std::env::args().skip(1).any(|a| a == "profile") {
@@ -288,7 +302,7 @@ fn main() {
     let (n, h, i) = (s.batch * s.seq, s.hidden, 4 * s.hidden);
     let w = Tensor::randn(0f32, 0.02, (i, h), &dev).unwrap();
     let b = Tensor::zeros(i, DType::F32, &dev).unwrap();
-    let (f, fb) = fwd_bwd(&dev, dtype, &[n, h], |x| ops::linear(x, &w, &b).unwrap());
+    let (f, fb) = fwd_bwd(&dev, dtype, &[n, h], |x| kernels.linear(x, &w, &b).unwrap());
     row(
         &format!("linear {n}x{h} -> {i} (fwd)"),
         f,
@@ -304,21 +318,21 @@ fn main() {
         Tensor::zeros(h, DType::F32, &dev).unwrap(),
     );
     let (f, fb) = fwd_bwd(&dev, dtype, &[n, h], |x| {
-        ops::layer_norm(x, &wl, &bl, 1e-12).unwrap()
+        kernels.layer_norm(x, &wl, &bl, 1e-12).unwrap()
     });
     row(
         &format!("layer_norm {n}x{h} (fwd | fwd+bwd)"),
         f,
         &format!("{fb:.2} ms fwd+bwd"),
     );
-    let (f, fb) = fwd_bwd(&dev, dtype, &[n, i], |x| ops::gelu_erf(x).unwrap());
+    let (f, fb) = fwd_bwd(&dev, dtype, &[n, i], |x| kernels.gelu_erf(x).unwrap());
     row(
         &format!("gelu {n}x{i} (fwd | fwd+bwd)"),
         f,
         &format!("{fb:.2} ms fwd+bwd"),
     );
     let (f, fb) = fwd_bwd(&dev, dtype, &[n, h], |x| {
-        ops::seeded_dropout(x, 0.1, 5).unwrap()
+        kernels.seeded_dropout(x, 0.1, 5).unwrap()
     });
     row(
         &format!("dropout {n}x{h} (fwd | fwd+bwd)"),
@@ -327,7 +341,9 @@ fn main() {
     );
     let mask = Tensor::zeros((s.batch, s.seq), DType::F32, &dev).unwrap();
     let (f, fb) = fwd_bwd(&dev, dtype, &[s.batch, s.heads, s.seq, s.seq], |x| {
-        ops::attention_probs(x, &mask, 0.125, Some((0.1, 7))).unwrap()
+        kernels
+            .attention_probs(x, &mask, 0.125, Some((0.1, 7)))
+            .unwrap()
     });
     row(
         "attention probs (softmax, mask, dropout)",
@@ -338,7 +354,10 @@ fn main() {
         let q = x.narrow(1, 0, h).unwrap();
         let k = x.narrow(1, h, h).unwrap();
         let v = x.narrow(1, 2 * h, h).unwrap();
-        ops::self_attention(&q, &k, &v, (s.batch, s.seq, s.heads), &mask, Some((0.1, 7))).unwrap()
+        let dims = (s.batch, s.seq, s.heads);
+        kernels
+            .self_attention_windowed(&q, &k, &v, dims, &mask, None, Some((0.1, 7)))
+            .unwrap()
     });
     row(
         "self-attention (whole, from q k v)",

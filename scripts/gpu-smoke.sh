@@ -4,8 +4,8 @@
 #   the CPU with the same seed (same data order, masks and initialisation; no dropout);
 # - the SimCLR recipe (recipes/simclr-fashion-mnist.toml) likewise, without its final probe;
 # - the BERT-base shape (recipes/gpu/bert-base-mlm.toml: h768, 12 layers, seq 128, batch 128)
-#   in bf16 and in f32, for throughput, and in bf16 with KINDLING_GPU_COMPOSED=1 (every op its
-#   own autograd node) to compare;
+#   in bf16 and in f32, for throughput, and in bf16 with `kernels=composed` (every op its own
+#   autograd node) to compare;
 # - data parallelism (`--gpus $DP_GPUS`, NCCL) against a plain run, for BERT-mini and BERT-base;
 # then prints one table: tokens/s or images/s (median of the steps after warm-up), achieved
 # TFLOP/s and the MFU it implies (bf16 dense peak, PEAK_TFLOPS, 990 for an H100 SXM), and each
@@ -85,8 +85,8 @@ if [[ " $ONLY " == *" base "* ]]; then
   done
   # Every op its own autograd node (the encoder layers as before explicit_layer.rs), to see
   # what the one-node layers gain; its losses are compared with base-gpu-bf16's.
-  KINDLING_GPU_COMPOSED=1 run base-composed-bf16 recipes/gpu/bert-base-mlm.toml "$GPU" bf16 \
-    "$BASE_STEPS"
+  run base-composed-bf16 recipes/gpu/bert-base-mlm.toml "$GPU" bf16 "$BASE_STEPS" \
+    --set kernels=composed
   names+=(base-composed-bf16)
 fi
 

@@ -12,6 +12,7 @@ mod fuzz;
 mod hub;
 mod hub_lies;
 mod import;
+mod kernels;
 mod lifecycle;
 mod masking;
 mod model;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fused_layer::{LayerArgs, LayerDropout, LayerParams};
 use crate::nn::{Dropout, LayerNorm, Linear};
+use crate::ops::Kernels;
 use crate::{ModelError, Result};
 use kindling_core::Mode;
 
@@ -105,6 +106,10 @@ pub struct BertConfig {
     pub bos_token_id: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<usize>,
+    /// The kernel path every layer of a model built from this config takes. Not a
+    /// `config.json` field (never read or written there): a recipe's `kernels`.
+    #[serde(skip)]
+    pub kernels: crate::ops::Kernels,
 }
 
 fn d768() -> usize {
@@ -310,12 +315,28 @@ impl BertConfig {
     }
 }
 
-fn activation(act: HiddenAct, xs: &Tensor) -> candle_core::Result<Tensor> {
+fn activation(kernels: Kernels, act: HiddenAct, xs: &Tensor) -> candle_core::Result<Tensor> {
     match act {
-        HiddenAct::Gelu => crate::ops::gelu_erf(xs),
+        HiddenAct::Gelu => kernels.gelu_erf(xs),
         HiddenAct::GeluNew | HiddenAct::GeluPytorchTanh => xs.gelu(),
         HiddenAct::Relu => xs.relu(),
     }
+}
+
+// The building blocks on the config's kernel path, which every layer keeps.
+fn new_linear(
+    cfg: &BertConfig,
+    inp: usize,
+    out: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<Linear> {
+    Ok(Linear::load(inp, out, vb)?.with_kernels(cfg.kernels))
+}
+fn new_norm(cfg: &BertConfig, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    Ok(LayerNorm::load(cfg.hidden_size, cfg.layer_norm_eps, vb)?.with_kernels(cfg.kernels))
+}
+fn new_dropout(cfg: &BertConfig, p: f64, site: u64) -> Dropout {
+    Dropout::new(p as f32, site).with_kernels(cfg.kernels)
 }
 
 /// `bert.embeddings`: word + position + token-type embeddings, LayerNorm, dropout.
@@ -329,6 +350,7 @@ pub struct BertEmbeddings {
     hidden_size: usize,
     /// [`BertConfig::position_offset`].
     position_offset: usize,
+    kernels: Kernels,
 }
 
 impl BertEmbeddings {
@@ -346,10 +368,11 @@ impl BertEmbeddings {
                 h,
                 vb.pp("token_type_embeddings"),
             )?,
-            layer_norm: LayerNorm::load(h, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
-            dropout: Dropout::new(cfg.hidden_dropout_prob as f32, 0),
+            layer_norm: new_norm(cfg, vb.pp("LayerNorm"))?,
+            dropout: new_dropout(cfg, cfg.hidden_dropout_prob, 0),
             hidden_size: h,
             position_offset: cfg.position_offset(),
+            kernels: cfg.kernels,
         })
     }
 
@@ -361,7 +384,7 @@ impl BertEmbeddings {
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
         let table = self.word_embeddings.embeddings();
-        if crate::ops::fused_ok(table) && input_ids.dtype() == DType::U32 {
+        if self.kernels.fuses(table) && input_ids.dtype() == DType::U32 {
             // One node on CPU f32 (`crate::fused_embeddings`).
             let (rows, off) = (self.position_embeddings.dim(0)?, self.position_offset);
             let positions = self.position_embeddings.narrow(0, off, rows - off)?;
@@ -423,6 +446,7 @@ struct BertAttention {
     probs_dropout: Dropout,
     output_dropout: Dropout,
     heads: usize,
+    kernels: Kernels,
 }
 
 impl BertAttention {
@@ -431,14 +455,15 @@ impl BertAttention {
         let s = vb.pp("self");
         let o = vb.pp("output");
         Ok(BertAttention {
-            query: Linear::load(h, h, s.pp("query"))?,
-            key: Linear::load(h, h, s.pp("key"))?,
-            value: Linear::load(h, h, s.pp("value"))?,
-            output_dense: Linear::load(h, h, o.pp("dense"))?,
-            output_layer_norm: LayerNorm::load(h, cfg.layer_norm_eps, o.pp("LayerNorm"))?,
-            probs_dropout: Dropout::new(cfg.attention_probs_dropout_prob as f32, site),
-            output_dropout: Dropout::new(cfg.hidden_dropout_prob as f32, site + 1),
+            query: new_linear(cfg, h, h, s.pp("query"))?,
+            key: new_linear(cfg, h, h, s.pp("key"))?,
+            value: new_linear(cfg, h, h, s.pp("value"))?,
+            output_dense: new_linear(cfg, h, h, o.pp("dense"))?,
+            output_layer_norm: new_norm(cfg, o.pp("LayerNorm"))?,
+            probs_dropout: new_dropout(cfg, cfg.attention_probs_dropout_prob, site),
+            output_dropout: new_dropout(cfg, cfg.hidden_dropout_prob, site + 1),
             heads: cfg.num_attention_heads,
+            kernels: cfg.kernels,
         })
     }
 
@@ -451,12 +476,13 @@ impl BertAttention {
         mask_bias: &Tensor,
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
-        let ctx = crate::ops::self_attention(
+        let ctx = self.kernels.self_attention_windowed(
             &self.query.forward(xs)?,
             &self.key.forward(xs)?,
             &self.value.forward(xs)?,
             (b, t, self.heads),
             mask_bias,
+            None,
             self.probs_dropout.stream(mode),
         )?;
         let out = self
@@ -475,6 +501,7 @@ struct BertLayer {
     output_layer_norm: LayerNorm,
     output_dropout: Dropout,
     act: HiddenAct,
+    kernels: Kernels,
 }
 
 impl BertLayer {
@@ -483,21 +510,19 @@ impl BertLayer {
         let site = 1 + 3 * index as u64;
         Ok(BertLayer {
             attention: BertAttention::load(vb.pp("attention"), cfg, site)?,
-            intermediate: Linear::load(h, i, vb.pp("intermediate").pp("dense"))?,
-            output: Linear::load(i, h, vb.pp("output").pp("dense"))?,
-            output_layer_norm: LayerNorm::load(
-                h,
-                cfg.layer_norm_eps,
-                vb.pp("output").pp("LayerNorm"),
-            )?,
-            output_dropout: Dropout::new(cfg.hidden_dropout_prob as f32, site + 2),
+            intermediate: new_linear(cfg, h, i, vb.pp("intermediate").pp("dense"))?,
+            output: new_linear(cfg, i, h, vb.pp("output").pp("dense"))?,
+            output_layer_norm: new_norm(cfg, vb.pp("output").pp("LayerNorm"))?,
+            output_dropout: new_dropout(cfg, cfg.hidden_dropout_prob, site + 2),
             act: cfg.hidden_act,
+            kernels: cfg.kernels,
         })
     }
 
-    /// Whether [`BertLayer::forward_t`] runs as one fused op (CPU f32 with the exact GELU).
+    /// Whether [`BertLayer::forward_t`] runs as one fused op (CPU f32 with the exact GELU, on
+    /// the fused path).
     fn fuses(&self, xs: &Tensor, mask_bias: &Tensor) -> bool {
-        crate::ops::fused_ok(xs) && self.act == HiddenAct::Gelu && mask_bias.dtype() == DType::F32
+        self.kernels.fuses(xs) && self.act == HiddenAct::Gelu && mask_bias.dtype() == DType::F32
     }
 
     /// (b*t, h) -> (b*t, h), or with `rows` (flat indices, u32) just those rows: (rows, h). One
@@ -524,7 +549,7 @@ impl BertLayer {
         }
         let all = if fuses {
             self.forward_fused(xs, b, t, mask_bias, mode, None)?
-        } else if self.act == HiddenAct::Gelu && !crate::ops::composed_requested() {
+        } else if self.act == HiddenAct::Gelu && self.kernels == Kernels::Fused {
             self.forward_explicit(xs, b, t, mask_bias, mode)?
         } else {
             self.forward_composed(xs, b, t, mask_bias, mode)?
@@ -604,7 +629,7 @@ impl BertLayer {
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
         let attn = self.attention.forward_t(xs, b, t, mask_bias, mode)?;
-        let inner = activation(self.act, &self.intermediate.forward(&attn)?)?;
+        let inner = activation(self.kernels, self.act, &self.intermediate.forward(&attn)?)?;
         let out = self
             .output_dropout
             .forward_t(&self.output.forward(&inner)?, mode)?;
@@ -653,7 +678,8 @@ impl BertModel {
     /// CPU f32 layer), rather than in full and then selecting.
     pub fn last_layer_at_rows(&self) -> bool {
         let w = self.embeddings.word_embeddings.embeddings();
-        matches!(w.device(), Device::Cpu)
+        self.config.kernels == Kernels::Fused
+            && matches!(w.device(), Device::Cpu)
             && self.compute_dtype.unwrap_or(w.dtype()) == DType::F32
             && self.config.hidden_act == HiddenAct::Gelu
     }
@@ -749,8 +775,8 @@ impl BertForMaskedLM {
             }
         };
         Ok(BertForMaskedLM {
-            transform_dense: Linear::load(h, h, dense)?,
-            transform_layer_norm: LayerNorm::load(h, cfg.layer_norm_eps, norm)?,
+            transform_dense: new_linear(cfg, h, h, dense)?,
+            transform_layer_norm: new_norm(cfg, norm)?,
             decoder_bias: p.get_with_hints(cfg.vocab_size, bias, candle_nn::Init::Const(0.0))?,
             head_act,
             bert,
@@ -780,10 +806,15 @@ impl BertForMaskedLM {
         let hidden = self
             .bert
             .forward_rows_t(input_ids, None, attention_mask, positions, mode)?;
-        let xs = activation(self.head_act, &self.transform_dense.forward(&hidden)?)?;
+        let kernels = self.bert.config.kernels;
+        let xs = activation(
+            kernels,
+            self.head_act,
+            &self.transform_dense.forward(&hidden)?,
+        )?;
         let xs = self.transform_layer_norm.forward(&xs)?;
         let decoder = self.bert.embeddings.word_embeddings.embeddings(); // (vocab, h), tied
-        Ok(crate::ops::linear(&xs, decoder, &self.decoder_bias)?)
+        Ok(kernels.linear(&xs, decoder, &self.decoder_bias)?)
     }
 }
 
@@ -839,16 +870,16 @@ impl BertForSequenceClassification {
             ),
         };
         let pooler = match pooling {
-            Pooling::Cls => Some(Linear::load(h, h, pooler)?),
+            Pooling::Cls => Some(new_linear(cfg, h, h, pooler)?),
             Pooling::Mean => None,
         };
         Ok(BertForSequenceClassification {
             bert,
             pooler,
             pooler_dropout: (flavour == Flavour::Roberta)
-                .then(|| Dropout::new(classifier_dropout as f32, CLASSIFIER_DROPOUT_SITE + 1)),
-            dropout: Dropout::new(classifier_dropout as f32, CLASSIFIER_DROPOUT_SITE),
-            classifier: Linear::load(h, num_labels, classifier)?,
+                .then(|| new_dropout(cfg, classifier_dropout, CLASSIFIER_DROPOUT_SITE + 1)),
+            dropout: new_dropout(cfg, classifier_dropout, CLASSIFIER_DROPOUT_SITE),
+            classifier: new_linear(cfg, h, num_labels, classifier)?,
             pooling,
         })
     }

@@ -89,6 +89,14 @@ impl EncoderConfig {
         Ok(cfg)
     }
 
+    /// Models built from this config take the kernel path `kernels` in every layer.
+    pub fn set_kernels(&mut self, kernels: crate::ops::Kernels) {
+        match self {
+            EncoderConfig::Bert(c) => c.kernels = kernels,
+            EncoderConfig::ModernBert(c) => c.kernels = kernels,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         match self {
             EncoderConfig::Bert(c) => c.validate(),

@@ -22,7 +22,7 @@ use candle_core::{DType, Result, Tensor};
 use kindling_core::attach::{attach_grad2, ValueGrad, ValueGrad2};
 
 use crate::fused_layer::{flat_params, param_shapes, LayerArgs};
-use crate::ops::{attach_kernels, dropout_mask, normalize_value, softmax_value, AttachGrad};
+use crate::ops::{dropout_mask, normalize_value, softmax_value, AttachGrad};
 
 /// One encoder layer on `xs` (batch * seq, hidden); `mask` additive (batch, seq).
 pub(crate) fn encoder_layer(xs: &Tensor, args: LayerArgs, mask: &Tensor) -> Result<Tensor> {
@@ -74,7 +74,7 @@ pub(crate) fn encoder_layer(xs: &Tensor, args: LayerArgs, mask: &Tensor) -> Resu
     let scores = qh.matmul(&kh.t()?)?;
     // The softmax in f32 (the mask's dtype), as the composed layer; on CUDA the fused kernel
     // accumulates in f32 itself and the scores stay in their dtype.
-    let softmax_dtype = if attach_kernels(&scores) {
+    let softmax_dtype = if scores.device().is_cuda() {
         dtype
     } else {
         mask.dtype()

@@ -20,6 +20,7 @@ use candle_nn::{Embedding, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{Dropout, LayerNorm, Linear};
+use crate::ops::Kernels;
 use crate::{ModelError, Result};
 use kindling_core::Mode;
 
@@ -154,6 +155,9 @@ pub struct ModernBertConfig {
     pub rope_parameters: Option<serde_json::Value>,
     #[serde(default = "d_model_type")]
     pub model_type: String,
+    /// The kernel path every layer takes (see [`crate::bert::BertConfig::kernels`]).
+    #[serde(skip)]
+    pub kernels: crate::ops::Kernels,
 }
 
 impl ModernBertConfig {
@@ -355,8 +359,14 @@ impl ModernBertConfig {
 }
 
 /// A linear layer whose bias may be absent: then a constant zero (not a parameter), so the fused
-/// linear op still applies and nothing is saved under a `bias` name.
-fn dense(vb: VarBuilder, inp: usize, out: usize, bias: bool) -> candle_core::Result<Linear> {
+/// linear op still applies and nothing is saved under a `bias` name. On `cfg`'s kernel path.
+fn dense(
+    cfg: &ModernBertConfig,
+    vb: VarBuilder,
+    inp: usize,
+    out: usize,
+    bias: bool,
+) -> candle_core::Result<Linear> {
     let weight = vb.get_with_hints(
         (out, inp),
         "weight",
@@ -367,18 +377,34 @@ fn dense(vb: VarBuilder, inp: usize, out: usize, bias: bool) -> candle_core::Res
     } else {
         Tensor::zeros(out, DType::F32, vb.device())?
     };
-    Ok(Linear { weight, bias })
+    Ok(Linear {
+        weight,
+        bias,
+        kernels: cfg.kernels,
+    })
 }
 
-/// A LayerNorm whose bias may be absent (ModernBERT's default), as [`dense`].
-fn norm(vb: VarBuilder, size: usize, eps: f64, bias: bool) -> candle_core::Result<LayerNorm> {
+/// A LayerNorm over the hidden size whose bias may be absent (`norm_bias`, false in
+/// ModernBERT's default), as [`dense`].
+fn norm(cfg: &ModernBertConfig, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    let size = cfg.hidden_size;
     let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
-    let bias = if bias {
+    let bias = if cfg.norm_bias {
         vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?
     } else {
         Tensor::zeros(size, DType::F32, vb.device())?
     };
-    Ok(LayerNorm { weight, bias, eps })
+    Ok(LayerNorm {
+        weight,
+        bias,
+        eps: cfg.norm_eps,
+        kernels: cfg.kernels,
+    })
+}
+
+/// Dropout of rate `p` at `site`, on `cfg`'s kernel path.
+fn dropout(cfg: &ModernBertConfig, p: f64, site: u64) -> Dropout {
+    Dropout::new(p as f32, site).with_kernels(cfg.kernels)
 }
 
 /// Rotary position embedding (Su et al., 2021) as HF applies it: the head's two halves are
@@ -443,6 +469,7 @@ struct ModernBertLayer {
     heads: usize,
     /// `None`: global; else the half-window.
     window: Option<usize>,
+    kernels: Kernels,
 }
 
 impl ModernBertLayer {
@@ -455,18 +482,19 @@ impl ModernBertLayer {
             attn_norm: if i == 0 {
                 None
             } else {
-                Some(norm(vb.pp("attn_norm"), h, cfg.norm_eps, cfg.norm_bias)?)
+                Some(norm(cfg, vb.pp("attn_norm"))?)
             },
-            wqkv: dense(attn.pp("Wqkv"), h, 3 * h, cfg.attention_bias)?,
-            attn_wo: dense(attn.pp("Wo"), h, h, cfg.attention_bias)?,
-            mlp_norm: norm(vb.pp("mlp_norm"), h, cfg.norm_eps, cfg.norm_bias)?,
-            wi: dense(mlp.pp("Wi"), h, 2 * inter, cfg.mlp_bias)?,
-            mlp_wo: dense(mlp.pp("Wo"), inter, h, cfg.mlp_bias)?,
-            probs_dropout: Dropout::new(cfg.attention_dropout as f32, site),
-            attn_out_dropout: Dropout::new(cfg.attention_dropout as f32, site + 1),
-            mlp_dropout: Dropout::new(cfg.mlp_dropout as f32, site + 2),
+            wqkv: dense(cfg, attn.pp("Wqkv"), h, 3 * h, cfg.attention_bias)?,
+            attn_wo: dense(cfg, attn.pp("Wo"), h, h, cfg.attention_bias)?,
+            mlp_norm: norm(cfg, vb.pp("mlp_norm"))?,
+            wi: dense(cfg, mlp.pp("Wi"), h, 2 * inter, cfg.mlp_bias)?,
+            mlp_wo: dense(cfg, mlp.pp("Wo"), inter, h, cfg.mlp_bias)?,
+            probs_dropout: dropout(cfg, cfg.attention_dropout, site),
+            attn_out_dropout: dropout(cfg, cfg.attention_dropout, site + 1),
+            mlp_dropout: dropout(cfg, cfg.mlp_dropout, site + 2),
             heads: cfg.num_attention_heads,
             window: (!cfg.is_global(i)).then_some(cfg.local_attention / 2),
+            kernels: cfg.kernels,
         })
     }
 
@@ -487,7 +515,7 @@ impl ModernBertLayer {
         let q = rotary.apply(&qkv.narrow(1, 0, h)?, b, t, self.heads)?;
         let k = rotary.apply(&qkv.narrow(1, h, h)?, b, t, self.heads)?;
         let v = qkv.narrow(1, 2 * h, h)?;
-        let ctx = crate::ops::self_attention_windowed(
+        let ctx = self.kernels.self_attention_windowed(
             &q,
             &k,
             &v,
@@ -503,7 +531,7 @@ impl ModernBertLayer {
         let up = self.wi.forward(&self.mlp_norm.forward(&xs)?)?; // (b*t, 2i): input | gate
         let inter = up.dim(1)? / 2;
         let gated =
-            crate::ops::gelu_erf(&up.narrow(1, 0, inter)?)?.mul(&up.narrow(1, inter, inter)?)?;
+            (self.kernels.gelu_erf(&up.narrow(1, 0, inter)?)?).mul(&up.narrow(1, inter, inter)?)?;
         let out = self
             .mlp_wo
             .forward(&self.mlp_dropout.forward_t(&gated, mode)?)?;
@@ -532,10 +560,10 @@ impl ModernBertModel {
             .collect::<candle_core::Result<_>>()?;
         Ok(ModernBertModel {
             tok_embeddings: candle_nn::embedding(cfg.vocab_size, h, e.pp("tok_embeddings"))?,
-            embeddings_norm: norm(e.pp("norm"), h, cfg.norm_eps, cfg.norm_bias)?,
-            embeddings_dropout: Dropout::new(cfg.embedding_dropout as f32, 0),
+            embeddings_norm: norm(cfg, e.pp("norm"))?,
+            embeddings_dropout: dropout(cfg, cfg.embedding_dropout, 0),
             layers,
-            final_norm: norm(vb.pp("final_norm"), h, cfg.norm_eps, cfg.norm_bias)?,
+            final_norm: norm(cfg, vb.pp("final_norm"))?,
             config: cfg.clone(),
         })
     }
@@ -600,8 +628,8 @@ impl ModernBertForMaskedLM {
             Tensor::zeros(cfg.vocab_size, DType::F32, vb.device())?
         };
         Ok(ModernBertForMaskedLM {
-            head_dense: dense(vb.pp("head").pp("dense"), h, h, cfg.classifier_bias)?,
-            head_norm: norm(vb.pp("head").pp("norm"), h, cfg.norm_eps, cfg.norm_bias)?,
+            head_dense: dense(cfg, vb.pp("head").pp("dense"), h, h, cfg.classifier_bias)?,
+            head_norm: norm(cfg, vb.pp("head").pp("norm"))?,
             decoder_bias,
             model,
         })
@@ -625,10 +653,11 @@ impl ModernBertForMaskedLM {
             Some(p) => hidden.index_select(p, 0)?,
             None => hidden,
         };
-        let xs = crate::ops::gelu_erf(&self.head_dense.forward(&hidden)?)?;
+        let kernels = self.model.config.kernels;
+        let xs = kernels.gelu_erf(&self.head_dense.forward(&hidden)?)?;
         let xs = self.head_norm.forward(&xs)?;
         let table = self.model.tok_embeddings.embeddings();
-        Ok(crate::ops::linear(&xs, table, &self.decoder_bias)?)
+        Ok(kernels.linear(&xs, table, &self.decoder_bias)?)
     }
 }
 
@@ -657,10 +686,10 @@ impl ModernBertForSequenceClassification {
         let h = cfg.hidden_size;
         Ok(ModernBertForSequenceClassification {
             model: ModernBertModel::load(vb.pp("model"), cfg)?,
-            head_dense: dense(vb.pp("head").pp("dense"), h, h, cfg.classifier_bias)?,
-            head_norm: norm(vb.pp("head").pp("norm"), h, cfg.norm_eps, cfg.norm_bias)?,
-            dropout: Dropout::new(classifier_dropout as f32, 1 << 32),
-            classifier: dense(vb.pp("classifier"), h, num_labels, true)?,
+            head_dense: dense(cfg, vb.pp("head").pp("dense"), h, h, cfg.classifier_bias)?,
+            head_norm: norm(cfg, vb.pp("head").pp("norm"))?,
+            dropout: dropout(cfg, classifier_dropout, 1 << 32),
+            classifier: dense(cfg, vb.pp("classifier"), h, num_labels, true)?,
             mean,
         })
     }
@@ -682,7 +711,11 @@ impl ModernBertForSequenceClassification {
             .model
             .forward_t(input_ids, Some(attention_mask), mode)?;
         let pooled = pool(&hidden, attention_mask, (b, t), self.mean)?;
-        let xs = crate::ops::gelu_erf(&self.head_dense.forward(&pooled)?)?;
+        let xs = self
+            .model
+            .config
+            .kernels
+            .gelu_erf(&self.head_dense.forward(&pooled)?)?;
         let xs = self
             .dropout
             .forward_t(&self.head_norm.forward(&xs)?, mode)?;

@@ -6,12 +6,15 @@ use candle_nn::VarBuilder;
 use kindling_core::rng::{derive_seed, domain};
 use kindling_core::Mode;
 
+use crate::ops::Kernels;
+
 /// A linear layer with HF names (`weight` (out, in), `bias` (out)); on CPU one fused op, bias
-/// included (see [`crate::ops::linear`]).
+/// included, unless its kernels are composed (see [`Kernels::linear`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Tensor,
+    pub kernels: Kernels,
 }
 
 impl Linear {
@@ -32,22 +35,29 @@ impl Linear {
                     up: bound,
                 },
             )?,
+            kernels: Kernels::Fused,
         })
     }
 
+    /// This layer on the kernel path `kernels`.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Linear { kernels, ..self }
+    }
+
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        crate::ops::linear(xs, &self.weight, &self.bias)
+        self.kernels.linear(xs, &self.weight, &self.bias)
     }
 }
 
 /// LayerNorm that trains: candle_nn's `LayerNorm` calls a fused kernel with no backward, so
-/// gradients would stop there. This one uses [`crate::ops::layer_norm`] (fused with a backward
-/// on CPU f32, the differentiable composition elsewhere).
+/// gradients would stop there. This one uses [`Kernels::layer_norm`] (fused with a backward on
+/// CPU f32, the differentiable composition elsewhere).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Tensor,
     pub eps: f64,
+    pub kernels: Kernels,
 }
 
 impl LayerNorm {
@@ -57,11 +67,18 @@ impl LayerNorm {
             weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?,
             bias: vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?,
             eps,
+            kernels: Kernels::Fused,
         })
     }
 
+    /// This norm on the kernel path `kernels`.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        LayerNorm { kernels, ..self }
+    }
+
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        crate::ops::layer_norm(xs, &self.weight, &self.bias, self.eps)
+        self.kernels
+            .layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -74,17 +91,27 @@ impl LayerNorm {
 pub struct Dropout {
     p: f32,
     site: u64,
+    kernels: Kernels,
 }
 
 impl Dropout {
     /// `site` must differ between the dropout layers of one model.
     pub fn new(p: f32, site: u64) -> Self {
-        Dropout { p, site }
+        Dropout {
+            p,
+            site,
+            kernels: Kernels::Fused,
+        }
+    }
+
+    /// This site on the kernel path `kernels` (the same elements dropped on either).
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Dropout { kernels, ..self }
     }
 
     pub fn forward_t(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
         match self.stream(mode) {
-            Some((p, seed)) => crate::ops::seeded_dropout(xs, p, seed),
+            Some((p, seed)) => self.kernels.seeded_dropout(xs, p, seed),
             None => Ok(xs.clone()),
         }
     }

@@ -35,6 +35,10 @@ pub struct ResNetConfig {
     pub depths: Vec<usize>,
     /// Halve the resolution in the first stage too (HF's `downsample_in_first_stage`).
     pub downsample_in_first_stage: bool,
+    /// The kernel path: on `Fused`, training on CPU f32 runs the encoder as one node. Not part
+    /// of `config.json` (see [`crate::bert::BertConfig::kernels`]).
+    #[serde(skip)]
+    pub kernels: crate::ops::Kernels,
 }
 
 impl Default for ResNetConfig {
@@ -50,6 +54,7 @@ impl Default for ResNetConfig {
             hidden_sizes: vec![32, 64, 128],
             depths: vec![1, 1, 1],
             downsample_in_first_stage: false,
+            kernels: crate::ops::Kernels::Fused,
         }
     }
 }
@@ -268,9 +273,10 @@ impl ResNet {
 
     /// Globally average-pooled features, (n, feature_dim). Training on CPU in f32 runs the
     /// whole encoder as one autograd node (`crate::fused_resnet`), the same arithmetic as the
-    /// composed layers with a fraction of candle's backward bookkeeping.
+    /// composed layers with a fraction of candle's backward bookkeeping (unless the config's
+    /// kernels are composed).
     pub fn forward_t(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        if mode.is_train() && crate::ops::fused_ok(x) && !x.track_op() {
+        if mode.is_train() && self.config.kernels.fuses(x) && !x.track_op() {
             return self.forward_fused(x, crate::fused_resnet::TILE_FLOATS);
         }
         self.forward_composed(x, mode)

@@ -35,6 +35,11 @@ pub struct Recipe {
     /// bf16 gemm there, so bf16 would only be slower.
     #[serde(default)]
     pub precision: crate::run::Precision,
+    /// `"fused"` (Kindling's fused kernels: one autograd node per encoder layer on CPU f32,
+    /// candle's fused softmax and LayerNorm on CUDA) or `"composed"` (candle's compositions, op
+    /// by op: the reference to compare against; slower). Chosen when the model is built.
+    #[serde(default)]
+    pub kernels: kindling_models::ops::Kernels,
     #[serde(default)]
     pub model: ModelSection,
     pub data: DataSection,

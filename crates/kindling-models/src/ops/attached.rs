@@ -4,19 +4,6 @@
 #[allow(unused_imports)]
 use super::*;
 
-/// Whether `x`'s softmax and LayerNorm use candle_nn's fused kernels with [`AttachGrad`]'s
-/// backward: on CUDA, unless [`composed_requested`].
-pub(crate) fn attach_kernels(x: &Tensor) -> bool {
-    x.device().is_cuda() && !composed_requested()
-}
-
-/// `KINDLING_GPU_COMPOSED=1`: off the CPU f32 path, every op as candle's composition, each its
-/// own autograd node (the encoder layer too: see `crate::explicit_layer`), to compare against.
-pub(crate) fn composed_requested() -> bool {
-    static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *COMPOSED.get_or_init(|| std::env::var("KINDLING_GPU_COMPOSED").is_ok_and(|v| v == "1"))
-}
-
 /// Softmax from candle's ops with the row maximum detached: the result does not depend on the
 /// shift, so its gradient through the maximum is zero, which candle would otherwise compute
 /// with an equality mask, a product and a sum the size of the input.
@@ -41,11 +28,11 @@ pub(crate) fn softmax_attached(x: &Tensor) -> Result<Tensor> {
     attach_grad(x, &softmax_value(x)?, AttachGrad::Softmax)
 }
 
-/// Softmax over the last dimension as a value (no graph): candle_nn's fused kernel where
-/// [`attach_kernels`] holds, the composition elsewhere.
+/// Softmax over the last dimension as a value (no graph): candle_nn's fused kernel on CUDA, the
+/// composition elsewhere.
 pub(crate) fn softmax_value(x: &Tensor) -> Result<Tensor> {
     let x = x.detach();
-    if attach_kernels(&x) {
+    if x.device().is_cuda() {
         return candle_nn::ops::softmax_last_dim(&x.contiguous()?);
     }
     softmax_composed(&x)
@@ -58,11 +45,10 @@ pub(crate) fn normalize_attached(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// `(x - mean) / sqrt(var + eps)` over the last dimension as a value (no graph), in f32
-/// arithmetic and `x`'s dtype: candle_nn's fused kernel where [`attach_kernels`] holds, the
-/// composition elsewhere.
+/// arithmetic and `x`'s dtype: candle_nn's fused kernel on CUDA, the composition elsewhere.
 pub(crate) fn normalize_value(x: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.detach();
-    if attach_kernels(&x) {
+    if x.device().is_cuda() {
         let h = x.dim(D::Minus1)?;
         let (one, zero) = (
             Tensor::ones(h, x.dtype(), x.device())?,

@@ -522,9 +522,7 @@ impl CustomOp3 for SelfAttention {
     }
 }
 
-/// Multi-head self-attention context from projected `q`, `k`, `v` (each (batch * seq, hidden),
-/// heads side by side): `dropout(softmax(q k^T / sqrt(head_dim) + mask)) v`, flat the same way.
-/// `mask` is additive, (batch, seq). Fused on CPU f32 (see `SelfAttention`), composed elsewhere.
+/// Multi-head self-attention on the fused path (see [`Kernels::self_attention_windowed`]).
 pub fn self_attention(
     q: &Tensor,
     k: &Tensor,
@@ -533,60 +531,80 @@ pub fn self_attention(
     mask: &Tensor,
     dropout: Option<(f32, u64)>,
 ) -> Result<Tensor> {
-    self_attention_windowed(q, k, v, dims, mask, None, dropout)
+    Kernels::Fused.self_attention_windowed(q, k, v, dims, mask, None, dropout)
 }
 
-/// [`self_attention`] where position i attends to j only when |i - j| <= `window`
-/// (ModernBERT's local layers; HF's `sliding_window_bidirectional_overlay`).
-#[allow(clippy::too_many_arguments)]
+/// Windowed self-attention on the fused path (see [`Kernels::self_attention_windowed`]).
 pub fn self_attention_windowed(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    (batch, seq, heads): (usize, usize, usize),
+    dims: (usize, usize, usize),
     mask: &Tensor,
     window: Option<usize>,
     dropout: Option<(f32, u64)>,
 ) -> Result<Tensor> {
-    let hidden = q.dim(1)?;
-    let head_dim = hidden / heads;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    if !fused_ok(q) {
-        let split = |x: &Tensor| -> Result<Tensor> {
-            x.reshape((batch, seq, heads, head_dim))?
+    Kernels::Fused.self_attention_windowed(q, k, v, dims, mask, window, dropout)
+}
+
+impl Kernels {
+    /// Multi-head self-attention context from projected `q`, `k`, `v` (each (batch * seq, hidden),
+    /// heads side by side): `dropout(softmax(q k^T / sqrt(head_dim) + mask)) v`, flat the same way;
+    /// position i attends to j only when |i - j| <= `window` when there is one (ModernBERT's local
+    /// layers; HF's `sliding_window_bidirectional_overlay`). `mask` is additive, (batch, seq).
+    /// Fused on CPU f32 (see `SelfAttention`), composed elsewhere.
+    #[allow(clippy::too_many_arguments)]
+    pub fn self_attention_windowed(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (batch, seq, heads): (usize, usize, usize),
+        mask: &Tensor,
+        window: Option<usize>,
+        dropout: Option<(f32, u64)>,
+    ) -> Result<Tensor> {
+        let hidden = q.dim(1)?;
+        let head_dim = hidden / heads;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        if !self.fuses(q) {
+            let split = |x: &Tensor| -> Result<Tensor> {
+                x.reshape((batch, seq, heads, head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
+            let mut scores = qh.matmul(&kh.t()?)?;
+            if let Some(w) = window {
+                // Outside the band as padding (before the scale, which keeps it very negative).
+                let band: Vec<f32> = (0..seq * seq)
+                    .map(|n| {
+                        if (n / seq).abs_diff(n % seq) > w {
+                            -1e9
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let band =
+                    Tensor::from_vec(band, (seq, seq), q.device())?.to_dtype(scores.dtype())?;
+                scores = scores.broadcast_add(&band)?;
+            }
+            let probs = self.attention_probs(&scores, mask, scale, dropout)?;
+            return probs
+                .matmul(&vh)?
                 .transpose(1, 2)?
-                .contiguous()
-        };
-        let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
-        let mut scores = qh.matmul(&kh.t()?)?;
-        if let Some(w) = window {
-            // Outside the band as padding (before the scale, which keeps it very negative).
-            let band: Vec<f32> = (0..seq * seq)
-                .map(|n| {
-                    if (n / seq).abs_diff(n % seq) > w {
-                        -1e9
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let band = Tensor::from_vec(band, (seq, seq), q.device())?.to_dtype(scores.dtype())?;
-            scores = scores.broadcast_add(&band)?;
+                .reshape((batch * seq, hidden));
         }
-        let probs = attention_probs(&scores, mask, scale, dropout)?;
-        return probs
-            .matmul(&vh)?
-            .transpose(1, 2)?
-            .reshape((batch * seq, hidden));
+        let op = SelfAttention::new(
+            (batch, seq, heads),
+            hidden,
+            mask.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+            dropout,
+        )
+        .with_window(window);
+        debug_assert_eq!(op.batch * op.seq, q.dim(0)?);
+        q.contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
     }
-    let op = SelfAttention::new(
-        (batch, seq, heads),
-        hidden,
-        mask.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
-        dropout,
-    )
-    .with_window(window);
-    debug_assert_eq!(op.batch * op.seq, q.dim(0)?);
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }

@@ -113,12 +113,20 @@ impl CustomOp1 for SeededDropout {
     }
 }
 
-/// Inverted dropout with the mask stream `seed`; fused on CPU f32 (the mask is never stored).
+/// Seeded inverted dropout on the fused path (see [`Kernels::seeded_dropout`]).
 pub fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
-    if fused_ok(x) {
-        return x.contiguous()?.apply_op1(SeededDropout { p, seed });
+    Kernels::Fused.seeded_dropout(x, p, seed)
+}
+
+impl Kernels {
+    /// Inverted dropout with the mask stream `seed`; fused on CPU f32 (the mask is never
+    /// stored), a product with the mask elsewhere (the same elements dropped on CPU).
+    pub fn seeded_dropout(self, x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+        if self.fuses(x) {
+            return x.contiguous()?.apply_op1(SeededDropout { p, seed });
+        }
+        x * dropout_mask(x, p, seed)?
     }
-    x * dropout_mask(x, p, seed)?
 }
 
 /// The scaled keep-mask of inverted dropout over a tensor shaped as `x`, in its dtype: 1 / (1 -

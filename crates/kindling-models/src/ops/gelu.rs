@@ -116,10 +116,17 @@ pub(crate) fn mul_in_place(a: &mut [f32], b: &[f32]) {
         .for_each(|(a, b)| vectorised(|| a.iter_mut().zip(b).for_each(|(x, y)| *x *= y)));
 }
 
-/// Exact GELU, differentiable; fused on CPU f32.
+/// Exact GELU on the fused path (see [`Kernels::gelu_erf`]).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if !fused_ok(x) {
-        return x.gelu_erf();
+    Kernels::Fused.gelu_erf(x)
+}
+
+impl Kernels {
+    /// Exact GELU, differentiable; fused on CPU f32.
+    pub fn gelu_erf(self, x: &Tensor) -> Result<Tensor> {
+        if !self.fuses(x) {
+            return x.gelu_erf();
+        }
+        x.contiguous()?.apply_op1(Gelu)
     }
-    x.contiguous()?.apply_op1(Gelu)
 }

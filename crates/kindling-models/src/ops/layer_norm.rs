@@ -147,33 +147,48 @@ pub(crate) fn layer_norm_grad_rows(
     }
 }
 
-/// LayerNorm over the last dimension with scale and shift; one fused op (with backward) on CPU
-/// f32, the differentiable composition elsewhere.
+/// LayerNorm over the last dimension with scale and shift, on the fused path (see
+/// [`Kernels::layer_norm`]).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if attach_kernels(x) {
-        // candle_nn's kernel normalises (in f32 inside); scale and shift in x's dtype.
-        return normalize_attached(x, eps)?
-            .broadcast_mul(&weight.to_dtype(x.dtype())?)?
-            .broadcast_add(&bias.to_dtype(x.dtype())?);
-    }
-    if !fused_ok(x) {
-        // Mixed precision: bf16/f16 activations are normalised in the weights' dtype (f32
-        // master weights), as PyTorch's autocast runs layer_norm in f32, and come back in
-        // their own dtype.
-        if x.dtype() != weight.dtype() {
-            return candle_nn::ops::layer_norm_slow(
-                &x.to_dtype(weight.dtype())?,
-                weight,
-                bias,
-                eps as f32,
-            )?
-            .to_dtype(x.dtype());
+    Kernels::Fused.layer_norm(x, weight, bias, eps)
+}
+
+impl Kernels {
+    /// LayerNorm over the last dimension with scale and shift: one fused op (with backward) on
+    /// CPU f32, candle_nn's kernel with the backward attached on CUDA, the differentiable
+    /// composition elsewhere (and everywhere when composed).
+    pub fn layer_norm(
+        self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f64,
+    ) -> Result<Tensor> {
+        if self.attaches(x) {
+            // candle_nn's kernel normalises (in f32 inside); scale and shift in x's dtype.
+            return normalize_attached(x, eps)?
+                .broadcast_mul(&weight.to_dtype(x.dtype())?)?
+                .broadcast_add(&bias.to_dtype(x.dtype())?);
         }
-        return candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32);
+        if !self.fuses(x) {
+            // Mixed precision: bf16/f16 activations are normalised in the weights' dtype (f32
+            // master weights), as PyTorch's autocast runs layer_norm in f32, and come back in
+            // their own dtype.
+            if x.dtype() != weight.dtype() {
+                return candle_nn::ops::layer_norm_slow(
+                    &x.to_dtype(weight.dtype())?,
+                    weight,
+                    bias,
+                    eps as f32,
+                )?
+                .to_dtype(x.dtype());
+            }
+            return candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32);
+        }
+        x.contiguous()?.apply_op3(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            LayerNormOp { eps: eps as f32 },
+        )
     }
-    x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        LayerNormOp { eps: eps as f32 },
-    )
 }

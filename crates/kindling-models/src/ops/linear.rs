@@ -98,21 +98,28 @@ impl CustomOp3 for LinearOp {
     }
 }
 
-/// A linear layer, `xs @ weight^T + bias`, over the last dimension of `xs`; fused on CPU f32.
+/// A linear layer on the fused path (see [`Kernels::linear`]).
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if !fused_ok(xs) {
-        // Mixed precision: f32 master weights are cast to the activations' dtype (bf16/f16)
-        // for the product; the cast's backward brings their gradient back in f32.
-        let (w, b) = (weight.to_dtype(xs.dtype())?, bias.to_dtype(xs.dtype())?);
-        return xs.broadcast_matmul(&w.t()?)?.broadcast_add(&b);
+    Kernels::Fused.linear(xs, weight, bias)
+}
+
+impl Kernels {
+    /// A linear layer, `xs @ weight^T + bias`, over the last dimension of `xs`; fused on CPU f32.
+    pub fn linear(self, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        if !self.fuses(xs) {
+            // Mixed precision: f32 master weights are cast to the activations' dtype (bf16/f16)
+            // for the product; the cast's backward brings their gradient back in f32.
+            let (w, b) = (weight.to_dtype(xs.dtype())?, bias.to_dtype(xs.dtype())?);
+            return xs.broadcast_matmul(&w.t()?)?.broadcast_add(&b);
+        }
+        let dims = xs.dims();
+        let k = dims[dims.len() - 1];
+        let rows = xs.elem_count() / k;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("xs has a last dimension") = weight.dim(0)?;
+        xs.contiguous()?
+            .reshape((rows, k))?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LinearOp)?
+            .reshape(out_dims)
     }
-    let dims = xs.dims();
-    let k = dims[dims.len() - 1];
-    let rows = xs.elem_count() / k;
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("xs has a last dimension") = weight.dim(0)?;
-    xs.contiguous()?
-        .reshape((rows, k))?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LinearOp)?
-        .reshape(out_dims)
 }

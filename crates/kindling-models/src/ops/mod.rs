@@ -13,9 +13,11 @@
 //!
 //! One file per kernel: `linear.rs`, `layer_norm.rs`, `softmax.rs` (the attention probabilities
 //! and a last-dimension softmax), `attention.rs` (self-attention as one op), `gelu.rs`,
-//! `dropout.rs`, `cross_entropy.rs`, and `attached.rs` (the GPU path: candle's forward kernels
-//! with these backward passes attached); the shared pieces are `par.rs` (rayon chunks, AVX2
-//! dispatch), `math.rs`, `matmul.rs` (the gemm crate) and `cpu.rs` (storage access).
+//! `dropout.rs`, `cross_entropy.rs`, `attached.rs` (the GPU path: candle's forward kernels
+//! with these backward passes attached) and `kernels.rs` ([`Kernels`], the path a model takes,
+//! chosen when it is built: each op is a method of it, and the free functions are the fused
+//! path); the shared pieces are `par.rs` (rayon chunks, AVX2 dispatch), `math.rs`, `matmul.rs`
+//! (the gemm crate) and `cpu.rs` (storage access).
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
@@ -30,6 +32,7 @@ mod cpu;
 mod cross_entropy;
 mod dropout;
 mod gelu;
+mod kernels;
 mod l2;
 mod layer_norm;
 mod linear;
@@ -44,6 +47,7 @@ pub(crate) use cpu::*;
 pub use cross_entropy::*;
 pub use dropout::*;
 pub use gelu::*;
+pub use kernels::*;
 pub use l2::*;
 pub use layer_norm::*;
 pub use linear::*;

@@ -179,42 +179,58 @@ pub(super) fn attention_row_grad(
     }
 }
 
-/// `dropout(softmax(scores * scale + mask))` with scores (batch, heads, queries, keys) and an
-/// additive mask (batch, keys); `dropout` is (p, seed) in training. Fused on CPU f32; elsewhere
-/// the composed ops, which drop the same elements.
+/// `dropout(softmax(scores * scale + mask))` on the fused path (see
+/// [`Kernels::attention_probs`]).
 pub fn attention_probs(
     scores: &Tensor,
     mask: &Tensor,
     scale: f64,
     dropout: Option<(f32, u64)>,
 ) -> Result<Tensor> {
-    let (b, heads, queries, keys) = scores.dims4()?;
-    if !fused_ok(scores) {
-        // The softmax runs in the mask's dtype (f32 under mixed precision, as autocast does)
-        // and the probabilities come back in the scores' dtype.
-        // On CUDA the fused softmax kernel accumulates in f32 itself, so the scores stay in
-        // their dtype.
-        let dtype = if attach_kernels(scores) {
-            scores.dtype()
-        } else {
-            mask.dtype()
-        };
-        let scaled = (scores.to_dtype(dtype)? * scale)?;
-        let mask = mask.to_dtype(dtype)?.reshape((b, 1, 1, keys))?;
-        let probs = softmax_last_dim(&scaled.broadcast_add(&mask)?)?.to_dtype(scores.dtype())?;
-        return match dropout {
-            Some((p, seed)) => seeded_dropout(&probs, p, seed),
-            None => Ok(probs),
-        };
+    Kernels::Fused.attention_probs(scores, mask, scale, dropout)
+}
+
+impl Kernels {
+    /// `dropout(softmax(scores * scale + mask))` with scores (batch, heads, queries, keys) and an
+    /// additive mask (batch, keys); `dropout` is (p, seed) in training. Fused on CPU f32; elsewhere
+    /// the composed ops, which drop the same elements.
+    pub fn attention_probs(
+        self,
+        scores: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+        dropout: Option<(f32, u64)>,
+    ) -> Result<Tensor> {
+        let (b, heads, queries, keys) = scores.dims4()?;
+        if !self.fuses(scores) {
+            // The softmax runs in the mask's dtype (f32 under mixed precision, as autocast does)
+            // and the probabilities come back in the scores' dtype.
+            // On CUDA the fused softmax kernel accumulates in f32 itself, so the scores stay in
+            // their dtype.
+            let dtype = if self.attaches(scores) {
+                scores.dtype()
+            } else {
+                mask.dtype()
+            };
+            let scaled = (scores.to_dtype(dtype)? * scale)?;
+            let mask = mask.to_dtype(dtype)?.reshape((b, 1, 1, keys))?;
+            let probs = self
+                .softmax_last_dim(&scaled.broadcast_add(&mask)?)?
+                .to_dtype(scores.dtype())?;
+            return match dropout {
+                Some((p, seed)) => self.seeded_dropout(&probs, p, seed),
+                None => Ok(probs),
+            };
+        }
+        scores.contiguous()?.apply_op2(
+            &mask.contiguous()?,
+            AttentionProbs {
+                scale: scale as f32,
+                rows_per_batch: heads * queries,
+                dropout,
+            },
+        )
     }
-    scores.contiguous()?.apply_op2(
-        &mask.contiguous()?,
-        AttentionProbs {
-            scale: scale as f32,
-            rows_per_batch: heads * queries,
-            dropout,
-        },
-    )
 }
 
 /// Softmax over the last dimension.
@@ -277,14 +293,22 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
-/// Softmax over the last dimension, differentiable: fused on CPU f32, candle_nn's fused kernel
-/// with [`AttachGrad`]'s backward on CUDA, the composition elsewhere.
+/// Softmax over the last dimension, differentiable, on the fused path (see
+/// [`Kernels::softmax_last_dim`]).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if attach_kernels(x) {
-        return softmax_attached(x);
+    Kernels::Fused.softmax_last_dim(x)
+}
+
+impl Kernels {
+    /// Softmax over the last dimension, differentiable: fused on CPU f32, candle_nn's fused
+    /// kernel with [`AttachGrad`]'s backward on CUDA, the composition elsewhere.
+    pub fn softmax_last_dim(self, x: &Tensor) -> Result<Tensor> {
+        if self.attaches(x) {
+            return softmax_attached(x);
+        }
+        if !self.fuses(x) {
+            return softmax_composed(x);
+        }
+        x.contiguous()?.apply_op1(Softmax)
     }
-    if !fused_ok(x) {
-        return softmax_composed(x);
-    }
-    x.contiguous()?.apply_op1(Softmax)
 }

@@ -41,14 +41,16 @@ pub fn build_tokenizer(recipe: &Recipe, corpus: &Corpus) -> Result<Tokenizer, Re
 
 /// The model config of a run whose tokenizer is `tokenizer`.
 pub fn model_config(recipe: &Recipe, tokenizer: &Tokenizer) -> Result<EncoderConfig, RecipeError> {
-    match model_dir(recipe)? {
-        Some(dir) => folder_config(recipe, &dir),
+    let mut config = match model_dir(recipe)? {
+        Some(dir) => folder_config(recipe, &dir)?,
         None => scratch_config(
             recipe,
             tokenizer.get_vocab_size(true),
             &tok::special_tokens(tokenizer)?,
-        ),
-    }
+        )?,
+    };
+    config.set_kernels(recipe.kernels);
+    Ok(config)
 }
 
 /// A model-config error as the recipe key it comes from (`model.hidden_size`).
@@ -132,6 +134,7 @@ pub fn scratch_config(
                 model_type: arch.model_type().into(),
                 bos_token_id: roberta.then_some(specials.cls as usize),
                 eos_token_id: roberta.then_some(specials.sep as usize),
+                kernels: recipe.kernels,
             }
             .into()
         }

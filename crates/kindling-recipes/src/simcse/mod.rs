@@ -80,6 +80,11 @@ pub struct SimcseRecipe {
     /// encoder in low precision, pooling and the loss in f32).
     #[serde(default)]
     pub precision: crate::run::Precision,
+    /// `"fused"` (Kindling's fused kernels: one autograd node per encoder layer on CPU f32,
+    /// candle's fused softmax and LayerNorm on CUDA) or `"composed"` (candle's compositions, op
+    /// by op: the reference to compare against; slower). Chosen when the model is built.
+    #[serde(default)]
+    pub kernels: kindling_models::ops::Kernels,
     pub model: SimcseModel,
     pub data: SimcseData,
     #[serde(default)]

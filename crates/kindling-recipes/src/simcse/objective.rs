@@ -29,6 +29,7 @@ impl Simcse {
         let m = &recipe.model;
         let mut config = import::read_encoder_config(&m.path)?;
         config.set_dropout(m.hidden_dropout_prob, m.attention_probs_dropout_prob);
+        config.set_kernels(recipe.kernels);
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = Encoder::load(vb, &config)?;

@@ -84,6 +84,10 @@ pub struct VisionRecipe {
     /// BatchNorm in f32); heads and losses stay in f32.
     #[serde(default)]
     pub precision: crate::run::Precision,
+    /// `"fused"` (training on CPU f32 runs the ResNet as one autograd node) or `"composed"`
+    /// (layer by layer: the reference to compare against; slower).
+    #[serde(default)]
+    pub kernels: kindling_models::ops::Kernels,
     #[serde(default)]
     pub model: VisionModel,
     #[serde(default)]

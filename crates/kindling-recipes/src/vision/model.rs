@@ -116,6 +116,7 @@ impl SslModel {
         let m = &recipe.model;
         let mut backbone_cfg = m.backbone.clone();
         backbone_cfg.num_channels = in_shape.2;
+        backbone_cfg.kernels = recipe.kernels;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let backbone = ResNet::new(&backbone_cfg, vb.pp("backbone"))?;
