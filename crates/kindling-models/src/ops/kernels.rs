@@ -18,7 +18,8 @@ pub enum Kernels {
     #[default]
     Fused,
     /// candle's compositions on every device, each op its own autograd node: the reference the
-    /// fused path is checked and timed against (1.5-3x slower per step on CPU, more memory).
+    /// fused path is checked and timed against (a bert-mini MLM step on 2 CPU cores took 2.1x as
+    /// long, docs/perf.md).
     Composed,
 }
 
