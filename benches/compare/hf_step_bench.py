@@ -68,26 +68,35 @@ if "gemm" in wanted:  # only on request: not part of the default step table
         print(json.dumps({"bench": f"gemm {name}", "gflop_per_s": 2 * m * n * k / times[6] / 1e9}),
               flush=True)
 
-for name, h, l, a, steps in [("tiny", 128, 2, 2, 10), ("mini", 256, 4, 4, 8), ("small", 512, 4, 8, 4)]:
-    if wanted and name not in wanted:
-        continue
-    cfg = BertConfig(vocab_size=V, hidden_size=h, num_hidden_layers=l, num_attention_heads=a,
-                     intermediate_size=4 * h, max_position_embeddings=512)
-    model = BertForMaskedLM(cfg)
+def median_step_s(model, loss_of, steps):
+    """Median seconds of one training step (forward, loss, backward, AdamW) over `steps` steps
+    after two warm-up steps; `loss_of(model, batch)` is the loss of a freshly masked batch."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
     for i in range(steps + 2):
         batch = collator(blocks(BATCH))
         t = time.time()
-        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss = loss_of(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad()
         if i >= 2:
             times.append(time.time() - t)
     times.sort()
-    median = times[len(times) // 2]
+    return times[len(times) // 2]
+
+
+def stock_loss(model, batch):
+    return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+
+for name, h, l, a, steps in [("tiny", 128, 2, 2, 10), ("mini", 256, 4, 4, 8), ("small", 512, 4, 8, 4)]:
+    if wanted and name not in wanted:
+        continue
+    cfg = BertConfig(vocab_size=V, hidden_size=h, num_hidden_layers=l, num_attention_heads=a,
+                     intermediate_size=4 * h, max_position_embeddings=512)
+    median = median_step_s(BertForMaskedLM(cfg), stock_loss, steps)
     tokens = BATCH * SEQ
     enc = 6 * l * (4 * h * h + 2 * h * 4 * h) * tokens
     attn = 12 * l * SEQ * h * tokens
@@ -114,30 +123,19 @@ def arch_models():
            ModernBertForMaskedLM(ModernBertConfig(sparse_prediction=True, **m)), False)
 
 
+def gathered_loss(model, batch):
+    """RoBERTa's loss with lm_head applied to the masked rows only (Cramming's form)."""
+    # No pad tokens in the blocks: RoBERTa's positions are its usual 2.. offsets.
+    hidden = model.roberta(input_ids=batch["input_ids"])[0]
+    labels = batch["labels"].view(-1)
+    rows = labels != -100
+    logits = model.lm_head(hidden.view(-1, hidden.shape[-1])[rows])
+    return torch.nn.functional.cross_entropy(logits, labels[rows])
+
+
 for family, name, model, gathered in arch_models():
     if wanted and family not in wanted:
         continue
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for i in range(10):
-        batch = collator(blocks(BATCH))
-        # No pad tokens in the blocks: RoBERTa's positions are its usual 2.. offsets.
-        t = time.time()
-        if gathered:
-            hidden = model.roberta(input_ids=batch["input_ids"])[0]
-            labels = batch["labels"].view(-1)
-            rows = labels != -100
-            logits = model.lm_head(hidden.view(-1, hidden.shape[-1])[rows])
-            loss = torch.nn.functional.cross_entropy(logits, labels[rows])
-        else:
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if i >= 2:
-            times.append(time.time() - t)
-    times.sort()
-    median = times[len(times) // 2]
+    median = median_step_s(model, gathered_loss if gathered else stock_loss, 8)
     print(json.dumps({"bench": name, "tokens_per_s": BATCH * SEQ / median, "median_s": median}),
           flush=True)
