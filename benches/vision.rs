@@ -72,7 +72,7 @@ fn bench_step(name: &str, steps: usize) {
         .take(steps + 2)
         .collect();
     let model = SslModel::build(&r, (28, 28, 1), 10, &Device::Cpu).unwrap();
-    let cfg = r.train.train_config(r.seed, 1).unwrap();
+    let cfg = r.header.train.train_config(r.header.seed, 1).unwrap();
     let trainer = Trainer::new(cfg.clone(), Path::new("."));
     let mut opt = trainer.optimizer(&model).unwrap();
     let mut times = Vec::new();

@@ -329,3 +329,66 @@ fn an_out_of_range_setting_is_named() {
         &["data.mask.rate", "must be in (0, 1), got 1.5"],
     );
 }
+
+/// Every kind of recipe (MLM, SimCSE, vision, fine-tuning) reads one shared header: the same
+/// keys with the same defaults, the same messages for a key none of them has, and a saved
+/// `recipe.toml` that reads back as the recipe it came from.
+#[test]
+fn every_recipe_kind_shares_one_header() {
+    use kindling_recipes::finetune::FinetuneRecipe;
+    use kindling_recipes::recipe::{Header, Recipe};
+    use kindling_recipes::simcse::SimcseRecipe;
+    use kindling_recipes::vision::VisionRecipe;
+    let dir = tempfile::tempdir().unwrap();
+    let runs = format!("runs_dir=\"{}\"", dir.path().display());
+    for (cmd, recipe) in [
+        ("pretrain", TINY),
+        ("pretrain", "recipes/tiny/simcse-tiny.toml"),
+        ("pretrain", "recipes/tiny/simclr-tiny.toml"),
+        ("finetune", "recipes/tiny/finetune-tiny.toml"),
+    ] {
+        fails_with(
+            &[cmd, recipe, "--set", &runs, "--set", "sede=3"],
+            &[
+                recipe,
+                "`sede`",
+                "`seed`",
+                "`kernels`",
+                "`precision`",
+                "`train`",
+            ],
+        );
+        fails_with(
+            &[cmd, recipe, "--set", &runs, "--set", "kernels=\"turbo\""],
+            &["`kernels`", "fused", "composed"],
+        );
+    }
+
+    // Unset, the header is the same everywhere; a file's stem names the run.
+    let defaults: Header = toml::from_str("").unwrap();
+    assert_eq!(defaults.seed, 17);
+    assert_eq!(defaults.runs_dir, std::path::PathBuf::from("runs"));
+    assert_eq!(defaults.name(), "run");
+
+    let p = std::path::Path::new;
+    let ft = FinetuneRecipe::load(p("recipes/tiny/finetune-tiny.toml"), &[]).unwrap();
+    let sim = SimcseRecipe::load(p("recipes/tiny/simcse-tiny.toml"), &[]).unwrap();
+    let vis = VisionRecipe::load(p("recipes/tiny/simclr-tiny.toml"), &[]).unwrap();
+    let mlm = Recipe::load(p(TINY), &[]).unwrap();
+    assert_eq!(ft.header.name(), "finetune-tiny");
+    assert_eq!(mlm.header.name(), "bert-tiny-mlm");
+
+    // What a run folder saves reads back as the same recipe.
+    let saved = dir.path().join("saved.toml");
+    let back = |text: String| {
+        std::fs::write(&saved, text).unwrap();
+        saved.as_path()
+    };
+    assert_eq!(Recipe::load(back(mlm.to_toml()), &[]).unwrap(), mlm);
+    assert_eq!(FinetuneRecipe::load(back(ft.to_toml()), &[]).unwrap(), ft);
+    assert_eq!(SimcseRecipe::load(back(sim.to_toml()), &[]).unwrap(), sim);
+    assert_eq!(VisionRecipe::load(back(vis.to_toml()), &[]).unwrap(), vis);
+    assert!(mlm
+        .to_toml()
+        .starts_with("objective = \"bert-mlm\"\nname = \"bert-tiny-mlm\""));
+}

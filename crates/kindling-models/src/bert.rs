@@ -831,6 +831,23 @@ pub enum Pooling {
     Mean,
 }
 
+impl Pooling {
+    /// Hidden states (batch, seq, hidden) -> (batch, hidden): the first token's vector, or the
+    /// mean over the tokens `mask` (batch, seq; 1 = token, 0 = padding) keeps, in the hidden
+    /// states' dtype. (For [`Pooling::Cls`] this is the raw vector; BERT's pooler dense layer
+    /// is the classifier's business.)
+    pub fn apply(self, hidden: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1),
+            Pooling::Mean => {
+                let m = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?; // (b, t, 1)
+                let count = m.sum(1)?.clamp(1.0, f64::MAX)?; // (b, 1): all-padding rows give 0
+                hidden.broadcast_mul(&m)?.sum(1)?.broadcast_div(&count)
+            }
+        }
+    }
+}
+
 /// HF `BertForSequenceClassification`: `bert` (+ `bert.pooler.dense` with [CLS] pooling),
 /// dropout, and `classifier` (hidden -> classes). For RoBERTa, HF's
 /// `RobertaForSequenceClassification`: `roberta` and `classifier.dense` (the pooler's place)
@@ -912,11 +929,7 @@ impl BertForSequenceClassification {
                 };
                 dense.forward(&first)?.tanh()?
             }
-            None => {
-                let m = attention_mask.to_dtype(hidden.dtype())?.unsqueeze(2)?; // (b, t, 1)
-                let count = m.sum(1)?.clamp(1.0, f64::MAX)?; // (b, 1)
-                hidden.broadcast_mul(&m)?.sum(1)?.broadcast_div(&count)?
-            }
+            None => Pooling::Mean.apply(&hidden, attention_mask)?,
         })
     }
 

@@ -727,13 +727,12 @@ impl ModernBertForSequenceClassification {
 /// the tokens `mask` keeps.
 pub fn pool(hidden: &Tensor, mask: &Tensor, (b, t): (usize, usize), mean: bool) -> Result<Tensor> {
     let h = hidden.dim(1)?;
-    let hidden = hidden.reshape((b, t, h))?;
-    if !mean {
-        return Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?);
-    }
-    let m = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
-    let count = m.sum(1)?.clamp(1.0, f64::MAX)?;
-    Ok(hidden.broadcast_mul(&m)?.sum(1)?.broadcast_div(&count)?)
+    let pooling = if mean {
+        crate::bert::Pooling::Mean
+    } else {
+        crate::bert::Pooling::Cls
+    };
+    Ok(pooling.apply(&hidden.reshape((b, t, h))?, mask)?)
 }
 
 /// ModernBERT's initialisation (`ModernBertPreTrainedModel._init_weights`), seeded per name:

@@ -123,7 +123,7 @@ pub fn cache_dir(recipe: &Recipe) -> PathBuf {
     env("KINDLING_CACHE")
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("kindling")))
         .or_else(|| env("HOME").map(|d| d.join(".cache").join("kindling")))
-        .unwrap_or_else(|| recipe.runs_dir.join(".cache"))
+        .unwrap_or_else(|| recipe.header.runs_dir.join(".cache"))
 }
 
 /// A top-level string key of a recipe file (`task`, `objective`), if present: which recipe

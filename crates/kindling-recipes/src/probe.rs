@@ -54,14 +54,7 @@ pub fn embeddings(
         let hidden = model.hidden_states(&ids, &mask, Mode::Eval)?;
         let h = hidden.dim(1)?;
         let hidden = hidden.reshape((b.batch_size, b.seq_len, h))?;
-        let pooled = match pooling {
-            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
-            Pooling::Mean => {
-                let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-                let count = m.sum(1)?.clamp(1.0, f64::MAX)?;
-                hidden.broadcast_mul(&m)?.sum(1)?.broadcast_div(&count)?
-            }
-        };
+        let pooled = pooling.apply(&hidden, &mask)?;
         for (row, &i) in pooled.to_vec2::<f32>()?.into_iter().zip(chunk) {
             out[i] = row;
         }
@@ -159,14 +152,14 @@ fn confusion(labels: &[u32], pred: &[u32], classes: usize) -> Vec<Vec<f64>> {
 
 /// Runs the probe of `recipe` (its `[model]`, `[data]` and `[probe]` sections).
 pub fn probe(recipe: &FinetuneRecipe) -> Result<ProbeReport, RecipeError> {
-    let device = device(&recipe.device)?;
+    let device = device(&recipe.header.device)?;
     let p = &recipe.probe;
     let tokenizer = tok::load(&recipe.model.path)?;
     let task = load_task(recipe, &tokenizer)?;
     let classes = task.labels.len();
     let (obj, _) = Classifier::build(recipe, task.labels.clone(), &device)?;
     let started = Instant::now();
-    let bs = recipe.train.eval_batch_size;
+    let bs = recipe.header.train.eval_batch_size;
     let embed = |data: &Encoded| embeddings(&obj.model, data, p.pooling, bs, task.pad_id, &device);
     let mut train = embed(&task.train)?;
     let mut validation = embed(&task.validation)?;

@@ -12,19 +12,20 @@ use kindling_train::{Monitor, OptimizerConfig, Schedule};
 
 use crate::RecipeError;
 
-/// A whole recipe. `objective` picks the recipe module.
+/// The header every recipe shares, MLM, SimCSE, the vision methods and fine-tuning alike, with
+/// one set of defaults: where the run goes, how it computes, `[train]` and `[export]`. Its keys
+/// sit at the top level of the file beside `objective` (or `task`); each recipe type holds it
+/// as its `header` and its own sections after it ([`parse_recipe`] splits the two).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct Recipe {
-    /// Which objective trains (`"bert-mlm"`).
-    pub objective: String,
+pub struct Header {
     /// Run name: the run folder is `<runs_dir>/<name>`. Defaults to the recipe file's stem.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Parent folder of run folders.
     #[serde(default = "crate::recipe::default_runs_dir")]
     pub runs_dir: PathBuf,
-    /// Fixes initialisation, data order, masks and dropout.
+    /// Fixes initialisation, data order, masks, augmentations and dropout.
     #[serde(default = "crate::recipe::default_seed")]
     pub seed: u64,
     /// `"auto"` (the best device this build supports), `"cpu"`, `"cuda:N"` or `"metal"`.
@@ -41,16 +42,51 @@ pub struct Recipe {
     #[serde(default)]
     pub kernels: kindling_models::ops::Kernels,
     #[serde(default)]
-    pub model: ModelSection,
-    pub data: DataSection,
-    #[serde(default)]
     pub train: TrainSection,
     #[serde(default)]
     pub export: ExportSection,
 }
 
-// The header every recipe shares (`objective` or `task`, `name`, `runs_dir`, `seed`, `device`,
-// `precision`, `[train]`, `[export]`) has one set of defaults, here.
+impl Header {
+    /// The header's keys, as a recipe file spells them.
+    pub const KEYS: [&'static str; 8] = [
+        "name",
+        "runs_dir",
+        "seed",
+        "device",
+        "precision",
+        "kernels",
+        "train",
+        "export",
+    ];
+
+    /// The run's name (`"run"` when neither the recipe nor its file gave one).
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("run")
+    }
+
+    /// `export.dir`, else `run_dir/export`.
+    pub fn export_dir(&self, run_dir: &Path) -> PathBuf {
+        self.export
+            .dir
+            .clone()
+            .unwrap_or_else(|| run_dir.join("export"))
+    }
+}
+
+/// A masked-LM recipe (`objective = "bert-mlm"`): the shared header, then the model and data.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Which objective trains (`"bert-mlm"`).
+    pub objective: String,
+    pub header: Header,
+    #[serde(default)]
+    pub model: ModelSection,
+    pub data: DataSection,
+}
+
+// The header's defaults, for every recipe.
 
 /// `runs_dir` unset: `runs/` in the working directory.
 pub fn default_runs_dir() -> PathBuf {
@@ -405,16 +441,14 @@ impl Recipe {
             source: e,
         })?;
         let mut recipe = Self::parse(&text, path, overrides)?;
-        if recipe.name.is_none() {
-            recipe.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-        }
+        name_from_file(&mut recipe.header, path);
         Ok(recipe)
     }
 
     /// Parses recipe text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
         let text = continued_by_override(text, path, overrides)?;
-        let r: Self = parse_toml(&text, path, overrides)?;
+        let r: Self = parse_recipe(&text, path, overrides)?;
         let bad = |msg: &str| {
             Err(RecipeError::Key {
                 path: path.to_path_buf(),
@@ -444,7 +478,7 @@ impl Recipe {
     }
 
     pub fn name(&self) -> &str {
-        self.name.as_deref().unwrap_or("run")
+        self.header.name()
     }
 
     /// Everything about the recipe that can be checked before reading any data: the run name,
@@ -452,7 +486,7 @@ impl Recipe {
     /// section's ranges. Writes nothing.
     pub fn validate(&self, metrics: &[&str]) -> Result<(), RecipeError> {
         check_name(self.name())?;
-        self.train.validate(metrics)?;
+        self.header.train.validate(metrics)?;
         let d = &self.data;
         if d.seq_len < 3 {
             return Err(RecipeError::Invalid {
@@ -474,8 +508,63 @@ impl Recipe {
 
     /// The resolved recipe as TOML, as saved in the run folder.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("a recipe serialises")
+        recipe_toml(self)
     }
+}
+
+/// `header.name` unset: the recipe file's stem.
+pub fn name_from_file(header: &mut Header, path: &Path) {
+    if header.name.is_none() {
+        header.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+    }
+}
+
+/// Parses recipe text into a recipe type `T` whose field `header` is a [`Header`]: the header's
+/// keys are taken from the top level into it, the rest goes to `T`'s own fields; both refuse
+/// keys they do not know. Errors as [`parse_toml`]'s, with keys as the file spells them.
+pub fn parse_recipe<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    overrides: &[String],
+) -> Result<T, RecipeError> {
+    let mut doc = parse_document(text, path, overrides)?;
+    if doc.contains_key("header") {
+        return Err(RecipeError::Key {
+            path: path.to_path_buf(),
+            key: "header".into(),
+            msg: format!(
+                "unknown key: the header's keys ({}) sit at the top level",
+                Header::KEYS.join(", ")
+            ),
+        });
+    }
+    let mut header = toml::Table::new();
+    for k in Header::KEYS {
+        if let Some(v) = doc.remove(k) {
+            header.insert(k.to_string(), v);
+        }
+    }
+    doc.insert("header".into(), toml::Value::Table(header));
+    deserialize_document(doc, path, Some("header."))
+}
+
+/// The text of a recipe of type `T` (see [`parse_recipe`]), as a file would give it: `objective`
+/// or `task` first, then the header's keys, then `T`'s own sections.
+pub fn recipe_toml<T: Serialize>(recipe: &T) -> String {
+    let mut doc = toml::Table::try_from(recipe).expect("a recipe serialises");
+    let header = match doc.remove("header") {
+        Some(toml::Value::Table(h)) => h,
+        _ => toml::Table::new(),
+    };
+    let mut out = toml::Table::new();
+    for k in ["objective", "task"] {
+        if let Some(v) = doc.remove(k) {
+            out.insert(k.into(), v);
+        }
+    }
+    out.extend(header);
+    out.extend(doc);
+    toml::to_string_pretty(&out).expect("a recipe serialises")
 }
 
 /// Parses TOML text into any recipe type after applying `key=value` overrides; errors name the
@@ -549,6 +638,15 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
     path: &Path,
     overrides: &[String],
 ) -> Result<T, RecipeError> {
+    deserialize_document(parse_document(text, path, overrides)?, path, None)
+}
+
+/// The TOML document of `text` with the overrides applied.
+fn parse_document(
+    text: &str,
+    path: &Path,
+    overrides: &[String],
+) -> Result<toml::Table, RecipeError> {
     let mut doc: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| RecipeError::Syntax {
@@ -558,17 +656,36 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
     for o in overrides {
         apply_override(&mut doc, o)?;
     }
-    let de = toml::Value::Table(doc);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
+    Ok(doc)
+}
+
+/// `doc` as a `T`; an error names the key's path, less `hidden` (a table the parser made up).
+fn deserialize_document<T: serde::de::DeserializeOwned>(
+    doc: toml::Table,
+    path: &Path,
+    hidden: Option<&str>,
+) -> Result<T, RecipeError> {
+    serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
+        let mut key = e.path().to_string();
+        if let Some(k) = hidden.and_then(|h| key.strip_prefix(h)) {
+            key = k.to_string();
+        }
+        let mut msg = e.into_inner().to_string();
+        if let Some(h) = hidden {
+            // The made-up table is the header: its keys are what a file may give.
+            let keys: Vec<String> = Header::KEYS.iter().map(|k| format!("`{k}`")).collect();
+            msg = msg
+                .replace(&format!("`{}`", h.trim_end_matches('.')), &keys.join(", "))
+                .replace(&format!("`{h}"), "`");
+        }
         RecipeError::Key {
             path: path.to_path_buf(),
-            key: if key == "." {
+            key: if key == "." || hidden.is_some_and(|h| key == h.trim_end_matches('.')) {
                 "(top level)".into()
             } else {
                 key
             },
-            msg: e.into_inner().to_string(),
+            msg,
         }
     })
 }

@@ -68,7 +68,7 @@ impl Experiment for Recipe {
             }
         };
         if matches!(config, EncoderConfig::ModernBert(_))
-            && self.precision != crate::run::Precision::F32
+            && self.header.precision != crate::run::Precision::F32
         {
             return Err(RecipeError::Invalid {
                 key: "precision".into(),
@@ -85,7 +85,7 @@ impl Experiment for Recipe {
     }
 
     fn prepare(&self, ctx: &Context) -> Result<RunOf<Self>, RecipeError> {
-        let t = &self.train;
+        let t = &self.header.train;
         // Streaming from shards reads the corpus text into memory only to train a tokenizer.
         let corpus = match &self.data.prepare {
             Some(_) if ctx.resuming || !trains_tokenizer(self) => Corpus::default(),
@@ -170,10 +170,15 @@ impl Experiment for Recipe {
             self.data.mask.clone(),
             &specials,
             vocab_size,
-            self.seed,
+            self.header.seed,
         )?);
         let eval_masker = match &self.data.eval_mask {
-            Some(m) => Arc::new(Masker::new(m.clone(), &specials, vocab_size, self.seed)?),
+            Some(m) => Arc::new(Masker::new(
+                m.clone(),
+                &specials,
+                vocab_size,
+                self.header.seed,
+            )?),
             None => masker.clone(),
         };
         let eval = eval_batches_up_to(
@@ -182,7 +187,7 @@ impl Experiment for Recipe {
             t.eval_batch_size.max(1),
             t.max_eval_batches,
         );
-        let mut objective = BertMlm::new(config, self.seed, &ctx.device)?;
+        let mut objective = BertMlm::new(config, self.header.seed, &ctx.device)?;
         objective.model.set_compute_dtype(ctx.compute);
         // On resume the checkpoint's weights replace these; read anyway, for what the card
         // says about the start.
@@ -216,7 +221,7 @@ impl Experiment for Recipe {
             train_blocks,
             masker,
             t.batch_size,
-            self.seed,
+            self.header.seed,
             Cursor::default(),
         );
         // A streamed corpus can hold billions of blocks: its order is computed, not tabulated.

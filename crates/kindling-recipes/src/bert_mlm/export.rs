@@ -69,7 +69,12 @@ pub fn export(
         .map(|id| id.split('@').next().unwrap_or_default().to_string());
     let card = card::render(&CardInfo {
         name: recipe.name(),
-        license: recipe.export.license.as_deref().unwrap_or("apache-2.0"),
+        license: recipe
+            .header
+            .export
+            .license
+            .as_deref()
+            .unwrap_or("apache-2.0"),
         pipeline_tag: "fill-mask",
         datasets,
         corpus: &sources,
@@ -95,7 +100,7 @@ pub fn export(
 
 /// `kindling export RUN_DIR`: rebuilds the model from the newest valid checkpoint and re-exports.
 pub fn export_from_checkpoint(recipe: &Recipe, run_dir: &Path) -> Result<PathBuf, RecipeError> {
-    let device = device(&recipe.device)?;
+    let device = device(&recipe.header.device)?;
     let (found, refused) = checkpoint::newest_valid(run_dir);
     for e in refused {
         eprintln!("warning: skipping a damaged checkpoint: {e}");
@@ -106,7 +111,7 @@ pub fn export_from_checkpoint(recipe: &Recipe, run_dir: &Path) -> Result<PathBuf
     })?;
     let tokenizer = tok::load(&run_dir.join("tokenizer.json"))?;
     let config = model_config(recipe, &tokenizer)?;
-    let obj = BertMlm::new(config, recipe.seed, &device)?;
+    let obj = BertMlm::new(config, recipe.header.seed, &device)?;
     let state = checkpoint::load(&ckpt, &obj.varmap, None, &device)?;
     let read_json = |name: &str| -> Option<serde_json::Value> {
         serde_json::from_str(&std::fs::read_to_string(run_dir.join(name)).ok()?).ok()

@@ -57,7 +57,7 @@ fn check_memory(
     if !device.is_cpu() {
         return Ok(());
     }
-    let t = &recipe.train;
+    let t = &recipe.header.train;
     let tokens = t.batch_size * recipe.data.seq_len;
     let predicted = (tokens as f64 * recipe.data.mask.rate).ceil() as usize;
     let need = config.mlm_train_bytes(tokens, predicted);
@@ -116,7 +116,7 @@ fn check_same_run(recipe: &Recipe, run_dir: &Path) -> Result<(), RecipeError> {
     let saved = Recipe::load(&saved_path, &[])?;
     let differs = [
         ("objective", recipe.objective != saved.objective),
-        ("seed", recipe.seed != saved.seed),
+        ("seed", recipe.header.seed != saved.header.seed),
         ("model", recipe.model != saved.model),
         ("data", recipe.data != saved.data),
     ];

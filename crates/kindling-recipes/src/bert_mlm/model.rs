@@ -49,7 +49,7 @@ pub fn model_config(recipe: &Recipe, tokenizer: &Tokenizer) -> Result<EncoderCon
             &tok::special_tokens(tokenizer)?,
         )?,
     };
-    config.set_kernels(recipe.kernels);
+    config.set_kernels(recipe.header.kernels);
     Ok(config)
 }
 
@@ -134,7 +134,7 @@ pub fn scratch_config(
                 model_type: arch.model_type().into(),
                 bos_token_id: roberta.then_some(specials.cls as usize),
                 eos_token_id: roberta.then_some(specials.sep as usize),
-                kernels: recipe.kernels,
+                kernels: recipe.header.kernels,
             }
             .into()
         }

@@ -77,7 +77,7 @@ pub fn load_task(recipe: &FinetuneRecipe, tokenizer: &Tokenizer) -> Result<TaskD
             .partition(|e| hashed(e, domain::SPLIT) >= d.test_fraction),
     };
     if d.max_train_examples > 0 && train.len() > d.max_train_examples {
-        let mut r = rng::rng(&[domain::SPLIT, recipe.seed]);
+        let mut r = rng::rng(&[domain::SPLIT, recipe.header.seed]);
         train.shuffle(&mut r);
         train.truncate(d.max_train_examples);
         train.sort_by_key(|e| e.line);

@@ -47,7 +47,7 @@ impl Experiment for FinetuneRecipe {
     }
 
     fn prepare(&self, ctx: &Context) -> Result<RunOf<Self>, RecipeError> {
-        let t = &self.train;
+        let t = &self.header.train;
         let tokenizer = tok::load(&self.model.path)?;
         let task = load_task(self, &tokenizer)?;
         eprintln!(
@@ -80,14 +80,14 @@ impl Experiment for FinetuneRecipe {
             None => eprintln!(
                 "model: the shape of {}, randomly initialised (seed {})",
                 self.model.path.display(),
-                self.seed
+                self.header.seed
             ),
         }
         let validation = eval_batches(&task.validation, t.eval_batch_size, task.pad_id);
         let loader = ClsLoader::new(
             Arc::new(task.train),
             t.batch_size,
-            self.seed,
+            self.header.seed,
             task.pad_id,
             self.data.group_by_length,
         );
@@ -111,7 +111,10 @@ impl Experiment for FinetuneRecipe {
     /// `eval_strategy = "epoch"`; the default monitor is validation accuracy.
     fn train_config(&self, run: &RunOf<Self>) -> Result<TrainConfig, RecipeError> {
         let per_epoch = run.steps_per_epoch;
-        let mut cfg = self.train.train_config(self.seed, per_epoch)?;
+        let mut cfg = self
+            .header
+            .train
+            .train_config(self.header.seed, per_epoch)?;
         if cfg.eval_every == 0 {
             cfg.eval_every = per_epoch;
         }
@@ -145,7 +148,7 @@ impl Experiment for FinetuneRecipe {
         ctx: &Context,
         export_dir: &Path,
     ) -> Result<BTreeMap<String, f64>, RecipeError> {
-        let t = &self.train;
+        let t = &self.header.train;
         let best = summary.best.as_ref().map(|b| (b.step, b.value));
         if let Some((step, _)) = best {
             let dir = checkpoint::checkpoint_dir(&ctx.run_dir, step);

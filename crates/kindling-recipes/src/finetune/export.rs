@@ -70,7 +70,7 @@ pub fn export(
     let mut card = String::from("---\n");
     card += &format!(
         "license: {}\nlibrary_name: transformers\npipeline_tag: text-classification\ntags:\n  - kindling\n  - bert\n---\n\n",
-        serde_json::to_string(recipe.export.license.as_deref().unwrap_or("apache-2.0"))
+        serde_json::to_string(recipe.header.export.license.as_deref().unwrap_or("apache-2.0"))
             .expect("strings serialise")
     );
     card += &format!(

@@ -38,7 +38,7 @@ use kindling_train::{
 
 use crate::hf_folder::write_hf_folder;
 pub use crate::metrics::{accuracy_and_macro_f1, format_confusion};
-use crate::recipe::{parse_toml, ExportSection, TrainSection};
+use crate::recipe::{parse_recipe, Header};
 use crate::run::{drive, Context, Experiment, Loader, Prepared, RunOf};
 use crate::{RecipeError, RunOptions};
 
@@ -59,33 +59,15 @@ pub struct FinetuneRecipe {
     /// `sequence-classification` (the only task so far).
     #[serde(default = "default_task")]
     pub task: String,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default = "crate::recipe::default_runs_dir")]
-    pub runs_dir: PathBuf,
-    /// Fixes data order, dropout, the classifier's initialisation and (with `init = "random"`)
-    /// the whole model's.
-    #[serde(default = "crate::recipe::default_seed")]
-    pub seed: u64,
-    #[serde(default)]
-    pub device: crate::run::DeviceSetting,
-    /// `"f32"`, or mixed precision `"bf16"` / `"f16"` on a GPU (f32 master weights, the
-    /// encoder in low precision, pooling and the loss in f32).
-    #[serde(default)]
-    pub precision: crate::run::Precision,
-    /// `"fused"` (Kindling's fused kernels: one autograd node per encoder layer on CPU f32,
-    /// candle's fused softmax and LayerNorm on CUDA) or `"composed"` (candle's compositions, op
-    /// by op: the reference to compare against; slower). Chosen when the model is built.
-    #[serde(default)]
-    pub kernels: kindling_models::ops::Kernels,
+    /// The shared header (name, runs_dir, seed, device, precision, kernels, `[train]`,
+    /// `[export]`). The seed fixes data order, dropout, the classifier's initialisation and
+    /// (with `init = "random"`) the whole model's; under mixed precision the encoder computes
+    /// in bf16/f16, pooling and the loss in f32.
+    pub header: Header,
     pub model: FtModel,
     pub data: FtData,
     #[serde(default)]
-    pub train: TrainSection,
-    #[serde(default)]
     pub probe: ProbeSection,
-    #[serde(default)]
-    pub export: ExportSection,
 }
 
 fn default_task() -> String {
@@ -228,10 +210,8 @@ impl FinetuneRecipe {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let mut r: FinetuneRecipe = parse_toml(&text, path, overrides)?;
-        if r.name.is_none() {
-            r.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-        }
+        let mut r: FinetuneRecipe = parse_recipe(&text, path, overrides)?;
+        crate::recipe::name_from_file(&mut r.header, path);
         r.validate()?;
         Ok(r)
     }
@@ -272,18 +252,18 @@ impl FinetuneRecipe {
                 format!("{}: expected 0 < x <= 1", self.model.layerwise_lr_decay),
             );
         }
-        if self.train.batch_size == 0 {
+        if self.header.train.batch_size == 0 {
             return bad("train.batch_size", "must be positive".into());
         }
         Ok(())
     }
 
     pub fn name(&self) -> &str {
-        self.name.as_deref().unwrap_or("finetune")
+        self.header.name()
     }
 
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("a recipe serialises")
+        crate::recipe::recipe_toml(self)
     }
 }
 
@@ -316,8 +296,8 @@ pub fn compare_with_random(
     pre.model.init = Init::Pretrained;
     let mut random = recipe.clone();
     random.model.init = Init::Random;
-    random.name = Some(format!("{}-random", recipe.name()));
-    random.export.dir = None;
+    random.header.name = Some(format!("{}-random", recipe.name()));
+    random.header.export.dir = None;
     let a = finetune(&pre, opts)?;
     if opts
         .stop_flag

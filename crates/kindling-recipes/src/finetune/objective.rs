@@ -28,7 +28,7 @@ impl Classifier {
         let m = &recipe.model;
         let mut config = import::read_encoder_config(&m.path)?;
         config.set_dropout(m.hidden_dropout_prob, m.attention_probs_dropout_prob);
-        config.set_kernels(recipe.kernels);
+        config.set_kernels(recipe.header.kernels);
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = SequenceClassifier::load(
@@ -38,7 +38,7 @@ impl Classifier {
             m.pooling,
             m.classifier_dropout.unwrap_or(config.hidden_dropout()),
         )?;
-        config.init(&varmap, recipe.seed)?;
+        config.init(&varmap, recipe.header.seed)?;
         let report = match m.init {
             Init::Random => None,
             Init::Pretrained => {

@@ -214,29 +214,25 @@ macro_rules! shared_header {
             Self::name(self)
         }
         fn runs_dir(&self) -> &std::path::Path {
-            &self.runs_dir
+            &self.header.runs_dir
         }
         fn seed(&self) -> u64 {
-            self.seed
+            self.header.seed
         }
         fn device(&self) -> $crate::run::DeviceSetting {
-            self.device
+            self.header.device
         }
         fn precision(&self) -> $crate::run::Precision {
-            self.precision
+            self.header.precision
         }
         fn train(&self) -> &$crate::recipe::TrainSection {
-            &self.train
+            &self.header.train
         }
         fn settings_toml(&self) -> String {
             self.to_toml()
         }
-        /// `export.dir`, else `run_dir/export`.
         fn export_dir(&self, run_dir: &std::path::Path) -> std::path::PathBuf {
-            self.export
-                .dir
-                .clone()
-                .unwrap_or_else(|| run_dir.join("export"))
+            self.header.export_dir(run_dir)
         }
     };
 }

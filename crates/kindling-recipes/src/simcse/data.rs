@@ -46,16 +46,16 @@ pub fn read_texts(recipe: &SimcseRecipe) -> Result<Vec<[Option<String>; 3]>, Rec
         }
     };
     if d.max_examples > 0 && texts.len() > d.max_examples {
-        texts.shuffle(&mut rng::rng(&[domain::SPLIT, recipe.seed]));
+        texts.shuffle(&mut rng::rng(&[domain::SPLIT, recipe.header.seed]));
         texts.truncate(d.max_examples);
     }
-    if texts.len() < recipe.train.batch_size {
+    if texts.len() < recipe.header.train.batch_size {
         return Err(RecipeError::Invalid {
             key: "data".into(),
             msg: format!(
                 "{} examples (rows with an empty cell are left out), fewer than one batch of {}",
                 texts.len(),
-                recipe.train.batch_size
+                recipe.header.train.batch_size
             ),
         });
     }

@@ -39,7 +39,7 @@ impl Experiment for SimcseRecipe {
     }
 
     fn prepare(&self, ctx: &Context) -> Result<RunOf<Self>, RecipeError> {
-        let t = &self.train;
+        let t = &self.header.train;
         let tokenizer = tok::load(&self.model.path)?;
         let specials = tok::special_tokens(&tokenizer)?;
         let texts = read_texts(self)?;
@@ -96,7 +96,7 @@ impl Experiment for SimcseRecipe {
             }
             None => Vec::new(),
         };
-        let loader = SimcseLoader::new(Arc::new(examples), t.batch_size, self.seed);
+        let loader = SimcseLoader::new(Arc::new(examples), t.batch_size, self.header.seed);
         Ok(Prepared {
             objective: obj,
             steps_per_epoch: loader.batches_per_epoch() as u64 / ctx.world as u64,

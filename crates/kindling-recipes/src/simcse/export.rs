@@ -75,7 +75,7 @@ pub fn export(
     let mut card = String::from("---\n");
     card += &format!(
         "license: {}\nlibrary_name: sentence-transformers\npipeline_tag: sentence-similarity\ntags:\n  - kindling\n  - sentence-transformers\n  - simcse\n---\n\n",
-        serde_json::to_string(recipe.export.license.as_deref().unwrap_or("apache-2.0"))
+        serde_json::to_string(recipe.header.export.license.as_deref().unwrap_or("apache-2.0"))
             .expect("strings serialise")
     );
     card += &format!(

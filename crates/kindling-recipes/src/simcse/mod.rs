@@ -42,7 +42,7 @@ use kindling_train::distributed::{gather_with_grad, Collective};
 use kindling_train::{checkpoint, FitSummary, Objective, StepOutput, Trainer};
 
 use crate::hf_folder::write_hf_folder;
-use crate::recipe::{parse_toml, ExportSection, TrainSection};
+use crate::recipe::{parse_recipe, Header};
 use crate::run::{cursor_within, device, drive, Context, Experiment, Loader, Prepared, RunOf};
 use crate::{RecipeError, RunOptions, RunReport};
 use kindling_models::ops::l2_normalize;
@@ -67,24 +67,11 @@ pub use objective::*;
 pub struct SimcseRecipe {
     /// `"simcse"`.
     pub objective: String,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default = "crate::recipe::default_runs_dir")]
-    pub runs_dir: PathBuf,
-    /// Fixes data order, the dropout views and the subset of `data.max_examples`.
-    #[serde(default = "crate::recipe::default_seed")]
-    pub seed: u64,
-    #[serde(default)]
-    pub device: crate::run::DeviceSetting,
-    /// `"f32"`, or mixed precision `"bf16"` / `"f16"` on a GPU (f32 master weights, the
-    /// encoder in low precision, pooling and the loss in f32).
-    #[serde(default)]
-    pub precision: crate::run::Precision,
-    /// `"fused"` (Kindling's fused kernels: one autograd node per encoder layer on CPU f32,
-    /// candle's fused softmax and LayerNorm on CUDA) or `"composed"` (candle's compositions, op
-    /// by op: the reference to compare against; slower). Chosen when the model is built.
-    #[serde(default)]
-    pub kernels: kindling_models::ops::Kernels,
+    /// The shared header (name, runs_dir, seed, device, precision, kernels, `[train]`,
+    /// `[export]`). The seed fixes data order, the dropout views and the subset of
+    /// `data.max_examples`; under mixed precision the encoder computes in bf16/f16, pooling and
+    /// the loss in f32.
+    pub header: Header,
     pub model: SimcseModel,
     pub data: SimcseData,
     #[serde(default)]
@@ -92,11 +79,7 @@ pub struct SimcseRecipe {
     #[serde(default)]
     pub grad_cache: GradCache,
     #[serde(default)]
-    pub train: TrainSection,
-    #[serde(default)]
     pub eval: SimcseEval,
-    #[serde(default)]
-    pub export: ExportSection,
 }
 
 /// `[model]`: the starting encoder and how a sentence becomes one vector.
@@ -248,10 +231,8 @@ impl SimcseRecipe {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let mut r: SimcseRecipe = parse_toml(&text, path, overrides)?;
-        if r.name.is_none() {
-            r.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-        }
+        let mut r: SimcseRecipe = parse_recipe(&text, path, overrides)?;
+        crate::recipe::name_from_file(&mut r.header, path);
         let bad = |key: &str, msg: &str| {
             Err(RecipeError::Key {
                 path: path.to_path_buf(),
@@ -286,7 +267,7 @@ impl SimcseRecipe {
         if r.model.max_length < 2 {
             return bad("model.max_length", "must be at least 2 ([CLS] and [SEP])");
         }
-        if r.train.batch_size < 2 {
+        if r.header.train.batch_size < 2 {
             return bad(
                 "train.batch_size",
                 "in-batch negatives need at least 2 sentences",
@@ -296,11 +277,11 @@ impl SimcseRecipe {
     }
 
     pub fn name(&self) -> &str {
-        self.name.as_deref().unwrap_or("simcse")
+        self.header.name()
     }
 
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("a recipe serialises")
+        crate::recipe::recipe_toml(self)
     }
 
     fn supervised(&self) -> bool {
@@ -319,7 +300,7 @@ pub fn export_from_checkpoint(
     recipe: &SimcseRecipe,
     run_dir: &Path,
 ) -> Result<PathBuf, RecipeError> {
-    let device = device(&recipe.device)?;
+    let device = device(&recipe.header.device)?;
     let tokenizer = tok::load(&recipe.model.path)?;
     let obj = Simcse::build(recipe, tok::special_tokens(&tokenizer)?.pad, &device)?;
     let (found, _) = checkpoint::newest_valid(run_dir);
@@ -329,6 +310,7 @@ pub fn export_from_checkpoint(
     })?;
     let state = checkpoint::load(&dir, &obj.varmap, None, &device)?;
     let export_dir = recipe
+        .header
         .export
         .dir
         .clone()

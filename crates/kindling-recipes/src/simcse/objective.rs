@@ -29,7 +29,7 @@ impl Simcse {
         let m = &recipe.model;
         let mut config = import::read_encoder_config(&m.path)?;
         config.set_dropout(m.hidden_dropout_prob, m.attention_probs_dropout_prob);
-        config.set_kernels(recipe.kernels);
+        config.set_kernels(recipe.header.kernels);
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = Encoder::load(vb, &config)?;
@@ -105,14 +105,7 @@ impl Simcse {
         let hidden = hidden
             .reshape((rows.len(), seq, self.config.shape().0))?
             .to_dtype(DType::F32)?;
-        match self.pooling {
-            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1),
-            Pooling::Mean => {
-                let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-                let count = m.sum(1)?.clamp(1.0, f64::MAX)?;
-                hidden.broadcast_mul(&m)?.sum(1)?.broadcast_div(&count)
-            }
-        }
+        self.pooling.apply(&hidden, &mask)
     }
 
     /// The chunks of a batch and the mode of each: in training, chunk `c` draws its dropout

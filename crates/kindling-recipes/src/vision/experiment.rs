@@ -91,9 +91,13 @@ impl Experiment for VisionRecipe {
             self.objective,
             n_params as f64 / 1e6
         );
-        let t = &self.train;
-        let mut loader =
-            ViewLoader::new(train_set.clone(), self.pipelines(), t.batch_size, self.seed)?;
+        let t = &self.header.train;
+        let mut loader = ViewLoader::new(
+            train_set.clone(),
+            self.pipelines(),
+            t.batch_size,
+            self.header.seed,
+        )?;
         if let Some(g) = &ctx.group {
             // Each rank augments only the batches it trains on.
             loader = loader.for_rank(g.rank(), g.world());

@@ -38,8 +38,7 @@ pub(super) fn export(
     config["model_type"] = "kindling-resnet".into();
     config["layout"] = "channels_last".into();
     config["preprocessing"] = serde_json::to_value(&recipe.data.eval_view).expect("serialises");
-    config["pretraining"] =
-        serde_json::json!({"objective": recipe.objective, "steps": steps, "seed": recipe.seed});
+    config["pretraining"] = serde_json::json!({"objective": recipe.objective, "steps": steps, "seed": recipe.header.seed});
     save_json(&dir.join("config.json"), &config)?;
     let mut card = format!(
         "---\nlibrary_name: kindling\ntags: [self-supervised, {}, image-feature-extraction]\n{}---\n\n# {}\n\n\
@@ -47,7 +46,7 @@ pub(super) fn export(
          (`kindling pretrain`). Weights use HF ResNet parameter names; activations are channels-last \
          and the stem is the small-image one (3x3, no max-pool), which `transformers`' ResNet cannot express.\n",
         recipe.objective,
-        recipe.export.license.as_ref().map(|l| format!("license: {l}\n")).unwrap_or_default(),
+        recipe.header.export.license.as_ref().map(|l| format!("license: {l}\n")).unwrap_or_default(),
         recipe.name(),
         model.backbone.config.architecture,
         model.backbone.config.hidden_sizes,
@@ -70,7 +69,7 @@ pub fn export_from_checkpoint(
     recipe: &VisionRecipe,
     run_dir: &Path,
 ) -> Result<PathBuf, RecipeError> {
-    let device = device(&recipe.device)?;
+    let device = device(&recipe.header.device)?;
     let (ckpt, _) = checkpoint::newest_valid(run_dir);
     let ckpt = ckpt.ok_or_else(|| RecipeError::Resume {
         path: run_dir.to_path_buf(),
@@ -91,6 +90,7 @@ pub fn export_from_checkpoint(
     )?;
     let state = checkpoint::load(&ckpt, &model.varmap, None, &device)?;
     let dir = recipe
+        .header
         .export
         .dir
         .clone()

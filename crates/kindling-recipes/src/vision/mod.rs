@@ -44,7 +44,7 @@ use kindling_train::distributed::{gather_with_grad, Collective};
 use kindling_train::{checkpoint, FitSummary, Objective, StepOutput};
 
 use crate::probe::{standardise, Logistic};
-use crate::recipe::{parse_toml, ExportSection, TrainSection};
+use crate::recipe::{parse_recipe, parse_toml, Header};
 use crate::run::{cursor_within, device, drive, Context, Experiment, Loader, Prepared, RunOf};
 use crate::{RecipeError, RunOptions, RunReport};
 pub use experiment::*;
@@ -71,36 +71,20 @@ pub fn objectives() -> Vec<&'static str> {
 #[serde(deny_unknown_fields)]
 pub struct VisionRecipe {
     pub objective: String,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default = "crate::recipe::default_runs_dir")]
-    pub runs_dir: PathBuf,
-    /// Fixes initialisation, data order and every augmentation.
-    #[serde(default = "crate::recipe::default_seed")]
-    pub seed: u64,
-    #[serde(default)]
-    pub device: crate::run::DeviceSetting,
-    /// `"f32"`, or `"bf16"` on a GPU: the encoder computes in bf16 (f32 master weights,
-    /// BatchNorm in f32); heads and losses stay in f32.
-    #[serde(default)]
-    pub precision: crate::run::Precision,
-    /// `"fused"` (training on CPU f32 runs the ResNet as one autograd node) or `"composed"`
-    /// (layer by layer: the reference to compare against; slower).
-    #[serde(default)]
-    pub kernels: kindling_models::ops::Kernels,
+    /// The shared header (name, runs_dir, seed, device, precision, kernels, `[train]`,
+    /// `[export]`). The seed fixes initialisation, data order and every augmentation; `bf16`
+    /// (GPUs) runs the encoder in bf16 (f32 master weights, BatchNorm in f32), heads and losses
+    /// in f32; `kernels = "fused"` trains the ResNet on CPU f32 as one autograd node.
+    pub header: Header,
     #[serde(default)]
     pub model: VisionModel,
     #[serde(default)]
     pub loss: LossConfig,
     pub data: VisionData,
     #[serde(default)]
-    pub train: TrainSection,
-    #[serde(default)]
     pub eval: VisionEval,
     #[serde(default)]
     pub probe: VisionProbe,
-    #[serde(default)]
-    pub export: ExportSection,
 }
 
 /// `[model]`: the encoder and the heads.
@@ -230,7 +214,9 @@ impl Default for VisionProbe {
 impl VisionRecipe {
     /// The resolved recipe as saved in the run folder: `[loss]` holds the method's own keys.
     pub fn to_toml(&self) -> String {
-        let mut doc = toml::Table::try_from(self).expect("a recipe serialises");
+        let mut doc: toml::Table = crate::recipe::recipe_toml(self)
+            .parse()
+            .expect("a recipe's own text parses");
         if let Some(toml::Value::Table(loss)) = doc.get_mut("loss") {
             let allowed = loss_keys(&self.objective);
             loss.retain(|k, _| allowed.contains(&k.as_ref()));
@@ -243,10 +229,8 @@ impl VisionRecipe {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let mut r: VisionRecipe = parse_toml(&text, path, overrides)?;
-        if r.name.is_none() {
-            r.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-        }
+        let mut r: VisionRecipe = parse_recipe(&text, path, overrides)?;
+        crate::recipe::name_from_file(&mut r.header, path);
         let methods = crate::registry::names_of(crate::registry::Family::Vision);
         if !methods.contains(&r.objective.as_str()) {
             return Err(RecipeError::Key {
@@ -292,7 +276,7 @@ impl VisionRecipe {
     }
 
     pub fn name(&self) -> &str {
-        self.name.as_deref().unwrap_or("run")
+        self.header.name()
     }
 
     /// The two view pipelines (one given: both views use it).

@@ -116,7 +116,7 @@ impl SslModel {
         let m = &recipe.model;
         let mut backbone_cfg = m.backbone.clone();
         backbone_cfg.num_channels = in_shape.2;
-        backbone_cfg.kernels = recipe.kernels;
+        backbone_cfg.kernels = recipe.header.kernels;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let backbone = ResNet::new(&backbone_cfg, vb.pp("backbone"))?;
@@ -143,7 +143,7 @@ impl SslModel {
         } else {
             None
         };
-        seeded_init(&varmap, recipe.seed)?;
+        seeded_init(&varmap, recipe.header.seed)?;
         // The target starts as a copy of the online network (parameters and buffers).
         let mut ema_pairs = Vec::new();
         if target.is_some() {

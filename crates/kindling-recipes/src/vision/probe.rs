@@ -208,7 +208,7 @@ mod tests {
     fn an_exported_encoder_reloads_with_identical_features() {
         let text = include_str!("../../../../recipes/tiny/simclr-tiny.toml");
         let recipe: super::super::VisionRecipe =
-            parse_toml(text, Path::new("simclr-tiny.toml"), &[]).unwrap();
+            crate::recipe::parse_recipe(text, Path::new("simclr-tiny.toml"), &[]).unwrap();
         let device = Device::Cpu;
         let model = SslModel::build(&recipe, (20, 20, 1), 3, &device).unwrap();
         let images = |seed: u64| {

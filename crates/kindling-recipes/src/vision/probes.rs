@@ -21,7 +21,7 @@ pub(super) fn eval_batches(
                 set,
                 &pipes,
                 c,
-                recipe.seed ^ 0x6576_616c,
+                recipe.header.seed ^ 0x6576_616c,
                 u64::MAX,
                 Cursor::default(),
             )
@@ -175,7 +175,7 @@ pub(super) fn final_probes(
         t0.elapsed().as_secs_f64()
     );
     if cfg.compare_random {
-        let random = initial_encoder(&model.backbone.config, recipe.seed, device)?;
+        let random = initial_encoder(&model.backbone.config, recipe.header.seed, device)?;
         out.push(linear_probe(
             "random encoder (the run's initial weights)",
             rows(feats(&random, train)?, d),

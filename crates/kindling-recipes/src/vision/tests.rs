@@ -6,7 +6,7 @@ use super::*;
 
 fn tiny(objective: &str) -> VisionRecipe {
     let text = include_str!("../../../../recipes/tiny/simclr-tiny.toml");
-    parse_toml(
+    crate::recipe::parse_recipe(
         text,
         Path::new("simclr-tiny.toml"),
         &[
