@@ -441,15 +441,17 @@ impl Rotary {
         })
     }
 
-    /// `x` (batch * seq, hidden) with heads of `head_dim` side by side -> the same, rotated.
-    fn apply(&self, x: &Tensor, b: usize, t: usize, heads: usize) -> candle_core::Result<Tensor> {
-        let d = x.dim(1)? / heads;
-        let x4 = x.reshape((b, t, heads, d))?;
-        let (x1, x2) = (x4.narrow(3, 0, d / 2)?, x4.narrow(3, d / 2, d / 2)?);
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
-        let cos = self.cos.to_dtype(x.dtype())?;
-        let sin = self.sin.to_dtype(x.dtype())?;
-        (x4.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?.reshape((b * t, heads * d))
+    /// `x` (batch * seq, hidden) with heads of `head_dim` side by side -> the same, rotated
+    /// (see [`Kernels::rotary`]).
+    fn apply(
+        &self,
+        kernels: Kernels,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        heads: usize,
+    ) -> candle_core::Result<Tensor> {
+        kernels.rotary(x, &self.cos, &self.sin, (b, t, heads))
     }
 }
 
@@ -512,8 +514,8 @@ impl ModernBertLayer {
         };
         let qkv = self.wqkv.forward(&normed)?; // (b*t, 3h): q | k | v, heads side by side
         let h = xs.dim(1)?;
-        let q = rotary.apply(&qkv.narrow(1, 0, h)?, b, t, self.heads)?;
-        let k = rotary.apply(&qkv.narrow(1, h, h)?, b, t, self.heads)?;
+        let q = rotary.apply(self.kernels, &qkv.narrow(1, 0, h)?, b, t, self.heads)?;
+        let k = rotary.apply(self.kernels, &qkv.narrow(1, h, h)?, b, t, self.heads)?;
         let v = qkv.narrow(1, 2 * h, h)?;
         let ctx = self.kernels.self_attention_windowed(
             &q,
@@ -529,9 +531,7 @@ impl ModernBertLayer {
             .forward_t(&self.attn_wo.forward(&ctx)?, mode)?;
         let xs = (xs + attn)?;
         let up = self.wi.forward(&self.mlp_norm.forward(&xs)?)?; // (b*t, 2i): input | gate
-        let inter = up.dim(1)? / 2;
-        let gated =
-            (self.kernels.gelu_erf(&up.narrow(1, 0, inter)?)?).mul(&up.narrow(1, inter, inter)?)?;
+        let gated = self.kernels.geglu(&up)?;
         let out = self
             .mlp_wo
             .forward(&self.mlp_dropout.forward_t(&gated, mode)?)?;

@@ -12,7 +12,7 @@
 //! op against its composition, forward and backward.
 //!
 //! One file per kernel: `linear.rs`, `layer_norm.rs`, `softmax.rs` (the attention probabilities
-//! and a last-dimension softmax), `attention.rs` (self-attention as one op), `gelu.rs`,
+//! and a last-dimension softmax), `attention.rs` (self-attention as one op), `gelu.rs`, `geglu.rs`, `rotary.rs`,
 //! `dropout.rs`, `cross_entropy.rs`, `attached.rs` (the GPU path: candle's forward kernels
 //! with these backward passes attached) and `kernels.rs` ([`Kernels`], the path a model takes,
 //! chosen when it is built: each op is a method of it, and the free functions are the fused
@@ -31,6 +31,7 @@ mod attention;
 mod cpu;
 mod cross_entropy;
 mod dropout;
+mod geglu;
 mod gelu;
 mod kernels;
 mod l2;
@@ -39,6 +40,7 @@ mod linear;
 mod math;
 mod matmul;
 mod par;
+mod rotary;
 mod softmax;
 
 pub use attached::*;

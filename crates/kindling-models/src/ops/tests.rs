@@ -415,3 +415,29 @@ fn fused_self_attention_matches_the_composed_ops_forward_and_backward() {
         assert!(d < 1e-5, "window {window:?}: composed vs fused {d}");
     }
 }
+
+#[test]
+fn fused_rotary_matches_the_composed_ops_forward_and_backward() {
+    // Two rows of 5 positions, 3 heads of 8; tables with unequal halves, so the backward pass
+    // must be the transpose and not merely the rotation by minus the angle.
+    let (b, t, heads, d) = (2, 5, 3, 8);
+    let x = randn((1, b * t, heads * d), 11).squeeze(0).unwrap();
+    let r = randn((1, b * t, heads * d), 12).squeeze(0).unwrap();
+    let cos = randn((1, t, d), 13).reshape((1, t, 1, d)).unwrap();
+    let sin = randn((1, t, d), 14).reshape((1, t, 1, d)).unwrap();
+    let run = |k: Kernels| grads(|x| k.rotary(x, &cos, &sin, (b, t, heads)).unwrap(), &x, &r);
+    let ((y1, g1), (y2, g2)) = (run(Kernels::Fused), run(Kernels::Composed));
+    assert!(max_rel_diff(&y1, &y2) < 1e-6, "{}", max_rel_diff(&y1, &y2));
+    assert!(max_rel_diff(&g1, &g2) < 1e-6, "{}", max_rel_diff(&g1, &g2));
+}
+
+#[test]
+fn fused_geglu_matches_the_composed_ops_forward_and_backward() {
+    let up = randn((1, 12, 2 * 20), 15).squeeze(0).unwrap();
+    let r = randn((1, 12, 20), 16).squeeze(0).unwrap();
+    let run = |k: Kernels| grads(|x| k.geglu(x).unwrap(), &up, &r);
+    let ((y1, g1), (y2, g2)) = (run(Kernels::Fused), run(Kernels::Composed));
+    assert_eq!(y1.dims(), &[12, 20]);
+    assert!(max_rel_diff(&y1, &y2) < 1e-5, "{}", max_rel_diff(&y1, &y2));
+    assert!(max_rel_diff(&g1, &g2) < 1e-5, "{}", max_rel_diff(&g1, &g2));
+}
