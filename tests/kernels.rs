@@ -4,13 +4,13 @@
 
 use candle_core::Device;
 use kindling_core::Mode;
-use kindling_data::MlmBatch;
 use kindling_models::ops::Kernels;
 use kindling_models::EncoderConfig;
 use kindling_recipes::bert_mlm::BertMlm;
 use kindling_train::Objective;
 
 use crate::common::{kindling, stderr};
+use crate::model::tiny_batch;
 
 /// A tiny config of `model_type`, dropout on everywhere it exists (ModernBERT: 3 layers, so a
 /// local layer with a window narrower than the sequence sits between global ones), initialised
@@ -34,28 +34,12 @@ fn tiny(model_type: &str) -> EncoderConfig {
     EncoderConfig::from_json(json).unwrap()
 }
 
-/// Two rows of 16 tokens, a quarter of the positions labelled.
-fn batch() -> MlmBatch {
-    let (b, t) = (2usize, 16usize);
-    let input_ids: Vec<u32> = (0..(b * t) as u32).map(|i| 3 + (i * 37) % 90).collect();
-    let positions: Vec<u32> = (0..(b * t) as u32).filter(|p| p % 4 == 1).collect();
-    let labels = positions.iter().map(|&p| 3 + (p * 131) % 90).collect();
-    MlmBatch {
-        batch_size: b,
-        seq_len: t,
-        input_ids,
-        positions,
-        labels,
-        cursor_after: Default::default(),
-    }
-}
-
-/// The loss of `batch()` in training mode (dropout on, seeded) and every parameter's gradient,
+/// The loss of `tiny_batch` in training mode (dropout on, seeded) and every parameter's gradient,
 /// by name, of a model built on `kernels` from seed 5.
 fn loss_and_grads(mut cfg: EncoderConfig, kernels: Kernels) -> (f32, Vec<(String, Vec<f32>)>) {
     cfg.set_kernels(kernels);
     let obj = BertMlm::new(cfg, 5, &Device::Cpu).unwrap();
-    let out = obj.step(&batch(), Mode::Train { seed: 11 }).unwrap();
+    let out = obj.step(&tiny_batch(97), Mode::Train { seed: 11 }).unwrap();
     let grads = out.loss.backward().unwrap();
     let mut named: Vec<(String, Vec<f32>)> = obj
         .varmap
