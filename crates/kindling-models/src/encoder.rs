@@ -268,7 +268,7 @@ impl EncoderConfig {
     pub fn train_flops(&self, tokens: usize, seq: usize, predicted: usize, rows: bool) -> f64 {
         match self {
             EncoderConfig::Bert(c) => c.train_flops(tokens, seq, predicted, rows),
-            EncoderConfig::ModernBert(c) => c.train_flops(tokens, seq, predicted),
+            EncoderConfig::ModernBert(c) => c.train_flops(tokens, seq, predicted, rows),
         }
     }
 
@@ -331,11 +331,12 @@ impl MaskedLm {
         }
     }
 
-    /// Whether the last layer runs at the predicted rows only (BERT's fused CPU f32 layer).
+    /// Whether the last layer runs at the predicted rows only (BERT's fused CPU f32 layer;
+    /// ModernBERT's attention output and feed-forward block without dropout).
     pub fn last_layer_at_rows(&self) -> bool {
         match self {
             MaskedLm::Bert(m) => m.bert.last_layer_at_rows(),
-            MaskedLm::ModernBert(_) => false,
+            MaskedLm::ModernBert(m) => m.model.last_layer_at_rows(),
         }
     }
 

@@ -345,16 +345,22 @@ impl ModernBertConfig {
     /// Matmul FLOPs of one MLM training step (forward + backward = 3 x forward): the encoder at
     /// every token (attention over the whole sequence, the window included: the kernel computes
     /// full rows), the head and decoder at `predicted` rows.
-    pub fn train_flops(&self, tokens: usize, seq: usize, predicted: usize) -> f64 {
+    pub fn train_flops(&self, tokens: usize, seq: usize, predicted: usize, rows: bool) -> f64 {
         let (h, v, l) = (
             self.hidden_size as f64,
             self.vocab_size as f64,
             self.num_hidden_layers as f64,
         );
         let (t, p, s) = (tokens as f64, predicted as f64, seq as f64);
-        6.0 * self.encoder_linear_params() as f64 * t
-            + 12.0 * l * s * h * t
-            + 6.0 * (h * h + h * v) * p
+        let enc = if rows && l > 0.0 {
+            // The last layer's Wqkv at every token, its Wo and feed-forward block at `predicted`.
+            let per_layer = self.encoder_linear_params() as f64 / l;
+            let qkv = 3.0 * h * h;
+            6.0 * ((l - 1.0) * per_layer * t + qkv * t + (per_layer - qkv) * p)
+        } else {
+            6.0 * self.encoder_linear_params() as f64 * t
+        };
+        enc + 12.0 * l * s * h * t + 6.0 * (h * h + h * v) * p
     }
 }
 
@@ -500,6 +506,9 @@ impl ModernBertLayer {
         })
     }
 
+    /// (b*t, h) -> (b*t, h), or with `rows` (flat indices, u32) just those rows: attention still
+    /// reads every row's keys and values, but the output projection and the feed-forward block
+    /// run at `rows` only.
     fn forward_t(
         &self,
         xs: &Tensor,
@@ -507,6 +516,7 @@ impl ModernBertLayer {
         mask_bias: &Tensor,
         rotary: &Rotary,
         mode: Mode,
+        rows: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let normed = match &self.attn_norm {
             Some(n) => n.forward(xs)?,
@@ -526,6 +536,10 @@ impl ModernBertLayer {
             self.window,
             self.probs_dropout.stream(mode),
         )?;
+        let (ctx, xs) = match rows {
+            Some(r) => (ctx.index_select(r, 0)?, xs.index_select(r, 0)?),
+            None => (ctx, xs.clone()),
+        };
         let attn = self
             .attn_out_dropout
             .forward_t(&self.attn_wo.forward(&ctx)?, mode)?;
@@ -576,6 +590,30 @@ impl ModernBertModel {
         attention_mask: Option<&Tensor>,
         mode: Mode,
     ) -> Result<Tensor> {
+        self.forward_rows_t(input_ids, attention_mask, None, mode)
+    }
+
+    /// Whether [`ModernBertModel::forward_rows_t`] runs the last layer's output projection and
+    /// feed-forward block at the rows only: on the fused path, without dropout in the layers
+    /// (ModernBERT's default; with dropout, masks drawn over a subset would differ from those of
+    /// the full layer).
+    pub fn last_layer_at_rows(&self) -> bool {
+        let c = &self.config;
+        c.kernels == Kernels::Fused && c.attention_dropout == 0.0 && c.mlp_dropout == 0.0
+    }
+
+    /// [`ModernBertModel::forward_t`] at `rows` only (flat `b * seq + t` indices, u32): (rows,
+    /// hidden), equal to selecting those rows of the full output. Where
+    /// [`ModernBertModel::last_layer_at_rows`] holds, the last layer computes the attention
+    /// output and the feed-forward block at those rows only: an MLM step, whose loss reads ~15%
+    /// of the rows, skips most of its last layer.
+    pub fn forward_rows_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        rows: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if t > self.config.max_seq_len() {
             return Err(ModelError::Config(format!(
@@ -595,13 +633,19 @@ impl ModernBertModel {
         let head_dim = self.config.hidden_size / self.config.num_attention_heads;
         let global = Rotary::new(t, head_dim, self.config.rope_theta(true), device)?;
         let local = Rotary::new(t, head_dim, self.config.rope_theta(false), device)?;
-        for layer in &self.layers {
+        let at_rows = rows.filter(|_| self.last_layer_at_rows());
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
             let rotary = if layer.window.is_some() {
                 &local
             } else {
                 &global
             };
-            xs = layer.forward_t(&xs, (b, t), &mask_bias, rotary, mode)?;
+            let layer_rows = if i == last { at_rows } else { None };
+            xs = layer.forward_t(&xs, (b, t), &mask_bias, rotary, mode, layer_rows)?;
+        }
+        if let (Some(r), true) = (rows, at_rows.is_none() || self.layers.is_empty()) {
+            xs = xs.index_select(r, 0)?;
         }
         Ok(self.final_norm.forward(&xs)?)
     }
@@ -648,11 +692,9 @@ impl ModernBertForMaskedLM {
         positions: Option<&Tensor>,
         mode: Mode,
     ) -> Result<Tensor> {
-        let hidden = self.model.forward_t(input_ids, attention_mask, mode)?;
-        let hidden = match positions {
-            Some(p) => hidden.index_select(p, 0)?,
-            None => hidden,
-        };
+        let hidden = self
+            .model
+            .forward_rows_t(input_ids, attention_mask, positions, mode)?;
         let kernels = self.model.config.kernels;
         let xs = kernels.gelu_erf(&self.head_dense.forward(&hidden)?)?;
         let xs = self.head_norm.forward(&xs)?;
@@ -828,6 +870,51 @@ mod tests {
         assert_eq!(
             logits(&m0, Mode::Train { seed: 1 }),
             logits(&m0, Mode::Eval)
+        );
+    }
+
+    #[test]
+    fn the_last_layer_at_the_predicted_rows_equals_selecting_them_forward_and_backward() {
+        let (m, varmap) = tiny(0.0);
+        assert!(m.model.last_layer_at_rows());
+        let ids = Tensor::from_vec(
+            (0..24u32).map(|i| (i * 7) % 50).collect(),
+            (2, 12),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let rows = Tensor::new(&[1u32, 4, 13, 22], &Device::Cpu).unwrap();
+        let run = |at_rows: bool| {
+            let logits = if at_rows {
+                m.forward_t(&ids, None, Some(&rows), Mode::Eval).unwrap()
+            } else {
+                let all = m.forward_t(&ids, None, None, Mode::Eval).unwrap();
+                all.index_select(&rows, 0).unwrap()
+            };
+            let g = logits.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let data = varmap.data().lock().unwrap();
+            let mut names: Vec<&String> = data.keys().collect();
+            names.sort();
+            let grads: Vec<Vec<f32>> = names
+                .iter()
+                .map(|n| {
+                    let t = g
+                        .get(data[*n].as_tensor())
+                        .expect("every parameter has a gradient");
+                    t.flatten_all().unwrap().to_vec1().unwrap()
+                })
+                .collect();
+            (
+                logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                grads,
+            )
+        };
+        let ((l1, g1), (l2, g2)) = (run(true), run(false));
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5);
+        assert!(close(&l1, &l2), "logits differ");
+        assert!(
+            g1.iter().zip(&g2).all(|(a, b)| close(a, b)),
+            "gradients differ"
         );
     }
 
