@@ -460,3 +460,95 @@ fn finetuning_resumes_bit_for_bit_after_a_kill() {
     assert_eq!(a["test"], b["test"]);
     assert_eq!(a["best_validation"], b["best_validation"]);
 }
+
+/// `data.on_invalid = "skip"`: rows without a label or text, or with a split or class the
+/// recipe does not know, are left out and counted (log, test_results.json, model card), the
+/// first few named by line; by default the first of them stops the run before any write; a
+/// split left empty by skipping is still an error.
+#[test]
+fn a_table_with_holes_skips_its_invalid_rows_when_asked_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let clean = separable_table(dir.path(), 200);
+    let text = std::fs::read_to_string(&clean).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    // File lines (1 = the header): 5 no label, 9 no text, 14 an unknown split; 11 (a test row)
+    // a class no training row has.
+    let cells = |l: &str| l.split('\t').map(String::from).collect::<Vec<_>>();
+    let mut c = cells(&lines[4]);
+    c[2] = String::new();
+    lines[4] = c.join("\t");
+    let mut c = cells(&lines[8]);
+    c[1] = "  ".into();
+    lines[8] = c.join("\t");
+    let mut c = cells(&lines[13]);
+    c[0] = "dev".into();
+    lines[13] = c.join("\t");
+    let mut c = cells(&lines[10]);
+    assert_eq!(c[0], "test");
+    c[2] = "maybe".into();
+    lines[10] = c.join("\t");
+    let holes = dir.path().join("holes.tsv");
+    std::fs::write(&holes, lines.join("\n") + "\n").unwrap();
+    let runs = dir.path().join("runs");
+    let quick = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec!["train.max_epochs=1".to_string()];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+
+    let out = finetune_cmd(&runs, &holes, &quick(&[]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("holes.tsv:5"), "{}", stderr(&out));
+    assert!(!runs.join("finetune-tiny").exists(), "nothing is written");
+
+    let out = finetune_cmd(&runs, &holes, &quick(&["data.on_invalid=\"skip\""]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("data: 4 invalid rows skipped (") && err.contains("holes.tsv:14"),
+        "{err}"
+    );
+    let run = runs.join("finetune-tiny");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("test_results.json")).unwrap())
+            .unwrap();
+    let skipped = &results["skipped_rows"];
+    assert_eq!(skipped["count"], 4, "{skipped}");
+    let mut named: Vec<u64> = skipped["first"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
+    named.sort();
+    assert_eq!(named, [5, 9, 11, 14]);
+    let card = std::fs::read_to_string(run.join("export/README.md")).unwrap();
+    assert!(card.contains("4 invalid rows skipped"), "{card}");
+
+    // Every test row invalid: skipping leaves the test split empty, which is an error.
+    let no_test: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("test\t") {
+                let mut c = cells(l);
+                c[2] = String::new();
+                c.join("\t")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&holes, no_test + "\n").unwrap();
+    let out = finetune_cmd(
+        &runs,
+        &holes,
+        &quick(&["data.on_invalid=\"skip\"", "name=\"empty-test\""]),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("both splits need rows"),
+        "{}",
+        stderr(&out)
+    );
+}

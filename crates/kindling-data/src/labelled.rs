@@ -30,6 +30,68 @@ pub struct TableSpec {
     pub split_column: Option<String>,
 }
 
+/// What to do with a row that cannot be an example (no label, no text; in fine-tuning also a
+/// split or a class the recipe does not know): `error` (the default) stops the run before
+/// anything is written, naming `file:line`; `skip` leaves the row out and counts it, as
+/// pandas' `on_bad_lines="skip"` and HF datasets' `filter` let users do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnInvalid {
+    #[default]
+    Error,
+    Skip,
+}
+
+/// One row left out under [`OnInvalid::Skip`]: its line and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SkippedRow {
+    pub line: u64,
+    pub why: String,
+}
+
+/// The rows left out of a table: how many, and the first few (for the log, the model card and
+/// test_results.json).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Skipped {
+    pub count: usize,
+    pub first: Vec<SkippedRow>,
+}
+
+impl Skipped {
+    /// How many rows are named; the rest are only counted.
+    pub const NAMED: usize = 5;
+
+    pub fn push(&mut self, line: u64, why: String) {
+        self.count += 1;
+        if self.first.len() < Self::NAMED {
+            self.first.push(SkippedRow { line, why });
+        }
+    }
+
+    /// `"3 invalid rows skipped (f.tsv:4: missing label ...; ...)"`, or None when none were.
+    pub fn summary(&self, path: &Path) -> Option<String> {
+        if self.count == 0 {
+            return None;
+        }
+        let named: Vec<String> = self
+            .first
+            .iter()
+            .map(|r| format!("{}:{}: {}", path.display(), r.line, r.why))
+            .collect();
+        let more = if self.count > self.first.len() {
+            format!("; {} more", self.count - self.first.len())
+        } else {
+            String::new()
+        };
+        Some(format!(
+            "{} invalid row{} skipped ({}{more})",
+            self.count,
+            if self.count == 1 { "" } else { "s" },
+            named.join("; ")
+        ))
+    }
+}
+
 /// One row: its text, its label as written, its split, and its line in the file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
@@ -102,6 +164,17 @@ pub fn read_table(path: &Path, format: Option<&str>, columns: &[String]) -> Resu
 /// Reads every row of the table. A row without a label, or without any text, is an error
 /// naming its line; so is a missing column (naming the columns the file has).
 pub fn read_examples(spec: &TableSpec) -> Result<Vec<Example>> {
+    read_examples_with(spec, OnInvalid::Error, &mut Skipped::default())
+}
+
+/// [`read_examples`], where under [`OnInvalid::Skip`] a row without a label or text is left
+/// out and recorded in `skipped` instead. A malformed file or a missing column is an error
+/// either way.
+pub fn read_examples_with(
+    spec: &TableSpec,
+    on_invalid: OnInvalid,
+    skipped: &mut Skipped,
+) -> Result<Vec<Example>> {
     if spec.text_columns.is_empty() {
         return Err(DataError::Table {
             path: spec.path.clone(),
@@ -112,7 +185,15 @@ pub fn read_examples(spec: &TableSpec) -> Result<Vec<Example>> {
     columns.push(spec.label_column.clone());
     columns.extend(spec.split_column.iter().cloned());
     let rows = read_table(&spec.path, spec.format.as_deref(), &columns)?;
-    rows.into_iter().map(|r| example(spec, &r)).collect()
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        match (example(spec, r), on_invalid) {
+            (Ok(e), _) => out.push(e),
+            (Err(DataError::Row { line, msg, .. }), OnInvalid::Skip) => skipped.push(line, msg),
+            (Err(e), _) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 /// Builds an example from a row read with the columns text..., label[, split].

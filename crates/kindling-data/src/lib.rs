@@ -30,7 +30,10 @@ pub use augment::{build_views, Image, Stage, ViewBatch, ViewLoader, ViewPipeline
 pub use corpus::{Corpus, Document, TextTable};
 pub use error::{DataError, Result};
 pub use images::{ImageSet, ImageSource, OnCorrupt};
-pub use labelled::{read_table, Example, LabelSet, Row, TableSpec};
+pub use labelled::{
+    read_examples_with, read_table, Example, LabelSet, OnInvalid, Row, Skipped, SkippedRow,
+    TableSpec,
+};
 pub use loader::{eval_batches, Cursor, MlmBatch, MlmLoader, Prefetch};
 pub use masking::{MaskConfig, MaskedBlock, Masker};
 pub use packing::{unigram_cross_entropy, unigram_from_counts, Blocks, PackedBlocks};

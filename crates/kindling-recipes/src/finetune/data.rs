@@ -10,6 +10,8 @@ pub struct TaskData {
     pub validation: Encoded,
     pub test: Encoded,
     pub pad_id: u32,
+    /// Rows left out under `data.on_invalid = "skip"`.
+    pub skipped: Skipped,
 }
 
 /// Token ids (truncated, with [CLS]/[SEP]) and class indices.
@@ -46,13 +48,24 @@ pub fn load_task(recipe: &FinetuneRecipe, tokenizer: &Tokenizer) -> Result<TaskD
         label_column: d.label_column.clone(),
         split_column: d.split_column.clone(),
     };
-    let rows = read_examples(&spec)?;
+    let mut skipped = Skipped::default();
+    let mut rows = read_examples_with(&spec, d.on_invalid, &mut skipped)?;
     let hashed = |e: &Example, salt: u64| {
         (rng::mix64(hash_str(&e.text) ^ salt) >> 11) as f64 / (1u64 << 53) as f64
     };
-    let (mut train, test): (Vec<Example>, Vec<Example>) = match &d.split_column {
+    let (mut train, mut test): (Vec<Example>, Vec<Example>) = match &d.split_column {
         Some(col) => {
             let known = [d.train_split.as_str(), d.test_split.as_str()];
+            if d.on_invalid == OnInvalid::Skip {
+                rows.retain(|e| {
+                    let split = e.split.as_deref().unwrap_or("");
+                    let ok = known.contains(&split);
+                    if !ok {
+                        skipped.push(e.line, format!("split `{split}` in column `{col}`"));
+                    }
+                    ok
+                });
+            }
             if let Some(e) = rows
                 .iter()
                 .find(|e| !known.contains(&e.split.as_deref().unwrap_or("")))
@@ -82,9 +95,29 @@ pub fn load_task(recipe: &FinetuneRecipe, tokenizer: &Tokenizer) -> Result<TaskD
         train.truncate(d.max_train_examples);
         train.sort_by_key(|e| e.line);
     }
-    let (train, validation): (Vec<Example>, Vec<Example>) = train
+    let (mut train, mut validation): (Vec<Example>, Vec<Example>) = train
         .into_iter()
         .partition(|e| hashed(e, domain::SPLIT + 1) >= d.validation_fraction);
+    let labels = match &d.labels {
+        Some(names) => LabelSet {
+            names: names.clone(),
+        },
+        None => LabelSet::infer(&train),
+    };
+    if d.on_invalid == OnInvalid::Skip {
+        // A class outside the set: one the recipe's data.labels lacks, or (inferred) one no
+        // training row has.
+        let mut known = |e: &Example| {
+            let ok = labels.names.contains(&e.label);
+            if !ok {
+                skipped.push(e.line, format!("unknown class `{}`", e.label));
+            }
+            ok
+        };
+        train.retain(&mut known);
+        validation.retain(&mut known);
+        test.retain(&mut known);
+    }
     if train.is_empty() || test.is_empty() {
         return Err(RecipeError::Invalid {
             key: "data".into(),
@@ -96,12 +129,6 @@ pub fn load_task(recipe: &FinetuneRecipe, tokenizer: &Tokenizer) -> Result<TaskD
             ),
         });
     }
-    let labels = match &d.labels {
-        Some(names) => LabelSet {
-            names: names.clone(),
-        },
-        None => LabelSet::infer(&train),
-    };
     if labels.len() < 2 {
         return Err(RecipeError::Invalid {
             key: "data.labels".into(),
@@ -142,6 +169,7 @@ pub fn load_task(recipe: &FinetuneRecipe, tokenizer: &Tokenizer) -> Result<TaskD
         test: encode(&test)?,
         pad_id: specials.pad,
         labels,
+        skipped,
     })
 }
 

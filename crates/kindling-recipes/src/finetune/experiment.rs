@@ -28,6 +28,7 @@ pub struct FinetuneState {
     test: Encoded,
     pad_id: u32,
     classes: usize,
+    skipped: Skipped,
 }
 
 impl Experiment for FinetuneRecipe {
@@ -60,6 +61,9 @@ impl Experiment for FinetuneRecipe {
             task.test.len(),
             100.0 * task.test.majority_fraction(task.labels.len())
         );
+        if let Some(s) = task.skipped.summary(&self.data.path) {
+            eprintln!("data: {s}");
+        }
         let (mut obj, report) = Classifier::build(self, task.labels.clone(), &ctx.device)?;
         obj.model.set_compute_dtype(ctx.compute);
         match &report {
@@ -103,6 +107,7 @@ impl Experiment for FinetuneRecipe {
                 test: task.test,
                 pad_id: task.pad_id,
                 classes: task.labels.len(),
+                skipped: task.skipped,
             },
         })
     }
@@ -176,9 +181,18 @@ impl Experiment for FinetuneRecipe {
             &ctx.run_dir.join("test_results.json"),
             &serde_json::json!({"test": test, "best_validation": best.map(|(s, v)| serde_json::json!({"step": s, "value": v})),
                 "steps": summary.steps, "elapsed_s": summary.elapsed_secs,
-                "confusion_matrix": obj.confusion_counts(st.test.len()), "labels": obj.labels.names}),
+                "confusion_matrix": obj.confusion_counts(st.test.len()), "labels": obj.labels.names,
+                "skipped_rows": st.skipped}),
         )?;
-        export(obj, &st.tokenizer, self, export_dir, &test, summary.steps)?;
+        export(
+            obj,
+            &st.tokenizer,
+            self,
+            export_dir,
+            &test,
+            summary.steps,
+            &st.skipped,
+        )?;
         Ok(test)
     }
 }

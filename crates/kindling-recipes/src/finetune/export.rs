@@ -55,6 +55,7 @@ pub fn export(
     dir: &Path,
     test: &BTreeMap<String, f64>,
     steps: u64,
+    skipped: &Skipped,
 ) -> Result<(), RecipeError> {
     let dropout = recipe
         .model
@@ -88,6 +89,9 @@ pub fn export(
         recipe.data.path.display(),
         recipe.data.label_column
     );
+    if let Some(s) = skipped.summary(&recipe.data.path) {
+        card += &format!("Data: {s}.\n\n");
+    }
     card += "## Test results\n\n| metric | value |\n|---|---|\n";
     for (k, v) in test {
         card += &format!("| {k} | {v:.4} |\n");

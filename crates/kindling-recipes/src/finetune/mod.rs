@@ -26,7 +26,9 @@ use tokenizers::Tokenizer;
 
 use kindling_core::rng::{self, domain, hash_str};
 use kindling_core::Mode;
-use kindling_data::labelled::{read_examples, Example, LabelSet, TableSpec};
+use kindling_data::labelled::{
+    read_examples_with, Example, LabelSet, OnInvalid, Skipped, TableSpec,
+};
 use kindling_data::tokenizer as tok;
 use kindling_models::bert::Pooling;
 use kindling_models::export::{save_json, write_atomic};
@@ -162,6 +164,12 @@ pub struct FtData {
     /// may hold one class only). Off by default, as in HF.
     #[serde(default)]
     pub group_by_length: bool,
+    /// A row without a label or text, or with a split or class the recipe does not know:
+    /// `"error"` (the default) stops before anything is written, naming `file:line`;
+    /// `"skip"` leaves it out, and the log, the model card and test_results.json count it and
+    /// name the first few. A split left empty by skipping is still an error.
+    #[serde(default)]
+    pub on_invalid: OnInvalid,
 }
 
 fn default_train_split() -> String {
