@@ -23,6 +23,31 @@ pub fn accuracy_and_macro_f1(cm: &[Vec<f64>]) -> (f64, f64) {
     (correct / total.max(1e-12), f1)
 }
 
+/// The Matthews correlation coefficient of a confusion matrix (rows: true, columns: predicted),
+/// multiclass as Gorodkin's R_K and scikit-learn's `matthews_corrcoef`: `(c s - sum_k p_k t_k) /
+/// sqrt((s^2 - sum_k p_k^2)(s^2 - sum_k t_k^2))` with c correct, s total, p_k and t_k the
+/// predicted and true counts of class k; 0 when a factor of the denominator is (one class
+/// predicted or present), as scikit-learn returns. GLUE reports it for CoLA.
+pub fn matthews_corrcoef(cm: &[Vec<f64>]) -> f64 {
+    let c = cm.len();
+    let s: f64 = cm.iter().flatten().sum();
+    let correct: f64 = (0..c).map(|i| cm[i][i]).sum();
+    let predicted: Vec<f64> = (0..c).map(|k| (0..c).map(|r| cm[r][k]).sum()).collect();
+    let actual: Vec<f64> = cm.iter().map(|row| row.iter().sum()).collect();
+    let cov = correct * s
+        - predicted
+            .iter()
+            .zip(&actual)
+            .map(|(p, t)| p * t)
+            .sum::<f64>();
+    let sp = s * s - predicted.iter().map(|p| p * p).sum::<f64>();
+    let st = s * s - actual.iter().map(|t| t * t).sum::<f64>();
+    if sp <= 0.0 || st <= 0.0 {
+        return 0.0;
+    }
+    cov / (sp * st).sqrt()
+}
+
 /// The confusion matrix as a table a person reads: rows are true classes.
 pub fn format_confusion(labels: &LabelSet, cm: &[Vec<u64>]) -> String {
     let w = labels

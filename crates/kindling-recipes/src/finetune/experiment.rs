@@ -168,10 +168,11 @@ impl Experiment for FinetuneRecipe {
         let test_batches = eval_batches(&st.test, t.eval_batch_size, st.pad_id);
         let test = Trainer::evaluate(obj, &test_batches)?;
         eprintln!(
-            "test ({} rows): accuracy {:.4}, macro-F1 {:.4}, loss {:.4}",
+            "test ({} rows): accuracy {:.4}, macro-F1 {:.4}, MCC {:.4}, loss {:.4}",
             st.test.len(),
             test.get("accuracy").copied().unwrap_or(f64::NAN),
             test.get("macro_f1").copied().unwrap_or(f64::NAN),
+            test.get("mcc").copied().unwrap_or(f64::NAN),
             test.get("loss").copied().unwrap_or(f64::NAN),
         );
         if let Some(cm) = obj.confusion_counts(st.test.len()) {

@@ -39,7 +39,7 @@ use kindling_train::{
 };
 
 use crate::hf_folder::write_hf_folder;
-pub use crate::metrics::{accuracy_and_macro_f1, format_confusion};
+pub use crate::metrics::{accuracy_and_macro_f1, format_confusion, matthews_corrcoef};
 use crate::recipe::{parse_recipe, Header};
 use crate::run::{drive, Context, Experiment, Loader, Prepared, RunOf};
 use crate::{RecipeError, RunOptions};
@@ -292,7 +292,7 @@ pub struct FinetuneReport {
 }
 
 /// The eval metrics of a fine-tuning run (`train.monitor.metric` names one).
-pub const EVAL_METRICS: &[&str] = &["loss", "accuracy", "macro_f1", "cm.*"];
+pub const EVAL_METRICS: &[&str] = &["loss", "accuracy", "macro_f1", "mcc", "cm.*"];
 
 /// `kindling finetune --compare-random`: the recipe as written, then the same recipe with a
 /// randomly initialised backbone of the same shape (run `<name>-random`), side by side.

@@ -178,6 +178,7 @@ impl Objective for Classifier {
         }
         let (_, f1) = accuracy_and_macro_f1(&cm);
         m.insert("macro_f1".into(), f1);
+        m.insert("mcc".into(), crate::metrics::matthews_corrcoef(&cm));
         *self.last_confusion.lock().expect("lock") = Some(cm);
     }
 }

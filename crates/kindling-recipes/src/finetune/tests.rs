@@ -12,6 +12,17 @@ fn macro_f1_of_a_known_matrix() {
 }
 
 #[test]
+fn matthews_correlation_matches_scikit_learn() {
+    // The values tests/reference/sklearn_mcc.py prints (sklearn.metrics.matthews_corrcoef).
+    let m =
+        |rows: &[&[f64]]| matthews_corrcoef(&rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>());
+    assert!((m(&[&[3.0, 1.0], &[0.0, 2.0]]) - 0.7071067811865476).abs() < 1e-12);
+    let three: &[&[f64]] = &[&[5.0, 1.0, 0.0], &[2.0, 3.0, 1.0], &[0.0, 2.0, 4.0]];
+    assert!((m(three) - 0.5023310149673528).abs() < 1e-12);
+    assert_eq!(m(&[&[4.0, 0.0], &[3.0, 0.0]]), 0.0);
+}
+
+#[test]
 fn epochs_cover_every_example_once_in_a_seeded_order() {
     let lengths: Vec<usize> = (0..103).map(|i| 5 + i % 17).collect();
     for grouped in [None, Some(&lengths[..])] {
