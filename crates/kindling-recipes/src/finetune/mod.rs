@@ -327,17 +327,18 @@ pub fn compare_with_random(
 pub fn comparison_table(a: &FinetuneReport, b: &FinetuneReport) -> String {
     let get = |r: &FinetuneReport, k: &str| r.test.get(k).copied().unwrap_or(f64::NAN);
     let mut s = String::from(
-        "| run | init | steps | time | test accuracy | test macro-F1 | best validation |\n|---|---|---|---|---|---|---|\n",
+        "| run | init | steps | time | test accuracy | test macro-F1 | test MCC | best validation |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in [a, b] {
         s += &format!(
-            "| {} | {:?} | {} | {:.0} s | {:.2}% | {:.4} | {} |\n",
+            "| {} | {:?} | {} | {:.0} s | {:.2}% | {:.4} | {:.4} | {} |\n",
             r.name,
             r.init,
             r.steps,
             r.elapsed_secs,
             100.0 * get(r, "accuracy"),
             get(r, "macro_f1"),
+            get(r, "mcc"),
             r.best_validation
                 .map(|(s, v)| format!("{v:.4} @ {s}"))
                 .unwrap_or_default()
