@@ -101,11 +101,11 @@ enum Command {
         #[arg(long)]
         no_normalize: bool,
     },
-    /// The most likely tokens at each [MASK] of a text, from a BertForMaskedLM folder (an export).
+    /// The most likely tokens at each `[MASK]` of a text, from a BertForMaskedLM folder (an export).
     FillMask {
         model: PathBuf,
         text: String,
-        /// Candidates per [MASK].
+        /// Candidates per `[MASK]`.
         #[arg(long, default_value_t = 5)]
         top_k: usize,
         /// Print JSON (as when standard output is not a terminal) instead of a table.
@@ -514,7 +514,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// `kindling fill-mask` for a person: per [MASK], rank, token, score and the filled sentence.
+/// `kindling fill-mask` for a person: per `[MASK]`, rank, token, score and the filled sentence.
 fn fill_mask_table(found: &[Vec<kindling_recipes::embed::FillMask>]) -> String {
     let mut out = String::new();
     for (m, candidates) in found.iter().enumerate() {

@@ -4,7 +4,7 @@
 //! `(seed, epoch, block index)`: the same block in the same epoch gets the same mask on any
 //! thread count and after any restart, and a different mask in the next epoch.
 //!
-//! Of the selected tokens, `mask_token_frac` become [MASK], `random_token_frac` a random
+//! Of the selected tokens, `mask_token_frac` become `[MASK]`, `random_token_frac` a random
 //! non-special token, and the rest stay as they are (80/10/10 by default). With `whole_word`,
 //! words are selected as units (each word's tokens share one draw), using the word-start flags
 //! that packing derived from the tokenizer's word ids.
@@ -24,7 +24,7 @@ use crate::tokenizer::SpecialTokens;
 pub struct MaskConfig {
     /// Probability that a token (or word, with `whole_word`) is selected for prediction.
     pub rate: f64,
-    /// Of the selected tokens, the share replaced by [MASK].
+    /// Of the selected tokens, the share replaced by `[MASK]`.
     pub mask_token_frac: f64,
     /// Of the selected tokens, the share replaced by a random token (the rest are kept).
     pub random_token_frac: f64,

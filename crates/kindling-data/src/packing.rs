@@ -1,6 +1,6 @@
 //! Concatenate-and-chunk packing (HF `run_mlm`'s `group_texts`, RoBERTa's FULL-SENTENCES):
-//! every document is tokenised, the token streams are joined with [SEP] between documents,
-//! and the stream is cut into blocks of `seq_len - 2` content tokens framed by [CLS] ... [SEP].
+//! every document is tokenised, the token streams are joined with `[SEP]` between documents,
+//! and the stream is cut into blocks of `seq_len - 2` content tokens framed by `[CLS]` ... `[SEP]`.
 //! No padding is wasted; the remainder shorter than a block is dropped.
 
 use rayon::prelude::*;
@@ -10,7 +10,7 @@ use crate::corpus::Corpus;
 use crate::error::{DataError, Result};
 use crate::tokenizer::SpecialTokens;
 
-/// Per-token flag: a special token ([CLS], [SEP], [PAD]...), never masked.
+/// Per-token flag: a special token (`[CLS]`, `[SEP]`, `[PAD]`...), never masked.
 pub const SPECIAL: u8 = 1;
 /// Per-token flag: the token starts a word (from the tokenizer's word ids, so it works for any
 /// tokenizer, not only "##"-continuation WordPiece). Whole-word masking groups on it.
@@ -29,7 +29,7 @@ pub struct PackedBlocks {
 /// Fixed-length blocks by index: packed in memory ([`PackedBlocks`]) or cut from token shards on
 /// disk ([`crate::shards::ShardBlocks`]). What the loader and the eval batches read.
 pub trait Blocks: Send + Sync {
-    /// Tokens per block, [CLS] and [SEP] included.
+    /// Tokens per block, `[CLS]` and `[SEP]` included.
     fn seq_len(&self) -> usize;
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {

@@ -16,7 +16,7 @@
 //! eval-00000.ids ...   the same for the held-out split
 //! ```
 //!
-//! A split is one token stream: its documents joined with [SEP], cut into shards of at most
+//! A split is one token stream: its documents joined with `[SEP]`, cut into shards of at most
 //! `shard_tokens` tokens (a document may straddle two). Documents are paragraphs of text files
 //! (blank-line separated) and rows of JSONL / parquet files (a named field). Each document goes
 //! to the eval split when a hash of its text falls below `eval_fraction`, so the split is the
@@ -339,7 +339,7 @@ impl SplitWriter {
         Ok(())
     }
 
-    /// A document: [SEP] before it unless it is the first, then its tokens.
+    /// A document: `[SEP]` before it unless it is the first, then its tokens.
     fn push_document(&mut self, ids: &[u32], flags: &[u8], sep: u32) -> Result<()> {
         if self.info.tokens > 0 {
             self.push_tokens(&[sep], &[SPECIAL])?;
@@ -688,7 +688,7 @@ impl ShardStream {
 }
 
 /// Fixed-length blocks cut from a shard stream as `PackedBlocks::pack` cuts them in memory:
-/// `seq_len - 2` stream tokens framed by [CLS] ... [SEP]; the remainder is dropped.
+/// `seq_len - 2` stream tokens framed by `[CLS]` ... `[SEP]`; the remainder is dropped.
 pub struct ShardBlocks {
     pub stream: ShardStream,
     seq_len: usize,
@@ -778,7 +778,7 @@ mod tests {
         (ids, flags)
     }
 
-    /// What the streams must hold: each split's documents in source order, joined with [SEP].
+    /// What the streams must hold: each split's documents in source order, joined with `[SEP]`.
     fn expected(texts: &[String], eval: bool, t: &Tokenizer, sp: &SpecialTokens) -> Vec<u32> {
         let mut out = Vec::new();
         for d in texts.iter().filter(|d| is_eval_document(d, 0.25) == eval) {
@@ -853,7 +853,7 @@ mod tests {
     }
 
     /// Blocks cut from shards (across shard files) are the blocks `PackedBlocks::pack` would cut
-    /// from the same stream: [CLS] + seq_len - 2 stream tokens + [SEP].
+    /// from the same stream: `[CLS]` + seq_len - 2 stream tokens + `[SEP]`.
     #[test]
     fn blocks_from_shards_frame_consecutive_pieces_of_the_stream() {
         let (t, sp) = tk();

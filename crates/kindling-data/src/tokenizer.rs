@@ -199,7 +199,7 @@ type BertPipeline = tokenizers::TokenizerImpl<
 >;
 
 /// BERT's pipeline around a WordPiece model: BertNormalizer (clean text, Chinese characters,
-/// accents stripped with lowercasing), BertPreTokenizer, the WordPiece decoder. The [CLS] x [SEP]
+/// accents stripped with lowercasing), BertPreTokenizer, the WordPiece decoder. The `[CLS]` x `[SEP]`
 /// post-processor is added once the special tokens' ids are known.
 fn bert_pipeline(model: WordPiece, lowercase: bool) -> tokenizers::Result<BertPipeline> {
     TokenizerBuilder::new()
@@ -308,7 +308,7 @@ fn train_sentencepiece_style(corpus: &Corpus, cfg: &TokenizerTraining) -> Result
     Ok(tk)
 }
 
-/// Trains a BERT-style WordPiece tokenizer (BertNormalizer, BertPreTokenizer, [CLS] x [SEP]).
+/// Trains a BERT-style WordPiece tokenizer (BertNormalizer, BertPreTokenizer, `[CLS]` x `[SEP]`).
 fn train_wordpiece(corpus: &Corpus, cfg: &TokenizerTraining) -> Result<Tokenizer> {
     let mut trainer = WordPieceTrainer::builder()
         .vocab_size(cfg.vocab_size)

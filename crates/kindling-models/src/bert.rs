@@ -848,7 +848,7 @@ impl Pooling {
     }
 }
 
-/// HF `BertForSequenceClassification`: `bert` (+ `bert.pooler.dense` with [CLS] pooling),
+/// HF `BertForSequenceClassification`: `bert` (+ `bert.pooler.dense` with `[CLS]` pooling),
 /// dropout, and `classifier` (hidden -> classes). For RoBERTa, HF's
 /// `RobertaForSequenceClassification`: `roberta` and `classifier.dense` (the pooler's place)
 /// then `classifier.out_proj`, with dropout before the dense layer too.
@@ -856,7 +856,7 @@ impl Pooling {
 pub struct BertForSequenceClassification {
     pub bert: BertModel,
     pooler: Option<Linear>,
-    /// RoBERTa's dropout of the <s> vector before `classifier.dense`.
+    /// RoBERTa's dropout of the `<s>` vector before `classifier.dense`.
     pooler_dropout: Option<Dropout>,
     dropout: Dropout,
     classifier: Linear,

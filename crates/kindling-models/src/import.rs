@@ -218,7 +218,7 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<(PathBuf, HashMap<Str
 }
 
 /// Sentence embeddings from the last hidden states `(tokens, hidden)` of one sequence: the mean
-/// over tokens (`mean`) or the [CLS] vector, L2-normalised when `normalize`.
+/// over tokens (`mean`) or the `[CLS]` vector, L2-normalised when `normalize`.
 pub fn pool(hidden: &Tensor, mean: bool, normalize: bool) -> Result<Tensor> {
     let v = if mean {
         hidden.mean(0)?

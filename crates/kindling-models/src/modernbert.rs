@@ -703,7 +703,7 @@ impl ModernBertForMaskedLM {
     }
 }
 
-/// HF `ModernBertForSequenceClassification`: `model`, then the [CLS] vector or the mean over
+/// HF `ModernBertForSequenceClassification`: `model`, then the `[CLS]` vector or the mean over
 /// non-padding tokens (`classifier_pooling`), `head` (dense, GELU, norm), dropout and
 /// `classifier` (with a bias).
 #[derive(Debug, Clone)]
@@ -717,7 +717,7 @@ pub struct ModernBertForSequenceClassification {
 }
 
 impl ModernBertForSequenceClassification {
-    /// `mean`: mean pooling (else [CLS]); `classifier_dropout` as HF's config field.
+    /// `mean`: mean pooling (else `[CLS]`); `classifier_dropout` as HF's config field.
     pub fn load(
         vb: VarBuilder,
         cfg: &ModernBertConfig,

@@ -1,5 +1,5 @@
 //! `kindling embed`: sentence embeddings from any BERT, RoBERTa or ModernBERT folder (a Kindling
-//! export, or an HF folder such as all-MiniLM-L6-v2): the folder's tokenizer, the encoder in eval mode, mean or [CLS]
+//! export, or an HF folder such as all-MiniLM-L6-v2): the folder's tokenizer, the encoder in eval mode, mean or `[CLS]`
 //! pooling, optional L2 normalisation (what sentence-transformers does for MiniLM).
 
 use std::path::Path;
@@ -14,7 +14,7 @@ use crate::RecipeError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct EmbedOptions {
-    /// Mean over tokens (true) or the [CLS] vector.
+    /// Mean over tokens (true) or the `[CLS]` vector.
     pub mean: bool,
     pub normalize: bool,
 }

@@ -35,7 +35,7 @@ pub struct ProbeReport {
 }
 
 /// Pooled hidden states of every example of `data`, in its order: the masked mean over tokens,
-/// or the raw [CLS] vector.
+/// or the raw `[CLS]` vector.
 pub fn embeddings(
     model: &SequenceClassifier,
     data: &Encoded,

@@ -203,7 +203,7 @@ pub struct DataSection {
     /// the folder's tokenizer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<TokenizerConfig>,
-    /// Tokens per block, [CLS] and [SEP] included.
+    /// Tokens per block, `[CLS]` and `[SEP]` included.
     #[serde(default = "default_seq_len")]
     pub seq_len: usize,
     /// The last fraction of blocks held out for evaluation.

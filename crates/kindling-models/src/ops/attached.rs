@@ -14,8 +14,8 @@ pub(super) fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// `log_softmax` over the last dimension, with the row maximum detached (see
-/// [`softmax_composed`]).
+/// `log_softmax` over the last dimension, with the row maximum detached: the result does not
+/// depend on the shift, so no gradient flows through the maximum.
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

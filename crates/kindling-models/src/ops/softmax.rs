@@ -301,7 +301,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 impl Kernels {
     /// Softmax over the last dimension, differentiable: fused on CPU f32, candle_nn's fused
-    /// kernel with [`AttachGrad`]'s backward on CUDA, the composition elsewhere.
+    /// kernel with this crate's backward attached on CUDA, the composition elsewhere.
     pub fn softmax_last_dim(self, x: &Tensor) -> Result<Tensor> {
         if self.attaches(x) {
             return softmax_attached(x);

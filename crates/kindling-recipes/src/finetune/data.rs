@@ -14,7 +14,7 @@ pub struct TaskData {
     pub skipped: Skipped,
 }
 
-/// Token ids (truncated, with [CLS]/[SEP]) and class indices.
+/// Token ids (truncated, with `[CLS]`/`[SEP]`) and class indices.
 #[derive(Default)]
 pub struct Encoded {
     pub ids: Vec<Vec<u32>>,

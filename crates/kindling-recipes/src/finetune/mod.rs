@@ -94,7 +94,7 @@ pub struct FtModel {
     pub path: PathBuf,
     #[serde(default = "default_init")]
     pub init: Init,
-    /// `cls` (HF's pooler over [CLS]; what transformers' BertForSequenceClassification computes)
+    /// `cls` (HF's pooler over `[CLS]`; what transformers' BertForSequenceClassification computes)
     /// or `mean` (over non-padding tokens).
     #[serde(default = "default_pooling")]
     pub pooling: Pooling,
@@ -153,7 +153,7 @@ pub struct FtData {
     /// The classes in output order; unset: those of the training rows (numbers numerically).
     #[serde(default)]
     pub labels: Option<Vec<String>>,
-    /// Tokens per example, [CLS] and [SEP] included; longer texts are truncated.
+    /// Tokens per example, `[CLS]` and `[SEP]` included; longer texts are truncated.
     #[serde(default = "default_max_length")]
     pub max_length: usize,
     /// Use at most this many training rows (a seeded subset; 0 = all).

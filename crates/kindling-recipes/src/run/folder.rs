@@ -1,4 +1,4 @@
-//! The run folder: one process at a time ([`RunLock`]), and what a run may replace in it.
+//! The run folder: one process at a time (`RunLock`), and what a run may replace in it.
 
 use std::path::{Path, PathBuf};
 

@@ -62,7 +62,7 @@ pub fn read_texts(recipe: &SimcseRecipe) -> Result<Vec<[Option<String>; 3]>, Rec
     Ok(texts)
 }
 
-/// Token ids of `text`: [CLS] ... [SEP], at most `max_length` (truncated, [SEP] kept).
+/// Token ids of `text`: `[CLS]` ... `[SEP]`, at most `max_length` (truncated, `[SEP]` kept).
 pub fn encode(
     tokenizer: &Tokenizer,
     text: &str,

@@ -8,7 +8,7 @@
 //!   -> the folder's tokenizer (truncate to max_length)
 //!   -> each batch: anchors ++ positives [++ negatives] through the encoder in train mode;
 //!      unsupervised, the positive is the anchor itself and dropout makes the two views
-//!   -> mean or [CLS] pooling -> cosine similarities / temperature -> InfoNCE over in-batch
+//!   -> mean or `[CLS]` pooling -> cosine similarities / temperature -> InfoNCE over in-batch
 //!      candidates, a candidate with the same text as the anchor's positive masked out
 //!   -> GradCache (optional): the same loss and gradients in chunks, memory flat in the batch
 //!   -> HF BertModel folder + sentence-transformers layout (modules.json, 1_Pooling/)
@@ -98,7 +98,7 @@ pub struct SimcseModel {
     pub hidden_dropout_prob: Option<f64>,
     #[serde(default)]
     pub attention_probs_dropout_prob: Option<f64>,
-    /// Tokens per sentence, [CLS] and [SEP] included; longer ones are truncated.
+    /// Tokens per sentence, `[CLS]` and `[SEP]` included; longer ones are truncated.
     #[serde(default = "default_max_length")]
     pub max_length: usize,
 }
