@@ -1,11 +1,11 @@
 //! The Hugging Face Hub for Kindling.
 //!
-//! * [`push`]: uploads an export folder on the Hub's Git LFS path, as `huggingface_hub` does with
+//! * [`push()`]: uploads an export folder on the Hub's Git LFS path, as `huggingface_hub` does with
 //!   Xet disabled: create the repo, validate the card, preupload (which files are LFS, which are
 //!   unchanged), LFS batch, basic or multipart transfers, verify, then one NDJSON commit. Every
 //!   request is retried with backoff on 5xx, 429 and dropped connections, and a rerun sends only
 //!   what the Hub lacks.
-//! * [`pull`]: downloads a repo into the standard hf-hub cache (`models--ns--name/blobs`,
+//! * [`pull()`]: downloads a repo into the standard hf-hub cache (`models--ns--name/blobs`,
 //!   `snapshots`, `refs`), checking every name, hash and size the server sends before anything
 //!   touches the disk ([`untrusted`]) and writing only inside the repo's cache folder
 //!   ([`cache`]); resolves `hf://ns/name` to a snapshot folder, from the cache alone when
