@@ -13,17 +13,20 @@ fn settings(runs: &Path, steps: u64) -> Settings {
     let text = std::fs::read_to_string(repo_root().join("examples/denoising/denoising.toml"))
         .unwrap()
         .replace("datasets/", &format!("{}/datasets/", repo_root().display()));
-    let mut s: Settings = toml::from_str(&text).unwrap();
-    s.runs_dir = runs.to_path_buf();
+    let file = runs.join("denoising.toml");
+    std::fs::write(&file, text).unwrap();
+    let mut s = Settings::load(&file, &[]).unwrap();
+    s.header.runs_dir = runs.to_path_buf();
     s.max_images = 512;
     s.max_test_images = 128;
-    s.train.steps = steps;
-    s.train.eval_every = 4;
-    s.train.save_every = 4;
-    s.train.keep_last = 10;
+    let t = &mut s.header.train;
+    t.steps = steps;
+    t.eval_every = 4;
+    t.save_every = 4;
+    t.keep_last = 10;
     // A schedule that does not depend on the total, so 24 steps then 16 more is the same run as 40.
-    s.train.schedule.kind = kindling_train::ScheduleKind::Constant;
-    s.train.schedule.warmup_steps = 0;
+    t.schedule.kind = kindling_train::ScheduleKind::Constant;
+    t.schedule.warmup_steps = 0;
     s
 }
 
@@ -99,14 +102,14 @@ fn a_users_own_objective_gets_the_lifecycle_checks() {
     let run = runs.path().join("denoising-fashion-mnist");
     let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
     let mut bad = settings(runs.path(), 8);
-    bad.train.optimizer.lr = f64::NAN;
+    bad.header.train.optimizer.lr = f64::NAN;
     let err = kindling_recipes::run::drive(&bad, &resume())
         .map(|r| r.report)
         .unwrap_err()
         .to_string();
     assert!(err.contains("train.optimizer.lr"), "{err}");
     let mut bad = settings(runs.path(), 8);
-    bad.train.monitor.metric = "psnr".into();
+    bad.header.train.monitor.metric = "psnr".into();
     let err = kindling_recipes::run::drive(&bad, &resume())
         .map(|r| r.report)
         .unwrap_err()

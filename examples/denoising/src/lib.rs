@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder, VarMap};
 use kindling_core::{rng, Mode};
-use kindling_recipes::recipe::TrainSection;
+use kindling_recipes::recipe::{name_from_file, parse_recipe, recipe_toml, Header, TrainSection};
 use kindling_recipes::run::{Context, Experiment, Loader, Prepared, RunOf};
 use kindling_recipes::RecipeError;
 use kindling_train::{FitSummary, Objective, StepOutput};
@@ -21,25 +21,34 @@ use rand::seq::SliceRandom;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-/// The settings file (`denoising.toml`).
+/// The settings file (`denoising.toml`): Kindling's shared recipe header (name, runs_dir, seed,
+/// device, precision, kernels, `[train]`, `[export]`, with Kindling's defaults and checks), then
+/// this objective's own keys. [`Settings::load`] reads it as Kindling reads its own recipes.
+/// (This example computes on the CPU: it leaves [`Experiment::device`] at its default.)
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    pub name: String,
-    #[serde(default = "runs")]
-    pub runs_dir: PathBuf,
-    pub seed: u64,
+    pub header: Header,
     pub images: PathBuf,
     pub test_images: PathBuf,
     pub max_images: usize,
     pub max_test_images: usize,
     pub hidden_size: usize,
     pub noise_std: f32,
-    pub train: TrainSection,
 }
 
-fn runs() -> PathBuf {
-    "runs".into()
+impl Settings {
+    /// Reads a settings file with `key=value` overrides (`train.steps=10`); errors name the file
+    /// and the key, as for Kindling's recipes.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Read {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let mut s: Settings = parse_recipe(&text, path, overrides)?;
+        name_from_file(&mut s.header, path);
+        Ok(s)
+    }
 }
 
 /// Images as rows of `[0, 1]` pixels.
@@ -190,19 +199,19 @@ impl Experiment for Settings {
     type Outcome = ();
 
     fn name(&self) -> &str {
-        &self.name
+        self.header.name()
     }
     fn runs_dir(&self) -> &Path {
-        &self.runs_dir
+        &self.header.runs_dir
     }
     fn seed(&self) -> u64 {
-        self.seed
+        self.header.seed
     }
     fn train(&self) -> &TrainSection {
-        &self.train
+        &self.header.train
     }
     fn settings_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("settings serialise")
+        recipe_toml(self)
     }
     fn eval_metrics(&self) -> Vec<&'static str> {
         vec!["loss", "input_mse"]
@@ -217,17 +226,17 @@ impl Experiment for Settings {
         let encoder = candle_nn::linear(dim, self.hidden_size, vb.pp("encoder"))?;
         let decoder = candle_nn::linear(self.hidden_size, dim, vb.pp("decoder"))?;
         // Seeded: the same weights on every run of these settings.
-        kindling_models::init::hf_init(&varmap, self.seed, 0.05, None)?;
+        kindling_models::init::hf_init(&varmap, self.header.seed, 0.05, None)?;
         let eval_set = NoisyImages::new(
             test,
             dim,
-            self.train.eval_batch_size,
-            self.seed + 1,
+            self.header.train.eval_batch_size,
+            self.header.seed + 1,
             self.noise_std,
         );
         let eval: Vec<Batch> = (0..eval_set.len())
             .collect::<Vec<_>>()
-            .chunks(self.train.eval_batch_size)
+            .chunks(self.header.train.eval_batch_size)
             .map(|ix| eval_set.batch_of(ix, 0, (0, 0)))
             .collect();
         let objective = Denoiser {
@@ -236,7 +245,13 @@ impl Experiment for Settings {
             decoder,
             dim,
         };
-        let train = NoisyImages::new(x, dim, self.train.batch_size, self.seed, self.noise_std);
+        let train = NoisyImages::new(
+            x,
+            dim,
+            self.header.train.batch_size,
+            self.header.seed,
+            self.noise_std,
+        );
         Ok(Prepared::new(objective, train, eval, "img"))
     }
 

@@ -11,7 +11,7 @@ fn main() -> anyhow::Result<()> {
     let path = args
         .first()
         .ok_or_else(|| anyhow::anyhow!("usage: denoising SETTINGS.toml [--resume auto]"))?;
-    let settings: Settings = toml::from_str(&std::fs::read_to_string(path)?)?;
+    let settings = Settings::load(std::path::Path::new(path), &[])?;
     // Ctrl-C: the trainer finishes the step, checkpoints and returns.
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
