@@ -446,19 +446,6 @@ impl Rotary {
             sin: Tensor::from_vec(sin, shape, device)?,
         })
     }
-
-    /// `x` (batch * seq, hidden) with heads of `head_dim` side by side -> the same, rotated
-    /// (see [`Kernels::rotary`]).
-    fn apply(
-        &self,
-        kernels: Kernels,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        heads: usize,
-    ) -> candle_core::Result<Tensor> {
-        kernels.rotary(x, &self.cos, &self.sin, (b, t, heads))
-    }
 }
 
 /// `model.layers.N`: pre-norm attention (global or windowed) and a pre-norm GeGLU block.
@@ -524,8 +511,10 @@ impl ModernBertLayer {
         };
         let qkv = self.wqkv.forward(&normed)?; // (b*t, 3h): q | k | v, heads side by side
         let h = xs.dim(1)?;
-        let q = rotary.apply(self.kernels, &qkv.narrow(1, 0, h)?, b, t, self.heads)?;
-        let k = rotary.apply(self.kernels, &qkv.narrow(1, h, h)?, b, t, self.heads)?;
+        let dims = (b, t, self.heads);
+        let (cos, sin) = (&rotary.cos, &rotary.sin);
+        let q = self.kernels.rotary(&qkv.narrow(1, 0, h)?, cos, sin, dims)?;
+        let k = self.kernels.rotary(&qkv.narrow(1, h, h)?, cos, sin, dims)?;
         let v = qkv.narrow(1, 2 * h, h)?;
         let ctx = self.kernels.self_attention_windowed(
             &q,

@@ -68,10 +68,9 @@ impl CustomOp2 for GegluGrad {
                     let dyr = &dy[r * i..(r + 1) * i];
                     let (da, dg) = orow.split_at_mut(i);
                     for j in 0..i {
-                        let (erf, gauss) = fast_erf_and_gauss(a[j] * FRAC_1_SQRT_2);
-                        let cdf = 0.5 * (1.0 + erf);
-                        da[j] = dyr[j] * g[j] * (cdf + a[j] * INV_SQRT_2PI * gauss);
-                        dg[j] = dyr[j] * a[j] * cdf;
+                        let (y, dy_da) = gelu_and_derivative(a[j]);
+                        da[j] = dyr[j] * g[j] * dy_da;
+                        dg[j] = dyr[j] * y;
                     }
                 }
             })

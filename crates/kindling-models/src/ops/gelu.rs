@@ -61,15 +61,20 @@ pub(super) fn gelu(v: f32) -> f32 {
     0.5 * v * (1.0 + fast_erf_and_gauss(v * FRAC_1_SQRT_2).0)
 }
 
+/// GELU at `v` and its derivative there, `(v * Phi(v), Phi(v) + v * phi(v))`, from one erf.
+#[inline(always)]
+pub(super) fn gelu_and_derivative(v: f32) -> (f32, f32) {
+    // e^{-(x/sqrt 2)^2} = e^{-x^2/2}: erf's Gaussian factor is the pdf's too.
+    let (erf, gauss) = fast_erf_and_gauss(v * FRAC_1_SQRT_2);
+    let cdf = 0.5 * (1.0 + erf);
+    (v * cdf, cdf + v * (INV_SQRT_2PI * gauss))
+}
+
 /// dL/dx of GELU at `x` given dL/dy `g`: g * (Phi(x) + x * phi(x)).
 pub(crate) fn gelu_grad_rows(x: &[f32], g: &[f32]) -> Vec<f32> {
     map_rows2(x, g, ELEMENTWISE_ROW, |o, xs, gs| {
         for ((ov, &xv), &gv) in o.iter_mut().zip(xs).zip(gs) {
-            // e^{-(x/sqrt 2)^2} = e^{-x^2/2}: erf's Gaussian factor is the pdf's too.
-            let (erf, gauss) = fast_erf_and_gauss(xv * FRAC_1_SQRT_2);
-            let cdf = 0.5 * (1.0 + erf);
-            let pdf = INV_SQRT_2PI * gauss;
-            *ov = gv * (cdf + xv * pdf);
+            *ov = gv * gelu_and_derivative(xv).1;
         }
     })
 }
