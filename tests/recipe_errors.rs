@@ -392,3 +392,86 @@ fn every_recipe_kind_shares_one_header() {
         .to_toml()
         .starts_with("objective = \"bert-mlm\"\nname = \"bert-tiny-mlm\""));
 }
+
+/// Each vision method's `[loss]` is its own type: a key meant for another method is an error
+/// naming this method's keys, every value is checked, and nothing is written; the keys a
+/// method reads round-trip through the saved recipe.toml, which holds those keys alone.
+#[test]
+fn a_vision_loss_key_of_another_method_or_out_of_range_is_named() {
+    const SIMCLR: &str = "recipes/tiny/simclr-tiny.toml";
+    let runs = tempfile::tempdir().unwrap();
+    let runs_dir = format!("runs_dir=\"{}\"", runs.path().display());
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["loss.queue_size=64"],
+            &["loss.queue_size", "not a setting of simclr", "temperature"],
+        ),
+        (
+            &["objective=\"vicreg\"", "loss.temperature=0.5"],
+            &[
+                "loss.temperature",
+                "vicreg",
+                "sim_weight, var_weight, cov_weight",
+            ],
+        ),
+        (
+            &["objective=\"simsiam\"", "loss.ema_base=0.9"],
+            &["loss.ema_base", "simsiam", "fix_predictor_lr"],
+        ),
+        (&["loss.temperature=0"], &["loss.temperature", "above 0"]),
+        (
+            &["objective=\"moco\"", "loss.queue_size=0"],
+            &["loss.queue_size", "at least 1"],
+        ),
+        (
+            &[
+                "objective=\"byol\"",
+                "loss.ema_base=0.999",
+                "loss.ema_final=0.9",
+            ],
+            &["loss.ema_final", "[ema_base, 1]"],
+        ),
+        (
+            &["objective=\"barlow\"", "loss.lambda=-1"],
+            &["loss.lambda", "above 0"],
+        ),
+        (
+            &["objective=\"vicreg\"", "loss.cov_weight=nan"],
+            &["loss.cov_weight", "finite"],
+        ),
+        (
+            &["objective=\"moco\"", "loss.queue_size=\"big\""],
+            &["loss.queue_size", "invalid type"],
+        ),
+    ];
+    for (settings, needles) in cases {
+        let mut args = vec!["pretrain", SIMCLR, "--set", &runs_dir];
+        for s in *settings {
+            args.extend(["--set", s]);
+        }
+        fails_with(&args, needles);
+    }
+    assert_eq!(std::fs::read_dir(runs.path()).unwrap().count(), 0);
+
+    use kindling_recipes::vision::{LossConfig, VisionRecipe};
+    let path = std::path::Path::new(SIMCLR);
+    let moco = VisionRecipe::load(
+        path,
+        &["objective=\"moco\"".into(), "loss.queue_size=96".into()],
+    )
+    .unwrap();
+    let LossConfig::MoCo(m) = moco.loss else {
+        panic!("a moco recipe reads moco's settings, got {:?}", moco.loss)
+    };
+    assert_eq!((m.queue_size, m.temperature, m.ema_base), (96, 0.2, 0.99));
+    let saved: toml::Table = moco.to_toml().parse().unwrap();
+    let keys: Vec<&String> = saved["loss"].as_table().unwrap().keys().collect();
+    assert_eq!(keys, ["temperature", "queue_size", "ema_base", "ema_final"]);
+    // A run folder saved before the split holds every method's keys at their defaults: it
+    // still loads, to the same settings.
+    let legacy = "loss.temperature=0.2,loss.queue_size=4096,loss.scale=0.1,loss.sim_weight=25.0,\
+                  loss.fix_predictor_lr=false,loss.ema_base=0.99";
+    let overrides: Vec<String> = legacy.split(',').map(String::from).collect();
+    let old = VisionRecipe::load(path, &overrides).unwrap();
+    assert_eq!(old, VisionRecipe::load(path, &[]).unwrap());
+}

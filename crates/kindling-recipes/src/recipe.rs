@@ -527,7 +527,14 @@ pub fn parse_recipe<T: serde::de::DeserializeOwned>(
     path: &Path,
     overrides: &[String],
 ) -> Result<T, RecipeError> {
-    let mut doc = parse_document(text, path, overrides)?;
+    parse_recipe_document(parse_document(text, path, overrides)?, path)
+}
+
+/// [`parse_recipe`] of a document already read (overrides applied).
+pub fn parse_recipe_document<T: serde::de::DeserializeOwned>(
+    mut doc: toml::Table,
+    path: &Path,
+) -> Result<T, RecipeError> {
     if doc.contains_key("header") {
         return Err(RecipeError::Key {
             path: path.to_path_buf(),

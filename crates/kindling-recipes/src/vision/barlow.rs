@@ -5,7 +5,37 @@
 
 use candle_core::{Result, Tensor};
 
+use serde::{Deserialize, Serialize};
+
 use super::{group_views, Outputs, SslLoss};
+
+/// `[loss]` of a Barlow Twins recipe.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Off-diagonal weight (default 1 / projector width).
+    pub lambda: Option<f64>,
+    /// Overall scale of the loss.
+    pub scale: f64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            lambda: None,
+            scale: 0.1,
+        }
+    }
+}
+
+impl Settings {
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        if let Some(l) = self.lambda {
+            super::positive("lambda", l)?;
+        }
+        super::positive("scale", self.scale)
+    }
+}
 
 pub struct BarlowTwins {
     /// Weight of the off-diagonal terms; the paper's 0.0051 is for d = 8192, about 1/d scales.

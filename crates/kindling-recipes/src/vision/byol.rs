@@ -5,9 +5,38 @@
 
 use candle_core::{Result, Tensor};
 
+use serde::{Deserialize, Serialize};
+
 use super::{l2_normalize, Outputs, SslLoss};
 
 pub struct Byol;
+
+/// `[loss]` of a BYOL recipe.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Target momentum, raised from `ema_base` to `ema_final` on a cosine schedule.
+    pub ema_base: f64,
+    pub ema_final: f64,
+    /// Train the predictor at the peak learning rate throughout (SimSiam's `fix_pred_lr`).
+    pub fix_predictor_lr: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            ema_base: 0.99,
+            ema_final: 1.0,
+            fix_predictor_lr: false,
+        }
+    }
+}
+
+impl Settings {
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        super::momentum(self.ema_base, self.ema_final)
+    }
+}
 
 /// 2 - 2 cos(p, t), averaged over the batch (BYOL's normalised MSE).
 fn regression(p: &Tensor, t: &Tensor) -> Result<Tensor> {

@@ -1,4 +1,4 @@
-//! What the vision methods share: the projections of every view, the `SslLoss` trait each method implements, and the helpers they use (cosine, normalisation); `build_loss` picks a method's loss.
+//! What the vision methods share: the projections of every view, the `SslLoss` trait each method implements, and the helpers they use (cosine, normalisation); [`LossConfig`] holds a method's settings and builds its loss.
 
 #[allow(unused_imports)]
 use super::*;
@@ -55,42 +55,188 @@ pub fn negative_cosine(p: &Tensor, z: &Tensor) -> candle_core::Result<Tensor> {
         .neg()
 }
 
-pub(super) fn build_loss(
-    recipe: &VisionRecipe,
-    proj_dim: usize,
-    vb: VarBuilder,
-) -> candle_core::Result<Box<dyn SslLoss>> {
-    let l = &recipe.loss;
-    Ok(match recipe.objective.as_str() {
-        "simclr" => Box::new(simclr::SimClr {
-            temperature: l.temperature,
-        }),
-        "moco" => Box::new(moco::MoCo::new(l.temperature, l.queue_size, proj_dim, vb)?),
-        "byol" => Box::new(byol::Byol),
-        "simsiam" => Box::new(simsiam::SimSiam),
-        "barlow" => Box::new(barlow::BarlowTwins {
-            lambda: l.lambda.unwrap_or(1.0 / proj_dim as f64),
-            scale: l.scale,
-        }),
-        "vicreg" => Box::new(vicreg::VicReg {
-            sim_weight: l.sim_weight,
-            var_weight: l.var_weight,
-            cov_weight: l.cov_weight,
-        }),
-        other => candle_core::bail!("unknown vision objective {other}"),
-    })
+/// `[loss]`: the method's own settings, one type per method (the recipe's `objective` says
+/// which), so a key meant for another method is an error naming this method's keys. Written
+/// back (recipe.toml) as the method's keys alone.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum LossConfig {
+    SimClr(simclr::Settings),
+    MoCo(moco::Settings),
+    Byol(byol::Settings),
+    SimSiam(simsiam::Settings),
+    Barlow(barlow::Settings),
+    VicReg(vicreg::Settings),
 }
 
-/// The `[loss]` keys each method reads; a recipe that sets another is an error naming these
-/// (a `queue_size` in a SimCLR recipe would otherwise be silently ignored).
-pub fn loss_keys(method: &str) -> &'static [&'static str] {
-    match method {
-        "simclr" => &["temperature"],
-        "moco" => &["temperature", "queue_size", "ema_base", "ema_final"],
-        "byol" => &["ema_base", "ema_final", "fix_predictor_lr"],
-        "simsiam" => &["fix_predictor_lr"],
-        "barlow" => &["lambda", "scale"],
-        "vicreg" => &["sim_weight", "var_weight", "cov_weight"],
-        _ => &[],
+impl Default for LossConfig {
+    fn default() -> Self {
+        LossConfig::SimClr(Default::default())
     }
+}
+
+impl LossConfig {
+    /// The method's defaults.
+    pub fn default_for(method: &str) -> Option<Self> {
+        Some(match method {
+            "simclr" => LossConfig::SimClr(Default::default()),
+            "moco" => LossConfig::MoCo(Default::default()),
+            "byol" => LossConfig::Byol(Default::default()),
+            "simsiam" => LossConfig::SimSiam(Default::default()),
+            "barlow" => LossConfig::Barlow(Default::default()),
+            "vicreg" => LossConfig::VicReg(Default::default()),
+            _ => return None,
+        })
+    }
+
+    /// `[loss]` of a `method` recipe (`table` as the file gives it), its values checked.
+    /// Errors name `loss.KEY`, the method and its keys.
+    ///
+    /// Run folders written before the settings were split hold every method's keys at their
+    /// defaults: a key of another method at that method's default changes nothing and is
+    /// dropped, so those folders still resume and export.
+    pub fn from_table(
+        method: &str,
+        mut table: toml::Table,
+        path: &Path,
+    ) -> Result<Self, RecipeError> {
+        let mine = Self::default_for(method).ok_or_else(|| RecipeError::Key {
+            path: path.to_path_buf(),
+            key: "objective".into(),
+            msg: format!("`{method}` is not a vision method"),
+        })?;
+        let keys = mine.keys();
+        table.retain(|k, v| {
+            keys.contains(&k.as_ref())
+                || !crate::registry::names_of(crate::registry::Family::Vision)
+                    .iter()
+                    .filter_map(|m| Self::default_for(m))
+                    .any(|d| d.table().get(k) == Some(v))
+        });
+        let err = |key: &str, msg: String| RecipeError::Key {
+            path: path.to_path_buf(),
+            key: format!("loss.{key}"),
+            msg,
+        };
+        if let Some(k) = table.keys().find(|k| !keys.contains(&k.as_ref())) {
+            return Err(err(
+                k,
+                format!(
+                    "`{k}` is not a setting of {method}; its [loss] keys are: {}",
+                    if keys.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        keys.join(", ")
+                    }
+                ),
+            ));
+        }
+        fn typed<T: serde::de::DeserializeOwned>(t: toml::Table) -> Result<T, (String, String)> {
+            serde_path_to_error::deserialize(toml::Value::Table(t))
+                .map_err(|e| (e.path().to_string(), e.into_inner().to_string()))
+        }
+        let parsed = match mine {
+            LossConfig::SimClr(_) => typed(table).map(LossConfig::SimClr),
+            LossConfig::MoCo(_) => typed(table).map(LossConfig::MoCo),
+            LossConfig::Byol(_) => typed(table).map(LossConfig::Byol),
+            LossConfig::SimSiam(_) => typed(table).map(LossConfig::SimSiam),
+            LossConfig::Barlow(_) => typed(table).map(LossConfig::Barlow),
+            LossConfig::VicReg(_) => typed(table).map(LossConfig::VicReg),
+        }
+        .map_err(|(k, msg)| err(&k, msg))?;
+        parsed.check().map_err(|(k, msg)| err(k, msg))?;
+        Ok(parsed)
+    }
+
+    /// The keys this method reads.
+    pub fn keys(&self) -> Vec<&'static str> {
+        match self {
+            LossConfig::SimClr(_) => vec!["temperature"],
+            LossConfig::MoCo(_) => vec!["temperature", "queue_size", "ema_base", "ema_final"],
+            LossConfig::Byol(_) => vec!["ema_base", "ema_final", "fix_predictor_lr"],
+            LossConfig::SimSiam(_) => vec!["fix_predictor_lr"],
+            LossConfig::Barlow(_) => vec!["lambda", "scale"],
+            LossConfig::VicReg(_) => vec!["sim_weight", "var_weight", "cov_weight"],
+        }
+    }
+
+    fn table(&self) -> toml::Table {
+        toml::Table::try_from(self).expect("loss settings serialise")
+    }
+
+    /// Each value in its range (`Err((key, what was expected))`).
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        match self {
+            LossConfig::SimClr(s) => s.check(),
+            LossConfig::MoCo(s) => s.check(),
+            LossConfig::Byol(s) => s.check(),
+            LossConfig::SimSiam(_) => Ok(()),
+            LossConfig::Barlow(s) => s.check(),
+            LossConfig::VicReg(s) => s.check(),
+        }
+    }
+
+    /// The target network's momentum schedule, (base, final) (methods with a target network).
+    pub fn ema(&self) -> (f64, f64) {
+        match self {
+            LossConfig::MoCo(s) => (s.ema_base, s.ema_final),
+            LossConfig::Byol(s) => (s.ema_base, s.ema_final),
+            _ => (0.99, 1.0),
+        }
+    }
+
+    /// The predictor stays at the peak learning rate (methods with a predictor).
+    pub fn fix_predictor_lr(&self) -> bool {
+        match self {
+            LossConfig::Byol(s) => s.fix_predictor_lr,
+            LossConfig::SimSiam(s) => s.fix_predictor_lr,
+            _ => false,
+        }
+    }
+
+    /// The method's loss over projections of width `proj_dim`.
+    pub fn build(&self, proj_dim: usize, vb: VarBuilder) -> candle_core::Result<Box<dyn SslLoss>> {
+        Ok(match *self {
+            LossConfig::SimClr(s) => Box::new(simclr::SimClr {
+                temperature: s.temperature,
+            }),
+            LossConfig::MoCo(s) => {
+                Box::new(moco::MoCo::new(s.temperature, s.queue_size, proj_dim, vb)?)
+            }
+            LossConfig::Byol(_) => Box::new(byol::Byol),
+            LossConfig::SimSiam(_) => Box::new(simsiam::SimSiam),
+            LossConfig::Barlow(s) => Box::new(barlow::BarlowTwins {
+                lambda: s.lambda.unwrap_or(1.0 / proj_dim as f64),
+                scale: s.scale,
+            }),
+            LossConfig::VicReg(s) => Box::new(vicreg::VicReg {
+                sim_weight: s.sim_weight,
+                var_weight: s.var_weight,
+                cov_weight: s.cov_weight,
+            }),
+        })
+    }
+}
+
+/// `value` is finite and above 0.
+pub(super) fn positive(key: &'static str, value: f64) -> Result<(), (&'static str, String)> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err((key, format!("must be finite and above 0, got {value}")))
+    }
+}
+
+/// A momentum schedule: 0 <= base <= final <= 1.
+pub(super) fn momentum(base: f64, end: f64) -> Result<(), (&'static str, String)> {
+    if !(0.0..=1.0).contains(&base) {
+        return Err(("ema_base", format!("must be in [0, 1], got {base}")));
+    }
+    if !(base..=1.0).contains(&end) {
+        return Err((
+            "ema_final",
+            format!("must be in [ema_base, 1] = [{base}, 1], got {end}"),
+        ));
+    }
+    Ok(())
 }

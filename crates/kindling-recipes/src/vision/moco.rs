@@ -16,7 +16,43 @@ use std::sync::Mutex;
 use candle_core::{Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
+use serde::{Deserialize, Serialize};
+
 use super::{l2_normalize, Outputs, SslLoss};
+
+/// `[loss]` of a MoCo recipe.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Softmax temperature of InfoNCE.
+    pub temperature: f64,
+    /// Negatives kept (past keys).
+    pub queue_size: usize,
+    /// Key-encoder momentum, raised from `ema_base` to `ema_final` on a cosine schedule.
+    pub ema_base: f64,
+    pub ema_final: f64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            temperature: 0.2,
+            queue_size: 4096,
+            ema_base: 0.99,
+            ema_final: 1.0,
+        }
+    }
+}
+
+impl Settings {
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        super::positive("temperature", self.temperature)?;
+        if self.queue_size == 0 {
+            return Err(("queue_size", "must be at least 1".into()));
+        }
+        super::momentum(self.ema_base, self.ema_final)
+    }
+}
 
 pub struct MoCo {
     pub temperature: f64,

@@ -44,7 +44,7 @@ use kindling_train::distributed::{gather_with_grad, Collective};
 use kindling_train::{checkpoint, FitSummary, Objective, StepOutput};
 
 use crate::probe::{standardise, Logistic};
-use crate::recipe::{parse_recipe, parse_toml, Header};
+use crate::recipe::{parse_recipe_document, parse_toml, Header};
 use crate::run::{cursor_within, device, drive, Context, Experiment, Loader, Prepared, RunOf};
 use crate::{RecipeError, RunOptions, RunReport};
 pub use experiment::*;
@@ -78,7 +78,8 @@ pub struct VisionRecipe {
     pub header: Header,
     #[serde(default)]
     pub model: VisionModel,
-    #[serde(default)]
+    /// `[loss]`, read by [`VisionRecipe::load`] into the `objective`'s own settings.
+    #[serde(skip_deserializing)]
     pub loss: LossConfig,
     pub data: VisionData,
     #[serde(default)]
@@ -95,47 +96,6 @@ pub struct VisionModel {
     pub projector: MlpConfig,
     /// BYOL and SimSiam only.
     pub predictor: MlpConfig,
-}
-
-/// `[loss]`: each method reads the keys it needs (listed per key).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LossConfig {
-    /// simclr, moco: softmax temperature.
-    pub temperature: f64,
-    /// moco: negatives kept.
-    pub queue_size: usize,
-    /// byol, moco: target momentum, raised from `ema_base` to `ema_final` on a cosine schedule.
-    pub ema_base: f64,
-    pub ema_final: f64,
-    /// barlow: off-diagonal weight (default 1 / projector width) and overall scale.
-    pub lambda: Option<f64>,
-    pub scale: f64,
-    /// vicreg: invariance, variance and covariance weights.
-    pub sim_weight: f64,
-    pub var_weight: f64,
-    pub cov_weight: f64,
-    /// byol, simsiam: train the predictor at the peak learning rate throughout (SimSiam's
-    /// `fix_pred_lr`: the predictor keeps adapting to the representation while the encoder's
-    /// rate decays).
-    pub fix_predictor_lr: bool,
-}
-
-impl Default for LossConfig {
-    fn default() -> Self {
-        LossConfig {
-            temperature: 0.2,
-            queue_size: 4096,
-            ema_base: 0.99,
-            ema_final: 1.0,
-            lambda: None,
-            scale: 0.1,
-            sim_weight: 25.0,
-            var_weight: 25.0,
-            cov_weight: 1.0,
-            fix_predictor_lr: false,
-        }
-    }
 }
 
 /// `[data]`.
@@ -214,14 +174,7 @@ impl Default for VisionProbe {
 impl VisionRecipe {
     /// The resolved recipe as saved in the run folder: `[loss]` holds the method's own keys.
     pub fn to_toml(&self) -> String {
-        let mut doc: toml::Table = crate::recipe::recipe_toml(self)
-            .parse()
-            .expect("a recipe's own text parses");
-        if let Some(toml::Value::Table(loss)) = doc.get_mut("loss") {
-            let allowed = loss_keys(&self.objective);
-            loss.retain(|k, _| allowed.contains(&k.as_ref()));
-        }
-        toml::to_string_pretty(&doc).expect("a recipe serialises")
+        crate::recipe::recipe_toml(self)
     }
 
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
@@ -229,7 +182,19 @@ impl VisionRecipe {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let mut r: VisionRecipe = parse_recipe(&text, path, overrides)?;
+        let mut doc: toml::Table = parse_toml(&text, path, overrides)?;
+        let loss = match doc.remove("loss") {
+            None => toml::Table::new(),
+            Some(toml::Value::Table(t)) => t,
+            Some(other) => {
+                return Err(RecipeError::Key {
+                    path: path.to_path_buf(),
+                    key: "loss".into(),
+                    msg: format!("expected a table, got {}", other.type_str()),
+                })
+            }
+        };
+        let mut r: VisionRecipe = parse_recipe_document(doc, path)?;
         crate::recipe::name_from_file(&mut r.header, path);
         let methods = crate::registry::names_of(crate::registry::Family::Vision);
         if !methods.contains(&r.objective.as_str()) {
@@ -239,32 +204,7 @@ impl VisionRecipe {
                 msg: format!("`{}` is not one of {}", r.objective, methods.join(", ")),
             });
         }
-        // Each method's [loss] keys: one meant for another method is an error, not ignored
-        // (at its default value it changes nothing: run folders saved before this check hold
-        // every key).
-        let doc: toml::Table = parse_toml(&text, path, overrides)?;
-        if let Some(loss) = doc.get("loss").and_then(|v| v.as_table()) {
-            let allowed = loss_keys(&r.objective);
-            let defaults = toml::Table::try_from(LossConfig::default()).expect("serialises");
-            if let Some(k) = loss
-                .keys()
-                .find(|k| !allowed.contains(&k.as_str()) && loss.get(*k) != defaults.get(*k))
-            {
-                return Err(RecipeError::Key {
-                    path: path.to_path_buf(),
-                    key: format!("loss.{k}"),
-                    msg: format!(
-                        "`{k}` is not a setting of {}; its [loss] keys are: {}",
-                        r.objective,
-                        if allowed.is_empty() {
-                            "(none)".to_string()
-                        } else {
-                            allowed.join(", ")
-                        }
-                    ),
-                });
-            }
-        }
+        r.loss = LossConfig::from_table(&r.objective, loss, path)?;
         if r.data.views.is_empty() || r.data.views.len() > 2 {
             return Err(RecipeError::Key {
                 path: path.to_path_buf(),

@@ -123,7 +123,7 @@ impl SslModel {
         let feat = backbone_cfg.feature_dim();
         let projector = Mlp::new(feat, &m.projector, vb.pp("projector"))?;
         let proj_dim = *m.projector.dims.last().expect("validated by Mlp::new");
-        let loss = build_loss(recipe, proj_dim, vb.clone())?;
+        let loss = recipe.loss.build(proj_dim, vb.clone())?;
         let predictor = if loss.predictor() {
             Some(Mlp::new(proj_dim, &m.predictor, vb.pp("predictor"))?)
         } else {
@@ -172,7 +172,7 @@ impl SslModel {
             predictor,
             target,
             ema_pairs,
-            ema: (recipe.loss.ema_base, recipe.loss.ema_final),
+            ema: recipe.loss.ema(),
             probe,
             loss,
             device: device.clone(),
@@ -182,7 +182,7 @@ impl SslModel {
             // Forward + backward (2x) for both views.
             flops_per_image: 3.0 * 2.0 * flops,
             compute: None,
-            fix_predictor_lr: recipe.loss.fix_predictor_lr,
+            fix_predictor_lr: recipe.loss.fix_predictor_lr(),
             group: None,
         })
     }

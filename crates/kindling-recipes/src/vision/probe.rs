@@ -206,9 +206,9 @@ mod tests {
     /// (BatchNorm statistics included, moved by a training step first).
     #[test]
     fn an_exported_encoder_reloads_with_identical_features() {
-        let text = include_str!("../../../../recipes/tiny/simclr-tiny.toml");
-        let recipe: super::super::VisionRecipe =
-            crate::recipe::parse_recipe(text, Path::new("simclr-tiny.toml"), &[]).unwrap();
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/tiny/simclr-tiny.toml");
+        let recipe = super::super::VisionRecipe::load(&path, &[]).unwrap();
         let device = Device::Cpu;
         let model = SslModel::build(&recipe, (20, 20, 1), 3, &device).unwrap();
         let images = |seed: u64| {

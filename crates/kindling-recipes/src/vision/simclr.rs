@@ -7,10 +7,32 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor, D};
 use kindling_train::distributed::{gather_with_grad, Collective};
 
+use serde::{Deserialize, Serialize};
+
 use super::{l2_normalize, Outputs, SslLoss};
 
 pub struct SimClr {
     pub temperature: f64,
+}
+
+/// `[loss]` of a SimCLR recipe.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Softmax temperature of NT-Xent.
+    pub temperature: f64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { temperature: 0.2 }
+    }
+}
+
+impl Settings {
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        super::positive("temperature", self.temperature)
+    }
 }
 
 /// NT-Xent of two (n, d) batches of projections: cross-entropy over cosine similarities / T,

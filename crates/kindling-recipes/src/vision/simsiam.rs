@@ -4,9 +4,20 @@
 
 use candle_core::{Result, Tensor};
 
+use serde::{Deserialize, Serialize};
+
 use super::{negative_cosine, Outputs, SslLoss};
 
 pub struct SimSiam;
+
+/// `[loss]` of a SimSiam recipe.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Train the predictor at the peak learning rate throughout (the paper's `fix_pred_lr`:
+    /// the predictor keeps adapting to the representation while the encoder's rate decays).
+    pub fix_predictor_lr: bool,
+}
 
 impl SslLoss for SimSiam {
     fn predictor(&self) -> bool {

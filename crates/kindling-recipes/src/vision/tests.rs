@@ -5,17 +5,15 @@
 use super::*;
 
 fn tiny(objective: &str) -> VisionRecipe {
-    let text = include_str!("../../../../recipes/tiny/simclr-tiny.toml");
-    crate::recipe::parse_recipe(
-        text,
-        Path::new("simclr-tiny.toml"),
-        &[
-            format!("objective=\"{objective}\""),
-            "model.predictor.dims=[16, 8]".into(),
-            "loss.queue_size=32".into(),
-        ],
-    )
-    .unwrap()
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/tiny/simclr-tiny.toml");
+    let mut overrides = vec![
+        format!("objective=\"{objective}\""),
+        "model.predictor.dims=[16, 8]".into(),
+    ];
+    if objective == "moco" {
+        overrides.push("loss.queue_size=32".into());
+    }
+    VisionRecipe::load(&path, &overrides).unwrap()
 }
 
 fn batch(n: usize, seed: u64) -> ViewBatch {

@@ -5,7 +5,43 @@
 
 use candle_core::{Result, Tensor};
 
+use serde::{Deserialize, Serialize};
+
 use super::{group_views, Outputs, SslLoss};
+
+/// `[loss]` of a VICReg recipe: the invariance, variance and covariance weights.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub sim_weight: f64,
+    pub var_weight: f64,
+    pub cov_weight: f64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            sim_weight: 25.0,
+            var_weight: 25.0,
+            cov_weight: 1.0,
+        }
+    }
+}
+
+impl Settings {
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        for (key, w) in [
+            ("sim_weight", self.sim_weight),
+            ("var_weight", self.var_weight),
+            ("cov_weight", self.cov_weight),
+        ] {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err((key, format!("must be finite and at least 0, got {w}")));
+            }
+        }
+        Ok(())
+    }
+}
 
 pub struct VicReg {
     pub sim_weight: f64,
