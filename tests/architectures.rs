@@ -27,7 +27,7 @@ fn tiny_run(name: &str) -> PathBuf {
 }
 
 /// One run of the tiny RoBERTa recipe shared by this module's tests.
-fn shared_roberta_run() -> &'static Path {
+pub(crate) fn shared_roberta_run() -> &'static Path {
     static RUN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     RUN.get_or_init(|| tiny_run("roberta-tiny-mlm"))
 }
@@ -434,7 +434,7 @@ fn a_recipe_file_with_a_path_and_a_shape_or_tokenizer_is_refused_before_any_writ
 }
 
 /// One run of the tiny ModernBERT recipe shared by this module's tests.
-fn shared_modernbert_run() -> &'static Path {
+pub(crate) fn shared_modernbert_run() -> &'static Path {
     static RUN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     RUN.get_or_init(|| tiny_run("modernbert-tiny-mlm"))
 }
@@ -593,7 +593,7 @@ fn fine_tunes_into(folder: &Path, pooling: &str, class: &str) {
     let mask: Vec<u32> = vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0];
     let t_ids = Tensor::from_slice(&ids, (2, 6), &Device::Cpu).unwrap();
     let t_mask = Tensor::from_slice(&mask, (2, 6), &Device::Cpu).unwrap();
-    let logits = model.forward_t(&t_ids, &t_mask, Mode::Eval).unwrap();
+    let logits = model.forward_t(&t_ids, None, &t_mask, Mode::Eval).unwrap();
     let path = runs.path().join("kindling_cls_logits.json");
     std::fs::write(
         &path,

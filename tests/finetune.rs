@@ -174,7 +174,7 @@ fn finetuned_export_reproduces_the_logits_transformers_computes() {
     let mask: Vec<u32> = vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0];
     let t_ids = Tensor::from_slice(&ids, (2, 6), &Device::Cpu).unwrap();
     let t_mask = Tensor::from_slice(&mask, (2, 6), &Device::Cpu).unwrap();
-    let logits = model.forward_t(&t_ids, &t_mask, Mode::Eval).unwrap();
+    let logits = model.forward_t(&t_ids, None, &t_mask, Mode::Eval).unwrap();
     let out = shared_finetune().join("kindling_cls_logits.json");
     std::fs::write(
         &out,
@@ -298,6 +298,7 @@ fn every_classifier_parameter_receives_a_gradient() {
         let data = kindling_recipes::finetune::Encoded {
             ids: vec![vec![2, 30, 31, 32, 3], vec![2, 40, 3]],
             labels: vec![0, 1],
+            ..Default::default()
         };
         let b = kindling_recipes::finetune::make_batch(&data, &[0, 1], 0, 0, 0);
         use kindling_train::Objective;

@@ -4,6 +4,7 @@
 mod architectures;
 mod common;
 mod distributed;
+mod downstream;
 mod end_to_end;
 mod example;
 mod export;

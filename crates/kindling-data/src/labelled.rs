@@ -28,6 +28,10 @@ pub struct TableSpec {
     /// A column naming each row's split (`train`, `test`); unset: every row is training data.
     #[serde(default)]
     pub split_column: Option<String>,
+    /// The two text columns are a sentence pair (segment A, segment B), not one joined text:
+    /// both cells must hold text.
+    #[serde(default)]
+    pub pair: bool,
 }
 
 /// What to do with a row that cannot be an example (no label, no text; in fine-tuning also a
@@ -96,6 +100,8 @@ impl Skipped {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub text: String,
+    /// Segment B of a sentence pair ([`TableSpec::pair`]).
+    pub text_pair: Option<String>,
     pub label: String,
     pub split: Option<String>,
     pub line: u64,
@@ -181,6 +187,15 @@ pub fn read_examples_with(
             msg: "data.text_columns is empty: name at least one text column".into(),
         });
     }
+    if spec.pair && spec.text_columns.len() != 2 {
+        return Err(DataError::Table {
+            path: spec.path.clone(),
+            msg: format!(
+                "a sentence pair takes two text columns, got {:?}",
+                spec.text_columns
+            ),
+        });
+    }
     let mut columns = spec.text_columns.clone();
     columns.push(spec.label_column.clone());
     columns.extend(spec.split_column.iter().cloned());
@@ -211,6 +226,27 @@ fn example(spec: &TableSpec, row: &Row) -> Result<Example> {
             spec.label_column
         )));
     }
+    if spec.pair {
+        let cell = |i: usize| {
+            let t = row.cells[i].trim();
+            if t.is_empty() {
+                Err(row_err(format!(
+                    "no text in column `{}` (segment {} of the pair)",
+                    spec.text_columns[i],
+                    ["A", "B"][i]
+                )))
+            } else {
+                Ok(t.to_string())
+            }
+        };
+        return Ok(Example {
+            text: cell(0)?,
+            text_pair: Some(cell(1)?),
+            label: label.to_string(),
+            split: row.cells.get(n + 1).map(|s| s.trim().to_string()),
+            line: row.line,
+        });
+    }
     let parts: Vec<&str> = row.cells[..n]
         .iter()
         .map(|s| s.trim())
@@ -224,6 +260,7 @@ fn example(spec: &TableSpec, row: &Row) -> Result<Example> {
     }
     Ok(Example {
         text: parts.join(" "),
+        text_pair: None,
         label: label.to_string(),
         split: row.cells.get(n + 1).map(|s| s.trim().to_string()),
         line: row.line,
@@ -381,6 +418,7 @@ mod tests {
             text_columns: vec!["title".into(), "text".into()],
             label_column: "label".into(),
             split_column: Some("split".into()),
+            pair: false,
         }
     }
 
@@ -399,6 +437,35 @@ mod tests {
         assert_eq!(rows[0].split.as_deref(), Some("train"));
         assert_eq!(rows[1].text, "short \"quoted\" text");
         assert_eq!((rows[0].line, rows[1].line), (2, 3));
+    }
+
+    #[test]
+    fn a_pair_keeps_its_two_segments_and_names_an_empty_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.tsv");
+        std::fs::write(
+            &p,
+            "split\ttitle\ttext\tlabel\ntrain\tGreat\tlovely dress\t5\ntest\t\tno title\t2\n",
+        )
+        .unwrap();
+        let mut s = spec(&p);
+        s.pair = true;
+        let err = read_examples(&s).unwrap_err().to_string();
+        assert!(
+            err.contains("t.tsv:3") && err.contains("no text in column `title`"),
+            "{err}"
+        );
+        let mut skipped = Skipped::default();
+        let rows = read_examples_with(&s, OnInvalid::Skip, &mut skipped).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].text.as_str(), rows[0].text_pair.as_deref()),
+            ("Great", Some("lovely dress"))
+        );
+        assert_eq!(skipped.count, 1);
+        s.text_columns.push("label".into());
+        let err = read_examples(&s).unwrap_err().to_string();
+        assert!(err.contains("two text columns"), "{err}");
     }
 
     #[test]
@@ -482,6 +549,7 @@ mod tests {
     fn labels_sort_numerically_and_unknown_class_names_the_line() {
         let ex = |label: &str, line| Example {
             text: "t".into(),
+            text_pair: None,
             label: label.into(),
             split: None,
             line,

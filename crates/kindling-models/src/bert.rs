@@ -911,13 +911,14 @@ impl BertForSequenceClassification {
     pub fn pooled(
         &self,
         input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
         attention_mask: &Tensor,
         mode: Mode,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let hidden = self
             .bert
-            .forward_t(input_ids, None, Some(attention_mask), mode)?;
+            .forward_t(input_ids, token_type_ids, Some(attention_mask), mode)?;
         let h = hidden.dim(1)?;
         let hidden = hidden.reshape((b, t, h))?;
         Ok(match &self.pooler {
@@ -933,14 +934,15 @@ impl BertForSequenceClassification {
         })
     }
 
-    /// Class logits, (batch, num_labels).
+    /// Class logits, (batch, num_labels); `token_type_ids` unset: all segment 0.
     pub fn forward_t(
         &self,
         input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
         attention_mask: &Tensor,
         mode: Mode,
     ) -> Result<Tensor> {
-        let pooled = self.pooled(input_ids, attention_mask, mode)?;
+        let pooled = self.pooled(input_ids, token_type_ids, attention_mask, mode)?;
         Ok(self
             .classifier
             .forward(&self.dropout.forward_t(&pooled, mode)?)?)

@@ -140,6 +140,16 @@ impl EncoderConfig {
         }
     }
 
+    /// Whether segment ids (token types) reach the model: BERT with two or more token types.
+    /// RoBERTa's single type and ModernBERT (no token-type embedding) take none, as their HF
+    /// tokenizers' pair encodings give all zeros or no `token_type_ids`.
+    pub fn uses_token_types(&self) -> bool {
+        match self {
+            EncoderConfig::Bert(c) => c.type_vocab_size >= 2,
+            EncoderConfig::ModernBert(_) => false,
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         match self {
             EncoderConfig::Bert(c) => c.vocab_size,
@@ -396,19 +406,33 @@ impl SequenceClassifier {
         }
     }
 
-    /// Class logits, (batch, num_labels).
-    pub fn forward_t(&self, ids: &Tensor, mask: &Tensor, mode: Mode) -> Result<Tensor> {
+    /// Class logits, (batch, num_labels). `token_type_ids` (segment A/B of a pair) feed BERT's
+    /// token-type embeddings; RoBERTa has one token type and ModernBERT none, so there they
+    /// are left out (see [`EncoderConfig::uses_token_types`]).
+    pub fn forward_t(
+        &self,
+        ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
         match self {
-            SequenceClassifier::Bert(m) => m.forward_t(ids, mask, mode),
+            SequenceClassifier::Bert(m) => m.forward_t(ids, token_type_ids, mask, mode),
             SequenceClassifier::ModernBert(m) => m.forward_t(ids, mask, mode),
         }
     }
 
     /// The encoder's last hidden states, (batch * seq, hidden) (ModernBERT's after its final
     /// norm): what a probe pools.
-    pub fn hidden_states(&self, ids: &Tensor, mask: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
         match self {
-            SequenceClassifier::Bert(m) => m.bert.forward_t(ids, None, Some(mask), mode),
+            SequenceClassifier::Bert(m) => m.bert.forward_t(ids, token_type_ids, Some(mask), mode),
             SequenceClassifier::ModernBert(m) => m.model.forward_t(ids, Some(mask), mode),
         }
     }

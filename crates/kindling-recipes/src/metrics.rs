@@ -1,4 +1,6 @@
-//! Classification scores shared by fine-tuning, the text probe and the vision probes.
+//! Scores shared by fine-tuning, the probes and the embedding evaluators: classification
+//! (accuracy, macro-F1, MCC; multi-label micro/macro-F1 and exact match), correlation
+//! (Pearson, Spearman) and ranking (recall@k, MRR, nDCG).
 
 use kindling_data::LabelSet;
 
@@ -46,6 +48,106 @@ pub fn matthews_corrcoef(cm: &[Vec<f64>]) -> f64 {
         return 0.0;
     }
     cov / (sp * st).sqrt()
+}
+
+/// Pearson's correlation of `a` and `b` (scipy's `pearsonr` statistic); 0 when either is
+/// constant (where scipy returns NaN: a constant prediction has no correlation to report, and a
+/// NaN would poison the checkpoint monitor).
+pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    if n < 2 {
+        return 0.0;
+    }
+    let (ma, mb) = (
+        a[..n].iter().sum::<f64>() / n as f64,
+        b[..n].iter().sum::<f64>() / n as f64,
+    );
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in a[..n].iter().zip(&b[..n]) {
+        let (dx, dy) = (x - ma, y - mb);
+        sab += dx * dy;
+        saa += dx * dx;
+        sbb += dy * dy;
+    }
+    if saa <= 0.0 || sbb <= 0.0 {
+        return 0.0;
+    }
+    (sab / (saa * sbb).sqrt()).clamp(-1.0, 1.0)
+}
+
+/// Ranks from 1, ties sharing their average rank (scipy's `rankdata(method="average")`).
+pub fn average_ranks(x: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&i, &j| x[i].total_cmp(&x[j]));
+    let mut ranks = vec![0.0; x.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && x[order[j + 1]] == x[order[i]] {
+            j += 1;
+        }
+        let rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            ranks[k] = rank;
+        }
+        i = j + 1;
+    }
+    ranks
+}
+
+/// Spearman's rank correlation (scipy's `spearmanr`: Pearson of the average ranks).
+pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    pearson(&average_ranks(a), &average_ranks(b))
+}
+
+/// Multi-label scores of `classes`-wide rows of decisions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MultiLabelScores {
+    /// F1 of every (row, class) decision pooled (scikit-learn's `average="micro"`).
+    pub micro_f1: f64,
+    /// Mean over classes of each class's F1 (`average="macro"`; 0 for a class never present
+    /// nor predicted, scikit-learn's `zero_division=0`).
+    pub macro_f1: f64,
+    /// Rows whose every class is right (scikit-learn's subset `accuracy_score`).
+    pub exact_match: f64,
+}
+
+pub fn multi_label_scores(pred: &[bool], gold: &[bool], classes: usize) -> MultiLabelScores {
+    let rows = pred.len() / classes.max(1);
+    let (mut tp, mut fp, mut fn_) = (
+        vec![0f64; classes],
+        vec![0f64; classes],
+        vec![0f64; classes],
+    );
+    let mut exact = 0usize;
+    for r in 0..rows {
+        let mut all = true;
+        for k in 0..classes {
+            let (p, g) = (pred[r * classes + k], gold[r * classes + k]);
+            match (p, g) {
+                (true, true) => tp[k] += 1.0,
+                (true, false) => fp[k] += 1.0,
+                (false, true) => fn_[k] += 1.0,
+                _ => {}
+            }
+            all &= p == g;
+        }
+        exact += all as usize;
+    }
+    let f1 = |tp: f64, fp: f64, fn_: f64| {
+        if 2.0 * tp + fp + fn_ == 0.0 {
+            0.0
+        } else {
+            2.0 * tp / (2.0 * tp + fp + fn_)
+        }
+    };
+    let sum = |v: &[f64]| v.iter().sum::<f64>();
+    MultiLabelScores {
+        micro_f1: f1(sum(&tp), sum(&fp), sum(&fn_)),
+        macro_f1: (0..classes).map(|k| f1(tp[k], fp[k], fn_[k])).sum::<f64>()
+            / classes.max(1) as f64,
+        exact_match: exact as f64 / rows.max(1) as f64,
+    }
 }
 
 /// The confusion matrix as a table a person reads: rows are true classes.

@@ -12,7 +12,6 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use kindling_core::Mode;
 use kindling_data::tokenizer as tok;
 use kindling_models::bert::Pooling;
-use kindling_models::SequenceClassifier;
 
 use crate::finetune::{
     accuracy_and_macro_f1, format_confusion, load_task, Classifier, Encoded, FinetuneRecipe,
@@ -37,21 +36,21 @@ pub struct ProbeReport {
 /// Pooled hidden states of every example of `data`, in its order: the masked mean over tokens,
 /// or the raw `[CLS]` vector.
 pub fn embeddings(
-    model: &SequenceClassifier,
+    obj: &Classifier,
     data: &Encoded,
     pooling: Pooling,
     batch_size: usize,
     pad: u32,
-    device: &Device,
 ) -> Result<Vec<Vec<f32>>, RecipeError> {
     let mut order: Vec<usize> = (0..data.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(data.ids[i].len()));
     let mut out = vec![Vec::new(); data.len()];
     for chunk in order.chunks(batch_size.max(1)) {
         let b = crate::finetune::make_batch(data, chunk, pad, 0, 0);
-        let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), device)?;
-        let mask = Tensor::from_slice(&b.attention_mask, (b.batch_size, b.seq_len), device)?;
-        let hidden = model.hidden_states(&ids, &mask, Mode::Eval)?;
+        let (ids, types, mask) = obj.inputs(&b)?;
+        let hidden = obj
+            .model
+            .hidden_states(&ids, types.as_ref(), &mask, Mode::Eval)?;
         let h = hidden.dim(1)?;
         let hidden = hidden.reshape((b.batch_size, b.seq_len, h))?;
         let pooled = pooling.apply(&hidden, &mask)?;
@@ -154,13 +153,23 @@ fn confusion(labels: &[u32], pred: &[u32], classes: usize) -> Vec<Vec<f64>> {
 pub fn probe(recipe: &FinetuneRecipe) -> Result<ProbeReport, RecipeError> {
     let device = device(&recipe.header.device)?;
     let p = &recipe.probe;
+    if recipe.data.problem_type != crate::finetune::ProblemType::SingleLabelClassification {
+        return Err(RecipeError::Invalid {
+            key: "data.problem_type".into(),
+            msg: format!(
+                "`{}`: the linear probe is a single-label classifier; fine-tune \
+                 (`kindling finetune`) for multi-label and regression tasks",
+                recipe.data.problem_type.hf_name()
+            ),
+        });
+    }
     let tokenizer = tok::load(&recipe.model.path)?;
     let task = load_task(recipe, &tokenizer)?;
     let classes = task.labels.len();
     let (obj, _) = Classifier::build(recipe, task.labels.clone(), &device)?;
     let started = Instant::now();
     let bs = recipe.header.train.eval_batch_size;
-    let embed = |data: &Encoded| embeddings(&obj.model, data, p.pooling, bs, task.pad_id, &device);
+    let embed = |data: &Encoded| embeddings(&obj, data, p.pooling, bs, task.pad_id);
     let mut train = embed(&task.train)?;
     let mut validation = embed(&task.validation)?;
     let mut test = embed(&task.test)?;

@@ -11,6 +11,7 @@ pub fn finetune(recipe: &FinetuneRecipe, opts: &RunOptions) -> Result<FinetuneRe
     Ok(FinetuneReport {
         name: recipe.name().to_string(),
         init: recipe.model.init,
+        problem: recipe.data.problem_type,
         steps: ran.report.steps,
         elapsed_secs: ran.report.elapsed_secs,
         best_validation: ran.best,
@@ -41,25 +42,45 @@ impl Experiment for FinetuneRecipe {
     crate::run::shared_header!();
 
     fn eval_metrics(&self) -> Vec<&'static str> {
-        EVAL_METRICS.to_vec()
+        let mut m = self.data.problem_type.metrics().to_vec();
+        if self.data.problem_type == ProblemType::SingleLabelClassification {
+            m.push("cm.*");
+        }
+        m
     }
     fn plotted_metrics(&self) -> Vec<&'static str> {
-        vec!["accuracy", "macro_f1"]
+        self.data.problem_type.metrics()[1..].to_vec()
     }
 
     fn prepare(&self, ctx: &Context) -> Result<RunOf<Self>, RecipeError> {
         let t = &self.header.train;
         let tokenizer = tok::load(&self.model.path)?;
         let task = load_task(self, &tokenizer)?;
+        let (columns, pair) = self.data.columns();
+        let what = match self.data.problem_type {
+            ProblemType::Regression => "regression on one score".to_string(),
+            ProblemType::MultiLabelClassification => format!(
+                "multi-label, {} classes {:?}",
+                task.labels.len(),
+                task.labels.names
+            ),
+            ProblemType::SingleLabelClassification => format!(
+                "{} classes {:?} (test majority class {:.1}%)",
+                task.labels.len(),
+                task.labels.names,
+                100.0 * task.test.majority_fraction(task.labels.len())
+            ),
+        };
         eprintln!(
-            "data: {} classes {:?}; {} train, {} validation, {} test rows (test majority class \
-             {:.1}%)",
-            task.labels.len(),
-            task.labels.names,
+            "data: {what}; {} train, {} validation, {} test rows; text: {}",
             task.train.len(),
             task.validation.len(),
             task.test.len(),
-            100.0 * task.test.majority_fraction(task.labels.len())
+            if pair {
+                format!("pairs ({} | {})", columns[0], columns[1])
+            } else {
+                columns.join(" + ")
+            }
         );
         if let Some(s) = task.skipped.summary(&self.data.path) {
             eprintln!("data: {s}");
@@ -128,9 +149,10 @@ impl Experiment for FinetuneRecipe {
         }
         cfg.keep_last = cfg.keep_last.max(1);
         if cfg.monitor == Monitor::default() {
+            let (metric, goal) = self.data.problem_type.monitor();
             cfg.monitor = Monitor {
-                metric: "accuracy".into(),
-                goal: Goal::Max,
+                metric: metric.into(),
+                goal,
                 ..Monitor::default()
             };
         }
@@ -167,14 +189,12 @@ impl Experiment for FinetuneRecipe {
         let obj = &run.objective;
         let test_batches = eval_batches(&st.test, t.eval_batch_size, st.pad_id);
         let test = Trainer::evaluate(obj, &test_batches)?;
-        eprintln!(
-            "test ({} rows): accuracy {:.4}, macro-F1 {:.4}, MCC {:.4}, loss {:.4}",
-            st.test.len(),
-            test.get("accuracy").copied().unwrap_or(f64::NAN),
-            test.get("macro_f1").copied().unwrap_or(f64::NAN),
-            test.get("mcc").copied().unwrap_or(f64::NAN),
-            test.get("loss").copied().unwrap_or(f64::NAN),
-        );
+        let scores: Vec<String> = self.data.problem_type.metrics()[1..]
+            .iter()
+            .chain(&["loss"])
+            .map(|k| format!("{k} {:.4}", test.get(*k).copied().unwrap_or(f64::NAN)))
+            .collect();
+        eprintln!("test ({} rows): {}", st.test.len(), scores.join(", "));
         if let Some(cm) = obj.confusion_counts(st.test.len()) {
             eprint!("{}", format_confusion(&obj.labels, &cm));
         }
@@ -183,6 +203,7 @@ impl Experiment for FinetuneRecipe {
             &serde_json::json!({"test": test, "best_validation": best.map(|(s, v)| serde_json::json!({"step": s, "value": v})),
                 "steps": summary.steps, "elapsed_s": summary.elapsed_secs,
                 "confusion_matrix": obj.confusion_counts(st.test.len()), "labels": obj.labels.names,
+                "problem_type": self.data.problem_type.hf_name(),
                 "skipped_rows": st.skipped}),
         )?;
         export(

@@ -14,6 +14,7 @@ pub(super) fn pooling_name(p: Pooling) -> &'static str {
 pub fn classifier_config_json(
     cfg: &EncoderConfig,
     labels: &LabelSet,
+    problem: ProblemType,
     pooling: Pooling,
     classifier_dropout: f64,
 ) -> serde_json::Value {
@@ -26,7 +27,8 @@ pub fn classifier_config_json(
         o.remove("tie_word_embeddings");
         o.remove("use_cache");
     }
-    v["problem_type"] = "single_label_classification".into();
+    // transformers picks the loss from it (and `num_labels`, from id2label's length).
+    v["problem_type"] = problem.hf_name().into();
     v["classifier_dropout"] = classifier_dropout.into();
     let id2label: serde_json::Map<String, serde_json::Value> = labels
         .names
@@ -63,7 +65,13 @@ pub fn export(
         .unwrap_or(obj.config.hidden_dropout());
     write_hf_folder(
         dir,
-        &classifier_config_json(&obj.config, &obj.labels, recipe.model.pooling, dropout),
+        &classifier_config_json(
+            &obj.config,
+            &obj.labels,
+            obj.problem,
+            recipe.model.pooling,
+            dropout,
+        ),
         &obj.varmap,
         tokenizer,
         obj.config.max_seq_len(),
@@ -74,20 +82,45 @@ pub fn export(
         serde_json::to_string(recipe.header.export.license.as_deref().unwrap_or("apache-2.0"))
             .expect("strings serialise")
     );
+    let what = match obj.problem {
+        ProblemType::SingleLabelClassification => format!(
+            "sequence classifier ({} classes: {})",
+            obj.labels.len(),
+            obj.labels.names.join(", ")
+        ),
+        ProblemType::MultiLabelClassification => format!(
+            "multi-label sequence classifier ({} classes: {}; a class is predicted where its \
+             sigmoid exceeds {})",
+            obj.labels.len(),
+            obj.labels.names.join(", "),
+            recipe.data.threshold
+        ),
+        ProblemType::Regression => "sequence regressor (one score)".to_string(),
+    };
+    let (columns, pair) = recipe.data.columns();
+    let input = if pair {
+        format!(
+            "; input: the pair (`{}`, `{}`), encoded as `tokenizer(a, b)`",
+            columns[0], columns[1]
+        )
+    } else {
+        String::new()
+    };
     card += &format!(
-        "# {}\n\nA BERT sequence classifier ({} classes: {}) fine-tuned by Kindling for {steps} \
-         steps from `{}` ({} initialisation) on `{}` (label column `{}`). It loads with \
-         `transformers.AutoModelForSequenceClassification.from_pretrained(dir)`.\n\n",
+        "# {}\n\nA {} {what} fine-tuned by Kindling for {steps} steps from `{}` ({} \
+         initialisation) on `{}` (label column `{}`{input}). It loads with \
+         `transformers.AutoModelForSequenceClassification.from_pretrained(dir)` \
+         (`problem_type` {}).\n\n",
         recipe.name(),
-        obj.labels.len(),
-        obj.labels.names.join(", "),
+        obj.config.architecture().display_name(),
         recipe.model.path.display(),
         match recipe.model.init {
             Init::Pretrained => "pretrained",
             Init::Random => "random",
         },
         recipe.data.path.display(),
-        recipe.data.label_column
+        recipe.data.label_column,
+        obj.problem.hf_name()
     );
     if let Some(s) = skipped.summary(&recipe.data.path) {
         card += &format!("Data: {s}.\n\n");

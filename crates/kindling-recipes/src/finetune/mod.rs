@@ -134,8 +134,29 @@ pub struct FtData {
     pub path: PathBuf,
     #[serde(default)]
     pub format: Option<String>,
+    /// The text: one column; two columns are a sentence pair (segment A, segment B: token
+    /// types for BERT, separators for RoBERTa/ModernBERT, truncated longest-first as HF's
+    /// `tokenizer(a, b, truncation="longest_first")`) unless `join_text_columns`; three or
+    /// more are joined with a space.
+    #[serde(default)]
     pub text_columns: Vec<String>,
+    /// The pair spelled out (instead of `text_columns`): `text_pair = ["question", "passage"]`.
+    #[serde(default)]
+    pub text_pair: Option<Vec<String>>,
+    /// Join two `text_columns` into one text with a space (no pair).
+    #[serde(default)]
+    pub join_text_columns: bool,
     pub label_column: String,
+    /// HF's `problem_type`: `single_label_classification` (one class per row; the default),
+    /// `multi_label_classification` (a cell holds any number of classes separated by
+    /// `label_separator`; sigmoid + binary cross-entropy; a class is predicted above
+    /// `threshold`) or `regression` (a number per row; one output, mean squared error).
+    #[serde(default)]
+    pub problem_type: ProblemType,
+    #[serde(default = "default_label_separator")]
+    pub label_separator: String,
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
     /// Column naming each row's split; unset: all rows train, and `test_fraction` of them
     /// (by text hash) are the test split.
     #[serde(default)]
@@ -170,6 +191,78 @@ pub struct FtData {
     /// name the first few. A split left empty by skipping is still an error.
     #[serde(default)]
     pub on_invalid: OnInvalid,
+}
+
+/// What a row's label is (HF's `PretrainedConfig.problem_type`, whose names these are).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemType {
+    #[default]
+    SingleLabelClassification,
+    MultiLabelClassification,
+    Regression,
+}
+
+impl ProblemType {
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            ProblemType::SingleLabelClassification => "single_label_classification",
+            ProblemType::MultiLabelClassification => "multi_label_classification",
+            ProblemType::Regression => "regression",
+        }
+    }
+
+    /// The evaluation metrics (what `train.monitor.metric` may name).
+    pub fn metrics(self) -> &'static [&'static str] {
+        match self {
+            ProblemType::SingleLabelClassification => &["loss", "accuracy", "macro_f1", "mcc"],
+            ProblemType::MultiLabelClassification => {
+                &["loss", "micro_f1", "macro_f1", "exact_match"]
+            }
+            ProblemType::Regression => &["loss", "mse", "pearson", "spearman"],
+        }
+    }
+
+    /// The metric the best checkpoint is chosen by unless `train.monitor` says otherwise:
+    /// accuracy, micro-F1, and for regression the validation loss (HF Trainer's default
+    /// `metric_for_best_model`: a rank correlation ties on coarse scores and stops moving
+    /// long before the fit does).
+    pub fn monitor(self) -> (&'static str, Goal) {
+        match self {
+            ProblemType::Regression => ("loss", Goal::Min),
+            p => (p.main_metric(), Goal::Max),
+        }
+    }
+
+    /// The metric a suite reports for this kind of task (GLUE's: accuracy, micro-F1 for
+    /// multi-label, Spearman for regression); higher is better.
+    pub fn main_metric(self) -> &'static str {
+        match self {
+            ProblemType::SingleLabelClassification => "accuracy",
+            ProblemType::MultiLabelClassification => "micro_f1",
+            ProblemType::Regression => "spearman",
+        }
+    }
+}
+
+fn default_label_separator() -> String {
+    "|".into()
+}
+fn default_threshold() -> f64 {
+    0.5
+}
+
+impl FtData {
+    /// The text columns and whether they are a pair.
+    pub fn columns(&self) -> (Vec<String>, bool) {
+        match &self.text_pair {
+            Some(p) => (p.clone(), true),
+            None => (
+                self.text_columns.clone(),
+                self.text_columns.len() == 2 && !self.join_text_columns,
+            ),
+        }
+    }
 }
 
 fn default_train_split() -> String {
@@ -241,6 +334,45 @@ impl FinetuneRecipe {
                 ),
             );
         }
+        let d = &self.data;
+        match (&d.text_pair, d.text_columns.is_empty()) {
+            (Some(_), false) => {
+                return bad(
+                    "data.text_pair",
+                    "give text_columns or text_pair, not both".into(),
+                )
+            }
+            (Some(p), true) if p.len() != 2 => {
+                return bad(
+                    "data.text_pair",
+                    format!("a pair is two columns, got {p:?}"),
+                )
+            }
+            (None, true) => {
+                return bad(
+                    "data.text_columns",
+                    "name the text column(s) (or data.text_pair = [a, b])".into(),
+                )
+            }
+            _ => {}
+        }
+        if d.join_text_columns && d.text_pair.is_some() {
+            return bad(
+                "data.join_text_columns",
+                "a text_pair is never joined: use text_columns".into(),
+            );
+        }
+        if d.problem_type == ProblemType::MultiLabelClassification {
+            if d.label_separator.is_empty() {
+                return bad("data.label_separator", "must not be empty".into());
+            }
+            if !(d.threshold > 0.0 && d.threshold < 1.0) {
+                return bad(
+                    "data.threshold",
+                    format!("{}: expected 0 < x < 1", d.threshold),
+                );
+            }
+        }
         let f = self.data.validation_fraction;
         if !(0.0..1.0).contains(&f) {
             return bad(
@@ -283,6 +415,7 @@ impl FinetuneRecipe {
 pub struct FinetuneReport {
     pub name: String,
     pub init: Init,
+    pub problem: ProblemType,
     pub steps: u64,
     pub elapsed_secs: f64,
     pub best_validation: Option<(u64, f64)>,
@@ -291,8 +424,20 @@ pub struct FinetuneReport {
     pub export_dir: PathBuf,
 }
 
-/// The eval metrics of a fine-tuning run (`train.monitor.metric` names one).
-pub const EVAL_METRICS: &[&str] = &["loss", "accuracy", "macro_f1", "mcc", "cm.*"];
+/// The eval metrics of a fine-tuning run, every problem type's (`train.monitor.metric` names
+/// one of its problem type's: [`ProblemType::metrics`]).
+pub const EVAL_METRICS: &[&str] = &[
+    "loss",
+    "accuracy",
+    "macro_f1",
+    "mcc",
+    "cm.*",
+    "micro_f1",
+    "exact_match",
+    "mse",
+    "pearson",
+    "spearman",
+];
 
 /// `kindling finetune --compare-random`: the recipe as written, then the same recipe with a
 /// randomly initialised backbone of the same shape (run `<name>-random`), side by side.
@@ -323,33 +468,45 @@ pub fn compare_with_random(
     Ok((a, b))
 }
 
-/// The side-by-side table of [`compare_with_random`].
+/// The side-by-side table of [`compare_with_random`]: the problem type's test metrics.
 pub fn comparison_table(a: &FinetuneReport, b: &FinetuneReport) -> String {
     let get = |r: &FinetuneReport, k: &str| r.test.get(k).copied().unwrap_or(f64::NAN);
-    let mut s = String::from(
-        "| run | init | steps | time | test accuracy | test macro-F1 | test MCC | best validation |\n|---|---|---|---|---|---|---|---|\n",
-    );
+    let metrics = &a.problem.metrics()[1..];
+    let mut s = String::from("| run | init | steps | time |");
+    for m in metrics {
+        s += &format!(" test {m} |");
+    }
+    s += " best validation |\n|---|---|---|---|";
+    s += &"---|".repeat(metrics.len() + 1);
+    s += "\n";
     for r in [a, b] {
         s += &format!(
-            "| {} | {:?} | {} | {:.0} s | {:.2}% | {:.4} | {:.4} | {} |\n",
-            r.name,
-            r.init,
-            r.steps,
-            r.elapsed_secs,
-            100.0 * get(r, "accuracy"),
-            get(r, "macro_f1"),
-            get(r, "mcc"),
+            "| {} | {:?} | {} | {:.0} s |",
+            r.name, r.init, r.steps, r.elapsed_secs
+        );
+        for m in metrics {
+            s += &format!(" {:.4} |", get(r, m));
+        }
+        s += &format!(
+            " {} |\n",
             r.best_validation
                 .map(|(s, v)| format!("{v:.4} @ {s}"))
                 .unwrap_or_default()
         );
     }
+    let main = a.problem.main_metric();
     s += &format!(
-        "\npretrained - random: {:+.2} points of test accuracy, {:+.4} macro-F1 (majority class: {:.2}%)\n",
-        100.0 * (get(a, "accuracy") - get(b, "accuracy")),
-        get(a, "macro_f1") - get(b, "macro_f1"),
-        100.0 * a.test_majority
+        "\npretrained - random: {:+.4} test {main}",
+        get(a, main) - get(b, main)
     );
+    if a.problem == ProblemType::SingleLabelClassification {
+        s += &format!(
+            ", {:+.4} macro-F1 (majority class: {:.2}%)",
+            get(a, "macro_f1") - get(b, "macro_f1"),
+            100.0 * a.test_majority
+        );
+    }
+    s += "\n";
     s
 }
 

@@ -1,20 +1,30 @@
-//! The classifier: the encoder and a classification head, its loss and metrics (accuracy, macro-F1, the confusion matrix).
+//! The classifier: the encoder and a classification (or regression) head, its loss by problem type, and its metrics (accuracy, macro-F1, MCC and the confusion matrix; micro/macro-F1 and exact match; MSE, Pearson and Spearman).
 
 #[allow(unused_imports)]
 use super::*;
 
-/// Cross-entropy over classes; in eval, accuracy and the confusion matrix (as fractions of the
-/// eval set, so the trainer's weighted average over batches sums them), from which
-/// `finish_eval` derives macro-F1.
+/// The loss by problem type, as HF's `*ForSequenceClassification` computes it: cross-entropy
+/// over classes (single-label), binary cross-entropy on each class's logit (multi-label),
+/// mean squared error of the one output (regression). In eval, single-label accuracy and the
+/// confusion matrix are fractions of the eval set (the trainer's weighted average over batches
+/// sums them), from which `finish_eval` derives macro-F1 and MCC; the other problem types keep
+/// every row's outputs until `finish_eval` (correlations and F1 over the whole set are not
+/// averages of batches').
 pub struct Classifier {
     pub model: SequenceClassifier,
     pub varmap: VarMap,
     pub config: EncoderConfig,
     pub labels: LabelSet,
+    pub problem: ProblemType,
+    /// Multi-label: a class is predicted when its probability is above this.
+    pub threshold: f64,
     pub(super) device: Device,
     /// The confusion matrix (rows: true class, columns: predicted) of the last evaluation, as
     /// fractions; `finish_eval` moves it here from the metrics.
     pub(super) last_confusion: Mutex<Option<Vec<Vec<f64>>>>,
+    /// Multi-label and regression: (outputs, targets) of every row evaluated since the last
+    /// `finish_eval`, `width` floats each.
+    pub(super) eval_rows: Mutex<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Classifier {
@@ -69,8 +79,11 @@ impl Classifier {
                 varmap,
                 config,
                 labels,
+                problem: recipe.data.problem_type,
+                threshold: recipe.data.threshold,
                 device: device.clone(),
                 last_confusion: Mutex::new(None),
+                eval_rows: Mutex::new((Vec::new(), Vec::new())),
             },
             report,
         ))
@@ -80,12 +93,26 @@ impl Classifier {
         self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
     }
 
+    /// A batch's ids, segment ids (pairs, on an encoder with token types) and mask, on the
+    /// device.
+    pub fn inputs(&self, b: &ClsBatch) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)> {
+        let shape = (b.batch_size, b.seq_len);
+        let ids = Tensor::from_slice(&b.input_ids, shape, &self.device)?;
+        let types = match &b.token_type_ids {
+            Some(t) if self.config.uses_token_types() => {
+                Some(Tensor::from_slice(t, shape, &self.device)?)
+            }
+            _ => None,
+        };
+        let mask = Tensor::from_slice(&b.attention_mask, shape, &self.device)?;
+        Ok((ids, types, mask))
+    }
+
     pub fn logits(&self, b: &ClsBatch, mode: Mode) -> candle_core::Result<Tensor> {
-        let ids = Tensor::from_slice(&b.input_ids, (b.batch_size, b.seq_len), &self.device)?;
-        let mask = Tensor::from_slice(&b.attention_mask, (b.batch_size, b.seq_len), &self.device)?;
+        let (ids, types, mask) = self.inputs(b)?;
         // Mixed precision: the loss in f32, as autocast (a no-op in f32).
         self.model
-            .forward_t(&ids, &mask, mode)
+            .forward_t(&ids, types.as_ref(), &mask, mode)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?
             .to_dtype(DType::F32)
     }
@@ -134,27 +161,46 @@ impl Objective for Classifier {
 
     fn step(&self, b: &ClsBatch, mode: Mode) -> candle_core::Result<StepOutput> {
         let logits = self.logits(b, mode)?;
-        let labels = Tensor::from_slice(&b.labels, b.labels.len(), &self.device)?;
-        let loss = kindling_models::ops::cross_entropy(&logits, &labels)?;
         let mut metrics = BTreeMap::new();
-        if !mode.is_train() {
-            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            let c = self.labels.len();
-            let mut cm = vec![0usize; c * c];
-            for (&t, &p) in b.labels.iter().zip(&pred) {
-                cm[t as usize * c + p as usize] += 1;
+        let n = b.batch_size;
+        let loss = match self.problem {
+            ProblemType::SingleLabelClassification => {
+                let labels = Tensor::from_slice(&b.labels, n, &self.device)?;
+                let loss = kindling_models::ops::cross_entropy(&logits, &labels)?;
+                if !mode.is_train() {
+                    let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                    let c = self.labels.len();
+                    let mut cm = vec![0usize; c * c];
+                    for (&t, &p) in b.labels.iter().zip(&pred) {
+                        cm[t as usize * c + p as usize] += 1;
+                    }
+                    let hits: usize = (0..c).map(|i| cm[i * c + i]).sum();
+                    metrics.insert("accuracy".into(), hits as f64 / n as f64);
+                    for (k, &v) in cm.iter().enumerate() {
+                        metrics.insert(format!("cm.{}.{}", k / c, k % c), v as f64 / n as f64);
+                    }
+                }
+                loss
             }
-            let n = b.labels.len() as f64;
-            let hits: usize = (0..c).map(|i| cm[i * c + i]).sum();
-            metrics.insert("accuracy".into(), hits as f64 / n);
-            for (k, &v) in cm.iter().enumerate() {
-                metrics.insert(format!("cm.{}.{}", k / c, k % c), v as f64 / n);
+            ProblemType::MultiLabelClassification | ProblemType::Regression => {
+                let targets = Tensor::from_slice(&b.values, logits.shape(), &self.device)?;
+                let loss = if self.problem == ProblemType::Regression {
+                    (&logits - &targets)?.sqr()?.mean_all()?
+                } else {
+                    binary_cross_entropy_with_logits(&logits, &targets)?
+                };
+                if !mode.is_train() {
+                    let mut rows = self.eval_rows.lock().expect("eval rows lock");
+                    rows.0.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+                    rows.1.extend_from_slice(&b.values);
+                }
+                loss
             }
-        }
+        };
         Ok(StepOutput {
             loss,
-            weight: b.labels.len() as f64,
-            units: b.labels.len(),
+            weight: n as f64,
+            units: n,
             metrics,
         })
     }
@@ -164,6 +210,18 @@ impl Objective for Classifier {
     }
 
     fn finish_eval(&self, m: &mut BTreeMap<String, f64>) {
+        match self.problem {
+            ProblemType::SingleLabelClassification => self.finish_single_label(m),
+            ProblemType::MultiLabelClassification | ProblemType::Regression => {
+                let (outputs, targets) = std::mem::take(&mut *self.eval_rows.lock().expect("lock"));
+                m.extend(self.scores(&outputs, &targets));
+            }
+        }
+    }
+}
+
+impl Classifier {
+    fn finish_single_label(&self, m: &mut BTreeMap<String, f64>) {
         let c = self.labels.len();
         let mut cm = vec![vec![0.0; c]; c];
         let keys: Vec<String> = m.keys().filter(|k| k.starts_with("cm.")).cloned().collect();
@@ -181,4 +239,47 @@ impl Objective for Classifier {
         m.insert("mcc".into(), crate::metrics::matthews_corrcoef(&cm));
         *self.last_confusion.lock().expect("lock") = Some(cm);
     }
+
+    /// Multi-label and regression scores of whole-set `outputs` (logits) against `targets`.
+    pub fn scores(&self, outputs: &[f32], targets: &[f32]) -> BTreeMap<String, f64> {
+        let mut m = BTreeMap::new();
+        if outputs.is_empty() {
+            return m;
+        }
+        match self.problem {
+            ProblemType::Regression => {
+                let (p, t): (Vec<f64>, Vec<f64>) = outputs
+                    .iter()
+                    .zip(targets)
+                    .map(|(&p, &t)| (p as f64, t as f64))
+                    .unzip();
+                let mse =
+                    p.iter().zip(&t).map(|(a, b)| (a - b).powi(2)).sum::<f64>() / p.len() as f64;
+                m.insert("mse".into(), mse);
+                m.insert("pearson".into(), crate::metrics::pearson(&p, &t));
+                m.insert("spearman".into(), crate::metrics::spearman(&p, &t));
+            }
+            _ => {
+                // p > threshold  <=>  logit > ln(threshold / (1 - threshold)).
+                let cut = (self.threshold / (1.0 - self.threshold)).ln() as f32;
+                let pred: Vec<bool> = outputs.iter().map(|&l| l > cut).collect();
+                let gold: Vec<bool> = targets.iter().map(|&t| t > 0.5).collect();
+                let s = crate::metrics::multi_label_scores(&pred, &gold, self.labels.len());
+                m.insert("micro_f1".into(), s.micro_f1);
+                m.insert("macro_f1".into(), s.macro_f1);
+                m.insert("exact_match".into(), s.exact_match);
+            }
+        }
+        m
+    }
+}
+
+/// Mean over every element of `-(y log sigmoid(x) + (1 - y) log(1 - sigmoid(x)))`, in the
+/// stable form PyTorch's `BCEWithLogitsLoss` uses: `max(x, 0) - x y + log(1 + exp(-|x|))`.
+pub fn binary_cross_entropy_with_logits(
+    logits: &Tensor,
+    targets: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let softplus = (logits.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    ((logits.relu()? - (logits * targets)?)? + softplus)?.mean_all()
 }

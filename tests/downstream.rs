@@ -1,0 +1,400 @@
+//! Downstream evaluation as users run it: sentence pairs encoded as HF's tokenizer encodes
+//! them, regression and multi-label fine-tuning whose exports transformers loads with their
+//! `problem_type` and the same outputs, and tables with holes.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use kindling_core::Mode;
+use kindling_data::labelled::TableSpec;
+use kindling_data::tokenizer as tok;
+use kindling_models::bert::Pooling;
+use kindling_recipes::finetune::TextEncoder;
+
+use crate::common::{kindling, minilm_dir, python_reference, shared_tiny_run, stderr};
+
+/// The reviews' (title, text) pairs of the test split, both cells non-empty.
+fn review_pairs(n: usize) -> Vec<(String, String)> {
+    let spec = TableSpec {
+        path: crate::common::repo_root().join("datasets/womens-clothing-reviews/reviews.tsv.gz"),
+        format: None,
+        text_columns: vec!["title".into(), "text".into()],
+        label_column: "rating".into(),
+        split_column: Some("split".into()),
+        pair: true,
+    };
+    let mut skipped = Default::default();
+    let rows = kindling_data::labelled::read_examples_with(
+        &spec,
+        kindling_data::labelled::OnInvalid::Skip,
+        &mut skipped,
+    )
+    .unwrap();
+    rows.into_iter()
+        .filter(|e| e.split.as_deref() == Some("test"))
+        .take(n)
+        .map(|e| (e.text, e.text_pair.unwrap()))
+        .collect()
+}
+
+/// Every tokenizer Kindling fine-tunes with (a trained WordPiece BERT, byte-level BPE RoBERTa
+/// and ModernBERT exports, and MiniLM's HF tokenizer when present) encodes 300 review pairs at
+/// max_length 48 (most are truncated) exactly as `tokenizer(a, b, truncation="longest_first")`:
+/// ids and token types.
+#[test]
+fn pair_encoding_is_hfs_longest_first_on_the_reviews() {
+    let pairs = review_pairs(300);
+    assert_eq!(pairs.len(), 300);
+    let mut folders: Vec<PathBuf> = vec![
+        shared_tiny_run().join("export"),
+        crate::architectures::shared_roberta_run().join("export"),
+        crate::architectures::shared_modernbert_run().join("export"),
+    ];
+    folders.extend(minilm_dir());
+    let max_length = 48;
+    for dir in folders {
+        let tk = tok::load(&dir).unwrap();
+        let enc = TextEncoder::new(&tk, max_length).unwrap();
+        let rows: Vec<serde_json::Value> = pairs
+            .iter()
+            .map(|(a, b)| {
+                let (ids, types) = enc.encode(a, Some(b)).unwrap();
+                let types = types.unwrap();
+                assert!(ids.len() <= max_length && types.len() == ids.len());
+                serde_json::json!([a, b, ids, types])
+            })
+            .collect();
+        // BERT's segment B is type 1: the pair's token types are not all zero there.
+        if dir.starts_with(shared_tiny_run()) {
+            assert!(rows
+                .iter()
+                .any(|r| r[3].as_array().unwrap().contains(&1.into())));
+        }
+        let out = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            out.path(),
+            serde_json::json!({"max_length": max_length, "pairs": rows}).to_string(),
+        )
+        .unwrap();
+        if let Some(text) = python_reference(
+            "hf_pair_encoding.py",
+            &[dir.as_os_str(), out.path().as_os_str()],
+        ) {
+            assert!(text.contains("\"differ\": 0"), "{}: {text}", dir.display());
+        }
+    }
+}
+
+/// A table a tiny model can learn: the sentiment word decides `label` (pos/neg), the second
+/// segment decides `recent`; `score` follows both, `tags` names both (multi-label).
+fn pair_table(dir: &Path, rows: usize) -> PathBuf {
+    let pos = ["happy", "delight", "pleasure", "love", "glad", "cheerful"];
+    let neg = ["sorrow", "misery", "wretched", "angry", "grief", "fear"];
+    let filler = [
+        "the", "of", "her", "and", "was", "in", "to", "a", "with", "it",
+    ];
+    let mut s = String::from("split\ttext\tother\tlabel\tscore\ttags\n");
+    for i in 0..rows {
+        let positive = i % 2 == 0;
+        let recent = i % 3 == 0;
+        let words = if positive { &pos } else { &neg };
+        let text: Vec<&str> = (0..8)
+            .map(|k| {
+                if k % 3 == 1 {
+                    words[(i * 7 + k) % words.len()]
+                } else {
+                    filler[(i * 13 + k * 5) % filler.len()]
+                }
+            })
+            .collect();
+        let other = if recent {
+            "today it was so"
+        } else {
+            "long ago it was"
+        };
+        let label = if positive { "pos" } else { "neg" };
+        let score = if positive { 4.0 } else { 1.0 } + if recent { 0.5 } else { 0.0 };
+        let tags = if recent {
+            format!("{label}|recent")
+        } else {
+            label.to_string()
+        };
+        let split = if (i / 10) % 5 == 0 { "test" } else { "train" };
+        s += &format!(
+            "{split}\t{}\t{other}\t{label}\t{score}\t{tags}\n",
+            text.join(" ")
+        );
+    }
+    let p = dir.join("pairs.tsv");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+fn finetune(runs: &Path, table: &Path, extra: &[&str]) -> std::process::Output {
+    let mut cmd = kindling();
+    cmd.args(["finetune", "recipes/tiny/finetune-tiny.toml"]);
+    for s in [
+        format!("runs_dir=\"{}\"", runs.display()),
+        format!(
+            "model.path=\"{}\"",
+            shared_tiny_run().join("export").display()
+        ),
+        format!("data.path=\"{}\"", table.display()),
+        "data.join_text_columns=false".into(),
+        "data.text_columns=[\"text\", \"other\"]".into(),
+        // 14 steps an epoch: enough passes for the tiny model to fit both segments.
+        "train.max_epochs=30".into(),
+    ] {
+        cmd.args(["--set", &s]);
+    }
+    for e in extra {
+        cmd.args(["--set", e]);
+    }
+    cmd.output().unwrap()
+}
+
+/// Kindling's logits (and loss on `labels`) of two review-like pairs from the export, written
+/// for `hf_cls_logits.py` with the expected problem type.
+fn check_with_transformers(
+    export: &Path,
+    problem: &str,
+    labels: serde_json::Value,
+    loss: &dyn Fn(&Tensor) -> f32,
+) {
+    let cfg = kindling_models::import::read_encoder_config(export).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["problem_type"], problem);
+    let n = config["id2label"].as_object().unwrap().len();
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[export.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let model = kindling_models::SequenceClassifier::load(vb, &cfg, n, Pooling::Cls, 0.0).unwrap();
+    let enc = TextEncoder::new(&tok::load(export).unwrap(), 32).unwrap();
+    let a = enc
+        .encode("happy the love of her", Some("today it was so"))
+        .unwrap();
+    let b = enc.encode("grief", Some("long ago it was")).unwrap();
+    let seq = a.0.len().max(b.0.len());
+    let pad = |v: &[u32]| {
+        let mut v = v.to_vec();
+        v.resize(seq, 0);
+        v
+    };
+    let mask = |v: &[u32]| {
+        let mut m = vec![1u32; v.len()];
+        m.resize(seq, 0);
+        m
+    };
+    let ids = [pad(&a.0), pad(&b.0)].concat();
+    let types = [pad(a.1.as_ref().unwrap()), pad(b.1.as_ref().unwrap())].concat();
+    let am = [mask(&a.0), mask(&b.0)].concat();
+    let t = |v: &[u32]| Tensor::from_slice(v, (2, seq), &Device::Cpu).unwrap();
+    let logits = model
+        .forward_t(&t(&ids), Some(&t(&types)), &t(&am), Mode::Eval)
+        .unwrap();
+    let out = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        out.path(),
+        serde_json::json!({
+            "input_ids": t(&ids).to_vec2::<u32>().unwrap(),
+            "token_type_ids": t(&types).to_vec2::<u32>().unwrap(),
+            "attention_mask": t(&am).to_vec2::<u32>().unwrap(),
+            "logits": logits.to_vec2::<f32>().unwrap(),
+            "problem_type": problem,
+            "labels": labels,
+            "loss": loss(&logits),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    if let Some(text) = python_reference(
+        "hf_cls_logits.py",
+        &[export.as_os_str(), out.path().as_os_str()],
+    ) {
+        assert!(text.contains("max_abs_diff"), "{text}");
+    }
+}
+
+fn test_results(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("test_results.json")).unwrap()).unwrap()
+}
+
+/// Regression (`problem_type = "regression"`, a float column, MSE) learns the score from the
+/// pair, reports MSE, Pearson and Spearman, and exports a one-output classifier that
+/// transformers loads as regression, with Kindling's logits and MSE.
+#[test]
+fn regression_on_pairs_learns_the_score_and_exports_what_transformers_computes() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = pair_table(dir.path(), 300);
+    let out = finetune(
+        dir.path(),
+        &table,
+        &[
+            "data.problem_type=\"regression\"",
+            "data.label_column=\"score\"",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("pairs (text | other)"), "{err}");
+    let run = dir.path().join("finetune-tiny");
+    let r = test_results(&run);
+    assert_eq!(r["problem_type"], "regression");
+    let test = &r["test"];
+    for k in ["mse", "pearson", "spearman"] {
+        assert!(test[k].is_number(), "{k} missing: {test}");
+    }
+    assert!(test["spearman"].as_f64().unwrap() > 0.8, "{test}");
+    check_with_transformers(
+        &run.join("export"),
+        "regression",
+        serde_json::json!([4.5, 1.0]),
+        &|logits| {
+            let y = Tensor::new(&[[4.5f32], [1.0]], &Device::Cpu).unwrap();
+            (logits - y)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        },
+    );
+}
+
+/// Multi-label (`a|b` cells, sigmoid + binary cross-entropy) learns both tags, reports micro-
+/// and macro-F1 and exact match, and exports a classifier transformers loads as multi-label,
+/// with Kindling's logits and loss; a cell naming a class no training row has is skipped under
+/// `on_invalid = "skip"` and named by line otherwise.
+#[test]
+fn multi_label_learns_every_tag_and_exports_what_transformers_computes() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = pair_table(dir.path(), 300);
+    let ml = [
+        "data.problem_type=\"multi_label_classification\"",
+        "data.label_column=\"tags\"",
+    ];
+    let out = finetune(dir.path(), &table, &ml);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = dir.path().join("finetune-tiny");
+    let r = test_results(&run);
+    assert_eq!(r["problem_type"], "multi_label_classification");
+    assert_eq!(r["labels"], serde_json::json!(["neg", "pos", "recent"]));
+    let test = &r["test"];
+    assert!(test["micro_f1"].as_f64().unwrap() > 0.9, "{test}");
+    assert!(test["exact_match"].as_f64().unwrap() > 0.8, "{test}");
+    assert!(test["macro_f1"].is_number(), "{test}");
+    let labels = serde_json::json!([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]);
+    check_with_transformers(
+        &run.join("export"),
+        "multi_label_classification",
+        labels,
+        &|logits| {
+            let y = Tensor::new(&[[0f32, 1.0, 1.0], [1.0, 0.0, 0.0]], &Device::Cpu).unwrap();
+            kindling_recipes::finetune::binary_cross_entropy_with_logits(logits, &y)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        },
+    );
+
+    // A test row tagged with a class no training row has.
+    let mut text = std::fs::read_to_string(&table).unwrap();
+    text += "test\thappy love\ttoday\tpos\t4.5\tpos|mystery\n";
+    std::fs::write(&table, &text).unwrap();
+    let line = text.lines().count();
+    let runs = tempfile::tempdir().unwrap();
+    let out = finetune(runs.path(), &table, &ml);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("pairs.tsv:{line}")) && err.contains("mystery"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(runs.path()).unwrap().count(), 0);
+    let out = finetune(
+        runs.path(),
+        &table,
+        &[ml[0], ml[1], "data.on_invalid=\"skip\""],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = test_results(&runs.path().join("finetune-tiny"));
+    assert_eq!(r["skipped_rows"]["count"], 1);
+    assert_eq!(r["skipped_rows"]["first"][0]["line"], line as u64);
+}
+
+/// The problem type's keys are checked before anything is written.
+#[test]
+fn pair_and_problem_type_settings_are_checked_before_any_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = pair_table(dir.path(), 60);
+    let runs = tempfile::tempdir().unwrap();
+    for (settings, needles) in [
+        (
+            vec!["data.text_pair=[\"text\", \"other\"]"],
+            vec!["data.text_pair", "not both"],
+        ),
+        (
+            vec!["data.text_columns=[]", "data.text_pair=[\"text\"]"],
+            vec!["data.text_pair", "two columns"],
+        ),
+        (
+            vec![
+                "data.problem_type=\"multi_label_classification\"",
+                "data.threshold=1.5",
+            ],
+            vec!["data.threshold"],
+        ),
+        (
+            vec!["data.problem_type=\"ordinal\""],
+            vec!["data.problem_type", "regression"],
+        ),
+        (
+            vec![
+                "data.problem_type=\"regression\"",
+                "data.label_column=\"label\"",
+            ],
+            vec![
+                "pairs.tsv:",
+                "label `pos` in column `label` is not a number",
+            ],
+        ),
+        (
+            vec![
+                "data.problem_type=\"regression\"",
+                "data.label_column=\"score\"",
+                "train.monitor.metric=\"accuracy\"",
+            ],
+            vec!["accuracy", "spearman"],
+        ),
+    ] {
+        let out = finetune(runs.path(), &table, &settings);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{settings:?}: {err}");
+        for n in needles {
+            assert!(err.contains(n), "{settings:?}: `{n}` not in {err}");
+        }
+    }
+    assert_eq!(std::fs::read_dir(runs.path()).unwrap().count(), 0);
+    // A pair spelled as text_pair trains as the same two columns do.
+    let out = finetune(
+        runs.path(),
+        &table,
+        &[
+            "data.text_columns=[]",
+            "data.text_pair=[\"text\", \"other\"]",
+            "data.label_column=\"label\"",
+            "train.steps=2",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
