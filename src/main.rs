@@ -101,6 +101,19 @@ enum Command {
         #[arg(long)]
         no_normalize: bool,
     },
+    /// Score an encoder folder (an export, an HF folder such as all-MiniLM-L6-v2, or
+    /// hf://NS/NAME) on a recipe's [eval.sts] (Spearman/Pearson of cosine against gold scores)
+    /// and [eval.retrieval] (recall@k, MRR, nDCG@10) sections; a SimCSE recipe serves as it is.
+    /// Prints a table on standard error and JSON on standard output.
+    EvaluateEmbeddings {
+        model: PathBuf,
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Sentences per forward pass.
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+    },
     /// The most likely tokens at each `[MASK]` of a text, from a BertForMaskedLM folder (an export).
     FillMask {
         model: PathBuf,
@@ -409,6 +422,29 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 None => print!("{out}"),
             }
+        }
+        Command::EvaluateEmbeddings {
+            model,
+            recipe,
+            overrides,
+            batch_size,
+        } => {
+            use kindling_recipes::embedding_eval::{evaluate_embeddings, EmbeddingEvalRecipe};
+            let r = EmbeddingEvalRecipe::load(&recipe, &overrides)?;
+            let dir = kindling_hub::resolve_model_path(&model)?;
+            let started = std::time::Instant::now();
+            let scores = evaluate_embeddings(&dir, &r, batch_size)?;
+            eprintln!("| metric | {} |\n|---|---|", model.display());
+            for (k, v) in &scores {
+                eprintln!("| {k} | {v:.4} |");
+            }
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": model, "recipe": recipe, "scores": scores,
+                    "elapsed_s": started.elapsed().as_secs_f64(),
+                })
+            );
         }
         Command::FillMask {
             model,

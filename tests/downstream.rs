@@ -398,3 +398,139 @@ fn pair_and_problem_type_settings_are_checked_before_any_write() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// The STS and retrieval scores equal scipy's `spearmanr`/`pearsonr` of the cosine
+/// similarities and numpy/sklearn's recall@k, MRR and `ndcg_score(k=10)` on the same vectors
+/// (tests/reference/embedding_scores.py); a hand-checked ranking too.
+#[test]
+fn embedding_scores_match_scipy_and_sklearn() {
+    use kindling_recipes::metrics::{ranking_metrics, retrieval_scores, sts_scores};
+    // Ranks 1, 2 and 11: nDCG@10 = (1 + 1/log2(3) + 0) / 3, MRR = (1 + 1/2 + 1/11) / 3.
+    let m = ranking_metrics(&[0, 1, 10], &[1, 10]);
+    assert!((m["ndcg_at_10"] - (1.0 + 1.0 / 3f64.log2()) / 3.0).abs() < 1e-12);
+    assert!((m["mrr"] - (1.0 + 0.5 + 1.0 / 11.0) / 3.0).abs() < 1e-12);
+    assert_eq!(
+        (m["recall_at_1"], m["recall_at_10"]),
+        (1.0 / 3.0, 2.0 / 3.0)
+    );
+
+    let mut state = 7u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f64 / (1u64 << 31) as f64 - 0.5) as f32
+    };
+    let mut vectors =
+        |n: usize| -> Vec<Vec<f32>> { (0..n).map(|_| (0..16).map(|_| next()).collect()).collect() };
+    let (a, b0, queries, noise) = (vectors(120), vectors(120), vectors(200), vectors(200));
+    // Second sentences and documents near their partners, to different degrees.
+    let near = |x: &[Vec<f32>], y: &[Vec<f32>], i_scale: f32| -> Vec<Vec<f32>> {
+        x.iter()
+            .zip(y)
+            .enumerate()
+            .map(|(i, (p, n))| {
+                let w = i_scale * (1 + i % 7) as f32;
+                p.iter().zip(n).map(|(p, n)| p + w * n).collect()
+            })
+            .collect()
+    };
+    let b = near(&a, &b0, 0.3);
+    let docs = near(&queries, &noise, 0.5);
+    let gold: Vec<f64> = (0..120)
+        .map(|i| 6.0 - (i % 7) as f64 + 0.1 * (i % 3) as f64)
+        .collect();
+    let ks = vec![1, 3, 10];
+    let mut scores = sts_scores(&a, &b, &gold);
+    scores.extend(retrieval_scores(&queries, &docs, &ks));
+    assert!(scores["sts_spearman"] > 0.5, "{scores:?}");
+    let out = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        out.path(),
+        serde_json::json!({
+            "sts_a": a, "sts_b": b, "gold": gold, "queries": queries, "docs": docs,
+            "k": ks, "scores": scores,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    if let Some(text) = python_reference("embedding_scores.py", &[out.path().as_os_str()]) {
+        assert!(text.contains("max_abs_diff"), "{text}");
+    }
+}
+
+/// `kindling evaluate-embeddings` scores any encoder folder on a recipe's `[eval]` sections
+/// (here a SimCSE run's own, after training): the same numbers as the run's last evaluation,
+/// since both embed through one path; a recipe with nothing to evaluate exits 2.
+#[test]
+fn evaluate_embeddings_of_a_simcse_export_equals_the_runs_last_evaluation() {
+    let runs = tempfile::tempdir().unwrap();
+    let export = shared_tiny_run().join("export");
+    let recipe = runs.path().join("simcse.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "objective = \"simcse\"\nseed = 3\nruns_dir = \"{}\"\n\
+             [model]\npath = \"{}\"\npooling = \"mean\"\nmax_length = 32\n\
+             [data]\ntable = \"datasets/womens-clothing-reviews/reviews.tsv.gz\"\n\
+             anchor_column = \"text\"\nsplit_column = \"split\"\nsplit = \"train\"\nmax_examples = 256\n\
+             [train]\nbatch_size = 16\neval_batch_size = 64\nsteps = 4\neval_every = 4\n\
+             optimizer = {{ lr = 1e-4 }}\n\
+             [eval.retrieval]\ntable = \"datasets/womens-clothing-reviews/reviews.tsv.gz\"\n\
+             query_column = \"title\"\ndoc_column = \"text\"\nsplit_column = \"split\"\nmax_rows = 150\n\
+             [eval.sts]\ntable = \"datasets/womens-clothing-reviews/reviews-sts.tsv.gz\"\n\
+             split_column = \"split\"\nmax_rows = 100\n",
+            runs.path().display(),
+            export.display()
+        ),
+    )
+    .unwrap();
+    let out = kindling().args(["pretrain"]).arg(&recipe).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let last = &run["eval"];
+    for k in [
+        "recall_at_1",
+        "mrr",
+        "ndcg_at_10",
+        "sts_spearman",
+        "sts_pearson",
+    ] {
+        assert!(last[k].is_number(), "{k} missing from {last}");
+    }
+    let out = kindling()
+        .args(["evaluate-embeddings"])
+        .arg(runs.path().join("simcse/export"))
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in [
+        "recall_at_1",
+        "mrr",
+        "ndcg_at_10",
+        "sts_spearman",
+        "sts_pearson",
+    ] {
+        let (a, b) = (
+            got["scores"][k].as_f64().unwrap(),
+            last[k].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() < 1e-5,
+            "{k}: evaluate-embeddings {a} vs the run's {b}"
+        );
+    }
+    assert_eq!(got["scores"]["sts_rows"], 100.0);
+    let empty = runs.path().join("empty.toml");
+    std::fs::write(&empty, "[model]\npooling = \"mean\"\n").unwrap();
+    let out = kindling()
+        .args(["evaluate-embeddings"])
+        .arg(&export)
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("[eval.sts]"), "{}", stderr(&out));
+}

@@ -4,6 +4,7 @@
 pub mod bert_mlm;
 pub mod card;
 pub mod embed;
+pub mod embedding_eval;
 pub mod finetune;
 pub mod hf_folder;
 pub mod metrics;

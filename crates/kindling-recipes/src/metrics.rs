@@ -2,6 +2,8 @@
 //! (accuracy, macro-F1, MCC; multi-label micro/macro-F1 and exact match), correlation
 //! (Pearson, Spearman) and ranking (recall@k, MRR, nDCG).
 
+use std::collections::BTreeMap;
+
 use kindling_data::LabelSet;
 
 /// Accuracy and macro-F1 from a confusion matrix (rows: true, columns: predicted).
@@ -148,6 +150,90 @@ pub fn multi_label_scores(pred: &[bool], gold: &[bool], classes: usize) -> Multi
             / classes.max(1) as f64,
         exact_match: exact as f64 / rows.max(1) as f64,
     }
+}
+
+/// Cosine similarity of two vectors (0 when either is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64, *y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab / (aa * bb).sqrt()
+    }
+}
+
+/// Semantic textual similarity as sentence-transformers' `EmbeddingSimilarityEvaluator`
+/// reports it: Spearman and Pearson correlation of the cosine similarity of each pair's
+/// embeddings with its gold score (`sts_spearman`, `sts_pearson`).
+pub fn sts_scores(a: &[Vec<f32>], b: &[Vec<f32>], gold: &[f64]) -> BTreeMap<String, f64> {
+    let cos: Vec<f64> = a.iter().zip(b).map(|(x, y)| cosine(x, y)).collect();
+    BTreeMap::from([
+        ("sts_spearman".to_string(), spearman(&cos, gold)),
+        ("sts_pearson".to_string(), pearson(&cos, gold)),
+    ])
+}
+
+/// Retrieval where query `i`'s one relevant document is document `i`, ranked by cosine
+/// similarity among all documents (a tie counts against the query): recall@k for each k (the
+/// fraction of queries whose document is in the top k), MRR (mean reciprocal rank), and
+/// nDCG@10 (with one relevant document: `1 / log2(rank + 1)` within the top 10, rank from 1),
+/// the figure sentence-transformers' `InformationRetrievalEvaluator` and BEIR report.
+pub fn retrieval_scores(
+    queries: &[Vec<f32>],
+    docs: &[Vec<f32>],
+    ks: &[usize],
+) -> BTreeMap<String, f64> {
+    use rayon::prelude::*;
+    let unit = |v: &Vec<f32>| {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        v.iter().map(|x| x / n).collect::<Vec<f32>>()
+    };
+    let q: Vec<Vec<f32>> = queries.iter().map(unit).collect();
+    let d: Vec<Vec<f32>> = docs.iter().map(unit).collect();
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    // Documents ranked above query i's own: its rank is this + 1.
+    let above: Vec<usize> = q
+        .par_iter()
+        .enumerate()
+        .map(|(i, qi)| {
+            let own = dot(qi, &d[i]);
+            d.iter()
+                .enumerate()
+                .filter(|&(j, dj)| j != i && dot(qi, dj) >= own)
+                .count()
+        })
+        .collect();
+    ranking_metrics(&above, ks)
+}
+
+/// [`retrieval_scores`] from each query's count of documents ranked above its own.
+pub fn ranking_metrics(above: &[usize], ks: &[usize]) -> BTreeMap<String, f64> {
+    let n = above.len().max(1) as f64;
+    let mut m = BTreeMap::new();
+    for &k in ks {
+        let hits = above.iter().filter(|&&r| r < k).count();
+        m.insert(format!("recall_at_{k}"), hits as f64 / n);
+    }
+    m.insert(
+        "mrr".into(),
+        above.iter().map(|&r| 1.0 / (r + 1) as f64).sum::<f64>() / n,
+    );
+    m.insert(
+        "ndcg_at_10".into(),
+        above
+            .iter()
+            .filter(|&&r| r < 10)
+            .map(|&r| 1.0 / ((r + 2) as f64).log2())
+            .sum::<f64>()
+            / n,
+    );
+    m
 }
 
 /// The confusion matrix as a table a person reads: rows are true classes.

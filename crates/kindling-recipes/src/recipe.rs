@@ -667,7 +667,7 @@ fn parse_document(
 }
 
 /// `doc` as a `T`; an error names the key's path, less `hidden` (a table the parser made up).
-fn deserialize_document<T: serde::de::DeserializeOwned>(
+pub(crate) fn deserialize_document<T: serde::de::DeserializeOwned>(
     doc: toml::Table,
     path: &Path,
     hidden: Option<&str>,

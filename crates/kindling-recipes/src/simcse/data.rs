@@ -129,6 +129,9 @@ pub struct SimcseBatch {
     /// Text hashes of anchors, positives and negatives, as `rows`.
     pub keys: Vec<u64>,
     pub cursor_after: Cursor,
+    /// An evaluation batch of STS pairs (its embeddings are scored against gold similarities;
+    /// its loss does not count when a retrieval set is evaluated too).
+    pub sts: bool,
 }
 
 impl SimcseBatch {
@@ -155,6 +158,7 @@ impl SimcseBatch {
             n,
             keys,
             cursor_after,
+            sts: false,
         }
     }
 }

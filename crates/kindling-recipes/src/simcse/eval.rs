@@ -1,4 +1,6 @@
-//! Retrieval evaluation: query and document batches, recall@k and MRR.
+//! Evaluation batches: the retrieval set (queries as anchors, their documents as positives)
+//! and the STS pairs (first sentences as anchors, second as positives), whose embeddings the
+//! objective collects for `finish_eval`.
 
 #[allow(unused_imports)]
 use super::*;
@@ -11,56 +13,58 @@ pub fn retrieval_batches(
     max_length: usize,
     batch_size: usize,
 ) -> Result<(Vec<SimcseBatch>, usize), RecipeError> {
-    let mut columns = vec![r.query_column.clone(), r.doc_column.clone()];
-    columns.extend(r.split_column.iter().cloned());
-    let rows = read_table(&r.table, r.format.as_deref(), &columns)?;
-    let mut pairs: Vec<[Option<String>; 3]> = rows
-        .into_iter()
-        .filter(|row| r.split_column.is_none() || row.cells[2].trim() == r.split)
-        .filter(|row| !row.cells[0].trim().is_empty() && !row.cells[1].trim().is_empty())
-        .map(|row| {
-            [
-                Some(row.cells[0].trim().to_string()),
-                Some(row.cells[1].trim().to_string()),
-                None,
-            ]
-        })
+    let batches = pair_batches(&r.read()?, tokenizer, max_length, batch_size, false)?;
+    let n = batches.iter().map(|b| b.n).sum();
+    Ok((batches, n))
+}
+
+/// The STS pairs as eval batches (after the retrieval batches: `first` is their count), and
+/// the gold scores in row order.
+pub fn sts_batches(
+    s: &Sts,
+    tokenizer: &Tokenizer,
+    max_length: usize,
+    batch_size: usize,
+    first: usize,
+) -> Result<(Vec<SimcseBatch>, Vec<f64>), RecipeError> {
+    let (pairs, gold) = s.read()?;
+    let mut batches = pair_batches(&pairs, tokenizer, max_length, batch_size, true)?;
+    for b in &mut batches {
+        b.cursor_after.position += first as u64;
+    }
+    Ok((batches, gold))
+}
+
+fn pair_batches(
+    pairs: &[[String; 2]],
+    tokenizer: &Tokenizer,
+    max_length: usize,
+    batch_size: usize,
+    sts: bool,
+) -> Result<Vec<SimcseBatch>, RecipeError> {
+    let texts: Vec<[Option<String>; 3]> = pairs
+        .iter()
+        .map(|[a, b]| [Some(a.clone()), Some(b.clone()), None])
         .collect();
-    if r.max_rows > 0 {
-        pairs.truncate(r.max_rows);
-    }
-    if pairs.len() < 2 {
-        return Err(RecipeError::Invalid {
-            key: "eval.retrieval".into(),
-            msg: format!(
-                "{}: {} rows with both `{}` and `{}` in split `{}`; retrieval needs at least 2",
-                r.table.display(),
-                pairs.len(),
-                r.query_column,
-                r.doc_column,
-                r.split
-            ),
-        });
-    }
-    let mut examples = encode_examples(&pairs, tokenizer, max_length)?;
+    let mut examples = encode_examples(&texts, tokenizer, max_length)?;
     // Keys by row, not by text: two rows with the same title are still two queries.
     for (i, e) in examples.iter_mut().enumerate() {
         e.keys = [2 * i as u64, 2 * i as u64 + 1, 0];
     }
-    let n = examples.len();
-    let batches = examples
+    Ok(examples
         .chunks(batch_size.max(2))
         .enumerate()
         .map(|(k, c)| {
             let refs: Vec<&Example> = c.iter().collect();
-            SimcseBatch::from_examples(
+            let mut b = SimcseBatch::from_examples(
                 &refs,
                 Cursor {
                     epoch: 0,
                     position: k as u64,
                 },
-            )
+            );
+            b.sts = sts;
+            b
         })
-        .collect();
-    Ok((batches, n))
+        .collect())
 }

@@ -81,7 +81,7 @@ impl Experiment for SimcseRecipe {
                 "no GradCache".into()
             }
         );
-        let eval = match &self.eval.retrieval {
+        let mut eval = match &self.eval.retrieval {
             Some(r) => {
                 let (b, n) =
                     retrieval_batches(r, &tokenizer, self.model.max_length, t.eval_batch_size)?;
@@ -96,6 +96,27 @@ impl Experiment for SimcseRecipe {
             }
             None => Vec::new(),
         };
+        obj.has_retrieval = !eval.is_empty();
+        if let Some(s) = &self.eval.sts {
+            let (b, gold) = sts_batches(
+                s,
+                &tokenizer,
+                self.model.max_length,
+                t.eval_batch_size,
+                eval.len(),
+            )?;
+            eprintln!(
+                "eval: STS over {} pairs ({}, {}) -> {} of {} (split `{}`)",
+                gold.len(),
+                s.sentence1_column,
+                s.sentence2_column,
+                s.score_column,
+                s.table.display(),
+                s.split
+            );
+            obj.sts_gold = gold;
+            eval.extend(b);
+        }
         let loader = SimcseLoader::new(Arc::new(examples), t.batch_size, self.header.seed);
         Ok(Prepared {
             objective: obj,

@@ -188,42 +188,11 @@ impl Default for GradCache {
     }
 }
 
-/// `[eval]`: retrieval from one column to another of a table.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct SimcseEval {
-    pub retrieval: Option<Retrieval>,
-}
-
-/// Each row's `query_column` should find the same row's `doc_column` among all the rows' docs.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Retrieval {
-    pub table: PathBuf,
-    #[serde(default)]
-    pub format: Option<String>,
-    pub query_column: String,
-    pub doc_column: String,
-    #[serde(default)]
-    pub split_column: Option<String>,
-    #[serde(default = "default_test_split")]
-    pub split: String,
-    /// The first N rows with both cells non-empty (0 = all).
-    #[serde(default = "default_max_rows")]
-    pub max_rows: usize,
-    #[serde(default = "default_ks")]
-    pub k: Vec<usize>,
-}
-
-fn default_test_split() -> String {
-    "test".into()
-}
-fn default_max_rows() -> usize {
-    2000
-}
-fn default_ks() -> Vec<usize> {
-    vec![1, 5, 10]
-}
+/// `[eval]`: `[eval.retrieval]` and `[eval.sts]` ([`crate::embedding_eval`]), at every
+/// evaluation and on the starting model.
+pub type SimcseEval = crate::embedding_eval::EmbeddingEval;
+use crate::embedding_eval::default_ks;
+pub use crate::embedding_eval::{Retrieval, Sts};
 
 impl SimcseRecipe {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
@@ -293,7 +262,14 @@ impl SimcseRecipe {
 // Run
 
 /// The eval metrics of a SimCSE run (`train.monitor.metric` names one).
-pub const EVAL_METRICS: &[&str] = &["loss", "recall_at_*", "mrr"];
+pub const EVAL_METRICS: &[&str] = &[
+    "loss",
+    "recall_at_*",
+    "mrr",
+    "ndcg_at_10",
+    "sts_spearman",
+    "sts_pearson",
+];
 
 /// Rewrites a run's export folder from its newest checkpoint (`kindling export RUN`).
 pub fn export_from_checkpoint(

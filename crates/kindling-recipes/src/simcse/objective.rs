@@ -17,6 +17,12 @@ pub struct Simcse {
     pub(super) device: Device,
     /// (batch index, query embeddings, doc embeddings) of the evaluation under way.
     pub(super) collected: Mutex<Vec<(usize, Vec<Vec<f32>>, Vec<Vec<f32>>)>>,
+    /// The same for the STS pairs (first and second sentences).
+    pub(super) sts_collected: Mutex<Vec<(usize, Vec<Vec<f32>>, Vec<Vec<f32>>)>>,
+    /// The STS pairs' gold scores, in row order (empty: no `[eval.sts]`).
+    pub sts_gold: Vec<f64>,
+    /// Whether the eval set holds a retrieval part (then the STS batches' loss has no weight).
+    pub has_retrieval: bool,
     /// The data-parallel group (`None`: one process); training batches gather over it.
     pub group: Option<Arc<dyn Collective>>,
 }
@@ -27,13 +33,42 @@ impl Simcse {
     /// saves them).
     pub fn build(recipe: &SimcseRecipe, pad: u32, device: &Device) -> Result<Self, RecipeError> {
         let m = &recipe.model;
-        let mut config = import::read_encoder_config(&m.path)?;
-        config.set_dropout(m.hidden_dropout_prob, m.attention_probs_dropout_prob);
-        config.set_kernels(recipe.header.kernels);
+        let (model, varmap) = Self::load_encoder(&m.path, device, &|config| {
+            config.set_dropout(m.hidden_dropout_prob, m.attention_probs_dropout_prob);
+            config.set_kernels(recipe.header.kernels);
+        })?;
+        let mut obj = Simcse::new(model, varmap, m.pooling, recipe.loss.temperature, pad);
+        obj.grad_cache = recipe.grad_cache.clone();
+        if let Some(r) = &recipe.eval.retrieval {
+            obj.ks = r.k.clone();
+        }
+        Ok(obj)
+    }
+
+    /// The encoder of any folder as SimCSE embeds with it (for evaluation: the temperature
+    /// plays no part).
+    pub fn from_folder(
+        path: &Path,
+        pooling: Pooling,
+        pad: u32,
+        device: &Device,
+    ) -> Result<Self, RecipeError> {
+        let (model, varmap) = Self::load_encoder(path, device, &|_| {})?;
+        Ok(Simcse::new(model, varmap, pooling, 0.05, pad))
+    }
+
+    /// The encoder of a folder and its variables, the config adjusted by `edit` first.
+    fn load_encoder(
+        path: &Path,
+        device: &Device,
+        edit: &dyn Fn(&mut EncoderConfig),
+    ) -> Result<(Encoder, VarMap), RecipeError> {
+        let mut config = import::read_encoder_config(path)?;
+        edit(&mut config);
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = Encoder::load(vb, &config)?;
-        let (path, tensors) = import::read_weights(&m.path, device)?;
+        let (path, tensors) = import::read_weights(path, device)?;
         // copy_tensors matches `bert.`-prefixed model names to plain file names; here the
         // model is plain and the file may carry the prefix (`bert.`, `roberta.`, `model.`).
         let prefix = format!("{}.", config.prefix());
@@ -51,12 +86,7 @@ impl Simcse {
                 ),
             });
         }
-        let mut obj = Simcse::new(model, varmap, m.pooling, recipe.loss.temperature, pad);
-        obj.grad_cache = recipe.grad_cache.clone();
-        if let Some(r) = &recipe.eval.retrieval {
-            obj.ks = r.k.clone();
-        }
-        Ok(obj)
+        Ok((model, varmap))
     }
 
     /// An objective around `model` (whose parameters live in `varmap`), without GradCache.
@@ -80,6 +110,9 @@ impl Simcse {
             ks: default_ks(),
             device,
             collected: Mutex::new(Vec::new()),
+            sts_collected: Mutex::new(Vec::new()),
+            sts_gold: Vec::new(),
+            has_retrieval: false,
             group: None,
         }
     }
@@ -141,7 +174,12 @@ impl Simcse {
     pub(super) fn output(&self, loss: Tensor, b: &SimcseBatch) -> StepOutput {
         StepOutput {
             loss,
-            weight: b.n as f64,
+            // The eval loss is the retrieval set's when there is one.
+            weight: if b.sts && self.has_retrieval {
+                0.0
+            } else {
+                b.n as f64
+            },
             units: b.rows.iter().map(Vec::len).sum(),
             metrics: BTreeMap::new(),
         }
@@ -150,46 +188,33 @@ impl Simcse {
     /// Retrieval metrics over everything collected since the last call: recall@k and MRR of
     /// each query's own document among all documents.
     pub(super) fn retrieval_metrics(&self) -> BTreeMap<String, f64> {
-        let mut got = std::mem::take(&mut *self.collected.lock().expect("lock"));
+        let (queries, docs) = Self::in_order(&self.collected);
+        let mut m = BTreeMap::new();
+        if !queries.is_empty() {
+            m.extend(recall_at(&queries, &docs, &self.ks));
+        }
+        let (a, b) = Self::in_order(&self.sts_collected);
+        if !a.is_empty() {
+            m.extend(crate::metrics::sts_scores(&a, &b, &self.sts_gold));
+        }
+        m
+    }
+
+    /// The collected (anchor, positive) embeddings in row order; the collection is emptied.
+    fn in_order(
+        collected: &Mutex<Vec<(usize, Vec<Vec<f32>>, Vec<Vec<f32>>)>>,
+    ) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let mut got = std::mem::take(&mut *collected.lock().expect("lock"));
         got.sort_by_key(|(i, _, _)| *i);
-        let queries: Vec<Vec<f32>> = got.iter().flat_map(|(_, q, _)| q.clone()).collect();
-        let docs: Vec<Vec<f32>> = got.into_iter().flat_map(|(_, _, d)| d).collect();
-        recall_at(&queries, &docs, &self.ks)
+        let a: Vec<Vec<f32>> = got.iter().flat_map(|(_, q, _)| q.clone()).collect();
+        let b: Vec<Vec<f32>> = got.into_iter().flat_map(|(_, _, d)| d).collect();
+        (a, b)
     }
 }
 
-/// Recall@k (for each k) and mean reciprocal rank of query `i` finding doc `i` by cosine
-/// similarity among all docs (a tie counts against the query).
+/// Recall@k, MRR and nDCG@10 of query `i` finding doc `i` ([`crate::metrics::retrieval_scores`]).
 pub fn recall_at(queries: &[Vec<f32>], docs: &[Vec<f32>], ks: &[usize]) -> BTreeMap<String, f64> {
-    let unit = |v: &Vec<f32>| {
-        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        v.iter().map(|x| x / n).collect::<Vec<f32>>()
-    };
-    let q: Vec<Vec<f32>> = queries.iter().map(unit).collect();
-    let d: Vec<Vec<f32>> = docs.iter().map(unit).collect();
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
-    let ranks: Vec<usize> = q
-        .par_iter()
-        .enumerate()
-        .map(|(i, qi)| {
-            let own = dot(qi, &d[i]);
-            d.iter()
-                .enumerate()
-                .filter(|&(j, dj)| j != i && dot(qi, dj) >= own)
-                .count()
-        })
-        .collect();
-    let n = ranks.len().max(1) as f64;
-    let mut m = BTreeMap::new();
-    for &k in ks {
-        let hits = ranks.iter().filter(|&&r| r < k).count();
-        m.insert(format!("recall_at_{k}"), hits as f64 / n);
-    }
-    m.insert(
-        "mrr".into(),
-        ranks.iter().map(|&r| 1.0 / (r + 1) as f64).sum::<f64>() / n,
-    );
-    m
+    crate::metrics::retrieval_scores(queries, docs, ks)
 }
 
 impl Objective for Simcse {
@@ -208,8 +233,12 @@ impl Objective for Simcse {
         if !mode.is_train() {
             let q = reps.narrow(0, 0, b.n)?.to_vec2::<f32>()?;
             let d = reps.narrow(0, b.n, b.n)?.to_vec2::<f32>()?;
-            self.collected
-                .lock()
+            let into = if b.sts {
+                &self.sts_collected
+            } else {
+                &self.collected
+            };
+            into.lock()
                 .expect("lock")
                 .push((b.cursor_after.position as usize, q, d));
         }
