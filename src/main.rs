@@ -101,6 +101,18 @@ enum Command {
         #[arg(long)]
         no_normalize: bool,
     },
+    /// Run a suite of downstream tasks (SUITE.toml: fine-tunes and probes) on each model
+    /// folder and print one table: task rows, model columns, each task's main metric. Saved
+    /// as results.json and results.md in the suite's runs folder; running it again resumes.
+    Evaluate {
+        suite: PathBuf,
+        /// Model folders (exports, HF folders, hf://NS/NAME).
+        #[arg(required = true)]
+        models: Vec<PathBuf>,
+        /// Also run every task from a randomly initialised twin of each model.
+        #[arg(long)]
+        compare_random: bool,
+    },
     /// Score an encoder folder (an export, an HF folder such as all-MiniLM-L6-v2, or
     /// hf://NS/NAME) on a recipe's [eval.sts] (Spearman/Pearson of cosine against gold scores)
     /// and [eval.retrieval] (recall@k, MRR, nDCG@10) sections; a SimCSE recipe serves as it is.
@@ -422,6 +434,42 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 None => print!("{out}"),
             }
+        }
+        Command::Evaluate {
+            suite,
+            models,
+            compare_random,
+        } => {
+            let s = kindling_recipes::suite::Suite::load(&suite)?;
+            let models = models
+                .iter()
+                .map(|m| kindling_hub::resolve_model_path(m))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (flag, which) = install_signal_handlers()?;
+            let opts = RunOptions {
+                overwrite: false,
+                resume: None,
+                stop_flag: Some(flag.clone()),
+                dist: None,
+            };
+            let report = match kindling_recipes::suite::evaluate(&s, &models, compare_random, &opts)
+            {
+                Err(_) if flag.load(Ordering::SeqCst) => {
+                    let mut args = vec!["evaluate".to_string(), suite.display().to_string()];
+                    args.extend(models.iter().map(|m| m.display().to_string()));
+                    if compare_random {
+                        args.push("--compare-random".into());
+                    }
+                    eprintln!(
+                        "interrupted; each run is checkpointed. To go on: kindling {}",
+                        args.join(" ")
+                    );
+                    return Ok(128 + which.load(Ordering::SeqCst) as u8);
+                }
+                r => r?,
+            };
+            print!("{}", report.markdown());
+            eprintln!("saved: {}", report.dir.join("results.md").display());
         }
         Command::EvaluateEmbeddings {
             model,

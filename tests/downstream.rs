@@ -534,3 +534,129 @@ fn evaluate_embeddings_of_a_simcse_export_equals_the_runs_last_evaluation() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("[eval.sts]"), "{}", stderr(&out));
 }
+
+/// `kindling evaluate SUITE MODEL --compare-random` runs every task on the model and on its
+/// random twin and prints one table (task rows, model columns, the task's metric), saved as
+/// JSON and Markdown; run again, it resumes the finished runs and prints the same table.
+#[test]
+fn a_suite_prints_one_table_of_tasks_by_models_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = pair_table(dir.path(), 200);
+    let suite = dir.path().join("mini.toml");
+    std::fs::write(
+        &suite,
+        format!(
+            "runs_dir = \"{runs}\"\n\
+             set = [\"data.path=\\\"{table}\\\"\", \"data.text_columns=[\\\"text\\\", \\\"other\\\"]\", \
+                    \"data.join_text_columns=false\", \"train.max_epochs=20\"]\n\
+             [[task]]\nname = \"sentiment\"\nrecipe = \"recipes/tiny/finetune-tiny.toml\"\n\
+             set = [\"data.label_column=\\\"label\\\"\"]\nalso = [\"mcc\", \"f1\"]\n\
+             [[task]]\nname = \"score\"\nrecipe = \"recipes/tiny/finetune-tiny.toml\"\n\
+             set = [\"data.label_column=\\\"score\\\"\", \"data.problem_type=\\\"regression\\\"\"]\n\
+             [[task]]\nname = \"probe\"\nkind = \"probe\"\nrecipe = \"recipes/tiny/finetune-tiny.toml\"\n\
+             set = [\"data.label_column=\\\"label\\\"\"]\n",
+            runs = dir.path().join("runs").display(),
+            table = table.display()
+        ),
+    )
+    .unwrap();
+    let export = shared_tiny_run().join("export");
+    let run = || {
+        kindling()
+            .args(["evaluate"])
+            .arg(&suite)
+            .arg(&export)
+            .arg("--compare-random")
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table_md = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = table_md.lines().collect();
+    assert_eq!(
+        lines[0],
+        "| task | metric | bert-tiny-mlm | bert-tiny-mlm (random init) |"
+    );
+    assert!(
+        lines[2].starts_with("| sentiment | accuracy (f1, mcc) |"),
+        "{table_md}"
+    );
+    assert!(lines[3].starts_with("| score | spearman |"), "{table_md}");
+    assert!(lines[4].starts_with("| probe | accuracy |"), "{table_md}");
+    let saved = dir.path().join("runs/mini");
+    assert_eq!(
+        std::fs::read_to_string(saved.join("results.md")).unwrap(),
+        table_md
+    );
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(saved.join("results.json")).unwrap())
+            .unwrap();
+    let cells = results["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 6);
+    let sentiment = cells
+        .iter()
+        .find(|c| c["task"] == "sentiment" && c["init"] == "pretrained")
+        .unwrap();
+    assert!(
+        sentiment["scores"]["accuracy"].as_f64().unwrap() > 0.9,
+        "{sentiment}"
+    );
+    for name in ["sentiment-bert-tiny-mlm", "score-bert-tiny-mlm-random"] {
+        assert!(
+            saved.join(name).join("test_results.json").is_file(),
+            "{name}"
+        );
+    }
+    // Again: every fine-tune resumes its finished run; the same table.
+    let again = run();
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), table_md);
+}
+
+/// `[data.matching]` builds a pair task from two columns: each row's own (title, text) is a 1,
+/// its title with another review's text a 0; rows without a title are skipped and counted.
+#[test]
+fn a_matching_task_pairs_each_title_with_its_own_and_anothers_review() {
+    let runs = tempfile::tempdir().unwrap();
+    let out = kindling()
+        .args(["finetune", "recipes/finetune-reviews-matching.toml"])
+        .args(["--set", &format!("runs_dir=\"{}\"", runs.path().display())])
+        .args([
+            "--set",
+            &format!(
+                "model.path=\"{}\"",
+                shared_tiny_run().join("export").display()
+            ),
+        ])
+        .args([
+            "--set",
+            "data.max_train_examples=200",
+            "--set",
+            "data.max_length=32",
+        ])
+        .args(["--set", "train.steps=5", "--set", "train.eval_every=5"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("pairs (title | text)") && err.contains("invalid rows skipped"),
+        "{err}"
+    );
+    let r = test_results(&runs.path().join("finetune-reviews-matching"));
+    assert_eq!(r["labels"], serde_json::json!(["0", "1"]));
+    // Half the test pairs are positives: one negative per row.
+    let cm = r["confusion_matrix"].as_array().unwrap();
+    let row = |i: usize| -> u64 {
+        cm[i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(row(0), row(1));
+    assert!(r["skipped_rows"]["count"].as_u64().unwrap() > 100);
+    assert!(r["test"]["f1"].is_number() && r["test"]["mcc"].is_number());
+}

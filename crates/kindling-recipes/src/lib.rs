@@ -14,6 +14,7 @@ pub mod recipe;
 pub mod registry;
 pub mod run;
 pub mod simcse;
+pub mod suite;
 pub mod vision;
 
 use std::path::PathBuf;

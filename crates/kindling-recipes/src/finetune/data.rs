@@ -2,6 +2,7 @@
 
 #[allow(unused_imports)]
 use super::*;
+use kindling_data::read_table;
 
 /// Tokenised, labelled splits.
 pub struct TaskData {
@@ -62,7 +63,10 @@ pub fn load_task(recipe: &FinetuneRecipe, tokenizer: &Tokenizer) -> Result<TaskD
         pair,
     };
     let mut skipped = Skipped::default();
-    let mut rows = read_examples_with(&spec, d.on_invalid, &mut skipped)?;
+    let mut rows = match &d.matching {
+        Some(m) => matching_rows(d, m, recipe.header.seed, &mut skipped)?,
+        None => read_examples_with(&spec, d.on_invalid, &mut skipped)?,
+    };
     let hashed = |e: &Example, salt: u64| {
         let h = match &e.text_pair {
             Some(b) => hash_str(&e.text) ^ rng::mix64(hash_str(b)),
@@ -208,6 +212,69 @@ pub fn load_task(recipe: &FinetuneRecipe, tokenizer: &Tokenizer) -> Result<TaskD
         labels,
         skipped,
     })
+}
+
+/// The examples of a `[data.matching]` task: each row's (a, b) labelled `1`, and `negatives`
+/// pairs of its `a` with the `b` of another row of its split (a different text), labelled `0`,
+/// drawn from `(seed, line)`. A row missing either cell is invalid (`data.on_invalid`).
+fn matching_rows(
+    d: &FtData,
+    m: &Matching,
+    seed: u64,
+    skipped: &mut Skipped,
+) -> Result<Vec<Example>, RecipeError> {
+    use rand::Rng;
+    let mut columns = vec![m.a.clone(), m.b.clone()];
+    columns.extend(d.split_column.iter().cloned());
+    let mut rows = Vec::new();
+    for r in read_table(&d.path, d.format.as_deref(), &columns)? {
+        let (a, b) = (r.cells[0].trim(), r.cells[1].trim());
+        if a.is_empty() || b.is_empty() {
+            let col = if a.is_empty() { &m.a } else { &m.b };
+            let why = format!("no text in column `{col}`");
+            if d.on_invalid == OnInvalid::Skip {
+                skipped.push(r.line, why);
+                continue;
+            }
+            return Err(RecipeError::Data(kindling_data::DataError::Row {
+                path: d.path.clone(),
+                line: r.line,
+                msg: why,
+            }));
+        }
+        let split = r.cells.get(2).map(|s| s.trim().to_string());
+        rows.push((r.line, a.to_string(), b.to_string(), split));
+    }
+    let mut by_split: BTreeMap<Option<String>, Vec<usize>> = BTreeMap::new();
+    for (i, r) in rows.iter().enumerate() {
+        by_split.entry(r.3.clone()).or_default().push(i);
+    }
+    let mut out = Vec::with_capacity(rows.len() * (1 + m.negatives));
+    for (i, (line, a, b, split)) in rows.iter().enumerate() {
+        let example = |text_pair: &str, label: &str| Example {
+            text: a.clone(),
+            text_pair: Some(text_pair.to_string()),
+            label: label.into(),
+            split: split.clone(),
+            line: *line,
+        };
+        out.push(example(b, "1"));
+        let same = &by_split[split];
+        let mut r = rng::rng(&[domain::SPLIT + 2, seed, *line]);
+        let mut drawn = 0;
+        // A split of one distinct text has no negative to give; 64 tries per negative.
+        for _ in 0..64 * m.negatives {
+            if drawn == m.negatives {
+                break;
+            }
+            let j = same[r.random_range(0..same.len())];
+            if j != i && rows[j].2 != *b {
+                out.push(example(&rows[j].2, "0"));
+                drawn += 1;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Texts and pairs to token ids as HF's tokenizer call does: `tokenizer(a, truncation=True,

@@ -192,7 +192,7 @@ impl Experiment for FinetuneRecipe {
         let scores: Vec<String> = self.data.problem_type.metrics()[1..]
             .iter()
             .chain(&["loss"])
-            .map(|k| format!("{k} {:.4}", test.get(*k).copied().unwrap_or(f64::NAN)))
+            .filter_map(|k| test.get(*k).map(|v| format!("{k} {v:.4}")))
             .collect();
         eprintln!("test ({} rows): {}", st.test.len(), scores.join(", "));
         if let Some(cm) = obj.confusion_counts(st.test.len()) {

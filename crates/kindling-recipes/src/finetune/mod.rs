@@ -146,7 +146,14 @@ pub struct FtData {
     /// Join two `text_columns` into one text with a space (no pair).
     #[serde(default)]
     pub join_text_columns: bool,
+    /// The label column (unset only for a `matching` task, which makes its own labels).
+    #[serde(default)]
     pub label_column: String,
+    /// A pair task built from two columns of the table: does this `b` belong to this `a`?
+    /// Each row gives its own pair (label `1`) and `negatives` pairs of its `a` with the `b` of
+    /// another row of the same split (label `0`), drawn with the seed.
+    #[serde(default)]
+    pub matching: Option<Matching>,
     /// HF's `problem_type`: `single_label_classification` (one class per row; the default),
     /// `multi_label_classification` (a cell holds any number of classes separated by
     /// `label_separator`; sigmoid + binary cross-entropy; a class is predicted above
@@ -193,6 +200,20 @@ pub struct FtData {
     pub on_invalid: OnInvalid,
 }
 
+/// `[data.matching]`: a binary pair task made from two columns (e.g. title and review).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Matching {
+    pub a: String,
+    pub b: String,
+    #[serde(default = "one_negative")]
+    pub negatives: usize,
+}
+
+fn one_negative() -> usize {
+    1
+}
+
 /// What a row's label is (HF's `PretrainedConfig.problem_type`, whose names these are).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -215,7 +236,10 @@ impl ProblemType {
     /// The evaluation metrics (what `train.monitor.metric` may name).
     pub fn metrics(self) -> &'static [&'static str] {
         match self {
-            ProblemType::SingleLabelClassification => &["loss", "accuracy", "macro_f1", "mcc"],
+            // `f1` (the second class's) for two classes only.
+            ProblemType::SingleLabelClassification => {
+                &["loss", "accuracy", "macro_f1", "mcc", "f1"]
+            }
             ProblemType::MultiLabelClassification => {
                 &["loss", "micro_f1", "macro_f1", "exact_match"]
             }
@@ -255,6 +279,9 @@ fn default_threshold() -> f64 {
 impl FtData {
     /// The text columns and whether they are a pair.
     pub fn columns(&self) -> (Vec<String>, bool) {
+        if let Some(m) = &self.matching {
+            return (vec![m.a.clone(), m.b.clone()], true);
+        }
         match &self.text_pair {
             Some(p) => (p.clone(), true),
             None => (
@@ -335,7 +362,32 @@ impl FinetuneRecipe {
             );
         }
         let d = &self.data;
+        if let Some(m) = &d.matching {
+            if !d.text_columns.is_empty() || d.text_pair.is_some() || !d.label_column.is_empty() {
+                return bad(
+                    "data.matching",
+                    "a matching task makes its own pairs and labels: leave text_columns, \
+                     text_pair and label_column out"
+                        .into(),
+                );
+            }
+            if m.negatives == 0 || m.a == m.b {
+                return bad(
+                    "data.matching",
+                    "needs two different columns and at least one negative per row".into(),
+                );
+            }
+            if d.problem_type != ProblemType::SingleLabelClassification {
+                return bad(
+                    "data.problem_type",
+                    "a matching task is single-label (1: the pair belongs together, 0: not)".into(),
+                );
+            }
+        } else if d.label_column.is_empty() {
+            return bad("data.label_column", "name the label column".into());
+        }
         match (&d.text_pair, d.text_columns.is_empty()) {
+            _ if d.matching.is_some() => {}
             (Some(_), false) => {
                 return bad(
                     "data.text_pair",
@@ -471,9 +523,13 @@ pub fn compare_with_random(
 /// The side-by-side table of [`compare_with_random`]: the problem type's test metrics.
 pub fn comparison_table(a: &FinetuneReport, b: &FinetuneReport) -> String {
     let get = |r: &FinetuneReport, k: &str| r.test.get(k).copied().unwrap_or(f64::NAN);
-    let metrics = &a.problem.metrics()[1..];
+    let metrics: Vec<&str> = a.problem.metrics()[1..]
+        .iter()
+        .copied()
+        .filter(|m| a.test.contains_key(*m) || b.test.contains_key(*m))
+        .collect();
     let mut s = String::from("| run | init | steps | time |");
-    for m in metrics {
+    for m in &metrics {
         s += &format!(" test {m} |");
     }
     s += " best validation |\n|---|---|---|---|";
@@ -484,7 +540,7 @@ pub fn comparison_table(a: &FinetuneReport, b: &FinetuneReport) -> String {
             "| {} | {:?} | {} | {:.0} s |",
             r.name, r.init, r.steps, r.elapsed_secs
         );
-        for m in metrics {
+        for m in &metrics {
             s += &format!(" {:.4} |", get(r, m));
         }
         s += &format!(

@@ -236,6 +236,16 @@ impl Classifier {
         }
         let (_, f1) = accuracy_and_macro_f1(&cm);
         m.insert("macro_f1".into(), f1);
+        if c == 2 {
+            // Binary: the F1 of the second class (scikit-learn's and GLUE's `pos_label=1`).
+            let (tp, fp, fn_) = (cm[1][1], cm[0][1], cm[1][0]);
+            let f = if tp == 0.0 {
+                0.0
+            } else {
+                2.0 * tp / (2.0 * tp + fp + fn_)
+            };
+            m.insert("f1".into(), f);
+        }
         m.insert("mcc".into(), crate::metrics::matthews_corrcoef(&cm));
         *self.last_confusion.lock().expect("lock") = Some(cm);
     }
