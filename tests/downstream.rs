@@ -359,6 +359,10 @@ fn pair_and_problem_type_settings_are_checked_before_any_write() {
             vec!["data.problem_type", "regression"],
         ),
         (
+            vec!["data.label_column=\"tags\"", "train.monitor.metric=\"f1\""],
+            vec!["train.monitor.metric", "two classes", "has 4"],
+        ),
+        (
             vec![
                 "data.problem_type=\"regression\"",
                 "data.label_column=\"label\"",

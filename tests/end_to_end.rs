@@ -96,6 +96,23 @@ fn every_shipped_recipe_parses_and_names_an_objective() {
             fn ok<T>(r: Result<T, kindling_recipes::RecipeError>, path: &std::path::Path) -> T {
                 r.unwrap_or_else(|e| panic!("{}: {e}", path.display()))
             }
+            // A suite of tasks (`kindling evaluate`): each task's recipe loads with its settings.
+            if doc.get("task").is_some_and(|t| t.is_array()) {
+                let suite = ok(kindling_recipes::suite::Suite::load(&path), &path);
+                for t in &suite.tasks {
+                    let mut sets = suite.set.clone();
+                    sets.extend(t.set.iter().cloned());
+                    ok(
+                        kindling_recipes::finetune::FinetuneRecipe::load(
+                            &root.join(&t.recipe),
+                            &sets,
+                        ),
+                        &path,
+                    );
+                }
+                seen += 1;
+                continue;
+            }
             match (
                 doc.get("task").and_then(|t| t.as_str()),
                 doc.get("objective").and_then(|t| t.as_str()),

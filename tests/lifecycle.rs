@@ -393,7 +393,7 @@ fn a_finetune_run_refuses_bad_settings_on_resume_and_overwrite_without_changing_
         ("--resume", "train.optimizer.lr=nan", "train.optimizer.lr"),
         (
             "--resume",
-            "train.monitor.metric=\"f1\"",
+            "train.monitor.metric=\"f2\"",
             "train.monitor.metric",
         ),
         ("--overwrite", "train.grad_accum=0", "train.grad_accum"),

@@ -148,6 +148,16 @@ impl Experiment for FinetuneRecipe {
             cfg.save_every = cfg.eval_every;
         }
         cfg.keep_last = cfg.keep_last.max(1);
+        let classes = run.objective.labels.len();
+        if cfg.monitor.metric == "f1" && classes != 2 {
+            return Err(RecipeError::Invalid {
+                key: "train.monitor.metric".into(),
+                msg: format!(
+                    "`f1` (the second class's) is reported for two classes; this task has \
+                     {classes}: use macro_f1"
+                ),
+            });
+        }
         if cfg.monitor == Monitor::default() {
             let (metric, goal) = self.data.problem_type.monitor();
             cfg.monitor = Monitor {
