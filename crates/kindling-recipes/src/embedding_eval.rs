@@ -91,13 +91,13 @@ fn default_score() -> String {
 }
 
 /// The rows of `split` (all rows without a split column) whose `columns` are all non-empty,
-/// at most `max_rows` (0: all), as (line, cells).
+/// at most `max_rows` (0: all), as (line, cells); fewer than two are an error of `key`.
 fn complete_rows(
+    key: &str,
     table: &Path,
     format: Option<&str>,
     columns: &[String],
-    split_column: Option<&String>,
-    split: &str,
+    (split_column, split): (Option<&String>, &str),
     max_rows: usize,
 ) -> Result<Vec<(u64, Vec<String>)>, RecipeError> {
     let mut cols = columns.to_vec();
@@ -117,6 +117,16 @@ fn complete_rows(
     if max_rows > 0 {
         rows.truncate(max_rows);
     }
+    if rows.len() < 2 {
+        return Err(RecipeError::Invalid {
+            key: key.into(),
+            msg: format!(
+                "{}: {} rows with all of {columns:?} in split `{split}`; at least 2 are needed",
+                table.display(),
+                rows.len(),
+            ),
+        });
+    }
     Ok(rows)
 }
 
@@ -125,26 +135,13 @@ impl Retrieval {
     pub fn read(&self) -> Result<Vec<[String; 2]>, RecipeError> {
         let cols = [self.query_column.clone(), self.doc_column.clone()];
         let rows = complete_rows(
+            "eval.retrieval",
             &self.table,
             self.format.as_deref(),
             &cols,
-            self.split_column.as_ref(),
-            &self.split,
+            (self.split_column.as_ref(), &self.split),
             self.max_rows,
         )?;
-        if rows.len() < 2 {
-            return Err(RecipeError::Invalid {
-                key: "eval.retrieval".into(),
-                msg: format!(
-                    "{}: {} rows with both `{}` and `{}` in split `{}`; retrieval needs at least 2",
-                    self.table.display(),
-                    rows.len(),
-                    self.query_column,
-                    self.doc_column,
-                    self.split
-                ),
-            });
-        }
         Ok(rows
             .into_iter()
             .map(|(_, c)| [c[0].clone(), c[1].clone()])
@@ -162,11 +159,11 @@ impl Sts {
             self.score_column.clone(),
         ];
         let rows = complete_rows(
+            "eval.sts",
             &self.table,
             self.format.as_deref(),
             &cols,
-            self.split_column.as_ref(),
-            &self.split,
+            (self.split_column.as_ref(), &self.split),
             self.max_rows,
         )?;
         let mut pairs = Vec::with_capacity(rows.len());
@@ -185,17 +182,6 @@ impl Sts {
                 })?;
             pairs.push([c[0].clone(), c[1].clone()]);
             gold.push(score);
-        }
-        if pairs.len() < 2 {
-            return Err(RecipeError::Invalid {
-                key: "eval.sts".into(),
-                msg: format!(
-                    "{}: {} complete rows in split `{}`; a correlation needs at least 2",
-                    self.table.display(),
-                    pairs.len(),
-                    self.split
-                ),
-            });
         }
         Ok((pairs, gold))
     }
