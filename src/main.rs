@@ -481,7 +481,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let r = EmbeddingEvalRecipe::load(&recipe, &overrides)?;
             let dir = kindling_hub::resolve_model_path(&model)?;
             let started = std::time::Instant::now();
-            let scores = evaluate_embeddings(&dir, &r, batch_size)?;
+            let scores = evaluate_embeddings(&dir, &r, batch_size, None)?;
             eprintln!("| metric | {} |\n|---|---|", model.display());
             for (k, v) in &scores {
                 eprintln!("| {k} | {v:.4} |");

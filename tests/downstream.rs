@@ -547,6 +547,16 @@ fn a_suite_prints_one_table_of_tasks_by_models_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let table = pair_table(dir.path(), 200);
     let suite = dir.path().join("mini.toml");
+    let sts = dir.path().join("sts.toml");
+    std::fs::write(
+        &sts,
+        "[model]\npooling = \"mean\"\nmax_length = 32\n\
+         [eval.retrieval]\ntable = \"datasets/womens-clothing-reviews/reviews.tsv.gz\"\n\
+         query_column = \"title\"\ndoc_column = \"text\"\nsplit_column = \"split\"\nmax_rows = 100\n\
+         [eval.sts]\ntable = \"datasets/womens-clothing-reviews/reviews-sts.tsv.gz\"\n\
+         split_column = \"split\"\nmax_rows = 100\n",
+    )
+    .unwrap();
     std::fs::write(
         &suite,
         format!(
@@ -558,9 +568,11 @@ fn a_suite_prints_one_table_of_tasks_by_models_and_resumes() {
              [[task]]\nname = \"score\"\nrecipe = \"recipes/tiny/finetune-tiny.toml\"\n\
              set = [\"data.label_column=\\\"score\\\"\", \"data.problem_type=\\\"regression\\\"\"]\n\
              [[task]]\nname = \"probe\"\nkind = \"probe\"\nrecipe = \"recipes/tiny/finetune-tiny.toml\"\n\
-             set = [\"data.label_column=\\\"label\\\"\"]\n",
+             set = [\"data.label_column=\\\"label\\\"\"]\n\
+             [[task]]\nname = \"sts\"\nkind = \"embeddings\"\nrecipe = \"{sts}\"\nalso = [\"mrr\"]\n",
             runs = dir.path().join("runs").display(),
-            table = table.display()
+            table = table.display(),
+            sts = sts.display(),
         ),
     )
     .unwrap();
@@ -588,6 +600,10 @@ fn a_suite_prints_one_table_of_tasks_by_models_and_resumes() {
     );
     assert!(lines[3].starts_with("| score | spearman |"), "{table_md}");
     assert!(lines[4].starts_with("| probe | accuracy |"), "{table_md}");
+    assert!(
+        lines[5].starts_with("| sts | sts_spearman (mrr) |"),
+        "{table_md}"
+    );
     let saved = dir.path().join("runs/mini");
     assert_eq!(
         std::fs::read_to_string(saved.join("results.md")).unwrap(),
@@ -597,7 +613,14 @@ fn a_suite_prints_one_table_of_tasks_by_models_and_resumes() {
         serde_json::from_str(&std::fs::read_to_string(saved.join("results.json")).unwrap())
             .unwrap();
     let cells = results["cells"].as_array().unwrap();
-    assert_eq!(cells.len(), 6);
+    assert_eq!(cells.len(), 8);
+    // The random twin's embeddings are not the model's.
+    let sts: Vec<f64> = cells
+        .iter()
+        .filter(|c| c["task"] == "sts")
+        .map(|c| c["scores"]["mrr"].as_f64().unwrap())
+        .collect();
+    assert_ne!(sts[0], sts[1]);
     let sentiment = cells
         .iter()
         .find(|c| c["task"] == "sentiment" && c["init"] == "pretrained")

@@ -102,13 +102,14 @@ fn every_shipped_recipe_parses_and_names_an_objective() {
                 for t in &suite.tasks {
                     let mut sets = suite.set.clone();
                     sets.extend(t.set.iter().cloned());
-                    ok(
-                        kindling_recipes::finetune::FinetuneRecipe::load(
-                            &root.join(&t.recipe),
-                            &sets,
-                        ),
-                        &path,
-                    );
+                    let recipe = root.join(&t.recipe);
+                    if t.kind == kindling_recipes::suite::TaskKind::Embeddings {
+                        use kindling_recipes::embedding_eval::EmbeddingEvalRecipe;
+                        ok(EmbeddingEvalRecipe::load(&recipe, &sets), &path);
+                    } else {
+                        let r = kindling_recipes::finetune::FinetuneRecipe::load(&recipe, &sets);
+                        ok(r, &path);
+                    }
                 }
                 seen += 1;
                 continue;

@@ -198,6 +198,28 @@ pub struct EmbeddingEvalRecipe {
 }
 
 impl EmbeddingEvalRecipe {
+    /// The metric a suite reports: STS Spearman when there is an STS set, else nDCG@10.
+    pub fn main_metric(&self) -> &'static str {
+        if self.eval.sts.is_some() {
+            "sts_spearman"
+        } else {
+            "ndcg_at_10"
+        }
+    }
+
+    /// Every score [`evaluate_embeddings`] reports for this recipe.
+    pub fn metrics(&self) -> Vec<String> {
+        let mut m = Vec::new();
+        if let Some(r) = &self.eval.retrieval {
+            m.extend(r.k.iter().map(|k| format!("recall_at_{k}")));
+            m.extend(["mrr".to_string(), "ndcg_at_10".to_string()]);
+        }
+        if self.eval.sts.is_some() {
+            m.extend(["sts_spearman".to_string(), "sts_pearson".to_string()]);
+        }
+        m
+    }
+
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
         let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Read {
             path: path.to_path_buf(),
@@ -271,16 +293,19 @@ fn prefix_key(e: RecipeError, prefix: &str) -> RecipeError {
 }
 
 /// Scores of the encoder in `model_dir` on `recipe`'s `[eval]` sections, embedded in eval mode
-/// through SimCSE's embedding path (pooling as the recipe says), batches of `batch_size`.
+/// through SimCSE's embedding path (pooling as the recipe says), batches of `batch_size`;
+/// `random = Some(seed)` scores a randomly initialised encoder of the folder's shape instead.
 pub fn evaluate_embeddings(
     model_dir: &Path,
     recipe: &EmbeddingEvalRecipe,
     batch_size: usize,
+    random: Option<u64>,
 ) -> Result<BTreeMap<String, f64>, RecipeError> {
     let device = candle_core::Device::Cpu;
     let tokenizer = kindling_data::tokenizer::load(model_dir)?;
     let pad = kindling_data::tokenizer::special_tokens(&tokenizer)?.pad;
-    let encoder = crate::simcse::Simcse::from_folder(model_dir, recipe.pooling, pad, &device)?;
+    let encoder =
+        crate::simcse::Simcse::from_folder(model_dir, recipe.pooling, pad, random, &device)?;
     let embed = |texts: &[String]| -> Result<Vec<Vec<f32>>, RecipeError> {
         let rows: Vec<[Option<String>; 3]> = texts
             .iter()

@@ -3,7 +3,8 @@
 //! pretrained checkpoints. A task is a fine-tuning recipe (`kind = "finetune"`) or a frozen
 //! linear probe (`kind = "probe"`) with the model's folder put in `model.path`; with
 //! `--compare-random`, every model is also run from a randomly initialised twin of its shape
-//! (the baseline pretraining must beat).
+//! (the baseline pretraining must beat). `kind = "embeddings"` scores the frozen encoder on a
+//! recipe's `[eval.sts]`/`[eval.retrieval]` sections instead (`kindling evaluate-embeddings`).
 //!
 //! Each fine-tune is an ordinary run in `<runs_dir>/<suite>/`, named `<task>-<model>[-random]`,
 //! started with `--resume auto`: running the suite again finishes interrupted runs and re-scores
@@ -30,8 +31,15 @@ pub struct Suite {
     /// Settings applied to every task (`KEY=VALUE`, as `--set`), before the task's own.
     #[serde(default)]
     pub set: Vec<String>,
+    /// The random twin's initialisation in embedding tasks (fine-tunes use their recipe's).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
     #[serde(rename = "task")]
     pub tasks: Vec<SuiteTask>,
+}
+
+fn default_seed() -> u64 {
+    17
 }
 
 fn default_runs_dir() -> PathBuf {
@@ -65,6 +73,14 @@ pub enum TaskKind {
     #[default]
     Finetune,
     Probe,
+    /// STS and retrieval scores of the frozen encoder (the recipe's `[eval]`).
+    Embeddings,
+}
+
+/// A task's recipe, loaded and checked before anything runs.
+enum Loaded {
+    Finetune(Box<FinetuneRecipe>),
+    Embeddings(crate::embedding_eval::EmbeddingEvalRecipe),
 }
 
 /// One cell of the table: a task on a model (or its random twin).
@@ -162,12 +178,34 @@ fn task_recipe(
     Ok(r)
 }
 
-/// The metric a task reports.
-fn metric_of(task: &SuiteTask, recipe: &FinetuneRecipe) -> String {
-    task.metric.clone().unwrap_or_else(|| match task.kind {
-        TaskKind::Probe => "accuracy".into(),
-        TaskKind::Finetune => recipe.data.problem_type.main_metric().into(),
-    })
+/// The task's recipe, and the metrics it can report with its default first.
+fn load_task(
+    suite: &Suite,
+    task: &SuiteTask,
+    model: &Path,
+    label: &str,
+    init: Init,
+) -> Result<(Loaded, Vec<String>), RecipeError> {
+    if task.kind == TaskKind::Embeddings {
+        let mut overrides = suite.set.clone();
+        overrides.extend(task.set.iter().cloned());
+        let r = crate::embedding_eval::EmbeddingEvalRecipe::load(&task.recipe, &overrides)?;
+        let mut metrics = vec![r.main_metric().to_string()];
+        metrics.extend(r.metrics());
+        return Ok((Loaded::Embeddings(r), metrics));
+    }
+    let r = task_recipe(suite, task, model, label, init)?;
+    let metrics: Vec<String> = match task.kind {
+        TaskKind::Probe => vec!["accuracy".into(), "macro_f1".into()],
+        _ => {
+            let p = r.data.problem_type;
+            std::iter::once(p.main_metric())
+                .chain(p.metrics().iter().copied())
+                .map(String::from)
+                .collect()
+        }
+    };
+    Ok((Loaded::Finetune(Box::new(r)), metrics))
 }
 
 /// Runs every task on every model (and, with `compare_random`, on each model's random twin);
@@ -193,22 +231,20 @@ pub fn evaluate(
         labels.push(label.clone());
         for &init in inits {
             for task in &suite.tasks {
-                let recipe = task_recipe(suite, task, model, &label, init)?;
-                let metric = metric_of(task, &recipe);
-                let known = recipe.data.problem_type.metrics();
+                let (recipe, known) = load_task(suite, task, model, &label, init)?;
+                let metric = task.metric.clone().unwrap_or_else(|| known[0].clone());
                 for m in std::iter::once(&metric).chain(&task.also) {
-                    let ok = match task.kind {
-                        TaskKind::Probe => ["accuracy", "macro_f1"].contains(&m.as_str()),
-                        TaskKind::Finetune => known.contains(&m.as_str()),
-                    };
-                    if !ok {
+                    if !known.contains(m) {
                         return Err(RecipeError::Invalid {
                             key: format!("task `{}` metric", task.name),
-                            msg: format!("`{m}` is not a test metric of this task"),
+                            msg: format!(
+                                "`{m}` is not a test metric of this task (its metrics: {})",
+                                known[1..].join(", ")
+                            ),
                         });
                     }
                 }
-                plan.push((task, recipe, metric, label.clone(), init));
+                plan.push((task, recipe, metric, label.clone(), init, model.clone()));
             }
         }
     }
@@ -224,7 +260,7 @@ pub fn evaluate(
     let dir = suite.runs_dir.join(suite.name());
     let mut cells = Vec::new();
     let total = plan.len();
-    for (k, (task, recipe, metric, label, init)) in plan.into_iter().enumerate() {
+    for (k, (task, loaded, metric, label, init, model)) in plan.into_iter().enumerate() {
         eprintln!(
             "suite {}: [{}/{total}] {} on {label}{}",
             suite.name(),
@@ -237,8 +273,25 @@ pub fn evaluate(
             }
         );
         let started = std::time::Instant::now();
-        let (test, run_dir) = match task.kind {
-            TaskKind::Finetune => {
+        let (test, run_dir) = match (task.kind, loaded) {
+            (_, Loaded::Embeddings(r)) => {
+                let random = (init == Init::Random).then_some(suite.seed);
+                (
+                    crate::embedding_eval::evaluate_embeddings(&model, &r, 64, random)?,
+                    None,
+                )
+            }
+            (TaskKind::Probe, Loaded::Finetune(recipe)) => {
+                let p = crate::probe::probe(&recipe)?;
+                (
+                    BTreeMap::from([
+                        ("accuracy".to_string(), p.accuracy),
+                        ("macro_f1".to_string(), p.macro_f1),
+                    ]),
+                    None,
+                )
+            }
+            (_, Loaded::Finetune(recipe)) => {
                 let mut o = opts.clone();
                 o.resume = Some(Resume::Auto);
                 let r = crate::finetune::finetune(&recipe, &o)?;
@@ -252,16 +305,6 @@ pub fn evaluate(
                     });
                 }
                 (r.test, Some(dir.join(recipe.name())))
-            }
-            TaskKind::Probe => {
-                let p = crate::probe::probe(&recipe)?;
-                (
-                    BTreeMap::from([
-                        ("accuracy".to_string(), p.accuracy),
-                        ("macro_f1".to_string(), p.macro_f1),
-                    ]),
-                    None,
-                )
             }
         };
         let scores = std::iter::once(&metric)

@@ -33,7 +33,7 @@ impl Simcse {
     /// saves them).
     pub fn build(recipe: &SimcseRecipe, pad: u32, device: &Device) -> Result<Self, RecipeError> {
         let m = &recipe.model;
-        let (model, varmap) = Self::load_encoder(&m.path, device, &|config| {
+        let (model, varmap) = Self::load_encoder(&m.path, device, None, &|config| {
             config.set_dropout(m.hidden_dropout_prob, m.attention_probs_dropout_prob);
             config.set_kernels(recipe.header.kernels);
         })?;
@@ -46,21 +46,25 @@ impl Simcse {
     }
 
     /// The encoder of any folder as SimCSE embeds with it (for evaluation: the temperature
-    /// plays no part).
+    /// plays no part); `random = Some(seed)`: the folder's shape only, initialised as HF does
+    /// (the baseline a pretrained encoder must beat).
     pub fn from_folder(
         path: &Path,
         pooling: Pooling,
         pad: u32,
+        random: Option<u64>,
         device: &Device,
     ) -> Result<Self, RecipeError> {
-        let (model, varmap) = Self::load_encoder(path, device, &|_| {})?;
+        let (model, varmap) = Self::load_encoder(path, device, random, &|_| {})?;
         Ok(Simcse::new(model, varmap, pooling, 0.05, pad))
     }
 
-    /// The encoder of a folder and its variables, the config adjusted by `edit` first.
+    /// The encoder of a folder and its variables, the config adjusted by `edit` first (and
+    /// with `random`, the weights left at their seeded initialisation).
     fn load_encoder(
         path: &Path,
         device: &Device,
+        random: Option<u64>,
         edit: &dyn Fn(&mut EncoderConfig),
     ) -> Result<(Encoder, VarMap), RecipeError> {
         let mut config = import::read_encoder_config(path)?;
@@ -68,6 +72,10 @@ impl Simcse {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = Encoder::load(vb, &config)?;
+        if let Some(seed) = random {
+            config.init(&varmap, seed)?;
+            return Ok((model, varmap));
+        }
         let (path, tensors) = import::read_weights(path, device)?;
         // copy_tensors matches `bert.`-prefixed model names to plain file names; here the
         // model is plain and the file may carry the prefix (`bert.`, `roberta.`, `model.`).
