@@ -639,6 +639,17 @@ fn a_suite_prints_one_table_of_tasks_by_models_and_resumes() {
     let again = run();
     assert!(again.status.success(), "{}", stderr(&again));
     assert_eq!(String::from_utf8(again.stdout).unwrap(), table_md);
+    // A model folder that is not one: exit 2 before any task runs.
+    let before = std::fs::read_dir(&saved).unwrap().count();
+    let out = kindling()
+        .args(["evaluate"])
+        .arg(&suite)
+        .arg(dir.path().join("no-such-model"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no-such-model"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_dir(&saved).unwrap().count(), before);
 }
 
 /// `[data.matching]` builds a pair task from two columns: each row's own (title, text) is a 1,

@@ -224,6 +224,18 @@ pub fn evaluate(
     let mut plan = Vec::new();
     let mut labels = Vec::new();
     for model in models {
+        // A folder that is not an encoder is an error before any task runs.
+        if !model.join("config.json").is_file() {
+            return Err(RecipeError::Invalid {
+                key: "MODEL_DIR".into(),
+                msg: format!(
+                    "{}: no config.json (expected a model folder: an export, an HF folder)",
+                    model.display()
+                ),
+            });
+        }
+        kindling_models::import::read_encoder_config(model)?;
+        kindling_data::tokenizer::load(model)?;
         let mut label = model_label(model);
         while labels.contains(&label) {
             label.push('_');
