@@ -179,7 +179,7 @@ fn task_recipe(
 }
 
 /// The task's recipe, and the metrics it can report with its default first.
-fn load_task(
+fn load_suite_task(
     suite: &Suite,
     task: &SuiteTask,
     model: &Path,
@@ -243,7 +243,7 @@ pub fn evaluate(
         labels.push(label.clone());
         for &init in inits {
             for task in &suite.tasks {
-                let (recipe, known) = load_task(suite, task, model, &label, init)?;
+                let (recipe, known) = load_suite_task(suite, task, model, &label, init)?;
                 let metric = task.metric.clone().unwrap_or_else(|| known[0].clone());
                 for m in std::iter::once(&metric).chain(&task.also) {
                     if !known.contains(m) {

@@ -179,19 +179,12 @@ pub fn load_task(recipe: &FinetuneRecipe, tokenizer: &Tokenizer) -> Result<TaskD
     }
     let specials = tok::special_tokens(tokenizer)?;
     let text = TextEncoder::new(tokenizer, d.max_length)?;
-    let row_err = |e: &Example, msg: String| {
-        RecipeError::Data(kindling_data::DataError::Row {
-            path: d.path.clone(),
-            line: e.line,
-            msg,
-        })
-    };
     let encode = |rows: &[Example]| -> Result<Encoded, RecipeError> {
         let encoded = rows
             .par_iter()
             .map(|e| {
                 text.encode(&e.text, e.text_pair.as_deref())
-                    .map_err(|m| row_err(e, m))
+                    .map_err(|m| targets.row_err(e, m))
             })
             .collect::<Result<Vec<_>, RecipeError>>()?;
         let (ids, types): (Vec<Vec<u32>>, Vec<Option<Vec<u32>>>) = encoded.into_iter().unzip();

@@ -193,13 +193,14 @@ impl Simcse {
         }
     }
 
-    /// Retrieval metrics over everything collected since the last call: recall@k and MRR of
-    /// each query's own document among all documents.
-    pub(super) fn retrieval_metrics(&self) -> BTreeMap<String, f64> {
+    /// The scores of everything collected since the last call: retrieval (recall@k, MRR,
+    /// nDCG@10 of each query's own document among all documents) and STS (Spearman and Pearson
+    /// of the pairs' cosine against the gold scores).
+    pub(super) fn collected_metrics(&self) -> BTreeMap<String, f64> {
         let (queries, docs) = Self::in_order(&self.collected);
         let mut m = BTreeMap::new();
         if !queries.is_empty() {
-            m.extend(recall_at(&queries, &docs, &self.ks));
+            m.extend(crate::metrics::retrieval_scores(&queries, &docs, &self.ks));
         }
         let (a, b) = Self::in_order(&self.sts_collected);
         if !a.is_empty() {
@@ -218,11 +219,6 @@ impl Simcse {
         let b: Vec<Vec<f32>> = got.into_iter().flat_map(|(_, _, d)| d).collect();
         (a, b)
     }
-}
-
-/// Recall@k, MRR and nDCG@10 of query `i` finding doc `i` ([`crate::metrics::retrieval_scores`]).
-pub fn recall_at(queries: &[Vec<f32>], docs: &[Vec<f32>], ks: &[usize]) -> BTreeMap<String, f64> {
-    crate::metrics::retrieval_scores(queries, docs, ks)
 }
 
 impl Objective for Simcse {
@@ -310,6 +306,6 @@ impl Objective for Simcse {
     }
 
     fn finish_eval(&self, m: &mut BTreeMap<String, f64>) {
-        m.extend(self.retrieval_metrics());
+        m.extend(self.collected_metrics());
     }
 }

@@ -235,7 +235,7 @@ fn recall_counts_the_rank_of_each_querys_own_document() {
     let q = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![1.0, 1.0]];
     // Query 0 finds doc 0 first; query 1's doc comes second (after doc 2); query 2's first.
     let d = vec![vec![1.0, 0.0], vec![-1.0, 0.2], vec![1.0, 0.9]];
-    let m = recall_at(&q, &d, &[1, 2]);
+    let m = crate::metrics::retrieval_scores(&q, &d, &[1, 2]);
     assert_eq!(m["recall_at_1"], 2.0 / 3.0);
     assert_eq!(m["recall_at_2"], 1.0);
     assert!((m["mrr"] - (1.0 + 0.5 + 1.0) / 3.0).abs() < 1e-12);
