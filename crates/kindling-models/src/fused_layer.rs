@@ -74,8 +74,8 @@ pub(crate) fn param_sizes(h: usize, i: usize) -> [usize; 16] {
     param_shapes(h, i).map(|s| s.iter().product())
 }
 
-/// Splits a flat buffer into the 16 parameter slices.
-fn split<T>(mut flat: &[T], sizes: [usize; 16]) -> [&[T]; 16] {
+/// Splits a flat buffer into slices of `sizes` (a layer's parameters, in their order).
+pub(crate) fn split<T, const N: usize>(mut flat: &[T], sizes: [usize; N]) -> [&[T]; N] {
     sizes.map(|n| {
         let (head, rest) = flat.split_at(n);
         flat = rest;
@@ -83,12 +83,31 @@ fn split<T>(mut flat: &[T], sizes: [usize; 16]) -> [&[T]; 16] {
     })
 }
 
-fn split_mut<T>(mut flat: &mut [T], sizes: [usize; 16]) -> [&mut [T]; 16] {
+pub(crate) fn split_mut<T, const N: usize>(mut flat: &mut [T], sizes: [usize; N]) -> [&mut [T]; N] {
     sizes.map(|n| {
         let (head, rest) = std::mem::take(&mut flat).split_at_mut(n);
         flat = rest;
         head
     })
+}
+
+/// `dst += src` row by row (width `h`): src's row r onto dst's row `rows[r]`, or onto row r
+/// when `rows` is `None` (then in parallel).
+pub(crate) fn add_rows(dst: &mut [f32], src: &[f32], rows: Option<&[u32]>, h: usize) {
+    match rows {
+        None => {
+            let chunk = h * rows_per_task(h);
+            dst.par_chunks_mut(chunk)
+                .zip(src.par_chunks(chunk))
+                .for_each(|(d, s)| vectorised(|| d.iter_mut().zip(s).for_each(|(d, s)| *d += s)));
+        }
+        Some(rows) => {
+            for (g, &r) in src.chunks(h).zip(rows) {
+                let at = r as usize * h;
+                dst[at..at + h].iter_mut().zip(g).for_each(|(d, g)| *d += g);
+            }
+        }
+    }
 }
 
 /// Activations of the forward pass the backward pass reads.
@@ -134,7 +153,7 @@ pub(crate) struct EncoderLayerOp {
 }
 
 /// Gathers `rows` (of width `h`) of `x`.
-fn gather_rows(x: &[f32], rows: &[u32], h: usize) -> Vec<f32> {
+pub(crate) fn gather_rows(x: &[f32], rows: &[u32], h: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(rows.len() * h);
     for &r in rows {
         out.extend_from_slice(&x[r as usize * h..(r as usize + 1) * h]);
@@ -144,7 +163,7 @@ fn gather_rows(x: &[f32], rows: &[u32], h: usize) -> Vec<f32> {
 
 /// `xs = dropout(xs) + residual` in one parallel pass over rows of width `h` (see
 /// [`drop_rows`] for `rows`).
-fn dropout_residual(
+pub(crate) fn dropout_residual(
     dropout: Option<(f32, u64)>,
     xs: &mut [f32],
     residual: &[f32],
@@ -311,10 +330,7 @@ impl CustomOp2 for EncoderLayerOp {
                 let mut dx = zeros_par(xs.len());
                 linear_bwd(xs, kw, &dk, (&mut dx, false), dkw, dkb);
                 linear_bwd(xs, vw, &dv, (&mut dx, true), dvw, dvb);
-                for (g, &r) in dxq.chunks(h).zip(rows) {
-                    let at = r as usize * h;
-                    dx[at..at + h].iter_mut().zip(g).for_each(|(d, g)| *d += g);
-                }
+                add_rows(&mut dx, &dxq, Some(rows), h);
                 dx
             }
         };
@@ -336,21 +352,31 @@ pub(crate) fn flat_params(
     hidden: usize,
     intermediate: usize,
 ) -> Result<Tensor> {
+    let expected = param_sizes(hidden, intermediate).iter().sum();
+    let op = format!("kindling-encoder-layer (hidden {hidden}, intermediate {intermediate})");
+    concat_params(&params.0, expected, &op, &PARAMS)
+}
+
+/// `params` flattened and concatenated, checked to hold `expected` values (an error naming
+/// `op` and the parameters, `names`, otherwise).
+pub(crate) fn concat_params(
+    params: &[&Tensor],
+    expected: usize,
+    op: &str,
+    names: &[&str],
+) -> Result<Tensor> {
     let flat = Tensor::cat(
         &params
-            .0
             .iter()
             .map(|t| t.flatten_all())
             .collect::<Result<Vec<_>>>()?,
         0,
     )?;
-    let expected: usize = param_sizes(hidden, intermediate).iter().sum();
     if flat.elem_count() != expected {
         candle_core::bail!(
-            "kindling-encoder-layer: parameters hold {} values, hidden {hidden} and intermediate \
-             {intermediate} need {expected} ({})",
+            "{op}: parameters hold {} values, the shape needs {expected} ({})",
             flat.elem_count(),
-            PARAMS.join(", ")
+            names.join(", ")
         )
     }
     Ok(flat)

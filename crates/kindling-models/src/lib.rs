@@ -12,6 +12,7 @@ mod explicit_layer;
 pub mod export;
 mod fused_embeddings;
 mod fused_layer;
+mod fused_modernbert;
 mod fused_resnet;
 pub mod heads;
 pub mod import;

@@ -10,17 +10,19 @@
 //! gate, `gelu(input) * gate`); no biases (unless `attention_bias`, `mlp_bias`, `norm_bias`,
 //! `classifier_bias` ask for them); the MLM decoder tied to the embeddings, with a bias.
 //!
-//! The CPU path uses the fused attention kernel (with the window) and the fused linear and
-//! LayerNorm ops; the rest (rotary, GeGLU, residuals) are candle's differentiable ops. Not (yet)
-//! done as for BERT: the layer is several autograd nodes, not one, and the last layer runs at
-//! every row (a sliding-window layer's keys need every row anyway).
+//! On CPU f32 a layer is one autograd node (`crate::fused_modernbert`), as BERT's is, and the
+//! last layer of an MLM step runs its queries, attention output and feed-forward block at the
+//! masked rows only (its keys and values still come from every row, as a window needs). Other
+//! devices and dtypes (mixed precision: `ModernBertModel::compute_dtype`) compose the separate
+//! ops (`crate::ops`): the attention kernel with the window, linear, LayerNorm, rotary, GeGLU.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::fused_modernbert::{modernbert_layer, ModernBertLayerArgs};
 use crate::nn::{Dropout, LayerNorm, Linear};
-use crate::ops::Kernels;
+use crate::ops::{rows_can_query, Kernels, RotaryTable};
 use crate::{ModelError, Result};
 use kindling_core::Mode;
 
@@ -418,6 +420,8 @@ fn dropout(cfg: &ModernBertConfig, p: f64, site: u64) -> Dropout {
 struct Rotary {
     cos: Tensor,
     sin: Tensor,
+    /// the same angles as slices, for the one-node layer
+    table: RotaryTable,
 }
 
 impl Rotary {
@@ -442,8 +446,9 @@ impl Rotary {
         }
         let shape = (1, seq, 1, head_dim);
         Ok(Rotary {
-            cos: Tensor::from_vec(cos, shape, device)?,
-            sin: Tensor::from_vec(sin, shape, device)?,
+            cos: Tensor::from_slice(&cos, shape, device)?,
+            sin: Tensor::from_slice(&sin, shape, device)?,
+            table: RotaryTable::new(cos.into(), sin.into(), seq, head_dim),
         })
     }
 }
@@ -495,8 +500,78 @@ impl ModernBertLayer {
 
     /// (b*t, h) -> (b*t, h), or with `rows` (flat indices, u32) just those rows: attention still
     /// reads every row's keys and values, but the output projection and the feed-forward block
-    /// run at `rows` only.
+    /// run at `rows` only. One node on CPU f32 on the fused path (`crate::fused_modernbert`,
+    /// which also runs queries at the rows only when they are increasing); the composition of
+    /// the separate ops otherwise.
     fn forward_t(
+        &self,
+        xs: &Tensor,
+        (b, t): (usize, usize),
+        mask_bias: &Tensor,
+        rotary: &Rotary,
+        mode: Mode,
+        rows: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        if !(self.kernels.fuses(xs) && mask_bias.dtype() == DType::F32) {
+            return self.forward_composed(xs, (b, t), mask_bias, rotary, mode, rows);
+        }
+        let list = match rows {
+            Some(r) => Some(r.to_dtype(DType::U32)?.to_vec1::<u32>()?),
+            None => None,
+        };
+        match list {
+            Some(list) if !rows_can_query(&list, b * t) => self
+                .forward_fused(xs, (b, t), mask_bias, rotary, mode, None)?
+                .index_select(rows.expect("a row list came from rows"), 0),
+            list => self.forward_fused(xs, (b, t), mask_bias, rotary, mode, list.as_deref()),
+        }
+    }
+
+    /// The layer as one autograd node (CPU f32); `rows` strictly increasing.
+    fn forward_fused(
+        &self,
+        xs: &Tensor,
+        (b, t): (usize, usize),
+        mask_bias: &Tensor,
+        rotary: &Rotary,
+        mode: Mode,
+        rows: Option<&[u32]>,
+    ) -> candle_core::Result<Tensor> {
+        let mut params = Vec::with_capacity(12);
+        if let Some(n) = &self.attn_norm {
+            params.extend([&n.weight, &n.bias]);
+        }
+        params.extend([
+            &self.wqkv.weight,
+            &self.wqkv.bias,
+            &self.attn_wo.weight,
+            &self.attn_wo.bias,
+            &self.mlp_norm.weight,
+            &self.mlp_norm.bias,
+            &self.wi.weight,
+            &self.wi.bias,
+            &self.mlp_wo.weight,
+            &self.mlp_wo.bias,
+        ]);
+        let args = ModernBertLayerArgs {
+            params,
+            dims: (b, t, self.heads),
+            intermediate: self.mlp_wo.weight.dim(1)?,
+            eps: self.mlp_norm.eps,
+            window: self.window,
+            rotary: &rotary.table,
+            dropout: [
+                self.probs_dropout.stream(mode),
+                self.attn_out_dropout.stream(mode),
+                self.mlp_dropout.stream(mode),
+            ],
+        };
+        modernbert_layer(xs, args, mask_bias, rows)
+    }
+
+    /// The same layer from the separate ops (each its own autograd node); with `rows`, the
+    /// output projection and the feed-forward block at those rows.
+    fn forward_composed(
         &self,
         xs: &Tensor,
         (b, t): (usize, usize),
@@ -551,6 +626,11 @@ pub struct ModernBertModel {
     layers: Vec<ModernBertLayer>,
     final_norm: LayerNorm,
     pub config: ModernBertConfig,
+    /// Mixed precision: the dtype the layers compute in (bf16/f16 on a GPU) while the
+    /// parameters stay in their own (f32 master weights); `None`: the parameters' dtype. The
+    /// embeddings' norm runs in f32 and the final norm normalises in f32 (as autocast keeps
+    /// layer_norm in f32), as BERT's (`crate::bert::BertModel::compute_dtype`).
+    pub compute_dtype: Option<DType>,
 }
 
 impl ModernBertModel {
@@ -568,6 +648,7 @@ impl ModernBertModel {
             layers,
             final_norm: norm(cfg, vb.pp("final_norm"))?,
             config: cfg.clone(),
+            compute_dtype: None,
         })
     }
 
@@ -583,12 +664,17 @@ impl ModernBertModel {
     }
 
     /// Whether [`ModernBertModel::forward_rows_t`] runs the last layer's output projection and
-    /// feed-forward block at the rows only: on the fused path, without dropout in the layers
-    /// (ModernBERT's default; with dropout, masks drawn over a subset would differ from those of
-    /// the full layer).
+    /// feed-forward block at the rows only: on the fused path, on CPU f32 (the one-node layer,
+    /// whose dropout draws each element as at its place in the full layer) or without dropout
+    /// in the layers (ModernBERT's default; the composed ops would draw other masks over a
+    /// subset).
     pub fn last_layer_at_rows(&self) -> bool {
         let c = &self.config;
-        c.kernels == Kernels::Fused && c.attention_dropout == 0.0 && c.mlp_dropout == 0.0
+        let w = self.tok_embeddings.embeddings();
+        let one_node = matches!(w.device(), Device::Cpu)
+            && self.compute_dtype.unwrap_or(w.dtype()) == DType::F32;
+        c.kernels == Kernels::Fused
+            && (one_node || (c.attention_dropout == 0.0 && c.mlp_dropout == 0.0))
     }
 
     /// [`ModernBertModel::forward_t`] at `rows` only (flat `b * seq + t` indices, u32): (rows,
@@ -619,6 +705,9 @@ impl ModernBertModel {
         let mut xs = self
             .embeddings_dropout
             .forward_t(&self.embeddings_norm.forward(&xs)?, mode)?;
+        if let Some(d) = self.compute_dtype {
+            xs = xs.to_dtype(d)?;
+        }
         let head_dim = self.config.hidden_size / self.config.num_attention_heads;
         let global = Rotary::new(t, head_dim, self.config.rope_theta(true), device)?;
         let local = Rotary::new(t, head_dim, self.config.rope_theta(false), device)?;
@@ -905,6 +994,134 @@ mod tests {
             g1.iter().zip(&g2).all(|(a, b)| close(a, b)),
             "gradients differ"
         );
+    }
+
+    /// The one-node layer (`crate::fused_modernbert`) computes what the composed layer
+    /// computes: output, dL/dx and every parameter's gradient to 1e-5 relative, for the first
+    /// layer (no attention norm, global) and a local one, with and without biases, dropout on
+    /// all three sites in training and off in evaluation, a padded batch element, at every row
+    /// and at some rows (a batch element with none; each dropout element drawn as at its place
+    /// in the full layer).
+    #[test]
+    fn the_one_node_layer_matches_the_composed_layer_forward_and_backward() {
+        use crate::test_util::{max_rel_diff, uniform};
+        use candle_core::Var;
+        for biases in [false, true] {
+            let cfg: ModernBertConfig = serde_json::from_value(serde_json::json!({
+                "vocab_size": 50, "hidden_size": 32, "intermediate_size": 40,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 32,
+                "local_attention": 6, "global_attn_every_n_layers": 2,
+                "attention_dropout": 0.1, "mlp_dropout": 0.1,
+                "attention_bias": biases, "mlp_bias": biases, "norm_bias": biases,
+            }))
+            .unwrap();
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            let layers: Vec<ModernBertLayer> = (0..2)
+                .map(|i| ModernBertLayer::load(vb.pp(i), &cfg, i).unwrap())
+                .collect();
+            // Non-trivial norms and biases, so that their gradients are tested too.
+            for (name, var) in varmap.data().lock().unwrap().iter() {
+                let noise = uniform(var.dims(), name.len() as u64, 0.3);
+                var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
+            }
+            let (b, t) = (3, 11);
+            let rotary = Rotary::new(t, 8, 10_000.0, &Device::Cpu).unwrap();
+            let x = Var::from_tensor(&uniform(&[b * t, 32], 1, 2.0)).unwrap();
+            let mut mask = vec![0f32; b * t];
+            mask[2 * t + 7..].fill(-1e9);
+            let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
+            let list = [0u32, 3, 4, 10, 22, 25, 31];
+            let index = Tensor::new(&list, &Device::Cpu).unwrap();
+            for (layer, mode, rows) in [
+                (0, Mode::Train { seed: 5 }, false),
+                (1, Mode::Train { seed: 5 }, false),
+                (1, Mode::Eval, false),
+                (0, Mode::Train { seed: 6 }, true),
+                (1, Mode::Train { seed: 6 }, true),
+            ] {
+                let l = &layers[layer];
+                assert_eq!(l.attn_norm.is_none(), layer == 0);
+                assert_eq!(l.window, (layer == 1).then_some(3));
+                let r = uniform(&[if rows { list.len() } else { b * t }, 32], 2, 1.0);
+                let at = rows.then_some(&index);
+                let run = |fused: bool| {
+                    let xs = x.as_tensor();
+                    let y = if fused {
+                        l.forward_fused(xs, (b, t), &mask, &rotary, mode, rows.then_some(&list))
+                    } else {
+                        // The full composed layer, then the rows.
+                        let all = l.forward_composed(xs, (b, t), &mask, &rotary, mode, None);
+                        match at {
+                            Some(index) => all.unwrap().index_select(index, 0),
+                            None => all,
+                        }
+                    }
+                    .unwrap();
+                    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    (y, grads)
+                };
+                let ((y1, g1), (y2, g2)) = (run(true), run(false));
+                let case = format!("biases {biases}, layer {layer}, {mode:?}, rows {rows}");
+                assert!(max_rel_diff(&y1, &y2) < 1e-5, "{case}: output");
+                let dx =
+                    |g: &candle_core::backprop::GradStore| g.get(x.as_tensor()).unwrap().clone();
+                assert!(max_rel_diff(&dx(&g1), &dx(&g2)) < 1e-5, "{case}: dx");
+                for (name, var) in varmap.data().lock().unwrap().iter() {
+                    if !name.starts_with(&format!("{layer}.")) {
+                        continue;
+                    }
+                    let (a, c) = (g1.get(var.as_tensor()), g2.get(var.as_tensor()));
+                    let (a, c) = (a.expect(name), c.expect(name));
+                    let d = max_rel_diff(a, c);
+                    assert!(d < 1e-5, "{case}: {name}: relative difference {d}");
+                    assert!(crate::test_util::abs_sum(a) > 0.0, "{case}: {name} is zero");
+                }
+            }
+        }
+    }
+
+    /// bf16 mixed precision (the GPU path, here on CPU): the model computes in bf16 from f32
+    /// master weights, its logits follow the f32 model's, and every parameter gets an f32
+    /// gradient close to the f32 model's. Dropout is on: both draw the same masks.
+    #[test]
+    fn bf16_mixed_precision_follows_f32_and_trains_every_parameter() {
+        let (mut m, varmap) = tiny(0.1);
+        let ids = Tensor::from_vec(
+            (0..24u32).map(|i| (i * 7) % 50).collect(),
+            (2, 12),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let positions = Tensor::new(&[1u32, 4, 13, 22], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[5u32, 9, 33, 48], &Device::Cpu).unwrap();
+        let mode = Mode::Train { seed: 11 };
+        let mut run = |dtype: Option<DType>| {
+            m.model.compute_dtype = dtype;
+            let logits = m.forward_t(&ids, None, Some(&positions), mode).unwrap();
+            assert_eq!(logits.dtype(), dtype.unwrap_or(DType::F32));
+            let loss = crate::ops::cross_entropy(&logits, &labels).unwrap();
+            (
+                logits.to_dtype(DType::F32).unwrap(),
+                loss.backward().unwrap(),
+            )
+        };
+        let (l32, g32) = run(None);
+        let (l16, g16) = run(Some(DType::BF16));
+        let d = crate::test_util::max_rel_diff(&l16, &l32);
+        assert!(d < 3e-2, "logits differ by {d}");
+        let vars = varmap.data().lock().unwrap();
+        assert!(vars.len() > 20);
+        for (name, var) in vars.iter() {
+            let g = g16.get(var.as_tensor()).expect(name);
+            assert_eq!(g.dtype(), DType::F32, "{name}");
+            let d = crate::test_util::max_rel_diff(g, g32.get(var.as_tensor()).expect(name));
+            assert!(d < 0.1, "{name}: bf16 gradient differs by {d}");
+            assert!(
+                crate::test_util::abs_sum(g) > 0.0,
+                "{name}: zero gradient in bf16"
+            );
+        }
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub use attention::*;
 pub(crate) use cpu::*;
 pub use cross_entropy::*;
 pub use dropout::*;
+pub(crate) use geglu::{geglu_grad_rows, geglu_rows};
 pub use gelu::*;
 pub use kernels::*;
 pub use l2::*;
@@ -56,6 +57,7 @@ pub use linear::*;
 pub(crate) use math::*;
 pub(crate) use matmul::*;
 pub(crate) use par::*;
+pub(crate) use rotary::RotaryTable;
 pub use softmax::*;
 
 #[cfg(test)]

@@ -7,15 +7,77 @@
 use super::*;
 use std::sync::Arc;
 
-/// Rotates each head of `x` (tokens, heads * head_dim; row r at position r % seq) by its
-/// position's angles; `transpose` applies the transposed rotation (the backward pass).
-#[derive(Clone)]
-pub(super) struct Rotary {
-    /// (seq, head_dim) each, both halves of a row HF's `cat((freqs, freqs))` or any other.
+/// The angles of positions `0..seq` for heads of `head_dim`: (seq, head_dim) each, both halves
+/// of a row HF's `cat((freqs, freqs))` or any other.
+#[derive(Clone, Debug)]
+pub(crate) struct RotaryTable {
     cos: Arc<[f32]>,
     sin: Arc<[f32]>,
     seq: usize,
     head_dim: usize,
+}
+
+impl RotaryTable {
+    pub(crate) fn new(cos: Arc<[f32]>, sin: Arc<[f32]>, seq: usize, head_dim: usize) -> Self {
+        debug_assert!(cos.len() == seq * head_dim && sin.len() == cos.len() && head_dim % 2 == 0);
+        RotaryTable {
+            cos,
+            sin,
+            seq,
+            head_dim,
+        }
+    }
+
+    /// Rotates each head of one row in place by the angles of sequence position `pos`;
+    /// `transpose`: the transposed (inverse) rotation, the backward pass.
+    #[inline(always)]
+    fn rotate_row(&self, row: &mut [f32], pos: usize, transpose: bool) {
+        let (d, half) = (self.head_dim, self.head_dim / 2);
+        let p = pos * d;
+        let (cos, sin) = (&self.cos[p..p + d], &self.sin[p..p + d]);
+        for head in row.chunks_mut(d) {
+            for i in 0..half {
+                let (x1, x2) = (head[i], head[i + half]);
+                if transpose {
+                    head[i] = x1 * cos[i] + x2 * sin[i + half];
+                    head[i + half] = x2 * cos[i + half] - x1 * sin[i];
+                } else {
+                    head[i] = x1 * cos[i] - x2 * sin[i];
+                    head[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+                }
+            }
+        }
+    }
+
+    /// Rotates every row of `x` (rows of `hidden`, heads side by side) in place; row r sits at
+    /// flat position `rows[r]` (all rows when `None`: r), sequence position that mod `seq`.
+    pub(crate) fn rotate(
+        &self,
+        x: &mut [f32],
+        hidden: usize,
+        rows: Option<&[u32]>,
+        transpose: bool,
+    ) {
+        let per = rows_per_task(hidden);
+        x.par_chunks_mut(per * hidden)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                vectorised(|| {
+                    for (k, row) in chunk.chunks_mut(hidden).enumerate() {
+                        let r = c * per + k;
+                        let flat = rows.map_or(r, |rows| rows[r] as usize);
+                        self.rotate_row(row, flat % self.seq, transpose);
+                    }
+                })
+            });
+    }
+}
+
+/// Rotates each head of `x` (tokens, heads * head_dim; row r at position r % seq) by its
+/// position's angles; `transpose` applies the transposed rotation (the backward pass).
+#[derive(Clone)]
+pub(super) struct Rotary {
+    table: RotaryTable,
     transpose: bool,
 }
 
@@ -27,28 +89,8 @@ impl CustomOp1 for Rotary {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let hidden = l.dims()[l.dims().len() - 1];
-        let (d, half) = (self.head_dim, self.head_dim / 2);
-        let rows = rows_per_task(hidden);
-        let out = par_new(x.len(), hidden * rows, |c, o| {
-            for (k, orow) in o.chunks_mut(hidden).enumerate() {
-                let r = c * rows + k;
-                let xrow = &x[r * hidden..(r + 1) * hidden];
-                let p = (r % self.seq) * d;
-                let (cos, sin) = (&self.cos[p..p + d], &self.sin[p..p + d]);
-                for (oh, xh) in orow.chunks_mut(d).zip(xrow.chunks(d)) {
-                    for i in 0..half {
-                        let (x1, x2) = (xh[i], xh[i + half]);
-                        if self.transpose {
-                            oh[i] = x1 * cos[i] + x2 * sin[i + half];
-                            oh[i + half] = x2 * cos[i + half] - x1 * sin[i];
-                        } else {
-                            oh[i] = x1 * cos[i] - x2 * sin[i];
-                            oh[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
-                        }
-                    }
-                }
-            }
-        });
+        let mut out = x.to_vec();
+        self.table.rotate(&mut out, hidden, None, self.transpose);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -82,10 +124,7 @@ impl Kernels {
                     .into())
             };
             let op = Rotary {
-                cos: table(cos)?,
-                sin: table(sin)?,
-                seq: t,
-                head_dim: d,
+                table: RotaryTable::new(table(cos)?, table(sin)?, t, d),
                 transpose: false,
             };
             return x.contiguous()?.apply_op1(op);
