@@ -341,8 +341,8 @@ impl MaskedLm {
         }
     }
 
-    /// Whether the last layer runs at the predicted rows only (BERT's fused CPU f32 layer;
-    /// ModernBERT's attention output and feed-forward block without dropout).
+    /// Whether the last layer runs at the predicted rows only (the one-node CPU f32 layers;
+    /// elsewhere ModernBERT's attention output and feed-forward block without dropout).
     pub fn last_layer_at_rows(&self) -> bool {
         match self {
             MaskedLm::Bert(m) => m.bert.last_layer_at_rows(),
@@ -350,11 +350,11 @@ impl MaskedLm {
         }
     }
 
-    /// Mixed precision: the dtype the encoder layers compute in (BERT only so far; ModernBERT
-    /// computes in its parameters' dtype).
+    /// Mixed precision: the dtype the encoder layers compute in.
     pub fn set_compute_dtype(&mut self, dtype: Option<DType>) {
-        if let MaskedLm::Bert(m) = self {
-            m.bert.compute_dtype = dtype;
+        match self {
+            MaskedLm::Bert(m) => m.bert.compute_dtype = dtype,
+            MaskedLm::ModernBert(m) => m.model.compute_dtype = dtype,
         }
     }
 }
@@ -437,10 +437,11 @@ impl SequenceClassifier {
         }
     }
 
-    /// Mixed precision (BERT and RoBERTa; ModernBERT computes in f32).
+    /// Mixed precision: the dtype the encoder layers compute in.
     pub fn set_compute_dtype(&mut self, dtype: Option<DType>) {
-        if let SequenceClassifier::Bert(m) = self {
-            m.bert.compute_dtype = dtype;
+        match self {
+            SequenceClassifier::Bert(m) => m.bert.compute_dtype = dtype,
+            SequenceClassifier::ModernBert(m) => m.model.compute_dtype = dtype,
         }
     }
 }
@@ -483,10 +484,11 @@ impl Encoder {
         }
     }
 
-    /// Mixed precision (BERT and RoBERTa; ModernBERT computes in f32).
+    /// Mixed precision: the dtype the encoder layers compute in.
     pub fn set_compute_dtype(&mut self, dtype: Option<DType>) {
-        if let Encoder::Bert(m) = self {
-            m.compute_dtype = dtype;
+        match self {
+            Encoder::Bert(m) => m.compute_dtype = dtype,
+            Encoder::ModernBert(m) => m.compute_dtype = dtype,
         }
     }
 }

@@ -52,8 +52,11 @@ impl Experiment for Recipe {
 
     fn validate(&self) -> Result<(), RecipeError> {
         Recipe::validate(self, EVAL_METRICS)?;
-        let config = match model_dir(self)? {
-            Some(dir) => folder_config(self, &dir)?,
+        // The model's config from the folder or the recipe's shape, checked before any write.
+        match model_dir(self)? {
+            Some(dir) => {
+                folder_config(self, &dir)?;
+            }
             None => {
                 // The ranges of the shape, before a tokenizer is trained for it.
                 let specials = tok::SpecialTokens {
@@ -64,18 +67,8 @@ impl Experiment for Recipe {
                     mask: 4,
                     all: vec![0, 1, 2, 3, 4],
                 };
-                scratch_config(self, 16, &specials)?
+                scratch_config(self, 16, &specials)?;
             }
-        };
-        if matches!(config, EncoderConfig::ModernBert(_))
-            && self.header.precision != crate::run::Precision::F32
-        {
-            return Err(RecipeError::Invalid {
-                key: "precision".into(),
-                msg: "ModernBERT trains in f32 only so far (mixed precision is BERT's and \
-                      RoBERTa's)"
-                    .into(),
-            });
         }
         Ok(())
     }
