@@ -6,6 +6,8 @@
 # - the BERT-base shape (recipes/gpu/bert-base-mlm.toml: h768, 12 layers, seq 128, batch 128)
 #   in bf16 and in f32, for throughput, and in bf16 with `kernels=composed` (every op its own
 #   autograd node) to compare;
+# - the ModernBERT-mini recipe (recipes/modernbert-mini-mlm.toml) on the GPU in f32 and bf16
+#   (mixed precision, the composed ops) and on the CPU with the same seed;
 # - data parallelism (`--gpus $DP_GPUS`, NCCL) against a plain run, for BERT-mini and BERT-base;
 # then prints one table: tokens/s or images/s (median of the steps after warm-up), achieved
 # TFLOP/s and the MFU it implies (bf16 dense peak, PEAK_TFLOPS, 990 for an H100 SXM), and each
@@ -24,8 +26,9 @@ GPU="${GPU:-cuda:0}"
 MLM_STEPS="${MLM_STEPS:-200}"
 VISION_STEPS="${VISION_STEPS:-100}"
 BASE_STEPS="${BASE_STEPS:-40}"
+ARCH_STEPS="${ARCH_STEPS:-100}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-990}"
-ONLY="${ONLY:-mlm vision base dp}"
+ONLY="${ONLY:-mlm vision base arch dp}"
 MLM_PRECISIONS="${MLM_PRECISIONS:-f32 bf16}"  # add f16 for loss-scaled half precision
 # 0: reuse the CPU runs already in SMOKE_RUNS. They must come from this machine: the recipes
 # train their tokenizer, and a tokenizer trained on another machine can differ in a few tokens
@@ -88,6 +91,15 @@ if [[ " $ONLY " == *" base "* ]]; then
   run base-composed-bf16 recipes/gpu/bert-base-mlm.toml "$GPU" bf16 "$BASE_STEPS" \
     --set kernels=composed
   names+=(base-composed-bf16)
+fi
+
+if [[ " $ONLY " == *" arch "* ]]; then
+  for p in f32 bf16; do
+    run "modernbert-gpu-$p" recipes/modernbert-mini-mlm.toml "$GPU" "$p" "$ARCH_STEPS"
+    names+=("modernbert-gpu-$p")
+  done
+  [ "$CPU" = 1 ] && run modernbert-cpu recipes/modernbert-mini-mlm.toml cpu f32 "$ARCH_STEPS"
+  names+=(modernbert-cpu)
 fi
 
 # Data parallelism through NCCL (`--gpus`): the BERT-mini recipe in f32, the BERT-base shape in
