@@ -21,3 +21,4 @@ mod recipe_errors;
 mod resume;
 mod simcse;
 mod vision;
+mod vit;

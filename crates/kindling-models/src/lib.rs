@@ -23,6 +23,7 @@ pub mod ops;
 pub mod resnet;
 #[cfg(test)]
 mod test_util;
+pub mod vit;
 
 pub use bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, Pooling};
 pub use encoder::{Architecture, Encoder, EncoderConfig, MaskedLm, SequenceClassifier};
@@ -30,6 +31,7 @@ pub use heads::{Mlp, MlpConfig};
 pub use kindling_core::Mode;
 pub use modernbert::{ModernBertConfig, ModernBertForMaskedLM, ModernBertModel};
 pub use resnet::{ResNet, ResNetConfig};
+pub use vit::{ViTConfig, ViTModel};
 
 /// Errors of model building and export.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,60 @@
+"""Reference check for ViT folders, both ways.
+
+    python tests/reference/hf_vit_outputs.py check EXPORT_DIR KINDLING_OUTPUTS_JSON
+    python tests/reference/hf_vit_outputs.py make DIR OUTPUTS_JSON
+
+check: Kindling's export loads in HF transformers as the class its config.json names
+(`ViTModel`) with no missing or unexpected keys, and gives the last hidden states and pooler
+output Kindling computed (KINDLING_OUTPUTS_JSON: {"pixel_values": NCHW, "last_hidden_state",
+"pooler_output"}, written by tests/vit.rs) to 1e-4. Exits 1 otherwise.
+
+make: saves a randomly initialised transformers ViTForImageClassification of a small config
+(seeded) to DIR, and writes its encoder's outputs on seeded images to OUTPUTS_JSON, for Kindling
+to load the folder (under its `vit.` prefix) and compare.
+"""
+import json
+import sys
+
+import torch
+from transformers import AutoConfig, AutoModel, ViTConfig, ViTForImageClassification
+
+mode, folder, outputs = sys.argv[1], sys.argv[2], sys.argv[3]
+if mode == "check":
+    model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    expected = AutoConfig.from_pretrained(folder).architectures[0]
+    model.eval()
+    problems = {k: v for k, v in info.items() if v}
+    ref = json.load(open(outputs))
+    pixels = torch.tensor(ref["pixel_values"])
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    diffs = {
+        k: (getattr(out, k) - torch.tensor(ref[k])).abs().max().item()
+        for k in ["last_hidden_state", "pooler_output"]
+    }
+    print(json.dumps({"class": type(model).__name__, "loading_info": {k: list(v) for k, v in info.items()}, "max_abs_diff": diffs}))
+    if type(model).__name__ != expected:
+        print(f"loaded as {type(model).__name__}, config.json names {expected}")
+        sys.exit(1)
+    if problems:
+        print(f"loading problems: {problems}")
+        sys.exit(1)
+    if max(diffs.values()) > 1e-4:
+        print(f"outputs differ by {diffs}")
+        sys.exit(1)
+elif mode == "make":
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                    image_size=8, patch_size=4, num_channels=3, num_labels=3)
+    model = ViTForImageClassification(cfg).eval()
+    # Non-trivial norms, biases, positions and [CLS], so that each is seen in the outputs.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    pixels = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = model.vit(pixel_values=pixels).last_hidden_state
+    json.dump({"pixel_values": pixels.tolist(), "last_hidden_state": hidden.tolist()}, open(outputs, "w"))
+else:
+    sys.exit(f"unknown mode {mode}")
