@@ -167,6 +167,129 @@ fn simclr_trains_monitors_probes_and_exports_an_encoder() {
     );
 }
 
+/// A ViT backbone (recipes/tiny/simclr-vit-tiny.toml) trains with the same lifecycle: the loss
+/// falls, the probes run, and the export is HF's `ViTModel` folder, which transformers loads
+/// with no missing or unexpected keys and Kindling's outputs on the same images, and which
+/// `kindling probe` reads back to the run's probe numbers. Views of another size than
+/// `eval_view`'s are refused, naming the key, before anything is written.
+#[test]
+fn a_vit_backbone_trains_and_exports_a_vit_model_folder_transformers_loads() {
+    let runs = tempfile::tempdir().unwrap();
+    let vit = |name: &str, extra: &[&str]| {
+        let mut cmd = kindling();
+        cmd.args(["pretrain", "recipes/tiny/simclr-vit-tiny.toml"]);
+        cmd.args(["--set", &format!("runs_dir=\"{}\"", runs.path().display())]);
+        cmd.args(["--set", &format!("name=\"{name}\"")]);
+        for e in extra {
+            cmd.args(["--set", e]);
+        }
+        cmd.output().unwrap()
+    };
+    let out = vit("vit", &["train.steps=30", "train.eval_every=15"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = runs.path().join("vit");
+    let train: Vec<f64> = jsonl(&run.join("metrics.jsonl"))
+        .iter()
+        .filter(|v| v["split"] == "train")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect();
+    assert!(
+        train[27..].iter().sum::<f64>() < train[..3].iter().sum::<f64>(),
+        "the loss falls: {train:?}"
+    );
+    let probes: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("probe_results.json")).unwrap())
+            .unwrap();
+    let export = run.join("export");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["model_type"], "vit");
+    assert_eq!(config["architectures"], serde_json::json!(["ViTModel"]));
+    assert_eq!(
+        (
+            config["image_size"].as_u64(),
+            config["num_channels"].as_u64()
+        ),
+        (Some(28), Some(1))
+    );
+
+    // transformers' ViTModel on the export gives Kindling's outputs.
+    let device = candle_core::Device::Cpu;
+    let imported = kindling_models::vit::load_folder(&export, &device).unwrap();
+    assert_eq!(
+        imported.report,
+        Default::default(),
+        "every tensor, nothing else"
+    );
+    let pixels: Vec<f32> = (0..3 * 28 * 28)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let nhwc = candle_core::Tensor::from_vec(pixels, (3, 28, 28, 1), &device).unwrap();
+    let m = &imported.model;
+    let hidden = m.forward_t(&nhwc, kindling_core::Mode::Eval).unwrap();
+    let pooled = m
+        .pooler_output(&m.features(&nhwc, kindling_core::Mode::Eval).unwrap())
+        .unwrap();
+    let nchw = nhwc.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
+    let json = serde_json::json!({
+        "pixel_values": crate::vit::nested(&nchw),
+        "last_hidden_state": crate::vit::nested(&hidden.reshape((3, 50, 16)).unwrap()),
+        "pooler_output": crate::vit::nested(&pooled),
+    });
+    let out_json = runs.path().join("outputs.json");
+    std::fs::write(&out_json, json.to_string()).unwrap();
+    crate::common::python_reference(
+        "hf_vit_outputs.py",
+        &["check".as_ref(), export.as_os_str(), out_json.as_os_str()],
+    );
+
+    // `kindling probe` on the export alone: the run's probe numbers.
+    let out = kindling()
+        .args(["probe", "recipes/probe-fashion-mnist.toml"])
+        .args(["--set", &format!("model.path=\"{}\"", export.display())])
+        .args([
+            "--set",
+            "data.max_train_images=512",
+            "--set",
+            "data.max_test_images=256",
+        ])
+        .args([
+            "--set",
+            "seed=3",
+            "--set",
+            "probe.steps=50",
+            "--set",
+            "probe.l2=[1e-3]",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let scores: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for i in 0..3 {
+        assert_eq!(
+            scores[i]["accuracy"], probes[i]["accuracy"],
+            "probe {i}: {scores} vs {probes}"
+        );
+    }
+
+    // 20-pixel crops against a 28-pixel eval view: refused, naming the key, nothing written.
+    let out = vit(
+        "vit-crops",
+        &[r#"data.views=[{ stages = [{ kind = "random_resized_crop", size = 20 }] }]"#],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("data.views") && err.contains("20x20") && err.contains("28x28"),
+        "{err}"
+    );
+    assert!(
+        !runs.path().join("vit-crops").exists(),
+        "nothing is written"
+    );
+}
+
 fn final_weights(run: &Path, step: u64) -> (Vec<u8>, Vec<u8>) {
     let dir = run.join("checkpoints").join(format!("step-{step:08}"));
     (

@@ -19,7 +19,8 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-fn nested(t: &Tensor) -> serde_json::Value {
+/// `t` as nested JSON arrays (what the reference scripts read as tensors).
+pub(crate) fn nested(t: &Tensor) -> serde_json::Value {
     let dims = t.dims().to_vec();
     let flat: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
     fn build(v: &[f32], dims: &[usize]) -> serde_json::Value {

@@ -5,6 +5,7 @@
 //! only its head. The models here use differentiable ops, take an explicit [`Mode`], and keep
 //! HF's names so that a checkpoint loads into `transformers` and candle unchanged.
 
+pub mod backbone;
 pub mod bert;
 pub mod conv;
 pub mod encoder;
@@ -25,6 +26,7 @@ pub mod resnet;
 mod test_util;
 pub mod vit;
 
+pub use backbone::{Backbone, BackboneConfig};
 pub use bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, Pooling};
 pub use encoder::{Architecture, Encoder, EncoderConfig, MaskedLm, SequenceClassifier};
 pub use heads::{Mlp, MlpConfig};

@@ -525,10 +525,16 @@ pub fn save_folder(dir: &Path, varmap: &VarMap, prefix: &str, cfg: &ViTConfig) -
 /// 1, scaled) with `initializer_range` for linear and patch kernels, the positions and
 /// `[CLS]`; biases 0, norms 1.
 pub fn init(varmap: &VarMap, seed: u64, cfg: &ViTConfig) -> Result<()> {
+    init_under(varmap, "", seed, cfg)
+}
+
+/// [`init`] for the variables whose names start with `prefix` (a ViT inside a larger model,
+/// `backbone.`); each draws from its stream `(seed, full name)`.
+pub fn init_under(varmap: &VarMap, prefix: &str, seed: u64, cfg: &ViTConfig) -> Result<()> {
     use kindling_core::rng::{self, domain, hash_str};
     use rand_distr::{Distribution, Normal};
     let data = varmap.data().lock().expect("varmap lock poisoned");
-    let mut names: Vec<&String> = data.keys().collect();
+    let mut names: Vec<&String> = data.keys().filter(|n| n.starts_with(prefix)).collect();
     names.sort();
     let std = cfg.initializer_range as f32;
     for name in names {

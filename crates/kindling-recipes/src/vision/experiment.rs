@@ -83,10 +83,8 @@ impl Experiment for VisionRecipe {
                 .sum()
         };
         eprintln!(
-            "model: {} encoder {:?}x{:?} ({} features), {}: {:.2}M trainable parameters",
-            self.model.backbone.architecture,
-            self.model.backbone.hidden_sizes,
-            self.model.backbone.depths,
+            "model: {} ({} features), {}: {:.2}M trainable parameters",
+            model.backbone.config().describe(),
             self.model.backbone.feature_dim(),
             self.objective,
             n_params as f64 / 1e6

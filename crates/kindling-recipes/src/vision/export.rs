@@ -3,8 +3,9 @@
 #[allow(unused_imports)]
 use super::*;
 
-/// Writes the encoder: `model.safetensors` (HF ResNet names), `config.json` (the shape and the
-/// eval preprocessing), and a model card.
+/// Writes the encoder: `model.safetensors` (HF ResNet or ViT names), `config.json` (the shape
+/// and the eval preprocessing; a ViT's is HF's `ViTModel` config, which transformers loads),
+/// and a model card.
 pub(super) fn export(
     recipe: &VisionRecipe,
     model: &SslModel,
@@ -28,29 +29,40 @@ pub(super) fn export(
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
-    let tmp = dir.join("model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors.into_iter().collect(), &tmp)?;
-    std::fs::rename(&tmp, dir.join("model.safetensors")).map_err(|e| RecipeError::Io {
-        path: dir.join("model.safetensors"),
-        source: e,
-    })?;
-    let mut config = serde_json::to_value(&model.backbone.config).expect("config serialises");
-    config["model_type"] = "kindling-resnet".into();
-    config["layout"] = "channels_last".into();
+    kindling_models::export::save_safetensors(&dir.join("model.safetensors"), &tensors, &[])?;
+    let backbone = model.backbone.config();
+    let (mut config, about) = match &backbone {
+        BackboneConfig::ResNet(c) => {
+            let mut config = serde_json::to_value(c).expect("config serialises");
+            config["model_type"] = "kindling-resnet".into();
+            config["layout"] = "channels_last".into();
+            let about = "Weights use HF ResNet parameter names; activations are channels-last and \
+                         the stem is the small-image one (3x3, no max-pool), which `transformers`' \
+                         ResNet cannot express.";
+            (config, about.to_string())
+        }
+        BackboneConfig::ViT(c) => {
+            let about = format!(
+                "The folder is HF's `ViTModel` (`transformers.ViTModel.from_pretrained(DIR)`; \
+                 pixel values channels-first, preprocessed as `config.json`'s `preprocessing` \
+                 says); the features Kindling trained are `last_hidden_state[:, 0]` ([CLS] after \
+                 the final norm). The pooler (`pooler.dense`) is HF's default layer, left as \
+                 initialised: no objective reads it. Images of {s}x{s} pixels.",
+                s = c.image_size
+            );
+            (c.hf_json("ViTModel"), about)
+        }
+    };
     config["preprocessing"] = serde_json::to_value(&recipe.data.eval_view).expect("serialises");
     config["pretraining"] = serde_json::json!({"objective": recipe.objective, "steps": steps, "seed": recipe.header.seed});
     save_json(&dir.join("config.json"), &config)?;
     let mut card = format!(
         "---\nlibrary_name: kindling\ntags: [self-supervised, {}, image-feature-extraction]\n{}---\n\n# {}\n\n\
-         A {} encoder ({:?} channels, {:?} blocks) pretrained with {} for {steps} steps by Kindling \
-         (`kindling pretrain`). Weights use HF ResNet parameter names; activations are channels-last \
-         and the stem is the small-image one (3x3, no max-pool), which `transformers`' ResNet cannot express.\n",
+         A {} pretrained with {} for {steps} steps by Kindling (`kindling pretrain`). {about}\n",
         recipe.objective,
         recipe.header.export.license.as_ref().map(|l| format!("license: {l}\n")).unwrap_or_default(),
         recipe.name(),
-        model.backbone.config.architecture,
-        model.backbone.config.hidden_sizes,
-        model.backbone.config.depths,
+        backbone.describe(),
         recipe.objective,
     );
     if !probes.is_empty() {

@@ -39,7 +39,7 @@ use kindling_data::{ImageSet, ImageSource, ViewBatch, ViewLoader, ViewPipeline};
 use kindling_models::conv::is_norm_buffer;
 use kindling_models::export::{save_json, write_atomic};
 use kindling_models::nn::Linear;
-use kindling_models::{Mlp, MlpConfig, ResNet, ResNetConfig};
+use kindling_models::{Backbone, BackboneConfig, Mlp, MlpConfig};
 use kindling_train::distributed::{gather_with_grad, Collective};
 use kindling_train::{checkpoint, FitSummary, Objective, StepOutput};
 
@@ -92,7 +92,7 @@ pub struct VisionRecipe {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct VisionModel {
-    pub backbone: ResNetConfig,
+    pub backbone: BackboneConfig,
     pub projector: MlpConfig,
     /// BYOL and SimSiam only.
     pub predictor: MlpConfig,

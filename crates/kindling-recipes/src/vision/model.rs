@@ -47,7 +47,9 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
                 dims[1]
             } else {
                 let w = name.trim_end_matches("bias").to_string() + "weight";
-                data.get(&w).map_or(n, |w| w.dims()[1])
+                data.get(&w)
+                    .and_then(|w| w.dims().get(1).copied())
+                    .unwrap_or(n)
             };
             let bound = 1.0 / (fan_in as f32).sqrt();
             use rand::Rng;
@@ -61,15 +63,67 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
 /// The encoder a run with `seed` starts from (its weights are seeded by name, so they do not
 /// depend on the heads built beside it): the random baseline of the probes.
 pub fn initial_encoder(
-    cfg: &ResNetConfig,
+    cfg: &BackboneConfig,
     seed: u64,
     device: &Device,
-) -> Result<ResNet, RecipeError> {
+) -> Result<Backbone, RecipeError> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let net = ResNet::new(cfg, vb.pp("backbone"))?;
-    seeded_init(&varmap, seed)?;
+    let net = Backbone::new(cfg, vb.pp("backbone"))?;
+    init_encoder(&varmap, cfg, seed)?;
     Ok(net)
+}
+
+/// The whole model's PyTorch-style initialisation ([`seeded_init`]), then, for a ViT, HF's ViT
+/// initialisation of the encoder (truncated normals; `backbone.` and a target's copy alike).
+fn init_encoder(varmap: &VarMap, cfg: &BackboneConfig, seed: u64) -> Result<(), RecipeError> {
+    seeded_init(varmap, seed)?;
+    if let BackboneConfig::ViT(c) = cfg {
+        kindling_models::vit::init_under(varmap, "backbone.", seed, c)?;
+    }
+    Ok(())
+}
+
+/// The size the encoder sees: `eval_view`'s output for the data's images. A ViT's positions
+/// are learned for one grid, so every training view must give that size too (multi-size
+/// crops would need interpolated positions, which Kindling's ViT does not have yet).
+fn view_shape(
+    recipe: &VisionRecipe,
+    (h, w, c): (usize, usize, usize),
+) -> Result<(usize, usize, usize), RecipeError> {
+    let invalid = |key: &str, msg: String| RecipeError::Invalid {
+        key: key.into(),
+        msg,
+    };
+    let eval = recipe
+        .data
+        .eval_view
+        .output_shape(h, w, c)
+        .map_err(|e| invalid("data.eval_view", e.to_string()))?;
+    if matches!(recipe.model.backbone, BackboneConfig::ViT(_)) {
+        for (i, p) in recipe.pipelines().iter().enumerate() {
+            let s = p
+                .output_shape(h, w, c)
+                .map_err(|e| invalid("data.views", e.to_string()))?;
+            if (s.0, s.1) != (eval.0, eval.1) {
+                return Err(invalid(
+                    "data.views",
+                    format!(
+                        "view {} gives {}x{} images and eval_view {}x{}: a ViT backbone takes \
+                         one image size (its positions are learned per patch), so every view \
+                         must give eval_view's size (e.g. random_resized_crop size = {})",
+                        i + 1,
+                        s.0,
+                        s.1,
+                        eval.0,
+                        eval.1,
+                        eval.0
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(eval)
 }
 
 /// The kNN monitor's bank: training images seen through the eval view.
@@ -82,10 +136,10 @@ pub(super) struct KnnBank {
 /// optional online probe, and the method's loss.
 pub struct SslModel {
     pub varmap: VarMap,
-    pub backbone: ResNet,
+    pub backbone: Backbone,
     pub(super) projector: Mlp,
     pub(super) predictor: Option<Mlp>,
-    pub(super) target: Option<(ResNet, Mlp)>,
+    pub(super) target: Option<(Backbone, Mlp)>,
     /// (online, target) pairs the EMA moves: parameters only; the target's BatchNorm buffers
     /// follow its own forward passes, as in BYOL's and MoCo's code.
     pub(super) ema_pairs: Vec<(Var, Var)>,
@@ -114,12 +168,16 @@ impl SslModel {
         device: &Device,
     ) -> Result<Self, RecipeError> {
         let m = &recipe.model;
-        let mut backbone_cfg = m.backbone.clone();
-        backbone_cfg.num_channels = in_shape.2;
-        backbone_cfg.kernels = recipe.header.kernels;
+        let backbone_cfg = m
+            .backbone
+            .for_input(view_shape(recipe, in_shape)?, recipe.header.kernels)
+            .map_err(|e| RecipeError::Invalid {
+                key: "model.backbone".into(),
+                msg: e.to_string(),
+            })?;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let backbone = ResNet::new(&backbone_cfg, vb.pp("backbone"))?;
+        let backbone = Backbone::new(&backbone_cfg, vb.pp("backbone"))?;
         let feat = backbone_cfg.feature_dim();
         let projector = Mlp::new(feat, &m.projector, vb.pp("projector"))?;
         let proj_dim = *m.projector.dims.last().expect("validated by Mlp::new");
@@ -132,7 +190,7 @@ impl SslModel {
         let target = if loss.target() {
             let t = vb.pp("target");
             Some((
-                ResNet::new(&backbone_cfg, t.pp("backbone"))?,
+                Backbone::new(&backbone_cfg, t.pp("backbone"))?,
                 Mlp::new(feat, &m.projector, t.pp("projector"))?,
             ))
         } else {
@@ -143,7 +201,7 @@ impl SslModel {
         } else {
             None
         };
-        seeded_init(&varmap, recipe.header.seed)?;
+        init_encoder(&varmap, &backbone_cfg, recipe.header.seed)?;
         // The target starts as a copy of the online network (parameters and buffers).
         let mut ema_pairs = Vec::new();
         if target.is_some() {
@@ -200,7 +258,7 @@ impl SslModel {
     /// Encoder features in f32, whatever the encoder computes in: heads and losses run in f32.
     pub(super) fn encode(
         &self,
-        net: &ResNet,
+        net: &Backbone,
         x: &Tensor,
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
@@ -209,7 +267,7 @@ impl SslModel {
 
     /// Encoder features of clean images, eval mode, in batches.
     pub fn features(
-        backbone: &ResNet,
+        backbone: &Backbone,
         images: &ImageSet,
         pipeline: &ViewPipeline,
         batch: usize,
@@ -322,18 +380,29 @@ impl Objective for SslModel {
         &self.varmap
     }
 
+    /// Not the target (moved by the EMA), MoCo's queue, BatchNorm's buffers or a ViT's pooler
+    /// (exported for transformers' `ViTModel`, read by no objective).
     fn trainable(&self, name: &str) -> bool {
-        !name.starts_with("target.") && !name.starts_with("queue") && !is_norm_buffer(name)
+        !name.starts_with("target.")
+            && !name.starts_with("queue")
+            && !is_norm_buffer(name)
+            && !name.starts_with("backbone.pooler.")
     }
 
     fn fixed_lr(&self, name: &str) -> bool {
         self.fix_predictor_lr && name.starts_with("predictor.")
     }
 
-    /// Biases and BatchNorm parameters: no weight decay and no LARS adaptation (solo-learn's
-    /// `exclude_bias_n_norm`).
+    /// Biases, norm parameters and a ViT's positions and `[CLS]`: no weight decay and no LARS
+    /// adaptation (solo-learn's `exclude_bias_n_norm`; timm's ViTs skip the last two too).
     fn no_decay(&self, name: &str) -> bool {
-        name.ends_with("bias") || name.contains("normalization.") || name.contains("norm.")
+        name.ends_with("bias")
+            || name.contains("normalization.")
+            || name.contains("norm.")
+            || name.contains("norm_before.")
+            || name.contains("norm_after.")
+            || name.ends_with("position_embeddings")
+            || name.ends_with("cls_token")
     }
 
     fn train_flops(&self, batch: &ViewBatch) -> Option<f64> {

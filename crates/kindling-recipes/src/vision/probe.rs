@@ -20,7 +20,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use kindling_data::{ImageSet, ImageSource, ViewPipeline};
-use kindling_models::{ResNet, ResNetConfig};
+use kindling_models::{Backbone, BackboneConfig, ResNetConfig, ViTConfig};
 
 use super::{initial_encoder, linear_probe, pixel_rows, rows, ProbeScore, SslModel, VisionProbe};
 use crate::recipe::parse_toml;
@@ -73,8 +73,9 @@ impl VisionProbeRecipe {
     }
 }
 
-/// The encoder config and eval preprocessing of an export folder.
-pub fn read_export(dir: &Path) -> Result<(ResNetConfig, ViewPipeline), RecipeError> {
+/// The encoder config and eval preprocessing of an export folder (a Kindling ResNet, or a ViT
+/// as HF's `ViTModel` folder).
+pub fn read_export(dir: &Path) -> Result<(BackboneConfig, ViewPipeline), RecipeError> {
     let path = dir.join("config.json");
     // Pointing at the wrong folder is the user's to fix: errors name the key and the file.
     let bad = |msg: String| RecipeError::Invalid {
@@ -84,9 +85,10 @@ pub fn read_export(dir: &Path) -> Result<(ResNetConfig, ViewPipeline), RecipeErr
     let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
     let mut v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-    if v["model_type"] != "kindling-resnet" {
+    let vit = v["model_type"] == "vit";
+    if v["model_type"] != "kindling-resnet" && !vit {
         return Err(bad(format!(
-            "model_type {} is not a Kindling vision encoder (\"kindling-resnet\")",
+            "model_type {} is not a Kindling vision encoder (\"kindling-resnet\" or \"vit\")",
             v["model_type"]
         )));
     }
@@ -96,16 +98,23 @@ pub fn read_export(dir: &Path) -> Result<(ResNetConfig, ViewPipeline), RecipeErr
     for k in ["model_type", "layout", "preprocessing", "pretraining"] {
         obj.remove(k);
     }
-    let cfg: ResNetConfig = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+    let cfg = if vit {
+        // HF's config carries more (architectures, torch_dtype, ...): ignored, as HF does.
+        let c: ViTConfig = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        BackboneConfig::ViT(c)
+    } else {
+        let c: ResNetConfig = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        BackboneConfig::ResNet(c)
+    };
     cfg.validate()?;
     Ok((cfg, pre))
 }
 
 /// Loads the export's encoder (every tensor must be there with its shape).
-pub fn load_encoder(dir: &Path, device: &Device) -> Result<(ResNet, ViewPipeline), RecipeError> {
+pub fn load_encoder(dir: &Path, device: &Device) -> Result<(Backbone, ViewPipeline), RecipeError> {
     let (cfg, pre) = read_export(dir)?;
     let varmap = VarMap::new();
-    let net = ResNet::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let net = Backbone::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
     let path = dir.join("model.safetensors");
     let tensors = candle_core::safetensors::load(&path, device)?;
     let data = varmap.data().lock().expect("varmap lock poisoned");
@@ -157,8 +166,8 @@ pub fn probe(recipe: &VisionProbeRecipe) -> Result<Vec<ProbeScore>, RecipeError>
         }
     };
     let classes = tl.iter().chain(&sl).max().map_or(0, |&m| m as usize + 1);
-    let d = net.config.feature_dim();
-    let feats = |n: &ResNet, set: &ImageSet| SslModel::features(n, set, &pre, 256, &device);
+    let d = net.config().feature_dim();
+    let feats = |n: &Backbone, set: &ImageSet| SslModel::features(n, set, &pre, 256, &device);
     let mut out = vec![linear_probe(
         &format!("encoder {}", recipe.model.path.display()),
         rows(feats(&net, &train)?, d),
@@ -170,7 +179,7 @@ pub fn probe(recipe: &VisionProbeRecipe) -> Result<Vec<ProbeScore>, RecipeError>
         &device,
     )?];
     if recipe.probe.compare_random {
-        let random = initial_encoder(&net.config, recipe.seed, &device)?;
+        let random = initial_encoder(&net.config(), recipe.seed, &device)?;
         out.push(linear_probe(
             "random encoder (the initial weights of a run with this seed)",
             rows(feats(&random, &train)?, d),

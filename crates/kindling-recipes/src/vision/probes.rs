@@ -155,9 +155,9 @@ pub(super) fn final_probes(
     };
     let classes = tl.iter().chain(&sl).max().map_or(0, |&m| m as usize + 1);
     let pipe = &recipe.data.eval_view;
-    let d = model.backbone.config.feature_dim();
+    let d = model.backbone.config().feature_dim();
     let mut out = Vec::new();
-    let feats = |b: &ResNet, set: &ImageSet| SslModel::features(b, set, pipe, 256, device);
+    let feats = |b: &Backbone, set: &ImageSet| SslModel::features(b, set, pipe, 256, device);
     let t0 = Instant::now();
     out.push(linear_probe(
         "pretrained encoder",
@@ -175,7 +175,7 @@ pub(super) fn final_probes(
         t0.elapsed().as_secs_f64()
     );
     if cfg.compare_random {
-        let random = initial_encoder(&model.backbone.config, recipe.header.seed, device)?;
+        let random = initial_encoder(&model.backbone.config(), recipe.header.seed, device)?;
         out.push(linear_probe(
             "random encoder (the run's initial weights)",
             rows(feats(&random, train)?, d),
