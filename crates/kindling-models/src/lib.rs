@@ -25,6 +25,7 @@ pub mod resnet;
 #[cfg(test)]
 mod test_util;
 pub mod vit;
+pub mod vit_mae;
 
 pub use backbone::{Backbone, BackboneConfig};
 pub use bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, Pooling};

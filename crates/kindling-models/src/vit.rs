@@ -219,7 +219,7 @@ impl ViTConfig {
 
 /// `encoder.layer.N`: pre-norm attention and MLP, each with a residual.
 #[derive(Debug, Clone)]
-struct ViTLayer {
+pub(crate) struct ViTLayer {
     layernorm_before: LayerNorm,
     query: Linear,
     key: Linear,
@@ -235,7 +235,7 @@ struct ViTLayer {
     kernels: Kernels,
 }
 
-fn linear(
+pub(crate) fn linear(
     cfg: &ViTConfig,
     vb: VarBuilder,
     inp: usize,
@@ -259,12 +259,12 @@ fn linear(
     })
 }
 
-fn norm(cfg: &ViTConfig, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+pub(crate) fn norm(cfg: &ViTConfig, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
     Ok(LayerNorm::load(cfg.hidden_size, cfg.layer_norm_eps, vb)?.with_kernels(cfg.kernels))
 }
 
 impl ViTLayer {
-    fn load(vb: VarBuilder, cfg: &ViTConfig, index: usize) -> candle_core::Result<Self> {
+    pub(crate) fn load(vb: VarBuilder, cfg: &ViTConfig, index: usize) -> candle_core::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let site = 1 + 3 * index as u64;
         let attn = vb.pp("attention");
@@ -288,7 +288,7 @@ impl ViTLayer {
     }
 
     /// (b*t, h) -> (b*t, h).
-    fn forward_t(
+    pub(crate) fn forward_t(
         &self,
         xs: &Tensor,
         (b, t): (usize, usize),
@@ -381,9 +381,8 @@ impl ViTModel {
         name.starts_with("pooler.")
     }
 
-    /// `images` (batch, image_size, image_size, num_channels) -> the embeddings' output,
-    /// (batch * seq, hidden): `[CLS]` then the patches in row-major order, positions added.
-    fn embed(&self, images: &Tensor, mode: Mode) -> Result<(Tensor, usize)> {
+    /// Checks `images` against the config: (batch, image_size, image_size, num_channels).
+    fn check_images(&self, images: &Tensor) -> Result<usize> {
         let c = &self.config;
         let (b, ih, iw, ch) = images.dims4()?;
         if ih != c.image_size || iw != c.image_size || ch != c.num_channels {
@@ -394,7 +393,15 @@ impl ViTModel {
                 s = c.image_size
             )));
         }
-        let (p, g, h) = (c.patch_size, c.grid(), c.hidden_size);
+        Ok(b)
+    }
+
+    /// The patches of `images`, projected and with their positions: (batch, patches, hidden),
+    /// in row-major patch order.
+    fn patch_tokens(&self, images: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let b = self.check_images(images)?;
+        let (p, g, h, ch) = (c.patch_size, c.grid(), c.hidden_size, c.num_channels);
         // (b, gy, py, gx, px, ch) -> (b, gy, gx, ch, py, px): each patch's values in the
         // kernel's (channel, row, column) order.
         let patches = images
@@ -407,28 +414,83 @@ impl ViTModel {
             .kernels
             .linear(&patches, &weight, &self.patch_bias)?
             .reshape((b, g * g, h))?;
-        let cls = self
-            .cls_token
-            .to_dtype(projected.dtype())?
-            .broadcast_as((b, 1, h))?;
-        let xs = Tensor::cat(&[&cls, &projected], 1)?
-            .broadcast_add(&self.position_embeddings.to_dtype(projected.dtype())?)?;
-        let t = g * g + 1;
-        let xs = self
-            .embeddings_dropout
-            .forward_t(&xs.reshape((b * t, h))?, mode)?;
-        Ok((xs, t))
+        let positions = self
+            .position_embeddings
+            .narrow(1, 1, g * g)?
+            .to_dtype(projected.dtype())?;
+        Ok(projected.broadcast_add(&positions)?)
     }
 
-    /// HF's `last_hidden_state`, flat: (batch * seq, hidden), after the final LayerNorm.
-    pub fn forward_t(&self, images: &Tensor, mode: Mode) -> Result<Tensor> {
-        let (mut xs, t) = self.embed(images, mode)?;
-        let b = images.dim(0)?;
-        let mask = Tensor::zeros((b, t), DType::F32, images.device())?;
+    /// `[CLS]` with its position, then `tokens` (batch, n, hidden): (batch * (n + 1), hidden)
+    /// after the embeddings' dropout.
+    fn with_cls(&self, tokens: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (b, n, h) = tokens.dims3()?;
+        let cls = (&self.cls_token + self.position_embeddings.narrow(1, 0, 1)?)?
+            .to_dtype(tokens.dtype())?
+            .broadcast_as((b, 1, h))?;
+        let xs = Tensor::cat(&[&cls, tokens], 1)?.reshape((b * (n + 1), h))?;
+        Ok(self.embeddings_dropout.forward_t(&xs, mode)?)
+    }
+
+    /// The embeddings' output for `images`, (batch * seq, hidden), and seq.
+    fn embed(&self, images: &Tensor, mode: Mode) -> Result<(Tensor, usize)> {
+        let tokens = self.patch_tokens(images)?;
+        let t = tokens.dim(1)? + 1;
+        Ok((self.with_cls(&tokens, mode)?, t))
+    }
+
+    /// The encoder and the final LayerNorm over (batch * t, hidden).
+    fn encode(&self, mut xs: Tensor, (b, t): (usize, usize), mode: Mode) -> Result<Tensor> {
+        let mask = Tensor::zeros((b, t), DType::F32, xs.device())?;
         for layer in &self.layers {
             xs = layer.forward_t(&xs, (b, t), &mask, mode)?;
         }
         Ok(self.layernorm.forward(&xs)?)
+    }
+
+    /// HF's `last_hidden_state`, flat: (batch * seq, hidden), after the final LayerNorm.
+    pub fn forward_t(&self, images: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (xs, t) = self.embed(images, mode)?;
+        self.encode(xs, (images.dim(0)?, t), mode)
+    }
+
+    /// The encoder over `[CLS]` and `keep` patches of each image only (MAE's visible ones):
+    /// `keep` holds, image after image, `k` flat indices `image * patches + patch` (u32). Each
+    /// patch keeps its own position. (batch * (k + 1), hidden).
+    pub fn forward_visible(
+        &self,
+        images: &Tensor,
+        keep: &Tensor,
+        k: usize,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let tokens = self.patch_tokens(images)?;
+        let (b, n, h) = tokens.dims3()?;
+        if keep.elem_count() != b * k || k > n {
+            return Err(ModelError::Config(format!(
+                "{} kept patches for {b} images of {n} patches, {k} each",
+                keep.elem_count()
+            )));
+        }
+        let visible = tokens
+            .reshape((b * n, h))?
+            .index_select(keep, 0)?
+            .reshape((b, k, h))?;
+        let xs = self.with_cls(&visible, mode)?;
+        self.encode(xs, (b, k + 1), mode)
+    }
+
+    /// Each image's patches as pixel rows, (batch * patches, patch * patch * channels), each in
+    /// (row, column, channel) order as HF's `ViTMAEForPreTraining.patchify`: MAE's targets.
+    pub fn patchify(&self, images: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let b = self.check_images(images)?;
+        let (p, g, ch) = (c.patch_size, c.grid(), c.num_channels);
+        Ok(images
+            .reshape((b, g, p, g, p, ch))?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .contiguous()?
+            .reshape((b * g * g, p * p * ch))?)
     }
 
     /// The `[CLS]` vector of each image after the final LayerNorm: (batch, hidden), the
@@ -540,7 +602,10 @@ pub fn init_under(varmap: &VarMap, prefix: &str, seed: u64, cfg: &ViTConfig) -> 
     for name in names {
         let var = &data[name];
         let (shape, device) = (var.shape().clone(), var.device().clone());
-        let value = if crate::init::is_norm_weight(name) {
+        // `layernorm_before` / `layernorm_after` end in neither `norm` nor `LayerNorm`.
+        let norm = crate::init::is_norm_weight(name)
+            || (name.contains("layernorm_") && name.ends_with(".weight"));
+        let value = if norm {
             Tensor::ones(&shape, var.dtype(), &device)?
         } else if name.ends_with("bias") {
             Tensor::zeros(&shape, var.dtype(), &device)?
@@ -593,6 +658,24 @@ mod tests {
 
     fn images(n: usize) -> Tensor {
         crate::test_util::uniform(&[n, 8, 8, 1], 9, 1.0)
+    }
+
+    /// HF's initialisation: every norm weight 1, biases 0, weights within two standard
+    /// deviations.
+    #[test]
+    fn init_sets_norms_to_one_and_truncates_weights() {
+        let (_, varmap) = tiny(0.0);
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            let v: Vec<f32> = var.flatten_all().unwrap().to_vec1().unwrap();
+            if name.contains("norm") && name.ends_with("weight") {
+                assert!(v.iter().all(|&x| x == 1.0), "{name}");
+            } else if name.ends_with("bias") {
+                assert!(v.iter().all(|&x| x == 0.0), "{name}");
+            } else {
+                assert!(v.iter().all(|x| x.abs() <= 0.04 + 1e-6), "{name}");
+                assert!(v.iter().any(|&x| x != 0.0), "{name}");
+            }
+        }
     }
 
     /// The patch projection as a product equals HF's stride-p convolution (candle's conv2d on

@@ -101,6 +101,11 @@ pub const REGISTRY: &[Entry] = &[
         Family::Vision,
         "VICReg: variance, invariance, covariance",
     ),
+    objective(
+        "mae",
+        Family::Vision,
+        "MAE: a ViT reconstructs the pixels of hidden patches",
+    ),
     task(
         "sequence-classification",
         Family::TextClassification,

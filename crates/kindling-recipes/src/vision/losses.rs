@@ -67,6 +67,7 @@ pub enum LossConfig {
     SimSiam(simsiam::Settings),
     Barlow(barlow::Settings),
     VicReg(vicreg::Settings),
+    Mae(mae::Settings),
 }
 
 impl Default for LossConfig {
@@ -85,6 +86,7 @@ impl LossConfig {
             "simsiam" => LossConfig::SimSiam(Default::default()),
             "barlow" => LossConfig::Barlow(Default::default()),
             "vicreg" => LossConfig::VicReg(Default::default()),
+            "mae" => LossConfig::Mae(Default::default()),
             _ => return None,
         })
     }
@@ -142,6 +144,7 @@ impl LossConfig {
             LossConfig::SimSiam(_) => typed(table).map(LossConfig::SimSiam),
             LossConfig::Barlow(_) => typed(table).map(LossConfig::Barlow),
             LossConfig::VicReg(_) => typed(table).map(LossConfig::VicReg),
+            LossConfig::Mae(_) => typed(table).map(LossConfig::Mae),
         }
         .map_err(|(k, msg)| err(&k, msg))?;
         parsed.check().map_err(|(k, msg)| err(k, msg))?;
@@ -157,6 +160,14 @@ impl LossConfig {
             LossConfig::SimSiam(_) => vec!["fix_predictor_lr"],
             LossConfig::Barlow(_) => vec!["lambda", "scale"],
             LossConfig::VicReg(_) => vec!["sim_weight", "var_weight", "cov_weight"],
+            LossConfig::Mae(_) => vec![
+                "mask_ratio",
+                "norm_pix_loss",
+                "decoder_hidden_size",
+                "decoder_num_hidden_layers",
+                "decoder_num_attention_heads",
+                "decoder_intermediate_size",
+            ],
         }
     }
 
@@ -173,6 +184,7 @@ impl LossConfig {
             LossConfig::SimSiam(_) => Ok(()),
             LossConfig::Barlow(s) => s.check(),
             LossConfig::VicReg(s) => s.check(),
+            LossConfig::Mae(s) => s.check(),
         }
     }
 
@@ -194,9 +206,22 @@ impl LossConfig {
         }
     }
 
-    /// The method's loss over projections of width `proj_dim`.
-    pub fn build(&self, proj_dim: usize, vb: VarBuilder) -> candle_core::Result<Box<dyn SslLoss>> {
-        Ok(match *self {
+    /// MAE's settings, for the one method that reconstructs instead of comparing two views.
+    pub fn mae(&self) -> Option<mae::Settings> {
+        match *self {
+            LossConfig::Mae(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The method's loss over projections of width `proj_dim`; `None` for MAE (its decoder is
+    /// its loss, [`mae::MaeHead`]).
+    pub fn build(
+        &self,
+        proj_dim: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Option<Box<dyn SslLoss>>> {
+        Ok(Some(match *self {
             LossConfig::SimClr(s) => Box::new(simclr::SimClr {
                 temperature: s.temperature,
             }),
@@ -214,7 +239,8 @@ impl LossConfig {
                 var_weight: s.var_weight,
                 cov_weight: s.cov_weight,
             }),
-        })
+            LossConfig::Mae(_) => return Ok(None),
+        }))
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod barlow;
 pub mod byol;
+pub mod mae;
 pub mod moco;
 pub mod monitors;
 pub mod probe;
@@ -212,6 +213,28 @@ impl VisionRecipe {
                 msg: format!("give one or two view pipelines, got {}", r.data.views.len()),
             });
         }
+        if r.loss.mae().is_some() {
+            let key = |key: &str, msg: String| RecipeError::Key {
+                path: path.to_path_buf(),
+                key: key.into(),
+                msg,
+            };
+            if r.data.views.len() != 1 {
+                return Err(key(
+                    "data.views",
+                    format!(
+                        "MAE sees one view of each image: give one pipeline, got {}",
+                        r.data.views.len()
+                    ),
+                ));
+            }
+            if !matches!(r.model.backbone, BackboneConfig::ViT(_)) {
+                return Err(key(
+                    "model.backbone.architecture",
+                    "MAE masks patches: it needs architecture = \"vit\"".into(),
+                ));
+            }
+        }
         Ok(r)
     }
 
@@ -220,8 +243,13 @@ impl VisionRecipe {
     }
 
     /// The two view pipelines (one given: both views use it).
+    /// The training views of each image: two (one pipeline given means both use it), or
+    /// MAE's one.
     pub fn pipelines(&self) -> Vec<ViewPipeline> {
         let v = &self.data.views;
+        if self.loss.mae().is_some() {
+            return vec![v[0].clone()];
+        }
         vec![v[0].clone(), v.get(1).unwrap_or(&v[0]).clone()]
     }
 }

@@ -75,11 +75,14 @@ pub fn initial_encoder(
 }
 
 /// The whole model's PyTorch-style initialisation ([`seeded_init`]), then, for a ViT, HF's ViT
-/// initialisation of the encoder (truncated normals; `backbone.` and a target's copy alike).
+/// initialisation of the encoder (truncated normals; a target copies it) and MAE's decoder.
 fn init_encoder(varmap: &VarMap, cfg: &BackboneConfig, seed: u64) -> Result<(), RecipeError> {
     seeded_init(varmap, seed)?;
     if let BackboneConfig::ViT(c) = cfg {
-        kindling_models::vit::init_under(varmap, "backbone.", seed, c)?;
+        // MAE's decoder (`decoder.`) is ViT blocks too, initialised the same way.
+        for prefix in ["backbone.", "decoder."] {
+            kindling_models::vit::init_under(varmap, prefix, seed, c)?;
+        }
     }
     Ok(())
 }
@@ -132,20 +135,31 @@ pub(super) struct KnnBank {
     pub(super) pipeline: ViewPipeline,
 }
 
-/// The model of every method: encoder, projector, optional predictor and target network,
-/// optional online probe, and the method's loss.
+/// What the encoder's features go through: the two-view methods' heads and loss, or MAE's
+/// decoder.
+pub(super) enum Heads {
+    TwoView {
+        projector: Mlp,
+        predictor: Option<Mlp>,
+        target: Option<(Backbone, Mlp)>,
+        loss: Box<dyn SslLoss>,
+    },
+    Mae(mae::MaeHead),
+}
+
+/// The model of every method: encoder, the method's heads (projector, optional predictor and
+/// target network and the loss, or MAE's decoder), optional online probe.
 pub struct SslModel {
     pub varmap: VarMap,
     pub backbone: Backbone,
-    pub(super) projector: Mlp,
-    pub(super) predictor: Option<Mlp>,
-    pub(super) target: Option<(Backbone, Mlp)>,
+    pub(super) heads: Heads,
+    /// Training views per image (the eval batches add a clean one after them).
+    pub(super) train_views: usize,
     /// (online, target) pairs the EMA moves: parameters only; the target's BatchNorm buffers
     /// follow its own forward passes, as in BYOL's and MoCo's code.
     pub(super) ema_pairs: Vec<(Var, Var)>,
     pub(super) ema: (f64, f64),
     pub(super) probe: Option<Linear>,
-    pub(super) loss: Box<dyn SslLoss>,
     pub(super) device: Device,
     pub(super) eval_cfg: VisionEval,
     pub(super) knn: Option<KnnBank>,
@@ -179,22 +193,59 @@ impl SslModel {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let backbone = Backbone::new(&backbone_cfg, vb.pp("backbone"))?;
         let feat = backbone_cfg.feature_dim();
-        let projector = Mlp::new(feat, &m.projector, vb.pp("projector"))?;
-        let proj_dim = *m.projector.dims.last().expect("validated by Mlp::new");
-        let loss = recipe.loss.build(proj_dim, vb.clone())?;
-        let predictor = if loss.predictor() {
-            Some(Mlp::new(proj_dim, &m.predictor, vb.pp("predictor"))?)
-        } else {
-            None
-        };
-        let target = if loss.target() {
-            let t = vb.pp("target");
-            Some((
-                Backbone::new(&backbone_cfg, t.pp("backbone"))?,
-                Mlp::new(feat, &m.projector, t.pp("projector"))?,
-            ))
-        } else {
-            None
+        let (h, w, _) = in_shape;
+        let encoder_flops = backbone_cfg.forward_flops(h, w);
+        let (heads, head_flops) = match (recipe.loss.mae(), &backbone_cfg) {
+            (Some(settings), BackboneConfig::ViT(vit)) => {
+                let head = mae::MaeHead::new(vit, settings, vb.pp("decoder")).map_err(|e| {
+                    RecipeError::Invalid {
+                        key: "loss".into(),
+                        msg: e.to_string(),
+                    }
+                })?;
+                // The encoder at the visible patches: the head counts it.
+                let flops = head.forward_flops(vit) - encoder_flops;
+                (Heads::Mae(head), flops)
+            }
+            (Some(_), _) => {
+                return Err(RecipeError::Invalid {
+                    key: "model.backbone.architecture".into(),
+                    msg: "MAE masks patches: it needs architecture = \"vit\"".into(),
+                })
+            }
+            (None, _) => {
+                let projector = Mlp::new(feat, &m.projector, vb.pp("projector"))?;
+                let proj_dim = *m.projector.dims.last().expect("validated by Mlp::new");
+                let loss = recipe
+                    .loss
+                    .build(proj_dim, vb.clone())?
+                    .expect("a two-view method has a loss");
+                let predictor = if loss.predictor() {
+                    Some(Mlp::new(proj_dim, &m.predictor, vb.pp("predictor"))?)
+                } else {
+                    None
+                };
+                let target = if loss.target() {
+                    let t = vb.pp("target");
+                    Some((
+                        Backbone::new(&backbone_cfg, t.pp("backbone"))?,
+                        Mlp::new(feat, &m.projector, t.pp("projector"))?,
+                    ))
+                } else {
+                    None
+                };
+                let mut flops = Mlp::forward_flops(feat, &m.projector);
+                if predictor.is_some() {
+                    flops += Mlp::forward_flops(proj_dim, &m.predictor);
+                }
+                let heads = Heads::TwoView {
+                    projector,
+                    predictor,
+                    target,
+                    loss,
+                };
+                (heads, flops)
+            }
         };
         let probe = if recipe.eval.online_probe && classes > 1 {
             Some(Linear::load(feat, classes, vb.pp("online_probe"))?)
@@ -204,7 +255,13 @@ impl SslModel {
         init_encoder(&varmap, &backbone_cfg, recipe.header.seed)?;
         // The target starts as a copy of the online network (parameters and buffers).
         let mut ema_pairs = Vec::new();
-        if target.is_some() {
+        if matches!(
+            &heads,
+            Heads::TwoView {
+                target: Some(_),
+                ..
+            }
+        ) {
             let data = varmap.data().lock().expect("varmap lock poisoned");
             let mut names: Vec<&String> = data.keys().collect();
             names.sort();
@@ -218,27 +275,21 @@ impl SslModel {
                 }
             }
         }
-        let (h, w, _) = in_shape;
-        let mut flops = backbone_cfg.forward_flops(h, w) + Mlp::forward_flops(feat, &m.projector);
-        if predictor.is_some() {
-            flops += Mlp::forward_flops(proj_dim, &m.predictor);
-        }
+        let train_views = recipe.pipelines().len();
         Ok(SslModel {
             varmap,
             backbone,
-            projector,
-            predictor,
-            target,
+            heads,
+            train_views,
             ema_pairs,
             ema: recipe.loss.ema(),
             probe,
-            loss,
             device: device.clone(),
             eval_cfg: recipe.eval.clone(),
             knn: None,
             eval_features: Mutex::new((Vec::new(), Vec::new())),
-            // Forward + backward (2x) for both views.
-            flops_per_image: 3.0 * 2.0 * flops,
+            // Forward + backward (2x) for each view.
+            flops_per_image: 3.0 * train_views as f64 * (encoder_flops + head_flops),
             compute: None,
             fix_predictor_lr: recipe.loss.fix_predictor_lr(),
             group: None,
@@ -307,51 +358,71 @@ impl Objective for SslModel {
     type Batch = ViewBatch;
 
     fn step(&self, batch: &ViewBatch, mode: Mode) -> candle_core::Result<StepOutput> {
-        let x = [self.images(batch, 0)?, self.images(batch, 1)?];
-        let f = [
-            self.encode(&self.backbone, &x[0], mode)?,
-            self.encode(&self.backbone, &x[1], mode)?,
-        ];
-        let z = [
-            self.projector.forward_t(&f[0], mode)?,
-            self.projector.forward_t(&f[1], mode)?,
-        ];
-        let p = match &self.predictor {
-            Some(pred) => Some([pred.forward_t(&z[0], mode)?, pred.forward_t(&z[1], mode)?]),
-            None => None,
-        };
-        let t = match &self.target {
-            Some((tb, tp)) => {
-                let mut out = Vec::new();
-                for xi in &x {
-                    out.push(
-                        tp.forward_t(&self.encode(tb, xi, mode)?.detach(), mode)?
-                            .detach(),
-                    );
-                }
-                let [a, b]: [Tensor; 2] = out.try_into().expect("two views");
-                Some([a, b])
+        // The method's loss, and the features of the first view the online probe trains on.
+        let (ssl, f0) = match &self.heads {
+            Heads::TwoView {
+                projector,
+                predictor,
+                target,
+                loss,
+            } => {
+                let x = [self.images(batch, 0)?, self.images(batch, 1)?];
+                let f = [
+                    self.encode(&self.backbone, &x[0], mode)?,
+                    self.encode(&self.backbone, &x[1], mode)?,
+                ];
+                let z = [
+                    projector.forward_t(&f[0], mode)?,
+                    projector.forward_t(&f[1], mode)?,
+                ];
+                let p = match predictor {
+                    Some(pred) => {
+                        Some([pred.forward_t(&z[0], mode)?, pred.forward_t(&z[1], mode)?])
+                    }
+                    None => None,
+                };
+                let t = match target {
+                    Some((tb, tp)) => {
+                        let mut out = Vec::new();
+                        for xi in &x {
+                            out.push(
+                                tp.forward_t(&self.encode(tb, xi, mode)?.detach(), mode)?
+                                    .detach(),
+                            );
+                        }
+                        let [a, b]: [Tensor; 2] = out.try_into().expect("two views");
+                        Some([a, b])
+                    }
+                    None => None,
+                };
+                let outputs = Outputs {
+                    z,
+                    p,
+                    t,
+                    train: mode.is_train(),
+                    // Eval batches are the same on every rank: no gathering there.
+                    group: self.group.clone().filter(|_| mode.is_train()),
+                };
+                let [f0, _] = f;
+                (loss.loss(&outputs)?, f0)
             }
-            None => None,
+            // In training the probe reads `[CLS]` over the visible patches (a full pass more
+            // would cost more than the masked step); evaluation reads the clean view's.
+            Heads::Mae(head) => {
+                let (loss, cls) = head.loss(&self.backbone, &self.images(batch, 0)?, mode)?;
+                (loss, cls.to_dtype(DType::F32)?)
+            }
         };
-        let outputs = Outputs {
-            z,
-            p,
-            t,
-            train: mode.is_train(),
-            // Eval batches are the same on every rank: no gathering there.
-            group: self.group.clone().filter(|_| mode.is_train()),
-        };
-        let ssl = self.loss.loss(&outputs)?;
         let mut metrics = BTreeMap::new();
         metrics.insert("ssl_loss".to_string(), ssl.to_scalar::<f32>()? as f64);
         let mut loss = ssl;
         if let (Some(probe), Some(labels)) = (&self.probe, &batch.labels) {
-            // Eval: the clean view (the third) if the batch has one; training: the first view.
-            let feats = if !mode.is_train() && batch.views.len() > 2 {
-                self.encode(&self.backbone, &self.images(batch, 2)?, mode)?
+            // Eval: the clean view (after the training views) if the batch has one; training:
+            // the first view.
+            let feats = if !mode.is_train() && batch.views.len() > self.train_views {
+                self.encode(&self.backbone, &self.images(batch, self.train_views)?, mode)?
             } else {
-                f[0].clone()
+                f0
             };
             let y = Tensor::from_slice(labels, labels.len(), &self.device)?;
             let logits = probe.forward(&feats.detach())?;
@@ -417,7 +488,10 @@ impl Objective for SslModel {
                 target.set(&next)?;
             }
         }
-        self.loss.after_update()
+        match &self.heads {
+            Heads::TwoView { loss, .. } => loss.after_update(),
+            Heads::Mae(_) => Ok(()),
+        }
     }
 
     fn finish_eval(&self, metrics: &mut BTreeMap<String, f64>) {
