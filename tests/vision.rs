@@ -190,7 +190,14 @@ fn a_vit_backbone_trains_and_exports_a_vit_model_folder_transformers_loads() {
         }
         cmd.output().unwrap()
     };
-    let out = vit("vit", &["train.steps=30", "train.eval_every=15"]);
+    let out = vit(
+        "vit",
+        &[
+            "train.steps=30",
+            "train.eval_every=15",
+            "export.license=\"apache-2.0\"",
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let run = runs.path().join("vit");
     let train: Vec<f64> = jsonl(&run.join("metrics.jsonl"))
@@ -227,9 +234,16 @@ fn a_vit_backbone_trains_and_exports_a_vit_model_folder_transformers_loads() {
         Default::default(),
         "every tensor, nothing else"
     );
-    let pixels: Vec<f32> = (0..3 * 28 * 28)
-        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
-        .collect();
+    // Raw 8-bit images through the export's own preprocessing (its eval view).
+    let raw: Vec<u8> = (0..3 * 28 * 28).map(|i| ((i * 37) % 256) as u8).collect();
+    let pre: kindling_data::ViewPipeline =
+        serde_json::from_value(config["preprocessing"].clone()).unwrap();
+    let mut pixels = Vec::new();
+    for im in raw.chunks(28 * 28) {
+        let img = kindling_data::augment::Image::from_u8(im, 28, 28, 1);
+        let mut rng = kindling_core::rng::rng(&[0]);
+        pixels.extend(pre.apply(img, &mut rng).data);
+    }
     let nhwc = candle_core::Tensor::from_vec(pixels, (3, 28, 28, 1), &device).unwrap();
     let m = &imported.model;
     let hidden = m.forward_t(&nhwc, kindling_core::Mode::Eval).unwrap();
@@ -241,6 +255,9 @@ fn a_vit_backbone_trains_and_exports_a_vit_model_folder_transformers_loads() {
         "pixel_values": crate::vit::nested(&nchw),
         "last_hidden_state": crate::vit::nested(&hidden.reshape((3, 50, 16)).unwrap()),
         "pooler_output": crate::vit::nested(&pooled),
+        "raw_pixels": crate::vit::nested(
+            &candle_core::Tensor::from_vec(raw.iter().map(|&v| v as f32).collect::<Vec<_>>(), (3, 28, 28, 1), &device).unwrap()
+        ),
     });
     let out_json = runs.path().join("outputs.json");
     std::fs::write(&out_json, json.to_string()).unwrap();
@@ -277,6 +294,29 @@ fn a_vit_backbone_trains_and_exports_a_vit_model_folder_transformers_loads() {
             "probe {i}: {scores} vs {probes}"
         );
     }
+
+    // `kindling push`'s checks accept the folder (HF classes, an image processor, a licence),
+    // and the test Hub gets every file.
+    let hub = kindling_hub::server::TestHub::start(kindling_hub::server::ServerConfig {
+        token: "hf_vit_test".into(),
+        part_size: 1 << 20,
+        die_after_parts: None,
+        lie: None,
+    })
+    .unwrap();
+    let out = kindling()
+        .args(["push"])
+        .arg(&export)
+        .args(["--repo", "kindling/vit-tiny"])
+        .env("HF_TOKEN", "hf_vit_test")
+        .env("HF_ENDPOINT", &hub.url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        hub.state.lock().unwrap().count("/commit/") >= 1,
+        "a commit reached the Hub"
+    );
 
     // 20-pixel crops against a 28-pixel eval view: refused, naming the key, nothing written.
     let out = vit(

@@ -42,6 +42,19 @@ if mode == "check":
     if max(diffs.values()) > 1e-4:
         print(f"outputs differ by {diffs}")
         sys.exit(1)
+    if "raw_pixels" in ref:
+        # The folder's image processor turns the raw uint8 images (NHWC) into the pixel values
+        # Kindling's eval view made of them.
+        import numpy as np
+        from transformers import AutoImageProcessor
+        processor = AutoImageProcessor.from_pretrained(folder)
+        raw = [np.array(im, dtype=np.uint8) for im in ref["raw_pixels"]]
+        got = processor(images=raw, return_tensors="pt", input_data_format="channels_last").pixel_values
+        d = (got - pixels).abs().max().item()
+        print(json.dumps({"processor": type(processor).__name__, "pixel_max_abs_diff": d}))
+        if d > 1e-5:
+            print(f"the image processor's pixels differ by {d}")
+            sys.exit(1)
 elif mode == "make":
     torch.manual_seed(0)
     cfg = ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,

@@ -99,8 +99,8 @@ fn safetensors_shapes(path: &Path) -> Result<BTreeMap<String, Vec<u64>>, HubErro
 }
 
 /// Checks that `dir` is a complete, consistent export before anything is sent: config.json,
-/// model.safetensors whose shapes match the config, a tokenizer, and a model card whose YAML
-/// front matter parses and names a licence.
+/// model.safetensors whose shapes match the config, a tokenizer (text) or an image processor's
+/// config (vision), and a model card whose YAML front matter parses and names a licence.
 pub fn check_export(dir: &Path) -> Result<(), HubError> {
     if !dir.is_dir() {
         return Err(export_err(dir, "not a folder"));
@@ -161,10 +161,12 @@ pub fn check_export(dir: &Path) -> Result<(), HubError> {
             ));
         }
     }
-    if !dir.join("tokenizer.json").is_file() && !dir.join("vocab.txt").is_file() {
+    let preprocessing = ["tokenizer.json", "vocab.txt", "preprocessor_config.json"];
+    if !preprocessing.iter().any(|f| dir.join(f).is_file()) {
         return Err(export_err(
             dir,
-            "no tokenizer (tokenizer.json or vocab.txt)",
+            "no tokenizer (tokenizer.json or vocab.txt) or image processor \
+             (preprocessor_config.json)",
         ));
     }
     let card_path = dir.join("README.md");

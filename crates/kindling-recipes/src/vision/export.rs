@@ -56,6 +56,12 @@ pub(super) fn export(
     config["preprocessing"] = serde_json::to_value(&recipe.data.eval_view).expect("serialises");
     config["pretraining"] = serde_json::json!({"objective": recipe.objective, "steps": steps, "seed": recipe.header.seed});
     save_json(&dir.join("config.json"), &config)?;
+    if let BackboneConfig::ViT(c) = &backbone {
+        save_json(
+            &dir.join("preprocessor_config.json"),
+            &image_processor(&recipe.data.eval_view, c.image_size),
+        )?;
+    }
     let mut card = format!(
         "---\nlibrary_name: kindling\ntags: [self-supervised, {}, image-feature-extraction]\n{}---\n\n# {}\n\n\
          A {} pretrained with {} for {steps} steps by Kindling (`kindling pretrain`). {about}\n",
@@ -73,6 +79,28 @@ pub(super) fn export(
     }
     write_atomic(&dir.join("README.md"), card.as_bytes())?;
     Ok(())
+}
+
+/// HF's `ViTImageProcessor` config for `eval_view` (what `AutoImageProcessor.from_pretrained`
+/// reads): pixels scaled by 1/255 as Kindling loads them, resized to `size` (bilinear), and
+/// normalised with the view's mean and std when it has a `normalize` stage. Augmenting stages
+/// have no place in an eval view and are not written.
+fn image_processor(eval_view: &ViewPipeline, size: usize) -> serde_json::Value {
+    let normalize = eval_view.stages.iter().find_map(|s| match s {
+        kindling_data::augment::Stage::Normalize(n) => Some(n),
+        _ => None,
+    });
+    serde_json::json!({
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": true,
+        "size": {"height": size, "width": size},
+        "resample": 2,
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": normalize.is_some(),
+        "image_mean": normalize.map_or(vec![0.0], |n| n.mean.clone()),
+        "image_std": normalize.map_or(vec![1.0], |n| n.std.clone()),
+    })
 }
 
 /// Rewrites a run's export from its newest valid checkpoint (`kindling export RUN_DIR`), without
