@@ -57,8 +57,9 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
-    /// Fine-tune a classifier from a BERT folder (a recipe: recipes/finetune-*.toml); prints test
-    /// accuracy, macro-F1 and the confusion matrix, and exports an HF folder.
+    /// Fine-tune a classifier from a BERT folder or a vision export (a recipe:
+    /// recipes/finetune-*.toml); prints test accuracy, macro-F1 (and for text the confusion
+    /// matrix), and exports an HF folder.
     Finetune {
         recipe: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -311,9 +312,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             compare_random,
         } => {
             use kindling_recipes::finetune::{self, FinetuneRecipe};
+            use kindling_recipes::vision::finetune as image;
             let recipe_path = recipe.clone();
-            let mut recipe = FinetuneRecipe::load(&recipe, &overrides)?;
-            recipe.model.path = kindling_hub::resolve_model_path(&recipe.model.path)?;
+            let images = kindling_recipes::recipe_key(&recipe, "task")?.as_deref()
+                == Some("image-classification");
             let (flag, which) = install_signal_handlers()?;
             let opts = RunOptions {
                 overwrite,
@@ -325,8 +327,25 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 dist: None,
             };
             let interrupted = |flag: &AtomicBool| flag.load(Ordering::SeqCst);
+            // A vision export: an image classifier; else a text one.
+            enum Ft {
+                Image(image::ImageFinetuneRecipe),
+                Text(FinetuneRecipe),
+            }
+            let ft = if images {
+                let mut r = image::ImageFinetuneRecipe::load(&recipe, &overrides)?;
+                r.model.path = kindling_hub::resolve_model_path(&r.model.path)?;
+                Ft::Image(r)
+            } else {
+                let mut r = FinetuneRecipe::load(&recipe, &overrides)?;
+                r.model.path = kindling_hub::resolve_model_path(&r.model.path)?;
+                Ft::Text(r)
+            };
             if compare_random {
-                let (a, b) = finetune::compare_with_random(&recipe, &opts)?;
+                let (a, b) = match &ft {
+                    Ft::Image(r) => image::compare_with_random(r, &opts)?,
+                    Ft::Text(r) => finetune::compare_with_random(r, &opts)?,
+                };
                 if interrupted(&flag) {
                     print_resume(
                         "finetune",
@@ -339,7 +358,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 print!("{}", finetune::comparison_table(&a, &b));
             } else {
-                let r = finetune::finetune(&recipe, &opts)?;
+                let r = match &ft {
+                    Ft::Image(r) => image::finetune(r, &opts)?,
+                    Ft::Text(r) => finetune::finetune(r, &opts)?,
+                };
                 if interrupted(&flag) {
                     print_resume("finetune", &recipe_path, &overrides, &[], false);
                     return Ok(128 + which.load(Ordering::SeqCst) as u8);

@@ -468,3 +468,121 @@ fn mae_reconstructs_hidden_patches_exports_its_encoder_and_resumes_exactly() {
         );
     }
 }
+
+/// `kindling finetune` on a vision export (the tiny MAE run's ViT): `--compare-random` trains the
+/// classifier from the export and from a random encoder of its shape, each in its own folder,
+/// and prints both side by side; the pretrained export is HF's `ViTForImageClassification`,
+/// which transformers loads with no missing or unexpected keys and Kindling's logits; a run
+/// killed after its first checkpoint resumes to the weights of one never stopped.
+#[test]
+fn finetuning_a_vit_export_compares_with_random_exports_for_transformers_and_resumes() {
+    let runs = tempfile::tempdir().unwrap();
+    let out = pretrain(
+        "recipes/tiny/mae-tiny.toml",
+        runs.path(),
+        "mae",
+        &["train.steps=20", "probe.enabled=false"],
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let encoder = runs.path().join("mae/export");
+    let finetune = |name: &str, extra: &[&str]| {
+        let mut cmd = kindling();
+        cmd.args(["finetune", "recipes/tiny/finetune-vit-tiny.toml"]);
+        for s in [
+            format!("model.path=\"{}\"", encoder.display()),
+            format!("runs_dir=\"{}\"", runs.path().display()),
+            format!("name=\"{name}\""),
+        ] {
+            cmd.args(["--set", &s]);
+        }
+        for e in extra {
+            cmd.args(["--set", e]);
+        }
+        cmd
+    };
+    let out = finetune("ft", &[])
+        .arg("--compare-random")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "| ft | Pretrained | 20 |",
+        "| ft-random | Random | 20 |",
+        "pretrained - random",
+    ] {
+        assert!(table.contains(needle), "{needle}: {table}");
+    }
+    let export = runs.path().join("ft/export");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["architectures"],
+        serde_json::json!(["ViTForImageClassification"])
+    );
+    assert_eq!(config["num_labels"], 10);
+    assert!(runs
+        .path()
+        .join("ft-random/export/model.safetensors")
+        .is_file());
+
+    // Kindling's logits: the encoder's [CLS] features through the exported classifier.
+    let device = candle_core::Device::Cpu;
+    let imported = kindling_models::vit::load_folder(&export, &device).unwrap();
+    assert_eq!(
+        imported.report.unused,
+        ["classifier.bias", "classifier.weight"]
+    );
+    let st = candle_core::safetensors::load(export.join("model.safetensors"), &device).unwrap();
+    let pixels: Vec<f32> = (0..2 * 28 * 28)
+        .map(|i| ((i * 53) % 97) as f32 / 40.0 - 1.0)
+        .collect();
+    let nhwc = candle_core::Tensor::from_vec(pixels, (2, 28, 28, 1), &device).unwrap();
+    let f = imported
+        .model
+        .features(&nhwc, kindling_core::Mode::Eval)
+        .unwrap();
+    let logits = f
+        .matmul(&st["classifier.weight"].t().unwrap())
+        .unwrap()
+        .broadcast_add(&st["classifier.bias"])
+        .unwrap();
+    let json = serde_json::json!({
+        "pixel_values": crate::vit::nested(&nhwc.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap()),
+        "logits": crate::vit::nested(&logits),
+    });
+    let out_json = runs.path().join("logits.json");
+    std::fs::write(&out_json, json.to_string()).unwrap();
+    crate::common::python_reference(
+        "hf_vit_outputs.py",
+        &["check".as_ref(), export.as_os_str(), out_json.as_os_str()],
+    );
+
+    // Killed after its first checkpoint and resumed: the same final weights.
+    let common = ["train.steps=6", "train.save_every=2", "train.eval_every=0"];
+    let straight = finetune("straight", &common).output().unwrap();
+    assert!(straight.status.success(), "{}", stderr(&straight));
+    let killed = runs.path().join("killed");
+    kill_when_exists(
+        finetune("killed", &common),
+        &killed.join("checkpoints/step-00000002/state.json"),
+    );
+    let out = finetune("killed", &common)
+        .args(["--resume", "auto"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(final_weights(&killed, 6) == final_weights(&runs.path().join("straight"), 6));
+
+    // A folder that is not a vision export is named before anything is written.
+    let out = finetune("bad", &["model.path=\"datasets/minilm-tokenizer\""])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("config.json"), "{err}");
+    assert!(!runs.path().join("bad").exists());
+}

@@ -4,9 +4,12 @@
     python tests/reference/hf_vit_outputs.py make DIR OUTPUTS_JSON
 
 check: Kindling's export loads in HF transformers as the class its config.json names
-(`ViTModel`) with no missing or unexpected keys, and gives the last hidden states and pooler
-output Kindling computed (KINDLING_OUTPUTS_JSON: {"pixel_values": NCHW, "last_hidden_state",
-"pooler_output"}, written by tests/vit.rs) to 1e-4. Exits 1 otherwise.
+(`ViTModel`, or a fine-tuned `ViTForImageClassification`) with no missing or unexpected keys,
+and gives the last hidden states and pooler output (a classifier: the "logits") Kindling
+computed (KINDLING_OUTPUTS_JSON: {"pixel_values": NCHW, "last_hidden_state",
+"pooler_output" | "logits"}, written by tests/vit.rs and tests/vision.rs) to 1e-4; with
+"raw_pixels" (uint8 NHWC) too, the folder's AutoImageProcessor turns them into "pixel_values"
+to 1e-5. Exits 1 otherwise.
 
 make: saves a randomly initialised transformers ViTForImageClassification of a small config
 (seeded) to DIR, and writes its encoder's outputs on seeded images to OUTPUTS_JSON, for Kindling
@@ -16,22 +19,24 @@ import json
 import sys
 
 import torch
-from transformers import AutoConfig, AutoModel, ViTConfig, ViTForImageClassification
+from transformers import (AutoConfig, AutoModel, AutoModelForImageClassification, ViTConfig,
+                          ViTForImageClassification)
 
 mode, folder, outputs = sys.argv[1], sys.argv[2], sys.argv[3]
 if mode == "check":
-    model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
     expected = AutoConfig.from_pretrained(folder).architectures[0]
+    # A fine-tuned classifier loads as its task class and is compared by its logits.
+    classifier = expected.endswith("ForImageClassification")
+    auto = AutoModelForImageClassification if classifier else AutoModel
+    model, info = auto.from_pretrained(folder, output_loading_info=True)
     model.eval()
     problems = {k: v for k, v in info.items() if v}
     ref = json.load(open(outputs))
     pixels = torch.tensor(ref["pixel_values"])
     with torch.no_grad():
         out = model(pixel_values=pixels)
-    diffs = {
-        k: (getattr(out, k) - torch.tensor(ref[k])).abs().max().item()
-        for k in ["last_hidden_state", "pooler_output"]
-    }
+    keys = ["logits"] if classifier else ["last_hidden_state", "pooler_output"]
+    diffs = {k: (getattr(out, k) - torch.tensor(ref[k])).abs().max().item() for k in keys}
     print(json.dumps({"class": type(model).__name__, "loading_info": {k: list(v) for k, v in info.items()}, "max_abs_diff": diffs}))
     if type(model).__name__ != expected:
         print(f"loaded as {type(model).__name__}, config.json names {expected}")

@@ -366,8 +366,8 @@ impl ModernBertConfig {
     }
 }
 
-/// A linear layer whose bias may be absent: then a constant zero (not a parameter), so the fused
-/// linear op still applies and nothing is saved under a `bias` name. On `cfg`'s kernel path.
+/// A linear layer whose bias may be absent, on `cfg`'s kernel path (see
+/// [`Linear::optional_bias`]).
 fn dense(
     cfg: &ModernBertConfig,
     vb: VarBuilder,
@@ -375,21 +375,7 @@ fn dense(
     out: usize,
     bias: bool,
 ) -> candle_core::Result<Linear> {
-    let weight = vb.get_with_hints(
-        (out, inp),
-        "weight",
-        candle_nn::init::DEFAULT_KAIMING_NORMAL,
-    )?;
-    let bias = if bias {
-        vb.get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?
-    } else {
-        Tensor::zeros(out, DType::F32, vb.device())?
-    };
-    Ok(Linear {
-        weight,
-        bias,
-        kernels: cfg.kernels,
-    })
+    Linear::optional_bias(vb, (inp, out), bias, cfg.kernels)
 }
 
 /// A LayerNorm over the hidden size whose bias may be absent (`norm_bias`, false in

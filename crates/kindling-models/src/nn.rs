@@ -44,6 +44,32 @@ impl Linear {
         Linear { kernels, ..self }
     }
 
+    /// A layer whose bias may be absent (HF's `bias=False`: ModernBERT's, ViT's `qkv_bias`):
+    /// then a constant zero, not a parameter, so the fused op still applies and nothing is
+    /// saved under a `bias` name. Initialised at candle's defaults (the models re-initialise).
+    pub(crate) fn optional_bias(
+        vb: VarBuilder,
+        (inp, out): (usize, usize),
+        bias: bool,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (out, inp),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let bias = if bias {
+            vb.get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?
+        } else {
+            Tensor::zeros(out, candle_core::DType::F32, vb.device())?
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            kernels,
+        })
+    }
+
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.kernels.linear(xs, &self.weight, &self.bias)
     }

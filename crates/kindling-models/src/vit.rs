@@ -235,6 +235,7 @@ pub(crate) struct ViTLayer {
     kernels: Kernels,
 }
 
+/// A linear layer (its bias optional, `qkv_bias`) on `cfg`'s kernel path.
 pub(crate) fn linear(
     cfg: &ViTConfig,
     vb: VarBuilder,
@@ -242,21 +243,7 @@ pub(crate) fn linear(
     out: usize,
     bias: bool,
 ) -> candle_core::Result<Linear> {
-    let weight = vb.get_with_hints(
-        (out, inp),
-        "weight",
-        candle_nn::init::DEFAULT_KAIMING_NORMAL,
-    )?;
-    let bias = if bias {
-        vb.get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?
-    } else {
-        Tensor::zeros(out, DType::F32, vb.device())?
-    };
-    Ok(Linear {
-        weight,
-        bias,
-        kernels: cfg.kernels,
-    })
+    Linear::optional_bias(vb, (inp, out), bias, cfg.kernels)
 }
 
 pub(crate) fn norm(cfg: &ViTConfig, vb: VarBuilder) -> candle_core::Result<LayerNorm> {

@@ -503,7 +503,19 @@ pub fn compare_with_random(
     random.model.init = Init::Random;
     random.header.name = Some(format!("{}-random", recipe.name()));
     random.header.export.dir = None;
-    let a = finetune(&pre, opts)?;
+    compare_runs(&pre, &random, opts, finetune)
+}
+
+/// `--compare-random` for any fine-tuning recipe: `pre` (the export's weights), then `random`
+/// (its random twin, in its own folder), unless the first was interrupted (then its report
+/// twice: nothing to compare yet).
+pub fn compare_runs<R>(
+    pre: &R,
+    random: &R,
+    opts: &RunOptions,
+    run: impl Fn(&R, &RunOptions) -> Result<FinetuneReport, RecipeError>,
+) -> Result<(FinetuneReport, FinetuneReport), RecipeError> {
+    let a = run(pre, opts)?;
     if opts
         .stop_flag
         .as_ref()
@@ -516,7 +528,7 @@ pub fn compare_with_random(
     if random_opts.resume.is_some() {
         random_opts.resume = Some(crate::Resume::Auto);
     }
-    let b = finetune(&random, &random_opts)?;
+    let b = run(random, &random_opts)?;
     Ok((a, b))
 }
 

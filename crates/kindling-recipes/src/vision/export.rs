@@ -85,7 +85,7 @@ pub(super) fn export(
 /// reads): pixels scaled by 1/255 as Kindling loads them, resized to `size` (bilinear), and
 /// normalised with the view's mean and std when it has a `normalize` stage. Augmenting stages
 /// have no place in an eval view and are not written.
-fn image_processor(eval_view: &ViewPipeline, size: usize) -> serde_json::Value {
+pub(super) fn image_processor(eval_view: &ViewPipeline, size: usize) -> serde_json::Value {
     let normalize = eval_view.stages.iter().find_map(|s| match s {
         kindling_data::augment::Stage::Normalize(n) => Some(n),
         _ => None,

@@ -14,6 +14,7 @@
 
 pub mod barlow;
 pub mod byol;
+pub mod finetune;
 pub mod mae;
 pub mod moco;
 pub mod monitors;

@@ -76,7 +76,11 @@ pub fn initial_encoder(
 
 /// The whole model's PyTorch-style initialisation ([`seeded_init`]), then, for a ViT, HF's ViT
 /// initialisation of the encoder (truncated normals; a target copies it) and MAE's decoder.
-fn init_encoder(varmap: &VarMap, cfg: &BackboneConfig, seed: u64) -> Result<(), RecipeError> {
+pub(super) fn init_encoder(
+    varmap: &VarMap,
+    cfg: &BackboneConfig,
+    seed: u64,
+) -> Result<(), RecipeError> {
     seeded_init(varmap, seed)?;
     if let BackboneConfig::ViT(c) = cfg {
         // MAE's decoder (`decoder.`) is ViT blocks too, initialised the same way.
@@ -127,6 +131,18 @@ fn view_shape(
         }
     }
     Ok(eval)
+}
+
+/// Biases, norm parameters and a ViT's positions and `[CLS]`: no weight decay and no LARS
+/// adaptation (solo-learn's `exclude_bias_n_norm`; timm's ViTs skip the last two too).
+pub(super) fn no_decay(name: &str) -> bool {
+    name.ends_with("bias")
+        || name.contains("normalization.")
+        || name.contains("norm.")
+        || name.contains("norm_before.")
+        || name.contains("norm_after.")
+        || name.ends_with("position_embeddings")
+        || name.ends_with("cls_token")
 }
 
 /// The kNN monitor's bank: training images seen through the eval view.
@@ -464,16 +480,8 @@ impl Objective for SslModel {
         self.fix_predictor_lr && name.starts_with("predictor.")
     }
 
-    /// Biases, norm parameters and a ViT's positions and `[CLS]`: no weight decay and no LARS
-    /// adaptation (solo-learn's `exclude_bias_n_norm`; timm's ViTs skip the last two too).
     fn no_decay(&self, name: &str) -> bool {
-        name.ends_with("bias")
-            || name.contains("normalization.")
-            || name.contains("norm.")
-            || name.contains("norm_before.")
-            || name.contains("norm_after.")
-            || name.ends_with("position_embeddings")
-            || name.ends_with("cls_token")
+        no_decay(name)
     }
 
     fn train_flops(&self, batch: &ViewBatch) -> Option<f64> {

@@ -115,27 +115,42 @@ pub fn load_encoder(dir: &Path, device: &Device) -> Result<(Backbone, ViewPipeli
     let (cfg, pre) = read_export(dir)?;
     let varmap = VarMap::new();
     let net = Backbone::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    copy_export(&varmap, "", dir, device)?;
+    Ok((net, pre))
+}
+
+/// Copies the export's tensors into the variables named `prefix` + the export's name (`""` for
+/// a bare encoder, `backbone.` inside a classifier); every one must be there with its shape.
+pub(super) fn copy_export(
+    varmap: &VarMap,
+    prefix: &str,
+    dir: &Path,
+    device: &Device,
+) -> Result<(), RecipeError> {
     let path = dir.join("model.safetensors");
     let tensors = candle_core::safetensors::load(&path, device)?;
     let data = varmap.data().lock().expect("varmap lock poisoned");
     for (name, var) in data.iter() {
-        let t = tensors.get(name).ok_or_else(|| RecipeError::Run {
+        let Some(key) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let t = tensors.get(key).ok_or_else(|| RecipeError::Run {
             path: path.clone(),
-            msg: format!("no tensor `{name}`"),
+            msg: format!("no tensor `{key}`"),
         })?;
         if t.dims() != var.dims() {
             return Err(RecipeError::Run {
                 path: path.clone(),
                 msg: format!(
-                    "`{name}` has shape {:?}, the config wants {:?}",
+                    "`{key}` has shape {:?}, the config wants {:?}",
                     t.dims(),
                     var.dims()
                 ),
             });
         }
-        var.set(t)?;
+        var.set(&t.to_dtype(DType::F32)?)?;
     }
-    Ok((net, pre))
+    Ok(())
 }
 
 /// Runs the probe: the export's encoder, a random one of its shape, raw pixels.
