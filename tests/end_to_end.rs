@@ -118,6 +118,12 @@ fn every_shipped_recipe_parses_and_names_an_objective() {
                 doc.get("task").and_then(|t| t.as_str()),
                 doc.get("objective").and_then(|t| t.as_str()),
             ) {
+                // An image task trains (`kindling finetune`) when it has a `[train]`, and is a
+                // probe (`kindling probe`) otherwise.
+                (Some("image-classification"), _) if doc.contains_key("train") => {
+                    use kindling_recipes::vision::finetune::ImageFinetuneRecipe;
+                    ok(ImageFinetuneRecipe::load(&path, &[]), &path);
+                }
                 (Some("image-classification"), _) => {
                     ok(
                         kindling_recipes::vision::probe::VisionProbeRecipe::load(&path, &[]),

@@ -87,7 +87,9 @@ pub enum ImageSource {
         #[serde(default)]
         on_corrupt: OnCorrupt,
     },
-    /// A CSV file, one image per row: pixel columns in HWC order and an optional label column.
+    /// A CSV file (gzipped when its name ends in `.gz`), one image per row: pixel columns in
+    /// HWC order and an optional label column, named (with a header row) or by its 0-based
+    /// index; integer pixel values in `0..=max_value`, scaled to 0..255.
     Csv {
         path: PathBuf,
         height: usize,
@@ -95,8 +97,32 @@ pub enum ImageSource {
         #[serde(default = "one")]
         channels: usize,
         #[serde(default)]
-        label_column: Option<String>,
+        label_column: Option<Column>,
+        /// Whether the first row names the columns (Kaggle's MNIST CSVs do; sklearn's and
+        /// many exports do not).
+        #[serde(default = "yes")]
+        header: bool,
+        /// The largest pixel value (255 for 8-bit images, 16 for sklearn's digits, 65535 for
+        /// 16-bit ones); values are scaled by 255 / max_value and rounded.
+        #[serde(default = "max_u8")]
+        max_value: u32,
     },
+}
+
+/// A CSV column: by its header name, or by its 0-based index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Column {
+    Index(usize),
+    Name(String),
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn max_u8() -> u32 {
+    255
 }
 
 fn default_color() -> String {
@@ -135,7 +161,17 @@ impl ImageSource {
                 width,
                 channels,
                 label_column,
-            } => read_pixel_csv(path, *height, *width, *channels, label_column.as_deref()),
+                header,
+                max_value,
+            } => read_pixel_csv(
+                path,
+                (*height, *width, *channels),
+                &CsvLayout {
+                    label: label_column.clone(),
+                    header: *header,
+                    max_value: *max_value,
+                },
+            ),
         }
     }
 }
@@ -363,41 +399,82 @@ pub fn read_image_folder(
     Ok(set)
 }
 
-/// Reads a CSV of pixels with a header row: `height * width * channels` pixel columns (0..255,
-/// in column order) and, if named, a label column (class indices 0..k).
+/// How a pixel CSV is laid out (see [`ImageSource::Csv`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CsvLayout {
+    pub label: Option<Column>,
+    pub header: bool,
+    pub max_value: u32,
+}
+
+impl Default for CsvLayout {
+    fn default() -> Self {
+        CsvLayout {
+            label: None,
+            header: true,
+            max_value: 255,
+        }
+    }
+}
+
+/// Reads a CSV of pixels: `height * width * channels` pixel columns (integers in
+/// `0..=max_value`, in column order) and, if given, a label column (class indices 0..k); gzipped
+/// when the name ends in `.gz`. Errors name the file, the line and the column.
 pub fn read_pixel_csv(
     path: &Path,
-    height: usize,
-    width: usize,
-    channels: usize,
-    label_column: Option<&str>,
+    (height, width, channels): (usize, usize, usize),
+    layout: &CsvLayout,
 ) -> Result<ImageSet> {
     let row_err = |line: u64, msg: String| DataError::Row {
         path: path.to_path_buf(),
         line,
         msg,
     };
+    let table_err = |msg: String| DataError::Table {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if layout.max_value == 0 {
+        return Err(table_err("max_value must be at least 1".into()));
+    }
+    let file = std::fs::File::open(path).map_err(|e| table_err(e.to_string()))?;
+    let reader: Box<dyn std::io::Read> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
+            file,
+        )))
+    } else {
+        Box::new(std::io::BufReader::new(file))
+    };
     let mut rdr = csv::ReaderBuilder::new()
-        .from_path(path)
-        .map_err(|e| DataError::Table {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
-    let header = rdr
-        .headers()
-        .map_err(|e| row_err(1, e.to_string()))?
-        .clone();
-    let label_idx = match label_column {
+        .has_headers(layout.header)
+        .from_reader(reader);
+    let header: Vec<String> = if layout.header {
+        rdr.headers()
+            .map_err(|e| row_err(1, e.to_string()))?
+            .iter()
+            .map(str::to_string)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let column_name = |j: usize| header.get(j).cloned().unwrap_or_else(|| j.to_string());
+    let label_idx = match &layout.label {
         None => None,
-        Some(name) => Some(header.iter().position(|h| h == name).ok_or_else(|| {
-            row_err(
-                1,
-                format!(
-                    "no column named {name:?}; the header has {:?}",
-                    header.iter().collect::<Vec<_>>()
-                ),
-            )
-        })?),
+        Some(Column::Index(j)) => Some(*j),
+        Some(Column::Name(name)) => {
+            if !layout.header {
+                return Err(table_err(format!(
+                    "label_column {name:?} names a column, but header = false: give its \
+                     0-based index"
+                )));
+            }
+            Some(header.iter().position(|h| h == name).ok_or_else(|| {
+                row_err(
+                    1,
+                    format!("no column named {name:?}; the header has {header:?}"),
+                )
+            })?)
+        }
     };
     let n_pixels = height * width * channels;
     let mut set = ImageSet {
@@ -408,31 +485,50 @@ pub fn read_pixel_csv(
         labels: label_idx.map(|_| Vec::new()),
         classes: Vec::new(),
     };
+    let first_line = if layout.header { 2 } else { 1 };
+    let max = layout.max_value as u64;
     for (r, rec) in rdr.records().enumerate() {
-        let line = r as u64 + 2;
+        let line = r as u64 + first_line;
         let rec = rec.map_err(|e| row_err(line, e.to_string()))?;
+        if let Some(j) = label_idx {
+            if j >= rec.len() {
+                return Err(row_err(
+                    line,
+                    format!("label column {j} is past the row's {} columns", rec.len()),
+                ));
+            }
+        }
         let mut count = 0;
         for (j, field) in rec.iter().enumerate() {
-            let v: u32 = field.trim().parse().map_err(|_| {
+            let v: u64 = field.trim().parse().map_err(|_| {
                 row_err(
                     line,
                     format!(
                         "column {:?}: expected an integer, got {field:?}",
-                        &header[j]
+                        column_name(j)
                     ),
                 )
             })?;
             if Some(j) == label_idx {
-                set.labels.as_mut().unwrap().push(v);
+                let label = u32::try_from(v)
+                    .map_err(|_| row_err(line, format!("label {v} is not a class index")))?;
+                set.labels
+                    .as_mut()
+                    .expect("labels exist with a label column")
+                    .push(label);
                 continue;
             }
-            if v > 255 {
+            if v > max {
                 return Err(row_err(
                     line,
-                    format!("column {:?}: pixel {v} is above 255", &header[j]),
+                    format!(
+                        "column {:?}: pixel {v} is above max_value {max}",
+                        column_name(j)
+                    ),
                 ));
             }
-            set.pixels.push(v as u8);
+            // Rounded to the nearest of 0..255.
+            set.pixels.push(((v * 255 + max / 2) / max) as u8);
             count += 1;
         }
         if count != n_pixels {
@@ -513,20 +609,84 @@ mod tests {
     fn csv_pixels_with_a_label_column_and_bad_rows_by_line() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("px.csv");
+        let named = |name: &str| CsvLayout {
+            label: Some(Column::Name(name.into())),
+            ..CsvLayout::default()
+        };
         std::fs::write(&p, "label,p0,p1,p2,p3\n3,0,10,20,255\n1,1,2,3,4\n").unwrap();
-        let set = read_pixel_csv(&p, 2, 2, 1, Some("label")).unwrap();
+        let set = read_pixel_csv(&p, (2, 2, 1), &named("label")).unwrap();
         assert_eq!(set.len(), 2);
         assert_eq!(set.image(0), &[0, 10, 20, 255]);
         assert_eq!(set.labels, Some(vec![3, 1]));
         std::fs::write(&p, "label,p0,p1,p2,p3\n3,0,10,20,255\n1,1,2,300,4\n").unwrap();
-        let e = read_pixel_csv(&p, 2, 2, 1, Some("label"))
+        let e = read_pixel_csv(&p, (2, 2, 1), &named("label"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("px.csv:3") && e.contains("above 255"), "{e}");
-        let e = read_pixel_csv(&p, 2, 2, 1, Some("class"))
+        assert!(
+            e.contains("px.csv:3") && e.contains("above max_value 255"),
+            "{e}"
+        );
+        let e = read_pixel_csv(&p, (2, 2, 1), &named("class"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("no column named \"class\""), "{e}");
+    }
+
+    /// CSVs as people have them: no header row with the label by index (last here), gzipped,
+    /// values up to a declared maximum (sklearn's digits: 16) scaled to 0..255; a name without a
+    /// header, or a value above the maximum, is an error naming the file and line.
+    #[test]
+    fn csv_pixels_without_a_header_gzipped_and_of_any_integer_range() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("digits.csv.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"0,8,16,4,7\n16,16,0,1,2\n").unwrap();
+        std::fs::write(&p, gz.finish().unwrap()).unwrap();
+        let layout = CsvLayout {
+            label: Some(Column::Index(4)),
+            header: false,
+            max_value: 16,
+        };
+        let set = read_pixel_csv(&p, (2, 2, 1), &layout).unwrap();
+        assert_eq!(set.image(0), &[0, 128, 255, 64]);
+        assert_eq!(set.image(1), &[255, 255, 0, 16]);
+        assert_eq!(set.labels, Some(vec![7, 2]));
+        assert_eq!(set.classes.len(), 8);
+        let named = CsvLayout {
+            label: Some(Column::Name("label".into())),
+            ..layout.clone()
+        };
+        let e = read_pixel_csv(&p, (2, 2, 1), &named)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("digits.csv.gz") && e.contains("header = false"),
+            "{e}"
+        );
+        let small = CsvLayout {
+            max_value: 8,
+            ..layout
+        };
+        let e = read_pixel_csv(&p, (2, 2, 1), &small)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("digits.csv.gz:1") && e.contains("above max_value 8"),
+            "{e}"
+        );
+        // The recipe form: `label_column` a name or an index.
+        let src: ImageSource = toml::from_str(
+            "csv = { path = \"x.csv\", height = 2, width = 2, label_column = 4, header = false }",
+        )
+        .unwrap();
+        assert!(matches!(
+            src,
+            ImageSource::Csv {
+                label_column: Some(Column::Index(4)),
+                ..
+            }
+        ));
     }
 
     #[test]
