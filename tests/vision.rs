@@ -23,6 +23,34 @@ fn pretrain(recipe: &str, runs: &Path, name: &str, extra: &[&str]) -> Command {
     cmd
 }
 
+/// `kindling probe` on `export` alone (the tiny recipes' image counts, seed and probe settings)
+/// gives the run's own probe numbers, `probes` (probe_results.json): the export holds everything
+/// the encoder needs.
+fn probe_reproduces(export: &Path, probes: &serde_json::Value) {
+    let mut cmd = kindling();
+    cmd.args(["probe", "recipes/probe-fashion-mnist.toml"]);
+    for s in [
+        format!("model.path=\"{}\"", export.display()),
+        "data.max_train_images=512".into(),
+        "data.max_test_images=256".into(),
+        "seed=3".into(),
+        "probe.steps=50".into(),
+        "probe.l2=[1e-3]".into(),
+    ] {
+        cmd.args(["--set", &s]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let scores: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(scores.as_array().unwrap().len(), 3);
+    for i in 0..3 {
+        assert_eq!(
+            scores[i]["accuracy"], probes[i]["accuracy"],
+            "probe {i} of the export vs the run: {scores} vs {probes}"
+        );
+    }
+}
+
 fn jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -108,34 +136,7 @@ fn simclr_trains_monitors_probes_and_exports_an_encoder() {
 
     // `kindling probe` on the export alone gives the in-run probe's number (same images, same
     // logistic regression): the export holds everything the encoder needs.
-    let out = kindling()
-        .args(["probe", "recipes/probe-fashion-mnist.toml"])
-        .args(["--set", &format!("model.path=\"{}\"", export.display())])
-        .args([
-            "--set",
-            "data.max_train_images=512",
-            "--set",
-            "data.max_test_images=256",
-        ])
-        .args([
-            "--set",
-            "seed=3",
-            "--set",
-            "probe.steps=50",
-            "--set",
-            "probe.l2=[1e-3]",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let scores: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(scores.as_array().unwrap().len(), 3);
-    for i in 0..3 {
-        assert_eq!(
-            scores[i]["accuracy"], probes[i]["accuracy"],
-            "probe {i} of the export vs the run: {scores} vs {probes:?}"
-        );
-    }
+    probe_reproduces(&export, &serde_json::json!(probes));
     // `kindling export` rebuilds the same encoder from the run's last checkpoint.
     let before = st.clone();
     std::fs::remove_dir_all(&export).unwrap();
@@ -181,14 +182,14 @@ fn simclr_trains_monitors_probes_and_exports_an_encoder() {
 fn a_vit_backbone_trains_and_exports_a_vit_model_folder_transformers_loads() {
     let runs = tempfile::tempdir().unwrap();
     let vit = |name: &str, extra: &[&str]| {
-        let mut cmd = kindling();
-        cmd.args(["pretrain", "recipes/tiny/simclr-vit-tiny.toml"]);
-        cmd.args(["--set", &format!("runs_dir=\"{}\"", runs.path().display())]);
-        cmd.args(["--set", &format!("name=\"{name}\"")]);
-        for e in extra {
-            cmd.args(["--set", e]);
-        }
-        cmd.output().unwrap()
+        pretrain(
+            "recipes/tiny/simclr-vit-tiny.toml",
+            runs.path(),
+            name,
+            extra,
+        )
+        .output()
+        .unwrap()
     };
     let out = vit(
         "vit",
@@ -267,33 +268,7 @@ fn a_vit_backbone_trains_and_exports_a_vit_model_folder_transformers_loads() {
     );
 
     // `kindling probe` on the export alone: the run's probe numbers.
-    let out = kindling()
-        .args(["probe", "recipes/probe-fashion-mnist.toml"])
-        .args(["--set", &format!("model.path=\"{}\"", export.display())])
-        .args([
-            "--set",
-            "data.max_train_images=512",
-            "--set",
-            "data.max_test_images=256",
-        ])
-        .args([
-            "--set",
-            "seed=3",
-            "--set",
-            "probe.steps=50",
-            "--set",
-            "probe.l2=[1e-3]",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let scores: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for i in 0..3 {
-        assert_eq!(
-            scores[i]["accuracy"], probes[i]["accuracy"],
-            "probe {i}: {scores} vs {probes}"
-        );
-    }
+    probe_reproduces(&export, &probes);
 
     // `kindling push`'s checks accept the folder (HF classes, an image processor, a licence),
     // and the test Hub gets every file.

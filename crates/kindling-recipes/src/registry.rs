@@ -181,7 +181,9 @@ mod tests {
             lookup(Kind::Objective, "moco").unwrap().family,
             Family::Vision
         );
-        let e = lookup(Kind::Objective, "mae").unwrap_err().to_string();
+        let e = lookup(Kind::Objective, "not-a-method")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("objective") && e.contains("bert-mlm, simcse, simclr"),
             "{e}"
