@@ -337,8 +337,9 @@ pub fn read_image_folder(
                 };
                 let (w, h) = (img.width() as usize, img.height() as usize);
                 let px = if channels == 1 {
-                    img.into_luma8().into_raw()
+                    grey_as_pil(img)
                 } else {
+                    // RGBA and palette images drop alpha / expand as PIL's `convert("RGB")`.
                     img.into_rgb8().into_raw()
                 };
                 (h, w, px)
@@ -397,6 +398,24 @@ pub fn read_image_folder(
         });
     }
     Ok(set)
+}
+
+/// An image in one grey channel as torchvision's loaders make it (PIL's `convert("L")`): colour
+/// pixels weighted by ITU-R 601-2, `L = (19595 R + 38470 G + 7471 B + 2^15) >> 16`, alpha
+/// dropped; grey images as they are. (The image crate's own `into_luma8` weights by Rec. 709,
+/// so the same colour photo would give other grey values than PyTorch's pipeline.)
+pub fn grey_as_pil(img: image::DynamicImage) -> Vec<u8> {
+    use image::ColorType::*;
+    if matches!(img.color(), L8 | La8 | L16 | La16) {
+        return img.into_luma8().into_raw();
+    }
+    img.into_rgb8()
+        .pixels()
+        .map(|p| {
+            let [r, g, b] = p.0.map(u32::from);
+            ((19595 * r + 38470 * g + 7471 * b + (1 << 15)) >> 16) as u8
+        })
+        .collect()
 }
 
 /// How a pixel CSV is laid out (see [`ImageSource::Csv`]).
@@ -687,6 +706,28 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// Colour and RGBA images read as grey give PIL's `convert("L")` values (torchvision's
+    /// loaders): for (200, 100, 50) PIL gives 124 (601-2 weights), where Rec. 709 would give about 118.
+    /// Grey images keep their values; RGBA drops alpha.
+    #[test]
+    fn colour_images_turn_grey_as_pil_converts_them() {
+        let rgb = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+            2,
+            1,
+            image::Rgb([200, 100, 50]),
+        ));
+        assert_eq!(grey_as_pil(rgb), [124, 124]);
+        let rgba = image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(
+            1,
+            1,
+            image::Rgba([255, 255, 255, 0]),
+        ));
+        assert_eq!(grey_as_pil(rgba), [255]);
+        let grey =
+            image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(1, 1, image::Luma([77])));
+        assert_eq!(grey_as_pil(grey), [77]);
     }
 
     #[test]
