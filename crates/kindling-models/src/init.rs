@@ -41,6 +41,24 @@ pub fn hf_init(varmap: &VarMap, seed: u64, std: f64, pad_token_id: Option<usize>
     Ok(())
 }
 
+/// `n` draws from N(0, `std`) truncated at +-`cut` (redrawn beyond it; no truncation when `cut`
+/// is 0), from the stream `(seed, name)`: HF's `trunc_normal_` initialisations (ModernBERT, ViT).
+pub(crate) fn truncated_normal(seed: u64, name: &str, std: f32, cut: f32, n: usize) -> Vec<f32> {
+    if std == 0.0 {
+        return vec![0.0; n];
+    }
+    let mut r = rng::rng(&[domain::INIT, seed, hash_str(name)]);
+    let normal = Normal::new(0.0f32, std).expect("std is finite and positive");
+    (0..n)
+        .map(|_| loop {
+            let x = normal.sample(&mut r);
+            if x.abs() <= cut || cut == 0.0 {
+                break x;
+            }
+        })
+        .collect()
+}
+
 /// Whether `name` is a normalisation layer's scale: `...LayerNorm.weight` (BERT),
 /// `...layer_norm.weight` (RoBERTa's head), `...norm.weight` / `..._norm.weight` (ModernBERT).
 pub fn is_norm_weight(name: &str) -> bool {

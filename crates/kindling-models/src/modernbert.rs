@@ -847,8 +847,6 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, (b, t): (usize, usize), mean: bool) 
 /// sqrt(2 * layers)` for the output projections (`Wo`) and the head's dense layer; norms 1,
 /// biases 0.
 pub fn init(varmap: &candle_nn::VarMap, seed: u64, cfg: &ModernBertConfig) -> Result<()> {
-    use kindling_core::rng::{self, domain, hash_str};
-    use rand_distr::{Distribution, Normal};
     let data = varmap.data().lock().expect("varmap lock poisoned");
     let out_std = cfg.initializer_range / (2.0 * cfg.num_hidden_layers as f64).sqrt();
     let mut names: Vec<&String> = data.keys().collect();
@@ -867,16 +865,7 @@ pub fn init(varmap: &candle_nn::VarMap, seed: u64, cfg: &ModernBertConfig) -> Re
                 cfg.initializer_range
             };
             let cut = (cfg.initializer_cutoff_factor * std) as f32;
-            let mut r = rng::rng(&[domain::INIT, seed, hash_str(name)]);
-            let normal = Normal::new(0.0f32, std as f32).expect("std is finite and positive");
-            let v: Vec<f32> = (0..shape.elem_count())
-                .map(|_| loop {
-                    let x = normal.sample(&mut r);
-                    if x.abs() <= cut || cut == 0.0 {
-                        break x;
-                    }
-                })
-                .collect();
+            let v = crate::init::truncated_normal(seed, name, std as f32, cut, shape.elem_count());
             Tensor::from_vec(v, &shape, &device)?.to_dtype(var.dtype())?
         };
         var.set(&value)?;

@@ -580,8 +580,6 @@ pub fn init(varmap: &VarMap, seed: u64, cfg: &ViTConfig) -> Result<()> {
 /// [`init`] for the variables whose names start with `prefix` (a ViT inside a larger model,
 /// `backbone.`); each draws from its stream `(seed, full name)`.
 pub fn init_under(varmap: &VarMap, prefix: &str, seed: u64, cfg: &ViTConfig) -> Result<()> {
-    use kindling_core::rng::{self, domain, hash_str};
-    use rand_distr::{Distribution, Normal};
     let data = varmap.data().lock().expect("varmap lock poisoned");
     let mut names: Vec<&String> = data.keys().filter(|n| n.starts_with(prefix)).collect();
     names.sort();
@@ -597,20 +595,7 @@ pub fn init_under(varmap: &VarMap, prefix: &str, seed: u64, cfg: &ViTConfig) -> 
         } else if name.ends_with("bias") {
             Tensor::zeros(&shape, var.dtype(), &device)?
         } else {
-            let mut r = rng::rng(&[domain::INIT, seed, hash_str(name)]);
-            let v: Vec<f32> = if std == 0.0 {
-                vec![0.0; shape.elem_count()]
-            } else {
-                let normal = Normal::new(0.0f32, std).expect("std is finite and positive");
-                (0..shape.elem_count())
-                    .map(|_| loop {
-                        let x = normal.sample(&mut r);
-                        if x.abs() <= 2.0 * std {
-                            break x;
-                        }
-                    })
-                    .collect()
-            };
+            let v = crate::init::truncated_normal(seed, name, std, 2.0 * std, shape.elem_count());
             Tensor::from_vec(v, &shape, &device)?.to_dtype(var.dtype())?
         };
         var.set(&value)?;
