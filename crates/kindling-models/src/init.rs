@@ -60,9 +60,36 @@ pub(crate) fn truncated_normal(seed: u64, name: &str, std: f32, cut: f32, n: usi
 }
 
 /// Whether `name` is a normalisation layer's scale: `...LayerNorm.weight` (BERT),
-/// `...layer_norm.weight` (RoBERTa's head), `...norm.weight` / `..._norm.weight` (ModernBERT).
+/// `...layer_norm.weight` (RoBERTa's head), `...norm.weight` / `..._norm.weight` (ModernBERT),
+/// `...layernorm_before.weight` / `...layernorm_after.weight` (ViT).
 pub fn is_norm_weight(name: &str) -> bool {
     name.strip_suffix(".weight")
         .and_then(|m| m.rsplit('.').next())
-        .is_some_and(|m| m.to_ascii_lowercase().ends_with("norm"))
+        .map(|m| m.to_ascii_lowercase())
+        .is_some_and(|m| m.ends_with("norm") || m.starts_with("layernorm_"))
+}
+
+/// Re-initialises the variables of `varmap` under `prefix`, in name order: norm weights
+/// ([`is_norm_weight`]) 1, biases 0, every other tensor `draw(name, element count)`.
+pub(crate) fn reinit(
+    varmap: &VarMap,
+    prefix: &str,
+    mut draw: impl FnMut(&str, usize) -> Vec<f32>,
+) -> Result<()> {
+    let data = varmap.data().lock().expect("varmap lock poisoned");
+    let mut names: Vec<&String> = data.keys().filter(|n| n.starts_with(prefix)).collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let (shape, device, dtype) = (var.shape().clone(), var.device().clone(), var.dtype());
+        let value = if is_norm_weight(name) {
+            Tensor::ones(&shape, dtype, &device)?
+        } else if name.ends_with("bias") {
+            Tensor::zeros(&shape, dtype, &device)?
+        } else {
+            Tensor::from_vec(draw(name, shape.elem_count()), &shape, &device)?.to_dtype(dtype)?
+        };
+        var.set(&value)?;
+    }
+    Ok(())
 }

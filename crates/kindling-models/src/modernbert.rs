@@ -847,30 +847,16 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, (b, t): (usize, usize), mean: bool) 
 /// sqrt(2 * layers)` for the output projections (`Wo`) and the head's dense layer; norms 1,
 /// biases 0.
 pub fn init(varmap: &candle_nn::VarMap, seed: u64, cfg: &ModernBertConfig) -> Result<()> {
-    let data = varmap.data().lock().expect("varmap lock poisoned");
     let out_std = cfg.initializer_range / (2.0 * cfg.num_hidden_layers as f64).sqrt();
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &data[name];
-        let (shape, device) = (var.shape().clone(), var.device().clone());
-        let value = if crate::init::is_norm_weight(name) {
-            Tensor::ones(&shape, var.dtype(), &device)?
-        } else if name.ends_with("bias") {
-            Tensor::zeros(&shape, var.dtype(), &device)?
+    crate::init::reinit(varmap, "", |name, n| {
+        let std = if name.ends_with("Wo.weight") || name.ends_with("head.dense.weight") {
+            out_std
         } else {
-            let std = if name.ends_with("Wo.weight") || name.ends_with("head.dense.weight") {
-                out_std
-            } else {
-                cfg.initializer_range
-            };
-            let cut = (cfg.initializer_cutoff_factor * std) as f32;
-            let v = crate::init::truncated_normal(seed, name, std as f32, cut, shape.elem_count());
-            Tensor::from_vec(v, &shape, &device)?.to_dtype(var.dtype())?
+            cfg.initializer_range
         };
-        var.set(&value)?;
-    }
-    Ok(())
+        let cut = (cfg.initializer_cutoff_factor * std) as f32;
+        crate::init::truncated_normal(seed, name, std as f32, cut, n)
+    })
 }
 
 #[cfg(test)]

@@ -580,27 +580,10 @@ pub fn init(varmap: &VarMap, seed: u64, cfg: &ViTConfig) -> Result<()> {
 /// [`init`] for the variables whose names start with `prefix` (a ViT inside a larger model,
 /// `backbone.`); each draws from its stream `(seed, full name)`.
 pub fn init_under(varmap: &VarMap, prefix: &str, seed: u64, cfg: &ViTConfig) -> Result<()> {
-    let data = varmap.data().lock().expect("varmap lock poisoned");
-    let mut names: Vec<&String> = data.keys().filter(|n| n.starts_with(prefix)).collect();
-    names.sort();
     let std = cfg.initializer_range as f32;
-    for name in names {
-        let var = &data[name];
-        let (shape, device) = (var.shape().clone(), var.device().clone());
-        // `layernorm_before` / `layernorm_after` end in neither `norm` nor `LayerNorm`.
-        let norm = crate::init::is_norm_weight(name)
-            || (name.contains("layernorm_") && name.ends_with(".weight"));
-        let value = if norm {
-            Tensor::ones(&shape, var.dtype(), &device)?
-        } else if name.ends_with("bias") {
-            Tensor::zeros(&shape, var.dtype(), &device)?
-        } else {
-            let v = crate::init::truncated_normal(seed, name, std, 2.0 * std, shape.elem_count());
-            Tensor::from_vec(v, &shape, &device)?.to_dtype(var.dtype())?
-        };
-        var.set(&value)?;
-    }
-    Ok(())
+    crate::init::reinit(varmap, prefix, |name, n| {
+        crate::init::truncated_normal(seed, name, std, 2.0 * std, n)
+    })
 }
 
 #[cfg(test)]
