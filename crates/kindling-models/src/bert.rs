@@ -141,38 +141,25 @@ impl BertConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Config(m));
         let field = |field: &'static str, msg: String| Err(ModelError::Setting { field, msg });
-        for (name, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("max_position_embeddings", self.max_position_embeddings),
-            ("type_vocab_size", self.type_vocab_size),
-        ] {
-            if v == 0 {
-                return field(name, "must be at least 1".into());
-            }
-            // Past this a size is a typo, and products of sizes overflow before any allocation
-            // could fail cleanly.
-            if v > 1 << 24 {
-                return field(name, format!("{v} is larger than {}", 1 << 24));
-            }
-        }
-        for (name, p) in [
+        crate::check_sizes(
+            &[
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("intermediate_size", self.intermediate_size),
+                ("max_position_embeddings", self.max_position_embeddings),
+                ("type_vocab_size", self.type_vocab_size),
+            ],
+            1 << 24,
+        )?;
+        crate::check_dropouts(&[
             ("hidden_dropout_prob", self.hidden_dropout_prob),
             (
                 "attention_probs_dropout_prob",
                 self.attention_probs_dropout_prob,
             ),
-        ] {
-            if !(p.is_finite() && (0.0..1.0).contains(&p)) {
-                return field(
-                    name,
-                    format!("a dropout probability must be in [0, 1), got {p}"),
-                );
-            }
-        }
+        ])?;
         if !(self.initializer_range.is_finite() && self.initializer_range >= 0.0) {
             return field(
                 "initializer_range",

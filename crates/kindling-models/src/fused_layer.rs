@@ -21,9 +21,9 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::{
-    contiguous_f32, cpu_f32, drop_rows, dropped, gelu_and_grad_in_place, gelu_in_place,
+    contiguous_f32, drop_rows, dropped, gelu_and_grad_in_place, gelu_in_place,
     layer_norm_grad_rows, layer_norm_rows, linear_bwd, linear_fwd, mul_in_place, rows_per_task,
-    saved_activations, vectorised, zeros_par, SelfAttention,
+    saved_activations, vectorised, with_cpu_inputs, zeros_par, SelfAttention,
 };
 
 /// The parameters of one layer, in the order they are concatenated (HF names, under
@@ -266,79 +266,74 @@ impl CustomOp2 for EncoderLayerOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let guard = self.saved.lock().expect("saved activations");
         let s = saved_activations(&guard, self.name())?;
-        let grad = grad.contiguous()?;
-        let ((sx, lx), (sp, lp), (sg, lg)) = (
-            x.storage_and_layout(),
-            flat.storage_and_layout(),
-            grad.storage_and_layout(),
-        );
-        let (xs, params, dy) = (cpu_f32(&sx, lx)?, cpu_f32(&sp, lp)?, cpu_f32(&sg, lg)?);
-        let sizes = param_sizes(self.hidden, self.intermediate);
-        let [qw, _, kw, _, vw, _, ow, _, ln1w, _, iw, _, fw, _, ln2w, _] = split(params, sizes);
-        let mut dflat = zeros_par(params.len());
-        let [dqw, dqb, dkw, dkb, dvw, dvb, dow, dob, dln1w, dln1b, diw, dib, dfw, dfb, dln2w, dln2b] =
-            split_mut(&mut dflat, sizes);
-        let (h, i) = (self.hidden, self.intermediate);
-        let rows = self.rows.as_deref();
-        // The rows that went on through the layer, m of them.
-        let xq = s.x_rows.as_deref().unwrap_or(xs);
-        let (n, m) = (xq.len(), xq.len() / h);
+        with_cpu_inputs(x, flat, grad, |xs, params, dy| {
+            let sizes = param_sizes(self.hidden, self.intermediate);
+            let [qw, _, kw, _, vw, _, ow, _, ln1w, _, iw, _, fw, _, ln2w, _] = split(params, sizes);
+            let mut dflat = zeros_par(params.len());
+            let [dqw, dqb, dkw, dkb, dvw, dvb, dow, dob, dln1w, dln1b, diw, dib, dfw, dfb, dln2w, dln2b] =
+                split_mut(&mut dflat, sizes);
+            let (h, i) = (self.hidden, self.intermediate);
+            let rows = self.rows.as_deref();
+            // The rows that went on through the layer, m of them.
+            let xq = s.x_rows.as_deref().unwrap_or(xs);
+            let (n, m) = (xq.len(), xq.len() / h);
 
-        // Feed-forward block: y = LN2(dropout(gelu(a W_i + b_i) W_f + b_f) + a).
-        let mut dr2 = zeros_par(n);
-        let mut dln2 = vec![0f32; 2 * h];
-        layer_norm_grad_rows(&s.r2, ln2w, dy, self.eps, &mut dr2, &mut dln2);
-        dln2w.copy_from_slice(&dln2[..h]);
-        dln2b.copy_from_slice(&dln2[h..]);
-        let dout = dropped(self.output_dropout, &dr2, h, rows);
-        let mut dgelu = zeros_par(m * i);
-        linear_bwd(&s.gelu, fw, &dout, (&mut dgelu, false), dfw, dfb);
-        // dL/d(intermediate dense output), in place of dL/dgelu.
-        let mut dpre = dgelu;
-        mul_in_place(&mut dpre, &s.gelu_grad);
-        // da = dr2 (the residual) + dpre W_i.
-        let mut da = dr2;
-        linear_bwd(&s.a, iw, &dpre, (&mut da, true), diw, dib);
-        drop(dpre);
+            // Feed-forward block: y = LN2(dropout(gelu(a W_i + b_i) W_f + b_f) + a).
+            let mut dr2 = zeros_par(n);
+            let mut dln2 = vec![0f32; 2 * h];
+            layer_norm_grad_rows(&s.r2, ln2w, dy, self.eps, &mut dr2, &mut dln2);
+            dln2w.copy_from_slice(&dln2[..h]);
+            dln2b.copy_from_slice(&dln2[h..]);
+            let dout = dropped(self.output_dropout, &dr2, h, rows);
+            let mut dgelu = zeros_par(m * i);
+            linear_bwd(&s.gelu, fw, &dout, (&mut dgelu, false), dfw, dfb);
+            // dL/d(intermediate dense output), in place of dL/dgelu.
+            let mut dpre = dgelu;
+            mul_in_place(&mut dpre, &s.gelu_grad);
+            // da = dr2 (the residual) + dpre W_i.
+            let mut da = dr2;
+            linear_bwd(&s.a, iw, &dpre, (&mut da, true), diw, dib);
+            drop(dpre);
 
-        // Attention block: a = LN1(dropout(attention(x) W_o + b_o) + x).
-        let mut dr1 = zeros_par(n);
-        let mut dln1 = vec![0f32; 2 * h];
-        layer_norm_grad_rows(&s.r1, ln1w, &da, self.eps, &mut dr1, &mut dln1);
-        dln1w.copy_from_slice(&dln1[..h]);
-        dln1b.copy_from_slice(&dln1[h..]);
-        drop(da);
-        let dattn = dropped(self.attention_dropout, &dr1, h, rows);
-        let mut dctx = zeros_par(n);
-        linear_bwd(&s.ctx, ow, &dattn, (&mut dctx, false), dow, dob);
-        drop(dattn);
-        let (dq, dk, dv) = self
-            .attention
-            .backward(&s.q, &s.k, &s.v, &dctx, s.probs.as_deref());
-        drop(dctx);
-        // dx = dr1 (the residual) + dq W_q at the querying rows, + dk W_k + dv W_v at all.
-        let mut dxq = dr1;
-        linear_bwd(xq, qw, &dq, (&mut dxq, true), dqw, dqb);
-        let dx = match rows {
-            None => {
-                let mut dx = dxq;
-                linear_bwd(xs, kw, &dk, (&mut dx, true), dkw, dkb);
-                linear_bwd(xs, vw, &dv, (&mut dx, true), dvw, dvb);
-                dx
-            }
-            Some(rows) => {
-                let mut dx = zeros_par(xs.len());
-                linear_bwd(xs, kw, &dk, (&mut dx, false), dkw, dkb);
-                linear_bwd(xs, vw, &dv, (&mut dx, true), dvw, dvb);
-                add_rows(&mut dx, &dxq, Some(rows), h);
-                dx
-            }
-        };
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dflat, flat.shape(), dev)?),
-        ))
+            // Attention block: a = LN1(dropout(attention(x) W_o + b_o) + x).
+            let mut dr1 = zeros_par(n);
+            let mut dln1 = vec![0f32; 2 * h];
+            layer_norm_grad_rows(&s.r1, ln1w, &da, self.eps, &mut dr1, &mut dln1);
+            dln1w.copy_from_slice(&dln1[..h]);
+            dln1b.copy_from_slice(&dln1[h..]);
+            drop(da);
+            let dattn = dropped(self.attention_dropout, &dr1, h, rows);
+            let mut dctx = zeros_par(n);
+            linear_bwd(&s.ctx, ow, &dattn, (&mut dctx, false), dow, dob);
+            drop(dattn);
+            let (dq, dk, dv) = self
+                .attention
+                .backward(&s.q, &s.k, &s.v, &dctx, s.probs.as_deref());
+            drop(dctx);
+            // dx = dr1 (the residual) + dq W_q at the querying rows, + dk W_k + dv W_v at all.
+            let mut dxq = dr1;
+            linear_bwd(xq, qw, &dq, (&mut dxq, true), dqw, dqb);
+            let dx = match rows {
+                None => {
+                    let mut dx = dxq;
+                    linear_bwd(xs, kw, &dk, (&mut dx, true), dkw, dkb);
+                    linear_bwd(xs, vw, &dv, (&mut dx, true), dvw, dvb);
+                    dx
+                }
+                Some(rows) => {
+                    let mut dx = zeros_par(xs.len());
+                    linear_bwd(xs, kw, &dk, (&mut dx, false), dkw, dkb);
+                    linear_bwd(xs, vw, &dv, (&mut dx, true), dvw, dvb);
+                    add_rows(&mut dx, &dxq, Some(rows), h);
+                    dx
+                }
+            };
+            let dev = x.device();
+            Ok((
+                Some(Tensor::from_vec(dx, x.shape(), dev)?),
+                Some(Tensor::from_vec(dflat, flat.shape(), dev)?),
+            ))
+        })
     }
 }
 

@@ -21,8 +21,8 @@ use crate::fused_layer::{
     add_rows, concat_params, dropout_residual, gather_rows, split, split_mut,
 };
 use crate::ops::{
-    contiguous_f32, cpu_f32, dropped, geglu_grad_rows, geglu_rows, layer_norm_grad_rows,
-    layer_norm_rows, linear_bwd, linear_fwd, saved_activations, zeros_par, RotaryTable,
+    contiguous_f32, dropped, geglu_grad_rows, geglu_rows, layer_norm_grad_rows, layer_norm_rows,
+    linear_bwd, linear_fwd, saved_activations, with_cpu_inputs, zeros_par, RotaryTable,
     SelfAttention,
 };
 
@@ -196,90 +196,85 @@ impl CustomOp2 for ModernBertLayerOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let guard = self.saved.lock().expect("saved activations");
         let s = saved_activations(&guard, self.name())?;
-        let grad = grad.contiguous()?;
-        let ((sx, lx), (sp, lp), (sg, lg)) = (
-            x.storage_and_layout(),
-            flat.storage_and_layout(),
-            grad.storage_and_layout(),
-        );
-        let (xs, params, dy) = (cpu_f32(&sx, lx)?, cpu_f32(&sp, lp)?, cpu_f32(&sg, lg)?);
-        let sizes = self.sizes();
-        let [anw, _, wqkv, _, ow, _, mnw, _, wi, _, fw, _] = split(params, sizes);
-        let mut dflat = zeros_par(params.len());
-        let [danw, danb, dwqkv, dbqkv, dow, dob, dmnw, dmnb, dwi, dbi, dfw, dfb] =
-            split_mut(&mut dflat, sizes);
-        let (h, i) = (self.hidden, self.intermediate);
-        let rows = self.rows.as_deref();
-        // m rows went on through the layer.
-        let m = dy.len() / h;
+        with_cpu_inputs(x, flat, grad, |xs, params, dy| {
+            let sizes = self.sizes();
+            let [anw, _, wqkv, _, ow, _, mnw, _, wi, _, fw, _] = split(params, sizes);
+            let mut dflat = zeros_par(params.len());
+            let [danw, danb, dwqkv, dbqkv, dow, dob, dmnw, dmnb, dwi, dbi, dfw, dfb] =
+                split_mut(&mut dflat, sizes);
+            let (h, i) = (self.hidden, self.intermediate);
+            let rows = self.rows.as_deref();
+            // m rows went on through the layer.
+            let m = dy.len() / h;
 
-        // Feed-forward block: y = x1 + Wo(dropout(geglu(Wi(mlp_norm(x1))))).
-        let mut dgated = zeros_par(m * i);
-        linear_bwd(&s.gated, fw, dy, (&mut dgated, false), dfw, dfb);
-        if self.mlp_dropout.is_some() {
-            dgated = dropped(self.mlp_dropout, &dgated, i, rows);
-        }
-        let dup = geglu_grad_rows(&s.up, &dgated, i);
-        drop(dgated);
-        let mut dm = zeros_par(m * h);
-        linear_bwd(&s.m, wi, &dup, (&mut dm, false), dwi, dbi);
-        drop(dup);
-        let mut dx1 = zeros_par(m * h);
-        let mut dln = vec![0f32; 2 * h];
-        layer_norm_grad_rows(&s.x1, mnw, &dm, self.eps, &mut dx1, &mut dln);
-        dmnw.copy_from_slice(&dln[..h]);
-        dmnb.copy_from_slice(&dln[h..]);
-        drop(dm);
-        // The residual: every row of dy is a row of dx1.
-        add_rows(&mut dx1, dy, None, h);
-
-        // Attention block: x1 = x + dropout(Wo(attention(rot(q), rot(k), v))).
-        let dattn = dropped(self.attention_dropout, &dx1, h, rows);
-        let mut dctx = zeros_par(m * h);
-        linear_bwd(&s.ctx, ow, &dattn, (&mut dctx, false), dow, dob);
-        drop(dattn);
-        let (mut dq, mut dk, dv) =
-            self.attention
-                .backward(&s.q, &s.k, &s.v, &dctx, s.probs.as_deref());
-        drop(dctx);
-        // A rotation is linear: the gradient goes back through its transpose.
-        self.rotary.rotate(&mut dq, h, rows, true);
-        self.rotary.rotate(&mut dk, h, None, true);
-        let all = s.normed.as_deref().unwrap_or(xs);
-        let nq = s.normed_rows.as_deref().unwrap_or(all);
-        let [qw, kw, vw] = split(wqkv, [h * h; 3]);
-        let [dqw, dkw, dvw] = split_mut(dwqkv, [h * h; 3]);
-        let [dqb, dkb, dvb] = split_mut(dbqkv, [h; 3]);
-        // dL/d(normed rows) = dq W_q at the querying rows + dk W_k + dv W_v at all.
-        let mut dn = zeros_par(all.len());
-        if rows.is_none() {
-            linear_bwd(nq, qw, &dq, (&mut dn, false), dqw, dqb);
-        }
-        linear_bwd(all, kw, &dk, (&mut dn, rows.is_none()), dkw, dkb);
-        linear_bwd(all, vw, &dv, (&mut dn, true), dvw, dvb);
-        if rows.is_some() {
-            let mut dnq = zeros_par(nq.len());
-            linear_bwd(nq, qw, &dq, (&mut dnq, false), dqw, dqb);
-            add_rows(&mut dn, &dnq, rows, h);
-        }
-        drop((dq, dk, dv));
-        let mut dx = if self.attn_norm {
-            let mut dx = zeros_par(xs.len());
+            // Feed-forward block: y = x1 + Wo(dropout(geglu(Wi(mlp_norm(x1))))).
+            let mut dgated = zeros_par(m * i);
+            linear_bwd(&s.gated, fw, dy, (&mut dgated, false), dfw, dfb);
+            if self.mlp_dropout.is_some() {
+                dgated = dropped(self.mlp_dropout, &dgated, i, rows);
+            }
+            let dup = geglu_grad_rows(&s.up, &dgated, i);
+            drop(dgated);
+            let mut dm = zeros_par(m * h);
+            linear_bwd(&s.m, wi, &dup, (&mut dm, false), dwi, dbi);
+            drop(dup);
+            let mut dx1 = zeros_par(m * h);
             let mut dln = vec![0f32; 2 * h];
-            layer_norm_grad_rows(xs, anw, &dn, self.eps, &mut dx, &mut dln);
-            danw.copy_from_slice(&dln[..h]);
-            danb.copy_from_slice(&dln[h..]);
-            dx
-        } else {
-            dn
-        };
-        // The attention block's residual, at the rows that went on.
-        add_rows(&mut dx, &dx1, rows, h);
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dflat, flat.shape(), dev)?),
-        ))
+            layer_norm_grad_rows(&s.x1, mnw, &dm, self.eps, &mut dx1, &mut dln);
+            dmnw.copy_from_slice(&dln[..h]);
+            dmnb.copy_from_slice(&dln[h..]);
+            drop(dm);
+            // The residual: every row of dy is a row of dx1.
+            add_rows(&mut dx1, dy, None, h);
+
+            // Attention block: x1 = x + dropout(Wo(attention(rot(q), rot(k), v))).
+            let dattn = dropped(self.attention_dropout, &dx1, h, rows);
+            let mut dctx = zeros_par(m * h);
+            linear_bwd(&s.ctx, ow, &dattn, (&mut dctx, false), dow, dob);
+            drop(dattn);
+            let (mut dq, mut dk, dv) =
+                self.attention
+                    .backward(&s.q, &s.k, &s.v, &dctx, s.probs.as_deref());
+            drop(dctx);
+            // A rotation is linear: the gradient goes back through its transpose.
+            self.rotary.rotate(&mut dq, h, rows, true);
+            self.rotary.rotate(&mut dk, h, None, true);
+            let all = s.normed.as_deref().unwrap_or(xs);
+            let nq = s.normed_rows.as_deref().unwrap_or(all);
+            let [qw, kw, vw] = split(wqkv, [h * h; 3]);
+            let [dqw, dkw, dvw] = split_mut(dwqkv, [h * h; 3]);
+            let [dqb, dkb, dvb] = split_mut(dbqkv, [h; 3]);
+            // dL/d(normed rows) = dq W_q at the querying rows + dk W_k + dv W_v at all.
+            let mut dn = zeros_par(all.len());
+            if rows.is_none() {
+                linear_bwd(nq, qw, &dq, (&mut dn, false), dqw, dqb);
+            }
+            linear_bwd(all, kw, &dk, (&mut dn, rows.is_none()), dkw, dkb);
+            linear_bwd(all, vw, &dv, (&mut dn, true), dvw, dvb);
+            if rows.is_some() {
+                let mut dnq = zeros_par(nq.len());
+                linear_bwd(nq, qw, &dq, (&mut dnq, false), dqw, dqb);
+                add_rows(&mut dn, &dnq, rows, h);
+            }
+            drop((dq, dk, dv));
+            let mut dx = if self.attn_norm {
+                let mut dx = zeros_par(xs.len());
+                let mut dln = vec![0f32; 2 * h];
+                layer_norm_grad_rows(xs, anw, &dn, self.eps, &mut dx, &mut dln);
+                danw.copy_from_slice(&dln[..h]);
+                danb.copy_from_slice(&dln[h..]);
+                dx
+            } else {
+                dn
+            };
+            // The attention block's residual, at the rows that went on.
+            add_rows(&mut dx, &dx1, rows, h);
+            let dev = x.device();
+            Ok((
+                Some(Tensor::from_vec(dx, x.shape(), dev)?),
+                Some(Tensor::from_vec(dflat, flat.shape(), dev)?),
+            ))
+        })
     }
 }
 

@@ -23,8 +23,8 @@ use crate::conv::{
     batch_norm_apply, batch_norm_grad, col2im_image, column_mean_var, im2col_image, ConvGeometry,
 };
 use crate::ops::{
-    contiguous_f32, cpu_f32, gemm_serial_into, gemm_serial_uninit, mat, mat_t, saved_activations,
-    vectorised,
+    contiguous_f32, gemm_serial_into, gemm_serial_uninit, mat, mat_t, saved_activations,
+    vectorised, with_cpu_inputs,
 };
 
 /// One convolution (no bias, padding k / 2), its BatchNorm and an optional ReLU: HF's
@@ -448,89 +448,84 @@ impl CustomOp2 for ResNetOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let guard = self.saved.lock().expect("saved activations");
         let s = saved_activations(&guard, self.name())?;
-        let grad = grad.contiguous()?;
-        let ((sx, lx), (sp, lp), (sg, lg)) = (
-            x.storage_and_layout(),
-            flat.storage_and_layout(),
-            grad.storage_and_layout(),
-        );
-        let (xs, params, dfeat) = (cpu_f32(&sx, lx)?, cpu_f32(&sp, lp)?, cpu_f32(&sg, lg)?);
-        let (n, h, w, c) = x.dims4()?;
-        let dims = self.plan.dims((h, w, c))?;
-        let offsets = self.plan.param_offsets();
-        let mut dflat = crate::ops::zeros_par(params.len());
+        with_cpu_inputs(x, flat, grad, |xs, params, dfeat| {
+            let (n, h, w, c) = x.dims4()?;
+            let dims = self.plan.dims((h, w, c))?;
+            let offsets = self.plan.param_offsets();
+            let mut dflat = crate::ops::zeros_par(params.len());
 
-        // The pool spreads each feature's gradient evenly over the last map's pixels.
-        let mut grads: Vec<Option<Vec<f32>>> = vec![None; s.acts.len()];
-        let (fh, fw, fc) = *dims.last().expect("dims has the input");
-        let pixels = fh * fw;
-        let mut dlast = crate::ops::zeros_par(n * pixels * fc);
-        for (img, f) in dlast.chunks_mut(pixels * fc).zip(dfeat.chunks(fc)) {
-            for px in img.chunks_mut(fc) {
-                px.iter_mut()
-                    .zip(f)
-                    .for_each(|(d, f)| *d = f / pixels as f32);
-            }
-        }
-        grads[s.acts.len() - 1] = Some(dlast);
-
-        for (i, step) in self.plan.steps.iter().enumerate().rev() {
-            let out = i + 1;
-            let Some(mut g) = grads[out].take() else {
-                continue; // an activation nothing downstream reads
-            };
-            match *step {
-                Step::AddRelu { a, b } => {
-                    relu_mask(&s.acts[out], &mut g);
-                    add_grad(&mut grads[a], g.clone());
-                    add_grad(&mut grads[b], g);
+            // The pool spreads each feature's gradient evenly over the last map's pixels.
+            let mut grads: Vec<Option<Vec<f32>>> = vec![None; s.acts.len()];
+            let (fh, fw, fc) = *dims.last().expect("dims has the input");
+            let pixels = fh * fw;
+            let mut dlast = crate::ops::zeros_par(n * pixels * fc);
+            for (img, f) in dlast.chunks_mut(pixels * fc).zip(dfeat.chunks(fc)) {
+                for px in img.chunks_mut(fc) {
+                    px.iter_mut()
+                        .zip(f)
+                        .for_each(|(d, f)| *d = f / pixels as f32);
                 }
-                Step::Conv { unit, input } => {
-                    let u = self.plan.units[unit];
-                    if u.relu {
+            }
+            grads[s.acts.len() - 1] = Some(dlast);
+
+            for (i, step) in self.plan.steps.iter().enumerate().rev() {
+                let out = i + 1;
+                let Some(mut g) = grads[out].take() else {
+                    continue; // an activation nothing downstream reads
+                };
+                match *step {
+                    Step::AddRelu { a, b } => {
                         relu_mask(&s.acts[out], &mut g);
+                        add_grad(&mut grads[a], g.clone());
+                        add_grad(&mut grads[b], g);
                     }
-                    let src: &[f32] = if input == 0 { xs } else { &s.acts[input] };
-                    let off = offsets[unit];
-                    let wt = &params[off..off + u.weights()];
-                    let gamma = &params[off + u.weights()..off + u.weights() + u.cout];
-                    let cg = u.geometry(n, dims[input]);
-                    let mut dz = crate::ops::zeros_par(g.len());
-                    let (dgamma, dbeta) = batch_norm_grad(
-                        &s.z[unit],
-                        (&s.mean[unit], &s.rstd[unit]),
-                        gamma,
-                        &g,
-                        &mut dz,
-                    );
-                    drop(g);
-                    let dp = &mut dflat[off..off + u.params()];
-                    let (dw, drest) = dp.split_at_mut(u.weights());
-                    drest[..u.cout].copy_from_slice(&dgamma);
-                    drest[u.cout..].copy_from_slice(&dbeta);
-                    // The images need no gradient: the stem's dx is not computed.
-                    let w2 = u.weight_rows(wt);
-                    let (dw2, dx) = conv_backward(
-                        src,
-                        cg,
-                        &dz,
-                        &w2,
-                        u.cout,
-                        u.is_pointwise(),
-                        input != 0,
-                        self.plan.tile_floats,
-                    );
-                    u.weight_from_rows(&dw2, dw);
-                    if let Some(dx) = dx {
-                        add_grad(&mut grads[input], dx);
+                    Step::Conv { unit, input } => {
+                        let u = self.plan.units[unit];
+                        if u.relu {
+                            relu_mask(&s.acts[out], &mut g);
+                        }
+                        let src: &[f32] = if input == 0 { xs } else { &s.acts[input] };
+                        let off = offsets[unit];
+                        let wt = &params[off..off + u.weights()];
+                        let gamma = &params[off + u.weights()..off + u.weights() + u.cout];
+                        let cg = u.geometry(n, dims[input]);
+                        let mut dz = crate::ops::zeros_par(g.len());
+                        let (dgamma, dbeta) = batch_norm_grad(
+                            &s.z[unit],
+                            (&s.mean[unit], &s.rstd[unit]),
+                            gamma,
+                            &g,
+                            &mut dz,
+                        );
+                        drop(g);
+                        let dp = &mut dflat[off..off + u.params()];
+                        let (dw, drest) = dp.split_at_mut(u.weights());
+                        drest[..u.cout].copy_from_slice(&dgamma);
+                        drest[u.cout..].copy_from_slice(&dbeta);
+                        // The images need no gradient: the stem's dx is not computed.
+                        let w2 = u.weight_rows(wt);
+                        let (dw2, dx) = conv_backward(
+                            src,
+                            cg,
+                            &dz,
+                            &w2,
+                            u.cout,
+                            u.is_pointwise(),
+                            input != 0,
+                            self.plan.tile_floats,
+                        );
+                        u.weight_from_rows(&dw2, dw);
+                        if let Some(dx) = dx {
+                            add_grad(&mut grads[input], dx);
+                        }
                     }
                 }
             }
-        }
-        Ok((
-            None,
-            Some(Tensor::from_vec(dflat, flat.shape(), flat.device())?),
-        ))
+            Ok((
+                None,
+                Some(Tensor::from_vec(dflat, flat.shape(), flat.device())?),
+            ))
+        })
     }
 }
 

@@ -60,3 +60,36 @@ pub enum ModelError {
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// Checks config sizes: each at least 1 and at most `max` (past which a size is a typo, and
+/// products of sizes overflow before any allocation could fail cleanly). Errors name the field.
+pub(crate) fn check_sizes(fields: &[(&'static str, usize)], max: usize) -> Result<()> {
+    for &(field, v) in fields {
+        if v == 0 {
+            return Err(ModelError::Setting {
+                field,
+                msg: "must be at least 1".into(),
+            });
+        }
+        if v > max {
+            return Err(ModelError::Setting {
+                field,
+                msg: format!("{v} is larger than {max}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks dropout probabilities: each finite and in [0, 1). Errors name the field.
+pub(crate) fn check_dropouts(fields: &[(&'static str, f64)]) -> Result<()> {
+    for &(field, p) in fields {
+        if !(p.is_finite() && (0.0..1.0).contains(&p)) {
+            return Err(ModelError::Setting {
+                field,
+                msg: format!("a dropout probability must be in [0, 1), got {p}"),
+            });
+        }
+    }
+    Ok(())
+}

@@ -165,39 +165,28 @@ pub struct ModernBertConfig {
 impl ModernBertConfig {
     pub fn validate(&self) -> Result<()> {
         let field = |field: &'static str, msg: String| Err(ModelError::Setting { field, msg });
-        for (name, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("max_position_embeddings", self.max_position_embeddings),
-            (
-                "global_attn_every_n_layers",
-                self.global_attn_every_n_layers,
-            ),
-            ("local_attention", self.local_attention),
-        ] {
-            if v == 0 {
-                return field(name, "must be at least 1".into());
-            }
-            if v > 1 << 24 {
-                return field(name, format!("{v} is larger than {}", 1 << 24));
-            }
-        }
-        for (name, p) in [
+        crate::check_sizes(
+            &[
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("intermediate_size", self.intermediate_size),
+                ("max_position_embeddings", self.max_position_embeddings),
+                (
+                    "global_attn_every_n_layers",
+                    self.global_attn_every_n_layers,
+                ),
+                ("local_attention", self.local_attention),
+            ],
+            1 << 24,
+        )?;
+        crate::check_dropouts(&[
             ("attention_dropout", self.attention_dropout),
             ("embedding_dropout", self.embedding_dropout),
             ("mlp_dropout", self.mlp_dropout),
             ("classifier_dropout", self.classifier_dropout),
-        ] {
-            if !(p.is_finite() && (0.0..1.0).contains(&p)) {
-                return field(
-                    name,
-                    format!("a dropout probability must be in [0, 1), got {p}"),
-                );
-            }
-        }
+        ])?;
         for (name, v) in [
             ("initializer_range", self.initializer_range),
             ("initializer_cutoff_factor", self.initializer_cutoff_factor),

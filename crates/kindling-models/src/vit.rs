@@ -112,22 +112,18 @@ impl Default for ViTConfig {
 impl ViTConfig {
     pub fn validate(&self) -> Result<()> {
         let field = |field: &'static str, msg: String| Err(ModelError::Setting { field, msg });
-        for (name, v) in [
-            ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("image_size", self.image_size),
-            ("patch_size", self.patch_size),
-            ("num_channels", self.num_channels),
-        ] {
-            if v == 0 {
-                return field(name, "must be at least 1".into());
-            }
-            if v > 1 << 20 {
-                return field(name, format!("{v} is larger than {}", 1 << 20));
-            }
-        }
+        crate::check_sizes(
+            &[
+                ("hidden_size", self.hidden_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("intermediate_size", self.intermediate_size),
+                ("image_size", self.image_size),
+                ("patch_size", self.patch_size),
+                ("num_channels", self.num_channels),
+            ],
+            1 << 20,
+        )?;
         if self.hidden_size % self.num_attention_heads != 0 {
             return field(
                 "num_attention_heads",
@@ -146,20 +142,13 @@ impl ViTConfig {
                 ),
             );
         }
-        for (name, p) in [
+        crate::check_dropouts(&[
             ("hidden_dropout_prob", self.hidden_dropout_prob),
             (
                 "attention_probs_dropout_prob",
                 self.attention_probs_dropout_prob,
             ),
-        ] {
-            if !(p.is_finite() && (0.0..1.0).contains(&p)) {
-                return field(
-                    name,
-                    format!("a dropout probability must be in [0, 1), got {p}"),
-                );
-            }
-        }
+        ])?;
         if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
             return field(
                 "layer_norm_eps",
