@@ -14,31 +14,18 @@ use crate::Result;
 
 /// Re-initialises every variable of `varmap` in place.
 pub fn hf_init(varmap: &VarMap, seed: u64, std: f64, pad_token_id: Option<usize>) -> Result<()> {
-    let data = varmap.data().lock().expect("varmap lock poisoned");
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &data[name];
-        let (shape, device, dtype) = (var.shape().clone(), var.device().clone(), var.dtype());
-        let value = if is_norm_weight(name) {
-            Tensor::ones(&shape, dtype, &device)?
-        } else if name.ends_with("bias") {
-            Tensor::zeros(&shape, dtype, &device)?
-        } else {
-            let mut r = rng::rng(&[domain::INIT, seed, hash_str(name)]);
-            let normal = Normal::new(0.0f32, std as f32).expect("std is finite and positive");
-            let mut v: Vec<f32> = (0..shape.elem_count())
-                .map(|_| normal.sample(&mut r))
-                .collect();
-            if let (Some(pad), true) = (pad_token_id, name.ends_with("word_embeddings.weight")) {
-                let h = shape.dims()[1];
-                v[pad * h..(pad + 1) * h].fill(0.0);
-            }
-            Tensor::from_vec(v, &shape, &device)?.to_dtype(dtype)?
-        };
-        var.set(&value)?;
-    }
-    Ok(())
+    reinit(varmap, "", |name, dims| {
+        let mut r = rng::rng(&[domain::INIT, seed, hash_str(name)]);
+        let normal = Normal::new(0.0f32, std as f32).expect("std is finite and positive");
+        let mut v: Vec<f32> = (0..dims.iter().product())
+            .map(|_| normal.sample(&mut r))
+            .collect();
+        if let (Some(pad), true) = (pad_token_id, name.ends_with("word_embeddings.weight")) {
+            let h = dims[1];
+            v[pad * h..(pad + 1) * h].fill(0.0);
+        }
+        v
+    })
 }
 
 /// `n` draws from N(0, `std`) truncated at +-`cut` (redrawn beyond it; no truncation when `cut`
@@ -70,11 +57,11 @@ pub fn is_norm_weight(name: &str) -> bool {
 }
 
 /// Re-initialises the variables of `varmap` under `prefix`, in name order: norm weights
-/// ([`is_norm_weight`]) 1, biases 0, every other tensor `draw(name, element count)`.
+/// ([`is_norm_weight`]) 1, biases 0, every other tensor `draw(name, dims)`.
 pub(crate) fn reinit(
     varmap: &VarMap,
     prefix: &str,
-    mut draw: impl FnMut(&str, usize) -> Vec<f32>,
+    mut draw: impl FnMut(&str, &[usize]) -> Vec<f32>,
 ) -> Result<()> {
     let data = varmap.data().lock().expect("varmap lock poisoned");
     let mut names: Vec<&String> = data.keys().filter(|n| n.starts_with(prefix)).collect();
@@ -87,7 +74,7 @@ pub(crate) fn reinit(
         } else if name.ends_with("bias") {
             Tensor::zeros(&shape, dtype, &device)?
         } else {
-            Tensor::from_vec(draw(name, shape.elem_count()), &shape, &device)?.to_dtype(dtype)?
+            Tensor::from_vec(draw(name, shape.dims()), &shape, &device)?.to_dtype(dtype)?
         };
         var.set(&value)?;
     }

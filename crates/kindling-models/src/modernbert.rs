@@ -837,14 +837,14 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, (b, t): (usize, usize), mean: bool) 
 /// biases 0.
 pub fn init(varmap: &candle_nn::VarMap, seed: u64, cfg: &ModernBertConfig) -> Result<()> {
     let out_std = cfg.initializer_range / (2.0 * cfg.num_hidden_layers as f64).sqrt();
-    crate::init::reinit(varmap, "", |name, n| {
+    crate::init::reinit(varmap, "", |name, dims| {
         let std = if name.ends_with("Wo.weight") || name.ends_with("head.dense.weight") {
             out_std
         } else {
             cfg.initializer_range
         };
         let cut = (cfg.initializer_cutoff_factor * std) as f32;
-        crate::init::truncated_normal(seed, name, std as f32, cut, n)
+        crate::init::truncated_normal(seed, name, std as f32, cut, dims.iter().product())
     })
 }
 

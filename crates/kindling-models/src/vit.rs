@@ -570,8 +570,8 @@ pub fn init(varmap: &VarMap, seed: u64, cfg: &ViTConfig) -> Result<()> {
 /// `backbone.`); each draws from its stream `(seed, full name)`.
 pub fn init_under(varmap: &VarMap, prefix: &str, seed: u64, cfg: &ViTConfig) -> Result<()> {
     let std = cfg.initializer_range as f32;
-    crate::init::reinit(varmap, prefix, |name, n| {
-        crate::init::truncated_normal(seed, name, std, 2.0 * std, n)
+    crate::init::reinit(varmap, prefix, |name, dims| {
+        crate::init::truncated_normal(seed, name, std, 2.0 * std, dims.iter().product())
     })
 }
 
