@@ -94,7 +94,8 @@ fn a_vit_folder_loads_in_transformers_as_vit_model_with_the_same_outputs() {
 /// transformers' `ViTForImageClassification`, saved by tests/reference/hf_vit_outputs.py,
 /// loads in Kindling: every encoder tensor found under `vit.` (the classifier left over; the
 /// pooler, which that class has not, missing, as transformers reports it too), and the last
-/// hidden states equal transformers' to 1e-4 on the same images.
+/// hidden states equal transformers' to 1e-4 on the same images, and on images of other sizes
+/// (4x4, 12x12, 8x12: fewer, more and non-square patches) with its `interpolate_pos_encoding`.
 #[test]
 fn a_folder_transformers_saved_loads_with_its_outputs() {
     let dir = scratch("import");
@@ -132,12 +133,44 @@ fn a_folder_transformers_saved_loads_with_its_outputs() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let mut theirs = Vec::new();
-    flat_f32(&reference["last_hidden_state"], &mut theirs);
-    assert_eq!(ours.len(), theirs.len());
+    assert_close(&ours, &reference["last_hidden_state"], "8x8");
+
+    // Images of other sizes: positions resized as transformers' `interpolate_pos_encoding`.
+    let resized = reference["interpolated"].as_array().unwrap();
+    assert_eq!(resized.len(), 3);
+    for case in resized {
+        let mut pixels = Vec::new();
+        flat_f32(&case["pixel_values"], &mut pixels);
+        let dims: Vec<usize> = [2usize, 3]
+            .into_iter()
+            .chain(
+                [&case["pixel_values"][0][0], &case["pixel_values"][0][0][0]]
+                    .map(|v| v.as_array().unwrap().len()),
+            )
+            .collect();
+        let nchw = Tensor::from_vec(pixels, dims.as_slice(), &Device::Cpu).unwrap();
+        let nhwc = nchw.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+        let ours: Vec<f32> = imported
+            .model
+            .forward_t(&nhwc, Mode::Eval)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let size = format!("{}x{}", dims[2], dims[3]);
+        assert_close(&ours, &case["last_hidden_state"], &size);
+    }
+}
+
+/// `ours` equals the reference's nested `theirs` to 1e-4.
+fn assert_close(ours: &[f32], theirs: &serde_json::Value, what: &str) {
+    let mut flat = Vec::new();
+    flat_f32(theirs, &mut flat);
+    assert_eq!(ours.len(), flat.len(), "{what}: sizes");
     let diff = ours
         .iter()
-        .zip(&theirs)
+        .zip(&flat)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(diff <= 1e-4, "last hidden states differ by {diff}");
+    assert!(diff <= 1e-4, "{what}: last hidden states differ by {diff}");
 }

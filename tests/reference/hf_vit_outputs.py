@@ -13,7 +13,8 @@ to 1e-5. Exits 1 otherwise.
 
 make: saves a randomly initialised transformers ViTForImageClassification of a small config
 (seeded) to DIR, and writes its encoder's outputs on seeded images to OUTPUTS_JSON, for Kindling
-to load the folder (under its `vit.` prefix) and compare.
+to load the folder (under its `vit.` prefix) and compare; "interpolated" holds the outputs on
+images of other sizes (4x4, 12x12, 8x12) with `interpolate_pos_encoding=True`.
 """
 import json
 import sys
@@ -73,6 +74,14 @@ elif mode == "make":
     pixels = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         hidden = model.vit(pixel_values=pixels).last_hidden_state
-    json.dump({"pixel_values": pixels.tolist(), "last_hidden_state": hidden.tolist()}, open(outputs, "w"))
+        # Other sizes read positions resized bicubically (`interpolate_pos_encoding`, DINO's
+        # local crops): a smaller, a larger and a non-square grid.
+        resized = []
+        for (h, w) in [(4, 4), (12, 12), (8, 12)]:
+            x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(h * 100 + w))
+            y = model.vit(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+            resized.append({"pixel_values": x.tolist(), "last_hidden_state": y.tolist()})
+    json.dump({"pixel_values": pixels.tolist(), "last_hidden_state": hidden.tolist(),
+               "interpolated": resized}, open(outputs, "w"))
 else:
     sys.exit(f"unknown mode {mode}")

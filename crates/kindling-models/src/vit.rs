@@ -194,16 +194,45 @@ impl ViTConfig {
     /// Matmul FLOPs of one forward pass over one image: the patch projection, each block's four
     /// projections and MLP at every position, and attention's two products.
     pub fn forward_flops(&self) -> f64 {
+        self.forward_flops_at(self.image_size, self.image_size)
+    }
+
+    /// [`ViTConfig::forward_flops`] for an `h` x `w` image (interpolated positions).
+    pub fn forward_flops_at(&self, height: usize, width: usize) -> f64 {
         let (h, i, l) = (
             self.hidden_size as f64,
             self.intermediate_size as f64,
             self.num_hidden_layers as f64,
         );
-        let t = self.seq_len() as f64;
+        let patches = ((height / self.patch_size) * (width / self.patch_size)) as f64;
+        let t = patches + 1.0;
         let patch = (self.num_channels * self.patch_size * self.patch_size) as f64;
-        let patches = t - 1.0;
         2.0 * patches * patch * h + l * (2.0 * t * (4.0 * h * h + 2.0 * h * i) + 4.0 * t * t * h)
     }
+}
+
+/// PyTorch's `interpolate(mode="bicubic", align_corners=False)` along one axis from `from` to
+/// `to` samples as a (to, from) matrix: output `i` reads the four inputs around
+/// `(i + 0.5) * from / to - 0.5` with Keys' cubic weights (a = -0.75), indices clamped to the
+/// edge. A matrix rather than a kernel because it is tiny (grid x grid) and autograd then
+/// carries the positions' gradient through the product for free.
+fn bicubic_matrix(from: usize, to: usize) -> Vec<f32> {
+    const A: f64 = -0.75;
+    let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    let scale = from as f64 / to as f64;
+    let mut m = vec![0f32; to * from];
+    for i in 0..to {
+        let src = (i as f64 + 0.5) * scale - 0.5;
+        let base = src.floor();
+        let t = src - base;
+        let weights = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
+        for (k, w) in weights.iter().enumerate() {
+            let j = (base as i64 - 1 + k as i64).clamp(0, from as i64 - 1) as usize;
+            m[i * from + j] += *w as f32;
+        }
+    }
+    m
 }
 
 /// `encoder.layer.N`: pre-norm attention and MLP, each with a residual.
@@ -357,43 +386,69 @@ impl ViTModel {
         name.starts_with("pooler.")
     }
 
-    /// Checks `images` against the config: (batch, image_size, image_size, num_channels).
-    fn check_images(&self, images: &Tensor) -> Result<usize> {
+    /// Checks `images` against the config: (batch, height, width, num_channels), each side a
+    /// multiple of `patch_size`; the patch grid (batch, rows, columns). Another size than
+    /// `image_size` reads interpolated positions ([`ViTModel::positions`]), as HF's
+    /// `interpolate_pos_encoding=True` does (DINO's small local crops).
+    fn check_images(&self, images: &Tensor) -> Result<(usize, usize, usize)> {
         let c = &self.config;
         let (b, ih, iw, ch) = images.dims4()?;
-        if ih != c.image_size || iw != c.image_size || ch != c.num_channels {
+        let p = c.patch_size;
+        if ih % p != 0 || iw % p != 0 || ih == 0 || iw == 0 || ch != c.num_channels {
             return Err(ModelError::Config(format!(
                 "images of {ih}x{iw}x{ch}, the model takes {s}x{s}x{} (image_size, \
-                 num_channels)",
+                 num_channels), or other sides that are multiples of patch_size ({p})",
                 c.num_channels,
                 s = c.image_size
             )));
         }
-        Ok(b)
+        Ok((b, ih / p, iw / p))
+    }
+
+    /// The patches' positions for a `rows` x `columns` grid, (rows * columns, hidden): the
+    /// learned table at its own grid, otherwise the table resized bicubically (HF's
+    /// `interpolate_pos_encoding`; its gradient flows back to the table).
+    fn positions(&self, (rows, columns): (usize, usize)) -> Result<Tensor> {
+        let g = self.config.grid();
+        let table = self.position_embeddings.narrow(1, 1, g * g)?.squeeze(0)?;
+        if (rows, columns) == (g, g) {
+            return Ok(table);
+        }
+        let (my, mx) = (bicubic_matrix(g, rows), bicubic_matrix(g, columns));
+        // The 2-D resize is separable: weight (y, x) <- (i, j) is my[y, i] * mx[x, j].
+        let mut m = Vec::with_capacity(rows * columns * g * g);
+        for y in 0..rows {
+            for x in 0..columns {
+                for i in 0..g {
+                    for j in 0..g {
+                        m.push(my[y * g + i] * mx[x * g + j]);
+                    }
+                }
+            }
+        }
+        let m = Tensor::from_vec(m, (rows * columns, g * g), table.device())?;
+        Ok(m.matmul(&table)?)
     }
 
     /// The patches of `images`, projected and with their positions: (batch, patches, hidden),
     /// in row-major patch order.
     fn patch_tokens(&self, images: &Tensor) -> Result<Tensor> {
         let c = &self.config;
-        let b = self.check_images(images)?;
-        let (p, g, h, ch) = (c.patch_size, c.grid(), c.hidden_size, c.num_channels);
+        let (b, gy, gx) = self.check_images(images)?;
+        let (p, h, ch) = (c.patch_size, c.hidden_size, c.num_channels);
         // (b, gy, py, gx, px, ch) -> (b, gy, gx, ch, py, px): each patch's values in the
         // kernel's (channel, row, column) order.
         let patches = images
-            .reshape((b, g, p, g, p, ch))?
+            .reshape((b, gy, p, gx, p, ch))?
             .permute((0, 1, 3, 5, 2, 4))?
             .contiguous()?
-            .reshape((b * g * g, ch * p * p))?;
+            .reshape((b * gy * gx, ch * p * p))?;
         let weight = self.patch_weight.reshape((h, ch * p * p))?;
         let projected = c
             .kernels
             .linear(&patches, &weight, &self.patch_bias)?
-            .reshape((b, g * g, h))?;
-        let positions = self
-            .position_embeddings
-            .narrow(1, 1, g * g)?
-            .to_dtype(projected.dtype())?;
+            .reshape((b, gy * gx, h))?;
+        let positions = self.positions((gy, gx))?.to_dtype(projected.dtype())?;
         Ok(projected.broadcast_add(&positions)?)
     }
 
@@ -460,13 +515,13 @@ impl ViTModel {
     /// (row, column, channel) order as HF's `ViTMAEForPreTraining.patchify`: MAE's targets.
     pub fn patchify(&self, images: &Tensor) -> Result<Tensor> {
         let c = &self.config;
-        let b = self.check_images(images)?;
-        let (p, g, ch) = (c.patch_size, c.grid(), c.num_channels);
+        let (b, gy, gx) = self.check_images(images)?;
+        let (p, ch) = (c.patch_size, c.num_channels);
         Ok(images
-            .reshape((b, g, p, g, p, ch))?
+            .reshape((b, gy, p, gx, p, ch))?
             .permute((0, 1, 3, 2, 4, 5))?
             .contiguous()?
-            .reshape((b * g * g, p * p * ch))?)
+            .reshape((b * gy * gx, p * p * ch))?)
     }
 
     /// The `[CLS]` vector of each image after the final LayerNorm: (batch, hidden), the
@@ -474,9 +529,9 @@ impl ViTModel {
     pub fn features(&self, images: &Tensor, mode: Mode) -> Result<Tensor> {
         let b = images.dim(0)?;
         let h = self.config.hidden_size;
-        let t = self.config.seq_len();
-        Ok(self
-            .forward_t(images, mode)?
+        let hidden = self.forward_t(images, mode)?;
+        let t = hidden.dim(0)? / b.max(1);
+        Ok(hidden
             .reshape((b, t, h))?
             .narrow(1, 0, 1)?
             .reshape((b, h))?)
@@ -718,6 +773,33 @@ mod tests {
             df < 1e-5 && dw < 1e-4,
             "features {df}, patch kernel gradient {dw}"
         );
+    }
+
+    /// At its own grid the resize is the identity (the table as it is); other grids read
+    /// resized positions whose gradient reaches the table.
+    #[test]
+    fn other_image_sizes_read_resized_positions() {
+        for n in 1..6 {
+            let m = bicubic_matrix(n, n);
+            for i in 0..n {
+                for j in 0..n {
+                    assert_eq!(m[i * n + j], if i == j { 1.0 } else { 0.0 });
+                }
+            }
+        }
+        // Each output row's weights sum to 1 (a constant table stays constant).
+        for (from, to) in [(7, 3), (2, 5), (3, 2)] {
+            for row in bicubic_matrix(from, to).chunks(from) {
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+            }
+        }
+        let (m, _) = tiny(0.0);
+        let small = crate::test_util::uniform(&[2, 4, 12, 1], 2, 1.0);
+        let f = m.features(&small, Mode::Eval).unwrap();
+        assert_eq!(f.dims(), &[2, 16]);
+        let grads = weighted_sum(&f).backward().unwrap();
+        let g = grads.get(&m.position_embeddings).unwrap();
+        assert!(crate::test_util::abs_sum(&g.narrow(1, 1, 4).unwrap()) > 0.0);
     }
 
     #[test]
