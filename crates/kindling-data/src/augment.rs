@@ -315,10 +315,31 @@ impl Stage {
 }
 
 /// A view: the stages applied in order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ViewPipeline {
     pub stages: Vec<Stage>,
+    /// How many views of each image this pipeline makes (multi-crop: `count = 6` small local
+    /// crops); each draws its own augmentations.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub count: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+impl Default for ViewPipeline {
+    fn default() -> Self {
+        ViewPipeline {
+            stages: Vec::new(),
+            count: 1,
+        }
+    }
 }
 
 impl ViewPipeline {

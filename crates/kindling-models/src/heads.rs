@@ -1,5 +1,6 @@
 //! MLP heads of the vision SSL objectives: projectors and predictors, Linear -> BatchNorm ->
-//! ReLU per hidden layer, as SimCLR v2, BYOL, SimSiam, Barlow Twins and VICReg define theirs.
+//! ReLU per hidden layer, as SimCLR v2, BYOL, SimSiam, Barlow Twins and VICReg define theirs,
+//! or Linear -> GELU without norms (DINO's head, `hidden_norm = false, activation = "gelu"`).
 //! Names: `layers.{i}.linear.{weight,bias}` and `layers.{i}.norm.*`.
 
 use candle_core::Tensor;
@@ -20,6 +21,20 @@ pub struct MlpConfig {
     /// BatchNorm after the last linear layer too (SimSiam's projector; Barlow Twins and
     /// VICReg normalise in the loss instead).
     pub last_norm: bool,
+    /// BatchNorm after each hidden layer (DINO's head has none).
+    pub hidden_norm: bool,
+    /// The hidden layers' activation.
+    pub activation: Activation,
+}
+
+/// An MLP head's hidden activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    #[default]
+    Relu,
+    /// Exact (erf) GELU, as PyTorch's `nn.GELU()`.
+    Gelu,
 }
 
 impl Default for MlpConfig {
@@ -27,6 +42,8 @@ impl Default for MlpConfig {
         MlpConfig {
             dims: vec![512, 128],
             last_norm: false,
+            hidden_norm: true,
+            activation: Activation::Relu,
         }
     }
 }
@@ -35,7 +52,7 @@ impl Default for MlpConfig {
 struct MlpLayer {
     linear: Linear,
     norm: Option<BatchNorm>,
-    relu: bool,
+    activation: Option<Activation>,
 }
 
 #[derive(Debug, Clone)]
@@ -58,12 +75,12 @@ impl Mlp {
             let v = vb.pp("layers").pp(i.to_string());
             layers.push(MlpLayer {
                 linear: Linear::load(d, out, v.pp("linear"))?,
-                norm: if !last || cfg.last_norm {
+                norm: if (!last && cfg.hidden_norm) || (last && cfg.last_norm) {
                     Some(BatchNorm::load(out, v.pp("norm"))?)
                 } else {
                     None
                 },
-                relu: !last,
+                activation: (!last).then_some(cfg.activation),
             });
             d = out;
         }
@@ -77,9 +94,11 @@ impl Mlp {
             if let Some(n) = &l.norm {
                 h = n.forward_t(&h, mode)?;
             }
-            if l.relu {
-                h = crate::conv::relu(&h)?;
-            }
+            h = match l.activation {
+                Some(Activation::Relu) => crate::conv::relu(&h)?,
+                Some(Activation::Gelu) => crate::ops::gelu_erf(&h)?,
+                None => h,
+            };
         }
         Ok(h)
     }

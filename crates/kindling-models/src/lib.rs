@@ -30,7 +30,7 @@ pub mod vit_mae;
 pub use backbone::{Backbone, BackboneConfig};
 pub use bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, Pooling};
 pub use encoder::{Architecture, Encoder, EncoderConfig, MaskedLm, SequenceClassifier};
-pub use heads::{Mlp, MlpConfig};
+pub use heads::{Activation, Mlp, MlpConfig};
 pub use kindling_core::Mode;
 pub use modernbert::{ModernBertConfig, ModernBertForMaskedLM, ModernBertModel};
 pub use resnet::{ResNet, ResNetConfig};

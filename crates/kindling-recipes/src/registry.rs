@@ -106,6 +106,11 @@ pub const REGISTRY: &[Entry] = &[
         Family::Vision,
         "MAE: a ViT reconstructs the pixels of hidden patches",
     ),
+    objective(
+        "dino",
+        Family::Vision,
+        "DINO: self-distillation over global and local crops",
+    ),
     task(
         "sequence-classification",
         Family::TextClassification,

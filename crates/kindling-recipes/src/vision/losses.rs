@@ -4,11 +4,12 @@
 use super::*;
 
 /// What a method's loss sees: the online projections `z`, the predictions `p` (BYOL, SimSiam),
-/// and the target network's projections `t` (BYOL, MoCo; detached), one per view.
+/// one per view, and the target network's projections `t` (BYOL, MoCo, DINO; detached) of the
+/// first [`SslLoss::target_views`] views. The two-view methods get exactly two views.
 pub struct Outputs {
-    pub z: [Tensor; 2],
-    pub p: Option<[Tensor; 2]>,
-    pub t: Option<[Tensor; 2]>,
+    pub z: Vec<Tensor>,
+    pub p: Option<Vec<Tensor>>,
+    pub t: Option<Vec<Tensor>>,
     pub train: bool,
     /// The data-parallel group, in training steps of a run over several ranks (losses that
     /// compare samples across the batch gather over it).
@@ -21,6 +22,16 @@ pub trait SslLoss: Send + Sync {
         false
     }
     fn target(&self) -> bool {
+        false
+    }
+    /// The views the target network sees, the first ones (`None`: all; DINO's teacher sees the
+    /// global crops only).
+    fn target_views(&self) -> Option<usize> {
+        None
+    }
+    /// Whether a VarMap entry the loss made is state the optimiser leaves alone (MoCo's
+    /// queue, DINO's centre), not a parameter.
+    fn is_state(&self, _name: &str) -> bool {
         false
     }
     fn loss(&self, o: &Outputs) -> candle_core::Result<Tensor>;
@@ -68,6 +79,7 @@ pub enum LossConfig {
     Barlow(barlow::Settings),
     VicReg(vicreg::Settings),
     Mae(mae::Settings),
+    Dino(dino::Settings),
 }
 
 impl Default for LossConfig {
@@ -87,6 +99,7 @@ impl LossConfig {
             "barlow" => LossConfig::Barlow(Default::default()),
             "vicreg" => LossConfig::VicReg(Default::default()),
             "mae" => LossConfig::Mae(Default::default()),
+            "dino" => LossConfig::Dino(Default::default()),
             _ => return None,
         })
     }
@@ -145,6 +158,7 @@ impl LossConfig {
             LossConfig::Barlow(_) => typed(table).map(LossConfig::Barlow),
             LossConfig::VicReg(_) => typed(table).map(LossConfig::VicReg),
             LossConfig::Mae(_) => typed(table).map(LossConfig::Mae),
+            LossConfig::Dino(_) => typed(table).map(LossConfig::Dino),
         }
         .map_err(|(k, msg)| err(&k, msg))?;
         parsed.check().map_err(|(k, msg)| err(k, msg))?;
@@ -168,6 +182,19 @@ impl LossConfig {
                 "decoder_num_attention_heads",
                 "decoder_intermediate_size",
             ],
+            LossConfig::Dino(_) => vec![
+                "out_dim",
+                "student_temperature",
+                "teacher_temperature",
+                "warmup_teacher_temperature",
+                "warmup_teacher_temperature_steps",
+                "center_momentum",
+                "global_views",
+                "ema_base",
+                "ema_final",
+                "norm_last_layer",
+                "freeze_last_layer_steps",
+            ],
         }
     }
 
@@ -185,6 +212,7 @@ impl LossConfig {
             LossConfig::Barlow(s) => s.check(),
             LossConfig::VicReg(s) => s.check(),
             LossConfig::Mae(s) => s.check(),
+            LossConfig::Dino(s) => s.check(),
         }
     }
 
@@ -193,6 +221,7 @@ impl LossConfig {
         match self {
             LossConfig::MoCo(s) => (s.ema_base, s.ema_final),
             LossConfig::Byol(s) => (s.ema_base, s.ema_final),
+            LossConfig::Dino(s) => (s.ema_base, s.ema_final),
             _ => (0.99, 1.0),
         }
     }
@@ -203,6 +232,14 @@ impl LossConfig {
             LossConfig::Byol(s) => s.fix_predictor_lr,
             LossConfig::SimSiam(s) => s.fix_predictor_lr,
             _ => false,
+        }
+    }
+
+    /// DINO's settings (the one multi-crop method).
+    pub fn dino(&self) -> Option<dino::Settings> {
+        match *self {
+            LossConfig::Dino(s) => Some(s),
+            _ => None,
         }
     }
 
@@ -240,6 +277,7 @@ impl LossConfig {
                 cov_weight: s.cov_weight,
             }),
             LossConfig::Mae(_) => return Ok(None),
+            LossConfig::Dino(s) => Box::new(dino::Dino::new(s, proj_dim, vb)?),
         }))
     }
 }

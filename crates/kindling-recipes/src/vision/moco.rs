@@ -100,6 +100,10 @@ impl SslLoss for MoCo {
         true
     }
 
+    fn is_state(&self, name: &str) -> bool {
+        name.starts_with("queue")
+    }
+
     fn loss(&self, o: &Outputs) -> Result<Tensor> {
         let t = o.t.as_ref().expect("MoCo builds a momentum encoder");
         let q = [l2_normalize(&o.z[0])?, l2_normalize(&o.z[1])?];
@@ -161,9 +165,9 @@ mod tests {
         let z = Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap();
         let t = Tensor::new(&[[2f32, 0.0], [0.0, 3.0]], &Device::Cpu).unwrap();
         let o = Outputs {
-            z: [z.clone(), z.clone()],
+            z: vec![z.clone(), z.clone()],
             p: None,
-            t: Some([t.clone(), t.clone()]),
+            t: Some(vec![t.clone(), t.clone()]),
             train: true,
             group: None,
         };
@@ -221,9 +225,9 @@ mod tests {
             m
         };
         let outputs = |t1: &Tensor, t2: &Tensor, group| Outputs {
-            z: [t1.clone(), t2.clone()],
+            z: vec![t1.clone(), t2.clone()],
             p: None,
-            t: Some([t1.clone(), t2.clone()]),
+            t: Some(vec![t1.clone(), t2.clone()]),
             train: true,
             group,
         };

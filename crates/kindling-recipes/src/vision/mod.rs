@@ -1,5 +1,5 @@
 //! The vision SSL family: `kindling pretrain recipes/<method>-fashion-mnist.toml` with
-//! `objective` one of simclr, moco, byol, simsiam, barlow, vicreg.
+//! `objective` one of simclr, moco, byol, simsiam, barlow, vicreg, mae, dino.
 //!
 //! ```text
 //! images (IDX / folder / CSV) -> two augmented views per image (seeded, rayon)
@@ -14,6 +14,7 @@
 
 pub mod barlow;
 pub mod byol;
+pub mod dino;
 pub mod finetune;
 pub mod mae;
 pub mod moco;
@@ -207,35 +208,7 @@ impl VisionRecipe {
             });
         }
         r.loss = LossConfig::from_table(&r.objective, loss, path)?;
-        if r.data.views.is_empty() || r.data.views.len() > 2 {
-            return Err(RecipeError::Key {
-                path: path.to_path_buf(),
-                key: "data.views".into(),
-                msg: format!("give one or two view pipelines, got {}", r.data.views.len()),
-            });
-        }
-        if r.loss.mae().is_some() {
-            let key = |key: &str, msg: String| RecipeError::Key {
-                path: path.to_path_buf(),
-                key: key.into(),
-                msg,
-            };
-            if r.data.views.len() != 1 {
-                return Err(key(
-                    "data.views",
-                    format!(
-                        "MAE sees one view of each image: give one pipeline, got {}",
-                        r.data.views.len()
-                    ),
-                ));
-            }
-            if !matches!(r.model.backbone, BackboneConfig::ViT(_)) {
-                return Err(key(
-                    "model.backbone.architecture",
-                    "MAE masks patches: it needs architecture = \"vit\"".into(),
-                ));
-            }
-        }
+        r.check_views(path)?;
         Ok(r)
     }
 
@@ -243,15 +216,92 @@ impl VisionRecipe {
         self.header.name()
     }
 
-    /// The two view pipelines (one given: both views use it).
-    /// The training views of each image: two (one pipeline given means both use it), or
-    /// MAE's one.
+    /// The training views of each image, each pipeline `count` times in order: two for the
+    /// two-view methods (one pipeline given: both views use it), MAE's one, or DINO's global
+    /// crops then local crops.
     pub fn pipelines(&self) -> Vec<ViewPipeline> {
-        let v = &self.data.views;
-        if self.loss.mae().is_some() {
-            return vec![v[0].clone()];
+        let mut out: Vec<ViewPipeline> = self
+            .data
+            .views
+            .iter()
+            .flat_map(|p| {
+                let one = ViewPipeline {
+                    count: 1,
+                    ..p.clone()
+                };
+                std::iter::repeat_n(one, p.count)
+            })
+            .collect();
+        if out.len() == 1 && self.loss.mae().is_none() && self.loss.dino().is_none() {
+            out.push(out[0].clone());
         }
-        vec![v[0].clone(), v.get(1).unwrap_or(&v[0]).clone()]
+        out
+    }
+
+    /// `[[data.views]]` against the objective: each `count` at least 1; MAE one view, the
+    /// two-view methods two, DINO its `global_views` and at least one view more.
+    fn check_views(&self, path: &Path) -> Result<(), RecipeError> {
+        let key = |key: &str, msg: String| RecipeError::Key {
+            path: path.to_path_buf(),
+            key: key.into(),
+            msg,
+        };
+        if let Some(i) = self.data.views.iter().position(|p| p.count == 0) {
+            return Err(key(
+                "data.views.count",
+                format!("view pipeline {} has count = 0: give at least 1", i + 1),
+            ));
+        }
+        if self.data.eval_view.count != 1 {
+            return Err(key(
+                "data.eval_view.count",
+                "the eval view is one view of each image: leave count out".into(),
+            ));
+        }
+        let total: usize = self.data.views.iter().map(|p| p.count).sum();
+        if total > 64 {
+            return Err(key(
+                "data.views",
+                format!("at most 64 views of each image, got {total}"),
+            ));
+        }
+        if let Some(d) = self.loss.dino() {
+            if total < 2 || d.global_views > total {
+                return Err(key(
+                    "data.views",
+                    format!(
+                        "DINO compares views: give its {} global views (loss.global_views) \
+                         first and any local views after them; the pipelines give {total} \
+                         view(s) of each image{}",
+                        d.global_views,
+                        if total < 2 { ", at least 2 needed" } else { "" }
+                    ),
+                ));
+            }
+        } else if self.loss.mae().is_some() {
+            if total != 1 {
+                return Err(key(
+                    "data.views",
+                    format!("MAE sees one view of each image: give one pipeline, got {total}"),
+                ));
+            }
+            if !matches!(self.model.backbone, BackboneConfig::ViT(_)) {
+                return Err(key(
+                    "model.backbone.architecture",
+                    "MAE masks patches: it needs architecture = \"vit\"".into(),
+                ));
+            }
+        } else if total > 2 || self.data.views.is_empty() {
+            return Err(key(
+                "data.views",
+                format!(
+                    "{} compares two views: give one or two view pipelines of one view \
+                     each, got {total} views (multi-crop is DINO's: objective = \"dino\")",
+                    self.objective
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -289,9 +339,9 @@ pub(crate) mod group_test {
         // A target network's projections, for the methods that read them: detached, as
         // theirs are.
         let outputs = |z1: &Var, z2: &Var, group| Outputs {
-            z: [z1.as_tensor().clone(), z2.as_tensor().clone()],
+            z: vec![z1.as_tensor().clone(), z2.as_tensor().clone()],
             p: None,
-            t: Some([
+            t: Some(vec![
                 z1.as_tensor().affine(0.7, 0.1).unwrap().detach(),
                 z2.as_tensor().affine(0.7, -0.1).unwrap().detach(),
             ]),

@@ -6,7 +6,7 @@ use super::*;
 /// PyTorch's initialisation, seeded per parameter name (the same weights on any thread count
 /// and whatever the creation order): convolutions Kaiming-normal (fan_out, ReLU), linear layers
 /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias, BatchNorm 1 and 0, buffers at their
-/// start values, MoCo's queue random unit rows.
+/// start values (DINO's centre and update count 0), MoCo's queue random unit rows.
 pub fn seeded_init(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
     let data = varmap.data().lock().expect("varmap lock poisoned");
     let mut names: Vec<&String> = data.keys().collect();
@@ -28,7 +28,7 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
             vec![1.0; n]
         } else if name.ends_with("normalization.bias") || name.ends_with("norm.bias") {
             vec![0.0; n]
-        } else if name == "queue_ptr" {
+        } else if name == "queue_ptr" || dino::Dino::is_state(name) {
             vec![0.0; n]
         } else if name == "queue" {
             let mut v = normal(1.0, &mut r);
@@ -91,9 +91,10 @@ pub(super) fn init_encoder(
     Ok(())
 }
 
-/// The size the encoder sees: `eval_view`'s output for the data's images. A ViT's positions
-/// are learned for one grid, so every training view must give that size too (multi-size
-/// crops would need interpolated positions, which Kindling's ViT does not have yet).
+/// The size the encoder sees: `eval_view`'s output for the data's images. A ViT learns its
+/// positions for that grid; training views of other sizes (DINO's local crops) read them
+/// resized, so their sides must be multiples of `patch_size`; MAE masks patches of that grid,
+/// so its view must give eval_view's size.
 fn view_shape(
     recipe: &VisionRecipe,
     (h, w, c): (usize, usize, usize),
@@ -107,24 +108,33 @@ fn view_shape(
         .eval_view
         .output_shape(h, w, c)
         .map_err(|e| invalid("data.eval_view", e.to_string()))?;
-    if matches!(recipe.model.backbone, BackboneConfig::ViT(_)) {
-        for (i, p) in recipe.pipelines().iter().enumerate() {
-            let s = p
+    if let BackboneConfig::ViT(vit) = &recipe.model.backbone {
+        let p = vit.patch_size;
+        for (i, pipe) in recipe.pipelines().iter().enumerate() {
+            let s = pipe
                 .output_shape(h, w, c)
                 .map_err(|e| invalid("data.views", e.to_string()))?;
-            if (s.0, s.1) != (eval.0, eval.1) {
+            let mae = recipe.loss.mae().is_some();
+            if mae && (s.0, s.1) != (eval.0, eval.1) {
                 return Err(invalid(
                     "data.views",
                     format!(
-                        "view {} gives {}x{} images and eval_view {}x{}: a ViT backbone takes \
-                         one image size (its positions are learned per patch), so every view \
-                         must give eval_view's size (e.g. random_resized_crop size = {})",
+                        "the view gives {}x{} images and eval_view {}x{}: MAE masks the \
+                         patches of the ViT's one grid, so its view must give eval_view's \
+                         size (e.g. random_resized_crop size = {})",
+                        s.0, s.1, eval.0, eval.1, eval.0
+                    ),
+                ));
+            }
+            if s.0 % p != 0 || s.1 % p != 0 {
+                return Err(invalid(
+                    "data.views",
+                    format!(
+                        "view {} gives {}x{} images: a ViT backbone needs sides that are \
+                         multiples of its patch_size ({p})",
                         i + 1,
                         s.0,
-                        s.1,
-                        eval.0,
-                        eval.1,
-                        eval.0
+                        s.1
                     ),
                 ));
             }
@@ -209,8 +219,17 @@ impl SslModel {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let backbone = Backbone::new(&backbone_cfg, vb.pp("backbone"))?;
         let feat = backbone_cfg.feature_dim();
-        let (h, w, _) = in_shape;
+        let (h, w, c) = in_shape;
         let encoder_flops = backbone_cfg.forward_flops(h, w);
+        // Each training view at its own size (multi-crop's local views cost less).
+        let view_flops: Vec<f64> = recipe
+            .pipelines()
+            .iter()
+            .map(|p| {
+                let (vh, vw, _) = p.output_shape(h, w, c).unwrap_or((h, w, c));
+                backbone_cfg.forward_flops(vh, vw)
+            })
+            .collect();
         let (heads, head_flops) = match (recipe.loss.mae(), &backbone_cfg) {
             (Some(settings), BackboneConfig::ViT(vit)) => {
                 let head = mae::MaeHead::new(vit, settings, vb.pp("decoder")).map_err(|e| {
@@ -305,7 +324,11 @@ impl SslModel {
             knn: None,
             eval_features: Mutex::new((Vec::new(), Vec::new())),
             // Forward + backward (2x) for each view.
-            flops_per_image: 3.0 * train_views as f64 * (encoder_flops + head_flops),
+            flops_per_image: 3.0
+                * view_flops
+                    .iter()
+                    .map(|f| f + head_flops)
+                    .sum::<f64>(),
             compute: None,
             fix_predictor_lr: recipe.loss.fix_predictor_lr(),
             group: None,
@@ -382,32 +405,39 @@ impl Objective for SslModel {
                 target,
                 loss,
             } => {
-                let x = [self.images(batch, 0)?, self.images(batch, 1)?];
-                let f = [
-                    self.encode(&self.backbone, &x[0], mode)?,
-                    self.encode(&self.backbone, &x[1], mode)?,
-                ];
-                let z = [
-                    projector.forward_t(&f[0], mode)?,
-                    projector.forward_t(&f[1], mode)?,
-                ];
+                // Each view through the encoder on its own: views may differ in size
+                // (multi-crop), and BatchNorm's statistics stay per view, as two-view
+                // methods have always computed them.
+                let x = (0..self.train_views)
+                    .map(|v| self.images(batch, v))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let f = x
+                    .iter()
+                    .map(|xi| self.encode(&self.backbone, xi, mode))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let z = f
+                    .iter()
+                    .map(|fi| projector.forward_t(fi, mode))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 let p = match predictor {
-                    Some(pred) => {
-                        Some([pred.forward_t(&z[0], mode)?, pred.forward_t(&z[1], mode)?])
-                    }
+                    Some(pred) => Some(
+                        z.iter()
+                            .map(|zi| pred.forward_t(zi, mode))
+                            .collect::<candle_core::Result<Vec<_>>>()?,
+                    ),
                     None => None,
                 };
                 let t = match target {
                     Some((tb, tp)) => {
-                        let mut out = Vec::new();
-                        for xi in &x {
+                        let seen = loss.target_views().unwrap_or(x.len()).min(x.len());
+                        let mut out = Vec::with_capacity(seen);
+                        for xi in &x[..seen] {
                             out.push(
                                 tp.forward_t(&self.encode(tb, xi, mode)?.detach(), mode)?
                                     .detach(),
                             );
                         }
-                        let [a, b]: [Tensor; 2] = out.try_into().expect("two views");
-                        Some([a, b])
+                        Some(out)
                     }
                     None => None,
                 };
@@ -419,7 +449,7 @@ impl Objective for SslModel {
                     // Eval batches are the same on every rank: no gathering there.
                     group: self.group.clone().filter(|_| mode.is_train()),
                 };
-                let [f0, _] = f;
+                let f0 = f.into_iter().next().expect("at least one view");
                 (loss.loss(&outputs)?, f0)
             }
             // In training the probe reads `[CLS]` over the visible patches (a full pass more
@@ -467,11 +497,16 @@ impl Objective for SslModel {
         &self.varmap
     }
 
-    /// Not the target (moved by the EMA), MoCo's queue, BatchNorm's buffers or a ViT's pooler
+    /// Not the target (moved by the EMA), the loss's state (MoCo's queue, DINO's centre),
+    /// BatchNorm's buffers or a ViT's pooler
     /// (exported for transformers' `ViTModel`, read by no objective).
     fn trainable(&self, name: &str) -> bool {
+        let state = match &self.heads {
+            Heads::TwoView { loss, .. } => loss.is_state(name),
+            Heads::Mae(_) => false,
+        };
         !name.starts_with("target.")
-            && !name.starts_with("queue")
+            && !state
             && !is_norm_buffer(name)
             && !name.starts_with("backbone.pooler.")
     }

@@ -6,9 +6,13 @@ use super::*;
 
 fn tiny(objective: &str) -> VisionRecipe {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/tiny");
-    if objective == "mae" {
-        // MAE needs a ViT: its own tiny recipe.
-        return VisionRecipe::load(&root.join("mae-tiny.toml"), &[]).unwrap();
+    if objective == "mae" || objective == "dino" {
+        // MAE needs a ViT, DINO multi-crop: their own tiny recipes (DINO's last layer not
+        // frozen at step 0, so that every parameter gets its gradient).
+        let unfrozen = ["loss.freeze_last_layer_steps=0".to_string()];
+        let overrides = if objective == "dino" { &unfrozen[..] } else { &[] };
+        let path = root.join(format!("{objective}-tiny.toml"));
+        return VisionRecipe::load(&path, overrides).unwrap();
     }
     let path = root.join("simclr-tiny.toml");
     let mut overrides = vec![
@@ -22,22 +26,22 @@ fn tiny(objective: &str) -> VisionRecipe {
 }
 
 fn batch(n: usize, seed: u64) -> ViewBatch {
-    batch_of(n, seed, 20, 2)
+    batch_of(n, seed, &[20, 20])
 }
 
-/// `n` random images of `side` x `side` in each of `views` views.
-fn batch_of(n: usize, seed: u64, side: usize, views: usize) -> ViewBatch {
+/// `n` random images in each view, view `v` of `sides[v]` x `sides[v]` pixels.
+fn batch_of(n: usize, seed: u64, sides: &[usize]) -> ViewBatch {
     use rand::Rng;
     let mut r = rng::rng(&[seed]);
-    let mut view = || {
+    let mut view = |side: usize| {
         (0..n * side * side)
             .map(|_| r.random_range(-1.0f32..1.0))
             .collect()
     };
     ViewBatch {
         n,
-        shapes: vec![(side, side, 1); views],
-        views: (0..views).map(|_| view()).collect(),
+        shapes: sides.iter().map(|&s| (s, s, 1)).collect(),
+        views: sides.iter().map(|&s| view(s)).collect(),
         labels: Some((0..n as u32).map(|i| i % 3).collect()),
         cursor_after: Cursor::default(),
     }
@@ -48,11 +52,12 @@ fn every_method_trains_every_parameter_and_only_those() {
     for objective in &objectives() {
         let recipe = tiny(objective);
         let model = SslModel::build(&recipe, (28, 28, 1), 3, &Device::Cpu).unwrap();
-        // MAE: one view at the ViT's 28 pixels; the others: two 20-pixel crops.
-        let b = if *objective == "mae" {
-            batch_of(8, 1, 28, 1)
-        } else {
-            batch(8, 1)
+        // MAE: one view at the ViT's 28 pixels; DINO: 2 global 28-pixel and 6 local 12-pixel
+        // crops; the others: two 20-pixel crops.
+        let b = match *objective {
+            "mae" => batch_of(8, 1, &[28]),
+            "dino" => batch_of(8, 1, &[28, 28, 12, 12, 12, 12, 12, 12]),
+            _ => batch(8, 1),
         };
         let out = model.step(&b, Mode::Train { seed: 1 }).unwrap();
         let loss = out.loss.to_scalar::<f32>().unwrap();
@@ -81,7 +86,7 @@ fn every_method_trains_every_parameter_and_only_those() {
         let has_target = data.keys().any(|k| k.starts_with("target."));
         assert_eq!(
             has_target,
-            ["byol", "moco"].contains(objective),
+            ["byol", "moco", "dino"].contains(objective),
             "{objective}"
         );
         assert_eq!(data.contains_key("queue"), *objective == "moco");
