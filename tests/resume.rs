@@ -10,14 +10,19 @@ use std::time::{Duration, Instant};
 
 use crate::common::{kindling, stderr};
 
-/// The tiny recipe with dropout on, a checkpoint every 3 steps and evals on the way.
+/// The tiny MLM recipe with dropout on, a checkpoint every 3 steps and evals on the way.
 fn tiny(runs: &Path, name: &str, resume: bool) -> Command {
     tiny_with(runs, name, resume, &[])
 }
 
 fn tiny_with(runs: &Path, name: &str, resume: bool, extra: &[String]) -> Command {
+    run_of("recipes/tiny/bert-tiny-mlm.toml", runs, name, resume, extra)
+}
+
+/// `recipe` for 30 steps, a checkpoint every 3 (the last two kept), evals every 10.
+fn run_of(recipe: &str, runs: &Path, name: &str, resume: bool, extra: &[String]) -> Command {
     let mut cmd = kindling();
-    cmd.args(["pretrain", "recipes/tiny/bert-tiny-mlm.toml"]);
+    cmd.args(["pretrain", recipe]);
     for s in [
         format!("runs_dir=\"{}\"", runs.display()),
         format!("name=\"{name}\""),
@@ -267,6 +272,64 @@ fn a_run_streaming_from_token_shards_resumes_bit_for_bit() {
         final_tensors(&run) == want,
         "resumed run differs from the uninterrupted one"
     );
+}
+
+/// DINO with multi-crop (2 global 28px and 6 local 12px views of each image, a ViT reading
+/// resized positions for the local ones), killed with SIGKILL twice (before and after the
+/// teacher temperature's warmup and the last layer's freeze end) and resumed: the weights, the
+/// EMA teacher, the centre, the update count and the optimiser state end bit for bit as an
+/// uninterrupted run's.
+#[test]
+fn a_multi_crop_dino_run_resumes_bit_for_bit_after_sigkill() {
+    let runs = tempfile::tempdir().unwrap();
+    let dino = |name: &str, resume: bool| {
+        let extra = [
+            "loss.warmup_teacher_temperature_steps=12".to_string(),
+            "loss.freeze_last_layer_steps=8".into(),
+        ];
+        run_of(
+            "recipes/tiny/dino-tiny.toml",
+            runs.path(),
+            name,
+            resume,
+            &extra,
+        )
+    };
+    let out = dino("straight", false).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let want = final_tensors(&runs.path().join("straight"));
+    let header = String::from_utf8_lossy(&want.0[..want.0.len().min(1 << 16)]).to_string();
+    for name in [
+        "dino.center",
+        "dino.updates",
+        "target.dino.last_layer.weight",
+    ] {
+        assert!(header.contains(name), "checkpoints carry {name}");
+    }
+
+    let run = runs.path().join("killed");
+    for (i, step) in [6u64, 15].iter().enumerate() {
+        let mut child = dino("killed", i > 0).spawn().unwrap();
+        let state = run
+            .join("checkpoints")
+            .join(format!("step-{step:08}"))
+            .join("state.json");
+        assert!(
+            wait_for(&mut child, || state.is_file()),
+            "ended before the kill after step {step}"
+        );
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    let out = dino("killed", true).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resume: "), "{}", stderr(&out));
+    let got = final_tensors(&run);
+    assert!(
+        got.0 == want.0,
+        "final weights differ from the uninterrupted run"
+    );
+    assert!(got.1 == want.1, "final optimiser state differs");
 }
 
 #[test]

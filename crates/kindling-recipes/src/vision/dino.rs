@@ -141,7 +141,9 @@ impl Dino {
         };
         let last_layer = layer(vb.clone())?;
         let target_last_layer = layer(vb.pp("target"))?;
-        let center = vb.pp("dino").get_with_hints((1, s.out_dim), "center", zeros)?;
+        let center = vb
+            .pp("dino")
+            .get_with_hints((1, s.out_dim), "center", zeros)?;
         let updates = vb.pp("dino").get_with_hints(1, "updates", zeros)?;
         Ok(Dino {
             s,
@@ -206,14 +208,13 @@ impl SslLoss for Dino {
             .iter()
             .map(|l| candle_nn::ops::softmax_last_dim(&(l.broadcast_sub(&center)? / tt)?))
             .collect::<Result<Vec<_>>>()?;
-        let log_student = o
-            .z
-            .iter()
-            .map(|z| {
-                let l = (self.logits(z, &student_w)? / self.s.student_temperature)?;
-                candle_nn::ops::log_softmax(&l, D::Minus1)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let log_student =
+            o.z.iter()
+                .map(|z| {
+                    let l = (self.logits(z, &student_w)? / self.s.student_temperature)?;
+                    candle_nn::ops::log_softmax(&l, D::Minus1)
+                })
+                .collect::<Result<Vec<_>>>()?;
         let mut terms = Vec::new();
         for (g, q) in targets.iter().enumerate() {
             for (v, log_p) in log_student.iter().enumerate() {
@@ -307,9 +308,7 @@ mod tests {
             ..Default::default()
         };
         let (d, _) = dino(s);
-        d.center
-            .set(&values((1, 6), 9, 0.5))
-            .unwrap();
+        d.center.set(&values((1, 6), 9, 0.5)).unwrap();
         let z: Vec<Tensor> = (0..3).map(|i| rows(5, i)).collect();
         let t: Vec<Tensor> = (0..2).map(|i| rows(5, 10 + i)).collect();
         let got = d
@@ -319,7 +318,13 @@ mod tests {
             .unwrap();
 
         let w: Vec<Vec<f32>> = d.last_layer.as_tensor().to_vec2().unwrap();
-        let c: Vec<f32> = d.center.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let c: Vec<f32> = d
+            .center
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let unit = |v: &[f32]| -> Vec<f32> {
             let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
             v.iter().map(|x| x / n).collect()
@@ -343,7 +348,11 @@ mod tests {
             for (_, zv) in zs.iter().enumerate().filter(|(v, _)| *v != g) {
                 let mut h = 0.0;
                 for (tr, zr) in tv.iter().zip(zv) {
-                    let centred: Vec<f32> = logits(tr).iter().zip(&c).map(|(a, b)| (a - b) / 0.04).collect();
+                    let centred: Vec<f32> = logits(tr)
+                        .iter()
+                        .zip(&c)
+                        .map(|(a, b)| (a - b) / 0.04)
+                        .collect();
                     let q = softmax(centred);
                     let p = softmax(logits(zr).iter().map(|a| a / 0.1).collect());
                     h -= q.iter().zip(&p).map(|(q, p)| q * p.ln()).sum::<f32>();
@@ -379,7 +388,13 @@ mod tests {
         let t: Vec<Tensor> = (0..2).map(|i| rows(5, 10 + i)).collect();
         let loss = d.loss(&outputs(z.clone(), t.clone(), false)).unwrap();
         d.after_update().unwrap();
-        let c: Vec<f32> = d.center.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let c: Vec<f32> = d
+            .center
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(c.iter().all(|&x| x == 0.0), "evaluation moved the centre");
         let grads = loss.backward().unwrap();
         assert!(grads.get(d.last_layer.as_tensor()).is_some());
@@ -387,7 +402,9 @@ mod tests {
         assert!(grads.get(&z[0]).is_some());
 
         // Update 1 of a frozen last layer: no gradient there, the projections still get one.
-        d.updates.set(&Tensor::new(&[0f32], &Device::Cpu).unwrap()).unwrap();
+        d.updates
+            .set(&Tensor::new(&[0f32], &Device::Cpu).unwrap())
+            .unwrap();
         let loss = d.loss(&outputs(z.clone(), t.clone(), true)).unwrap();
         let grads = loss.backward().unwrap();
         assert!(grads.get(d.last_layer.as_tensor()).is_none());
@@ -401,11 +418,21 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let c: Vec<f32> = d.center.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let c: Vec<f32> = d
+            .center
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (a, b) in c.iter().zip(&want) {
             assert!((a - b).abs() < 1e-6, "{c:?} vs {want:?}");
         }
         let loss = d.loss(&outputs(z, t, true)).unwrap();
-        assert!(loss.backward().unwrap().get(d.last_layer.as_tensor()).is_some());
+        assert!(loss
+            .backward()
+            .unwrap()
+            .get(d.last_layer.as_tensor())
+            .is_some());
     }
 }

@@ -324,11 +324,7 @@ impl SslModel {
             knn: None,
             eval_features: Mutex::new((Vec::new(), Vec::new())),
             // Forward + backward (2x) for each view.
-            flops_per_image: 3.0
-                * view_flops
-                    .iter()
-                    .map(|f| f + head_flops)
-                    .sum::<f64>(),
+            flops_per_image: 3.0 * view_flops.iter().map(|f| f + head_flops).sum::<f64>(),
             compute: None,
             fix_predictor_lr: recipe.loss.fix_predictor_lr(),
             group: None,

@@ -10,7 +10,11 @@ fn tiny(objective: &str) -> VisionRecipe {
         // MAE needs a ViT, DINO multi-crop: their own tiny recipes (DINO's last layer not
         // frozen at step 0, so that every parameter gets its gradient).
         let unfrozen = ["loss.freeze_last_layer_steps=0".to_string()];
-        let overrides = if objective == "dino" { &unfrozen[..] } else { &[] };
+        let overrides = if objective == "dino" {
+            &unfrozen[..]
+        } else {
+            &[]
+        };
         let path = root.join(format!("{objective}-tiny.toml"));
         return VisionRecipe::load(&path, overrides).unwrap();
     }
