@@ -18,6 +18,7 @@ mod lifecycle;
 mod masking;
 mod model;
 mod recipe_errors;
+mod resnet;
 mod resume;
 mod simcse;
 mod vision;

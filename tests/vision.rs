@@ -293,15 +293,16 @@ fn a_vit_backbone_trains_and_exports_a_vit_model_folder_transformers_loads() {
         "a commit reached the Hub"
     );
 
-    // 20-pixel crops against a 28-pixel eval view: refused, naming the key, nothing written.
+    // 22-pixel crops, not a multiple of the 4-pixel patches: refused, naming the key, nothing
+    // written (20-pixel ones would read resized positions).
     let out = vit(
         "vit-crops",
-        &[r#"data.views=[{ stages = [{ kind = "random_resized_crop", size = 20 }] }]"#],
+        &[r#"data.views=[{ stages = [{ kind = "random_resized_crop", size = 22 }] }]"#],
     );
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("data.views") && err.contains("20x20") && err.contains("28x28"),
+        err.contains("data.views") && err.contains("22x22") && err.contains("patch_size (4)"),
         "{err}"
     );
     assert!(

@@ -687,6 +687,16 @@ pub fn is_norm_buffer(name: &str) -> bool {
         || name.ends_with("num_batches_tracked")
 }
 
+/// A tensor as PyTorch's `state_dict` holds it, for exports: BatchNorm's `num_batches_tracked`
+/// is a 0-dim int64 there (Kindling keeps a one-element f32 buffer; transformers reinitialises
+/// a tensor of another shape and reports it). Anything else unchanged.
+pub fn torch_layout(name: &str, t: &Tensor) -> Result<Tensor> {
+    if name.ends_with("num_batches_tracked") && t.elem_count() == 1 {
+        return t.reshape(())?.to_dtype(candle_core::DType::I64);
+    }
+    Ok(t.clone())
+}
+
 impl BatchNorm {
     pub fn load(c: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get_with_hints(c, "weight", candle_nn::Init::Const(1.0))?;

@@ -4,8 +4,9 @@
 use super::*;
 
 /// Writes the encoder: `model.safetensors` (HF ResNet or ViT names), `config.json` (the shape
-/// and the eval preprocessing; a ViT's is HF's `ViTModel` config, which transformers loads),
-/// and a model card.
+/// and the eval preprocessing; a ViT's is HF's `ViTModel` config and a standard-stem ResNet's
+/// HF's `ResNetModel` config, which transformers loads), `preprocessor_config.json`, a small-
+/// stem ResNet's weights under torchvision's names, and a model card.
 pub(super) fn export(
     recipe: &VisionRecipe,
     model: &SslModel,
@@ -22,24 +23,54 @@ pub(super) fn export(
         let mut v: Vec<(String, Tensor)> = data
             .iter()
             .filter_map(|(n, var)| {
-                n.strip_prefix("backbone.")
-                    .map(|k| (k.to_string(), var.as_tensor().clone()))
+                n.strip_prefix("backbone.").map(|k| {
+                    let t = kindling_models::conv::torch_layout(k, var.as_tensor());
+                    t.map(|t| (k.to_string(), t))
+                })
             })
-            .collect();
+            .collect::<candle_core::Result<_>>()?;
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
     kindling_models::export::save_safetensors(&dir.join("model.safetensors"), &tensors, &[])?;
+    if let BackboneConfig::ResNet(c) = model.backbone.config() {
+        if !c.is_hf_resnet() && c.architecture == "resnet" {
+            let renamed: Vec<(String, Tensor)> = tensors
+                .iter()
+                .filter_map(|(n, t)| {
+                    kindling_models::resnet::torchvision_name(n).map(|m| (m, t.clone()))
+                })
+                .collect();
+            kindling_models::export::save_safetensors(
+                &dir.join("torchvision.safetensors"),
+                &renamed,
+                &[],
+            )?;
+        }
+    }
     let backbone = model.backbone.config();
     let (mut config, about) = match &backbone {
+        BackboneConfig::ResNet(c) if c.is_hf_resnet() => {
+            let about = "The folder is HF's `ResNetModel` (`transformers.ResNetModel.\
+                         from_pretrained(DIR)`; pixel values channels-first, preprocessed as \
+                         `preprocessor_config.json` says); the features Kindling trained are its \
+                         `pooler_output` (the average-pooled last stage).";
+            (c.hf_json("ResNetModel"), about.to_string())
+        }
         BackboneConfig::ResNet(c) => {
             let mut config = serde_json::to_value(c).expect("config serialises");
             config["model_type"] = "kindling-resnet".into();
+            config["architectures"] = serde_json::json!(["KindlingResNetModel"]);
             config["layout"] = "channels_last".into();
-            let about = "Weights use HF ResNet parameter names; activations are channels-last and \
-                         the stem is the small-image one (3x3, no max-pool), which `transformers`' \
-                         ResNet cannot express.";
-            (config, about.to_string())
+            let about = format!(
+                "Weights use HF ResNet parameter names; the stem is the small-image one \
+                 ({k}x{k} stride {s}, no max-pool), which `transformers`' ResNet cannot express. \
+                 `torchvision.safetensors` holds the same weights under torchvision's names{tv}",
+                k = c.embedder_kernel_size,
+                s = c.embedder_stride,
+                tv = torchvision_snippet(c),
+            );
+            (config, about)
         }
         BackboneConfig::ViT(c) => {
             let about = format!(
@@ -56,12 +87,15 @@ pub(super) fn export(
     config["preprocessing"] = serde_json::to_value(&recipe.data.eval_view).expect("serialises");
     config["pretraining"] = serde_json::json!({"objective": recipe.objective, "steps": steps, "seed": recipe.header.seed});
     save_json(&dir.join("config.json"), &config)?;
-    if let BackboneConfig::ViT(c) = &backbone {
-        save_json(
-            &dir.join("preprocessor_config.json"),
-            &image_processor(&recipe.data.eval_view, c.image_size),
-        )?;
-    }
+    // The size the processor resizes to: the ViT's, or the images' for a ResNet.
+    let size = match &backbone {
+        BackboneConfig::ViT(c) => c.image_size,
+        BackboneConfig::ResNet(_) => model.image_side,
+    };
+    save_json(
+        &dir.join("preprocessor_config.json"),
+        &image_processor(&recipe.data.eval_view, size),
+    )?;
     let mut card = format!(
         "---\nlibrary_name: kindling\ntags: [self-supervised, {}, image-feature-extraction]\n{}---\n\n# {}\n\n\
          A {} pretrained with {} for {steps} steps by Kindling (`kindling pretrain`). {about}\n",
@@ -79,6 +113,47 @@ pub(super) fn export(
     }
     write_atomic(&dir.join("README.md"), card.as_bytes())?;
     Ok(())
+}
+
+/// The model card's lines that load `torchvision.safetensors` into torchvision's ResNet: for
+/// torchvision's shapes (4 stages of 64-128-256-512 basic or 256-...-2048 bottleneck blocks
+/// from a 64-channel stem, the first stage at stride 1) its `resnet18/34/50/...` with the stem
+/// replaced, the max-pool and the classifier identities; other shapes only share the names.
+fn torchvision_snippet(c: &kindling_models::resnet::ResNetConfig) -> String {
+    let bottleneck = c.layer_type == "bottleneck";
+    let widths: Vec<usize> = if bottleneck {
+        vec![256, 512, 1024, 2048]
+    } else {
+        vec![64, 128, 256, 512]
+    };
+    let shaped = c.hidden_sizes == widths
+        && c.embedding_size == 64
+        && !c.downsample_in_first_stage
+        && !c.downsample_in_bottleneck;
+    if !shaped {
+        return " (its stage widths or strides differ from torchvision's ResNets, so build \
+                the matching module before `load_state_dict`)."
+            .into();
+    }
+    let block = if bottleneck {
+        "Bottleneck"
+    } else {
+        "BasicBlock"
+    };
+    format!(
+        ":\n\n```python\nimport torch, torchvision, safetensors.torch\n\
+         m = torchvision.models.resnet.ResNet(torchvision.models.resnet.{block}, {depths:?})\n\
+         m.conv1 = torch.nn.Conv2d({ch}, 64, {k}, {s}, {p}, bias=False)\n\
+         m.maxpool = torch.nn.Identity()\n\
+         m.fc = torch.nn.Identity()\n\
+         m.load_state_dict(safetensors.torch.load_file(\"torchvision.safetensors\"))\n```\n\n\
+         `m(pixel_values)` (channels-first) then gives Kindling's features.",
+        depths = c.depths,
+        ch = c.num_channels,
+        k = c.embedder_kernel_size,
+        s = c.embedder_stride,
+        p = c.embedder_kernel_size / 2,
+    )
 }
 
 /// HF's `ViTImageProcessor` config for `eval_view` (what `AutoImageProcessor.from_pretrained`

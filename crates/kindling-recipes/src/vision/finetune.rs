@@ -183,6 +183,8 @@ pub struct ImageFtState {
     test: ImageSet,
     eval_view: ViewPipeline,
     backbone: BackboneConfig,
+    /// The side of the images the encoder sees (`eval_view`'s output).
+    image_side: usize,
 }
 
 /// Batches of `set` through `view`, in order (evaluation and the test report).
@@ -310,6 +312,7 @@ impl Experiment for ImageFinetuneRecipe {
                 test,
                 eval_view,
                 backbone: cfg,
+                image_side: shape.0,
             },
         })
     }
@@ -346,9 +349,10 @@ impl Experiment for ImageFinetuneRecipe {
     }
 }
 
-/// The classifier's folder: a ViT as HF's `ViTForImageClassification` (`vit.` + the encoder
-/// without its pooler, `classifier`), with the image processor; a ResNet as Kindling's
-/// classifier (the encoder's names, `classifier`).
+/// The classifier's folder, with the image processor: a ViT as HF's
+/// `ViTForImageClassification` (`vit.` + the encoder without its pooler, `classifier`), a
+/// standard-stem ResNet as HF's `ResNetForImageClassification` (`resnet.`, `classifier.1`), a
+/// small-stem ResNet as Kindling's classifier (the encoder's names, `classifier`).
 fn export(
     recipe: &ImageFinetuneRecipe,
     model: &ImageClassifier,
@@ -357,6 +361,7 @@ fn export(
     test: &BTreeMap<String, f64>,
 ) -> Result<(), RecipeError> {
     let vit = matches!(st.backbone, BackboneConfig::ViT(_));
+    let hf_resnet = matches!(&st.backbone, BackboneConfig::ResNet(c) if c.is_hf_resnet());
     let tensors: Vec<(String, Tensor)> = kindling_models::export::varmap_tensors(&model.varmap)
         .into_iter()
         .filter_map(|(n, t)| {
@@ -364,11 +369,21 @@ fn export(
                 if vit {
                     return (!k.starts_with("pooler.")).then(|| (format!("vit.{k}"), t));
                 }
+                if hf_resnet {
+                    return Some((format!("resnet.{k}"), t));
+                }
                 return Some((k.to_string(), t));
             }
-            n.starts_with("classifier.").then_some((n, t))
+            // HF's ResNet classifier is `Sequential(Flatten, Linear)`: the linear layer is
+            // `classifier.1`.
+            match n.strip_prefix("classifier.") {
+                Some(k) if hf_resnet => Some((format!("classifier.1.{k}"), t)),
+                Some(_) => Some((n, t)),
+                None => None,
+            }
         })
-        .collect();
+        .map(|(n, t)| Ok((n.clone(), kindling_models::conv::torch_layout(&n, &t)?)))
+        .collect::<candle_core::Result<_>>()?;
     kindling_models::export::save_safetensors(&dir.join("model.safetensors"), &tensors, &[])?;
     let labels: BTreeMap<String, String> = st
         .test
@@ -382,9 +397,11 @@ fn export(
         labels.values().enumerate().map(|(i, c)| (c, i)).collect();
     let mut config = match &st.backbone {
         BackboneConfig::ViT(c) => c.hf_json("ViTForImageClassification"),
+        BackboneConfig::ResNet(c) if hf_resnet => c.hf_json("ResNetForImageClassification"),
         BackboneConfig::ResNet(c) => {
             let mut v = serde_json::to_value(c).expect("config serialises");
             v["model_type"] = "kindling-resnet".into();
+            v["architectures"] = serde_json::json!(["KindlingResNetForImageClassification"]);
             v["layout"] = "channels_last".into();
             v
         }
@@ -396,12 +413,14 @@ fn export(
     config["finetuning"] =
         serde_json::json!({"from": recipe.model.path, "init": recipe.model.init, "test": test});
     save_json(&dir.join("config.json"), &config)?;
-    if let BackboneConfig::ViT(c) = &st.backbone {
-        save_json(
-            &dir.join("preprocessor_config.json"),
-            &super::export::image_processor(&st.eval_view, c.image_size),
-        )?;
-    }
+    let size = match &st.backbone {
+        BackboneConfig::ViT(c) => c.image_size,
+        BackboneConfig::ResNet(_) => st.image_side,
+    };
+    save_json(
+        &dir.join("preprocessor_config.json"),
+        &super::export::image_processor(&st.eval_view, size),
+    )?;
     let card = format!(
         "---\nlibrary_name: kindling\ntags: [image-classification]\n{}---\n\n# {}\n\n\
          A {} with a linear classifier over {} classes, fine-tuned by Kindling (`kindling \

@@ -193,6 +193,8 @@ pub struct SslModel {
     /// monitors in `finish_eval`.
     pub(super) eval_features: Mutex<(Vec<f32>, Vec<u32>)>,
     pub(super) flops_per_image: f64,
+    /// The side of the images the encoder sees in evaluation (`eval_view`'s output).
+    pub image_side: usize,
     /// Mixed precision: the encoder's compute dtype (`None`: f32).
     pub compute: Option<DType>,
     pub(super) fix_predictor_lr: bool,
@@ -208,9 +210,10 @@ impl SslModel {
         device: &Device,
     ) -> Result<Self, RecipeError> {
         let m = &recipe.model;
+        let eval_shape = view_shape(recipe, in_shape)?;
         let backbone_cfg = m
             .backbone
-            .for_input(view_shape(recipe, in_shape)?, recipe.header.kernels)
+            .for_input(eval_shape, recipe.header.kernels)
             .map_err(|e| RecipeError::Invalid {
                 key: "model.backbone".into(),
                 msg: e.to_string(),
@@ -325,6 +328,7 @@ impl SslModel {
             eval_features: Mutex::new((Vec::new(), Vec::new())),
             // Forward + backward (2x) for each view.
             flops_per_image: 3.0 * view_flops.iter().map(|f| f + head_flops).sum::<f64>(),
+            image_side: eval_shape.0,
             compute: None,
             fix_predictor_lr: recipe.loss.fix_predictor_lr(),
             group: None,

@@ -73,8 +73,8 @@ impl VisionProbeRecipe {
     }
 }
 
-/// The encoder config and eval preprocessing of an export folder (a Kindling ResNet, or a ViT
-/// as HF's `ViTModel` folder).
+/// The encoder config and eval preprocessing of an export folder (a small-stem Kindling ResNet,
+/// a standard-stem one as HF's `ResNetModel` folder, or a ViT as HF's `ViTModel` folder).
 pub fn read_export(dir: &Path) -> Result<(BackboneConfig, ViewPipeline), RecipeError> {
     let path = dir.join("config.json");
     // Pointing at the wrong folder is the user's to fix: errors name the key and the file.
@@ -85,26 +85,39 @@ pub fn read_export(dir: &Path) -> Result<(BackboneConfig, ViewPipeline), RecipeE
     let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
     let mut v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let vit = v["model_type"] == "vit";
-    if v["model_type"] != "kindling-resnet" && !vit {
+    let model_type = v["model_type"].as_str().unwrap_or_default().to_string();
+    if !["kindling-resnet", "vit", "resnet"].contains(&model_type.as_str()) {
         return Err(bad(format!(
-            "model_type {} is not a Kindling vision encoder (\"kindling-resnet\" or \"vit\")",
+            "model_type {} is not a Kindling vision encoder (\"kindling-resnet\", \"resnet\" \
+             or \"vit\")",
             v["model_type"]
         )));
     }
     let pre: ViewPipeline = serde_json::from_value(v["preprocessing"].take())
         .map_err(|e| bad(format!("preprocessing: {e}")))?;
     let obj = v.as_object_mut().expect("checked above: an object");
-    for k in ["model_type", "layout", "preprocessing", "pretraining"] {
+    for k in [
+        "model_type",
+        "layout",
+        "preprocessing",
+        "pretraining",
+        "architectures",
+    ] {
         obj.remove(k);
     }
-    let cfg = if vit {
-        // HF's config carries more (architectures, torch_dtype, ...): ignored, as HF does.
-        let c: ViTConfig = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
-        BackboneConfig::ViT(c)
-    } else {
-        let c: ResNetConfig = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
-        BackboneConfig::ResNet(c)
+    // HF's configs carry more (torch_dtype, ...): ignored, as HF does.
+    let cfg = match model_type.as_str() {
+        "vit" => {
+            let c: ViTConfig = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+            BackboneConfig::ViT(c)
+        }
+        "resnet" => {
+            BackboneConfig::ResNet(ResNetConfig::from_hf_json(&v).map_err(|e| bad(e.to_string()))?)
+        }
+        _ => {
+            let c: ResNetConfig = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+            BackboneConfig::ResNet(c)
+        }
     };
     cfg.validate()?;
     Ok((cfg, pre))
@@ -138,6 +151,12 @@ pub(super) fn copy_export(
             path: path.clone(),
             msg: format!("no tensor `{key}`"),
         })?;
+        // PyTorch's 0-dim `num_batches_tracked` for Kindling's one-element buffer.
+        let t = if t.dims().is_empty() && var.dims() == [1] {
+            &t.reshape(1)?
+        } else {
+            t
+        };
         if t.dims() != var.dims() {
             return Err(RecipeError::Run {
                 path: path.clone(),
