@@ -631,20 +631,21 @@ pub fn build_views(
         .iter()
         .map(|p| p.output_shape(h, w, c))
         .collect::<Result<Vec<_>>>()?;
+    // A streamed folder decodes each image here, in the same parallel pass.
     let per_image: Vec<Vec<Image>> = indices
         .par_iter()
         .map(|&i| {
-            let src = Image::from_u8(set.image(i as usize), h, w, c);
-            pipelines
+            let src = Image::from_u8(&set.image(i as usize)?, h, w, c);
+            Ok(pipelines
                 .iter()
                 .enumerate()
                 .map(|(v, p)| {
                     let mut r = rng::rng(&[seed, domain::AUGMENT, epoch, i as u64, v as u64]);
                     p.apply(src.clone(), &mut r)
                 })
-                .collect()
+                .collect())
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let mut views: Vec<Vec<f32>> = shapes
         .iter()
         .map(|(h, w, c)| Vec::with_capacity(indices.len() * h * w * c))
@@ -775,15 +776,22 @@ impl Iterator for ViewLoader {
                 });
             }
         }
-        build_views(
+        // An error here is a streamed image that stopped decoding after its header was
+        // checked: say which, and end the stream (the trainer then stops at this step).
+        match build_views(
             &self.set,
             &self.pipelines,
             indices,
             self.seed,
             epoch,
             self.cursor,
-        )
-        .ok()
+        ) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("error: {e}");
+                None
+            }
+        }
     }
 }
 
@@ -792,14 +800,12 @@ mod tests {
     use super::*;
 
     fn ramp(h: usize, w: usize, c: usize) -> ImageSet {
-        ImageSet {
-            height: h,
-            width: w,
-            channels: c,
-            pixels: (0..4 * h * w * c).map(|i| (i * 7 % 256) as u8).collect(),
-            labels: Some(vec![0, 1, 2, 3]),
-            classes: vec![],
-        }
+        ImageSet::in_memory(
+            (h, w, c),
+            (0..4 * h * w * c).map(|i| (i * 7 % 256) as u8).collect(),
+            Some(vec![0, 1, 2, 3]),
+            vec![],
+        )
     }
 
     fn simclr_like(size: usize) -> ViewPipeline {

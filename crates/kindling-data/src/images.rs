@@ -1,9 +1,13 @@
 //! Image sources: IDX files (MNIST, Fashion-MNIST), folders of PNG/JPEG images (the class is
 //! the subfolder; images directly in the folder are unlabelled), and CSV files of pixels (one
 //! image per row, as Kaggle ships MNIST). Every source becomes an [`ImageSet`]: u8 pixels in
-//! height x width x channels order, all images the same size, optional class labels.
+//! height x width x channels order, all images the same size, optional class labels. A folder
+//! with `stream = true` keeps only its file list: each image is decoded (and resized) when a
+//! batch reads it, so memory does not grow with the number of images.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -15,8 +19,10 @@ pub struct ImageSet {
     pub height: usize,
     pub width: usize,
     pub channels: usize,
-    /// `len() * height * width * channels` bytes.
+    /// `len() * height * width * channels` bytes (empty for a streamed folder).
     pub pixels: Vec<u8>,
+    /// A streamed folder's image files, decoded at (height, width) when read.
+    pub files: Option<Arc<Vec<PathBuf>>>,
     /// One class index per image, when the source has labels.
     pub labels: Option<Vec<u32>>,
     /// Class names by index (folder names; "0".."9" for IDX and CSV).
@@ -24,8 +30,29 @@ pub struct ImageSet {
 }
 
 impl ImageSet {
+    /// Images in memory, u8 HWC.
+    pub fn in_memory(
+        (height, width, channels): (usize, usize, usize),
+        pixels: Vec<u8>,
+        labels: Option<Vec<u32>>,
+        classes: Vec<String>,
+    ) -> Self {
+        ImageSet {
+            height,
+            width,
+            channels,
+            pixels,
+            files: None,
+            labels,
+            classes,
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.pixels.len() / self.image_len().max(1)
+        match &self.files {
+            Some(f) => f.len(),
+            None => self.pixels.len() / self.image_len().max(1),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -37,15 +64,28 @@ impl ImageSet {
         self.height * self.width * self.channels
     }
 
-    /// The pixels of image `i`.
-    pub fn image(&self, i: usize) -> &[u8] {
+    /// The pixels of image `i`: a slice of memory, or a streamed file decoded now (an error
+    /// names the file).
+    pub fn image(&self, i: usize) -> Result<Cow<'_, [u8]>> {
+        if let Some(files) = &self.files {
+            let path = &files[i];
+            let (_, _, px) = decode_image(path, Some((self.height, self.width)), self.channels)
+                .map_err(|msg| DataError::Table {
+                    path: path.clone(),
+                    msg: format!("cannot decode the image ({msg})"),
+                })?;
+            return Ok(Cow::Owned(px));
+        }
         let n = self.image_len();
-        &self.pixels[i * n..(i + 1) * n]
+        Ok(Cow::Borrowed(&self.pixels[i * n..(i + 1) * n]))
     }
 
     /// The first `n` images (all of them if there are fewer).
     pub fn truncate(mut self, n: usize) -> Self {
         let n = n.min(self.len());
+        if let Some(f) = &mut self.files {
+            Arc::make_mut(f).truncate(n);
+        }
         self.pixels.truncate(n * self.image_len());
         if let Some(l) = &mut self.labels {
             l.truncate(n);
@@ -86,6 +126,11 @@ pub enum ImageSource {
         color: String,
         #[serde(default)]
         on_corrupt: OnCorrupt,
+        /// Decode each image when a batch reads it instead of all of them up front (folders
+        /// larger than memory); needs `size`. Files are checked (readable, a known image
+        /// header) before the run starts.
+        #[serde(default)]
+        stream: bool,
     },
     /// A CSV file (gzipped when its name ends in `.gz`), one image per row: pixel columns in
     /// HWC order and an optional label column, named (with a header row) or by its 0-based
@@ -142,6 +187,7 @@ impl ImageSource {
                 size,
                 color,
                 on_corrupt,
+                stream,
             } => {
                 let channels = match color.as_str() {
                     "gray" => 1,
@@ -153,6 +199,17 @@ impl ImageSource {
                         })
                     }
                 };
+                if *stream {
+                    let Some(size) = size else {
+                        return Err(DataError::Config {
+                            key: "data.*.folder.size",
+                            msg: "stream = true decodes each image when it is read, at one \
+                                  size: give size = [height, width]"
+                                .into(),
+                        });
+                    };
+                    return stream_image_folder(path, *size, channels, *on_corrupt);
+                }
                 read_image_folder(path, *size, channels, *on_corrupt)
             }
             ImageSource::Csv {
@@ -262,14 +319,12 @@ pub fn read_idx(images: &Path, labels: Option<&Path>) -> Result<ImageSet> {
             (0..k).map(|i| i.to_string()).collect()
         })
         .unwrap_or_default();
-    Ok(ImageSet {
-        height: h,
-        width: w,
-        channels: c,
-        pixels: bytes[off..].to_vec(),
+    Ok(ImageSet::in_memory(
+        (h, w, c),
+        bytes[off..].to_vec(),
         labels,
         classes,
-    })
+    ))
 }
 
 fn is_image_file(p: &Path) -> bool {
@@ -296,65 +351,19 @@ pub fn read_image_folder(
     on_corrupt: OnCorrupt,
 ) -> Result<ImageSet> {
     use rayon::prelude::*;
-    let entries = sorted_entries(dir)?;
-    let subdirs: Vec<&PathBuf> = entries.iter().filter(|p| p.is_dir()).collect();
-    let mut files: Vec<(PathBuf, Option<u32>)> = Vec::new();
-    let mut classes = Vec::new();
-    if subdirs.is_empty() {
-        files.extend(
-            entries
-                .iter()
-                .filter(|p| is_image_file(p))
-                .map(|p| (p.clone(), None)),
-        );
-    } else {
-        for (k, sub) in subdirs.iter().enumerate() {
-            classes.push(sub.file_name().unwrap().to_string_lossy().into_owned());
-            for f in sorted_entries(sub)?
-                .into_iter()
-                .filter(|p| is_image_file(p))
-            {
-                files.push((f, Some(k as u32)));
-            }
-        }
-    }
-    if files.is_empty() {
-        return Err(DataError::Table {
-            path: dir.to_path_buf(),
-            msg: "no .png/.jpg/.jpeg images in the folder or its subfolders".into(),
-        });
-    }
+    let (files, classes) = list_image_folder(dir)?;
+    let labelled = !classes.is_empty();
     let decoded: Vec<(usize, std::result::Result<(usize, usize, Vec<u8>), String>)> = files
         .par_iter()
         .enumerate()
-        .map(|(i, (path, _))| {
-            let r = image::open(path).map_err(|e| e.to_string()).map(|img| {
-                let img = match size {
-                    Some((h, w)) => {
-                        img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle)
-                    }
-                    None => img,
-                };
-                let (w, h) = (img.width() as usize, img.height() as usize);
-                let px = if channels == 1 {
-                    grey_as_pil(img)
-                } else {
-                    // RGBA and palette images drop alpha / expand as PIL's `convert("RGB")`.
-                    img.into_rgb8().into_raw()
-                };
-                (h, w, px)
-            });
-            (i, r)
-        })
+        .map(|(i, (path, _))| (i, decode_image(path, size, channels)))
         .collect();
-    let mut set = ImageSet {
-        height: 0,
-        width: 0,
-        channels,
-        pixels: Vec::new(),
-        labels: (!subdirs.is_empty()).then(Vec::new),
+    let mut set = ImageSet::in_memory(
+        (0, 0, channels),
+        Vec::new(),
+        labelled.then(Vec::new),
         classes,
-    };
+    );
     let mut skipped = 0usize;
     for (i, r) in decoded {
         let path = &files[i].0;
@@ -397,6 +406,125 @@ pub fn read_image_folder(
             msg: format!("all {skipped} images were skipped as corrupt"),
         });
     }
+    Ok(set)
+}
+
+/// The image files of a folder with their class (one subfolder per class, sorted names give
+/// the indices; files directly inside: no labels), and the class names.
+fn list_image_folder(dir: &Path) -> Result<(Vec<(PathBuf, Option<u32>)>, Vec<String>)> {
+    let entries = sorted_entries(dir)?;
+    let subdirs: Vec<&PathBuf> = entries.iter().filter(|p| p.is_dir()).collect();
+    let mut files: Vec<(PathBuf, Option<u32>)> = Vec::new();
+    let mut classes = Vec::new();
+    if subdirs.is_empty() {
+        files.extend(
+            entries
+                .iter()
+                .filter(|p| is_image_file(p))
+                .map(|p| (p.clone(), None)),
+        );
+    } else {
+        for (k, sub) in subdirs.iter().enumerate() {
+            classes.push(sub.file_name().unwrap().to_string_lossy().into_owned());
+            for f in sorted_entries(sub)?
+                .into_iter()
+                .filter(|p| is_image_file(p))
+            {
+                files.push((f, Some(k as u32)));
+            }
+        }
+    }
+    if files.is_empty() {
+        return Err(DataError::Table {
+            path: dir.to_path_buf(),
+            msg: "no .png/.jpg/.jpeg images in the folder or its subfolders".into(),
+        });
+    }
+    Ok((files, classes))
+}
+
+/// One image file as (height, width, u8 HWC pixels), resized to `size` (bilinear) if given, in
+/// `channels` channels converted as torchvision's PIL loaders do.
+fn decode_image(
+    path: &Path,
+    size: Option<(usize, usize)>,
+    channels: usize,
+) -> std::result::Result<(usize, usize, Vec<u8>), String> {
+    let img = image::open(path).map_err(|e| e.to_string())?;
+    let img = match size {
+        Some((h, w)) => img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle),
+        None => img,
+    };
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let px = if channels == 1 {
+        grey_as_pil(img)
+    } else {
+        // RGBA and palette images drop alpha / expand as PIL's `convert("RGB")`.
+        img.into_rgb8().into_raw()
+    };
+    Ok((h, w, px))
+}
+
+/// A folder streamed from disk (`stream = true`): the file list and labels only, each file's
+/// header read now (in parallel) so that an unreadable or non-image file stops the run before
+/// it starts (or is skipped, `on_corrupt = "skip"`); the pixels are decoded per batch.
+pub fn stream_image_folder(
+    dir: &Path,
+    (height, width): (usize, usize),
+    channels: usize,
+    on_corrupt: OnCorrupt,
+) -> Result<ImageSet> {
+    use rayon::prelude::*;
+    if height == 0 || width == 0 {
+        return Err(DataError::Config {
+            key: "data.*.folder.size",
+            msg: format!("must be at least 1x1, got {height}x{width}"),
+        });
+    }
+    let (files, classes) = list_image_folder(dir)?;
+    let checked: Vec<std::result::Result<(), String>> = files
+        .par_iter()
+        .map(|(path, _)| {
+            image::io::Reader::open(path)
+                .map_err(|e| e.to_string())?
+                .with_guessed_format()
+                .map_err(|e| e.to_string())?
+                .into_dimensions()
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .collect();
+    let labelled = !classes.is_empty();
+    let mut paths = Vec::with_capacity(files.len());
+    let mut labels = labelled.then(|| Vec::with_capacity(files.len()));
+    for ((path, label), ok) in files.into_iter().zip(checked) {
+        if let Err(msg) = ok {
+            match on_corrupt {
+                OnCorrupt::Fail => return Err(DataError::Table {
+                    path,
+                    msg: format!(
+                        "cannot read the image ({msg}); set on_corrupt = \"skip\" to leave it out"
+                    ),
+                }),
+                OnCorrupt::Skip => {
+                    eprintln!("warning: skipped {} (cannot read: {msg})", path.display());
+                    continue;
+                }
+            }
+        }
+        paths.push(path);
+        if let (Some(l), Some(k)) = (&mut labels, label) {
+            l.push(k);
+        }
+    }
+    if paths.is_empty() {
+        return Err(DataError::Table {
+            path: dir.to_path_buf(),
+            msg: "every image was skipped as unreadable".into(),
+        });
+    }
+    let mut set = ImageSet::in_memory((height, width, channels), Vec::new(), labels, classes);
+    set.files = Some(Arc::new(paths));
     Ok(set)
 }
 
@@ -496,14 +624,12 @@ pub fn read_pixel_csv(
         }
     };
     let n_pixels = height * width * channels;
-    let mut set = ImageSet {
-        height,
-        width,
-        channels,
-        pixels: Vec::new(),
-        labels: label_idx.map(|_| Vec::new()),
-        classes: Vec::new(),
-    };
+    let mut set = ImageSet::in_memory(
+        (height, width, channels),
+        Vec::new(),
+        label_idx.map(|_| Vec::new()),
+        Vec::new(),
+    );
     let first_line = if layout.header { 2 } else { 1 };
     let max = layout.max_value as u64;
     for (r, rec) in rdr.records().enumerate() {
@@ -607,7 +733,7 @@ mod tests {
             (set.len(), set.height, set.width, set.channels),
             (2, 3, 4, 1)
         );
-        assert_eq!(set.image(1), &px[12..]);
+        assert_eq!(&*set.image(1).unwrap(), &px[12..]);
         assert_eq!(set.labels, Some(vec![7, 1]));
         assert_eq!(set.classes.len(), 8);
     }
@@ -635,7 +761,7 @@ mod tests {
         std::fs::write(&p, "label,p0,p1,p2,p3\n3,0,10,20,255\n1,1,2,3,4\n").unwrap();
         let set = read_pixel_csv(&p, (2, 2, 1), &named("label")).unwrap();
         assert_eq!(set.len(), 2);
-        assert_eq!(set.image(0), &[0, 10, 20, 255]);
+        assert_eq!(&*set.image(0).unwrap(), &[0, 10, 20, 255]);
         assert_eq!(set.labels, Some(vec![3, 1]));
         std::fs::write(&p, "label,p0,p1,p2,p3\n3,0,10,20,255\n1,1,2,300,4\n").unwrap();
         let e = read_pixel_csv(&p, (2, 2, 1), &named("label"))
@@ -668,8 +794,8 @@ mod tests {
             max_value: 16,
         };
         let set = read_pixel_csv(&p, (2, 2, 1), &layout).unwrap();
-        assert_eq!(set.image(0), &[0, 128, 255, 64]);
-        assert_eq!(set.image(1), &[255, 255, 0, 16]);
+        assert_eq!(&*set.image(0).unwrap(), &[0, 128, 255, 64]);
+        assert_eq!(&*set.image(1).unwrap(), &[255, 255, 0, 16]);
         assert_eq!(set.labels, Some(vec![7, 2]));
         assert_eq!(set.classes.len(), 8);
         let named = CsvLayout {
@@ -746,7 +872,7 @@ mod tests {
         assert_eq!((set.len(), set.height, set.width), (4, 4, 5));
         assert_eq!(set.classes, vec!["cat", "dog"]);
         assert_eq!(set.labels, Some(vec![0, 0, 1, 1]));
-        assert_eq!(set.image(3)[0], 201);
+        assert_eq!(set.image(3).unwrap()[0], 201);
         let rgb = read_image_folder(dir.path(), Some((2, 3)), 3, OnCorrupt::Fail).unwrap();
         assert_eq!(
             (rgb.height, rgb.width, rgb.channels, rgb.image_len()),
@@ -763,5 +889,60 @@ mod tests {
         );
         let set = read_image_folder(dir.path(), None, 1, OnCorrupt::Skip).unwrap();
         assert_eq!(set.len(), 4);
+    }
+
+    /// A streamed folder holds its file list, not its pixels; each image read decodes the same
+    /// pixels the in-memory folder holds (mixed sizes and modes, resized to `size`), and an
+    /// unreadable file is named before any image is read, or skipped.
+    #[test]
+    fn a_streamed_folder_decodes_each_image_when_read_as_the_loaded_one_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("a");
+        std::fs::create_dir(&sub).unwrap();
+        image::GrayImage::from_fn(7, 5, |x, y| image::Luma([(x * 30 + y) as u8]))
+            .save(sub.join("0.png"))
+            .unwrap();
+        image::RgbaImage::from_fn(4, 9, |x, y| {
+            image::Rgba([x as u8 * 50, y as u8 * 20, 90, 7])
+        })
+        .save(sub.join("1.png"))
+        .unwrap();
+        image::RgbImage::from_fn(6, 6, |x, y| image::Rgb([(x * y) as u8 * 6, 30, 200]))
+            .save(sub.join("2.jpg"))
+            .unwrap();
+        let size = Some((6, 5));
+        for channels in [1, 3] {
+            let loaded = read_image_folder(dir.path(), size, channels, OnCorrupt::Fail).unwrap();
+            let streamed =
+                stream_image_folder(dir.path(), (6, 5), channels, OnCorrupt::Fail).unwrap();
+            assert!(streamed.pixels.is_empty(), "no pixels held");
+            assert_eq!(streamed.len(), 3);
+            assert_eq!(streamed.labels, loaded.labels);
+            assert_eq!(streamed.image_len(), loaded.image_len());
+            for i in 0..3 {
+                assert_eq!(
+                    streamed.image(i).unwrap(),
+                    loaded.image(i).unwrap(),
+                    "image {i}"
+                );
+            }
+            assert_eq!(streamed.clone().truncate(2).len(), 2);
+        }
+        std::fs::write(sub.join("3.png"), b"not a png").unwrap();
+        let e = stream_image_folder(dir.path(), (6, 5), 1, OnCorrupt::Fail)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("3.png") && e.contains("cannot read"), "{e}");
+        let set = stream_image_folder(dir.path(), (6, 5), 1, OnCorrupt::Skip).unwrap();
+        assert_eq!(set.len(), 3);
+        let src = ImageSource::Folder {
+            path: dir.path().to_path_buf(),
+            size: None,
+            color: "gray".into(),
+            on_corrupt: OnCorrupt::Skip,
+            stream: true,
+        };
+        let e = src.load().unwrap_err().to_string();
+        assert!(e.contains("size"), "{e}");
     }
 }
