@@ -363,7 +363,7 @@ fn every_method_resumes_bit_for_bit_after_a_kill() {
 
 /// MAE (recipes/tiny/mae-tiny.toml): the reconstruction loss on the hidden patches falls, the
 /// export is the encoder alone as HF's `ViTModel` (no decoder tensors; Kindling's ViT loads it
-/// with every tensor found), a run killed after its first checkpoint resumes to the same
+/// with every tensor found) and the whole model beside it HF's `ViTMAEForPreTraining`, a run killed after its first checkpoint resumes to the same
 /// weights and optimiser state as one never stopped (the masks are functions of the seed and
 /// step), and a recipe MAE cannot run (two views, a ResNet) is refused before anything is
 /// written.
@@ -397,6 +397,7 @@ fn mae_reconstructs_hidden_patches_exports_its_encoder_and_resumes_exactly() {
     let imported = kindling_models::vit::load_folder(&export, &candle_core::Device::Cpu).unwrap();
     assert_eq!(imported.report, Default::default());
     assert_eq!(imported.model.config.image_size, 28);
+    mae_pretraining_matches_transformers(&run, &imported.model, runs.path());
 
     let common = [
         "train.steps=8",
@@ -442,6 +443,93 @@ fn mae_reconstructs_hidden_patches_exports_its_encoder_and_resumes_exactly() {
             !runs.path().join(name).exists(),
             "{name}: nothing is written"
         );
+    }
+}
+
+/// The whole MAE (`RUN/export-pretraining`) is HF's `ViTMAEForPreTraining`: with the masks
+/// given as `noise` (each image's visible patches first), transformers' reconstructions of every
+/// patch and its loss equal Kindling's (encoder `encoder` at the visible patches, the exported
+/// decoder) to 1e-4, with no missing or unexpected keys.
+fn mae_pretraining_matches_transformers(
+    run: &Path,
+    encoder: &kindling_models::vit::ViTModel,
+    scratch: &Path,
+) {
+    use candle_core::{DType, Device, Tensor};
+    use kindling_models::vit_mae::{masked_patch_loss, MaeDecoderConfig, Masking, ViTMaeDecoder};
+    let dir = run.join("export-pretraining");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "vit_mae");
+    assert_eq!(
+        config["architectures"],
+        serde_json::json!(["ViTMAEForPreTraining"])
+    );
+    let dev = Device::Cpu;
+    let st = candle_core::safetensors::load(dir.join("model.safetensors"), &dev).unwrap();
+    assert!(st
+        .keys()
+        .all(|k| k.starts_with("vit.") || k.starts_with("decoder.")));
+    let size = |k: &str| config[k].as_u64().unwrap() as usize;
+    let cfg = MaeDecoderConfig {
+        decoder_hidden_size: size("decoder_hidden_size"),
+        decoder_num_hidden_layers: size("decoder_num_hidden_layers"),
+        decoder_num_attention_heads: size("decoder_num_attention_heads"),
+        decoder_intermediate_size: size("decoder_intermediate_size"),
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(st, DType::F32, &dev);
+    let decoder = ViTMaeDecoder::load(vb.pp("decoder"), &encoder.config, &cfg).unwrap();
+
+    // Two images, 49 patches each; image i's visible patches come first in its order.
+    let (b, n) = (2usize, 49usize);
+    let ratio = config["mask_ratio"].as_f64().unwrap();
+    let orders: Vec<Vec<u32>> = (0..b)
+        .map(|i| {
+            (0..n as u32)
+                .map(|p| (p * 17 + i as u32 * 5) % n as u32)
+                .collect()
+        })
+        .collect();
+    let m = Masking::new(b, n, ratio, |i| orders[i].clone());
+    let pixels: Vec<f32> = (0..b * 28 * 28)
+        .map(|i| ((i * 53) % 97) as f32 / 40.0 - 1.0)
+        .collect();
+    let x = Tensor::from_vec(pixels, (b, 28, 28, 1), &dev).unwrap();
+    let t = |v: &[u32]| Tensor::from_slice(v, v.len(), &dev).unwrap();
+    let encoded = encoder
+        .forward_visible(&x, &t(&m.keep), m.k, kindling_core::Mode::Eval)
+        .unwrap();
+    let pred = decoder
+        .forward_t(&encoded, &t(&m.restore), b, kindling_core::Mode::Eval)
+        .unwrap();
+    let target = encoder.patchify(&x).unwrap();
+    let norm_pix = config["norm_pix_loss"].as_bool().unwrap();
+    let loss = masked_patch_loss(&pred, &target, &t(&m.hidden), norm_pix).unwrap();
+    // HF keeps argsort(noise)[:k]: the order's position as the noise.
+    let noise: Vec<Vec<f32>> = orders
+        .iter()
+        .map(|o| {
+            let mut v = vec![0f32; n];
+            for (rank, &p) in o.iter().enumerate() {
+                v[p as usize] = rank as f32;
+            }
+            v
+        })
+        .collect();
+    let pixels_per_patch = pred.dim(1).unwrap();
+    let json = serde_json::json!({
+        "pixel_values": crate::vit::nested(&x.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap()),
+        "noise": noise,
+        "logits": crate::vit::nested(&pred.reshape((b, n, pixels_per_patch)).unwrap()),
+        "loss": loss.to_scalar::<f32>().unwrap(),
+    });
+    let out = scratch.join("mae-outputs.json");
+    std::fs::write(&out, json.to_string()).unwrap();
+    if let Some(text) = crate::common::python_reference(
+        "hf_vit_mae_outputs.py",
+        &[dir.as_os_str(), out.as_os_str()],
+    ) {
+        assert!(text.contains("ViTMAEForPreTraining"), "{text}");
     }
 }
 

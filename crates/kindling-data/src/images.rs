@@ -500,12 +500,14 @@ pub fn stream_image_folder(
     for ((path, label), ok) in files.into_iter().zip(checked) {
         if let Err(msg) = ok {
             match on_corrupt {
-                OnCorrupt::Fail => return Err(DataError::Table {
-                    path,
-                    msg: format!(
+                OnCorrupt::Fail => {
+                    return Err(DataError::Table {
+                        path,
+                        msg: format!(
                         "cannot read the image ({msg}); set on_corrupt = \"skip\" to leave it out"
                     ),
-                }),
+                    })
+                }
                 OnCorrupt::Skip => {
                     eprintln!("warning: skipped {} (cannot read: {msg})", path.display());
                     continue;

@@ -96,6 +96,9 @@ pub(super) fn export(
         &dir.join("preprocessor_config.json"),
         &image_processor(&recipe.data.eval_view, size),
     )?;
+    if let (Heads::Mae(head), BackboneConfig::ViT(c)) = (&model.heads, &backbone) {
+        export_mae(recipe, model, head, c, &mae_dir(dir), steps)?;
+    }
     let mut card = format!(
         "---\nlibrary_name: kindling\ntags: [self-supervised, {}, image-feature-extraction]\n{}---\n\n# {}\n\n\
          A {} pretrained with {} for {steps} steps by Kindling (`kindling pretrain`). {about}\n",
@@ -111,6 +114,65 @@ pub(super) fn export(
             card += &format!("| {} | {:.4} | {:.4} |\n", p.what, p.accuracy, p.macro_f1);
         }
     }
+    write_atomic(&dir.join("README.md"), card.as_bytes())?;
+    Ok(())
+}
+
+/// Where an MAE run's whole model goes: beside the encoder's export, `<export>-pretraining`.
+pub fn mae_dir(export: &Path) -> PathBuf {
+    let name = export
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "export".into());
+    export.with_file_name(format!("{name}-pretraining"))
+}
+
+/// An MAE run's encoder and decoder as HF's `ViTMAEForPreTraining` folder: the encoder under
+/// `vit.` (ViT's names, which transformers maps onto ViTMAE's; no pooler), the decoder under
+/// `decoder.` (HF's names already), HF's `ViTMAEConfig`, the image processor and a card.
+/// `ViTMAEForPreTraining.from_pretrained(DIR)` loads it with no missing or unexpected keys and,
+/// given the same masks (`noise`), Kindling's reconstructions and loss (tests/vision.rs).
+fn export_mae(
+    recipe: &VisionRecipe,
+    model: &SslModel,
+    head: &mae::MaeHead,
+    vit: &kindling_models::vit::ViTConfig,
+    dir: &Path,
+    steps: u64,
+) -> Result<(), RecipeError> {
+    std::fs::create_dir_all(dir).map_err(|e| RecipeError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let tensors: Vec<(String, Tensor)> = kindling_models::export::varmap_tensors(&model.varmap)
+        .into_iter()
+        .filter_map(|(n, t)| {
+            if let Some(k) = n.strip_prefix("backbone.") {
+                return (!k.starts_with("pooler.")).then(|| (format!("vit.{k}"), t));
+            }
+            n.starts_with("decoder.").then_some((n, t))
+        })
+        .collect();
+    kindling_models::export::save_safetensors(&dir.join("model.safetensors"), &tensors, &[])?;
+    let mut config = head.hf_config(vit);
+    config["preprocessing"] = serde_json::to_value(&recipe.data.eval_view).expect("serialises");
+    config["pretraining"] =
+        serde_json::json!({"objective": "mae", "steps": steps, "seed": recipe.header.seed});
+    save_json(&dir.join("config.json"), &config)?;
+    save_json(
+        &dir.join("preprocessor_config.json"),
+        &image_processor(&recipe.data.eval_view, vit.image_size),
+    )?;
+    let card = format!(
+        "---\nlibrary_name: kindling\ntags: [self-supervised, mae, masked-image-modeling]\n{}---\n\n# {} (encoder and decoder)\n\n\
+         The whole MAE of `{}` after {steps} steps, as HF's `ViTMAEForPreTraining` \
+         (`transformers.ViTMAEForPreTraining.from_pretrained(DIR)`; pass `noise` to fix the \
+         masks). Both position tables are learned, unlike HF's fixed sine-cosine ones; they load \
+         as they are. The encoder alone, as `ViTModel`, is the export beside this folder.\n",
+        recipe.header.export.license.as_ref().map(|l| format!("license: {l}\n")).unwrap_or_default(),
+        recipe.name(),
+        recipe.name(),
+    );
     write_atomic(&dir.join("README.md"), card.as_bytes())?;
     Ok(())
 }

@@ -129,6 +129,32 @@ impl MaeHead {
         Ok((loss, cls))
     }
 
+    /// HF `ViTMAEConfig` (`config.json` of the whole model as `ViTMAEForPreTraining`) for the
+    /// ViT `encoder` and this head. HF keeps `int(patches * (1 - mask_ratio))` patches where
+    /// Kindling rounds; when the two differ the ratio written is one HF floors to Kindling's
+    /// count.
+    pub fn hf_config(&self, encoder: &ViTConfig) -> serde_json::Value {
+        let mut v = encoder.hf_json("ViTMAEForPreTraining");
+        let k = self.masking(1, Mode::Eval).k;
+        let n = self.patches as f64;
+        let ratio = self.settings.mask_ratio;
+        let floored = (n * (1.0 - ratio)) as usize;
+        let ratio = if floored == k {
+            ratio
+        } else {
+            1.0 - (k as f64 + 0.5) / n
+        };
+        let d = self.settings.decoder();
+        v["model_type"] = "vit_mae".into();
+        v["mask_ratio"] = ratio.into();
+        v["norm_pix_loss"] = self.settings.norm_pix_loss.into();
+        v["decoder_hidden_size"] = d.decoder_hidden_size.into();
+        v["decoder_num_hidden_layers"] = d.decoder_num_hidden_layers.into();
+        v["decoder_num_attention_heads"] = d.decoder_num_attention_heads.into();
+        v["decoder_intermediate_size"] = d.decoder_intermediate_size.into();
+        v
+    }
+
     /// Matmul FLOPs of one image's forward pass: the encoder at the visible patches and
     /// `[CLS]`, the decoder at every position.
     pub fn forward_flops(&self, encoder: &ViTConfig) -> f64 {
