@@ -37,14 +37,12 @@ fn images(n: usize) -> Arc<ImageSet> {
             (x % 256) as u8
         })
         .collect();
-    Arc::new(ImageSet {
-        height: 28,
-        width: 28,
-        channels: 1,
+    Arc::new(ImageSet::in_memory(
+        (28, 28, 1),
         pixels,
-        labels: Some((0..n as u32).map(|i| i % 10).collect()),
-        classes: vec![],
-    })
+        Some((0..n as u32).map(|i| i % 10).collect()),
+        vec![],
+    ))
 }
 
 fn row(name: &str, value: f64, unit: &str, note: &str) {
