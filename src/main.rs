@@ -170,6 +170,21 @@ enum Command {
         /// The run folder, e.g. runs/bert-mini-mlm.
         run_dir: PathBuf,
     },
+    /// Pack a folder of PNG/JPEG images (one subfolder per class) into a few shard files that
+    /// a vision recipe streams (`train = { shards = { dir, size, color } }`). Prints a JSON
+    /// summary.
+    PackImages {
+        folder: PathBuf,
+        /// The packed folder to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// About this many megabytes per shard file.
+        #[arg(long, default_value_t = 256)]
+        shard_mb: u64,
+        /// Leave unreadable images out (listed in the manifest) instead of stopping.
+        #[arg(long)]
+        skip_corrupt: bool,
+    },
 }
 
 /// Exit code 2 for input the user must fix (recipe, keys, files), 1 for failures while running.
@@ -585,6 +600,30 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Export { run_dir } => {
             let dir = kindling_recipes::export_run(&run_dir)?;
             println!("{}", dir.display());
+        }
+        Command::PackImages {
+            folder,
+            out,
+            shard_mb,
+            skip_corrupt,
+        } => {
+            use kindling_data::{image_shards, OnCorrupt};
+            let on_corrupt = if skip_corrupt {
+                OnCorrupt::Skip
+            } else {
+                OnCorrupt::Fail
+            };
+            let r =
+                image_shards::pack_image_folder(&folder, &out, shard_mb.max(1) << 20, on_corrupt)
+                    .map_err(RecipeError::from)?;
+            let m = &r.manifest;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "dir": out, "images": m.images, "classes": m.classes.len(),
+                    "shards": m.shards.len(), "bytes": r.bytes, "skipped": m.skipped,
+                })
+            );
         }
     }
     Ok(0)

@@ -106,23 +106,7 @@ fn a_standard_stem_bottleneck_resnet_exports_as_hf_resnet_model_and_fine_tunes_t
     }
 
     // `kindling push`'s checks accept the folder and the test Hub gets it.
-    let hub = kindling_hub::server::TestHub::start(kindling_hub::server::ServerConfig {
-        token: "hf_resnet_test".into(),
-        part_size: 1 << 20,
-        die_after_parts: None,
-        lie: None,
-    })
-    .unwrap();
-    let out = kindling()
-        .args(["push"])
-        .arg(&export)
-        .args(["--repo", "kindling/resnet-tiny"])
-        .env("HF_TOKEN", "hf_resnet_test")
-        .env("HF_ENDPOINT", &hub.url)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(hub.state.lock().unwrap().count("/commit/") >= 1);
+    crate::vision::push_to_test_hub(&export, "kindling/resnet-tiny");
 
     // Fine-tuned: HF's ResNetForImageClassification with Kindling's logits.
     let out = kindling()

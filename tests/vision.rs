@@ -51,6 +51,32 @@ fn probe_reproduces(export: &Path, probes: &serde_json::Value) {
     }
 }
 
+/// `kindling push EXPORT --repo REPO` against an in-process test Hub succeeds (its checks
+/// accept the folder: HF classes, an image processor, a licence) and a commit reaches the Hub.
+pub(crate) fn push_to_test_hub(export: &Path, repo: &str) {
+    let token = "hf_vision_test";
+    let hub = kindling_hub::server::TestHub::start(kindling_hub::server::ServerConfig {
+        token: token.into(),
+        part_size: 1 << 20,
+        die_after_parts: None,
+        lie: None,
+    })
+    .unwrap();
+    let out = kindling()
+        .args(["push"])
+        .arg(export)
+        .args(["--repo", repo])
+        .env("HF_TOKEN", token)
+        .env("HF_ENDPOINT", &hub.url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        hub.state.lock().unwrap().count("/commit/") >= 1,
+        "a commit reached the Hub"
+    );
+}
+
 fn jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -272,26 +298,7 @@ fn a_vit_backbone_trains_and_exports_a_vit_model_folder_transformers_loads() {
 
     // `kindling push`'s checks accept the folder (HF classes, an image processor, a licence),
     // and the test Hub gets every file.
-    let hub = kindling_hub::server::TestHub::start(kindling_hub::server::ServerConfig {
-        token: "hf_vit_test".into(),
-        part_size: 1 << 20,
-        die_after_parts: None,
-        lie: None,
-    })
-    .unwrap();
-    let out = kindling()
-        .args(["push"])
-        .arg(&export)
-        .args(["--repo", "kindling/vit-tiny"])
-        .env("HF_TOKEN", "hf_vit_test")
-        .env("HF_ENDPOINT", &hub.url)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        hub.state.lock().unwrap().count("/commit/") >= 1,
-        "a commit reached the Hub"
-    );
+    push_to_test_hub(&export, "kindling/vit-tiny");
 
     // 22-pixel crops, not a multiple of the 4-pixel patches: refused, naming the key, nothing
     // written (20-pixel ones would read resized positions).
@@ -649,4 +656,106 @@ fn finetuning_a_vit_export_compares_with_random_exports_for_transformers_and_res
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("config.json"), "{err}");
     assert!(!runs.path().join("bad").exists());
+}
+
+/// 96 grey 28x28 PNGs in three class folders (Fashion-MNIST-like ramps, seeded by index).
+fn png_folder(dir: &Path) {
+    for i in 0..96u32 {
+        let sub = dir.join(format!("c{}", i % 3));
+        std::fs::create_dir_all(&sub).unwrap();
+        image::GrayImage::from_fn(28, 28, |x, y| {
+            image::Luma([((x * (i % 7 + 1) + y * (i % 5 + 2) + i) % 256) as u8])
+        })
+        .save(sub.join(format!("{i:03}.png")))
+        .unwrap();
+    }
+}
+
+/// Images larger than memory: the same folder read into memory, streamed (`stream = true`) and
+/// packed by `kindling pack-images` (`shards`) trains to the same weights bit for bit, and the
+/// packed run killed after a checkpoint resumes to them too.
+#[test]
+fn a_folder_in_memory_streamed_or_packed_trains_the_same_and_packed_runs_resume() {
+    let runs = tempfile::tempdir().unwrap();
+    let folder = runs.path().join("pngs");
+    png_folder(&folder);
+    let packed = runs.path().join("packed");
+    let out = kindling()
+        .args(["pack-images"])
+        .arg(&folder)
+        .arg("--out")
+        .arg(&packed)
+        .args(["--shard-mb", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (summary["images"].as_u64(), summary["classes"].as_u64()),
+        (Some(96), Some(3))
+    );
+    let again = kindling()
+        .args(["pack-images"])
+        .arg(&folder)
+        .arg("--out")
+        .arg(&packed)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+
+    let source = |kind: &str| {
+        match kind {
+        "memory" => format!(
+            "data.train={{ folder = {{ path = \"{}\", color = \"gray\" }} }}",
+            folder.display()
+        ),
+        "stream" => format!(
+            "data.train={{ folder = {{ path = \"{}\", size = [28, 28], color = \"gray\", stream = true }} }}",
+            folder.display()
+        ),
+        _ => format!(
+            "data.train={{ shards = {{ dir = \"{}\", size = [28, 28], color = \"gray\" }} }}",
+            packed.display()
+        ),
+    }
+    };
+    let common = |kind: &str| {
+        vec![
+            source(kind),
+            "train.batch_size=32".to_string(),
+            "train.steps=6".into(),
+            "train.save_every=2".into(),
+            "train.eval_every=0".into(),
+            "probe.enabled=false".into(),
+        ]
+    };
+    let run = |kind: &str, name: &str, resume: bool| {
+        let sets = common(kind);
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let mut cmd = tiny(runs.path(), name, &sets);
+        if resume {
+            cmd.args(["--resume", "auto"]);
+        }
+        cmd
+    };
+    let mut weights = Vec::new();
+    for kind in ["memory", "stream", "shards"] {
+        let out = run(kind, kind, false).output().unwrap();
+        assert!(out.status.success(), "{kind}: {}", stderr(&out));
+        weights.push(final_weights(&runs.path().join(kind), 6));
+    }
+    assert!(weights[0] == weights[1], "streamed differs from in memory");
+    assert!(weights[0] == weights[2], "packed differs from in memory");
+
+    let killed = runs.path().join("killed");
+    kill_when_exists(
+        run("shards", "killed", false),
+        &killed.join("checkpoints/step-00000002/state.json"),
+    );
+    let out = run("shards", "killed", true).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        final_weights(&killed, 6) == weights[2],
+        "the resumed packed run differs"
+    );
 }

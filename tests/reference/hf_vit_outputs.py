@@ -17,6 +17,7 @@ to load the folder (under its `vit.` prefix) and compare; "interpolated" holds t
 images of other sizes (4x4, 12x12, 8x12) with `interpolate_pos_encoding=True`.
 """
 import json
+import os
 import sys
 
 import torch
@@ -49,18 +50,9 @@ if mode == "check":
         print(f"outputs differ by {diffs}")
         sys.exit(1)
     if "raw_pixels" in ref:
-        # The folder's image processor turns the raw uint8 images (NHWC) into the pixel values
-        # Kindling's eval view made of them.
-        import numpy as np
-        from transformers import AutoImageProcessor
-        processor = AutoImageProcessor.from_pretrained(folder)
-        raw = [np.array(im, dtype=np.uint8) for im in ref["raw_pixels"]]
-        got = processor(images=raw, return_tensors="pt", input_data_format="channels_last").pixel_values
-        d = (got - pixels).abs().max().item()
-        print(json.dumps({"processor": type(processor).__name__, "pixel_max_abs_diff": d}))
-        if d > 1e-5:
-            print(f"the image processor's pixels differ by {d}")
-            sys.exit(1)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _processor import check_processor
+        check_processor(folder, ref, pixels)
 elif mode == "make":
     torch.manual_seed(0)
     cfg = ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,

@@ -21,8 +21,9 @@ pub struct ImageSet {
     pub channels: usize,
     /// `len() * height * width * channels` bytes (empty for a streamed folder).
     pub pixels: Vec<u8>,
-    /// A streamed folder's image files, decoded at (height, width) when read.
-    pub files: Option<Arc<Vec<PathBuf>>>,
+    /// Where a streamed set's images are (decoded at (height, width) when read): a folder's
+    /// files, or packed shards.
+    pub stored: Option<Arc<Stored>>,
     /// One class index per image, when the source has labels.
     pub labels: Option<Vec<u32>>,
     /// Class names by index (folder names; "0".."9" for IDX and CSV).
@@ -42,15 +43,15 @@ impl ImageSet {
             width,
             channels,
             pixels,
-            files: None,
+            stored: None,
             labels,
             classes,
         }
     }
 
     pub fn len(&self) -> usize {
-        match &self.files {
-            Some(f) => f.len(),
+        match &self.stored {
+            Some(s) => s.len(),
             None => self.pixels.len() / self.image_len().max(1),
         }
     }
@@ -67,14 +68,23 @@ impl ImageSet {
     /// The pixels of image `i`: a slice of memory, or a streamed file decoded now (an error
     /// names the file).
     pub fn image(&self, i: usize) -> Result<Cow<'_, [u8]>> {
-        if let Some(files) = &self.files {
-            let path = &files[i];
-            let (_, _, px) = decode_image(path, Some((self.height, self.width)), self.channels)
-                .map_err(|msg| DataError::Table {
-                    path: path.clone(),
-                    msg: format!("cannot decode the image ({msg})"),
+        let size = (self.height, self.width);
+        match self.stored.as_deref() {
+            Some(Stored::Files(files)) => {
+                let path = &files[i];
+                let (_, _, px) = decode_image(path, Some(size), self.channels).map_err(|msg| {
+                    DataError::Table {
+                        path: path.clone(),
+                        msg: format!("cannot decode the image ({msg})"),
+                    }
                 })?;
-            return Ok(Cow::Owned(px));
+                return Ok(Cow::Owned(px));
+            }
+            Some(Stored::Shards(store)) => {
+                let px = crate::image_shards::decode(store, i, size, self.channels)?;
+                return Ok(Cow::Owned(px));
+            }
+            None => {}
         }
         let n = self.image_len();
         Ok(Cow::Borrowed(&self.pixels[i * n..(i + 1) * n]))
@@ -83,14 +93,34 @@ impl ImageSet {
     /// The first `n` images (all of them if there are fewer).
     pub fn truncate(mut self, n: usize) -> Self {
         let n = n.min(self.len());
-        if let Some(f) = &mut self.files {
-            Arc::make_mut(f).truncate(n);
+        match self.stored.as_mut().map(Arc::make_mut) {
+            Some(Stored::Files(f)) => f.truncate(n),
+            Some(Stored::Shards(s)) => s.truncate(n),
+            None => {}
         }
         self.pixels.truncate(n * self.image_len());
         if let Some(l) = &mut self.labels {
             l.truncate(n);
         }
         self
+    }
+}
+
+/// The encoded images of a streamed [`ImageSet`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stored {
+    /// One file per image (a folder with `stream = true`).
+    Files(Vec<PathBuf>),
+    /// Packed shards ([`crate::image_shards`]).
+    Shards(crate::image_shards::ShardStore),
+}
+
+impl Stored {
+    fn len(&self) -> usize {
+        match self {
+            Stored::Files(f) => f.len(),
+            Stored::Shards(s) => s.len(),
+        }
     }
 }
 
@@ -132,6 +162,15 @@ pub enum ImageSource {
         #[serde(default)]
         stream: bool,
     },
+    /// A folder packed by `kindling pack-images` ([`crate::image_shards`]): encoded images in a
+    /// few shard files, decoded at `size` when a batch reads them.
+    Shards {
+        dir: PathBuf,
+        size: (usize, usize),
+        /// "gray" (1 channel) or "rgb" (3).
+        #[serde(default = "default_color")]
+        color: String,
+    },
     /// A CSV file (gzipped when its name ends in `.gz`), one image per row: pixel columns in
     /// HWC order and an optional label column, named (with a header row) or by its 0-based
     /// index; integer pixel values in `0..=max_value`, scaled to 0..255.
@@ -162,6 +201,18 @@ pub enum Column {
     Name(String),
 }
 
+/// Channels of a `color` setting ("gray" 1, "rgb" 3); `key` names it in the error.
+fn channels_of(color: &str, key: &'static str) -> Result<usize> {
+    match color {
+        "gray" => Ok(1),
+        "rgb" => Ok(3),
+        other => Err(DataError::Config {
+            key,
+            msg: format!("expected \"gray\" or \"rgb\", got {other:?}"),
+        }),
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -189,16 +240,7 @@ impl ImageSource {
                 on_corrupt,
                 stream,
             } => {
-                let channels = match color.as_str() {
-                    "gray" => 1,
-                    "rgb" => 3,
-                    other => {
-                        return Err(DataError::Config {
-                            key: "data.*.folder.color",
-                            msg: format!("expected \"gray\" or \"rgb\", got {other:?}"),
-                        })
-                    }
-                };
+                let channels = channels_of(color, "data.*.folder.color")?;
                 if *stream {
                     let Some(size) = size else {
                         return Err(DataError::Config {
@@ -211,6 +253,16 @@ impl ImageSource {
                     return stream_image_folder(path, *size, channels, *on_corrupt);
                 }
                 read_image_folder(path, *size, channels, *on_corrupt)
+            }
+            ImageSource::Shards { dir, size, color } => {
+                let channels = channels_of(color, "data.*.shards.color")?;
+                if size.0 == 0 || size.1 == 0 {
+                    return Err(DataError::Config {
+                        key: "data.*.shards.size",
+                        msg: format!("must be at least 1x1, got {}x{}", size.0, size.1),
+                    });
+                }
+                crate::image_shards::open_image_shards(dir, *size, channels)
             }
             ImageSource::Csv {
                 path,
@@ -411,7 +463,7 @@ pub fn read_image_folder(
 
 /// The image files of a folder with their class (one subfolder per class, sorted names give
 /// the indices; files directly inside: no labels), and the class names.
-fn list_image_folder(dir: &Path) -> Result<(Vec<(PathBuf, Option<u32>)>, Vec<String>)> {
+pub(crate) fn list_image_folder(dir: &Path) -> Result<(Vec<(PathBuf, Option<u32>)>, Vec<String>)> {
     let entries = sorted_entries(dir)?;
     let subdirs: Vec<&PathBuf> = entries.iter().filter(|p| p.is_dir()).collect();
     let mut files: Vec<(PathBuf, Option<u32>)> = Vec::new();
@@ -450,7 +502,42 @@ fn decode_image(
     size: Option<(usize, usize)>,
     channels: usize,
 ) -> std::result::Result<(usize, usize, Vec<u8>), String> {
-    let img = image::open(path).map_err(|e| e.to_string())?;
+    convert(
+        image::open(path).map_err(|e| e.to_string())?,
+        size,
+        channels,
+    )
+}
+
+/// [`decode_image`] of encoded bytes in memory (a packed shard's).
+pub(crate) fn decode_bytes(
+    bytes: &[u8],
+    size: Option<(usize, usize)>,
+    channels: usize,
+) -> std::result::Result<(usize, usize, Vec<u8>), String> {
+    convert(
+        image::load_from_memory(bytes).map_err(|e| e.to_string())?,
+        size,
+        channels,
+    )
+}
+
+/// Whether `path` opens and has a known image header (its size readable), without decoding.
+pub(crate) fn check_header(path: &Path) -> std::result::Result<(), String> {
+    image::io::Reader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .into_dimensions()
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn convert(
+    img: image::DynamicImage,
+    size: Option<(usize, usize)>,
+    channels: usize,
+) -> std::result::Result<(usize, usize, Vec<u8>), String> {
     let img = match size {
         Some((h, w)) => img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle),
         None => img,
@@ -484,15 +571,7 @@ pub fn stream_image_folder(
     let (files, classes) = list_image_folder(dir)?;
     let checked: Vec<std::result::Result<(), String>> = files
         .par_iter()
-        .map(|(path, _)| {
-            image::io::Reader::open(path)
-                .map_err(|e| e.to_string())?
-                .with_guessed_format()
-                .map_err(|e| e.to_string())?
-                .into_dimensions()
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
+        .map(|(path, _)| check_header(path))
         .collect();
     let labelled = !classes.is_empty();
     let mut paths = Vec::with_capacity(files.len());
@@ -526,7 +605,7 @@ pub fn stream_image_folder(
         });
     }
     let mut set = ImageSet::in_memory((height, width, channels), Vec::new(), labels, classes);
-    set.files = Some(Arc::new(paths));
+    set.stored = Some(Arc::new(Stored::Files(paths)));
     Ok(set)
 }
 

@@ -7,8 +7,8 @@
 //!                 checked)   paragraphs)        split)          index)          positions, labels)
 //! ```
 //!
-//! For images: an [`ImageSource`] (IDX, a folder of PNG/JPEG, CSV of pixels) gives an
-//! [`ImageSet`]; a [`ViewLoader`] turns each image into two or more augmented views (the
+//! For images: an [`ImageSource`] (IDX, a folder of PNG/JPEG, packed image shards, CSV of
+//! pixels) gives an [`ImageSet`]; a [`ViewLoader`] turns each image into two or more augmented views (the
 //! self-labels of SimCLR, BYOL and the rest), seeded the same way as the masks.
 //!
 //! This crate knows nothing about tensors: batches are plain vectors, turned into tensors by the
@@ -17,6 +17,7 @@
 pub mod augment;
 pub mod corpus;
 pub mod error;
+pub mod image_shards;
 pub mod images;
 pub mod labelled;
 pub mod loader;
