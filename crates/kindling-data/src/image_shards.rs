@@ -25,12 +25,11 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{DataError, Result};
-use crate::images::{decode_bytes, list_image_folder, ImageSet, OnCorrupt};
+use crate::images::{decode_bytes, ImageSet, OnCorrupt};
 
 /// Bumped when the layout changes: an older folder is refused with a message to repack.
 const FORMAT_VERSION: u32 = 1;
@@ -116,9 +115,9 @@ pub struct PackReport {
 }
 
 /// Packs the images of `folder` (one subfolder per class, or none) into `out`, shards of about
-/// `shard_bytes` each. Every file's header is read first (in parallel): an unreadable one stops
-/// the packing naming it, or is left out and listed under `on_corrupt = "skip"`. `out` must not
-/// exist.
+/// `shard_bytes` each. Every file's header is read first (`images::readable_images`): an
+/// unreadable one stops the packing naming it, or is left out and listed under
+/// `on_corrupt = "skip"`. `out` must not exist.
 pub fn pack_image_folder(
     folder: &Path,
     out: &Path,
@@ -131,33 +130,11 @@ pub fn pack_image_folder(
             msg: "already exists; pack into a new folder (nothing there was touched)".into(),
         });
     }
-    let (files, classes) = list_image_folder(folder)?;
-    let checked: Vec<std::result::Result<(), String>> = files
-        .par_iter()
-        .map(|(p, _)| crate::images::check_header(p))
-        .collect();
-    let mut kept = Vec::with_capacity(files.len());
-    let mut skipped = Vec::new();
-    for ((path, label), ok) in files.into_iter().zip(checked) {
-        match (ok, on_corrupt) {
-            (Ok(()), _) => kept.push((path, label)),
-            (Err(msg), OnCorrupt::Fail) => {
-                return Err(DataError::Table {
-                    path,
-                    msg: format!(
-                        "cannot read the image ({msg}); pass on_corrupt = \"skip\" to leave it out"
-                    ),
-                })
-            }
-            (Err(_), OnCorrupt::Skip) => skipped.push(path),
-        }
-    }
-    if kept.is_empty() {
-        return Err(DataError::Table {
-            path: folder.to_path_buf(),
-            msg: "every image was unreadable".into(),
-        });
-    }
+    let crate::images::Readable {
+        files: kept,
+        classes,
+        skipped,
+    } = crate::images::readable_images(folder, on_corrupt)?;
     let tmp = out.with_file_name(format!(
         "{}.tmp",
         out.file_name()

@@ -552,6 +552,57 @@ fn convert(
     Ok((h, w, px))
 }
 
+/// A folder's image files whose headers read (a known format, a size), with their classes.
+pub(crate) struct Readable {
+    pub(crate) files: Vec<(PathBuf, Option<u32>)>,
+    pub(crate) classes: Vec<String>,
+    /// Left out under `OnCorrupt::Skip`.
+    pub(crate) skipped: Vec<PathBuf>,
+}
+
+/// Lists `dir` ([`list_image_folder`]) and reads every file's header in parallel, without
+/// decoding: an unreadable file stops with its path (`Fail`), or is left out with a warning
+/// (`Skip`); none left is an error.
+pub(crate) fn readable_images(dir: &Path, on_corrupt: OnCorrupt) -> Result<Readable> {
+    use rayon::prelude::*;
+    let (files, classes) = list_image_folder(dir)?;
+    let checked: Vec<std::result::Result<(), String>> = files
+        .par_iter()
+        .map(|(path, _)| check_header(path))
+        .collect();
+    let mut kept = Vec::with_capacity(files.len());
+    let mut skipped = Vec::new();
+    for ((path, label), ok) in files.into_iter().zip(checked) {
+        match (ok, on_corrupt) {
+            (Ok(()), _) => kept.push((path, label)),
+            (Err(msg), OnCorrupt::Fail) => {
+                return Err(DataError::Table {
+                    path,
+                    msg: format!(
+                        "cannot read the image ({msg}); set on_corrupt = \"skip\" (pack-images: \
+                         --skip-corrupt) to leave it out"
+                    ),
+                })
+            }
+            (Err(msg), OnCorrupt::Skip) => {
+                eprintln!("warning: skipped {} (cannot read: {msg})", path.display());
+                skipped.push(path);
+            }
+        }
+    }
+    if kept.is_empty() {
+        return Err(DataError::Table {
+            path: dir.to_path_buf(),
+            msg: "every image was skipped as unreadable".into(),
+        });
+    }
+    Ok(Readable {
+        files: kept,
+        classes,
+        skipped,
+    })
+}
+
 /// A folder streamed from disk (`stream = true`): the file list and labels only, each file's
 /// header read now (in parallel) so that an unreadable or non-image file stops the run before
 /// it starts (or is skipped, `on_corrupt = "skip"`); the pixels are decoded per batch.
@@ -561,49 +612,17 @@ pub fn stream_image_folder(
     channels: usize,
     on_corrupt: OnCorrupt,
 ) -> Result<ImageSet> {
-    use rayon::prelude::*;
     if height == 0 || width == 0 {
         return Err(DataError::Config {
             key: "data.*.folder.size",
             msg: format!("must be at least 1x1, got {height}x{width}"),
         });
     }
-    let (files, classes) = list_image_folder(dir)?;
-    let checked: Vec<std::result::Result<(), String>> = files
-        .par_iter()
-        .map(|(path, _)| check_header(path))
-        .collect();
-    let labelled = !classes.is_empty();
-    let mut paths = Vec::with_capacity(files.len());
-    let mut labels = labelled.then(|| Vec::with_capacity(files.len()));
-    for ((path, label), ok) in files.into_iter().zip(checked) {
-        if let Err(msg) = ok {
-            match on_corrupt {
-                OnCorrupt::Fail => {
-                    return Err(DataError::Table {
-                        path,
-                        msg: format!(
-                        "cannot read the image ({msg}); set on_corrupt = \"skip\" to leave it out"
-                    ),
-                    })
-                }
-                OnCorrupt::Skip => {
-                    eprintln!("warning: skipped {} (cannot read: {msg})", path.display());
-                    continue;
-                }
-            }
-        }
-        paths.push(path);
-        if let (Some(l), Some(k)) = (&mut labels, label) {
-            l.push(k);
-        }
-    }
-    if paths.is_empty() {
-        return Err(DataError::Table {
-            path: dir.to_path_buf(),
-            msg: "every image was skipped as unreadable".into(),
-        });
-    }
+    let readable = readable_images(dir, on_corrupt)?;
+    let labelled = !readable.classes.is_empty();
+    let (paths, labels): (Vec<PathBuf>, Vec<Option<u32>>) = readable.files.into_iter().unzip();
+    let labels = labelled.then(|| labels.into_iter().flatten().collect());
+    let classes = readable.classes;
     let mut set = ImageSet::in_memory((height, width, channels), Vec::new(), labels, classes);
     set.stored = Some(Arc::new(Stored::Files(paths)));
     Ok(set)

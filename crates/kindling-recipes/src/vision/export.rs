@@ -118,6 +118,18 @@ pub(super) fn export(
     Ok(())
 }
 
+/// The name of encoder tensor `name` inside HF's task models (`ViTForImageClassification`,
+/// `ViTMAEForPreTraining`, `ResNetForImageClassification`): under the base model's prefix
+/// (`vit.`, `resnet.`), a ViT without its pooler (those classes have none); a small-stem ResNet,
+/// which HF cannot express, keeps Kindling's names.
+pub(super) fn in_hf_task_model(backbone: &BackboneConfig, name: &str) -> Option<String> {
+    match backbone {
+        BackboneConfig::ViT(_) => (!name.starts_with("pooler.")).then(|| format!("vit.{name}")),
+        BackboneConfig::ResNet(c) if c.is_hf_resnet() => Some(format!("resnet.{name}")),
+        BackboneConfig::ResNet(_) => Some(name.to_string()),
+    }
+}
+
 /// Where an MAE run's whole model goes: beside the encoder's export, `<export>-pretraining`.
 pub fn mae_dir(export: &Path) -> PathBuf {
     let name = export
@@ -148,7 +160,8 @@ fn export_mae(
         .into_iter()
         .filter_map(|(n, t)| {
             if let Some(k) = n.strip_prefix("backbone.") {
-                return (!k.starts_with("pooler.")).then(|| (format!("vit.{k}"), t));
+                let backbone = BackboneConfig::ViT(vit.clone());
+                return in_hf_task_model(&backbone, k).map(|k| (k, t));
             }
             n.starts_with("decoder.").then_some((n, t))
         })

@@ -360,19 +360,12 @@ fn export(
     dir: &Path,
     test: &BTreeMap<String, f64>,
 ) -> Result<(), RecipeError> {
-    let vit = matches!(st.backbone, BackboneConfig::ViT(_));
     let hf_resnet = matches!(&st.backbone, BackboneConfig::ResNet(c) if c.is_hf_resnet());
     let tensors: Vec<(String, Tensor)> = kindling_models::export::varmap_tensors(&model.varmap)
         .into_iter()
         .filter_map(|(n, t)| {
             if let Some(k) = n.strip_prefix("backbone.") {
-                if vit {
-                    return (!k.starts_with("pooler.")).then(|| (format!("vit.{k}"), t));
-                }
-                if hf_resnet {
-                    return Some((format!("resnet.{k}"), t));
-                }
-                return Some((k.to_string(), t));
+                return super::export::in_hf_task_model(&st.backbone, k).map(|k| (k, t));
             }
             // HF's ResNet classifier is `Sequential(Flatten, Linear)`: the linear layer is
             // `classifier.1`.
