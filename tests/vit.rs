@@ -135,6 +135,36 @@ fn a_folder_transformers_saved_loads_with_its_outputs() {
         .unwrap();
     assert_close(&ours, &reference["last_hidden_state"], "8x8");
 
+    // As a source for `kindling probe` / `finetune`: the eval view is the folder's image
+    // processor (resize to 8, its mean and std), and the encoder is the same (under `vit.`, the
+    // pooler, absent, at its init).
+    let model_dir = dir.join("model");
+    let (_, view) = kindling_recipes::vision::probe::read_export(&model_dir).unwrap();
+    let want: kindling_data::ViewPipeline = serde_json::from_value(serde_json::json!({"stages": [
+        {"kind": "resize", "size": 8},
+        {"kind": "normalize", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    ]}))
+    .unwrap();
+    assert_eq!(view, want);
+    let (encoder, _) =
+        kindling_recipes::vision::probe::load_encoder(&model_dir, &Device::Cpu).unwrap();
+    let theirs: Vec<f32> = encoder
+        .forward_t(&nhwc, Mode::Eval)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let cls: Vec<f32> = imported
+        .model
+        .features(&nhwc, Mode::Eval)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(theirs, cls, "the probe's encoder is the imported one");
+
     // Images of other sizes: positions resized as transformers' `interpolate_pos_encoding`.
     let resized = reference["interpolated"].as_array().unwrap();
     assert_eq!(resized.len(), 3);

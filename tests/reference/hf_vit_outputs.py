@@ -12,7 +12,7 @@ computed (KINDLING_OUTPUTS_JSON: {"pixel_values": NCHW, "last_hidden_state",
 to 1e-5. Exits 1 otherwise.
 
 make: saves a randomly initialised transformers ViTForImageClassification of a small config
-(seeded) to DIR, and writes its encoder's outputs on seeded images to OUTPUTS_JSON, for Kindling
+(seeded) and a ViTImageProcessor to DIR, and writes its encoder's outputs on seeded images to OUTPUTS_JSON, for Kindling
 to load the folder (under its `vit.` prefix) and compare; "interpolated" holds the outputs on
 images of other sizes (4x4, 12x12, 8x12) with `interpolate_pos_encoding=True`.
 """
@@ -63,6 +63,10 @@ elif mode == "make":
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
+    # Its image processor, as a Hub folder has one (Kindling reads it as the eval view).
+    from transformers import ViTImageProcessor
+    ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5] * 3,
+                      image_std=[0.25] * 3).save_pretrained(folder)
     pixels = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         hidden = model.vit(pixel_values=pixels).last_hidden_state

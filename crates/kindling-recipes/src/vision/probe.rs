@@ -93,8 +93,14 @@ pub fn read_export(dir: &Path) -> Result<(BackboneConfig, ViewPipeline), RecipeE
             v["model_type"]
         )));
     }
-    let pre: ViewPipeline = serde_json::from_value(v["preprocessing"].take())
-        .map_err(|e| bad(format!("preprocessing: {e}")))?;
+    // Kindling's exports say their eval view; a folder transformers saved says it in its image
+    // processor's config.
+    let pre: ViewPipeline = match v.get_mut("preprocessing").map(serde_json::Value::take) {
+        Some(p) if !p.is_null() => {
+            serde_json::from_value(p).map_err(|e| bad(format!("preprocessing: {e}")))?
+        }
+        _ => processor_view(dir)?,
+    };
     let obj = v.as_object_mut().expect("checked above: an object");
     for k in [
         "model_type",
@@ -123,6 +129,70 @@ pub fn read_export(dir: &Path) -> Result<(BackboneConfig, ViewPipeline), RecipeE
     Ok((cfg, pre))
 }
 
+/// The eval view of an HF image processor (`preprocessor_config.json`, e.g. `ViTImageProcessor`):
+/// pixels scaled by 1/255 (as Kindling loads them), resized to its square `size`, normalised
+/// with its mean and std. Processors that resize by the shortest edge and crop (ConvNext's, HF's
+/// ResNets') are refused: Kindling's eval view cannot express them exactly.
+pub(super) fn processor_view(dir: &Path) -> Result<ViewPipeline, RecipeError> {
+    use kindling_data::augment::{Normalize, Resize, Stage};
+    let path = dir.join("preprocessor_config.json");
+    let bad = |msg: String| RecipeError::Invalid {
+        key: "model.path".into(),
+        msg: format!("{}: {msg}", path.display()),
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        bad(format!(
+            "config.json has no `preprocessing` and the image processor's config cannot be read ({e})"
+        ))
+    })?;
+    let p: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let flag = |k: &str| p[k].as_bool().unwrap_or(true);
+    if flag("do_rescale") {
+        let f = p["rescale_factor"].as_f64().unwrap_or(1.0 / 255.0);
+        if (f * 255.0 - 1.0).abs() > 1e-6 {
+            return Err(bad(format!("rescale_factor {f}: only 1/255 is supported")));
+        }
+    } else {
+        return Err(bad(
+            "do_rescale = false: Kindling's pixels are always scaled to 0..1".into(),
+        ));
+    }
+    let mut stages = Vec::new();
+    if flag("do_resize") {
+        let (h, w) = (p["size"]["height"].as_u64(), p["size"]["width"].as_u64());
+        match (h, w) {
+            (Some(h), Some(w)) if h == w && h > 0 => {
+                stages.push(Stage::Resize(Resize { size: h as usize }))
+            }
+            _ => {
+                return Err(bad(format!(
+                    "size {}: only a square {{height, width}} resize is supported (shortest-edge \
+                     resizes with crops are not)",
+                    p["size"]
+                )))
+            }
+        }
+    }
+    if flag("do_normalize") {
+        let floats = |k: &str| -> Option<Vec<f32>> {
+            p[k].as_array()?
+                .iter()
+                .map(|x| x.as_f64().map(|x| x as f32))
+                .collect()
+        };
+        match (floats("image_mean"), floats("image_std")) {
+            (Some(mean), Some(std)) => stages.push(Stage::Normalize(Normalize { mean, std })),
+            _ => {
+                return Err(bad(
+                    "do_normalize needs image_mean and image_std lists".into()
+                ))
+            }
+        }
+    }
+    Ok(ViewPipeline { stages, count: 1 })
+}
+
 /// Loads the export's encoder (every tensor must be there with its shape).
 pub fn load_encoder(dir: &Path, device: &Device) -> Result<(Backbone, ViewPipeline), RecipeError> {
     let (cfg, pre) = read_export(dir)?;
@@ -147,10 +217,25 @@ pub(super) fn copy_export(
         let Some(key) = name.strip_prefix(prefix) else {
             continue;
         };
-        let t = tensors.get(key).ok_or_else(|| RecipeError::Run {
-            path: path.clone(),
-            msg: format!("no tensor `{key}`"),
-        })?;
+        // A task folder transformers saved holds the encoder under its base model's prefix,
+        // and a ViT classifier has no pooler (which no objective reads: it keeps its init).
+        let found = [
+            key.to_string(),
+            format!("vit.{key}"),
+            format!("resnet.{key}"),
+        ]
+        .into_iter()
+        .find_map(|k| tensors.get(&k));
+        let t = match found {
+            Some(t) => t,
+            None if key.starts_with("pooler.") => continue,
+            None => {
+                return Err(RecipeError::Run {
+                    path: path.clone(),
+                    msg: format!("no tensor `{key}`"),
+                })
+            }
+        };
         // PyTorch's 0-dim `num_batches_tracked` for Kindling's one-element buffer.
         let t = if t.dims().is_empty() && var.dims() == [1] {
             &t.reshape(1)?

@@ -139,3 +139,28 @@ fn the_target_starts_as_the_online_network_and_follows_it_by_ema() {
     assert!((model.ema_momentum(10, 10) - 1.0).abs() < 1e-12);
     assert!((model.ema_momentum(5, 10) - 0.995).abs() < 1e-12);
 }
+
+/// A folder without Kindling's `preprocessing` reads its eval view from the HF image processor:
+/// a square resize and a normalisation are taken; a shortest-edge resize with a crop (ConvNext's)
+/// or no processor at all is named.
+#[test]
+fn an_hf_image_processor_becomes_the_eval_view_or_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |v: serde_json::Value| {
+        std::fs::write(dir.path().join("preprocessor_config.json"), v.to_string()).unwrap()
+    };
+    let e = probe::processor_view(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("preprocessing") && e.contains("preprocessor_config.json"),
+        "{e}"
+    );
+    write(serde_json::json!({
+        "size": {"height": 32, "width": 32}, "image_mean": [0.5], "image_std": [0.2],
+    }));
+    let view = probe::processor_view(dir.path()).unwrap();
+    assert_eq!(view.output_shape(28, 28, 1).unwrap(), (32, 32, 1));
+    assert_eq!(view.stages.len(), 2);
+    write(serde_json::json!({"size": {"shortest_edge": 224}, "crop_pct": 0.875}));
+    let e = probe::processor_view(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("shortest"), "{e}");
+}
