@@ -22,7 +22,7 @@ fn scratch(name: &str) -> PathBuf {
 /// `t` as nested JSON arrays (what the reference scripts read as tensors).
 pub(crate) fn nested(t: &Tensor) -> serde_json::Value {
     let dims = t.dims().to_vec();
-    let flat: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    let flat = t.flat();
     fn build(v: &[f32], dims: &[usize]) -> serde_json::Value {
         match dims {
             [] => serde_json::json!(v[0]),
@@ -34,6 +34,17 @@ pub(crate) fn nested(t: &Tensor) -> serde_json::Value {
         }
     }
     build(&flat, &dims)
+}
+
+/// A tensor's values, flat.
+trait Flat {
+    fn flat(&self) -> Vec<f32>;
+}
+
+impl Flat for Tensor {
+    fn flat(&self) -> Vec<f32> {
+        self.flatten_all().unwrap().to_vec1().unwrap()
+    }
 }
 
 fn flat_f32(v: &serde_json::Value, out: &mut Vec<f32>) {
@@ -125,14 +136,7 @@ fn a_folder_transformers_saved_loads_with_its_outputs() {
     flat_f32(&reference["pixel_values"], &mut pixels);
     let nchw = Tensor::from_vec(pixels, (2, 3, 8, 8), &Device::Cpu).unwrap();
     let nhwc = nchw.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
-    let ours: Vec<f32> = imported
-        .model
-        .forward_t(&nhwc, Mode::Eval)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let ours: Vec<f32> = imported.model.forward_t(&nhwc, Mode::Eval).unwrap().flat();
     assert_close(&ours, &reference["last_hidden_state"], "8x8");
 
     // As a source for `kindling probe` / `finetune`: the eval view is the folder's image
@@ -148,21 +152,8 @@ fn a_folder_transformers_saved_loads_with_its_outputs() {
     assert_eq!(view, want);
     let (encoder, _) =
         kindling_recipes::vision::probe::load_encoder(&model_dir, &Device::Cpu).unwrap();
-    let theirs: Vec<f32> = encoder
-        .forward_t(&nhwc, Mode::Eval)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let cls: Vec<f32> = imported
-        .model
-        .features(&nhwc, Mode::Eval)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let theirs: Vec<f32> = encoder.forward_t(&nhwc, Mode::Eval).unwrap().flat();
+    let cls: Vec<f32> = imported.model.features(&nhwc, Mode::Eval).unwrap().flat();
     assert_eq!(theirs, cls, "the probe's encoder is the imported one");
 
     // Images of other sizes: positions resized as transformers' `interpolate_pos_encoding`.
@@ -180,14 +171,7 @@ fn a_folder_transformers_saved_loads_with_its_outputs() {
             .collect();
         let nchw = Tensor::from_vec(pixels, dims.as_slice(), &Device::Cpu).unwrap();
         let nhwc = nchw.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
-        let ours: Vec<f32> = imported
-            .model
-            .forward_t(&nhwc, Mode::Eval)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let ours: Vec<f32> = imported.model.forward_t(&nhwc, Mode::Eval).unwrap().flat();
         let size = format!("{}x{}", dims[2], dims[3]);
         assert_close(&ours, &case["last_hidden_state"], &size);
     }

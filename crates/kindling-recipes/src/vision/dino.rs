@@ -284,6 +284,15 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    fn center(d: &Dino) -> Vec<f32> {
+        d.center
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     fn rows(n: usize, seed: u64) -> Tensor {
         values((n, 4), seed, 1.0)
     }
@@ -318,13 +327,7 @@ mod tests {
             .unwrap();
 
         let w: Vec<Vec<f32>> = d.last_layer.as_tensor().to_vec2().unwrap();
-        let c: Vec<f32> = d
-            .center
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let c = center(&d);
         let unit = |v: &[f32]| -> Vec<f32> {
             let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
             v.iter().map(|x| x / n).collect()
@@ -388,13 +391,7 @@ mod tests {
         let t: Vec<Tensor> = (0..2).map(|i| rows(5, 10 + i)).collect();
         let loss = d.loss(&outputs(z.clone(), t.clone(), false)).unwrap();
         d.after_update().unwrap();
-        let c: Vec<f32> = d
-            .center
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let c = center(&d);
         assert!(c.iter().all(|&x| x == 0.0), "evaluation moved the centre");
         let grads = loss.backward().unwrap();
         assert!(grads.get(d.last_layer.as_tensor()).is_some());
@@ -418,13 +415,7 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let c: Vec<f32> = d
-            .center
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let c = center(&d);
         for (a, b) in c.iter().zip(&want) {
             assert!((a - b).abs() < 1e-6, "{c:?} vs {want:?}");
         }
