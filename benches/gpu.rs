@@ -9,9 +9,13 @@
 //! Without a GPU it runs the same code on the CPU at a small shape (a check that it runs), in
 //! f32, or with `-- bf16` in bf16 mixed precision (the GPU's paths on candle's CPU ops).
 //! `-- composed` times every op as candle's composition instead (`Kernels::Composed`, see
-//! `kindling_models::ops`), to compare; `-- check` compares the two paths' values.
+//! `kindling_models::ops`), to compare; `-- check` compares the two paths' values; `-- kernels`
+//! (CUDA builds) checks every CUDA kernel against candle's composed ops (`gpu_checks/`), then
+//! trains 20 steps on each kernel path and compares the losses, and exits 1 on a failure.
 
 mod common;
+#[cfg(feature = "cuda")]
+mod gpu_checks;
 
 use std::time::Instant;
 
@@ -239,6 +243,55 @@ fn main() {
         }
         return;
     }
+    #[cfg(feature = "cuda")]
+    if std::env::args().skip(1).any(|a| a == "kernels") {
+        let mut failed = gpu_checks::run(&dev);
+        // 20 training steps (dropout on, AdamW) from one initialisation on each kernel path:
+        // the dropout masks are the same draws on both (the CPU's stream), so the losses agree
+        // to rounding.
+        let mut last = Vec::new();
+        for k in [Kernels::Fused, Kernels::Composed] {
+            let mut c = cfg.clone();
+            c.kernels = k;
+            let mut o = BertMlm::new(c, 0, &dev).unwrap();
+            o.model
+                .set_compute_dtype((dtype != DType::F32).then_some(dtype));
+            let mut opt = common::adamw(&o);
+            let t = Instant::now();
+            let mut losses = Vec::new();
+            for i in 0..20 {
+                let out = o
+                    .step(&batches[i % batches.len()], Mode::Train { seed: i as u64 })
+                    .unwrap();
+                let g = out.loss.backward().unwrap();
+                opt.step(&g, 1e-4).unwrap();
+                losses.push(
+                    out.loss
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap(),
+                );
+            }
+            println!(
+                "{k:?} path: losses at steps 1, 10, 20: {:.5} {:.5} {:.5} ({:.0} ms/step)",
+                losses[0],
+                losses[9],
+                losses[19],
+                t.elapsed().as_secs_f64() * 1e3 / 20.0
+            );
+            last.push(losses[19]);
+        }
+        let diff = (last[0] - last[1]).abs();
+        let tol = if dtype == DType::F32 { 1e-4 } else { 1e-3 };
+        let ok = diff <= tol;
+        println!(
+            "loss after 20 steps, fused - composed: {diff:.2e} (tolerance {tol:.0e}) {}",
+            if ok { "ok" } else { "FAIL" }
+        );
+        failed += usize::from(!ok);
+        std::process::exit(i32::from(failed > 0));
+    }
     if std::env::args().skip(1).any(|a| a == "profile") {
         // One step between cuProfilerStart/Stop, after two warm-up steps:
         // `ncu --profile-from-start off --metrics gpu__time_duration.sum ... gpu profile`.
@@ -368,13 +421,17 @@ fn main() {
     let ids = Tensor::from_slice(&batch.input_ids, batch.input_ids.len(), &dev).unwrap();
     let r = Tensor::randn(0f32, 1.0, (n, h), &dev).unwrap();
     let emb = time(&dev, 5, || {
-        let y = table.as_tensor().index_select(&ids, 0).unwrap();
+        let y = kernels.embedding(table.as_tensor(), &ids).unwrap();
         (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
     });
     row(
         &format!("embedding lookup {n} ids, fwd + bwd"),
         emb,
-        "index_add backward",
+        if kernels == Kernels::Fused && gpu {
+            "grouped-sum kernel backward"
+        } else {
+            "index_add backward"
+        },
     );
     let m = batch.labels.len();
     let labels = Tensor::from_slice(&batch.labels, m, &dev).unwrap();

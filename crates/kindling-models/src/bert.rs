@@ -403,7 +403,9 @@ impl BertEmbeddings {
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let words = self.word_embeddings.forward(&input_ids.flatten_all()?)?; // (b*t, h)
+        let words = self
+            .kernels
+            .embedding(self.word_embeddings.embeddings(), &input_ids.flatten_all()?)?; // (b*t, h)
         let positions = self
             .position_embeddings
             .narrow(0, self.position_offset, t)?; // (t, h)

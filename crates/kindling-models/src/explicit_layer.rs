@@ -34,20 +34,23 @@ pub(crate) fn encoder_layer(xs: &Tensor, args: LayerArgs, mask: &Tensor) -> Resu
         dropout,
     } = args;
     let hidden = xs.dim(1)?;
+    #[cfg(feature = "cuda")]
+    if crate::cuda_layer::serves(xs, hidden) {
+        return crate::cuda_layer::encoder_layer(
+            xs,
+            LayerArgs {
+                params,
+                dims: (batch, seq, heads),
+                intermediate,
+                eps,
+                dropout,
+            },
+            mask,
+        );
+    }
     let flat = flat_params(&params, hidden, intermediate)?;
     let dtype = xs.dtype();
-    // The 16 parameters as views of one cast copy of the flat tensor.
-    let cast = flat.detach().to_dtype(dtype)?;
-    let mut offset = 0;
-    let p: Vec<Tensor> = param_shapes(hidden, intermediate)
-        .into_iter()
-        .map(|shape| {
-            let n = shape.iter().product();
-            let v = cast.narrow(0, offset, n)?.reshape(shape);
-            offset += n;
-            v
-        })
-        .collect::<Result<_>>()?;
+    let p = cast_views(&flat, dtype, hidden, intermediate)?;
     let x = xs.detach();
     let head_dim = hidden / heads;
     let split = |z: &Tensor| -> Result<Tensor> {
@@ -128,6 +131,27 @@ pub(crate) fn encoder_layer(xs: &Tensor, args: LayerArgs, mask: &Tensor) -> Resu
     attach_grad2(xs, &flat, &y, saved)
 }
 
+/// The 16 parameters as views of one copy of the flat tensor cast to `dtype` (one cast per
+/// layer and step instead of sixteen).
+pub(crate) fn cast_views(
+    flat: &Tensor,
+    dtype: DType,
+    hidden: usize,
+    intermediate: usize,
+) -> Result<Vec<Tensor>> {
+    let cast = flat.detach().to_dtype(dtype)?;
+    let mut offset = 0;
+    param_shapes(hidden, intermediate)
+        .into_iter()
+        .map(|shape| {
+            let n = shape.iter().product();
+            let v = cast.narrow(0, offset, n)?.reshape(shape);
+            offset += n;
+            v
+        })
+        .collect()
+}
+
 /// What the backward pass reads: the parameters (cast) and the forward pass's activations.
 struct Saved {
     dims: (usize, usize, usize, usize),
@@ -157,7 +181,7 @@ struct Saved {
 /// Column sums of `g` (rows, n) as f32: a bias's gradient. A product with a row of ones: on a
 /// GPU that is cuBLAS's kernel (coalesced reads, f32 accumulation), where candle's sum over the
 /// rows gives each column a thread block that reads it with a stride of n.
-fn column_sums(g: &Tensor) -> Result<Tensor> {
+pub(crate) fn column_sums(g: &Tensor) -> Result<Tensor> {
     let ones = Tensor::ones((1, g.dim(0)?), g.dtype(), g.device())?;
     ones.matmul(g)?.squeeze(0)?.to_dtype(DType::F32)
 }

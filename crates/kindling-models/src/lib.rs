@@ -8,6 +8,8 @@
 pub mod backbone;
 pub mod bert;
 pub mod conv;
+#[cfg(feature = "cuda")]
+mod cuda_layer;
 pub mod encoder;
 mod explicit_layer;
 pub mod export;

@@ -165,8 +165,13 @@ impl CustomOp2 for CrossEntropy {
 }
 
 /// Mean cross-entropy of `logits` (n, classes) against `labels` (n, u32); fused on CPU f32,
-/// candle_nn's `cross_entropy` elsewhere.
+/// Kindling's kernel on CUDA (loss and gradient in one pass, in the logits' dtype with f32
+/// sums), candle_nn's `cross_entropy` elsewhere.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if cuda::serves(logits) && labels.dtype() == DType::U32 && logits.rank() == 2 {
+        return cuda::cross_entropy(logits, labels);
+    }
     if !fused_ok(logits) || labels.dtype() != DType::U32 || logits.rank() != 2 {
         // Under mixed precision the loss is taken in f32, as autocast does.
         let logits = match logits.dtype() {

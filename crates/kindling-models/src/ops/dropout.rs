@@ -133,8 +133,13 @@ impl Kernels {
 /// p) where [`keep_at`]`(seed, i, p)` keeps element i, 0 elsewhere.
 pub(crate) fn dropout_mask(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     let scale = 1.0 / (1.0 - p);
+    #[cfg(feature = "cuda")]
+    if cuda::serves(x) {
+        // The CPU's draws, made on the device by a kernel: GPU runs drop what CPU runs drop.
+        return cuda::dropout_mask(x, p, seed);
+    }
     if !x.device().is_cpu() {
-        // On a GPU the keep-mask comes from the device's generator (seeded once per run, see
+        // On other GPUs the keep-mask comes from the device's generator (seeded once per run, see
         // `Device::set_seed`): a host-made mask would cost a transfer of the whole tensor per
         // dropout site. Runs repeat from the same seed, but masks differ from the CPU's.
         let keep = Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p as f64)?;

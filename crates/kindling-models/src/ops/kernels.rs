@@ -37,4 +37,15 @@ impl Kernels {
     pub fn attaches(self, x: &Tensor) -> bool {
         self == Kernels::Fused && x.device().is_cuda()
     }
+
+    /// Rows `ids` (u32, any shape, taken flat) of `table`: (ids, width). candle's row lookup;
+    /// on CUDA on the fused path its gradient is Kindling's grouped-sum kernel instead of
+    /// candle's index_add.
+    pub fn embedding(self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self == Kernels::Fused && ids.dtype() == DType::U32 && super::cuda::serves(table) {
+            return super::cuda::embedding_lookup(table, ids);
+        }
+        table.index_select(&ids.flatten_all()?, 0)
+    }
 }

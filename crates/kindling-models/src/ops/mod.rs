@@ -14,7 +14,8 @@
 //! One file per kernel: `linear.rs`, `layer_norm.rs`, `softmax.rs` (the attention probabilities
 //! and a last-dimension softmax), `attention.rs` (self-attention as one op), `gelu.rs`, `geglu.rs`, `rotary.rs`,
 //! `dropout.rs`, `cross_entropy.rs`, `attached.rs` (the GPU path: candle's forward kernels
-//! with these backward passes attached) and `kernels.rs` ([`Kernels`], the path a model takes,
+//! with these backward passes attached), `cuda.rs` (the ops Kindling's CUDA kernels serve outside
+//! the encoder layer) and `kernels.rs` ([`Kernels`], the path a model takes,
 //! chosen when it is built: each op is a method of it, and the free functions are the fused
 //! path); the shared pieces are `par.rs` (rayon chunks, AVX2 dispatch), `math.rs`, `matmul.rs`
 //! (the gemm crate) and `cpu.rs` (storage access).
@@ -30,6 +31,8 @@ mod attached;
 mod attention;
 mod cpu;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod dropout;
 mod geglu;
 mod gelu;
