@@ -14,7 +14,6 @@
 //! trains 20 steps on each kernel path and compares the losses, and exits 1 on a failure.
 
 mod common;
-#[cfg(feature = "cuda")]
 mod gpu_checks;
 
 use std::time::Instant;
@@ -243,7 +242,6 @@ fn main() {
         }
         return;
     }
-    #[cfg(feature = "cuda")]
     if std::env::args().skip(1).any(|a| a == "kernels") {
         let mut failed = gpu_checks::run(&dev);
         // 20 training steps (dropout on, AdamW) from one initialisation on each kernel path:

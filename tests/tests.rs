@@ -10,6 +10,7 @@ mod example;
 mod export;
 mod finetune;
 mod fuzz;
+mod gpu_kernels;
 mod hub;
 mod hub_lies;
 mod import;

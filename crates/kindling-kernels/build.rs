@@ -10,7 +10,11 @@ fn main() {
     println!("cargo::rerun-if-changed=src/kernels.cu");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=CUDA_HOME");
+    println!("cargo::rerun-if-changed=emulate");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        if std::env::var_os("CARGO_FEATURE_EMULATE").is_some() {
+            emulated();
+        }
         return;
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("kernels.ptx");
@@ -33,3 +37,20 @@ fn main() {
         "kindling-kernels: nvcc failed on src/kernels.cu"
     );
 }
+
+/// The kernels compiled for the host under emulate/cuda_emulation.h, behind one C entry point
+/// (emulate/dispatch.cpp), for the emulated backend.
+#[cfg(feature = "emulate")]
+fn emulated() {
+    cc::Build::new()
+        .cpp(true)
+        .std("c++20")
+        .opt_level(2)
+        .flag("-pthread")
+        .file("emulate/dispatch.cpp")
+        .compile("kindling_kernels_emulated");
+    println!("cargo::rustc-link-lib=pthread");
+}
+
+#[cfg(not(feature = "emulate"))]
+fn emulated() {}

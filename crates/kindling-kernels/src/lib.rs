@@ -12,14 +12,35 @@
 //! pass over memory where the composed ops made five to fifteen. The matrix products stay with
 //! cuBLAS through candle's `matmul`.
 //!
-//! Without the `cuda` feature the crate is empty. `tests/emulated.rs` runs the same kernel source
-//! on the CPU, under a small emulation of CUDA's thread model (`tests/emulate/`), against
-//! reference loops, so that the kernels' arithmetic is tested where no GPU is.
+//! Where no GPU is, the same kernel source runs on the CPU under a small emulation of CUDA's
+//! thread model (`emulate/`): `tests/emulated.rs` checks each kernel there against reference
+//! loops in double, and the `emulate` feature (on in test builds, through the models' dev-
+//! dependency) gives the launchers an emulated backend on CPU tensors, so the code built on
+//! them (the CUDA encoder layer) is tested against candle's ops on the CPU. Without `cuda` or
+//! `emulate` the launchers return an error.
+
+mod launchers;
+pub use launchers::*;
 
 #[cfg(feature = "cuda")]
-mod cuda;
-#[cfg(feature = "cuda")]
-pub use cuda::*;
+#[path = "backend_cuda.rs"]
+mod backend;
+#[cfg(all(feature = "emulate", not(feature = "cuda")))]
+#[path = "backend_emulated.rs"]
+mod backend;
+#[cfg(not(any(feature = "cuda", feature = "emulate")))]
+#[path = "backend_none.rs"]
+mod backend;
+
+/// Where the launchers run: `Some("cuda")`, `Some("emulated")` (CPU tensors, for tests), or
+/// None (built without either: every launcher returns an error).
+pub const BACKEND: Option<&str> = if cfg!(feature = "cuda") {
+    Some("cuda")
+} else if cfg!(feature = "emulate") {
+    Some("emulated")
+} else {
+    None
+};
 
 /// The dropout threshold of the kernels for drop probability `p`: a 16-bit draw below it drops
 /// (`kindling_models::ops::keep_at`'s resolution, 1/65536).

@@ -1,6 +1,6 @@
-//! The CUDA kernels of src/kernels.cu, run on the CPU under tests/emulate/cuda_emulation.h (a
+//! The CUDA kernels of src/kernels.cu, run on the CPU under emulate/cuda_emulation.h (a
 //! block's threads as real threads, barriers for `__syncthreads` and warp shuffles), against
-//! reference loops in double and central differences (tests/emulate/check.cpp). A GPU run checks
+//! reference loops in double and central differences (emulate/check.cpp). A GPU run checks
 //! the same kernels against candle's composed ops (`cargo bench --features cuda --bench gpu --
 //! kernels`); this test is what CI, which has no GPU, can say about them.
 
@@ -18,10 +18,10 @@ fn checker() -> PathBuf {
             let status = Command::new(&cxx)
                 .args(["-std=c++20", "-O2", "-pthread", "-o"])
                 .arg(&out)
-                .arg(dir.join("tests/emulate/check.cpp"))
+                .arg(dir.join("emulate/check.cpp"))
                 .status()
                 .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{cxx}`: {e}"));
-            assert!(status.success(), "{cxx} failed on tests/emulate/check.cpp");
+            assert!(status.success(), "{cxx} failed on emulate/check.cpp");
             out
         })
         .clone()

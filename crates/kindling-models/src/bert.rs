@@ -1118,6 +1118,22 @@ mod tests {
         );
     }
 
+    /// The CUDA layer (`cuda_layer.rs`: Kindling's kernels between the products, its own
+    /// backward composition) computes what the composed layer computes, here on the kernels' CPU
+    /// emulation (`kindling-kernels`' `emulate` backend): to 1e-5 relative in f32 and to bf16's
+    /// rounding in bf16 mixed precision, dropout on at all three sites with the CPU's masks.
+    #[test]
+    fn cuda_encoder_layer_matches_the_composed_layer_forward_and_backward() {
+        assert_eq!(kindling_kernels::BACKEND, Some("emulated"));
+        assert_matches_composed(
+            |layer, xs, mask, mode| {
+                let args = layer.args(3, 11, mode).unwrap();
+                crate::cuda_layer::encoder_layer(xs, args, mask).unwrap()
+            },
+            &[(DType::F32, 1e-5), (DType::BF16, 5e-2)],
+        );
+    }
+
     /// The last layer of a masked-LM step at the masked rows only: its output and every
     /// gradient (dL/dx at all rows, each parameter's) equal the full layer's followed by the
     /// selection, to 1e-5 relative, with dropout on all three sites (each element draws as at

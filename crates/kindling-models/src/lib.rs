@@ -8,7 +8,7 @@
 pub mod backbone;
 pub mod bert;
 pub mod conv;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", test))]
 mod cuda_layer;
 pub mod encoder;
 mod explicit_layer;

@@ -66,3 +66,83 @@ pub(super) fn embedding_lookup(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let ids = ids.flatten_all()?.to_vec1::<u32>()?;
     attach_grad(table, &rows.detach(), LookupGrad { ids })
 }
+
+/// The wrappers on the kernels' CPU emulation (`kindling-kernels`' `emulate` backend) against
+/// the CPU's ops.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn random(shape: (usize, usize), seed: u64) -> Tensor {
+        let n = shape.0 * shape.1;
+        let v: Vec<f32> = (0..n as u64)
+            .map(|i| (kindling_core::rng::mix64(seed ^ i) % 2001) as f32 / 250.0 - 4.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn cross_entropy_kernel_gives_the_fused_cpu_loss_and_gradient() {
+        let x = Var::from_tensor(&random((7, 301), 1)).unwrap();
+        let labels = Tensor::new(&[0u32, 300, 5, 5, 150, 299, 1], &Device::Cpu).unwrap();
+        let (l1, l2) = (
+            cross_entropy(x.as_tensor(), &labels).unwrap(),
+            crate::ops::cross_entropy(x.as_tensor(), &labels).unwrap(),
+        );
+        assert!(max_diff(&l1, &l2) < 1e-5, "{l1} {l2}");
+        // Scaled by an upstream gradient of 3: the kept gradient is multiplied by it.
+        let g1 = (l1 * 3.0).unwrap().backward().unwrap();
+        let g2 = (l2 * 3.0).unwrap().backward().unwrap();
+        let (g1, g2) = (
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        assert!(
+            max_diff(g1, g2) < 1e-6,
+            "gradient differs by {}",
+            max_diff(g1, g2)
+        );
+    }
+
+    #[test]
+    fn embedding_lookup_gradient_equals_index_adds() {
+        let table = Var::from_tensor(&random((13, 70), 2)).unwrap();
+        let ids = Tensor::new(&[[3u32, 7, 3, 0], [12, 3, 7, 2]], &Device::Cpu).unwrap();
+        let r = random((8, 70), 3);
+        let rows = embedding_lookup(table.as_tensor(), &ids).unwrap();
+        let want = table
+            .as_tensor()
+            .index_select(&ids.flatten_all().unwrap(), 0)
+            .unwrap();
+        assert_eq!(max_diff(&rows, &want), 0.0);
+        let g1 = (&rows * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g1, g2) = (
+            g1.get(table.as_tensor()).unwrap(),
+            g2.get(table.as_tensor()).unwrap(),
+        );
+        assert!(max_diff(g1, g2) < 1e-5);
+    }
+
+    #[test]
+    fn dropout_mask_kernel_is_the_cpu_mask() {
+        let x = random((33, 65), 4);
+        for (p, seed) in [(0.1, 5), (0.5, 77)] {
+            let got = dropout_mask(&x, p, seed).unwrap();
+            let want = crate::ops::dropout_mask(&x, p, seed).unwrap();
+            assert_eq!(max_diff(&got, &want), 0.0, "p {p}, seed {seed}");
+        }
+    }
+}

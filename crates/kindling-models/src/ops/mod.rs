@@ -31,7 +31,7 @@ mod attached;
 mod attention;
 mod cpu;
 mod cross_entropy;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", test))]
 mod cuda;
 mod dropout;
 mod geglu;

@@ -1,20 +1,15 @@
-//! The launchers: each takes candle tensors on one CUDA device, checks shapes and dtypes,
-//! allocates its outputs and queues one kernel (two for the reductions) on candle's stream.
+//! The launchers: each takes tensors on one device, checks shapes and dtypes, allocates its
+//! outputs and queues one kernel (two for the reductions) through the backend: candle's CUDA
+//! stream (`backend_cuda.rs`), or the CPU emulation (`backend_emulated.rs`, for tests).
 
-use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-use candle_core::op::BackpropOp;
-use candle_core::{bail, CudaDevice, CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
+use candle_core::{bail, DType, Device, Result, Shape, Tensor};
 
+use crate::backend::{device_of, empty, launch};
 use crate::{dropout_threshold, Dropout, MAX_LAYER_NORM_WIDTH};
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
-const MODULE: &str = "kindling-kernels";
-
 /// One kernel argument.
-enum Arg<'a> {
-    /// A contiguous CUDA tensor, passed as a pointer to its first element.
+pub(crate) enum Arg<'a> {
+    /// A contiguous tensor, passed as a pointer to its first element.
     T(&'a Tensor),
     /// An absent optional tensor (a null pointer).
     Null,
@@ -23,11 +18,12 @@ enum Arg<'a> {
     F32(f32),
 }
 
-fn cuda_device(t: &Tensor) -> Result<&CudaDevice> {
-    match t.device() {
-        Device::Cuda(d) => Ok(d),
-        d => bail!("kindling-kernels: expected a CUDA tensor, got one on {d:?}"),
-    }
+/// Grid and block sizes (x only) and dynamic shared memory of one launch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LaunchConfig {
+    pub grid_dim: (u32, u32, u32),
+    pub block_dim: (u32, u32, u32),
+    pub shared_mem_bytes: u32,
 }
 
 /// The suffix of the kernel instantiated for `dtype`.
@@ -38,87 +34,6 @@ fn suffix(dtype: DType) -> Result<&'static str> {
         DType::F16 => "f16",
         d => bail!("kindling-kernels: no kernel for {d:?}"),
     })
-}
-
-/// Queues kernel `name` with `args` on the tensors' device (candle's one stream per device).
-fn launch(dev: &CudaDevice, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let stream = dev.cuda_stream();
-    // Every tensor's storage stays read-locked until the launch is queued: no one frees or
-    // replaces it in between. Kernels write only into tensors made for them (or, for AdamW,
-    // into the optimiser's own state), so no other holder sees a change under its lock.
-    let guards: Vec<_> = args
-        .iter()
-        .filter_map(|a| match a {
-            Arg::T(t) => Some(t.storage_and_layout()),
-            _ => None,
-        })
-        .collect();
-    let mut ptrs = Vec::with_capacity(guards.len());
-    let mut syncs = Vec::with_capacity(guards.len());
-    for (storage, layout) in &guards {
-        let Storage::Cuda(cs) = &**storage else {
-            bail!("{name}: expected CUDA storage")
-        };
-        if !layout.is_contiguous() {
-            bail!("{name}: inputs must be contiguous")
-        }
-        let dtype = cs.dtype();
-        let (base, sync) = match &cs.slice {
-            CudaStorageSlice::F32(s) => s.device_ptr(&stream),
-            CudaStorageSlice::BF16(s) => s.device_ptr(&stream),
-            CudaStorageSlice::F16(s) => s.device_ptr(&stream),
-            CudaStorageSlice::U32(s) => s.device_ptr(&stream),
-            _ => bail!("{name}: unsupported dtype {dtype:?}"),
-        };
-        ptrs.push(base + (layout.start_offset() * dtype.size_in_bytes()) as u64);
-        syncs.push(sync);
-    }
-    let null = 0u64;
-    let mut builder = func.builder();
-    let mut next = ptrs.iter();
-    for a in args {
-        match a {
-            Arg::T(_) => builder.arg(next.next().expect("one pointer per tensor")),
-            Arg::Null => builder.arg(&null),
-            Arg::U32(v) => builder.arg(v),
-            Arg::U64(v) => builder.arg(v),
-            Arg::F32(v) => builder.arg(v),
-        };
-    }
-    // SAFETY: the argument list matches the kernel's signature in kernels.cu (pointers are
-    // 64-bit), and every pointer is into a live, contiguous allocation of the expected size,
-    // checked by the caller.
-    unsafe { builder.launch(cfg) }.w()?;
-    drop(syncs);
-    Ok(())
-}
-
-/// A new tensor of `shape` on `dev`, its contents uninitialised: every kernel writes all of
-/// its outputs' elements.
-fn empty(shape: impl Into<Shape>, dtype: DType, dev: &CudaDevice) -> Result<Tensor> {
-    let shape = shape.into();
-    let n = shape.elem_count();
-    // SAFETY: the memory is written by the kernel before anything reads it.
-    let slice = unsafe {
-        match dtype {
-            DType::F32 => CudaStorageSlice::F32(dev.alloc::<f32>(n)?),
-            DType::BF16 => CudaStorageSlice::BF16(dev.alloc(n)?),
-            DType::F16 => CudaStorageSlice::F16(dev.alloc(n)?),
-            DType::U32 => CudaStorageSlice::U32(dev.alloc::<u32>(n)?),
-            d => bail!("kindling-kernels: cannot allocate {d:?}"),
-        }
-    };
-    let storage = Storage::Cuda(CudaStorage {
-        slice,
-        device: dev.clone(),
-    });
-    Ok(Tensor::from_storage(
-        storage,
-        shape,
-        BackpropOp::none(),
-        false,
-    ))
 }
 
 /// A grid-stride launch over n elements.
@@ -172,9 +87,7 @@ fn check_same(name: &str, a: &Tensor, b: &Tensor) -> Result<()> {
 /// The scaled keep-mask of inverted dropout over `shape` (1 / (1 - p) kept, 0 dropped) in
 /// `dtype`: the CPU's draws (`keep_at`), made on the device.
 pub fn dropout_mask(shape: &Shape, dtype: DType, device: &Device, d: Dropout) -> Result<Tensor> {
-    let Device::Cuda(dev) = device else {
-        bail!("dropout_mask: expected a CUDA device")
-    };
+    let dev = &crate::backend::from_device(device)?;
     let out = empty(shape.clone(), dtype, dev)?;
     let (seed, threshold, scale) = dropout_args(Some(d), dtype)?;
     let n = shape.elem_count();
@@ -198,7 +111,7 @@ pub fn dropout_mask(shape: &Shape, dtype: DType, device: &Device, d: Dropout) ->
 /// approximation, a different function from the one the exported config names.
 pub fn bias_gelu(z: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor)> {
     let (z, bias) = (contiguous(z)?, contiguous(bias)?);
-    let dev = cuda_device(&z)?;
+    let dev = &device_of(&z)?;
     let cols = z.dim(candle_core::D::Minus1)?;
     if bias.dims() != [cols] || bias.dtype() != z.dtype() {
         bail!("bias_gelu: bias {:?} for rows of {cols}", bias.dims())
@@ -226,7 +139,7 @@ pub fn bias_gelu(z: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor)> {
 pub fn gelu_backward(dact: &Tensor, pre: &Tensor) -> Result<Tensor> {
     let (dact, pre) = (contiguous(dact)?, contiguous(pre)?);
     check_same("gelu_backward", &dact, &pre)?;
-    let dev = cuda_device(&pre)?;
+    let dev = &device_of(&pre)?;
     let out = empty(pre.shape().clone(), pre.dtype(), dev)?;
     let n = pre.elem_count();
     launch(
@@ -262,7 +175,7 @@ pub fn attention_probs(
             scores.dims()
         )
     }
-    let dev = cuda_device(&scores)?;
+    let dev = &device_of(&scores)?;
     let dtype = scores.dtype();
     let probs = empty(scores.shape().clone(), dtype, dev)?;
     let dropped = match dropout {
@@ -307,7 +220,7 @@ pub fn attention_probs_backward(
 ) -> Result<Tensor> {
     let (ddropped, probs) = (contiguous(ddropped)?, contiguous(probs)?);
     check_same("attention_probs_backward", &ddropped, &probs)?;
-    let dev = cuda_device(&probs)?;
+    let dev = &device_of(&probs)?;
     let dtype = probs.dtype();
     let keys = probs.dim(candle_core::D::Minus1)?;
     let rows = probs.elem_count() / keys.max(1);
@@ -363,7 +276,7 @@ pub fn add_layer_norm(
     if cols > MAX_LAYER_NORM_WIDTH {
         bail!("add_layer_norm: rows of {cols} exceed {MAX_LAYER_NORM_WIDTH}")
     }
-    let dev = cuda_device(&z)?;
+    let dev = &device_of(&z)?;
     let dtype = z.dtype();
     let vector = |v: &Tensor, what: &str| -> Result<Tensor> {
         if v.dims() != [cols] || v.dtype() != dtype {
@@ -449,7 +362,7 @@ pub fn add_layer_norm_backward(
         check_same("add_layer_norm_backward dy2", d, sum)?;
     }
     let (rows, cols) = sum.dims2()?;
-    let dev = cuda_device(sum)?;
+    let dev = &device_of(sum)?;
     let dtype = sum.dtype();
     let gamma = contiguous(gamma)?;
     let dsum = empty((rows, cols), dtype, dev)?;
@@ -503,7 +416,7 @@ pub fn column_sums(partials: &Tensor) -> Result<Tensor> {
         bail!("column_sums: f32 partials, got {:?}", partials.dtype())
     }
     let (parts, width) = partials.dims2()?;
-    let dev = cuda_device(&partials)?;
+    let dev = &device_of(&partials)?;
     let out = empty(width, DType::F32, dev)?;
     launch(
         dev,
@@ -541,7 +454,7 @@ pub fn cross_entropy(
             labels.dtype()
         )
     }
-    let dev = cuda_device(&logits)?;
+    let dev = &device_of(&logits)?;
     let dtype = logits.dtype();
     if rows == 0 {
         // No rows: a zero loss with a zero gradient (not the NaN of a mean over nothing).
@@ -605,7 +518,7 @@ pub fn embedding_grad(drows: &Tensor, ids: &[u32], vocab: usize) -> Result<Tenso
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
         bail!("embedding_grad: id {bad} outside a table of {vocab}")
     }
-    let dev = cuda_device(&drows)?;
+    let dev = &device_of(&drows)?;
     let mut order: Vec<u32> = (0..n as u32).collect();
     order.sort_by_key(|&k| ids[k as usize]); // stable: rows of one id stay in order
     let (mut unique, mut starts) = (Vec::new(), Vec::new());
@@ -664,7 +577,7 @@ pub fn qkv_split(
         )
     }
     let head_dim = width / 3 / heads;
-    let dev = cuda_device(&z)?;
+    let dev = &device_of(&z)?;
     let dtype = z.dtype();
     let shape = (batch, heads, seq, head_dim);
     let (q, k, v) = (
@@ -698,7 +611,7 @@ pub fn qkv_merge(dq: &Tensor, dk: &Tensor, dv: &Tensor) -> Result<Tensor> {
     check_same("qkv_merge", &dq, &dk)?;
     check_same("qkv_merge", &dq, &dv)?;
     let (batch, heads, seq, head_dim) = dq.dims4()?;
-    let dev = cuda_device(&dq)?;
+    let dev = &device_of(&dq)?;
     let dtype = dq.dtype();
     let dz = empty((batch * seq, 3 * heads * head_dim), dtype, dev)?;
     let n = dz.elem_count();
@@ -748,7 +661,7 @@ pub fn adamw_step(theta: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, h: AdamWSt
         bail!("adamw_step: contiguous f32 parameters and moments")
     }
     let g = contiguous(g)?;
-    let dev = cuda_device(theta)?;
+    let dev = &device_of(theta)?;
     let n = theta.elem_count();
     launch(
         dev,
