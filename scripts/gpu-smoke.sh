@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
 # GPU smoke test: on a machine with a CUDA GPU and a `--features cuda` build of kindling, runs
+# - the kernel check (`gpu -- kernels`, benches/gpu_checks/): every CUDA kernel of
+#   crates/kindling-kernels against candle's composed ops, forward and gradients, f32 to 1e-5 and
+#   bf16, then 20 BERT-base training steps on each kernel path (losses to 1e-3 in bf16);
+# - the BERT-base step's time split by phase and op (`gpu` bench, bf16), and with ncu (when on
+#   PATH) the GPU time per kernel name over one step, the 15 largest;
 # - the BERT-mini MLM recipe (recipes/bert-mini-mlm.toml) on the GPU in f32 and in bf16, and on
 #   the CPU with the same seed (same data order, masks and initialisation; no dropout);
 # - the SimCLR recipe (recipes/simclr-fashion-mnist.toml) likewise, without its final probe;
@@ -14,6 +19,7 @@
 # run's final losses beside the CPU run's.
 #
 #   bash scripts/gpu-smoke.sh                          # KINDLING_BIN=target/release/kindling
+#   KINDLING_GPU_BENCH=gpu-bundle/gpu bash scripts/gpu-smoke.sh   # the bench binary (scripts/gpu-build.sh)
 #   MLM_STEPS=300 BASE_STEPS=60 bash scripts/gpu-smoke.sh
 #
 # The CUDA libraries (cuBLAS, cuRAND, NVRTC) must be on the loader path; where they come from
@@ -21,6 +27,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN="${KINDLING_BIN:-target/release/kindling}"
+# The `gpu` bench's binary (cargo bench --features cuda --bench gpu --no-run builds it; scripts/
+# gpu-build.sh copies it to gpu-bundle/gpu).
+BENCH="${KINDLING_GPU_BENCH:-gpu-bundle/gpu}"
 RUNS="${SMOKE_RUNS:-runs/gpu-smoke}"
 GPU="${GPU:-cuda:0}"
 MLM_STEPS="${MLM_STEPS:-200}"
@@ -28,7 +37,7 @@ VISION_STEPS="${VISION_STEPS:-100}"
 BASE_STEPS="${BASE_STEPS:-40}"
 ARCH_STEPS="${ARCH_STEPS:-100}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-990}"
-ONLY="${ONLY:-mlm vision base arch dp}"
+ONLY="${ONLY:-kernels mlm vision base arch dp breakdown}"
 MLM_PRECISIONS="${MLM_PRECISIONS:-f32 bf16}"  # add f16 for loss-scaled half precision
 # 0: reuse the CPU runs already in SMOKE_RUNS. They must come from this machine: the recipes
 # train their tokenizer, and a tokenizer trained on another machine can differ in a few tokens
@@ -61,6 +70,20 @@ run() {
     tail -n 12 "$RUNS/$name.log" | sed 's/\r/\n/g' | tail -n 12
   fi
 }
+
+if [[ " $ONLY " == *" kernels "* ]]; then
+  for p in bf16 f32; do
+    args=(kernels)
+    [ "$p" = f32 ] && args=(f32 kernels)
+    t0=$SECONDS
+    if "$BENCH" "${args[@]}" >"$RUNS/kernels-$p.log" 2>&1; then
+      echo "kernel check ($p): passed in $((SECONDS - t0)) s"
+    else
+      echo "kernel check ($p): FAILED after $((SECONDS - t0)) s"
+    fi
+    cat "$RUNS/kernels-$p.log"
+  done
+fi
 
 names=()
 if [[ " $ONLY " == *" mlm "* ]]; then
@@ -178,3 +201,32 @@ for n in names:
 print(f"\nMFU: achieved matmul TFLOP/s over a {peak:.0f} TFLOP/s bf16 dense peak "
       "(PEAK_TFLOPS); f32 rows are measured against the same peak.")
 PY
+
+if [[ " $ONLY " == *" breakdown "* ]]; then
+  echo
+  echo "== where the BERT-base bf16 step's time goes (gpu bench)"
+  timeout 300 "$BENCH" 2>&1 | tee "$RUNS/breakdown.log"
+  if command -v ncu >/dev/null; then
+    echo "== GPU time by kernel over one step (ncu, gpu -- profile)"
+    timeout 300 ncu --csv --profile-from-start off --metrics gpu__time_duration.sum \
+      "$BENCH" profile >"$RUNS/ncu.csv" 2>"$RUNS/ncu.log" || echo "ncu failed: see $RUNS/ncu.log"
+    python3 - "$RUNS/ncu.csv" <<'PY'
+import csv, collections, sys
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+if not rows:
+    sys.exit("no ncu rows")
+head, body = rows[0], rows[1:]
+name, value, unit = head.index("Kernel Name"), head.index("Metric Value"), head.index("Metric Unit")
+scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
+total, count = collections.Counter(), collections.Counter()
+for r in body:
+    k = r[name].split("(")[0][:60]
+    total[k] += float(r[value].replace(",", "")) * scale.get(r[unit], 1e-6)
+    count[k] += 1
+all_ms = sum(total.values())
+print(f"{sum(count.values())} kernels, {all_ms:.1f} ms of GPU time")
+for k, ms in total.most_common(15):
+    print(f"{ms:9.2f} ms {100 * ms / all_ms:5.1f}% {count[k]:6d} x  {k}")
+PY
+  fi
+fi
