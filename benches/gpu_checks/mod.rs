@@ -178,7 +178,8 @@ pub fn run(dev: &Device) -> usize {
                 candle_nn::ops::layer_norm_slow(&s, &t[3], &t[4], eps as f32).unwrap()
             });
             let d = Some(Dropout { p, seed });
-            let (y, saved) = k::add_layer_norm(&z, Some(&b), Some(&res), &g, &e, eps, d).unwrap();
+            let (y, saved) =
+                k::add_layer_norm(&z, Some(&b), Some(&res), &g, &e, eps, d, None).unwrap();
             let gr = k::add_layer_norm_backward(&r1, Some(&r2), &saved, &g, d).unwrap();
             rep.row(&format!("add_layer_norm y, {cols} wide"), dtype, &y, &want);
             rep.row("add_layer_norm_backward dz", dtype, &gr.dz, &wg[0]);
@@ -220,7 +221,7 @@ pub fn run(dev: &Device) -> usize {
         let h = heads * hd;
         let (z, zf) = held(&randn(&[batch * seq, 3 * h], 1.0, dev), dtype);
         let (b, bf) = held(&randn(&[3 * h], 1.0, dev), dtype);
-        let (q, kk, v) = k::qkv_split(&z, &b, (batch, seq, heads)).unwrap();
+        let (q, kk, v) = k::qkv_split(&z, &b, (batch, seq, heads), None).unwrap();
         let full = zf.broadcast_add(&bf).unwrap();
         let part = |i: usize| {
             full.narrow(1, i * h, h)
@@ -235,8 +236,29 @@ pub fn run(dev: &Device) -> usize {
         rep.row("qkv_split q", dtype, &q, &part(0));
         rep.row("qkv_split k", dtype, &kk, &part(1));
         rep.row("qkv_split v", dtype, &v, &part(2));
-        let back = k::qkv_merge(&q, &kk, &v).unwrap();
+        let back = k::qkv_merge(&q, &kk, &v, None).unwrap();
         rep.row("qkv_merge (inverse)", dtype, &back, &full);
+        // Unpadded rows: batch element 1 holds its first seq / 2 tokens only.
+        let keep: Vec<u32> = (0..(batch * seq) as u32)
+            .filter(|&i| i as usize / seq != 1 || (i as usize % seq) < seq / 2)
+            .collect();
+        let map = Tensor::new(keep.as_slice(), dev).unwrap();
+        let zr = z.index_select(&map, 0).unwrap();
+        let (qr, _, _) = k::qkv_split(&zr, &b, (batch, seq, heads), Some(&map)).unwrap();
+        let mut m = vec![0f32; batch * seq];
+        keep.iter().for_each(|&i| m[i as usize] = 1.0);
+        let m = Tensor::from_vec(m, (batch, 1, seq, 1), dev).unwrap();
+        rep.row(
+            "qkv_split (unpadded rows)",
+            dtype,
+            &qr,
+            &part(0).broadcast_mul(&m).unwrap(),
+        );
+        let ctx = k::heads_to_rows(&q, Some(&map)).unwrap();
+        let want = full.narrow(1, 0, h).unwrap().index_select(&map, 0).unwrap();
+        rep.row("heads_to_rows (unpadded rows)", dtype, &ctx, &want);
+        let back = k::rows_to_heads(&ctx, (batch, seq, heads), Some(&map)).unwrap();
+        rep.row("rows_to_heads (unpadded rows)", dtype, &back, &qr);
     }
 
     // AdamW against the composed formula, f32.

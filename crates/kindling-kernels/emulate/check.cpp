@@ -6,7 +6,7 @@
 //   check keep SEED P N   the dropout mask kernel's keep bits (0/1 per line), for the Rust test
 //                         to compare with kindling_models::ops::keep_at
 #include "cuda_emulation.h"
-#include "../../src/kernels.cu"
+#include "../src/kernels.cu"
 
 #include <cstdio>
 #include <random>
@@ -177,7 +177,7 @@ template <typename T> static void check_layer_norm(const char* type, double tol)
   std::vector<T> sum(n), y(n);
   std::vector<float> mean(rows), rstd(rows);
   emu::launch(rows, row_threads(cols), cols * 4, [&] {
-    add_ln_fwd<T>(zt.data(), bt.data(), rt.data(), gt.data(), et.data(), sum.data(), y.data(),
+    add_ln_fwd<T>(zt.data(), bt.data(), rt.data(), gt.data(), et.data(), nullptr, sum.data(), y.data(),
                   mean.data(), rstd.data(), cols, eps, seed, thr, ks);
   });
   // The reference in double, as a function of every input (for the differences below).
@@ -208,7 +208,7 @@ template <typename T> static void check_layer_norm(const char* type, double tol)
   const unsigned per = 32, blocks = (rows + per - 1) / per;
   std::vector<float> partials(blocks * 3 * cols), sums(3 * cols);
   emu::launch(blocks, row_threads(cols), 5 * cols * 4, [&] {
-    add_ln_bwd<T>(dyt.data(), dy2t.data(), sum.data(), mean.data(), rstd.data(), gt.data(),
+    add_ln_bwd<T>(dyt.data(), dy2t.data(), sum.data(), mean.data(), rstd.data(), gt.data(), nullptr,
                   dsum.data(), dz.data(), partials.data(), rows, cols, per, seed, thr, ks);
   });
   emu::launch((3 * cols + 255) / 256, 256, 0,
@@ -294,34 +294,62 @@ template <typename T> static void check_embedding_grad(const char* type, double 
   report("embedding_grad", type, max_err({out.begin(), out.end()}, want), tol);
 }
 
+// The q/k/v split and merge and the context's head moves, padded (no row map) and unpadded
+// (batch 0 holds 3 of its 5 tokens: rows map to places 0, 1, 2, 5, ..., 9).
 template <typename T> static void check_qkv(const char* type) {
-  const unsigned batch = 2, seq = 5, heads = 3, d = 4, hidden = heads * d, n = batch * seq * 3 * hidden;
-  auto z = held<T>(randn(n)), bias = held<T>(randn(3 * hidden));
-  auto zt = to_t<T>(z), bt = to_t<T>(bias);
-  std::vector<T> q(n / 3), k(n / 3), v(n / 3), back(n);
-  emu::launch((n + 255) / 256, 256, 0, [&] {
-    qkv_split<T>(zt.data(), bt.data(), q.data(), k.data(), v.data(), n, seq, heads, d);
-  });
-  double err = 0;
-  const std::vector<T>* outs[3] = {&q, &k, &v};
-  for (unsigned b = 0; b < batch; ++b)
-    for (unsigned which = 0; which < 3; ++which)
-      for (unsigned h = 0; h < heads; ++h)
-        for (unsigned s = 0; s < seq; ++s)
+  const unsigned batch = 2, seq = 5, heads = 3, d = 4, hidden = heads * d;
+  for (bool unpadded : {false, true}) {
+    std::vector<uint32_t> map;
+    for (unsigned p = 0; p < batch * seq; ++p)
+      if (!unpadded || p % seq < 3 || p >= seq) map.push_back(p);
+    const unsigned rows = map.size(), n = rows * 3 * hidden, padded = batch * heads * seq * d;
+    const uint32_t* rm = unpadded ? map.data() : nullptr;
+    auto z = held<T>(randn(n)), bias = held<T>(randn(3 * hidden));
+    auto zt = to_t<T>(z), bt = to_t<T>(bias);
+    std::vector<T> q(padded, from_f<T>(0.f)), k(q), v(q), back(n);
+    emu::launch((n + 255) / 256, 256, 0, [&] {
+      qkv_split<T>(zt.data(), bt.data(), rm, q.data(), k.data(), v.data(), n, seq, heads, d);
+    });
+    double err = 0;
+    std::vector<double> want_q(padded, 0.0), want_k(padded, 0.0), want_v(padded, 0.0);
+    std::vector<double>* wants[3] = {&want_q, &want_k, &want_v};
+    for (unsigned r = 0; r < rows; ++r) {
+      const unsigned b = map[r] / seq, s = map[r] % seq;
+      for (unsigned which = 0; which < 3; ++which)
+        for (unsigned h = 0; h < heads; ++h)
           for (unsigned e = 0; e < d; ++e) {
             const unsigned col = which * hidden + h * d + e;
-            const double want = round_to<T>((float)(z[(b * seq + s) * 3 * hidden + col] + bias[col]));
-            const double got = to_f((*outs[which])[((b * heads + h) * seq + s) * d + e]);
-            err = std::max(err, std::abs(got - want));
+            (*wants[which])[((b * heads + h) * seq + s) * d + e] =
+                round_to<T>((float)(z[r * 3 * hidden + col] + bias[col]));
           }
-  report("qkv_split", type, err, 0.0);
-  emu::launch((n + 255) / 256, 256, 0, [&] {
-    qkv_merge<T>(q.data(), k.data(), v.data(), back.data(), n, seq, heads, d);
-  });
-  err = 0;
-  for (unsigned i = 0; i < n; ++i)
-    err = std::max(err, std::abs(to_f(back[i]) - (double)round_to<T>((float)(z[i] + bias[i % (3 * hidden)]))));
-  report("qkv_merge (inverse of split)", type, err, 0.0);
+    }
+    err = std::max({max_err(to_d(q), want_q), max_err(to_d(k), want_k), max_err(to_d(v), want_v)});
+    const char* split = unpadded ? "qkv_split (unpadded rows)" : "qkv_split";
+    report(split, type, err, 0.0);
+    emu::launch((n + 255) / 256, 256, 0, [&] {
+      qkv_merge<T>(q.data(), k.data(), v.data(), rm, back.data(), n, seq, heads, d);
+    });
+    err = 0;
+    for (unsigned i = 0; i < n; ++i)
+      err = std::max(err, std::abs(to_f(back[i]) - (double)round_to<T>((float)(z[i] + bias[i % (3 * hidden)]))));
+    report(unpadded ? "qkv_merge (unpadded rows)" : "qkv_merge (inverse of split)", type, err, 0.0);
+    // The context: q as (batch, heads, seq, d) to rows (rows, hidden) and back.
+    std::vector<T> ctx_rows(rows * hidden), again(padded, from_f<T>(0.f));
+    const unsigned m = rows * hidden;
+    emu::launch((m + 255) / 256, 256, 0, [&] {
+      heads_rows<T>(q.data(), ctx_rows.data(), rm, m, seq, heads, d, true);
+    });
+    err = 0;
+    for (unsigned r = 0; r < rows; ++r)
+      for (unsigned c = 0; c < hidden; ++c)
+        err = std::max(err, std::abs(to_f(ctx_rows[r * hidden + c]) - (double)round_to<T>((float)(z[r * 3 * hidden + c] + bias[c]))));
+    report(unpadded ? "heads_to_rows (unpadded rows)" : "heads_to_rows", type, err, 0.0);
+    emu::launch((m + 255) / 256, 256, 0, [&] {
+      heads_rows<T>(again.data(), ctx_rows.data(), rm, m, seq, heads, d, false);
+    });
+    report(unpadded ? "rows_to_heads (unpadded rows)" : "rows_to_heads", type,
+           max_err(to_d(again), want_q), 0.0);
+  }
 }
 
 static void check_adamw() {

@@ -22,7 +22,8 @@ template <typename... A> static void call(void (*f)(A...), void** args) {
   KINDLING_ENTRY(attn_probs_fwd_##S) KINDLING_ENTRY(attn_probs_bwd_##S)                       \
   KINDLING_ENTRY(add_ln_fwd_##S) KINDLING_ENTRY(add_ln_bwd_##S)                               \
   KINDLING_ENTRY(cross_entropy_fwd_##S) KINDLING_ENTRY(embedding_grad_##S)                    \
-  KINDLING_ENTRY(qkv_split_##S) KINDLING_ENTRY(qkv_merge_##S)
+  KINDLING_ENTRY(qkv_split_##S) KINDLING_ENTRY(qkv_merge_##S)                               \
+  KINDLING_ENTRY(heads_to_rows_##S) KINDLING_ENTRY(rows_to_heads_##S)
 
 static const std::map<std::string, void (*)(void**)> kernels = {
     KINDLING_ENTRY(column_sums_f32) KINDLING_ENTRY(scaled_sum_f32) KINDLING_ENTRY(adamw_f32)

@@ -52,6 +52,11 @@ __device__ __forceinline__ bool keep_at(uint64_t seed, uint64_t i, uint32_t thre
   return (uint32_t)((word >> ((i & 3) * 16)) & 0xffff) >= threshold;
 }
 
+// Row r's place in the padded (batch, seq) layout: rows[r] for unpadded rows, r without a map.
+__device__ __forceinline__ uint64_t padded_row(const uint32_t* rows, uint64_t r) {
+  return rows ? rows[r] : r;
+}
+
 // ---- reductions ----
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -172,17 +177,19 @@ __device__ void attn_probs_bwd(const T* ddropped, const T* probs, T* dscores, ui
 // bias and residual may be null. Shared memory: cols floats (the row of sums).
 template <typename T>
 __device__ void add_ln_fwd(const T* z, const T* bias, const T* residual, const T* gamma,
-                           const T* beta, T* sum_out, T* y, float* mean_out, float* rstd_out,
-                           uint32_t cols, float eps, uint64_t seed, uint32_t threshold,
-                           float keep_scale) {
+                           const T* beta, const uint32_t* rows, T* sum_out, T* y, float* mean_out,
+                           float* rstd_out, uint32_t cols, float eps, uint64_t seed,
+                           uint32_t threshold, float keep_scale) {
   KINDLING_DYNAMIC_SHARED(row_buf);
   __shared__ float scratch[33];
   const uint64_t at = (uint64_t)blockIdx.x * cols;
+  // Dropout draws by the row's place in the padded layout, so unpadding changes no mask.
+  const uint64_t draw = padded_row(rows, blockIdx.x) * cols;
   float local = 0.f;
   for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
     float a = to_f(z[at + j]);
     if (bias) a = round_to<T>(a + to_f(bias[j]));
-    if (threshold) a = keep_at(seed, at + j, threshold) ? round_to<T>(a * keep_scale) : 0.f;
+    if (threshold) a = keep_at(seed, draw + j, threshold) ? round_to<T>(a * keep_scale) : 0.f;
     const float s = residual ? round_to<T>(a + to_f(residual[at + j])) : a;
     row_buf[j] = s;
     if (sum_out) sum_out[at + j] = from_f<T>(s);
@@ -210,7 +217,8 @@ __device__ void add_ln_fwd(const T* z, const T* bias, const T* residual, const T
 // column_sums adds in block order. Shared memory: 5 * cols floats.
 template <typename T>
 __device__ void add_ln_bwd(const T* dy, const T* dy2, const T* sum, const float* mean,
-                           const float* rstd, const T* gamma, T* dsum, T* dz, float* partials,
+                           const float* rstd, const T* gamma, const uint32_t* row_map, T* dsum,
+                           T* dz, float* partials,
                            uint32_t rows, uint32_t cols, uint32_t rows_per_block, uint64_t seed,
                            uint32_t threshold, float keep_scale) {
   KINDLING_DYNAMIC_SHARED(buf);
@@ -247,7 +255,8 @@ __device__ void add_ln_bwd(const T* dy, const T* dy2, const T* sum, const float*
       const float ds = round_to<T>(rs * (dn[j] - c1 - xh[j] * c2));
       dsum[at + j] = from_f<T>(ds);
       const float d = !threshold                            ? ds
-                      : keep_at(seed, at + j, threshold) ? round_to<T>(ds * keep_scale)
+                      : keep_at(seed, padded_row(row_map, r) * cols + j, threshold)
+                          ? round_to<T>(ds * keep_scale)
                                                          : 0.f;
       if (dz) dz[at + j] = from_f<T>(d);
       acc_bias[j] += d;
@@ -323,16 +332,19 @@ __device__ void embedding_grad(const T* dy, const uint32_t* order, const uint32_
 }
 
 // ---- the fused q, k, v projection: bias and the split into heads in one pass ----
+//
+// Rows may be unpadded: `rows` (null: the identity) gives each row of z its place b * seq + s
+// in the padded (batch, seq) layout, whose other places the caller has zeroed.
 
-// z (batch * seq, 3 * hidden) = x [Wq; Wk; Wv]^T; q, k, v (batch, heads, seq, head_dim) = the
-// three column blocks plus their bias, heads split out.
+// z (n, 3 * hidden) = x [Wq; Wk; Wv]^T; q, k, v (batch, heads, seq, head_dim) = the three
+// column blocks plus their bias, heads split out.
 template <typename T>
-__device__ void qkv_split(const T* z, const T* bias, T* q, T* k, T* v, uint64_t n, uint32_t seq,
-                          uint32_t heads, uint32_t head_dim) {
+__device__ void qkv_split(const T* z, const T* bias, const uint32_t* rows, T* q, T* k, T* v,
+                          uint64_t n, uint32_t seq, uint32_t heads, uint32_t head_dim) {
   const uint32_t hidden = heads * head_dim;
   for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
        i += (uint64_t)blockDim.x * gridDim.x) {
-    const uint64_t row = i / (3 * hidden);
+    const uint64_t row = padded_row(rows, i / (3 * hidden));
     const uint32_t c = i % (3 * hidden);
     const uint32_t which = c / hidden, cc = c % hidden;
     const uint32_t head = cc / head_dim, d = cc % head_dim;
@@ -342,20 +354,39 @@ __device__ void qkv_split(const T* z, const T* bias, T* q, T* k, T* v, uint64_t 
   }
 }
 
-// The inverse layout move for the backward pass: dz (batch * seq, 3 * hidden) from dq, dk, dv.
+// The inverse layout move for the backward pass: dz (n, 3 * hidden) from dq, dk, dv.
 template <typename T>
-__device__ void qkv_merge(const T* dq, const T* dk, const T* dv, T* dz, uint64_t n, uint32_t seq,
-                          uint32_t heads, uint32_t head_dim) {
+__device__ void qkv_merge(const T* dq, const T* dk, const T* dv, const uint32_t* rows, T* dz,
+                          uint64_t n, uint32_t seq, uint32_t heads, uint32_t head_dim) {
   const uint32_t hidden = heads * head_dim;
   for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
        i += (uint64_t)blockDim.x * gridDim.x) {
-    const uint64_t row = i / (3 * hidden);
+    const uint64_t row = padded_row(rows, i / (3 * hidden));
     const uint32_t c = i % (3 * hidden);
     const uint32_t which = c / hidden, cc = c % hidden;
     const uint32_t head = cc / head_dim, d = cc % head_dim;
     const uint64_t b = row / seq, s = row % seq;
     const T* src = which == 0 ? dq : which == 1 ? dk : dv;
     dz[i] = src[((b * heads + head) * seq + s) * head_dim + d];
+  }
+}
+
+// The attention context (batch, heads, seq, head_dim) as rows (n, hidden), heads merged
+// (to_rows), or rows back into heads (from_rows: the backward pass; other places zeroed).
+template <typename T>
+__device__ void heads_rows(const T* heads_t, T* rows_t, const uint32_t* rows, uint64_t n,
+                           uint32_t seq, uint32_t heads, uint32_t head_dim, bool to_rows) {
+  const uint32_t hidden = heads * head_dim;
+  for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+       i += (uint64_t)blockDim.x * gridDim.x) {
+    const uint64_t row = padded_row(rows, i / hidden);
+    const uint32_t c = i % hidden, head = c / head_dim, d = c % head_dim;
+    const uint64_t b = row / seq, s = row % seq;
+    const uint64_t at = ((b * heads + head) * seq + s) * head_dim + d;
+    if (to_rows)
+      rows_t[i] = heads_t[at];
+    else
+      const_cast<T*>(heads_t)[at] = rows_t[i];
   }
 }
 
@@ -406,17 +437,18 @@ extern "C" __global__ void adamw_f32(float* theta, float* m, float* v, const flo
     attn_probs_bwd<T>(ddropped, probs, dscores, rows, cols, scale, seed, threshold, keep_scale); \
   }                                                                                              \
   extern "C" __global__ void add_ln_fwd_##S(                                                     \
-      const T* z, const T* bias, const T* residual, const T* gamma, const T* beta, T* sum_out,   \
-      T* y, float* mean_out, float* rstd_out, uint32_t cols, float eps, uint64_t seed,           \
-      uint32_t threshold, float keep_scale) {                                                    \
-    add_ln_fwd<T>(z, bias, residual, gamma, beta, sum_out, y, mean_out, rstd_out, cols, eps,     \
-                  seed, threshold, keep_scale);                                                  \
+      const T* z, const T* bias, const T* residual, const T* gamma, const T* beta,               \
+      const uint32_t* rows, T* sum_out, T* y, float* mean_out, float* rstd_out, uint32_t cols,   \
+      float eps, uint64_t seed, uint32_t threshold, float keep_scale) {                          \
+    add_ln_fwd<T>(z, bias, residual, gamma, beta, rows, sum_out, y, mean_out, rstd_out, cols,    \
+                  eps, seed, threshold, keep_scale);                                             \
   }                                                                                              \
   extern "C" __global__ void add_ln_bwd_##S(                                                     \
       const T* dy, const T* dy2, const T* sum, const float* mean, const float* rstd,             \
-      const T* gamma, T* dsum, T* dz, float* partials, uint32_t rows, uint32_t cols,             \
-      uint32_t rows_per_block, uint64_t seed, uint32_t threshold, float keep_scale) {            \
-    add_ln_bwd<T>(dy, dy2, sum, mean, rstd, gamma, dsum, dz, partials, rows, cols,               \
+      const T* gamma, const uint32_t* row_map, T* dsum, T* dz, float* partials, uint32_t rows,   \
+      uint32_t cols, uint32_t rows_per_block, uint64_t seed, uint32_t threshold,                 \
+      float keep_scale) {                                                                        \
+    add_ln_bwd<T>(dy, dy2, sum, mean, rstd, gamma, row_map, dsum, dz, partials, rows, cols,      \
                   rows_per_block, seed, threshold, keep_scale);                                  \
   }                                                                                              \
   extern "C" __global__ void cross_entropy_fwd_##S(const T* logits, const uint32_t* labels,      \
@@ -429,15 +461,25 @@ extern "C" __global__ void adamw_f32(float* theta, float* m, float* v, const flo
                                                 float* out, uint32_t cols) {                     \
     embedding_grad<T>(dy, order, starts, ids, out, cols);                                        \
   }                                                                                              \
-  extern "C" __global__ void qkv_split_##S(const T* z, const T* bias, T* q, T* k, T* v,          \
-                                           uint64_t n, uint32_t seq, uint32_t heads,             \
-                                           uint32_t head_dim) {                                  \
-    qkv_split<T>(z, bias, q, k, v, n, seq, heads, head_dim);                                     \
+  extern "C" __global__ void qkv_split_##S(const T* z, const T* bias, const uint32_t* rows,     \
+                                           T* q, T* k, T* v, uint64_t n, uint32_t seq,           \
+                                           uint32_t heads, uint32_t head_dim) {                  \
+    qkv_split<T>(z, bias, rows, q, k, v, n, seq, heads, head_dim);                               \
   }                                                                                              \
-  extern "C" __global__ void qkv_merge_##S(const T* dq, const T* dk, const T* dv, T* dz,         \
-                                           uint64_t n, uint32_t seq, uint32_t heads,             \
-                                           uint32_t head_dim) {                                  \
-    qkv_merge<T>(dq, dk, dv, dz, n, seq, heads, head_dim);                                       \
+  extern "C" __global__ void qkv_merge_##S(const T* dq, const T* dk, const T* dv,                \
+                                           const uint32_t* rows, T* dz, uint64_t n, uint32_t seq, \
+                                           uint32_t heads, uint32_t head_dim) {                  \
+    qkv_merge<T>(dq, dk, dv, rows, dz, n, seq, heads, head_dim);                                 \
+  }                                                                                              \
+  extern "C" __global__ void heads_to_rows_##S(const T* heads_t, T* rows_t, const uint32_t* rows, \
+                                               uint64_t n, uint32_t seq, uint32_t heads,         \
+                                               uint32_t head_dim) {                              \
+    heads_rows<T>(heads_t, rows_t, rows, n, seq, heads, head_dim, true);                         \
+  }                                                                                              \
+  extern "C" __global__ void rows_to_heads_##S(T* heads_t, const T* rows_t, const uint32_t* rows, \
+                                               uint64_t n, uint32_t seq, uint32_t heads,         \
+                                               uint32_t head_dim) {                              \
+    heads_rows<T>(heads_t, const_cast<T*>(rows_t), rows, n, seq, heads, head_dim, false);        \
   }
 
 KINDLING_FOR_TYPES(KINDLING_ENTRIES)

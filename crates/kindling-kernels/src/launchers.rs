@@ -258,10 +258,15 @@ pub struct LayerNormSaved {
     /// Row means and reciprocal standard deviations, f32 (rows).
     pub mean: Tensor,
     pub rstd: Tensor,
+    /// The rows' places in the padded layout, when unpadded (dropout draws by them).
+    pub rows: Option<Tensor>,
 }
 
 /// y = LayerNorm(dropout(z + bias) + residual) * gamma + beta over the last dimension of z
-/// (rows, cols); bias and residual optional. Statistics in f32.
+/// (rows, cols); bias and residual optional. Statistics in f32. `map`: when the rows are
+/// unpadded, each row's place in the padded layout (u32, one per row), by which the dropout
+/// draws, so a row drops what it drops padded.
+#[allow(clippy::too_many_arguments)]
 pub fn add_layer_norm(
     z: &Tensor,
     bias: Option<&Tensor>,
@@ -270,9 +275,11 @@ pub fn add_layer_norm(
     beta: &Tensor,
     eps: f64,
     dropout: Option<Dropout>,
+    map: Option<&Tensor>,
 ) -> Result<(Tensor, LayerNormSaved)> {
     let z = contiguous(z)?;
     let (rows, cols) = z.dims2()?;
+    let map = row_map(map, rows)?;
     if cols > MAX_LAYER_NORM_WIDTH {
         bail!("add_layer_norm: rows of {cols} exceed {MAX_LAYER_NORM_WIDTH}")
     }
@@ -318,6 +325,7 @@ pub fn add_layer_norm(
             residual.as_ref().map_or(Arg::Null, Arg::T),
             Arg::T(&gamma),
             Arg::T(&beta),
+            map.as_ref().map_or(Arg::Null, Arg::T),
             if writes_sum { Arg::T(&sum) } else { Arg::Null },
             Arg::T(&y),
             Arg::T(&mean),
@@ -329,7 +337,15 @@ pub fn add_layer_norm(
             Arg::F32(keep_scale),
         ],
     )?;
-    Ok((y, LayerNormSaved { sum, mean, rstd }))
+    Ok((
+        y,
+        LayerNormSaved {
+            sum,
+            mean,
+            rstd,
+            rows: map,
+        },
+    ))
 }
 
 /// Gradients of [`add_layer_norm`] given dL/dy (+ `dy2`, a second gradient of y from another
@@ -388,6 +404,7 @@ pub fn add_layer_norm_backward(
             Arg::T(&saved.mean),
             Arg::T(&saved.rstd),
             Arg::T(&gamma),
+            saved.rows.as_ref().map_or(Arg::Null, Arg::T),
             Arg::T(&dsum),
             dz.as_ref().map_or(Arg::Null, Arg::T),
             Arg::T(&partials),
@@ -560,16 +577,48 @@ pub fn embedding_grad(drows: &Tensor, ids: &[u32], vocab: usize) -> Result<Tenso
     Ok(out)
 }
 
-/// q, k, v (batch, heads, seq, head_dim) from z (batch * seq, 3 * hidden) = x [Wq; Wk; Wv]^T
-/// and the three biases concatenated (3 * hidden): the bias add and the head split in one pass.
+/// A row map checked: u32, one place per row, contiguous.
+fn row_map(map: Option<&Tensor>, rows: usize) -> Result<Option<Tensor>> {
+    let Some(m) = map else { return Ok(None) };
+    if m.dims() != [rows] || m.dtype() != DType::U32 {
+        bail!("row map {:?} {:?} for {rows} rows", m.dims(), m.dtype())
+    }
+    Ok(Some(contiguous(m)?))
+}
+
+/// A (batch, heads, seq, head_dim) output: zeroed when only some places are written (unpadded
+/// rows), else left for the kernel to fill.
+fn heads_out(like: &Tensor, shape: (usize, usize, usize, usize), partial: bool) -> Result<Tensor> {
+    match partial {
+        true => Tensor::zeros(shape, like.dtype(), like.device()),
+        false => empty(shape, like.dtype(), &device_of(like)?),
+    }
+}
+
+/// The (seq, heads, head_dim) launch arguments of the head moves.
+fn head_args<'a>(n: usize, seq: usize, heads: usize, head_dim: usize) -> [Arg<'a>; 4] {
+    [
+        Arg::U64(n as u64),
+        Arg::U32(seq as u32),
+        Arg::U32(heads as u32),
+        Arg::U32(head_dim as u32),
+    ]
+}
+
+/// q, k, v (batch, heads, seq, head_dim) from z (rows, 3 * hidden) = x [Wq; Wk; Wv]^T and the
+/// three biases concatenated (3 * hidden): the bias add and the head split in one pass. Rows
+/// are batch * seq, or fewer, unpadded, with `map` giving their places (the others zero).
 pub fn qkv_split(
     z: &Tensor,
     bias: &Tensor,
     (batch, seq, heads): (usize, usize, usize),
+    map: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (z, bias) = (contiguous(z)?, contiguous(bias)?);
     let (rows, width) = z.dims2()?;
-    if rows != batch * seq || width % (3 * heads) != 0 || bias.dims() != [width] {
+    let map = row_map(map, rows)?;
+    let full = map.is_none();
+    if (full && rows != batch * seq) || width % (3 * heads) != 0 || bias.dims() != [width] {
         bail!(
             "qkv_split: z {:?}, bias {:?} for {batch} x {seq}, {heads} heads",
             z.dims(),
@@ -578,59 +627,118 @@ pub fn qkv_split(
     }
     let head_dim = width / 3 / heads;
     let dev = &device_of(&z)?;
-    let dtype = z.dtype();
     let shape = (batch, heads, seq, head_dim);
     let (q, k, v) = (
-        empty(shape, dtype, dev)?,
-        empty(shape, dtype, dev)?,
-        empty(shape, dtype, dev)?,
+        heads_out(&z, shape, !full)?,
+        heads_out(&z, shape, !full)?,
+        heads_out(&z, shape, !full)?,
     );
     let n = z.elem_count();
+    let mut args = vec![
+        Arg::T(&z),
+        Arg::T(&bias),
+        map.as_ref().map_or(Arg::Null, Arg::T),
+        Arg::T(&q),
+        Arg::T(&k),
+        Arg::T(&v),
+    ];
+    args.extend(head_args(n, seq, heads, head_dim));
     launch(
         dev,
-        &format!("qkv_split_{}", suffix(dtype)?),
+        &format!("qkv_split_{}", suffix(z.dtype())?),
         elementwise(n),
-        &[
-            Arg::T(&z),
-            Arg::T(&bias),
-            Arg::T(&q),
-            Arg::T(&k),
-            Arg::T(&v),
-            Arg::U64(n as u64),
-            Arg::U32(seq as u32),
-            Arg::U32(heads as u32),
-            Arg::U32(head_dim as u32),
-        ],
+        &args,
     )?;
     Ok((q, k, v))
 }
 
-/// The inverse of [`qkv_split`]'s layout move: dz (batch * seq, 3 * hidden) from dq, dk, dv.
-pub fn qkv_merge(dq: &Tensor, dk: &Tensor, dv: &Tensor) -> Result<Tensor> {
+/// The inverse of [`qkv_split`]'s layout move: dz (rows, 3 * hidden) from dq, dk, dv, at the
+/// places `map` gives (all batch * seq without one).
+pub fn qkv_merge(dq: &Tensor, dk: &Tensor, dv: &Tensor, map: Option<&Tensor>) -> Result<Tensor> {
     let (dq, dk, dv) = (contiguous(dq)?, contiguous(dk)?, contiguous(dv)?);
     check_same("qkv_merge", &dq, &dk)?;
     check_same("qkv_merge", &dq, &dv)?;
     let (batch, heads, seq, head_dim) = dq.dims4()?;
+    let rows = map.map_or(Ok(batch * seq), |m| m.dim(0))?;
+    let map = row_map(map, rows)?;
     let dev = &device_of(&dq)?;
     let dtype = dq.dtype();
-    let dz = empty((batch * seq, 3 * heads * head_dim), dtype, dev)?;
+    let dz = empty((rows, 3 * heads * head_dim), dtype, dev)?;
     let n = dz.elem_count();
+    let mut args = vec![
+        Arg::T(&dq),
+        Arg::T(&dk),
+        Arg::T(&dv),
+        map.as_ref().map_or(Arg::Null, Arg::T),
+        Arg::T(&dz),
+    ];
+    args.extend(head_args(n, seq, heads, head_dim));
     launch(
         dev,
         &format!("qkv_merge_{}", suffix(dtype)?),
         elementwise(n),
-        &[
-            Arg::T(&dq),
-            Arg::T(&dk),
-            Arg::T(&dv),
-            Arg::T(&dz),
-            Arg::U64(n as u64),
-            Arg::U32(seq as u32),
-            Arg::U32(heads as u32),
-            Arg::U32(head_dim as u32),
-        ],
+        &args,
     )?;
     Ok(dz)
+}
+
+/// The attention context (batch, heads, seq, head_dim) as rows (rows, hidden), heads merged:
+/// every place, or those `map` gives (unpadded rows).
+pub fn heads_to_rows(ctx: &Tensor, map: Option<&Tensor>) -> Result<Tensor> {
+    let ctx = contiguous(ctx)?;
+    let (batch, heads, seq, head_dim) = ctx.dims4()?;
+    let rows = map.map_or(Ok(batch * seq), |m| m.dim(0))?;
+    let map = row_map(map, rows)?;
+    let dev = &device_of(&ctx)?;
+    let out = empty((rows, heads * head_dim), ctx.dtype(), dev)?;
+    let n = out.elem_count();
+    let mut args = vec![
+        Arg::T(&ctx),
+        Arg::T(&out),
+        map.as_ref().map_or(Arg::Null, Arg::T),
+    ];
+    args.extend(head_args(n, seq, heads, head_dim));
+    launch(
+        dev,
+        &format!("heads_to_rows_{}", suffix(ctx.dtype())?),
+        elementwise(n),
+        &args,
+    )?;
+    Ok(out)
+}
+
+/// The inverse of [`heads_to_rows`]: rows (rows, hidden) into (batch, heads, seq, head_dim),
+/// places without a row zero.
+pub fn rows_to_heads(
+    x: &Tensor,
+    (batch, seq, heads): (usize, usize, usize),
+    map: Option<&Tensor>,
+) -> Result<Tensor> {
+    let x = contiguous(x)?;
+    let (rows, hidden) = x.dims2()?;
+    let map = row_map(map, rows)?;
+    if (map.is_none() && rows != batch * seq) || hidden % heads != 0 {
+        bail!(
+            "rows_to_heads: {:?} for {batch} x {seq}, {heads} heads",
+            x.dims()
+        )
+    }
+    let head_dim = hidden / heads;
+    let out = heads_out(&x, (batch, heads, seq, head_dim), map.is_some())?;
+    let n = x.elem_count();
+    let mut args = vec![
+        Arg::T(&out),
+        Arg::T(&x),
+        map.as_ref().map_or(Arg::Null, Arg::T),
+    ];
+    args.extend(head_args(n, seq, heads, head_dim));
+    launch(
+        &device_of(&x)?,
+        &format!("rows_to_heads_{}", suffix(x.dtype())?),
+        elementwise(n),
+        &args,
+    )?;
+    Ok(out)
 }
 
 /// AdamW's hyperparameters for one update of one tensor.

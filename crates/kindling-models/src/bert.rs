@@ -110,6 +110,11 @@ pub struct BertConfig {
     /// `config.json` field (never read or written there): a recipe's `kernels`.
     #[serde(skip)]
     pub kernels: crate::ops::Kernels,
+    /// Run the encoder on the real tokens of padded batches only (a recipe's `unpad`), where
+    /// the layers take the CUDA kernel path (`cuda_layer.rs`); elsewhere it changes nothing.
+    /// Not a `config.json` field.
+    #[serde(skip)]
+    pub unpad: bool,
 }
 
 fn d768() -> usize {
@@ -608,6 +613,20 @@ impl BertLayer {
         crate::fused_layer::encoder_layer(xs, self.args(b, t, mode)?, mask_bias, rows)
     }
 
+    /// The layer on unpadded rows (CUDA kernel path): `xs` (rows, h) the real tokens, `map`
+    /// their places in the padded (b, t) batch.
+    #[cfg(any(feature = "cuda", test))]
+    fn forward_unpadded(
+        &self,
+        xs: &Tensor,
+        (b, t): (usize, usize),
+        mask_bias: &Tensor,
+        mode: Mode,
+        map: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        crate::cuda_layer::encoder_layer_rows(xs, self.args(b, t, mode)?, mask_bias, Some(map))
+    }
+
     /// The same layer from the separate ops (each its own autograd node).
     fn forward_composed(
         &self,
@@ -708,6 +727,23 @@ impl BertModel {
             // The embeddings' LayerNorm ran in f32; the layers take it from here in `d`.
             xs = xs.to_dtype(d)?;
         }
+        #[cfg(any(feature = "cuda", test))]
+        if let (None, Some(m)) = (rows, attention_mask) {
+            if self.unpads(&xs) {
+                let keep: Vec<u32> = m
+                    .to_dtype(DType::U32)?
+                    .flatten_all()?
+                    .to_vec1::<u32>()?
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &v)| v != 0)
+                    .map(|(i, _)| i as u32)
+                    .collect();
+                if keep.len() < b * t {
+                    return self.forward_unpadded(xs, (b, t), &mask_bias, mode, &keep);
+                }
+            }
+        }
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let rows = if i == last { rows } else { None };
@@ -719,6 +755,37 @@ impl BertModel {
             }
         }
         Ok(xs)
+    }
+}
+
+impl BertModel {
+    /// Whether a padded batch runs unpadded: `unpad` on and every layer on the CUDA kernel path.
+    #[cfg(any(feature = "cuda", test))]
+    fn unpads(&self, xs: &Tensor) -> bool {
+        self.config.unpad
+            && self.config.kernels == Kernels::Fused
+            && self.config.hidden_act == HiddenAct::Gelu
+            && crate::cuda_layer::serves(xs, self.config.hidden_size)
+    }
+
+    /// The layers on the real tokens only (`keep`: their flat places `b * t + s`), the output
+    /// scattered back to (b * t, hidden) with zero rows at padding (what pooling skips; the
+    /// padded path leaves its own values there, which nothing reads).
+    #[cfg(any(feature = "cuda", test))]
+    fn forward_unpadded(
+        &self,
+        xs: Tensor,
+        (b, t): (usize, usize),
+        mask_bias: &Tensor,
+        mode: Mode,
+        keep: &[u32],
+    ) -> Result<Tensor> {
+        let map = Tensor::new(keep, xs.device())?;
+        let mut x = crate::ops::gather_rows(&xs, &map)?;
+        for layer in &self.layers {
+            x = layer.forward_unpadded(&x, (b, t), mask_bias, mode, &map)?;
+        }
+        Ok(crate::ops::scatter_rows(&x, b * t, &map)?)
     }
 }
 
@@ -1132,6 +1199,80 @@ mod tests {
             },
             &[(DType::F32, 1e-5), (DType::BF16, 5e-2)],
         );
+    }
+
+    /// Unpadded batches (`unpad`, the CUDA kernel path, here on the kernels' CPU emulation):
+    /// the encoder on the real tokens only gives every real token the hidden state the padded
+    /// batch gives it, and every parameter the same gradient, with dropout on at every site
+    /// (draws by padded place); padding rows come out zero. In train and eval mode.
+    #[test]
+    fn unpadded_batches_compute_what_padded_batches_compute() {
+        crate::cuda_layer::tests::ON_THE_CPU.with(|on| on.set(true));
+        let cfg: BertConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 64,
+            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+        }))
+        .unwrap();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let mut model = BertModel::load(vb, &cfg).unwrap();
+        perturb(&varmap, 0.3);
+        // Lengths 9, 4 and 6 of 9.
+        let (b, t) = (3, 9);
+        let lengths = [9, 4, 6];
+        let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7 + 3) % 40).collect();
+        let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
+        let mask: Vec<u32> = (0..b * t)
+            .map(|i| u32::from(i % t < lengths[i / t]))
+            .collect();
+        let mask = Tensor::from_vec(mask.clone(), (b, t), &Device::Cpu).unwrap();
+        let real: Vec<u32> = (0..(b * t) as u32)
+            .filter(|&i| (i as usize % t) < lengths[i as usize / t])
+            .collect();
+        let real = Tensor::new(real.as_slice(), &Device::Cpu).unwrap();
+        let r = random((real.dim(0).unwrap(), 32), 4, 1.0);
+        for mode in [Mode::Train { seed: 3 }, Mode::Eval] {
+            let run = |model: &BertModel| {
+                let y = model.forward_t(&ids, None, Some(&mask), mode).unwrap();
+                let at_real = y.index_select(&real, 0).unwrap();
+                let g = (&at_real * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (y, at_real, g)
+            };
+            model.config.unpad = false;
+            let (_, padded, g1) = run(&model);
+            model.config.unpad = true;
+            let (full, unpadded, g2) = run(&model);
+            let d = max_rel_diff(&unpadded, &padded);
+            assert!(d < 1e-5, "{mode:?}: hidden states differ by {d}");
+            let pad_rows = (full
+                .sqr()
+                .unwrap()
+                .sum(1)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap())
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % t >= lengths[i / t])
+            .all(|(_, &v)| v == 0.0);
+            assert!(pad_rows, "padding rows are not zero");
+            let vars = varmap.data().lock().unwrap();
+            for (name, var) in vars.iter() {
+                let (a, c) = (g2.get(var.as_tensor()), g1.get(var.as_tensor()));
+                let (a, c) = (a.expect(name), c.expect(name));
+                if !name.ends_with("key.bias") {
+                    let d = max_rel_diff(a, c);
+                    assert!(d < 1e-4, "{mode:?} {name}: gradient differs by {d}");
+                }
+            }
+        }
+        crate::cuda_layer::tests::ON_THE_CPU.with(|on| on.set(false));
     }
 
     /// The last layer of a masked-LM step at the masked rows only: its output and every

@@ -32,6 +32,10 @@ use crate::fused_layer::{flat_params, LayerArgs};
 /// kernels take, and `KINDLING_GPU_KERNELS` not set to `0` (which keeps the explicit layer of
 /// candle's ops, to compare).
 pub(crate) fn serves(xs: &Tensor, hidden: usize) -> bool {
+    #[cfg(test)]
+    if tests::ON_THE_CPU.with(|on| on.get()) {
+        return matches!(xs.dtype(), DType::F32 | DType::BF16);
+    }
     xs.device().is_cuda()
         && matches!(xs.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && hidden <= kernels::MAX_LAYER_NORM_WIDTH
@@ -40,6 +44,21 @@ pub(crate) fn serves(xs: &Tensor, hidden: usize) -> bool {
 
 /// One encoder layer on `xs` (batch * seq, hidden); `mask` additive (batch, seq).
 pub(crate) fn encoder_layer(xs: &Tensor, args: LayerArgs, mask: &Tensor) -> Result<Tensor> {
+    encoder_layer_rows(xs, args, mask, None)
+}
+
+/// [`encoder_layer`] on unpadded rows: `xs` (rows, hidden) holds the real tokens only, `map`
+/// (u32, one per row) their places `b * seq + s` in the padded batch. Every row-wise pass (the
+/// products, LayerNorms, GELU: nearly all of the work) runs on real tokens only; attention runs
+/// in the padded layout (q, k, v zero at padding, which the mask excludes), as MosaicBERT does
+/// without FlashAttention's variable-length kernel. Dropout draws by padded place, so each row
+/// computes exactly what it computes padded.
+pub(crate) fn encoder_layer_rows(
+    xs: &Tensor,
+    args: LayerArgs,
+    mask: &Tensor,
+    map: Option<&Tensor>,
+) -> Result<Tensor> {
     let LayerArgs {
         params,
         dims: (batch, seq, heads),
@@ -62,14 +81,12 @@ pub(crate) fn encoder_layer(xs: &Tensor, args: LayerArgs, mask: &Tensor) -> Resu
     // Attention block.
     let wqkv = Tensor::cat(&[&p[0], &p[2], &p[4]], 0)?; // (3h, h)
     let bqkv = Tensor::cat(&[&p[1], &p[3], &p[5]], 0)?;
-    let (qh, kh, vh) = kernels::qkv_split(&x.matmul(&wqkv.t()?)?, &bqkv, (batch, seq, heads))?;
+    let dims = (batch, seq, heads);
+    let (qh, kh, vh) = kernels::qkv_split(&x.matmul(&wqkv.t()?)?, &bqkv, dims, map)?;
     let scores = qh.matmul(&kh.t()?)?; // (batch, heads, seq, seq)
     let (probs, probs_dropped) =
         kernels::attention_probs(&scores, &mask.detach(), scale, drops[0])?;
-    let ctx = probs_dropped
-        .matmul(&vh)?
-        .transpose(1, 2)?
-        .reshape((batch * seq, hidden))?;
+    let ctx = kernels::heads_to_rows(&probs_dropped.matmul(&vh)?, map)?;
     let (h1, ln1) = kernels::add_layer_norm(
         &ctx.matmul(&p[6].t()?)?,
         Some(&p[7]),
@@ -78,6 +95,7 @@ pub(crate) fn encoder_layer(xs: &Tensor, args: LayerArgs, mask: &Tensor) -> Resu
         &p[9],
         eps,
         drops[1],
+        map,
     )?;
 
     // Feed-forward block.
@@ -90,10 +108,12 @@ pub(crate) fn encoder_layer(xs: &Tensor, args: LayerArgs, mask: &Tensor) -> Resu
         &p[15],
         eps,
         drops[2],
+        map,
     )?;
 
     let saved = Saved {
-        dims: (batch, seq, heads, hidden),
+        dims,
+        map: map.cloned(),
         scale,
         drops,
         p,
@@ -116,7 +136,9 @@ pub(crate) fn encoder_layer(xs: &Tensor, args: LayerArgs, mask: &Tensor) -> Resu
 
 /// What the backward pass reads.
 struct Saved {
-    dims: (usize, usize, usize, usize),
+    /// (batch, seq, heads)
+    dims: (usize, usize, usize),
+    map: Option<Tensor>,
     scale: f32,
     /// Attention probabilities, attention output, feed-forward output.
     drops: [Option<Dropout>; 3],
@@ -149,7 +171,8 @@ impl ValueGrad2 for Saved {
     fn grad(&self, _xs: &Tensor, flat: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         let s = self;
         let p = &s.p;
-        let (batch, seq, heads, hidden) = s.dims;
+        let hidden = s.x.dim(1)?;
+        let map = s.map.as_ref();
         let dy = dy.to_dtype(s.x.dtype())?;
 
         // Feed-forward block, from the top. g2.dz: the gradient of the output product + bias.
@@ -166,19 +189,14 @@ impl ValueGrad2 for Saved {
         let g1 =
             kernels::add_layer_norm_backward(&g2.dsum, Some(&dh1_ffn), &s.ln1, &p[8], s.drops[1])?;
         let dattn_w = weight_grad(&g1.dz, &s.ctx)?;
-        let dctx = g1
-            .dz
-            .matmul(&p[6])?
-            .reshape((batch, seq, heads, hidden / heads))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let dctx = kernels::rows_to_heads(&g1.dz.matmul(&p[6])?, s.dims, map)?;
         let dprobs_dropped = dctx.matmul(&s.vh.t()?)?;
         let dvh = s.probs_dropped.t()?.matmul(&dctx)?;
         let dscores =
             kernels::attention_probs_backward(&dprobs_dropped, &s.probs, s.scale, s.drops[0])?;
         let dqh = dscores.matmul(&s.kh)?;
         let dkh = dscores.t()?.matmul(&s.qh)?;
-        let dqkv = kernels::qkv_merge(&dqh, &dkh, &dvh)?; // (rows, 3h)
+        let dqkv = kernels::qkv_merge(&dqh, &dkh, &dvh, map)?; // (rows, 3h)
         let dx = (g1.dsum + dqkv.matmul(&s.wqkv)?)?;
         let dqkv_w = weight_grad(&dqkv, &s.x)?; // (3h, h)
         let dqkv_b = column_sums(&dqkv)?;
@@ -211,5 +229,16 @@ impl ValueGrad2 for Saved {
         )?
         .to_dtype(flat.dtype())?;
         Ok((dx, dflat))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Tests on the kernels' CPU emulation: this thread's models take the CUDA layer (and
+        /// unpad) on CPU tensors.
+        pub(crate) static ON_THE_CPU: Cell<bool> = const { Cell::new(false) };
     }
 }

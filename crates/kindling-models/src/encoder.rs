@@ -97,6 +97,14 @@ impl EncoderConfig {
         }
     }
 
+    /// Unpadded batches where the layers serve them (`BertConfig::unpad`; ModernBERT: no
+    /// effect yet).
+    pub fn set_unpad(&mut self, unpad: bool) {
+        if let EncoderConfig::Bert(c) = self {
+            c.unpad = unpad;
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         match self {
             EncoderConfig::Bert(c) => c.validate(),

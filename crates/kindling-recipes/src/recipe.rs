@@ -41,6 +41,13 @@ pub struct Header {
     /// by op: the reference to compare against; slower). Chosen when the model is built.
     #[serde(default)]
     pub kernels: kindling_models::ops::Kernels,
+    /// Fine-tuning and SimCSE: run the encoder on the real tokens of each padded batch only
+    /// (MosaicBERT's and ModernBERT's unpadding), so pad tokens cost nothing. Applies where the
+    /// layers take Kindling's CUDA kernels (BERT/RoBERTa on a GPU); elsewhere batches stay
+    /// padded. The numbers do not change either way (dropout draws by padded place); `false`
+    /// pads everywhere, to compare.
+    #[serde(default = "crate::recipe::default_unpad")]
+    pub unpad: bool,
     #[serde(default)]
     pub train: TrainSection,
     #[serde(default)]
@@ -49,13 +56,14 @@ pub struct Header {
 
 impl Header {
     /// The header's keys, as a recipe file spells them.
-    pub const KEYS: [&'static str; 8] = [
+    pub const KEYS: [&'static str; 9] = [
         "name",
         "runs_dir",
         "seed",
         "device",
         "precision",
         "kernels",
+        "unpad",
         "train",
         "export",
     ];
@@ -96,6 +104,10 @@ pub fn default_runs_dir() -> PathBuf {
 /// `seed` unset. Every recipe shares it (and the shipped ones write it out).
 pub fn default_seed() -> u64 {
     17
+}
+
+pub fn default_unpad() -> bool {
+    true
 }
 
 /// `[model]`: the encoder to train. Either its shape, with HF config names, for a model trained

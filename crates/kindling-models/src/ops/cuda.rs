@@ -8,6 +8,7 @@ use super::*;
 use kindling_kernels::Dropout;
 
 /// Whether `x` is a CUDA tensor the kernels take.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(super) fn serves(x: &Tensor) -> bool {
     x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
 }
@@ -38,6 +39,58 @@ pub(super) fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> 
         Some(g) => attach_grad(logits, &loss, CrossEntropyGrad(g)),
         None => Ok(loss),
     }
+}
+
+/// Moves of whole rows between a padded (total, width) tensor and its unpadded rows.
+enum RowMove {
+    /// value = x[map]: the gradient scatters back.
+    Gather { map: Tensor, total: usize },
+    /// value = zeros(total) with rows map = x: the gradient gathers.
+    Scatter { map: Tensor },
+}
+
+impl ValueGrad for RowMove {
+    fn name(&self) -> &'static str {
+        "kindling-row-move-cuda"
+    }
+
+    fn grad(&self, _x: &Tensor, _value: &Tensor, g: &Tensor) -> Result<Tensor> {
+        match self {
+            RowMove::Gather { map, total } => scatter_value(g, *total, map),
+            RowMove::Scatter { map } => gather_value(g, map),
+        }
+    }
+}
+
+fn gather_value(x: &Tensor, map: &Tensor) -> Result<Tensor> {
+    let (total, width) = x.dims2()?;
+    kindling_kernels::heads_to_rows(&x.reshape((1, 1, total, width))?, Some(map))
+}
+
+fn scatter_value(x: &Tensor, total: usize, map: &Tensor) -> Result<Tensor> {
+    let width = x.dim(1)?;
+    kindling_kernels::rows_to_heads(x, (1, total, 1), Some(map))?.reshape((total, width))
+}
+
+/// Rows `map` (u32) of `x` (total, width): one kernel each way (candle's index_select has
+/// index_add, one thread per column, as its backward).
+pub(crate) fn gather_rows(x: &Tensor, map: &Tensor) -> Result<Tensor> {
+    let total = x.dim(0)?;
+    let value = gather_value(x, map)?;
+    attach_grad(
+        x,
+        &value,
+        RowMove::Gather {
+            map: map.clone(),
+            total,
+        },
+    )
+}
+
+/// `x` (rows, width) placed at rows `map` of a zero (total, width) tensor.
+pub(crate) fn scatter_rows(x: &Tensor, total: usize, map: &Tensor) -> Result<Tensor> {
+    let value = scatter_value(x, total, map)?;
+    attach_grad(x, &value, RowMove::Scatter { map: map.clone() })
 }
 
 /// The gradient of a row lookup into a table, from the ids (kept on the host).

@@ -50,6 +50,8 @@ pub use attached::*;
 pub use attention::*;
 pub(crate) use cpu::*;
 pub use cross_entropy::*;
+#[cfg(any(feature = "cuda", test))]
+pub(crate) use cuda::{gather_rows, scatter_rows};
 pub use dropout::*;
 pub(crate) use geglu::{geglu_grad_rows, geglu_rows};
 pub use gelu::*;

@@ -135,6 +135,8 @@ pub fn scratch_config(
                 bos_token_id: roberta.then_some(specials.cls as usize),
                 eos_token_id: roberta.then_some(specials.sep as usize),
                 kernels: recipe.header.kernels,
+                // Pretraining batches are packed blocks: nothing to unpad.
+                unpad: false,
             }
             .into()
         }

@@ -39,6 +39,7 @@ impl Classifier {
         let mut config = import::read_encoder_config(&m.path)?;
         config.set_dropout(m.hidden_dropout_prob, m.attention_probs_dropout_prob);
         config.set_kernels(recipe.header.kernels);
+        config.set_unpad(recipe.header.unpad);
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = SequenceClassifier::load(

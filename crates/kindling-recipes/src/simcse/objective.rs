@@ -36,6 +36,7 @@ impl Simcse {
         let (model, varmap) = Self::load_encoder(&m.path, device, None, &|config| {
             config.set_dropout(m.hidden_dropout_prob, m.attention_probs_dropout_prob);
             config.set_kernels(recipe.header.kernels);
+            config.set_unpad(recipe.header.unpad);
         })?;
         let mut obj = Simcse::new(model, varmap, m.pooling, recipe.loss.temperature, pad);
         obj.grad_cache = recipe.grad_cache.clone();
