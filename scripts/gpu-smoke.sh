@@ -37,7 +37,8 @@ VISION_STEPS="${VISION_STEPS:-100}"
 BASE_STEPS="${BASE_STEPS:-40}"
 ARCH_STEPS="${ARCH_STEPS:-100}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-990}"
-ONLY="${ONLY:-kernels mlm vision base arch dp breakdown}"
+ONLY="${ONLY:-kernels mlm vision base arch finetune dp breakdown}"
+FT_STEPS="${FT_STEPS:-150}"
 MLM_PRECISIONS="${MLM_PRECISIONS:-f32 bf16}"  # add f16 for loss-scaled half precision
 # 0: reuse the CPU runs already in SMOKE_RUNS. They must come from this machine: the recipes
 # train their tokenizer, and a tokenizer trained on another machine can differ in a few tokens
@@ -125,6 +126,31 @@ if [[ " $ONLY " == *" arch "* ]]; then
   names+=(modernbert-cpu)
 fi
 
+# Fine-tuning with and without unpadding (`unpad`, the CUDA layer on real tokens only): the
+# review-rating recipe from the bert-mini MLM export above (mlm-gpu-f32), bf16, in random batches
+# (group_by_length off: the most padding) and in length-grouped ones (the recipe's default).
+if [[ " $ONLY " == *" finetune "* ]]; then
+  export_dir="$RUNS/mlm-gpu-f32/export"
+  [ -d "$export_dir" ] || run mlm-gpu-f32 recipes/bert-mini-mlm.toml "$GPU" f32 "$MLM_STEPS"
+  for grouped in false true; do
+    for unpad in true false; do
+      name="finetune-unpad-$unpad-grouped-$grouped"
+      t0=$SECONDS
+      if "$BIN" finetune recipes/finetune-reviews-rating.toml --overwrite --set name="$name" \
+          --set runs_dir="$RUNS" --set device="$GPU" --set precision=bf16 --set unpad="$unpad" \
+          --set data.group_by_length="$grouped" --set "model.path=\"$export_dir\"" \
+          --set train.steps="$FT_STEPS" --set train.max_epochs=100 --set train.eval_every="$FT_STEPS" \
+          >"$RUNS/$name.log" 2>&1; then
+        echo "$name: done in $((SECONDS - t0)) s"
+      else
+        echo "$name: FAILED after $((SECONDS - t0)) s; its last lines:"
+        tail -n 12 "$RUNS/$name.log"
+      fi
+      names+=("$name")
+    done
+  done
+fi
+
 # Data parallelism through NCCL (`--gpus`): the BERT-mini recipe in f32, the BERT-base shape in
 # bf16, SimCLR and SimCSE in f32, each as one plain process and launched over the GPUs in DP_GPUS
 # (default 0). With
@@ -189,8 +215,9 @@ for n in names:
     # for the composed layers, the default (one-node) layers.
     cpu = (res.get(n.split("-gpu-")[0] + "-cpu") if "-gpu-" in n
            else res.get(n.replace("-dp-", "-plain-")) if "-dp-" in n
-           else res.get(n.replace("-composed-", "-gpu-")) if "-composed-" in n else None)
-    unit = "img/s" if n.startswith("simclr") else "tok/s"
+           else res.get(n.replace("-composed-", "-gpu-")) if "-composed-" in n
+           else res.get(n.replace("unpad-false", "unpad-true")) if "unpad-false" in n else None)
+    unit = "img/s" if n.startswith("simclr") else "ex/s" if n.startswith("finetune") else "tok/s"
     tf = f"{r['tflops']:.2f}" if r["tflops"] is not None else "-"
     mfu = f"{100 * r['tflops'] / peak:.1f}%" if r["tflops"] is not None else "-"
     ev = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"

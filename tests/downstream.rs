@@ -287,6 +287,7 @@ fn multi_label_learns_every_tag_and_exports_what_transformers_computes() {
     let ml = [
         "data.problem_type=\"multi_label_classification\"",
         "data.label_column=\"tags\"",
+        "train.max_epochs=60",
     ];
     let out = finetune(dir.path(), &table, &ml);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -255,7 +255,13 @@ pub fn run(dev: &Device) -> usize {
             &part(0).broadcast_mul(&m).unwrap(),
         );
         let ctx = k::heads_to_rows(&q, Some(&map)).unwrap();
-        let want = full.narrow(1, 0, h).unwrap().index_select(&map, 0).unwrap();
+        let want = full
+            .narrow(1, 0, h)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .index_select(&map, 0)
+            .unwrap();
         rep.row("heads_to_rows (unpadded rows)", dtype, &ctx, &want);
         let back = k::rows_to_heads(&ctx, (batch, seq, heads), Some(&map)).unwrap();
         rep.row("rows_to_heads (unpadded rows)", dtype, &back, &qr);
