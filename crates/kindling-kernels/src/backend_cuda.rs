@@ -6,7 +6,7 @@ use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
 
-use crate::launchers::{Arg, LaunchConfig};
+use crate::launchers::{locked, Arg, LaunchConfig};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "kindling-kernels";
@@ -31,13 +31,7 @@ pub(crate) fn launch(dev: &Dev, name: &str, cfg: LaunchConfig, args: &[Arg]) -> 
     // Every tensor's storage stays read-locked until the launch is queued: no one frees or
     // replaces it in between. Kernels write only into tensors made for them (or, for AdamW,
     // into the optimiser's own state), so no other holder sees a change under its lock.
-    let guards: Vec<_> = args
-        .iter()
-        .filter_map(|a| match a {
-            Arg::T(t) => Some(t.storage_and_layout()),
-            _ => None,
-        })
-        .collect();
+    let guards = locked(args);
     let mut ptrs = Vec::with_capacity(guards.len());
     let mut syncs = Vec::with_capacity(guards.len());
     for (storage, layout) in &guards {

@@ -9,7 +9,7 @@ use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Device, Result, Shape, Storage, Tensor};
 
-use crate::launchers::{Arg, LaunchConfig};
+use crate::launchers::{locked, Arg, LaunchConfig};
 
 extern "C" {
     fn kindling_emulated_launch(
@@ -36,13 +36,7 @@ pub(crate) fn device_of(t: &Tensor) -> Result<Dev> {
 }
 
 pub(crate) fn launch(_: &Dev, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-    let guards: Vec<_> = args
-        .iter()
-        .filter_map(|a| match a {
-            Arg::T(t) => Some(t.storage_and_layout()),
-            _ => None,
-        })
-        .collect();
+    let guards = locked(args);
     let mut ptrs = Vec::with_capacity(guards.len());
     for (storage, layout) in &guards {
         let Storage::Cpu(cs) = &**storage else {

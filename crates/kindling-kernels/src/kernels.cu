@@ -336,6 +336,13 @@ __device__ void embedding_grad(const T* dy, const uint32_t* order, const uint32_
 // Rows may be unpadded: `rows` (null: the identity) gives each row of z its place b * seq + s
 // in the padded (batch, seq) layout, whose other places the caller has zeroed.
 
+// Where column c (< hidden) of row r goes in a (batch, heads, seq, head_dim) tensor.
+__device__ __forceinline__ uint64_t head_place(const uint32_t* rows, uint64_t r, uint32_t c,
+                                               uint32_t seq, uint32_t heads, uint32_t head_dim) {
+  const uint64_t row = padded_row(rows, r), b = row / seq, s = row % seq;
+  return ((b * heads + c / head_dim) * seq + s) * head_dim + c % head_dim;
+}
+
 // z (n, 3 * hidden) = x [Wq; Wk; Wv]^T; q, k, v (batch, heads, seq, head_dim) = the three
 // column blocks plus their bias, heads split out.
 template <typename T>
@@ -344,13 +351,10 @@ __device__ void qkv_split(const T* z, const T* bias, const uint32_t* rows, T* q,
   const uint32_t hidden = heads * head_dim;
   for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
        i += (uint64_t)blockDim.x * gridDim.x) {
-    const uint64_t row = padded_row(rows, i / (3 * hidden));
-    const uint32_t c = i % (3 * hidden);
-    const uint32_t which = c / hidden, cc = c % hidden;
-    const uint32_t head = cc / head_dim, d = cc % head_dim;
-    const uint64_t b = row / seq, s = row % seq;
+    const uint32_t c = i % (3 * hidden), which = c / hidden;
     T* out = which == 0 ? q : which == 1 ? k : v;
-    out[((b * heads + head) * seq + s) * head_dim + d] = from_f<T>(to_f(z[i]) + to_f(bias[c]));
+    out[head_place(rows, i / (3 * hidden), c % hidden, seq, heads, head_dim)] =
+        from_f<T>(to_f(z[i]) + to_f(bias[c]));
   }
 }
 
@@ -361,13 +365,9 @@ __device__ void qkv_merge(const T* dq, const T* dk, const T* dv, const uint32_t*
   const uint32_t hidden = heads * head_dim;
   for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
        i += (uint64_t)blockDim.x * gridDim.x) {
-    const uint64_t row = padded_row(rows, i / (3 * hidden));
-    const uint32_t c = i % (3 * hidden);
-    const uint32_t which = c / hidden, cc = c % hidden;
-    const uint32_t head = cc / head_dim, d = cc % head_dim;
-    const uint64_t b = row / seq, s = row % seq;
+    const uint32_t c = i % (3 * hidden), which = c / hidden;
     const T* src = which == 0 ? dq : which == 1 ? dk : dv;
-    dz[i] = src[((b * heads + head) * seq + s) * head_dim + d];
+    dz[i] = src[head_place(rows, i / (3 * hidden), c % hidden, seq, heads, head_dim)];
   }
 }
 
@@ -379,10 +379,7 @@ __device__ void heads_rows(const T* heads_t, T* rows_t, const uint32_t* rows, ui
   const uint32_t hidden = heads * head_dim;
   for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
        i += (uint64_t)blockDim.x * gridDim.x) {
-    const uint64_t row = padded_row(rows, i / hidden);
-    const uint32_t c = i % hidden, head = c / head_dim, d = c % head_dim;
-    const uint64_t b = row / seq, s = row % seq;
-    const uint64_t at = ((b * heads + head) * seq + s) * head_dim + d;
+    const uint64_t at = head_place(rows, i / hidden, i % hidden, seq, heads, head_dim);
     if (to_rows)
       rows_t[i] = heads_t[at];
     else

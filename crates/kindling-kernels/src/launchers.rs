@@ -18,6 +18,19 @@ pub(crate) enum Arg<'a> {
     F32(f32),
 }
 
+/// The read-locked storage of every tensor argument, in order: held by a backend until the
+/// launch is queued, so no one frees or replaces a storage in between.
+pub(crate) fn locked<'a>(
+    args: &'a [Arg<'a>],
+) -> Vec<(candle_core::StorageRef<'a>, &'a candle_core::Layout)> {
+    args.iter()
+        .filter_map(|a| match a {
+            Arg::T(t) => Some(t.storage_and_layout()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Grid and block sizes (x only) and dynamic shared memory of one launch.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LaunchConfig {
@@ -43,6 +56,16 @@ fn elementwise(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One warp per row, eight rows per block (the attention probabilities: rows of 128 to 512).
+fn warp_per_row(rows: usize) -> LaunchConfig {
+    const WARPS: usize = 8;
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
+        block_dim: (32 * WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -184,15 +207,10 @@ pub fn attention_probs(
     };
     let (seed, threshold, keep_scale) = dropout_args(dropout, dtype)?;
     let rows = batch * heads * queries;
-    const WARPS: usize = 8;
     launch(
         dev,
         &format!("attn_probs_fwd_{}", suffix(dtype)?),
-        LaunchConfig {
-            grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
-            block_dim: (32 * WARPS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        },
+        warp_per_row(rows),
         &[
             Arg::T(&scores),
             Arg::T(&mask),
@@ -226,15 +244,10 @@ pub fn attention_probs_backward(
     let rows = probs.elem_count() / keys.max(1);
     let out = empty(probs.shape().clone(), dtype, dev)?;
     let (seed, threshold, keep_scale) = dropout_args(dropout, dtype)?;
-    const WARPS: usize = 8;
     launch(
         dev,
         &format!("attn_probs_bwd_{}", suffix(dtype)?),
-        LaunchConfig {
-            grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
-            block_dim: (32 * WARPS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        },
+        warp_per_row(rows),
         &[
             Arg::T(&ddropped),
             Arg::T(&probs),

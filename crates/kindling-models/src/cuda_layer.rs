@@ -25,7 +25,7 @@ use candle_core::{DType, Result, Tensor};
 use kindling_core::attach::{attach_grad2, ValueGrad2};
 use kindling_kernels::{self as kernels, Dropout, LayerNormSaved};
 
-use crate::explicit_layer::{cast_views, column_sums};
+use crate::explicit_layer::{cast_views, column_sums, flat_grads};
 use crate::fused_layer::{flat_params, LayerArgs};
 
 /// Whether this layer serves `xs`: a CUDA tensor in f32, bf16 or f16, rows the LayerNorm
@@ -220,15 +220,7 @@ impl ValueGrad2 for Saved {
             g2.dgamma,
             g2.dbeta,
         ];
-        let dflat = Tensor::cat(
-            &grads
-                .iter()
-                .map(|g| g.flatten_all())
-                .collect::<Result<Vec<_>>>()?,
-            0,
-        )?
-        .to_dtype(flat.dtype())?;
-        Ok((dx, dflat))
+        Ok((dx, flat_grads(&grads, flat.dtype())?))
     }
 }
 

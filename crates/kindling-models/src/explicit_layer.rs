@@ -273,14 +273,16 @@ impl ValueGrad2 for Saved {
             dq_w, dq_b, dk_w, dk_b, dv_w, dv_b, dattn_w, dattn_b, dln1_w, dln1_b, dinter_w,
             dinter_b, dout_w, dout_b, dln2_w, dln2_b,
         ];
-        let dflat = Tensor::cat(
-            &grads
-                .iter()
-                .map(|g| g.flatten_all())
-                .collect::<Result<Vec<_>>>()?,
-            0,
-        )?
-        .to_dtype(flat.dtype())?;
-        Ok((dx, dflat))
+        Ok((dx, flat_grads(&grads, flat.dtype())?))
     }
+}
+
+/// The 16 parameter gradients in [`cast_views`]' order, flattened and concatenated into the
+/// gradient of the layer's flat parameter tensor, in its `dtype`.
+pub(crate) fn flat_grads(grads: &[Tensor], dtype: DType) -> Result<Tensor> {
+    let flat: Vec<Tensor> = grads
+        .iter()
+        .map(|g| g.flatten_all())
+        .collect::<Result<_>>()?;
+    Tensor::cat(&flat, 0)?.to_dtype(dtype)
 }
