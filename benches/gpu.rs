@@ -441,4 +441,74 @@ fn main() {
         f,
         &format!("{fb:.2} ms fwd+bwd"),
     );
+    if gpu && kernels == Kernels::Fused {
+        kernel_rows(&dev, dtype, &s);
+    }
+}
+
+/// The CUDA layer's kernels alone (kindling-kernels' calls, no graph) at the step's shapes,
+/// each with the bytes it moves and the bandwidth that implies.
+fn kernel_rows(dev: &Device, dtype: DType, s: &Shape) {
+    use kindling_kernels as k;
+    let (n, h, i) = (s.batch * s.seq, s.hidden, 4 * s.hidden);
+    let bytes = |elems: usize| (elems * dtype.size_in_bytes()) as f64;
+    let bw = |b: f64, ms: f64| format!("{:.0} GB/s", b / ms / 1e6);
+    let t = |x: &[usize]| {
+        Tensor::randn(0f32, 1.0, x, dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let d = Some(k::Dropout { p: 0.1, seed: 3 });
+    let (z, r) = (t(&[n, h]), t(&[n, h]));
+    let (g, b) = (t(&[h]), t(&[h]));
+    let ms = time(dev, 10, || {
+        k::add_layer_norm(&z, Some(&b), Some(&r), &g, &b, 1e-12, d, None).unwrap();
+    });
+    row(
+        "kernel add_ln_fwd (bias, dropout, residual)",
+        ms,
+        &bw(bytes(4 * n * h), ms),
+    );
+    let (_, saved) = k::add_layer_norm(&z, Some(&b), Some(&r), &g, &b, 1e-12, d, None).unwrap();
+    let ms = time(dev, 10, || {
+        k::add_layer_norm_backward(&z, Some(&r), &saved, &g, d).unwrap();
+    });
+    row(
+        "kernel add_ln_bwd (+ column sums)",
+        ms,
+        &bw(bytes(5 * n * h), ms),
+    );
+    let (zi, bi) = (t(&[n, i]), t(&[i]));
+    let ms = time(dev, 10, || {
+        k::bias_gelu(&zi, &bi).unwrap();
+    });
+    row("kernel bias_gelu_fwd", ms, &bw(bytes(3 * n * i), ms));
+    let (pre, _) = k::bias_gelu(&zi, &bi).unwrap();
+    let ms = time(dev, 10, || {
+        k::gelu_backward(&zi, &pre).unwrap();
+    });
+    row("kernel gelu_bwd", ms, &bw(bytes(3 * n * i), ms));
+    let scores = t(&[s.batch, s.heads, s.seq, s.seq]);
+    let mask = Tensor::zeros((s.batch, s.seq), DType::F32, dev).unwrap();
+    let ms = time(dev, 10, || {
+        k::attention_probs(&scores, &mask, 0.125, d).unwrap();
+    });
+    let ne = scores.elem_count();
+    row(
+        "kernel attn_probs_fwd (mask, softmax, dropout)",
+        ms,
+        &bw(bytes(3 * ne), ms),
+    );
+    let (probs, _) = k::attention_probs(&scores, &mask, 0.125, d).unwrap();
+    let ms = time(dev, 10, || {
+        k::attention_probs_backward(&scores, &probs, 0.125, d).unwrap();
+    });
+    row("kernel attn_probs_bwd", ms, &bw(bytes(3 * ne), ms));
+    let zq = t(&[n, 3 * h]);
+    let bq = t(&[3 * h]);
+    let ms = time(dev, 10, || {
+        k::qkv_split(&zq, &bq, (s.batch, s.seq, s.heads), None).unwrap();
+    });
+    row("kernel qkv_split", ms, &bw(bytes(6 * n * h), ms));
 }
