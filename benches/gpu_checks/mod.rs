@@ -294,6 +294,91 @@ pub fn run(dev: &Device) -> usize {
     rep.row("adamw_step theta", DType::F32, &tc, &want);
     rep.row("adamw_step exp_avg", DType::F32, &mc, &m2);
     rep.row("adamw_step exp_avg_sq", DType::F32, &vc, &v2);
+    // The multi-tensor passes: three tensors, one over a chunk (65,536) long.
+    let ts: Vec<Tensor> = [70_000usize, 3, 1000]
+        .iter()
+        .map(|&n| randn(&[n], 1.0, dev))
+        .collect();
+    let got = k::sum_of_squares(&ts.iter().collect::<Vec<_>>()).unwrap();
+    let want: f64 = ts
+        .iter()
+        .map(|t| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        })
+        .sum();
+    let as_t = |v: f64| Tensor::new(&[v as f32], dev).unwrap();
+    rep.row(
+        "sum_of_squares (multi-tensor)",
+        DType::F32,
+        &as_t(got),
+        &as_t(want),
+    );
+    let state: Vec<[Tensor; 3]> = ts
+        .iter()
+        .map(|t| [t.copy().unwrap(), (t * 0.1).unwrap(), t.sqr().unwrap()])
+        .collect();
+    let grads: Vec<Tensor> = ts
+        .iter()
+        .map(|t| (t.sin().unwrap() * 0.5).unwrap())
+        .collect();
+    let lrs = [1e-3f32, 2e-3, 5e-4];
+    let decays = [1.0 - 1e-5f32, 1.0, 1.0 - 2e-5];
+    let slots: Vec<k::AdamWSlot> = state
+        .iter()
+        .zip(&grads)
+        .enumerate()
+        .map(|(i, (s, g))| k::AdamWSlot {
+            theta: &s[0],
+            m: &s[1],
+            v: &s[2],
+            g,
+            lr: lrs[i],
+            decay: decays[i],
+        })
+        .collect();
+    let hm = k::AdamWStep {
+        lr: 0.0,
+        decay: 1.0,
+        ..h
+    };
+    // The reference before the update: each tensor alone through adamw_step (checked above).
+    let want: Vec<[Tensor; 3]> = state
+        .iter()
+        .zip(&grads)
+        .enumerate()
+        .map(|(i, (s, g))| {
+            let c = [
+                s[0].copy().unwrap(),
+                s[1].copy().unwrap(),
+                s[2].copy().unwrap(),
+            ];
+            let hi = k::AdamWStep {
+                lr: lrs[i],
+                decay: decays[i],
+                ..h
+            };
+            k::adamw_step(&c[0], &c[1], &c[2], g, hi).unwrap();
+            c
+        })
+        .collect();
+    k::adamw_multi(&slots, hm).unwrap();
+    for (i, (s, w)) in state.iter().zip(&want).enumerate() {
+        for (j, what) in ["theta", "exp_avg", "exp_avg_sq"].iter().enumerate() {
+            rep.row(
+                &format!("adamw_multi {what}, tensor {i}"),
+                DType::F32,
+                &s[j],
+                &w[j],
+            );
+        }
+    }
     println!("{} comparison(s) failed", rep.failed);
     rep.failed
 }

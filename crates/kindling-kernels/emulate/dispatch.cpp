@@ -27,6 +27,7 @@ template <typename... A> static void call(void (*f)(A...), void** args) {
 
 static const std::map<std::string, void (*)(void**)> kernels = {
     KINDLING_ENTRY(column_sums_f32) KINDLING_ENTRY(scaled_sum_f32) KINDLING_ENTRY(adamw_f32)
+        KINDLING_ENTRY(sum_squares_multi_f32) KINDLING_ENTRY(adamw_multi_f32)
         KINDLING_FOR_TYPES(KINDLING_TYPED)};
 
 extern "C" int kindling_emulated_launch(const char* name, unsigned grid, unsigned block,

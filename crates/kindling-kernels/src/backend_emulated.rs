@@ -9,7 +9,7 @@ use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Device, Result, Shape, Storage, Tensor};
 
-use crate::launchers::{locked, Arg, LaunchConfig};
+use crate::launchers::{locked, table_words, Arg, Cell, LaunchConfig};
 
 extern "C" {
     fn kindling_emulated_launch(
@@ -57,10 +57,32 @@ pub(crate) fn launch(_: &Dev, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Re
     // Each argument in its own 8-byte slot, as cuLaunchKernel takes them: the kernel reads a
     // slot as its parameter's type (little-endian: a u32 or f32 in the low bytes).
     let mut next = ptrs.iter();
+    // Tables stay in host memory for the call (the emulated kernels read it directly).
+    let mut tables: Vec<Vec<u64>> = Vec::new();
+    for a in args {
+        match a {
+            Arg::T(_) => {
+                next.next();
+            }
+            Arg::Table(cells) => tables.push(table_words(cells, &mut next)),
+            _ => {}
+        }
+    }
+    let mut next = ptrs.iter();
+    let mut next_table = tables.iter();
     let mut slots: Vec<u64> = args
         .iter()
         .map(|a| match a {
             Arg::T(_) => *next.next().expect("one pointer per tensor"),
+            Arg::Table(cells) => {
+                cells
+                    .iter()
+                    .filter(|c| matches!(c, Cell::Ptr(_)))
+                    .for_each(|_| {
+                        next.next();
+                    });
+                next_table.next().expect("one table").as_ptr() as u64
+            }
             Arg::Null => 0,
             Arg::U32(v) => *v as u64,
             Arg::U64(v) => *v,

@@ -404,6 +404,47 @@ extern "C" __global__ void adamw_f32(float* theta, float* m, float* v, const flo
   }
 }
 
+// ---- multi-tensor passes: one launch over many tensors, a table of chunks ----
+//
+// The host cuts every tensor into chunks of at most 65,536 elements and writes one table row
+// per chunk; block c takes row c. The table is one upload per call instead of a launch per
+// tensor (BERT-base has 202 parameter tensors).
+
+// Row c = (pointer, length): partials[c] = the chunk's sum of squares (f32 within a chunk; the
+// host adds the chunks in f64).
+extern "C" __global__ void sum_squares_multi_f32(const uint64_t* table, float* partials) {
+  __shared__ float scratch[33];
+  const float* x = reinterpret_cast<const float*>(table[2 * blockIdx.x]);
+  const uint64_t n = table[2 * blockIdx.x + 1];
+  float acc = 0.f;
+  for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) acc += x[i] * x[i];
+  acc = block_reduce<false>(acc, scratch);
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+// Row c = (theta, m, v, g, length, lr and decay as two f32 bits): adamw_f32 on the chunk.
+extern "C" __global__ void adamw_multi_f32(const uint64_t* table, float b1, float c1, float b2,
+                                           float c2, float bc1, float bc2, float eps) {
+  const uint64_t* row = table + 6 * (uint64_t)blockIdx.x;
+  float* theta = reinterpret_cast<float*>(row[0]);
+  float* m = reinterpret_cast<float*>(row[1]);
+  float* v = reinterpret_cast<float*>(row[2]);
+  const float* g = reinterpret_cast<const float*>(row[3]);
+  const uint64_t n = row[4];
+  const uint32_t lr_bits = (uint32_t)(row[5] & 0xffffffffu), decay_bits = (uint32_t)(row[5] >> 32);
+  float lr, decay;
+  memcpy(&lr, &lr_bits, 4);
+  memcpy(&decay, &decay_bits, 4);
+  for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float gi = g[i];
+    const float mi = b1 * m[i] + c1 * gi;
+    const float vi = b2 * v[i] + c2 * (gi * gi);
+    m[i] = mi;
+    v[i] = vi;
+    theta[i] = decay * theta[i] - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps));
+  }
+}
+
 // ---- extern "C" entry points, one per storage type ----
 
 #define KINDLING_FOR_TYPES(X) X(float, f32) X(bf16, bf16) X(f16, f16)
