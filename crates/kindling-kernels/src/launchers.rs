@@ -109,10 +109,12 @@ fn dropout_args(d: Option<Dropout>, dtype: DType) -> Result<(u64, u32, f32)> {
     Ok(match d {
         None => (0, 0, 1.0),
         Some(Dropout { p, seed }) => {
-            let scale = Tensor::new(1.0 / (1.0 - p), &Device::Cpu)?
-                .to_dtype(dtype)?
-                .to_dtype(DType::F32)?
-                .to_scalar::<f32>()?;
+            let scale = 1.0 / (1.0 - p);
+            let scale = match dtype {
+                DType::BF16 => half::bf16::from_f32(scale).to_f32(),
+                DType::F16 => half::f16::from_f32(scale).to_f32(),
+                _ => scale,
+            };
             (seed, dropout_threshold(p), scale)
         }
     })
