@@ -18,19 +18,30 @@
 # TFLOP/s and the MFU it implies (bf16 dense peak, PEAK_TFLOPS, 990 for an H100 SXM), and each
 # run's final losses beside the CPU run's.
 #
-#   bash scripts/gpu-smoke.sh                          # KINDLING_BIN=target/release/kindling
-#   KINDLING_GPU_BENCH=gpu-bundle/gpu bash scripts/gpu-smoke.sh   # the bench binary (scripts/gpu-build.sh)
+#   bash scripts/gpu-smoke.sh   # gpu-bundle/*.gz if there, else KINDLING_BIN=target/release/kindling
+#   bash scripts/gpu-build.sh   # on the CPU machine first: gpu-bundle/{kindling,gpu}.gz to carry
 #   MLM_STEPS=300 BASE_STEPS=60 bash scripts/gpu-smoke.sh
 #
 # The CUDA libraries (cuBLAS, cuRAND, NVRTC) must be on the loader path; where they come from
 # PyTorch's pip wheels, CUDA_LIBS=auto finds them (the default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BIN="${KINDLING_BIN:-target/release/kindling}"
-# The `gpu` bench's binary (cargo bench --features cuda --bench gpu --no-run builds it; scripts/
-# gpu-build.sh copies it to gpu-bundle/gpu).
-BENCH="${KINDLING_GPU_BENCH:-gpu-bundle/gpu}"
 RUNS="${SMOKE_RUNS:-runs/gpu-smoke}"
+# The binaries: scripts/gpu-build.sh's gzipped ones in gpu-bundle/ (unpacked into $RUNS/bin),
+# else target/release/kindling and KINDLING_GPU_BENCH (cargo bench --features cuda --bench gpu
+# --no-run builds the bench).
+for b in kindling gpu; do
+  if [ -f "gpu-bundle/$b.gz" ] && [ "gpu-bundle/$b.gz" -nt "$RUNS/bin/$b" ]; then
+    mkdir -p "$RUNS/bin" && gunzip -c "gpu-bundle/$b.gz" >"$RUNS/bin/$b" && chmod +x "$RUNS/bin/$b"
+  fi
+done
+if [ -x "$RUNS/bin/kindling" ]; then
+  BIN="${KINDLING_BIN:-$RUNS/bin/kindling}"
+  BENCH="${KINDLING_GPU_BENCH:-$RUNS/bin/gpu}"
+else
+  BIN="${KINDLING_BIN:-target/release/kindling}"
+  BENCH="${KINDLING_GPU_BENCH:-gpu-bundle/gpu}"
+fi
 GPU="${GPU:-cuda:0}"
 MLM_STEPS="${MLM_STEPS:-200}"
 VISION_STEPS="${VISION_STEPS:-100}"
