@@ -171,6 +171,15 @@ fn main() {
     let mode = Mode::Train { seed: 3 };
     let flops = obj.train_flops(batch).unwrap();
 
+    // The same model (seed 0) on kernel path `k`, in the run's precision.
+    let model_on = |k: Kernels| {
+        let mut c = cfg.clone();
+        c.kernels = k;
+        let mut o = BertMlm::new(c, 0, &dev).unwrap();
+        o.model
+            .set_compute_dtype((dtype != DType::F32).then_some(dtype));
+        o
+    };
     if std::env::args().skip(1).any(|a| a == "check") {
         // The device paths against candle's compositions on this device, forward and backward.
         let rel = |a: &Tensor, b: &Tensor| {
@@ -227,11 +236,7 @@ fn main() {
         // The encoder's two kernel paths from the same initialisation: the same loss and
         // gradient norm, to rounding.
         for k in [Kernels::Fused, Kernels::Composed] {
-            let mut c = cfg.clone();
-            c.kernels = k;
-            let mut o = BertMlm::new(c, 0, &dev).unwrap();
-            o.model
-                .set_compute_dtype((dtype != DType::F32).then_some(dtype));
+            let o = model_on(k);
             let out = o.step(batch, Mode::Eval).unwrap();
             let grads = out.loss.backward().unwrap();
             println!(
@@ -249,11 +254,7 @@ fn main() {
         // to rounding.
         let mut last = Vec::new();
         for k in [Kernels::Fused, Kernels::Composed] {
-            let mut c = cfg.clone();
-            c.kernels = k;
-            let mut o = BertMlm::new(c, 0, &dev).unwrap();
-            o.model
-                .set_compute_dtype((dtype != DType::F32).then_some(dtype));
+            let o = model_on(k);
             let mut opt = common::adamw(&o);
             let t = Instant::now();
             let mut losses = Vec::new();

@@ -26,6 +26,11 @@ use crate::ops::{dropout_mask, normalize_value, softmax_value, AttachGrad};
 
 /// One encoder layer on `xs` (batch * seq, hidden); `mask` additive (batch, seq).
 pub(crate) fn encoder_layer(xs: &Tensor, args: LayerArgs, mask: &Tensor) -> Result<Tensor> {
+    let hidden = xs.dim(1)?;
+    #[cfg(feature = "cuda")]
+    if crate::cuda_layer::serves(xs, hidden) {
+        return crate::cuda_layer::encoder_layer(xs, args, mask);
+    }
     let LayerArgs {
         params,
         dims: (batch, seq, heads),
@@ -33,21 +38,6 @@ pub(crate) fn encoder_layer(xs: &Tensor, args: LayerArgs, mask: &Tensor) -> Resu
         eps,
         dropout,
     } = args;
-    let hidden = xs.dim(1)?;
-    #[cfg(feature = "cuda")]
-    if crate::cuda_layer::serves(xs, hidden) {
-        return crate::cuda_layer::encoder_layer(
-            xs,
-            LayerArgs {
-                params,
-                dims: (batch, seq, heads),
-                intermediate,
-                eps,
-                dropout,
-            },
-            mask,
-        );
-    }
     let flat = flat_params(&params, hidden, intermediate)?;
     let dtype = xs.dtype();
     let p = cast_views(&flat, dtype, hidden, intermediate)?;
