@@ -34,6 +34,13 @@ impl ValueGrad for CrossEntropyGrad {
 /// Mean cross-entropy of logits (n, classes) against u32 labels on a GPU: one kernel pass
 /// for the loss and (when the logits track a graph) the gradient, a second for the mean.
 pub(super) fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    if logits.dtype() == DType::F16 {
+        // f16 loss scaling multiplies this op's gradient only after it is made: (softmax -
+        // onehot) / n kept in f16 would underflow first (n = 2,400 masked rows puts most of it
+        // below f16's 6e-8). So f16 logits go through an f32 copy, as autocast does; bf16 has
+        // f32's range and stays as it is.
+        return cross_entropy(&logits.to_dtype(DType::F32)?, labels);
+    }
     let (loss, grad) = kindling_kernels::cross_entropy(logits, labels, logits.track_op())?;
     match grad {
         Some(g) => attach_grad(logits, &loss, CrossEntropyGrad(g)),
