@@ -6,7 +6,7 @@ use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
 
-use crate::launchers::{locked, table_words, Arg, Cell, LaunchConfig};
+use crate::launchers::{locked, resolve, Arg, LaunchConfig, Resolved};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "kindling-kernels";
@@ -53,40 +53,24 @@ pub(crate) fn launch(dev: &Dev, name: &str, cfg: LaunchConfig, args: &[Arg]) -> 
         syncs.push(sync);
     }
     // Tables uploaded first (each a copy to the device, queued on the stream before the launch).
-    let mut next = ptrs.iter();
-    let mut tables = Vec::new();
-    for a in args {
-        match a {
-            Arg::T(_) => {
-                next.next();
-            }
-            Arg::Table(cells) => {
-                tables.push(stream.clone_htod(&table_words(cells, &mut next)).w()?)
-            }
-            _ => {}
-        }
-    }
+    let resolved = resolve(args, &ptrs);
+    let uploads = resolved
+        .iter()
+        .map(|r| match r {
+            Resolved::Table(words) => stream.clone_htod(words).w().map(Some),
+            _ => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let null = 0u64;
     let mut builder = func.builder();
-    let mut next = ptrs.iter();
-    let mut next_table = tables.iter();
-    for a in args {
-        match a {
-            Arg::T(_) => builder.arg(next.next().expect("one pointer per tensor")),
-            Arg::Table(cells) => {
-                // Skip the table's tensor pointers: they are inside it.
-                cells
-                    .iter()
-                    .filter(|c| matches!(c, Cell::Ptr(_)))
-                    .for_each(|_| {
-                        next.next();
-                    });
-                builder.arg(next_table.next().expect("one upload per table"))
-            }
-            Arg::Null => builder.arg(&null),
-            Arg::U32(v) => builder.arg(v),
-            Arg::U64(v) => builder.arg(v),
-            Arg::F32(v) => builder.arg(v),
+    for ((a, r), upload) in args.iter().zip(&resolved).zip(&uploads) {
+        match (a, r, upload) {
+            (_, Resolved::Ptr(p), _) => builder.arg(p),
+            (_, _, Some(table)) => builder.arg(table),
+            (Arg::U32(v), ..) => builder.arg(v),
+            (Arg::U64(v), ..) => builder.arg(v),
+            (Arg::F32(v), ..) => builder.arg(v),
+            _ => builder.arg(&null),
         };
     }
     let cfg = driver::LaunchConfig {

@@ -9,7 +9,7 @@ use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Device, Result, Shape, Storage, Tensor};
 
-use crate::launchers::{locked, table_words, Arg, Cell, LaunchConfig};
+use crate::launchers::{locked, resolve, Arg, LaunchConfig, Resolved};
 
 extern "C" {
     fn kindling_emulated_launch(
@@ -56,37 +56,18 @@ pub(crate) fn launch(_: &Dev, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Re
     }
     // Each argument in its own 8-byte slot, as cuLaunchKernel takes them: the kernel reads a
     // slot as its parameter's type (little-endian: a u32 or f32 in the low bytes).
-    let mut next = ptrs.iter();
-    // Tables stay in host memory for the call (the emulated kernels read it directly).
-    let mut tables: Vec<Vec<u64>> = Vec::new();
-    for a in args {
-        match a {
-            Arg::T(_) => {
-                next.next();
-            }
-            Arg::Table(cells) => tables.push(table_words(cells, &mut next)),
-            _ => {}
-        }
-    }
-    let mut next = ptrs.iter();
-    let mut next_table = tables.iter();
+    // Tables stay in host memory for the call (the emulated kernels read them directly).
+    let resolved = resolve(args, &ptrs);
     let mut slots: Vec<u64> = args
         .iter()
-        .map(|a| match a {
-            Arg::T(_) => *next.next().expect("one pointer per tensor"),
-            Arg::Table(cells) => {
-                cells
-                    .iter()
-                    .filter(|c| matches!(c, Cell::Ptr(_)))
-                    .for_each(|_| {
-                        next.next();
-                    });
-                next_table.next().expect("one table").as_ptr() as u64
-            }
-            Arg::Null => 0,
-            Arg::U32(v) => *v as u64,
-            Arg::U64(v) => *v,
-            Arg::F32(v) => v.to_bits() as u64,
+        .zip(&resolved)
+        .map(|(a, r)| match (a, r) {
+            (_, Resolved::Ptr(p)) => *p,
+            (_, Resolved::Table(words)) => words.as_ptr() as u64,
+            (Arg::U32(v), _) => *v as u64,
+            (Arg::U64(v), _) => *v,
+            (Arg::F32(v), _) => v.to_bits() as u64,
+            _ => 0,
         })
         .collect();
     let mut pointers: Vec<*mut c_void> = slots

@@ -389,12 +389,13 @@ __device__ void heads_rows(const T* heads_t, T* rows_t, const uint32_t* rows, ui
 
 // ---- AdamW, one pass per parameter tensor (f32 master weights and moments) ----
 
-// m = b1 m + c1 g; v = b2 v + c2 g^2; theta = decay theta - lr (m / bc1) / (sqrt(v / bc2) + eps).
-extern "C" __global__ void adamw_f32(float* theta, float* m, float* v, const float* g, uint64_t n,
-                                     float b1, float c1, float b2, float c2, float lr, float decay,
-                                     float bc1, float bc2, float eps) {
-  for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
-       i += (uint64_t)blockDim.x * gridDim.x) {
+// m = b1 m + c1 g; v = b2 v + c2 g^2; theta = decay theta - lr (m / bc1) / (sqrt(v / bc2) + eps),
+// over elements first, first + step, ... < n.
+__device__ __forceinline__ void adamw_span(float* theta, float* m, float* v, const float* g,
+                                           uint64_t n, uint64_t first, uint64_t step, float b1,
+                                           float c1, float b2, float c2, float lr, float decay,
+                                           float bc1, float bc2, float eps) {
+  for (uint64_t i = first; i < n; i += step) {
     const float gi = g[i];
     const float mi = b1 * m[i] + c1 * gi;
     const float vi = b2 * v[i] + c2 * (gi * gi);
@@ -402,6 +403,13 @@ extern "C" __global__ void adamw_f32(float* theta, float* m, float* v, const flo
     v[i] = vi;
     theta[i] = decay * theta[i] - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps));
   }
+}
+
+extern "C" __global__ void adamw_f32(float* theta, float* m, float* v, const float* g, uint64_t n,
+                                     float b1, float c1, float b2, float c2, float lr, float decay,
+                                     float bc1, float bc2, float eps) {
+  adamw_span(theta, m, v, g, n, blockIdx.x * (uint64_t)blockDim.x + threadIdx.x,
+             (uint64_t)blockDim.x * gridDim.x, b1, c1, b2, c2, lr, decay, bc1, bc2, eps);
 }
 
 // ---- multi-tensor passes: one launch over many tensors, a table of chunks ----
@@ -435,14 +443,7 @@ extern "C" __global__ void adamw_multi_f32(const uint64_t* table, float b1, floa
   float lr, decay;
   memcpy(&lr, &lr_bits, 4);
   memcpy(&decay, &decay_bits, 4);
-  for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const float gi = g[i];
-    const float mi = b1 * m[i] + c1 * gi;
-    const float vi = b2 * v[i] + c2 * (gi * gi);
-    m[i] = mi;
-    v[i] = vi;
-    theta[i] = decay * theta[i] - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps));
-  }
+  adamw_span(theta, m, v, g, n, threadIdx.x, blockDim.x, b1, c1, b2, c2, lr, decay, bc1, bc2, eps);
 }
 
 // ---- extern "C" entry points, one per storage type ----

@@ -47,14 +47,31 @@ pub(crate) fn locked<'a>(
     out
 }
 
-/// A table's cells as 64-bit words, each tensor cell taking the next of `ptrs` (the pointers of
-/// [`locked`]'s storages, in order).
-pub(crate) fn table_words(cells: &[Cell], ptrs: &mut std::slice::Iter<u64>) -> Vec<u64> {
-    cells
-        .iter()
-        .map(|c| match c {
-            Cell::Ptr(_) => *ptrs.next().expect("one pointer per tensor cell"),
-            Cell::U64(v) => *v,
+/// What an argument holds once its storages are locked: a tensor's pointer, a table's words
+/// (tensor cells resolved), or a scalar the backend passes as it is.
+pub(crate) enum Resolved {
+    Ptr(u64),
+    Table(Vec<u64>),
+    Scalar,
+}
+
+/// `args` resolved against `ptrs`, the pointers of [`locked`]'s storages in its order.
+pub(crate) fn resolve(args: &[Arg], ptrs: &[u64]) -> Vec<Resolved> {
+    let mut next = ptrs.iter().copied();
+    let mut ptr = || next.next().expect("one pointer per locked tensor");
+    args.iter()
+        .map(|a| match a {
+            Arg::T(_) => Resolved::Ptr(ptr()),
+            Arg::Table(cells) => Resolved::Table(
+                cells
+                    .iter()
+                    .map(|c| match c {
+                        Cell::Ptr(_) => ptr(),
+                        Cell::U64(v) => *v,
+                    })
+                    .collect(),
+            ),
+            _ => Resolved::Scalar,
         })
         .collect()
 }
